@@ -1,0 +1,70 @@
+"""Argument checks shared by the public functions: errors a user can act on, no host syncs.
+
+Every check here reads only metadata (dtype, shape, device), except `check_token_range`, which
+reads token values on CPU tensors only (where it costs no device sync)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# EM_KERNELS_CHECK_TOKENS=1 also checks token ranges of CUDA tensors eagerly (one host sync).
+_CHECK_CUDA_TOKENS = os.environ.get("EM_KERNELS_CHECK_TOKENS", "0") == "1"
+
+
+def check_logits(logits, backend: str, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if logits.dtype not in allowed:
+        hint = " (float64 runs only with backend=\"torch\")" if logits.dtype == torch.float64 else ""
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16, got {logits.dtype}{hint}")
+    if logits.dim() == 0:
+        raise ValueError(f"{name} must have at least one dim (..., V); got a 0-d tensor")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"{name} has an empty last dim (V = 0): there is no distribution")
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(
+            f"temperature must be a Python number, got {type(temperature).__name__}")
+    temperature = float(temperature)
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
+    return temperature
+
+
+def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device) -> None:
+    """tokens: int64, shape ``leading_shape``, same device, values in [0, vocab)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dtype != torch.int64:
+        raise TypeError(f"tokens must be int64 (torch.long), got {tokens.dtype}")
+    if tokens.shape != leading_shape:
+        raise ValueError(
+            f"tokens must have the logits' leading shape {tuple(leading_shape)}, "
+            f"got {tuple(tokens.shape)}")
+    if tokens.device != device:
+        raise ValueError(f"tokens are on {tokens.device} but the logits are on {device}")
+    check_token_range(tokens, vocab)
+
+
+def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
+    """Raise ValueError for ids outside [0, vocab) where that costs no device sync: on CPU
+    tensors, or on CUDA when EM_KERNELS_CHECK_TOKENS=1. Elsewhere (CUDA, or inside
+    torch.compile) the kernels themselves give such a row a NaN log-prob and no log-prob
+    gradient, so a bad id is visible without stalling the stream."""
+    if tokens.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if tokens.device.type == "cuda" and not _CHECK_CUDA_TOKENS:
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is outside [0, {vocab}) (the vocabulary size V)")

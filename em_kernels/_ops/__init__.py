@@ -1,0 +1,1 @@
+"""Dispatcher ops (torch.library): schemas, fake kernels and autograd, one module per op family."""

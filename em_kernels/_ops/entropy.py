@@ -1,0 +1,146 @@
+"""The softmax-statistics ops behind `entropy` and `logprobs_and_entropy`.
+
+Two dispatcher ops, registered with torch.library so that torch.compile(fullgraph=True) traces
+through them (fake kernels give the output shapes; no host sync happens on this path):
+
+    em_kernels::softmax_stats(logits[N, V], tokens[N]?, temperature, backend)
+        -> (entropy[N], lse[N], logprobs[N] or [0])                     all float32
+    em_kernels::softmax_stats_backward(logits, tokens?, entropy, lse, grad_entropy[N],
+                                       grad_logprobs[N]?, temperature, backend) -> grad_logits
+
+lse is logsumexp(logits / T) (natural log). The forward saves only (entropy, lse): 8 bytes per
+row; the backward recomputes p from the logits and those two numbers:
+
+    dH/dz_j  = -(1/T) p_j (z_j / T - lse + H)
+    dlp/dz_j =  (1/T) (onehot(y)_j - p_j)
+
+Both ops take 2-D logits whose last dim is contiguous (stride 1) and any row stride; the public
+functions in em_kernels/entropy.py reshape and validate. ``backend`` is already resolved (never
+"auto") and picks the implementation: em_kernels.triton.entropy, the compiled extension
+(torch.ops.em_C, CPU and CUDA), or the float32 reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+
+_EMPTY_SHAPE = (0,)
+
+
+def _torch_fwd(logits, tokens, temperature):
+    z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    entropy = reference.entropy_ref(z)
+    if tokens is None:
+        logprobs = z.new_empty(_EMPTY_SHAPE)
+    else:
+        # An id outside [0, V) gets a NaN log-prob, as in the kernels (no host sync).
+        in_range = (tokens >= 0) & (tokens < z.shape[-1])
+        chosen = torch.gather(z, -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.where(in_range, chosen - lse, torch.full_like(lse, float("nan")))
+    return entropy.float(), lse.float(), logprobs.float()
+
+
+def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature):
+    z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
+    logp = z - lse.unsqueeze(-1)
+    p = logp.exp()
+    # p == 0 where z == -inf: guard 0 * -inf.
+    safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
+    grad = -grad_entropy.unsqueeze(-1) * p * (safe_logp + entropy.unsqueeze(-1))
+    if grad_logprobs is not None:
+        in_range = (tokens >= 0) & (tokens < z.shape[-1])
+        grad_logprobs = torch.where(in_range, grad_logprobs, torch.zeros_like(grad_logprobs))
+        grad = grad - grad_logprobs.unsqueeze(-1) * p
+        grad.scatter_add_(
+            -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1),
+            grad_logprobs.unsqueeze(-1).to(grad.dtype))
+    return (grad / temperature).to(logits.dtype)
+
+
+def _fwd_impl(backend: str):
+    if backend == "triton":
+        from ..triton import entropy as triton_entropy
+
+        return triton_entropy.softmax_stats_fwd
+    if backend in ("cpu", "cuda"):
+        return torch.ops.em_C.softmax_stats_fwd
+    return _torch_fwd
+
+
+def _bwd_impl(backend: str):
+    if backend == "triton":
+        from ..triton import entropy as triton_entropy
+
+        return triton_entropy.softmax_stats_bwd
+    if backend in ("cpu", "cuda"):
+        return torch.ops.em_C.softmax_stats_bwd
+    return _torch_bwd
+
+
+@torch.library.custom_op("em_kernels::softmax_stats", mutates_args=())
+def softmax_stats(
+    logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fwd_impl(backend)(logits, tokens, temperature)
+
+
+@softmax_stats.register_fake
+def _(logits, tokens, temperature, backend):
+    rows = logits.shape[0]
+    logprobs_shape = (rows,) if tokens is not None else _EMPTY_SHAPE
+    return (
+        logits.new_empty((rows,), dtype=torch.float32),
+        logits.new_empty((rows,), dtype=torch.float32),
+        logits.new_empty(logprobs_shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("em_kernels::softmax_stats_backward", mutates_args=())
+def softmax_stats_backward(
+    logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None,
+    temperature: float,
+    backend: str,
+) -> torch.Tensor:
+    return _bwd_impl(backend)(
+        logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature)
+
+
+@softmax_stats_backward.register_fake
+def _(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, tokens, temperature, backend = inputs
+    entropy, lse, _ = output
+    ctx.save_for_backward(logits, tokens, entropy, lse)
+    ctx.temperature = temperature
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_entropy, grad_lse, grad_logprobs):
+    logits, tokens, entropy, lse = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    if grad_entropy is None:
+        grad_entropy = torch.zeros_like(entropy)
+    if tokens is None or grad_logprobs is None or grad_logprobs.numel() == 0:
+        grad_logprobs = None
+    else:
+        grad_logprobs = grad_logprobs.float().contiguous()
+    grad_logits = softmax_stats_backward(
+        logits, tokens, entropy, lse, grad_entropy.float().contiguous(), grad_logprobs,
+        ctx.temperature, ctx.backend)
+    return grad_logits, None, None, None
+
+
+torch.library.register_autograd(
+    "em_kernels::softmax_stats", _backward, setup_context=_setup_context)

@@ -1,0 +1,74 @@
+"""Public entropy ops on logits: `entropy` and `logprobs_and_entropy`."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from ._backend import resolve_backend
+from ._ops.entropy import softmax_stats
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def entropy(
+    logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
+) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) over the last dim, in float32.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"), any
+            leading shape and strides. Entries equal to -inf are masked (probability 0).
+        temperature: finite positive number; every formula is on logits / temperature.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
+
+    Returns:
+        float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
+        own row. Differentiable w.r.t. logits (the gradient has the logits' dtype); the forward
+        keeps 8 bytes per row and the backward recomputes the probabilities.
+    """
+    temperature = _checks.check_temperature(temperature)
+    _checks.check_logits(logits, backend)
+    backend = resolve_backend(backend, logits.device)
+    rows = _as_rows(logits)
+    result, _, _ = softmax_stats(rows, None, temperature, backend)
+    return result.reshape(logits.shape[:-1])
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(tokens) and the entropy per row, from one read of the logits (the RL path).
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16, any leading shape and strides.
+        tokens: int64 of shape (...), ids in [0, V). On CPU tensors an id out of range raises
+            ValueError at once. On CUDA tensors that check would need a host sync, so it is not
+            made (set EM_KERNELS_CHECK_TOKENS=1 to make it): the kernels give such a row a NaN
+            log-prob and no log-prob gradient instead.
+        temperature: finite positive number; p = softmax(logits / temperature).
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Returns:
+        (logprobs, entropy), float32, each of shape (...). Both are differentiable w.r.t. the
+        logits, with any upstream gradients for both at once.
+    """
+    temperature = _checks.check_temperature(temperature)
+    _checks.check_logits(logits, backend)
+    backend = resolve_backend(backend, logits.device)
+    _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
+    rows = _as_rows(logits)
+    result, _, logprobs = softmax_stats(
+        rows, tokens.reshape(-1).contiguous(), temperature, backend)
+    leading = logits.shape[:-1]
+    return logprobs.reshape(leading), result.reshape(leading)

@@ -1,0 +1,104 @@
+"""Builds the compiled extension em_kernels._C with torch's cpp_extension and ninja.
+
+- The CPU part (csrc/ops.cpp, csrc/cpu/*.cpp) is always built.
+- The CUDA part (csrc/cuda/*.cu) is built wherever a CUDA build of torch and nvcc exist, for
+  sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST says otherwise. It only has to compile and link
+  here: it runs where there is a GPU.
+- EM_KERNELS_NO_CUDA=1 skips the CUDA part on purpose. EM_KERNELS_REQUIRE_CUDA=1 makes a
+  missing nvcc or CPU-only torch an error instead of a CPU-only build.
+- A compiler error fails the install: it never installs silently without the extension.
+
+nvcc on some machines is a wrapper script in a bin folder of its own, from which torch guesses
+CUDA_HOME wrong; when CUDA_HOME is unset we ask nvcc itself (`nvcc --dryrun` prints TOP).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0a"  # A100-class and Hopper (wgmma, TMA); override with TORCH_CUDA_ARCH_LIST
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _real_cuda_home() -> str | None:
+    """The toolkit folder that nvcc really runs from, or None without nvcc."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.MULTILINE)
+    if match is None:
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return os.path.normpath(match.group(1).strip())
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    found = _real_cuda_home()
+    if found is not None:
+        os.environ["CUDA_HOME"] = found
+
+import torch  # noqa: E402  (after CUDA_HOME: cpp_extension reads it at import)
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _want_cuda() -> bool:
+    if _env_flag("EM_KERNELS_NO_CUDA"):
+        return False
+    problems = []
+    if torch.version.cuda is None:
+        problems.append("torch is a CPU-only build")
+    if cpp_extension.CUDA_HOME is None:
+        problems.append("nvcc was not found (set CUDA_HOME)")
+    if problems:
+        if _env_flag("EM_KERNELS_REQUIRE_CUDA"):
+            raise RuntimeError("EM_KERNELS_REQUIRE_CUDA=1 but " + " and ".join(problems))
+        print("em-kernels: building the CPU part only: " + " and ".join(problems))
+        return False
+    return True
+
+
+def extensions():
+    cpu_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
+    cuda_sources = _sources("csrc/cuda/*.cu")
+    include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    cxx_flags = ["-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17"]
+    extra_link = ["-fopenmp"]
+    if os.uname().machine != "x86_64":
+        cxx_flags.remove("-march=x86-64-v3")
+    if cuda_sources and _want_cuda():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo",
+                      "--expt-relaxed-constexpr"]
+        return [cpp_extension.CUDAExtension(
+            "em_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+            define_macros=[("EM_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=extra_link)]
+    return [cpp_extension.CppExtension(
+        "em_kernels._C", cpu_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags}, extra_link_args=extra_link)]
+
+
+setup(
+    ext_modules=extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

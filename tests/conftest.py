@@ -1,0 +1,53 @@
+"""Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, and
+the list of backends each op test runs on."""
+
+import os
+
+import torch
+
+# The Triton kernels run on CPU tensors through the interpreter; it must be on before
+# em_kernels (and triton.jit) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+import em_kernels  # noqa: E402
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "dev", deadline=None, max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def runnable(backend: str, device: str) -> bool:
+    """Whether ``backend`` can run tensors on ``device`` here."""
+    if device == "cuda" and not HAS_CUDA:
+        return False
+    status = em_kernels.available_backends()[backend]
+    if status != "available":
+        return False
+    return {"cpu": device == "cpu", "cuda": device == "cuda"}.get(backend, True)
+
+
+# (backend, device) pairs every op test runs; the ones that cannot run here skip with a reason.
+BACKEND_DEVICES = [
+    ("torch", "cpu"), ("triton", "cpu"), ("cpu", "cpu"),
+    ("triton", "cuda"), ("cuda", "cuda"), ("torch", "cuda"),
+]
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def backend_device(request):
+    backend, device = request.param
+    if not runnable(backend, device):
+        reason = "no CUDA device" if device == "cuda" and not HAS_CUDA else (
+            em_kernels.available_backends()[backend])
+        pytest.skip(f"{backend} on {device}: {reason}")
+    return backend, device

@@ -1,0 +1,37 @@
+"""The tolerance rule of every kernel test (DESIGN.md): a kernel's error against the float64
+oracle may be at most twice the error of plain PyTorch doing the same computation (in float32,
+the precision the kernels promise), plus a small absolute floor. NaNs must be where the oracle
+has them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    """Largest |value - oracle| over the entries where the oracle is finite (0 if none)."""
+    value = value.detach().double().cpu()
+    oracle = oracle.detach().double().cpu()
+    finite = torch.isfinite(oracle)
+    if not bool(finite.any()):
+        return 0.0
+    return float((value[finite] - oracle[finite]).abs().max())
+
+
+def assert_matches_oracle(
+    actual: torch.Tensor, oracle: torch.Tensor, baseline: torch.Tensor, floor: float, what: str
+) -> None:
+    """Check ``actual`` against ``oracle`` with the error of ``baseline`` as the yardstick."""
+    actual_c, oracle_c = actual.detach().double().cpu(), oracle.detach().double().cpu()
+    assert actual_c.shape == oracle_c.shape, f"{what}: shape {actual_c.shape} != {oracle_c.shape}"
+    nan_oracle = torch.isnan(oracle_c)
+    assert torch.equal(torch.isnan(actual_c), nan_oracle), (
+        f"{what}: NaN pattern differs from the oracle "
+        f"({int(torch.isnan(actual_c).sum())} NaNs vs {int(nan_oracle.sum())})")
+    inf_oracle = torch.isinf(oracle_c)
+    assert torch.equal(actual_c[inf_oracle], oracle_c[inf_oracle]), f"{what}: infinities differ"
+    bound = 2.0 * max_abs_error(baseline, oracle_c) + floor
+    error = max_abs_error(actual_c, oracle_c)
+    assert error <= bound, (
+        f"{what}: max error {error:.3e} against the float64 oracle exceeds {bound:.3e} "
+        f"(2 x plain PyTorch's {max_abs_error(baseline, oracle_c):.3e} + floor {floor:.1e})")
