@@ -1,0 +1,291 @@
+// EM-INF and adaptive temperature for CPU tensors (ops em_C::em_inf_adjust and
+// em_C::adaptive_temperature; semantics: em_kernels/reference.py, em_inf_adjust_ref and
+// adaptive_temperature_ref).
+//
+// EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t reads the row statistics
+// (lse, H) of the current z and makes one pass over the row:
+//   p_j = exp(z_j - lse),  g_j = -p_j (z_j - lse + H) + k (p_j - p0_j)  (0 where z_j is not finite),
+//   z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
+// then a second pass computes the statistics of the new z with that max:
+//   s = sum exp(z_j - max), t = sum exp(z_j - max) (z_j - max), lse = max + log s, H = log s - t/s.
+// Two passes and two exps per element per step, over z (the output row itself), m, v and p0:
+// 16 bytes per element, a V = 151936 row is 2.4 MB, resident in L2/L3 across the steps.
+//
+// early_exit "row" (batch_exit=false): rows are independent; each thread owns a row at a time,
+// with m, v and p0 in a per-thread buffer of 3 V floats, and stops the row before the first step
+// whose entropy is below the threshold. early_exit "batch": the released code, one loss for the
+// whole batch: before each step the entropies are summed over the rows (in row order, so the
+// decision is deterministic) and every row stops at once; the KL weight is k = kl_weight / N. The
+// rows' m, v and p0 must then survive across steps: [N, V] buffers, steps outside, rows inside.
+//
+// Adaptive temperature, per row: the row in fp32 in a per-thread buffer, its max M and entropy
+// once, then one pass per bisection iteration: H(z / tau) with max M / tau (tau > 0 keeps the
+// order), one division and one exp per element.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "em/adam.h"
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The softmax statistics that one optimiser step needs from the current z.
+struct SoftmaxStats {
+  float lse;
+  float entropy;
+};
+
+// Statistics of z[0, V) given its max. A row that is all -inf gives lse -inf and entropy NaN,
+// as the reference; a masked entry (exp = 0) contributes exactly 0.
+// The sums are accumulated in double: a sequential fp32 sum over V = 151936 terms loses about
+// log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small error in H into a sign flip
+// of the step wherever g = -p (log p + H) nearly cancels.
+SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
+  double sum = 0.0;
+  double sum_shifted = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    const float shifted = z[j] - max;
+    const float e = std::exp(shifted);
+    sum += e;
+    sum_shifted += e > 0.0f ? static_cast<double>(e) * shifted : 0.0;
+  }
+  const double log_sum = std::log(sum);
+  return {static_cast<float>(max + log_sum), static_cast<float>(log_sum - sum_shifted / sum)};
+}
+
+float row_max(const float* z, int64_t V) {
+  float max = kNegInf;
+  for (int64_t j = 0; j < V; ++j) max = std::fmax(max, z[j]);
+  // fmax skips NaN; a NaN entry must still poison the row.
+  for (int64_t j = 0; j < V; ++j)
+    if (std::isnan(z[j])) return z[j];
+  return max;
+}
+
+// z <- logits row in fp32; returns its max.
+template <typename scalar_t>
+float load_row(const scalar_t* logits, float* z, int64_t V) {
+  for (int64_t j = 0; j < V; ++j) z[j] = static_cast<float>(logits[j]);
+  return row_max(z, V);
+}
+
+// p0 <- softmax(z) with the statistics of z.
+void store_probs(const float* z, int64_t V, SoftmaxStats stats, float* p0) {
+  for (int64_t j = 0; j < V; ++j) p0[j] = std::exp(z[j] - stats.lse);
+}
+
+// One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z.
+float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, SoftmaxStats stats,
+                     float kl_scale, const em::OptimizerStep& step) {
+  float max = kNegInf;
+  bool has_nan = false;
+  for (int64_t j = 0; j < V; ++j) {
+    const float zj = z[j];
+    const float logp = zj - stats.lse;
+    const float p = std::exp(logp);
+    const float grad = std::isfinite(zj) ? -p * (logp + stats.entropy) + kl_scale * (p - p0[j])
+                                         : 0.0f;
+    const float updated = zj - em::optimizer_update(step, grad, m[j], v[j]);
+    z[j] = updated;
+    max = std::fmax(max, updated);
+    has_nan |= std::isnan(updated);
+  }
+  return has_nan ? std::numeric_limits<float>::quiet_NaN() : max;
+}
+
+// Calls fn(scalar_t{}) for the logits dtypes the ops accept (checked by check_logits).
+template <typename Fn>
+void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", dtype);
+  }
+}
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.dim(),
+                    " dims");
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+                   ": logits must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, op,
+                    ": the last dim of logits must be contiguous (stride 1), got stride ",
+                    logits.stride(1));
+}
+
+template <typename scalar_t>
+void em_inf_rows_independent(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
+                             float kl_scale, float threshold, bool adam) {
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* in = logits.const_data_ptr<scalar_t>();
+  float* out_ptr = out.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> state(3 * static_cast<size_t>(V));  // m, v, p0 of the current row
+    float* m = state.data();
+    float* v = m + V;
+    float* p0 = v + V;
+    for (int64_t row = begin; row < end; ++row) {
+      float* z = out_ptr + row * V;
+      float max = load_row(in + row * row_stride, z, V);
+      if (steps == 0) continue;
+      SoftmaxStats stats = softmax_stats(z, V, max);
+      store_probs(z, V, stats, p0);
+      std::fill(m, m + 2 * V, 0.0f);  // m and v
+      for (int64_t t = 1; t <= steps; ++t) {
+        if (stats.entropy < threshold) break;
+        max = optimizer_pass(z, m, v, p0, V, stats, kl_scale,
+                             em::optimizer_step(lr, adam, static_cast<int>(t)));
+        if (t < steps) stats = softmax_stats(z, V, max);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void em_inf_batch_exit(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
+                       float kl_scale, float threshold, bool adam) {
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* in = logits.const_data_ptr<scalar_t>();
+  float* z_all = out.data_ptr<float>();
+  std::vector<float> maxes(N);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)
+      maxes[row] = load_row(in + row * row_stride, z_all + row * V, V);
+  });
+  if (steps == 0) return;
+  // m, v and p0 of every row, [3, N, V]: the batch-wide decision needs every row between steps.
+  at::Tensor state = at::zeros({3, N, V}, out.options());
+  float* m_all = state.data_ptr<float>();
+  float* v_all = m_all + N * V;
+  float* p0_all = v_all + N * V;
+  std::vector<SoftmaxStats> stats(N);
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      stats[row] = softmax_stats(z_all + row * V, V, maxes[row]);
+      store_probs(z_all + row * V, V, stats[row], p0_all + row * V);
+    }
+  });
+  for (int64_t t = 1; t <= steps; ++t) {
+    float entropy_sum = 0.0f;
+    for (int64_t row = 0; row < N; ++row) entropy_sum += stats[row].entropy;
+    if (entropy_sum < threshold) break;
+    const em::OptimizerStep step = em::optimizer_step(lr, adam, static_cast<int>(t));
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        float* z = z_all + row * V;
+        const float max = optimizer_pass(z, m_all + row * V, v_all + row * V, p0_all + row * V,
+                                         V, stats[row], kl_scale, step);
+        if (t < steps) stats[row] = softmax_stats(z, V, max);
+      }
+    });
+  }
+}
+
+at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
+                             double kl_weight, double threshold, bool adam, bool batch_exit) {
+  check_logits(logits, "em_inf_adjust");
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "em_inf_adjust: expected a CPU tensor");
+  TORCH_CHECK_VALUE(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
+  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
+                    kl_weight);
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
+  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  // The released code's "batchmean" KL: the batch's loss weighs each row's KL by 1 / N.
+  const float kl_scale =
+      static_cast<float>(batch_exit ? kl_weight / static_cast<double>(logits.size(0)) : kl_weight);
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    if (batch_exit) {
+      em_inf_batch_exit<scalar_t>(logits, out, steps, static_cast<float>(lr), kl_scale,
+                                  static_cast<float>(threshold), adam);
+    } else {
+      em_inf_rows_independent<scalar_t>(logits, out, steps, static_cast<float>(lr), kl_scale,
+                                        static_cast<float>(threshold), adam);
+    }
+  });
+  return out;
+}
+
+// Entropy of softmax(z / tau) for a row z with max `max` (tau > 0).
+float scaled_entropy(const float* z, int64_t V, float max, float tau) {
+  const float scaled_max = max / tau;
+  double sum = 0.0;
+  double sum_shifted = 0.0;
+  for (int64_t j = 0; j < V; ++j) {
+    const float shifted = z[j] / tau - scaled_max;
+    const float e = std::exp(shifted);
+    sum += e;
+    sum_shifted += e > 0.0f ? static_cast<double>(e) * shifted : 0.0;
+  }
+  return static_cast<float>(std::log(sum) - sum_shifted / sum);
+}
+
+template <typename scalar_t>
+void adaptive_temperature_rows(const at::Tensor& logits, at::Tensor& out, float alpha,
+                               float delta, int64_t max_iters, float tol) {
+  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
+  const scalar_t* in = logits.const_data_ptr<scalar_t>();
+  float* out_ptr = out.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* z = out_ptr + row * V;  // the row in fp32, divided by tau in place at the end
+      const float max = load_row(in + row * row_stride, z, V);
+      const float entropy = softmax_stats(z, V, max).entropy;
+      if (!(entropy > delta)) continue;  // already sharp enough (or NaN): tau = 1
+      const float target = std::fmax(alpha * entropy, delta);
+      float lo = 0.01f, hi = 1.0f, tau = 1.0f;
+      for (int64_t it = 0; it < max_iters; ++it) {
+        tau = (lo + hi) / 2.0f;
+        const float h = scaled_entropy(z, V, max, tau);
+        if (std::fabs(h - target) < tol) break;
+        if (h > target) {
+          hi = tau;
+        } else {
+          lo = tau;
+        }
+      }
+      for (int64_t j = 0; j < V; ++j) z[j] = z[j] / tau;
+    }
+  });
+}
+
+at::Tensor adaptive_temperature_cpu(const at::Tensor& logits, double alpha, double delta,
+                                    int64_t max_iters, double tol) {
+  check_logits(logits, "adaptive_temperature");
+  TORCH_CHECK_VALUE(logits.device().is_cpu(), "adaptive_temperature: expected a CPU tensor");
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
+                    alpha);
+  TORCH_CHECK_VALUE(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
+                    delta);
+  TORCH_CHECK_VALUE(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
+                    max_iters);
+  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0, "adaptive_temperature: tol must be finite "
+                    "and >= 0, got ", tol);
+  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    adaptive_temperature_rows<scalar_t>(logits, out, static_cast<float>(alpha),
+                                        static_cast<float>(delta), max_iters,
+                                        static_cast<float>(tol));
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(em_C, CPU, m) {
+  m.impl("em_inf_adjust", &em_inf_adjust_cpu);
+  m.impl("adaptive_temperature", &adaptive_temperature_cpu);
+}

@@ -1,0 +1,59 @@
+// The optimiser step of EM-INF, framework-free, for host and device code.
+//
+// EM-INF (DESIGN.md) runs a fresh optimiser on an fp32 copy of each row of logits. Per element j
+// at step t (1-based), with gradient g:
+//   Adam (torch.optim.Adam's defaults, bias-corrected):
+//     m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2,
+//     z <- z - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+//   SGD:
+//     z <- z - lr * g
+// The bias corrections depend only on t: `optimizer_step` computes them once per step (in double,
+// then rounded), and `optimizer_update` is the per-element work: one sqrt and one division.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define EM_ADAM_INLINE __host__ __device__ __forceinline__
+#else
+#define EM_ADAM_INLINE inline
+#endif
+
+namespace em {
+
+// In double, as torch.optim.Adam's Python floats; the per-element math uses their fp32 roundings
+// (and those of 1 - beta), as torch does with a Python scalar and an fp32 tensor.
+constexpr double kAdamBeta1 = 0.9;
+constexpr double kAdamBeta2 = 0.999;
+constexpr float kAdamEps = 1e-8f;
+
+// The per-step constants of one optimiser step, shared by every element of every row.
+struct OptimizerStep {
+  float lr;
+  float inv_bias_correction1;  // 1 / (1 - beta1^t)
+  float inv_bias_correction2;  // 1 / (1 - beta2^t)
+  bool adam;                   // false: plain SGD (m and v untouched)
+};
+
+// The constants of step `t` (1-based).
+EM_ADAM_INLINE OptimizerStep optimizer_step(float lr, bool adam, int t) {
+  OptimizerStep step;
+  step.lr = lr;
+  step.adam = adam;
+  step.inv_bias_correction1 = static_cast<float>(1.0 / (1.0 - pow(kAdamBeta1, t)));
+  step.inv_bias_correction2 = static_cast<float>(1.0 / (1.0 - pow(kAdamBeta2, t)));
+  return step;
+}
+
+// Advances the moments (m, v) of one element with gradient `grad` and returns the amount to
+// subtract from z. A zero gradient on fresh moments gives a zero update (masked entries stay put).
+EM_ADAM_INLINE float optimizer_update(const OptimizerStep& step, float grad, float& m, float& v) {
+  if (!step.adam) return step.lr * grad;
+  m = static_cast<float>(kAdamBeta1) * m + static_cast<float>(1.0 - kAdamBeta1) * grad;
+  v = static_cast<float>(kAdamBeta2) * v + static_cast<float>(1.0 - kAdamBeta2) * grad * grad;
+  const float m_hat = m * step.inv_bias_correction1;
+  const float v_hat = v * step.inv_bias_correction2;
+  return step.lr * m_hat / (sqrtf(v_hat) + kAdamEps);
+}
+
+}  // namespace em
