@@ -116,4 +116,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend that runs a tensor on ``device``; raises if ``backend`` cannot."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    return _resolve_cached(backend, device.type, device.index)
+    return _resolve_constant(backend, device.type, device.index)
+
+
+# torch.compile calls this once while tracing and bakes the answer into the graph: resolution
+# reads the environment and the dispatcher, which Dynamo cannot trace (no graph break this way).
+@torch.compiler.assume_constant_result
+def _resolve_constant(backend: str, device_type: str, device_index: int | None) -> str:
+    return _resolve_cached(backend, device_type, device_index)

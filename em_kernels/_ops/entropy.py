@@ -57,6 +57,8 @@ def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temper
         grad.scatter_add_(
             -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1),
             grad_logprobs.unsqueeze(-1).to(grad.dtype))
+    # A -inf logit gets exactly 0 (the contract of every backend), even as the chosen token.
+    grad = torch.where(z == float("-inf"), torch.zeros_like(grad), grad)
     return (grad / temperature).to(logits.dtype)
 
 

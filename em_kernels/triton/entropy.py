@@ -1,0 +1,325 @@
+"""Triton kernels of the softmax-statistics ops: entropy, logsumexp and chosen-token log-probs.
+
+Launchers (the contract that em_kernels/_ops/entropy.py calls, shared with torch.ops.em_C):
+
+    softmax_stats_fwd(logits[N, V], tokens[N] | None, temperature)
+        -> (entropy[N], lse[N], logprobs[N] or an empty [0] tensor), all float32
+    softmax_stats_bwd(logits, tokens | None, entropy, lse, grad_entropy[N], grad_logprobs[N] | None,
+                      temperature) -> grad_logits[N, V], contiguous, in logits.dtype
+
+logits have a contiguous last dim and any row stride; float32, bfloat16 or float16. Everything is
+accumulated in float32.
+
+How a row is split: the vocabulary is cut into chunks of BLOCK entries, BLOCK a function of V only
+(`_block_size`), and one program reduces one (row, chunk) tile. Many programs per row let a small
+batch fill the GPU; because the split and the merge order depend on V alone, a row's bits never
+depend on the batch size or on the other rows (batch invariance), and there are no atomics
+(determinism). When V fits one chunk the tile program writes the row's results itself; otherwise
+a second, tiny kernel merges each row's per-chunk partials in a fixed order.
+
+Units: the kernels work in base 2. With k = log2(e) / T, a_j = k z_j is the scaled logit in bits,
+so that exp(z_j / T - c) = exp2(a_j - k c) costs one FMA and one exp2, the only transcendental
+per element. Results are converted back to nats (times ln 2) once per row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
+LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+
+# Largest vocabulary chunk per program: a 16 KiB bf16 tile (32 KiB fp32) is enough bytes in flight
+# per program for HBM, and still leaves ~19 programs per row at V = 151936 so that even a handful
+# of rows fills every SM.
+MAX_BLOCK = 8192
+# Elements each thread holds: 32 bf16 values are four 16-byte vector loads in flight per thread.
+ELEMENTS_PER_THREAD = 32
+# Tile warps cap: 8 warps x 32 threads x 32 elements = MAX_BLOCK.
+MAX_WARPS = 8
+# (rows x chunks) entries merged per program of the merge kernel: 1024 partials is 12 KiB, one
+# short program; the merge reads N * V / BLOCK * 12 bytes, under 0.1% of the logits.
+MERGE_TILE = 1024
+# Merge kernel warps: 1024 entries over 128 threads, 8 each.
+MERGE_WARPS = 4
+# Triton's limit on the first grid dimension.
+MAX_GRID = 2**31 - 1
+
+
+@triton.jit
+def _store_row_results(
+    rows, N, shift, total, weighted,
+    logits_ptr, stride_row, tokens_ptr, V, scale2,
+    entropy_ptr, lse_ptr, logprobs_ptr,
+    HAS_TOKENS: tl.constexpr,
+):
+    """Write entropy, lse and (if HAS_TOKENS) log p(token) of ``rows`` (a scalar or a vector).
+
+    Inputs are in bits, relative to ``shift`` (the row max of a = k z, or 0 for a row that is all
+    -inf): total = sum_j exp2(a_j - shift), weighted = sum_j exp2(a_j - shift) (a_j - shift).
+    With p_j = exp2(a_j - shift) / total, log2 p_j = (a_j - shift) - log2 total, so
+
+        H   = ln2 (log2 total - weighted / total)
+        lse = ln2 (shift + log2 total)
+        log p(y) = ln2 (a_y - shift - log2 total)    (NaN when y is outside [0, V))
+
+    An all -inf row has total = 0: H = NaN (0 / 0) and lse = -inf, as the reference gives.
+    Memory: 8 or 12 bytes written per row, plus one token id and one logit read per row."""
+    row_mask = rows < N
+    log2_total = tl.log2(total)
+    lse2 = shift + log2_total
+    tl.store(entropy_ptr + rows, (log2_total - weighted / total) * LN2, mask=row_mask)
+    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_mask)
+    if HAS_TOKENS:
+        token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
+        in_vocab = (token >= 0) & (token < V)
+        chosen = tl.load(
+            logits_ptr + rows * stride_row + token, mask=row_mask & in_vocab, other=float("nan")
+        ).to(tl.float32)
+        tl.store(logprobs_ptr + rows, tl.fma(chosen, scale2, -lse2) * LN2, mask=row_mask)
+
+
+@triton.jit
+def _softmax_stats_fwd_kernel(
+    logits_ptr, tokens_ptr,
+    partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
+    entropy_ptr, lse_ptr, logprobs_ptr,
+    N, V, num_chunks, stride_row, scale2,
+    HAS_TOKENS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Softmax statistics of one (row, chunk) tile: program id = row * num_chunks + chunk.
+
+    Math, in bits with a_j = scale2 * z_j (scale2 = log2(e) / T) over the tile's entries:
+        m = max_j a_j (taken on z: k > 0 keeps the order, and one multiply is saved)
+        d_j = a_j - m  (one FMA),  e_j = exp2(d_j)  (the one transcendental)
+        total = sum_j e_j,  weighted = sum_j e_j d_j
+    Keeping d relative to the tile max makes `weighted` a sum of small numbers rather than the
+    difference of two large ones (H = lse - E[a] loses digits when |z| is large).
+    Masking: z_j = -inf gives e_j = 0 and its e_j d_j (0 * -inf) is set to 0; a tile that is all
+    -inf uses 0 as its shift, giving (m = -inf, total = 0, weighted = 0). A NaN reaches `total`
+    and poisons the row.
+
+    SINGLE_CHUNK (V <= BLOCK): the tile is the row; write the row's results directly.
+    Otherwise store (m, total, weighted) at the program id for _softmax_stats_merge_kernel.
+
+    Memory: reads the tile once (V * itemsize bytes per row in all, evict-first: nothing else
+    reads it soon); writes 12 bytes per tile.
+    """
+    pid = tl.program_id(0)
+    row = (pid // num_chunks).to(tl.int64)
+    chunk = pid % num_chunks
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    z = tl.load(
+        logits_ptr + row * stride_row + cols, mask=cols < V, other=float("-inf"),
+        eviction_policy="evict_first",
+    ).to(tl.float32)
+    z_max = tl.max(z, axis=0)
+    shift = tl.where(z_max == float("-inf"), 0.0, z_max * scale2)
+    d = tl.fma(z, scale2, -shift)
+    e = tl.exp2(d)
+    total = tl.sum(e, axis=0)
+    weighted = tl.sum(tl.where(z == float("-inf"), 0.0, e * d), axis=0)
+    if SINGLE_CHUNK:
+        _store_row_results(
+            row, N, shift, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
+            entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+    else:
+        tl.store(partial_max_ptr + pid, tl.where(z_max == float("-inf"), z_max, shift))
+        tl.store(partial_total_ptr + pid, total)
+        tl.store(partial_weighted_ptr + pid, weighted)
+
+
+@triton.jit
+def _softmax_stats_merge_kernel(
+    partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
+    logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, logprobs_ptr,
+    N, V, num_chunks, stride_row, scale2,
+    HAS_TOKENS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
+):
+    """Merge the per-chunk partials of BLOCK_ROWS rows, then write their results.
+
+    Chunk c of a row has (m_c, total_c, weighted_c), relative to its own max m_c. With
+    M = max_c m_c and w_c = exp2(m_c - M), relative to M:
+        total    = sum_c w_c total_c
+        weighted = sum_c w_c (weighted_c + total_c (m_c - M))
+    (since each d_j shifts by m_c - M). An all -inf chunk has w_c = 0 and its term (0 * -inf)
+    is set to 0. Each row is reduced along its own BLOCK_CHUNKS axis; BLOCK_ROWS and
+    BLOCK_CHUNKS depend only on V, so a row's bits do not depend on its neighbours.
+
+    Memory: reads 12 bytes per (row, chunk), writes 8-12 bytes per row.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    chunks = tl.arange(0, BLOCK_CHUNKS)
+    mask = (rows < N)[:, None] & (chunks < num_chunks)[None, :]
+    offsets = rows[:, None] * num_chunks + chunks[None, :]
+    chunk_max = tl.load(partial_max_ptr + offsets, mask=mask, other=float("-inf"))
+    chunk_total = tl.load(partial_total_ptr + offsets, mask=mask, other=0.0)
+    chunk_weighted = tl.load(partial_weighted_ptr + offsets, mask=mask, other=0.0)
+    row_max = tl.max(chunk_max, axis=1)
+    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
+    offset = chunk_max - shift[:, None]
+    weight = tl.exp2(offset)
+    total = tl.sum(weight * chunk_total, axis=1)
+    shifted = tl.where(
+        chunk_max == float("-inf"), 0.0, weight * (chunk_weighted + chunk_total * offset))
+    weighted = tl.sum(shifted, axis=1)
+    _store_row_results(
+        rows, N, shift, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
+        entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+
+
+@triton.jit
+def _softmax_stats_bwd_kernel(
+    logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
+    grad_logits_ptr,
+    V, num_chunks, stride_row, scale2, inv_temperature,
+    HAS_LOGPROB_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Gradient of sum(gH * H + gL * logp) w.r.t. the logits, for one (row, chunk) tile.
+
+    With p_j = softmax(z / T)_j recomputed from the saved lse (log2 p_j = k z_j - lse log2(e),
+    one FMA and one exp2), ln p_j = ln2 log2 p_j:
+        dH/dz_j   = -(1/T) p_j (ln p_j + H)
+        dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (0 for the whole row if y is outside [0, V))
+    A -inf logit gets exactly 0 (p_j = 0 but ln p_j = -inf: the product is set to 0), also when
+    it is the chosen token.
+
+    Memory: reads the tile once (evict-first) and 16-20 bytes of row statistics; writes the
+    tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
+    """
+    pid = tl.program_id(0)
+    row = (pid // num_chunks).to(tl.int64)
+    chunk = pid % num_chunks
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    in_vocab = cols < V
+    z = tl.load(
+        logits_ptr + row * stride_row + cols, mask=in_vocab, other=0.0,
+        eviction_policy="evict_first",
+    ).to(tl.float32)
+    entropy = tl.load(entropy_ptr + row)
+    lse2 = tl.load(lse_ptr + row) * LOG2E
+    grad_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
+    log2_p = tl.fma(z, scale2, -lse2)
+    p = tl.exp2(log2_p)
+    grad = -grad_entropy * p * tl.fma(log2_p, LN2, entropy)
+    if HAS_LOGPROB_GRAD:
+        token = tl.load(tokens_ptr + row)
+        grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
+        grad_logprob = tl.where((token >= 0) & (token < V), grad_logprob, 0.0)
+        grad = grad - grad_logprob * p + tl.where(cols == token, grad_logprob, 0.0)
+    grad = tl.where(z == float("-inf"), 0.0, grad)
+    tl.store(
+        grad_logits_ptr + row * V + cols, grad.to(grad_logits_ptr.dtype.element_ty),
+        mask=in_vocab)
+
+
+def _block_size(vocab: int) -> int:
+    """Tile width along the vocabulary: a function of V only (batch invariance)."""
+    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+
+
+def _tile_warps(block: int) -> int:
+    return max(1, min(MAX_WARPS, block // (32 * ELEMENTS_PER_THREAD)))
+
+
+def _grid_size(rows: int, num_chunks: int) -> int:
+    programs = rows * num_chunks
+    if programs > MAX_GRID:
+        raise ValueError(
+            f"{rows} rows x {num_chunks} vocabulary chunks = {programs} programs exceeds Triton's "
+            f"grid limit {MAX_GRID}; split the batch")
+    return programs
+
+
+def _on_device(tensor: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
+
+
+def softmax_stats_fwd(
+    logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy, lse, logprobs or an empty tensor) of softmax(logits / temperature) per row.
+
+    Two launches at most: the tile kernel, and the merge kernel when V > MAX_BLOCK. Extra memory:
+    12 bytes per (row, chunk) of partials. No host sync (a token id outside [0, V) gives NaN)."""
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1 and vocab > 1:
+        raise ValueError("softmax_stats_fwd needs logits with a contiguous last dim")
+    entropy = torch.empty((rows,), dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(entropy)
+    has_tokens = tokens is not None
+    logprobs = torch.empty((rows if has_tokens else 0,), dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return entropy, lse, logprobs
+    tokens_arg = tokens.contiguous() if has_tokens else entropy  # not read without tokens
+    block = _block_size(vocab)
+    num_chunks = triton.cdiv(vocab, block)
+    scale2 = math.log2(math.e) / temperature
+    stride_row = logits.stride(0)
+    with _on_device(logits):
+        if num_chunks == 1:
+            _softmax_stats_fwd_kernel[(rows,)](
+                logits, tokens_arg, entropy, entropy, entropy, entropy, lse, logprobs,
+                rows, vocab, 1, stride_row, scale2,
+                HAS_TOKENS=has_tokens, SINGLE_CHUNK=True, BLOCK=block,
+                num_warps=_tile_warps(block))
+            return entropy, lse, logprobs
+        programs = _grid_size(rows, num_chunks)
+        partial_max, partial_total, partial_weighted = torch.empty(
+            (3, programs), dtype=torch.float32, device=logits.device).unbind(0)
+        _softmax_stats_fwd_kernel[(programs,)](
+            logits, tokens_arg, partial_max, partial_total, partial_weighted,
+            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2,
+            HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
+            num_warps=_tile_warps(block))
+        block_chunks = triton.next_power_of_2(num_chunks)
+        block_rows = max(1, MERGE_TILE // block_chunks)
+        _softmax_stats_merge_kernel[(triton.cdiv(rows, block_rows),)](
+            partial_max, partial_total, partial_weighted,
+            logits, tokens_arg, entropy, lse, logprobs,
+            rows, vocab, num_chunks, stride_row, scale2,
+            HAS_TOKENS=has_tokens, BLOCK_ROWS=block_rows, BLOCK_CHUNKS=block_chunks,
+            num_warps=MERGE_WARPS)
+    return entropy, lse, logprobs
+
+
+def softmax_stats_bwd(
+    logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    grad_entropy: torch.Tensor,
+    grad_logprobs: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """d/dlogits of sum(grad_entropy * entropy + grad_logprobs * logprobs): one launch, one read
+    of the logits and one write of the gradient ([N, V] contiguous, logits.dtype)."""
+    rows, vocab = logits.shape
+    if logits.stride(-1) != 1 and vocab > 1:
+        raise ValueError("softmax_stats_bwd needs logits with a contiguous last dim")
+    grad_logits = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    if rows == 0:
+        return grad_logits
+    has_logprob_grad = tokens is not None and grad_logprobs is not None
+    block = _block_size(vocab)
+    num_chunks = triton.cdiv(vocab, block)
+    programs = _grid_size(rows, num_chunks)
+    grad_entropy = grad_entropy.contiguous()
+    tokens_arg = tokens.contiguous() if has_logprob_grad else grad_entropy  # unread then
+    grad_logprobs_arg = grad_logprobs.contiguous() if has_logprob_grad else grad_entropy
+    with _on_device(logits):
+        _softmax_stats_bwd_kernel[(programs,)](
+            logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
+            grad_logprobs_arg, grad_logits,
+            vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
+            1.0 / temperature,
+            HAS_LOGPROB_GRAD=has_logprob_grad, BLOCK=block, num_warps=_tile_warps(block))
+    return grad_logits
