@@ -1,14 +1,165 @@
-"""TEMPORARY: reference-backed stand-ins so that em_algos can be written against the API; the
-EM-INF work (issue 6) replaces this whole module with the kernels."""
+"""Public EM-INF ops: `em_inf_adjust` (the paper's decode-time logit optimisation) and
+`adaptive_temperature` (the paper's baseline). See em_kernels/_ops/em_inf.py for the ops and
+em_kernels/triton/em_inf.py for the kernels' design."""
 
-from .reference import adaptive_temperature_ref, em_inf_adjust_ref
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from ._backend import BackendUnavailableError, available_backends, resolve_backend
+from ._ops.em_inf import adaptive_temperature_op, em_inf_adjust_op
+
+_OPTIMIZERS = ("adam", "sgd")
+_EARLY_EXITS = ("row", "batch")
 
 
-def em_inf_adjust(logits, *, steps=5, lr=0.1, kl_weight=0.001, threshold=0.3,
-                  optimizer="adam", early_exit="row", backend="auto"):
-    return em_inf_adjust_ref(logits, steps, lr, kl_weight, threshold, optimizer, early_exit).float()
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
-def adaptive_temperature(logits, *, alpha=0.5, delta=0.1, max_iters=100, tol=0.01,
-                         backend="auto"):
-    return adaptive_temperature_ref(logits, alpha, delta, max_iters, tol).float()
+def _check_float(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, allow_inf: bool = False) -> float:
+    """A Python number, not NaN, finite unless allow_inf, within [low, high] ((low, high] if
+    low_open)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (not allow_inf and not math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    too_low = low is not None and (value <= low if low_open else value < low)
+    if too_low or (high is not None and value > high):
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high if high is not None else 'inf'}]"
+                         f", got {value}")
+    return value
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f'unknown {name} "{value}"; choose one of ' +
+                         ", ".join(f'"{c}"' for c in choices))
+    return value
+
+
+def _resolve(backend: str, device: torch.device, op_name: str) -> str:
+    """Like resolve_backend, and the compiled backends must also carry this op's kernels (the
+    extension may have been built before they existed): "auto" then falls back, an explicit
+    "cpu"/"cuda" raises BackendUnavailableError."""
+    resolved = resolve_backend(backend, device)
+    if resolved not in ("cpu", "cuda"):
+        return resolved
+    key = "CPU" if resolved == "cpu" else "CUDA"
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"em_C::{op_name}", key):
+        return resolved
+    if backend != "auto":
+        raise BackendUnavailableError(
+            f'backend="{backend}" is unavailable: the compiled extension has no {key} kernel for '
+            f"{op_name} (rebuild it)")
+    if device.type == "cuda" and available_backends()["triton"] == "available":
+        return "triton"
+    return "torch"
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
+        rows = rows.contiguous()
+    return rows
+
+
+def em_inf_adjust(
+    logits: torch.Tensor,
+    *,
+    steps: int = 5,
+    lr: float = 0.1,
+    kl_weight: float = 0.001,
+    threshold: float = 0.3,
+    optimizer: str = "adam",
+    early_exit: str = "row",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """EM-INF: the logits after up to ``steps`` optimiser steps that lower their entropy.
+
+    As the paper's released code: z = logits in float32, p0 = softmax(logits); before each step
+    stop if the entropy H(softmax(z)) is below ``threshold``; else one step on
+    loss = H + kl_weight * KL(p0 || softmax(z)) with a fresh optimiser (Adam: betas 0.9 / 0.999,
+    eps 1e-8, bias-corrected; or plain SGD). The gradient is closed-form; no autograd runs.
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"); the last
+            dim is the vocabulary. Entries equal to -inf (masked tokens) stay -inf.
+        steps: number of optimiser steps, >= 0 (0 returns the logits as float32).
+        lr: learning rate, finite and >= 0.
+        kl_weight: weight of KL(p0 || p), finite and >= 0.
+        threshold: entropy (nats) below which a row stops; -inf never stops, +inf never moves.
+        optimizer: "adam" (the released code) or "sgd".
+        early_exit: "row": every row is its own problem and stops on its own entropy (a row's
+            result does not depend on the batch). "batch": the released code exactly, one loss
+            over the rows of (..., V) flattened: the entropies summed, the KLs averaged
+            ("batchmean"), every row stopping when the summed entropy is below threshold.
+        backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
+
+    Returns:
+        float32 tensor shaped like ``logits`` (float64 for float64 logits), never an alias of
+        them. NaN in a row makes that row's finite entries NaN; a row that is all -inf stays so.
+    """
+    steps = _check_int("steps", steps, 0)
+    lr = _check_float("lr", lr, low=0.0)
+    kl_weight = _check_float("kl_weight", kl_weight, low=0.0)
+    threshold = _check_float("threshold", threshold, allow_inf=True)
+    optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
+    early_exit = _check_choice("early_exit", early_exit, _EARLY_EXITS)
+    _checks.check_logits(logits, backend)
+    backend = _resolve(backend, logits.device, "em_inf_adjust")
+    rows = _as_rows(logits)
+    adjusted = em_inf_adjust_op(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
+                                early_exit == "batch", backend)
+    return adjusted.reshape(logits.shape)
+
+
+def adaptive_temperature(
+    logits: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    delta: float = 0.1,
+    max_iters: int = 100,
+    tol: float = 0.01,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The paper's adaptive-temperature baseline: logits / tau with tau chosen per row.
+
+    target = max(delta, alpha * H(softmax(z))). A row whose entropy is at most ``delta`` is
+    returned unchanged (tau = 1). Otherwise tau is bisected in [0.01, 1]: tau = (lo + hi) / 2,
+    stop when |H(softmax(z / tau)) - target| < tol, else hi = tau if the entropy is too high,
+    lo = tau if too low; at most ``max_iters`` halvings (the last tau tried is kept).
+
+    Args:
+        logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch").
+        alpha: fraction of the entropy to aim for, in [0, 1].
+        delta: entropy floor in nats, finite and >= 0.
+        max_iters: most bisection steps, >= 0.
+        tol: tolerance in nats, finite and > 0.
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Returns:
+        float32 tensor shaped like ``logits`` (float64 for float64 logits): logits / tau.
+    """
+    alpha = _check_float("alpha", alpha, low=0.0, high=1.0)
+    delta = _check_float("delta", delta, low=0.0)
+    max_iters = _check_int("max_iters", max_iters, 0)
+    tol = _check_float("tol", tol, low=0.0, low_open=True)
+    _checks.check_logits(logits, backend)
+    backend = _resolve(backend, logits.device, "adaptive_temperature")
+    rows = _as_rows(logits)
+    scaled = adaptive_temperature_op(rows, alpha, delta, max_iters, tol, backend)
+    return scaled.reshape(logits.shape)

@@ -1,0 +1,64 @@
+"""The EM-INF ops: `em_inf_adjust` and `adaptive_temperature`, registered with torch.library.
+
+    em_kernels::em_inf_adjust(logits[N, V], steps, lr, kl_weight, threshold, adam, batch_exit,
+                              backend) -> adjusted logits [N, V]
+    em_kernels::adaptive_temperature(logits[N, V], alpha, delta, max_iters, tol, backend)
+                              -> logits / tau [N, V]
+
+Both return float32 (float64 for float64 logits, which only backend="torch" accepts). They are
+decode-time transforms with no gradient (the optimiser steps are closed-form inside), so no
+autograd is registered; the fake kernels let torch.compile(fullgraph=True) trace through them.
+Logits are 2-D with a contiguous last dim and any row stride; the public functions in
+em_kernels/em_inf.py validate and reshape. ``backend`` is already resolved (never "auto").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+
+
+def _result_dtype(logits: torch.Tensor) -> torch.dtype:
+    return reference.compute_dtype(logits.dtype)
+
+
+@torch.library.custom_op("em_kernels::em_inf_adjust", mutates_args=())
+def em_inf_adjust_op(
+    logits: torch.Tensor, steps: int, lr: float, kl_weight: float, threshold: float,
+    adam: bool, batch_exit: bool, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton import em_inf as triton_em_inf
+
+        return triton_em_inf.em_inf_adjust_fwd(
+            logits, steps, lr, kl_weight, threshold, adam, batch_exit)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.em_C.em_inf_adjust(
+            logits, steps, lr, kl_weight, threshold, adam, batch_exit)
+    return reference.em_inf_adjust_ref(
+        logits, steps, lr, kl_weight, threshold, "adam" if adam else "sgd",
+        "batch" if batch_exit else "row").contiguous()
+
+
+@em_inf_adjust_op.register_fake
+def _(logits, steps, lr, kl_weight, threshold, adam, batch_exit, backend):
+    return logits.new_empty(logits.shape, dtype=_result_dtype(logits))
+
+
+@torch.library.custom_op("em_kernels::adaptive_temperature", mutates_args=())
+def adaptive_temperature_op(
+    logits: torch.Tensor, alpha: float, delta: float, max_iters: int, tol: float, backend: str,
+) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton import em_inf as triton_em_inf
+
+        return triton_em_inf.adaptive_temperature_fwd(logits, alpha, delta, max_iters, tol)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.em_C.adaptive_temperature(logits, alpha, delta, max_iters, tol)
+    return reference.adaptive_temperature_ref(logits, alpha, delta, max_iters, tol).contiguous()
+
+
+@adaptive_temperature_op.register_fake
+def _(logits, alpha, delta, max_iters, tol, backend):
+    return logits.new_empty(logits.shape, dtype=_result_dtype(logits))

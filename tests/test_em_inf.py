@@ -1,0 +1,317 @@
+"""em_kernels.em_inf_adjust and adaptive_temperature on every backend (`backend_device`):
+closeness to the float64 oracle (tests/oracle.py's rule), the oracle itself against a literal
+torch.optim loop with autograd (the released code's way), properties, the dispatcher ops, and
+every bad input.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors (a few ms per program and pass):
+those cases draw fewer examples and vocabularies of at most a few chunks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from oracle import assert_matches_oracle
+
+import em_kernels
+from em_kernels import reference
+from em_kernels._ops.em_inf import adaptive_temperature_op, em_inf_adjust_op
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# 1024 = one Triton chunk; 1025 and 2500 need a merge of chunk partials.
+VOCABS = (1, 2, 3, 17, 100, 1023, 1024, 1025, 2500)
+SCALES = (1e-3, 0.1, 1.0, 3.0, 10.0, 100.0)
+THRESHOLDS = (-math.inf, 0.3, 1.0, 2.5, math.inf)
+
+
+def is_slow(backend: str, device: str) -> bool:
+    return backend == "triton" and device == "cpu"
+
+
+def examples(backend: str, device: str, fast: int = 25, slow: int = 8):
+    checks = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+              HealthCheck.data_too_large]
+    return settings(max_examples=slow if is_slow(backend, device) else fast,
+                    suppress_health_check=checks)
+
+
+@st.composite
+def logits_cases(draw, device: str, max_rows: int = 5):
+    """(logits view, description): dtypes, scales, -inf entries (sometimes whole rows), 3-D
+    shapes and row strides."""
+    dtype = draw(st.sampled_from(DTYPES))
+    vocab = draw(st.sampled_from(VOCABS))
+    rows = draw(st.integers(0, max_rows))
+    scale = draw(st.sampled_from(SCALES))
+    masked = draw(st.sampled_from((0.0, 0.0, 0.3, 1.0)))
+    strided = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows * (2 if strided else 1), vocab, generator=gen) * scale
+    if masked > 0:
+        drop = torch.rand(base.shape, generator=gen) < masked
+        drop[:, 0] &= masked >= 1.0  # keep one live entry per row unless whole rows are masked
+        base = base.masked_fill(drop, -math.inf)
+    base = base.to(dtype).to(device)
+    logits = base[::2] if strided else base
+    if rows % 2 == 0 and rows > 0 and not strided:
+        logits = logits.reshape(2, rows // 2, vocab)
+    return logits
+
+
+def floor_for(logits: torch.Tensor) -> float:
+    """Absolute floor: a few fp32 ulps of the largest logit (adjusted logits are that size)."""
+    finite = logits.float()[torch.isfinite(logits.float())]
+    top = float(finite.abs().max()) if finite.numel() else 1.0
+    return 8 * torch.finfo(torch.float32).eps * (1.0 + top)
+
+
+# ----------------------------------------------------------------------------- em_inf_adjust
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_matches_oracle(backend_device, optimizer, early_exit):
+    backend, device = backend_device
+
+    @examples(backend, device)
+    @given(logits=logits_cases(device), steps=st.integers(0, 6),
+           threshold=st.sampled_from(THRESHOLDS), lr=st.sampled_from((0.1, 0.5)),
+           kl_weight=st.sampled_from((0.0, 0.001, 1.0)))
+    def check(logits, steps, threshold, lr, kl_weight):
+        options = dict(steps=steps, lr=lr, kl_weight=kl_weight, threshold=threshold,
+                       optimizer=optimizer, early_exit=early_exit)
+        out = em_kernels.em_inf_adjust(logits, backend=backend, **options)
+        assert out.dtype == torch.float32 and out.shape == logits.shape
+        oracle = reference.em_inf_adjust_ref(logits.double(), **options)
+        baseline = reference.em_inf_adjust_ref(logits, **options)
+        assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
+
+    check()
+
+
+def released_code_loop(logits: torch.Tensor, steps: int, lr: float, kl_weight: float,
+                       threshold: float, optimizer: str) -> torch.Tensor:
+    """The released code's way, literally: a leaf tensor, autograd, a torch.optim optimiser, one
+    loss for the whole batch (entropies summed, KL with reduction="batchmean")."""
+    z = logits.detach().clone().requires_grad_(True)
+    p0 = torch.softmax(logits, dim=-1).detach()
+    opt = (torch.optim.Adam([z], lr=lr) if optimizer == "adam"
+           else torch.optim.SGD([z], lr=lr))
+    for _ in range(steps):
+        logp = torch.log_softmax(z, dim=-1)
+        entropy = -(logp.exp() * logp).sum()
+        if entropy < threshold:
+            break
+        loss = entropy + kl_weight * F.kl_div(logp, p0, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return z.detach()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 4), vocab=st.sampled_from((2, 7, 50, 300)),
+       scale=st.sampled_from((0.3, 1.0, 4.0)), steps=st.integers(1, 6),
+       threshold=st.sampled_from((-math.inf, 0.5, 1.5, 3.0)),
+       kl_weight=st.sampled_from((0.001, 0.5)), seed=st.integers(0, 2**16))
+def test_reference_is_the_released_loop(optimizer, rows, vocab, scale, steps, threshold,
+                                        kl_weight, seed):
+    """float64: early_exit="batch" is the released loop on the batch, early_exit="row" is the
+    released loop on each row alone."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.float64) * scale
+    options = dict(steps=steps, lr=0.1, kl_weight=kl_weight, threshold=threshold)
+    batch = reference.em_inf_adjust_ref(logits, optimizer=optimizer, early_exit="batch",
+                                        **options)
+    torch.testing.assert_close(batch, released_code_loop(logits, optimizer=optimizer, **options),
+                               rtol=1e-9, atol=1e-9)
+    per_row = reference.em_inf_adjust_ref(logits, optimizer=optimizer, early_exit="row",
+                                          **options)
+    alone = torch.cat([released_code_loop(logits[i:i + 1], optimizer=optimizer, **options)
+                       for i in range(rows)])
+    torch.testing.assert_close(per_row, alone, rtol=1e-9, atol=1e-9)
+
+
+def entropy64(logits: torch.Tensor) -> torch.Tensor:
+    return reference.entropy_ref(logits.double())
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_em_inf_properties(backend_device, optimizer):
+    """Rows above the threshold end with a lower entropy; rows below it are returned exactly;
+    masked entries stay -inf; same input, same bits; a row's result does not depend on the batch
+    (row mode); batch mode on one row is row mode; the input is untouched."""
+    backend, device = backend_device
+
+    @examples(backend, device, fast=15, slow=5)
+    @given(rows=st.integers(1, 4), vocab=st.sampled_from((5, 100, 1025)),
+           scale=st.sampled_from((0.3, 1.0, 5.0, 30.0)), seed=st.integers(0, 2**16))
+    def check(rows, vocab, scale, seed):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(rows, vocab, generator=gen) * scale
+        logits[:, 1] = -math.inf
+        logits = logits.to(device)
+        before = logits.clone()
+        threshold = float(entropy64(logits).median()) + 1e-3
+        options = dict(steps=5, threshold=threshold, optimizer=optimizer, backend=backend)
+        out = em_kernels.em_inf_adjust(logits, **options)
+        assert torch.equal(logits, before)
+        h_in, h_out = entropy64(logits), entropy64(out)
+        below = h_in < threshold
+        assert torch.equal(out[below], logits[below].float())
+        assert bool((h_out[~below] < h_in[~below]).all()), (h_in, h_out)
+        assert bool(torch.isneginf(out[:, 1]).all()) and bool(torch.isfinite(out[:, 0]).all())
+        assert torch.equal(out, em_kernels.em_inf_adjust(logits, **options))
+        for i in range(rows):
+            assert torch.equal(out[i:i + 1], em_kernels.em_inf_adjust(logits[i:i + 1], **options))
+        single = em_kernels.em_inf_adjust(logits[:1], early_exit="batch", **options)
+        assert torch.equal(single, out[:1])
+
+    check()
+
+
+def test_em_inf_edges(backend_device):
+    backend, device = backend_device
+    logits = torch.randn(3, 40, device=device, dtype=torch.bfloat16)
+    zero = em_kernels.em_inf_adjust(logits, steps=0, backend=backend)
+    assert zero.dtype == torch.float32 and torch.equal(zero, logits.float())
+    fp32 = logits.float()
+    copy = em_kernels.em_inf_adjust(fp32, steps=0, backend=backend)
+    assert torch.equal(copy, fp32) and copy.data_ptr() != fp32.data_ptr()
+    assert em_kernels.em_inf_adjust(logits[:0], backend=backend).shape == (0, 40)
+    # lr 0 changes nothing; a threshold of +inf stops before the first step.
+    assert torch.equal(em_kernels.em_inf_adjust(logits, lr=0.0, backend=backend), fp32)
+    assert torch.equal(
+        em_kernels.em_inf_adjust(logits, threshold=math.inf, backend=backend), fp32)
+    # A row that is all -inf stays so; a NaN poisons only its own row.
+    masked = fp32.clone()
+    masked[0] = -math.inf
+    masked[1, 3] = math.nan
+    out = em_kernels.em_inf_adjust(masked, threshold=-math.inf, backend=backend)
+    assert bool(torch.isneginf(out[0]).all())
+    assert bool(torch.isnan(out[1]).all())
+    assert bool(torch.isfinite(out[2]).all())
+
+
+# ----------------------------------------------------------------------- adaptive_temperature
+
+def test_adaptive_temperature_matches_oracle(backend_device):
+    backend, device = backend_device
+
+    @examples(backend, device)
+    @given(logits=logits_cases(device), alpha=st.sampled_from((0.0, 0.3, 0.5, 1.0)),
+           delta=st.sampled_from((0.0, 0.1, 1.0)), max_iters=st.sampled_from((0, 3, 100)),
+           tol=st.sampled_from((1e-3, 0.01, 0.1)))
+    def check(logits, alpha, delta, max_iters, tol):
+        options = dict(alpha=alpha, delta=delta, max_iters=max_iters, tol=tol)
+        out = em_kernels.adaptive_temperature(logits, backend=backend, **options)
+        assert out.dtype == torch.float32 and out.shape == logits.shape
+        oracle = reference.adaptive_temperature_ref(logits.double(), **options)
+        baseline = reference.adaptive_temperature_ref(logits, **options)
+        assert_matches_oracle(out, oracle, baseline, floor_for(logits) * 100,
+                              "adaptive_temperature")
+
+    check()
+
+
+def test_adaptive_temperature_properties(backend_device):
+    """One tau per row in [0.01, 1]; rows at or below delta unchanged; the others end within tol
+    of the target unless tau reached an end of its interval."""
+    backend, device = backend_device
+
+    @examples(backend, device, fast=15, slow=5)
+    @given(rows=st.integers(1, 4), vocab=st.sampled_from((5, 100, 1025)),
+           scale=st.sampled_from((0.1, 1.0, 4.0, 50.0)), seed=st.integers(0, 2**16))
+    def check(rows, vocab, scale, seed):
+        logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+                  * scale).to(device)
+        alpha, delta, tol = 0.5, 0.1, 0.01
+        out = em_kernels.adaptive_temperature(logits, alpha=alpha, delta=delta, tol=tol,
+                                              backend=backend)
+        tau = (logits[:, :1] / out[:, :1]).double()
+        torch.testing.assert_close(logits.double() / tau, out.double(), rtol=1e-5, atol=1e-6)
+        assert bool(((tau > 0.01 - 1e-6) & (tau <= 1 + 1e-6)).all())
+        h_in, h_out = entropy64(logits), entropy64(out)
+        unchanged = h_in <= delta
+        assert torch.equal(out[unchanged], logits[unchanged])
+        target = torch.clamp(alpha * h_in, min=delta)
+        at_end = ((tau - 0.01).abs() < 1e-3) | ((tau - 1).abs() < 1e-3)
+        converged = (h_out - target).abs() < tol + 1e-4
+        assert bool((unchanged | converged | at_end.squeeze(-1)).all())
+
+    check()
+
+
+# ------------------------------------------------------------------------ errors and the ops
+
+BAD_EM_INF = [
+    (dict(steps=-1), ValueError), (dict(steps=2.0), TypeError), (dict(steps=True), TypeError),
+    (dict(lr=-0.1), ValueError), (dict(lr=math.nan), ValueError), (dict(lr=math.inf), ValueError),
+    (dict(lr="0.1"), TypeError), (dict(kl_weight=-1.0), ValueError),
+    (dict(kl_weight=math.inf), ValueError), (dict(threshold=math.nan), ValueError),
+    (dict(optimizer="adamw"), ValueError), (dict(optimizer=None), TypeError),
+    (dict(early_exit="token"), ValueError), (dict(backend="tpu"), ValueError),
+]
+BAD_TEMPERATURE = [
+    (dict(alpha=1.5), ValueError), (dict(alpha=-0.1), ValueError), (dict(alpha=math.nan), ValueError),
+    (dict(delta=-1.0), ValueError), (dict(delta=math.inf), ValueError),
+    (dict(tol=0.0), ValueError), (dict(tol=-1.0), ValueError), (dict(max_iters=-1), ValueError),
+    (dict(max_iters=3.5), TypeError), (dict(backend=3), TypeError),
+]
+
+
+@pytest.mark.parametrize("kwargs,error", BAD_EM_INF)
+def test_em_inf_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        em_kernels.em_inf_adjust(torch.randn(2, 10), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,error", BAD_TEMPERATURE)
+def test_adaptive_temperature_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        em_kernels.adaptive_temperature(torch.randn(2, 10), **kwargs)
+
+
+@pytest.mark.parametrize("fn", [em_kernels.em_inf_adjust, em_kernels.adaptive_temperature])
+def test_bad_logits(fn):
+    with pytest.raises(TypeError):
+        fn(torch.randint(0, 5, (2, 10)))
+    with pytest.raises(TypeError):
+        fn([[0.0, 1.0]])
+    with pytest.raises(TypeError):
+        fn(torch.randn(2, 10, dtype=torch.float64), backend="triton")
+    with pytest.raises(ValueError):
+        fn(torch.randn(2, 0))
+    with pytest.raises(ValueError):
+        fn(torch.tensor(1.0))
+    if not torch.cuda.is_available():
+        with pytest.raises(em_kernels.BackendUnavailableError):
+            fn(torch.randn(2, 10), backend="cuda")
+
+
+def test_opcheck(backend_device):
+    backend, device = backend_device
+    logits = torch.randn(3, 37, device=device)
+    torch.library.opcheck(em_inf_adjust_op, (logits, 3, 0.1, 0.001, -math.inf, True, False,
+                                             backend))
+    torch.library.opcheck(em_inf_adjust_op, (logits, 2, 0.1, 0.001, 0.3, False, True, backend))
+    torch.library.opcheck(adaptive_temperature_op, (logits, 0.5, 0.1, 20, 0.01, backend))
+
+
+def test_compile_fullgraph(backend_device):
+    backend, device = backend_device
+    logits = torch.randn(2, 50, device=device, dtype=torch.bfloat16)
+
+    def both(x):
+        return (em_kernels.em_inf_adjust(x, threshold=-math.inf, backend=backend),
+                em_kernels.adaptive_temperature(x, backend=backend))
+
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(logits), both(logits)):
+        assert torch.equal(got, want)
