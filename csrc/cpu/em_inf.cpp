@@ -4,7 +4,7 @@
 //
 // EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t reads the row statistics
 // (lse, H) of the current z and makes one pass over the row:
-//   p_j = exp(z_j - lse),  g_j = -p_j (z_j - lse + H) + k (p_j - p0_j)  (0 where z_j is not finite),
+//   p_j = exp(z_j - lse),  g_j = -p_j (log p_j + H) + k (p_j - p0_j)  (0 where z_j is not finite),
 //   z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
 // then a second pass computes the statistics of the new z with that max:
 //   s = sum exp(z_j - max), t = sum exp(z_j - max) (z_j - max), lse = max + log s, H = log s - t/s.
@@ -31,19 +31,24 @@
 #include <vector>
 
 #include "em/adam.h"
+#include "em/em_inf_checks.h"
 
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The softmax statistics that one optimiser step needs from the current z.
+// The softmax statistics that one optimiser step needs from the current z. log p_j is formed as
+// (z_j - max) - log_sum, like torch.log_softmax: folding max + log_sum into one lse first would
+// round away log p of the top entry of a peaked row (about -1e-9 next to a max of 40), where
+// log p + H cancels and Adam's normalised step magnifies the error.
 struct SoftmaxStats {
-  float lse;
+  float max;
+  float log_sum;  // log sum_j exp(z_j - max)
   float entropy;
 };
 
-// Statistics of z[0, V) given its max. A row that is all -inf gives lse -inf and entropy NaN,
-// as the reference; a masked entry (exp = 0) contributes exactly 0.
+// Statistics of z[0, V) given its max. A row that is all -inf gives an entropy NaN, as the
+// reference; a masked entry (exp = 0) contributes exactly 0.
 // The sums are accumulated in double: a sequential fp32 sum over V = 151936 terms loses about
 // log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small error in H into a sign flip
 // of the step wherever g = -p (log p + H) nearly cancels.
@@ -57,7 +62,7 @@ SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
     sum_shifted += e > 0.0f ? static_cast<double>(e) * shifted : 0.0;
   }
   const double log_sum = std::log(sum);
-  return {static_cast<float>(max + log_sum), static_cast<float>(log_sum - sum_shifted / sum)};
+  return {max, static_cast<float>(log_sum), static_cast<float>(log_sum - sum_shifted / sum)};
 }
 
 float row_max(const float* z, int64_t V) {
@@ -78,7 +83,7 @@ float load_row(const scalar_t* logits, float* z, int64_t V) {
 
 // p0 <- softmax(z) with the statistics of z.
 void store_probs(const float* z, int64_t V, SoftmaxStats stats, float* p0) {
-  for (int64_t j = 0; j < V; ++j) p0[j] = std::exp(z[j] - stats.lse);
+  for (int64_t j = 0; j < V; ++j) p0[j] = std::exp((z[j] - stats.max) - stats.log_sum);
 }
 
 // One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z.
@@ -88,7 +93,7 @@ float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, S
   bool has_nan = false;
   for (int64_t j = 0; j < V; ++j) {
     const float zj = z[j];
-    const float logp = zj - stats.lse;
+    const float logp = (zj - stats.max) - stats.log_sum;
     const float p = std::exp(logp);
     const float grad = std::isfinite(zj) ? -p * (logp + stats.entropy) + kl_scale * (p - p0[j])
                                          : 0.0f;
@@ -100,26 +105,15 @@ float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, S
   return has_nan ? std::numeric_limits<float>::quiet_NaN() : max;
 }
 
-// Calls fn(scalar_t{}) for the logits dtypes the ops accept (checked by check_logits).
+// Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
 template <typename Fn>
 void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
   switch (dtype) {
     case at::kFloat: fn(float{}); break;
     case at::kBFloat16: fn(at::BFloat16{}); break;
     case at::kHalf: fn(at::Half{}); break;
-    default: TORCH_CHECK_TYPE(false, "unsupported logits dtype ", dtype);
+    default: TORCH_CHECK(false, "unsupported logits dtype ", dtype);  // excluded by the checks
   }
-}
-
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, op, ": logits must be 2-D [N, V], got ", logits.dim(),
-                    " dims");
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
-                   ": logits must be float32, bfloat16 or float16, got ", dtype);
-  TORCH_CHECK_VALUE(logits.size(1) <= 1 || logits.stride(1) == 1, op,
-                    ": the last dim of logits must be contiguous (stride 1), got stride ",
-                    logits.stride(1));
 }
 
 template <typename scalar_t>
@@ -192,13 +186,7 @@ void em_inf_batch_exit(const at::Tensor& logits, at::Tensor& out, int64_t steps,
 
 at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
                              double kl_weight, double threshold, bool adam, bool batch_exit) {
-  check_logits(logits, "em_inf_adjust");
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "em_inf_adjust: expected a CPU tensor");
-  TORCH_CHECK_VALUE(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
-  TORCH_CHECK_VALUE(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
-  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
-                    kl_weight);
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
+  em::check_em_inf_args(logits, c10::DeviceType::CPU, steps, lr, kl_weight, threshold);
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   // The released code's "batchmean" KL: the batch's loss weighs each row's KL by 1 / N.
@@ -262,16 +250,8 @@ void adaptive_temperature_rows(const at::Tensor& logits, at::Tensor& out, float 
 
 at::Tensor adaptive_temperature_cpu(const at::Tensor& logits, double alpha, double delta,
                                     int64_t max_iters, double tol) {
-  check_logits(logits, "adaptive_temperature");
-  TORCH_CHECK_VALUE(logits.device().is_cpu(), "adaptive_temperature: expected a CPU tensor");
-  TORCH_CHECK_VALUE(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
-                    alpha);
-  TORCH_CHECK_VALUE(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
-                    delta);
-  TORCH_CHECK_VALUE(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
-                    max_iters);
-  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0, "adaptive_temperature: tol must be finite "
-                    "and >= 0, got ", tol);
+  em::check_adaptive_temperature_args(logits, c10::DeviceType::CPU, alpha, delta, max_iters,
+                                      tol);
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
