@@ -4,6 +4,7 @@ em_kernels/triton/em_inf.py for the kernels' design."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,6 +58,17 @@ def _resolve(backend: str, device: torch.device, op_name: str) -> str:
     resolved = resolve_backend(backend, device)
     if resolved not in ("cpu", "cuda"):
         return resolved
+    return _compiled_or_fallback(backend, resolved, device.type, op_name)
+
+
+# torch.compile bakes the answer into the graph (the dispatcher query is not traceable).
+@torch.compiler.assume_constant_result
+def _compiled_or_fallback(backend: str, resolved: str, device_type: str, op_name: str) -> str:
+    return _compiled_or_fallback_cached(backend, resolved, device_type, op_name)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, op_name: str) -> str:
     key = "CPU" if resolved == "cpu" else "CUDA"
     if torch._C._dispatch_has_kernel_for_dispatch_key(f"em_C::{op_name}", key):
         return resolved
@@ -64,7 +76,7 @@ def _resolve(backend: str, device: torch.device, op_name: str) -> str:
         raise BackendUnavailableError(
             f'backend="{backend}" is unavailable: the compiled extension has no {key} kernel for '
             f"{op_name} (rebuild it)")
-    if device.type == "cuda" and available_backends()["triton"] == "available":
+    if device_type == "cuda" and available_backends()["triton"] == "available":
         return "triton"
     return "torch"
 
