@@ -1,0 +1,132 @@
+"""EM-INF in Hugging Face `generate()`: logits processors, no monkey-patching, no autograd.
+
+    from em_algos.em_inf import em_inf_processors, NEUTRAL_SAMPLING
+    out = model.generate(**inputs, do_sample=True, max_new_tokens=256,
+                         logits_processor=em_inf_processors(temperature=0.7, top_p=0.95),
+                         **NEUTRAL_SAMPLING)
+
+`EMInfLogitsProcessor` runs `em_kernels.em_inf_adjust` on the next-token scores of every row at
+every decoding step: one call for the whole batch, each row deciding its own early exit
+(early_exit="row"), so batched generation gives every sequence what it would get alone.
+`AdaptiveTemperatureLogitsProcessor` is the paper's adaptive-temperature baseline.
+
+Where it sits: generate() applies a user's `logits_processor` list before the temperature, top-k
+and top-p warpers that it builds from the generation config, so passing just
+`[EMInfLogitsProcessor()]` already puts EM-INF ahead of sampling. `em_inf_processors` makes that
+order explicit in one list; pass `NEUTRAL_SAMPLING` with it so that generate() does not apply a
+second temperature / top-k / top-p of its own (a model's generation_config often sets them).
+
+Both processors return the adjusted scores in the dtype of the scores they get (generate() hands
+processors float32 scores, so that is what they return); -inf entries set by earlier processors
+(bad words, min length) stay -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+import em_kernels
+
+__all__ = [
+    "AdaptiveTemperatureLogitsProcessor",
+    "EMInfLogitsProcessor",
+    "NEUTRAL_SAMPLING",
+    "em_inf_processors",
+]
+
+_BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+# generate() arguments under which it adds no temperature / top-k / top-p warper of its own.
+NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
+
+
+def _check_backend(backend) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend not in _BACKENDS:
+        raise ValueError(f'unknown backend "{backend}"; choose one of ' +
+                         ", ".join(f'"{b}"' for b in _BACKENDS))
+    return backend
+
+
+# A 1 x 2 CPU row on which the constructors run the op once with backend="torch", so that bad
+# options raise when the processor is built rather than at the first generated token.
+_PROBE = torch.zeros(1, 2)
+
+
+class EMInfLogitsProcessor(LogitsProcessor):
+    """EM-INF on the next-token scores (see `em_kernels.em_inf_adjust` for the options).
+
+    Defaults are the paper's released code. early_exit="row" (default) lets every sequence of
+    a batch stop on its own entropy; "batch" reproduces the released code's batch-wide loss.
+    """
+
+    def __init__(self, steps: int = 5, lr: float = 0.1, kl_weight: float = 0.001,
+                 threshold: float = 0.3, early_exit: str = "row", optimizer: str = "adam",
+                 backend: str = "auto"):
+        self.options = dict(steps=steps, lr=lr, kl_weight=kl_weight, threshold=threshold,
+                            early_exit=early_exit, optimizer=optimizer)
+        em_kernels.em_inf_adjust(_PROBE, backend="torch", **self.options)
+        self.backend = _check_backend(backend)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        adjusted = em_kernels.em_inf_adjust(scores, backend=self.backend, **self.options)
+        return adjusted.to(scores.dtype)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"EMInfLogitsProcessor({options}, backend={self.backend!r})"
+
+
+class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
+    """The paper's adaptive-temperature baseline on the next-token scores, per row (see
+    `em_kernels.adaptive_temperature`)."""
+
+    def __init__(self, alpha: float = 0.5, delta: float = 0.1, max_iters: int = 100,
+                 tol: float = 0.01, backend: str = "auto"):
+        self.options = dict(alpha=alpha, delta=delta, max_iters=max_iters, tol=tol)
+        em_kernels.adaptive_temperature(_PROBE, backend="torch", **self.options)
+        self.backend = _check_backend(backend)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scaled = em_kernels.adaptive_temperature(scores, backend=self.backend, **self.options)
+        return scaled.to(scores.dtype)
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"AdaptiveTemperatureLogitsProcessor({options}, backend={self.backend!r})"
+
+
+def em_inf_processors(
+    adjust: LogitsProcessor | None = None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_tokens_to_keep: int = 1,
+) -> LogitsProcessorList:
+    """[adjust, temperature, top-k, top-p] for generate(..., do_sample=True, **NEUTRAL_SAMPLING).
+
+    Args:
+        adjust: the logit adjustment that goes first; default `EMInfLogitsProcessor()` (the
+            paper's defaults). An `AdaptiveTemperatureLogitsProcessor` works as well.
+        temperature: sampling temperature applied after the adjustment (1.0: none).
+        top_k: keep the k most likely tokens after the adjustment (None or 0: no top-k).
+        top_p: nucleus sampling after the adjustment (None or 1.0: no top-p).
+        min_tokens_to_keep: as in transformers' warpers.
+    """
+    processors = LogitsProcessorList([adjust if adjust is not None else EMInfLogitsProcessor()])
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k, min_tokens_to_keep=min_tokens_to_keep))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep))
+    return processors

@@ -1,0 +1,151 @@
+"""EM-INF and adaptive temperature inside transformers' generate(), on a tiny randomly initialised
+Llama built from a config (no download): the processors see the raw next-token logits and hand
+back exactly what the ops compute, ahead of temperature / top-k / top-p; greedy decoding follows
+the adjusted logits; EM-INF lowers the entropy of the distributions that are sampled; batched
+generation treats every row on its own."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import em_kernels
+from em_algos.em_inf import (
+    NEUTRAL_SAMPLING,
+    AdaptiveTemperatureLogitsProcessor,
+    EMInfLogitsProcessor,
+    em_inf_processors,
+)
+
+VOCAB = 199
+PAD, EOS = 0, 1
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
+                         bos_token_id=None)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a random init is nearly uniform: spread the logits out
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def prompts(batch: int, length: int = 5, seed: int = 0) -> torch.Tensor:
+    return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def generate(model, input_ids, processors, attention_mask=None, **kwargs):
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        return model.generate(
+            input_ids, attention_mask=attention_mask, logits_processor=processors,
+            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=PAD,
+            eos_token_id=EOS, output_scores=True, output_logits=True,
+            return_dict_in_generate=True, **kwargs)
+
+
+def entropy(scores: torch.Tensor) -> torch.Tensor:
+    return em_kernels.reference.entropy_ref(scores.double())
+
+
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_greedy_follows_adjusted_logits(model, early_exit):
+    processor = EMInfLogitsProcessor(threshold=1.0, early_exit=early_exit)
+    out = generate(model, prompts(3), [processor], do_sample=False)
+    new_tokens = out.sequences[:, -NEW_TOKENS:]
+    lowered = 0
+    for step, (raw, processed) in enumerate(zip(out.logits, out.scores)):
+        # min_new_tokens masks EOS (-inf) before EM-INF sees the scores.
+        masked = raw.clone()
+        masked[:, EOS] = -math.inf
+        expected = em_kernels.em_inf_adjust(masked, threshold=1.0, early_exit=early_exit)
+        assert torch.equal(processed, expected)
+        assert bool(torch.isneginf(processed[:, EOS]).all())
+        assert torch.equal(new_tokens[:, step], processed.argmax(-1))
+        h_raw, h_adjusted = entropy(masked), entropy(processed)
+        assert bool((h_adjusted <= h_raw + 1e-6).all())
+        lowered += int((h_adjusted < h_raw - 1e-3).sum())
+    assert lowered > 0, "EM-INF never lowered an entropy: the test model is too peaked"
+
+
+def test_sampling_order_and_entropy(model):
+    """The helper's list: EM-INF, then temperature, then top-k, then top-p; with generate()'s
+    own warpers neutralised, the scores are exactly that composition of the raw logits."""
+    processors = em_inf_processors(EMInfLogitsProcessor(threshold=-math.inf), temperature=0.7,
+                                   top_k=50, top_p=0.9)
+    assert [type(p).__name__ for p in processors] == [
+        "EMInfLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper",
+        "TopPLogitsWarper"]
+    torch.manual_seed(1)
+    out = generate(model, prompts(4, seed=1), processors, do_sample=True, **NEUTRAL_SAMPLING)
+    h_raw, h_adjusted = [], []
+    for raw, processed in zip(out.logits, out.scores):
+        raw = raw.clone()
+        raw[:, EOS] = -math.inf
+        adjusted = em_kernels.em_inf_adjust(raw, threshold=-math.inf)
+        expected = processors[1](None, adjusted.clone())
+        expected = processors[3](None, processors[2](None, expected))
+        assert torch.equal(processed, expected)
+        h_raw.append(entropy(raw))
+        h_adjusted.append(entropy(adjusted))
+    assert float(torch.cat(h_adjusted).mean()) < float(torch.cat(h_raw).mean()) - 0.05
+
+
+def test_batched_rows_are_independent(model):
+    """Left-padded prompts of different lengths: each row's scores are EM-INF of that row alone
+    (row mode), whatever the other rows do."""
+    ids = prompts(3, length=6, seed=2)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate((0, 2, 4)):
+        ids[row, :pad] = PAD
+        mask[row, :pad] = 0
+    processor = EMInfLogitsProcessor(threshold=1.5)
+    out = generate(model, ids, [processor], attention_mask=mask, do_sample=False)
+    for raw, processed in zip(out.logits, out.scores):
+        raw = raw.clone()
+        raw[:, EOS] = -math.inf
+        for row in range(ids.shape[0]):
+            alone = em_kernels.em_inf_adjust(raw[row:row + 1], threshold=1.5)
+            assert torch.equal(processed[row:row + 1], alone)
+
+
+def test_adaptive_temperature_in_generate(model):
+    processor = AdaptiveTemperatureLogitsProcessor(alpha=0.5, delta=0.1)
+    out = generate(model, prompts(2, seed=3), [processor], do_sample=False)
+    for raw, processed in zip(out.logits, out.scores):
+        raw = raw.clone()
+        raw[:, EOS] = -math.inf
+        assert torch.equal(processed, em_kernels.adaptive_temperature(raw))
+        h_raw, h_scaled = entropy(raw), entropy(processed)
+        assert bool((h_scaled <= h_raw + 1e-6).all())
+
+
+def test_scores_keep_their_dtype():
+    scores = torch.randn(2, 30, dtype=torch.bfloat16)
+    for processor in (EMInfLogitsProcessor(), AdaptiveTemperatureLogitsProcessor()):
+        assert processor(None, scores).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cls,kwargs,error", [
+    (EMInfLogitsProcessor, dict(steps=-1), ValueError),
+    (EMInfLogitsProcessor, dict(lr=float("nan")), ValueError),
+    (EMInfLogitsProcessor, dict(early_exit="token"), ValueError),
+    (EMInfLogitsProcessor, dict(optimizer="adamw"), ValueError),
+    (EMInfLogitsProcessor, dict(backend="tpu"), ValueError),
+    (EMInfLogitsProcessor, dict(backend=None), TypeError),
+    (AdaptiveTemperatureLogitsProcessor, dict(alpha=2.0), ValueError),
+    (AdaptiveTemperatureLogitsProcessor, dict(tol=0.0), ValueError),
+    (AdaptiveTemperatureLogitsProcessor, dict(max_iters=1.5), TypeError),
+])
+def test_bad_options_fail_at_construction(cls, kwargs, error):
+    with pytest.raises(error):
+        cls(**kwargs)
