@@ -134,10 +134,10 @@ void em_inf_rows_independent(const at::Tensor& logits, at::Tensor& out, int64_t 
       SoftmaxStats stats = softmax_stats(z, V, max);
       store_probs(z, V, stats, p0);
       std::fill(m, m + 2 * V, 0.0f);  // m and v
+      em::OptimizerSchedule schedule(lr, adam);
       for (int64_t t = 1; t <= steps; ++t) {
         if (stats.entropy < threshold) break;
-        max = optimizer_pass(z, m, v, p0, V, stats, kl_scale,
-                             em::optimizer_step(lr, adam, static_cast<int>(t)));
+        max = optimizer_pass(z, m, v, p0, V, stats, kl_scale, schedule.next());
         if (t < steps) stats = softmax_stats(z, V, max);
       }
     }
@@ -168,11 +168,12 @@ void em_inf_batch_exit(const at::Tensor& logits, at::Tensor& out, int64_t steps,
       store_probs(z_all + row * V, V, stats[row], p0_all + row * V);
     }
   });
+  em::OptimizerSchedule schedule(lr, adam);
   for (int64_t t = 1; t <= steps; ++t) {
     float entropy_sum = 0.0f;
     for (int64_t row = 0; row < N; ++row) entropy_sum += stats[row].entropy;
     if (entropy_sum < threshold) break;
-    const em::OptimizerStep step = em::optimizer_step(lr, adam, static_cast<int>(t));
+    const em::OptimizerStep step = schedule.next();
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         float* z = z_all + row * V;

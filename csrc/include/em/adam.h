@@ -7,8 +7,8 @@
 //     z <- z - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
 //   SGD:
 //     z <- z - lr * g
-// The bias corrections depend only on t: `optimizer_step` computes them once per step (in double,
-// then rounded), and `optimizer_update` is the per-element work: one sqrt and one division.
+// The bias corrections depend only on t: `OptimizerSchedule` computes them once per step (in
+// double, then rounded), and `optimizer_update` is the per-element work: one sqrt, one division.
 #pragma once
 
 #include <cmath>
@@ -35,15 +35,23 @@ struct OptimizerStep {
   bool adam;                   // false: plain SGD (m and v untouched)
 };
 
-// The constants of step `t` (1-based).
-EM_ADAM_INLINE OptimizerStep optimizer_step(float lr, bool adam, int t) {
-  OptimizerStep step;
-  step.lr = lr;
-  step.adam = adam;
-  step.inv_bias_correction1 = static_cast<float>(1.0 / (1.0 - pow(kAdamBeta1, t)));
-  step.inv_bias_correction2 = static_cast<float>(1.0 / (1.0 - pow(kAdamBeta2, t)));
-  return step;
-}
+// The steps t = 1, 2, ... in order: beta^t advances by one multiplication (in double) per step,
+// so that loops replaying many steps per element never call pow.
+struct OptimizerSchedule {
+  float lr;
+  bool adam;
+  double beta1_power = 1.0;
+  double beta2_power = 1.0;
+
+  EM_ADAM_INLINE OptimizerSchedule(float lr_, bool adam_) : lr(lr_), adam(adam_) {}
+
+  EM_ADAM_INLINE OptimizerStep next() {
+    beta1_power *= kAdamBeta1;
+    beta2_power *= kAdamBeta2;
+    return {lr, static_cast<float>(1.0 / (1.0 - beta1_power)),
+            static_cast<float>(1.0 / (1.0 - beta2_power)), adam};
+  }
+};
 
 // Advances the moments (m, v) of one element with gradient `grad` and returns the amount to
 // subtract from z. A zero gradient on fresh moments gives a zero update (masked entries stay put).
