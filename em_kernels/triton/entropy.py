@@ -174,11 +174,20 @@ def _softmax_stats_merge_kernel(
 
 
 @triton.jit
+def _round_to_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), still as float32. GPUs convert this
+    way; Triton's interpreter truncates instead, so it gets this first. NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
     V, num_chunks, stride_row, scale2, inv_temperature,
-    HAS_LOGPROB_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LOGPROB_GRAD: tl.constexpr, ROUND_TO_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradient of sum(gH * H + gL * logp) w.r.t. the logits, for one (row, chunk) tile.
 
@@ -191,6 +200,7 @@ def _softmax_stats_bwd_kernel(
 
     Memory: reads the tile once (evict-first) and 16-20 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
+    ROUND_TO_BF16 (interpreter only): round float32 to the nearest bfloat16 before the store.
     """
     pid = tl.program_id(0)
     row = (pid // num_chunks).to(tl.int64)
@@ -213,6 +223,8 @@ def _softmax_stats_bwd_kernel(
         grad_logprob = tl.where((token >= 0) & (token < V), grad_logprob, 0.0)
         grad = grad - grad_logprob * p + tl.where(cols == token, grad_logprob, 0.0)
     grad = tl.where(z == float("-inf"), 0.0, grad)
+    if ROUND_TO_BF16:
+        grad = _round_to_bf16(grad)
     tl.store(
         grad_logits_ptr + row * V + cols, grad.to(grad_logits_ptr.dtype.element_ty),
         mask=in_vocab)
@@ -236,6 +248,13 @@ def _grid_size(rows: int, num_chunks: int) -> int:
     return programs
 
 
+def _check_layout(logits: torch.Tensor) -> None:
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(
+            f"the Triton kernels need logits with a contiguous last dim, got strides "
+            f"{logits.stride()}")
+
+
 def _on_device(tensor: torch.Tensor):
     """Launch on the tensor's GPU (Triton launches on the current device)."""
     if tensor.device.type == "cuda":
@@ -251,14 +270,13 @@ def softmax_stats_fwd(
     Two launches at most: the tile kernel, and the merge kernel when V > MAX_BLOCK. Extra memory:
     12 bytes per (row, chunk) of partials. No host sync (a token id outside [0, V) gives NaN)."""
     rows, vocab = logits.shape
-    if logits.stride(-1) != 1 and vocab > 1:
-        raise ValueError("softmax_stats_fwd needs logits with a contiguous last dim")
     entropy = torch.empty((rows,), dtype=torch.float32, device=logits.device)
     lse = torch.empty_like(entropy)
     has_tokens = tokens is not None
     logprobs = torch.empty((rows if has_tokens else 0,), dtype=torch.float32, device=logits.device)
     if rows == 0:
         return entropy, lse, logprobs
+    _check_layout(logits)
     tokens_arg = tokens.contiguous() if has_tokens else entropy  # not read without tokens
     block = _block_size(vocab)
     num_chunks = triton.cdiv(vocab, block)
@@ -303,11 +321,10 @@ def softmax_stats_bwd(
     """d/dlogits of sum(grad_entropy * entropy + grad_logprobs * logprobs): one launch, one read
     of the logits and one write of the gradient ([N, V] contiguous, logits.dtype)."""
     rows, vocab = logits.shape
-    if logits.stride(-1) != 1 and vocab > 1:
-        raise ValueError("softmax_stats_bwd needs logits with a contiguous last dim")
     grad_logits = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
     if rows == 0:
         return grad_logits
+    _check_layout(logits)
     has_logprob_grad = tokens is not None and grad_logprobs is not None
     block = _block_size(vocab)
     num_chunks = triton.cdiv(vocab, block)
@@ -321,5 +338,7 @@ def softmax_stats_bwd(
             grad_logprobs_arg, grad_logits,
             vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
             1.0 / temperature,
-            HAS_LOGPROB_GRAD=has_logprob_grad, BLOCK=block, num_warps=_tile_warps(block))
+            HAS_LOGPROB_GRAD=has_logprob_grad,
+            ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
+            BLOCK=block, num_warps=_tile_warps(block))
     return grad_logits

@@ -1,0 +1,601 @@
+"""em_kernels.entropy and logprobs_and_entropy on every backend (the `backend_device` fixture):
+closeness to the float64 oracle (tests/oracle.py's rule), properties, the dispatcher ops, and
+every bad input.
+
+The Triton kernels run under TRITON_INTERPRET=1 on CPU tensors, where each program costs a few
+milliseconds: those cases draw fewer examples, fewer rows and smaller vocabularies (block
+boundaries and multi-chunk rows are still drawn; one test covers a real vocabulary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from oracle import assert_matches_oracle
+
+import em_kernels
+from em_kernels import reference
+from em_kernels._ops.entropy import softmax_stats, softmax_stats_backward
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Tile boundaries of the Triton kernels (4096, 8192 = one chunk) and multi-chunk rows (merge).
+BOUNDARY_VOCABS = (1, 2, 3, 7, 31, 127, 1009, 4095, 4096, 4097, 8191, 8193, 20011)
+REAL_VOCABS = (32000, 128256, 151936)
+SCALES = (1e-3, 0.1, 1.0, 8.0, 100.0, 1e4)
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def is_slow(backend: str, device: str) -> bool:
+    """The Triton interpreter: a few milliseconds per program."""
+    return backend == "triton" and device == "cpu"
+
+
+def hypothesis_settings(slow: bool, fast_examples: int | None = None, slow_examples: int = 8):
+    """Per-backend example counts on top of the loaded profile (ci: derandomised, no deadline);
+    the backend_device fixture is a constant per test, so it is safe under hypothesis."""
+    checks = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+              HealthCheck.data_too_large]
+    if slow:  # shrinking would rerun the interpreter thousands of times
+        return settings(max_examples=slow_examples, suppress_health_check=checks,
+                        phases=[Phase.explicit, Phase.reuse, Phase.generate])
+    if fast_examples is None:
+        return settings(suppress_health_check=checks)
+    return settings(max_examples=fast_examples, suppress_health_check=checks)
+
+
+@dataclasses.dataclass
+class Case:
+    """A batch of logits: `view(base)` is what the op sees (any leading shape and strides)."""
+
+    base: torch.Tensor
+    view: Callable[[torch.Tensor], torch.Tensor]
+    tokens: torch.Tensor
+    temperature: float
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.view(self.base)
+
+
+def _finite_max(dtype: torch.dtype) -> float:
+    return 6e4 if dtype == torch.float16 else 1e30
+
+
+@st.composite
+def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
+    """Shapes, dtypes, scales, -inf fractions, strides and temperatures as DESIGN.md lists."""
+    dtype = draw(st.sampled_from(dtypes))
+    vocab_kind = draw(st.sampled_from(["boundary", "small"] + ([] if slow else ["real"])))
+    vocab = draw({"boundary": st.sampled_from(BOUNDARY_VOCABS), "small": st.integers(1, 300),
+                  "real": st.sampled_from(REAL_VOCABS)}[vocab_kind])
+    # The interpreter costs a few ms per (row, 8192-entry chunk); the oracle is float64.
+    max_rows = min(12 if slow else 40, max(1, (40_000 if slow else 250_000) // vocab))
+    rows = draw(st.integers(0, max_rows) if draw(st.integers(0, 9)) == 0 else
+                st.integers(1, max_rows))
+    leading = draw(st.sampled_from([(rows,), (rows,), (1, rows), (rows, 1)]))
+    if rows >= 4 and rows % 2 == 0 and draw(st.booleans()):
+        leading = (2, rows // 2) if rows % 4 else (2, 2, rows // 4)
+    layout = draw(st.sampled_from(["contiguous", "padded_rows", "every_other_row",
+                                   "transposed_leading", "strided_vocab"]))
+    if layout == "transposed_leading" and len(leading) < 2:
+        layout = "contiguous"
+    scale = draw(st.sampled_from(SCALES))
+    inf_fraction = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.95]))
+    temperature = draw(st.sampled_from([1.0, 0.6, 1.7]) | st.floats(0.05, 20.0))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    # The stored tensor (base) is bigger than the view where the layout needs it.
+    if layout == "padded_rows":
+        base_shape, view = leading + (vocab + 3,), lambda t: t[..., :vocab]
+    elif layout == "every_other_row":
+        base_shape = (2 * leading[0],) + leading[1:] + (vocab,)
+        view = lambda t: t[::2]  # noqa: E731
+    elif layout == "transposed_leading":
+        base_shape = (leading[1], leading[0]) + leading[2:] + (vocab,)
+        view = lambda t: t.transpose(0, 1)  # noqa: E731
+    elif layout == "strided_vocab":
+        base_shape, view = leading + (vocab, 2), lambda t: t[..., 0]
+    else:
+        base_shape, view = leading + (vocab,), lambda t: t
+    values = torch.randn(base_shape, generator=generator, dtype=torch.float64) * scale
+    values = values.clamp(-_finite_max(dtype), _finite_max(dtype))
+    masked = torch.rand(base_shape, generator=generator, dtype=torch.float64) < inf_fraction
+    base = values.masked_fill(masked, float("-inf")).to(dtype).to(device)
+    tokens = torch.randint(0, vocab, leading, generator=generator).to(device)
+    return Case(base=base, view=view, tokens=tokens, temperature=temperature)
+
+
+def stats_floor(logits: torch.Tensor, temperature: float) -> float:
+    """Absolute floor for entropy and log-probs: a few float32 ulps of the largest |z / T| (the
+    kernels carry lse and z / T in float32 relative to the row max)."""
+    finite = logits.double()[torch.isfinite(logits)] / temperature
+    largest = float(finite.abs().max()) if finite.numel() else 0.0
+    return 4 * EPS32 * max(1.0, largest)
+
+
+def grad_floor(logits: torch.Tensor, temperature: float, grad_entropy, grad_logprobs) -> float:
+    """Absolute floor for gradients. The backward recomputes p_j = exp(z_j / T - lse) from the
+    saved float32 lse, whose absolute error delta is a few ulps of max |z / T|; that moves every
+    entry by about (delta / T) p_j (|gH| (|ln p_j| + H + 1) + |gL|) <= (delta / T)(|gH|(2 + log V)
+    + |gL|). Plain PyTorch's autograd never rounds lse, so this error is not in the baseline."""
+    vocab = logits.shape[-1]
+    delta = stats_floor(logits, temperature)
+    g_h = float(grad_entropy.abs().max()) if grad_entropy.numel() else 0.0
+    g_l = float(grad_logprobs.abs().max()) if grad_logprobs.numel() else 0.0
+    return delta / temperature * (g_h * (2 + math.log(vocab)) + g_l)
+
+
+def _chosen_finite(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens moved to the row's argmax where they fall on a -inf logit (a -inf log-prob has
+    no useful gradient; the kernels give such an entry 0 by contract)."""
+    chosen = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    if logits.shape[-1] == 0 or chosen.numel() == 0:
+        return tokens
+    return torch.where(chosen == float("-inf"), logits.argmax(-1), tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# Closeness to the float64 oracle
+
+
+def test_entropy_matches_oracle(backend_device):
+    backend, device = backend_device
+    slow = is_slow(backend, device)
+
+    @hypothesis_settings(slow, slow_examples=12)
+    @given(case=cases(slow, device))
+    def check(case: Case):
+        logits, temperature = case.logits, case.temperature
+        result = em_kernels.entropy(logits, temperature=temperature, backend=backend)
+        assert result.dtype == torch.float32 and result.shape == logits.shape[:-1]
+        assert result.device == logits.device
+        oracle = reference.entropy_ref(logits.double(), temperature)
+        baseline = reference.entropy_ref(logits, temperature)
+        assert_matches_oracle(result, oracle, baseline, stats_floor(logits, temperature),
+                              "entropy")
+
+    check()
+
+
+def test_logprobs_and_entropy_match_oracle(backend_device):
+    backend, device = backend_device
+    slow = is_slow(backend, device)
+
+    @hypothesis_settings(slow, slow_examples=12)
+    @given(case=cases(slow, device))
+    def check(case: Case):
+        logits, temperature, tokens = case.logits, case.temperature, case.tokens
+        logprobs, result = em_kernels.logprobs_and_entropy(
+            logits, tokens, temperature=temperature, backend=backend)
+        assert logprobs.dtype == result.dtype == torch.float32
+        assert logprobs.shape == result.shape == logits.shape[:-1]
+        oracle_lp, oracle_h = reference.logprobs_and_entropy_ref(
+            logits.double(), tokens, temperature)
+        base_lp, base_h = reference.logprobs_and_entropy_ref(logits, tokens, temperature)
+        floor = stats_floor(logits, temperature)
+        assert_matches_oracle(result, oracle_h, base_h, floor, "entropy")
+        assert_matches_oracle(logprobs, oracle_lp, base_lp, floor, "logprobs")
+
+    check()
+
+
+def _public(backend: str):
+    """(entropy, logprobs_and_entropy) of the library on ``backend``."""
+    return (
+        lambda z, t: em_kernels.entropy(z, temperature=t, backend=backend),
+        lambda z, y, t: em_kernels.logprobs_and_entropy(z, y, temperature=t, backend=backend),
+    )
+
+
+REFERENCE = (reference.entropy_ref, reference.logprobs_and_entropy_ref)
+
+
+def _gradient(ops, case: Case, tokens, grad_entropy, grad_logprobs, dtype=None):
+    """d/dlogits of sum(gH * H + gL * logp) (gL only when given), shaped like the view; the
+    logits are case.base cast to ``dtype`` (the case's dtype when None) seen through the view."""
+    entropy_fn, logprobs_and_entropy_fn = ops
+    base = (case.base if dtype is None else case.base.to(dtype)).detach().requires_grad_()
+    logits = case.view(base)
+    if grad_logprobs is None:
+        loss = (entropy_fn(logits, case.temperature) * grad_entropy).sum()
+    else:
+        logprobs, result = logprobs_and_entropy_fn(logits, tokens, case.temperature)
+        loss = (result * grad_entropy).sum() + (logprobs * grad_logprobs).sum()
+    (grad,) = torch.autograd.grad(loss, logits)
+    return grad
+
+
+def test_gradients_match_oracle(backend_device):
+    backend, device = backend_device
+    slow = is_slow(backend, device)
+
+    @hypothesis_settings(slow, slow_examples=12)
+    @given(case=cases(slow, device), with_tokens=st.booleans())
+    def check(case: Case, with_tokens: bool):
+        logits, temperature = case.logits, case.temperature
+        tokens = _chosen_finite(logits, case.tokens)
+        generator = torch.Generator().manual_seed(logits.numel())
+        grad_entropy = torch.randn(logits.shape[:-1], generator=generator).to(device)
+        grad_logprobs = torch.randn(logits.shape[:-1], generator=generator).to(device)
+        if not with_tokens:
+            grad_logprobs = None
+        actual = _gradient(_public(backend), case, tokens, grad_entropy, grad_logprobs)
+        assert actual.dtype == logits.dtype and actual.shape == logits.shape
+        oracle = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs, torch.float64)
+        baseline = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs)
+        # Only rows that have a distribution: an all -inf or NaN row has a NaN entropy.
+        rows = torch.isfinite(reference.entropy_ref(logits.double(), temperature))
+        floor = grad_floor(logits, temperature, grad_entropy,
+                           grad_entropy[:0] if grad_logprobs is None else grad_logprobs)
+        assert_matches_oracle(actual[rows], oracle[rows], baseline[rows], floor, "gradient")
+
+    check()
+
+
+def test_real_vocabulary(backend_device):
+    """A real vocabulary (V = 151936: 19 chunks merged) on two rows, forward and gradients."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(0)
+    base = (torch.randn(2, 151936, generator=generator) * 4).to(torch.bfloat16).to(device)
+    base[1, ::3] = float("-inf")
+    tokens = torch.tensor([5, 151934], device=device)  # 151934 % 3 != 0: finite
+    logits = base.detach().requires_grad_()
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, temperature=0.8,
+                                                        backend=backend)
+    (result.sum() - 0.5 * logprobs.sum()).backward()
+    oracle_lp, oracle_h = reference.logprobs_and_entropy_ref(base.double(), tokens, 0.8)
+    base_lp, base_h = reference.logprobs_and_entropy_ref(base, tokens, 0.8)
+    floor = stats_floor(base, 0.8)
+    assert_matches_oracle(result, oracle_h, base_h, floor, "entropy")
+    assert_matches_oracle(logprobs, oracle_lp, base_lp, floor, "logprobs")
+    grads = []
+    for dtype in (torch.float64, None):
+        leaf = (base if dtype is None else base.to(dtype)).detach().requires_grad_()
+        lp, h = reference.logprobs_and_entropy_ref(leaf, tokens, 0.8)
+        (h.sum() - 0.5 * lp.sum()).backward()
+        grads.append(leaf.grad)
+    ones = torch.ones(2, device=device)
+    assert_matches_oracle(logits.grad, grads[0], grads[1],
+                          grad_floor(base, 0.8, ones, 0.5 * ones), "gradient")
+
+
+# ----------------------------------------------------------------------------------------------
+# Properties
+
+
+def _entropy(backend, logits, temperature=1.0):
+    return em_kernels.entropy(logits, temperature=temperature, backend=backend)
+
+
+def test_bounds(backend_device):
+    """0 <= H <= log(number of finite logits in the row)."""
+    backend, device = backend_device
+    slow = is_slow(backend, device)
+
+    @hypothesis_settings(slow, slow_examples=6)
+    @given(case=cases(slow, device))
+    def check(case: Case):
+        logits = case.logits
+        result = _entropy(backend, logits, case.temperature).double().cpu()
+        support = torch.isfinite(logits).sum(-1).double().cpu()
+        finite = torch.isfinite(result)
+        assert bool((result[finite] >= -1e-6).all())
+        assert bool((result[finite] <= support[finite].log() * (1 + 1e-6) + 1e-6).all())
+
+    check()
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 5, 4096, 4099, 20011])
+def test_uniform_row_gives_log_v(backend_device, vocab):
+    backend, device = backend_device
+    logits = torch.tensor([[0.0], [-3.5], [1e4], [-1e4]], device=device).expand(4, vocab)
+    masked = torch.full((1, vocab), float("-inf"), device=device)
+    masked[0, : (vocab + 1) // 2] = 7.25
+    for dtype in DTYPES:
+        result = _entropy(backend, logits.to(dtype))
+        torch.testing.assert_close(
+            result, torch.full_like(result, math.log(vocab)), rtol=2e-6, atol=2e-6)
+        result = _entropy(backend, masked.to(dtype), temperature=0.3)
+        torch.testing.assert_close(
+            result, torch.full_like(result, math.log((vocab + 1) // 2)), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 4096, 9000])
+def test_one_hot_row_gives_zero(backend_device, vocab):
+    backend, device = backend_device
+    position = vocab // 3
+    only_one = torch.full((1, vocab), float("-inf"), device=device)
+    only_one[0, position] = 2.0
+    huge = torch.zeros((1, vocab), device=device)
+    huge[0, position] = 1e4
+    for dtype in DTYPES:
+        logprobs, result = em_kernels.logprobs_and_entropy(
+            only_one.to(dtype), torch.tensor([position], device=device), backend=backend)
+        assert result.item() == 0.0 and logprobs.item() == 0.0
+        result = _entropy(backend, huge.to(dtype), temperature=0.5)
+        assert abs(result.item()) < 1e-6
+
+
+def test_shift_invariance(backend_device):
+    """H(z + c) == H(z): z on a 2^-8 grid in [-16, 16] and integer c, so z + c is exact in
+    float32. The kernels scale by log2(e) / T before subtracting the row max (one FMA; the
+    interpreter rounds the product), so they may differ by a few float32 ulps of c."""
+    backend, device = backend_device
+    slow = is_slow(backend, device)
+
+    @hypothesis_settings(slow, slow_examples=6)
+    @given(rows=st.integers(1, 6), vocab=st.sampled_from([3, 100, 4097, 9000]),
+           shift=st.integers(-4000, 4000), seed=st.integers(0, 2**16))
+    def check(rows, vocab, shift, seed):
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randint(-4096, 4096, (rows, vocab), generator=generator) / 256.0
+        z = z.to(device)
+        torch.testing.assert_close(
+            _entropy(backend, z + shift), _entropy(backend, z), rtol=1e-5,
+            atol=1e-5 + 8 * EPS32 * abs(shift))
+
+    check()
+
+
+@pytest.mark.parametrize("vocab", [2, 777, 4096, 9001])
+def test_gradient_rows_sum_to_zero(backend_device, vocab):
+    """Shifting a row does not change H or log p, so every gradient row sums to 0."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(5, vocab, generator=generator) * 3).to(device)
+    logits[1, ::2] = float("-inf")
+    logits = logits.requires_grad_()
+    tokens = torch.tensor([0, 1, 0, vocab - 1, 1], device=device)
+    grad_entropy = torch.randn(5, generator=generator).to(device)
+    grad_logprobs = torch.randn(5, generator=generator).to(device)
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+    ((result * grad_entropy).sum() + (logprobs * grad_logprobs).sum()).backward()
+    grad = logits.grad.double()
+    # Each entry rounds terms as large as |gL| and |gH| (|ln p| + H) p even where they cancel.
+    term_sizes = grad_entropy.abs().double() * (2 + math.log(vocab)) + 2 * grad_logprobs.abs()
+    tolerance = 1e-6 * (grad.abs().sum(-1) + term_sizes)
+    assert bool((grad.sum(-1).abs() <= tolerance).all()), grad.sum(-1)
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor: equal bits compare equal, NaN included."""
+    ints = {4: torch.int32, 2: torch.int16}[tensor.element_size()]
+    return tensor.detach().contiguous().view(ints)
+
+
+def _forward_and_gradient(backend, logits, tokens, temperature=1.0):
+    logits = logits.detach().requires_grad_()
+    logprobs, result = em_kernels.logprobs_and_entropy(
+        logits, tokens, temperature=temperature, backend=backend)
+    (result.sum() + 0.25 * logprobs.sum()).backward()
+    return logprobs, result, logits.grad
+
+
+def test_bitwise_determinism(backend_device):
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(1)
+    for vocab in (300, 20011):
+        logits = (torch.randn(6, vocab, generator=generator) * 5).to(torch.bfloat16).to(device)
+        tokens = torch.randint(0, vocab, (6,), generator=generator).to(device)
+        first = _forward_and_gradient(backend, logits, tokens, 0.7)
+        second = _forward_and_gradient(backend, logits, tokens, 0.7)
+        for a, b in zip(first, second):
+            assert torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("vocab", [50, 4097, 20011])
+def test_batch_invariance(backend_device, vocab):
+    """A row alone and the same row at another position in batches of other sizes: same bits,
+    forward and gradient. (The torch backend is PyTorch's own reductions: not promised.)"""
+    backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("batch invariance is promised by the kernels, not by the torch backend")
+    generator = torch.Generator().manual_seed(vocab)
+    batch = (torch.randn(9, vocab, generator=generator) * 6).to(device)
+    batch[4, : vocab // 2] = float("-inf")
+    tokens = torch.randint(0, vocab, (9,), generator=generator).to(device)
+    alone = [_forward_and_gradient(backend, batch[i : i + 1], tokens[i : i + 1])
+             for i in (0, 4, 8)]
+    for rows in (slice(0, 9), slice(0, 5), slice(4, 9)):
+        together = _forward_and_gradient(backend, batch[rows], tokens[rows])
+        for i, single in zip((0, 4, 8), alone):
+            if not rows.start <= i < rows.stop:
+                continue
+            for a, b in zip(together, single):
+                assert torch.equal(_bits(a[i - rows.start]), _bits(b[0]))
+
+
+def test_masking_nan_and_empty_rows(backend_device):
+    """-inf entries drop out of the distribution; an all -inf row gives NaN, a NaN entry poisons
+    its own row only; gradients are finite wherever the entropy is, and exactly 0 at -inf."""
+    backend, device = backend_device
+    for vocab in (6, 4100, 9000):
+        generator = torch.Generator().manual_seed(vocab)
+        logits = torch.randn(4, vocab, generator=generator).to(device)
+        keep = torch.arange(vocab, device=device) % 3 != 1
+        logits[0, ~keep] = float("-inf")
+        logits[1] = float("-inf")
+        logits[2, vocab // 2] = float("nan")
+        tokens = torch.tensor([0, 0, 0, vocab - 1], device=device)
+        logprobs, result, grad = _forward_and_gradient(backend, logits, tokens)
+        assert torch.isnan(result[1:3]).all() and torch.isnan(logprobs[1:3]).all()
+        assert torch.isfinite(result[[0, 3]]).all() and torch.isfinite(logprobs[[0, 3]]).all()
+        assert torch.isfinite(grad[[0, 3]]).all()
+        assert bool((grad[0, ~keep] == 0).all()) and bool((grad[1] == 0).all())
+        masked_alone = _entropy(backend, logits[0:1, keep])
+        torch.testing.assert_close(result[0:1], masked_alone, rtol=1e-6, atol=1e-6)
+        clean = _forward_and_gradient(backend, logits[3:4], tokens[3:4])
+        for a, b in zip((logprobs, result, grad), clean):
+            assert torch.equal(_bits(a[3:4]), _bits(b))
+
+
+def test_gradients_finite_at_extreme_scales(backend_device):
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(3)
+    for dtype in DTYPES:
+        for scale in (1e-3, 1e4):
+            base = (torch.randn(3, 2000, generator=generator) * scale).clamp(-6e4, 6e4)
+            base[1, 100:] = float("-inf")
+            logits = base.to(dtype).to(device)
+            tokens = _chosen_finite(logits, torch.tensor([1, 7, 1999], device=device))
+            logprobs, result, grad = _forward_and_gradient(backend, logits, tokens, 0.05)
+            assert torch.isfinite(result).all() and torch.isfinite(logprobs).all()
+            assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (2, 0, 5), (0, 9000)])
+def test_zero_rows(backend_device, shape):
+    backend, device = backend_device
+    logits = torch.randn(shape, device=device, requires_grad=True)
+    tokens = torch.zeros(shape[:-1], dtype=torch.long, device=device)
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+    assert result.shape == logprobs.shape == shape[:-1]
+    (result.sum() + logprobs.sum()).backward()
+    assert logits.grad.shape == shape
+    assert em_kernels.entropy(logits, backend=backend).shape == shape[:-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher ops
+
+
+def test_out_of_range_tokens_in_the_op(backend_device):
+    """The op itself (the path without a host sync) gives a NaN log-prob and no log-prob
+    gradient for an id outside [0, V); the other rows are unaffected."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 40, generator=generator).to(device)
+    tokens = torch.tensor([-1, 5, 40], device=device)
+    entropy_, lse, logprobs = softmax_stats(logits, tokens, 1.0, backend)
+    assert torch.isnan(logprobs[[0, 2]]).all() and torch.isfinite(logprobs[1])
+    ones = torch.ones(3, device=device)
+    with_lp = softmax_stats_backward(logits, tokens, entropy_, lse, ones, ones, 1.0, backend)
+    without = softmax_stats_backward(logits, tokens, entropy_, lse, ones, None, 1.0, backend)
+    torch.testing.assert_close(with_lp[[0, 2]], without[[0, 2]], rtol=0, atol=0)
+    assert not torch.equal(with_lp[1], without[1])
+    torch.testing.assert_close(
+        lse.cpu(), torch.logsumexp(logits.double(), -1).float().cpu(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_opcheck(backend_device, with_tokens):
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(5)
+    for dtype, vocab in ((torch.float32, 33), (torch.bfloat16, 9000)):
+        logits = torch.randn(3, vocab, generator=generator).to(dtype).to(device)
+        tokens = torch.tensor([0, 4, vocab - 1], device=device) if with_tokens else None
+        torch.library.opcheck(softmax_stats, (logits.requires_grad_(), tokens, 0.7, backend))
+        entropy_, lse, _ = softmax_stats(logits.detach(), tokens, 0.7, backend)
+        grad_entropy = torch.randn(3, generator=generator).to(device)
+        grad_logprobs = torch.randn(3, generator=generator).to(device) if with_tokens else None
+        torch.library.opcheck(
+            softmax_stats_backward,
+            (logits.detach(), tokens, entropy_, lse, grad_entropy, grad_logprobs, 0.7, backend))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def _both(logits, tokens=None, **kwargs):
+    """Call both public ops; each must raise the same way."""
+    with pytest.raises(Exception) as first:
+        em_kernels.entropy(logits, **kwargs)
+    if tokens is None:
+        tokens = torch.zeros(logits.shape[:-1] if logits.dim() else (), dtype=torch.long)
+    with pytest.raises(first.type) as second:
+        em_kernels.logprobs_and_entropy(logits, tokens, **kwargs)
+    return first.value, second.value
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+def test_bad_logits(backend):
+    for bad in (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool),
+                torch.zeros(3, 4, dtype=torch.complex64)):
+        for error in _both(bad, backend=backend):
+            assert isinstance(error, TypeError) and "float32, bfloat16 or float16" in str(error)
+    for error in _both([[0.0, 1.0]], tokens=torch.zeros(1, dtype=torch.long), backend=backend):
+        assert isinstance(error, TypeError) and "torch.Tensor" in str(error)
+    for error in _both(torch.tensor(1.0), backend=backend):
+        assert isinstance(error, ValueError) and "0-d" in str(error)
+    for error in _both(torch.zeros(3, 0), backend=backend):
+        assert isinstance(error, ValueError) and "V = 0" in str(error)
+    if backend != "torch":
+        for error in _both(torch.zeros(3, 4, dtype=torch.float64), backend=backend):
+            assert isinstance(error, TypeError) and 'backend="torch"' in str(error)
+
+
+def test_float64_runs_with_the_torch_backend():
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    torch.testing.assert_close(em_kernels.entropy(logits, backend="torch"),
+                               reference.entropy_ref(logits).float())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_tokens(backend):
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    cases_ = [
+        ([0, 1], TypeError, "torch.Tensor"),
+        (tokens.int(), TypeError, "int64"),
+        (tokens.float(), TypeError, "int64"),
+        (tokens.reshape(6), ValueError, "leading shape (2, 3)"),
+        (tokens[:, :2], ValueError, "leading shape (2, 3)"),
+        (tokens.to("meta"), ValueError, "are on meta"),
+        (tokens.clone().fill_(10), ValueError, "token id 10 is outside [0, 10)"),
+        (tokens.clone().index_fill_(1, torch.tensor([1]), -3), ValueError, "token id -3"),
+    ]
+    for bad, error, message in cases_:
+        with pytest.raises(error) as info:
+            em_kernels.logprobs_and_entropy(logits, bad, backend=backend)
+        assert message in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), -float("inf")])
+def test_bad_temperature_value(temperature):
+    for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
+        assert isinstance(error, ValueError) and "finite positive" in str(error)
+
+
+@pytest.mark.parametrize("temperature", ["1.0", None, True, torch.tensor(1.0), 1j])
+def test_bad_temperature_type(temperature):
+    for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
+        assert isinstance(error, TypeError) and "temperature must be a Python number" in str(error)
+
+
+def test_integer_temperature_is_accepted():
+    logits = torch.randn(2, 5)
+    torch.testing.assert_close(em_kernels.entropy(logits, temperature=2, backend="torch"),
+                               em_kernels.entropy(logits, temperature=2.0, backend="torch"))
+
+
+def test_unknown_and_unavailable_backends():
+    logits = torch.randn(2, 5)
+    for name in ("tritonn", "CUDA", ""):
+        for error in _both(logits, backend=name):
+            assert isinstance(error, ValueError) and "unknown backend" in str(error)
+    for error in _both(logits, backend=None):
+        assert isinstance(error, TypeError) and "backend must be a string" in str(error)
+    # "cuda" never runs CPU tensors: unavailable here whatever was built.
+    for error in _both(logits, backend="cuda"):
+        assert isinstance(error, em_kernels.BackendUnavailableError)
+        assert 'backend="cuda"' in str(error)
+    status = em_kernels.available_backends()
+    assert set(status) == {"triton", "cuda", "cpu", "torch"} and status["torch"] == "available"
+    if status["cpu"] != "available":
+        for error in _both(logits, backend="cpu"):
+            assert isinstance(error, em_kernels.BackendUnavailableError)
+            assert status["cpu"] in str(error)
+
+
+def test_auto_backend_matches_an_explicit_one():
+    logits = torch.randn(3, 50)
+    expected = "cpu" if em_kernels.available_backends()["cpu"] == "available" else "torch"
+    assert torch.equal(em_kernels.entropy(logits, backend="auto"),
+                       em_kernels.entropy(logits, backend=expected))
