@@ -1,0 +1,303 @@
+"""Pieces shared by EM-FT and EM-RL: argument checks, rollouts, the per-token entropy and log-prob
+of a response straight from the final hidden states and the LM head, and distributed helpers.
+
+Conventions (the same for every public function of em_algos):
+
+- ``input_ids`` (B, T) int64 holds prompt and response; ``attention_mask`` (B, T) marks the real
+  tokens (prompts are left-padded, as Hugging Face generation wants); ``response_mask`` (B, T)
+  marks the response tokens. Position ids are ``cumsum(attention_mask) - 1``, exactly what
+  ``generate()`` uses, so that a rollout is scored as it was sampled.
+- The distribution that predicted token t sits at position t - 1: the response tokens' entropies
+  and log-probs are read from the hidden states at the positions one to the left of the mask.
+- Only those positions go through the LM head, and through `em_kernels.linear_entropy`: the
+  (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1`` and hands back its
+  final (normed) hidden states; the LM head's weight and bias come from
+  ``get_output_embeddings()``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import em_kernels
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or value != value:
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return value
+
+
+def check_sequence_batch(input_ids, attention_mask, response_mask=None) -> None:
+    """Shapes, dtypes and devices of a (B, T) batch; response tokens must be attended and cannot
+    be the first token (nothing predicts it). The value checks cost one host sync."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.dtype != torch.int64:
+        raise TypeError(f"input_ids must be int64 (torch.long), got {input_ids.dtype}")
+    masks = {"attention_mask": attention_mask}
+    if response_mask is not None:
+        masks["response_mask"] = response_mask
+    for name, mask in masks.items():
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(mask.shape)}")
+        if mask.dtype.is_floating_point or mask.dtype.is_complex:
+            raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got {mask.dtype}")
+        if mask.device != input_ids.device:
+            raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
+    if response_mask is None:
+        return
+    response = response_mask.bool()
+    first_is_response, unattended = torch.stack(
+        [response[:, :1].any(), (response & ~attention_mask.bool()).any()]).tolist()
+    if first_is_response:
+        raise ValueError("response_mask marks the first token of a sequence; no position predicts "
+                         "it, so every sequence must start with at least one prompt token")
+    if unattended:
+        raise ValueError("response_mask marks tokens that attention_mask masks out; a response "
+                         "token must be a real (attended) token")
+
+
+# ----------------------------------------------------------------------------- models
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside DistributedDataParallel or torch.compile wrappers. FSDP2
+    (``fully_shard``) modifies the module in place, so it is its own unwrapped model."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_supported_head(model: nn.Module) -> nn.Module:
+    """The LM head (weight (V, H), optional bias), after refusing models whose logits are not a
+    plain linear function of the final hidden state."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        raise TypeError("FSDP1 (FullyShardedDataParallel) wrappers hide the LM head's weight; "
+                        "shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+        if getattr(config, attribute, None) not in (None, 1, 1.0):
+            raise ValueError(f"the model's config sets {attribute}: its logits are not a plain "
+                             "linear function of the hidden states, which linear_entropy assumes")
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
+                        "em_algos needs a causal LM with get_output_embeddings()")
+    return head
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """What generate() uses with left padding: the count of real tokens before each position."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class ResponseTokens:
+    """One row per response token, in row-major order of the (B, T) batch.
+
+    entropy: (N) float32, of the distribution that predicted the token.
+    logprobs: (N) float32 log-probability of the token, or None when not asked for.
+    sequence: (N) int64, the sequence (batch row) the token belongs to.
+    batch_size: B, for per-sequence reductions.
+    """
+
+    entropy: torch.Tensor
+    logprobs: torch.Tensor | None
+    sequence: torch.Tensor
+    batch_size: int
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """(N) per-token values -> (B) sums per sequence (0 for a sequence with no tokens)."""
+        sums = torch.zeros(self.batch_size, dtype=values.dtype, device=values.device)
+        return sums.index_add(0, self.sequence, values)
+
+    def tokens_per_sequence(self) -> torch.Tensor:
+        return self.per_sequence_sum(torch.ones_like(self.entropy))
+
+    def per_sequence_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """(B) means per sequence; 0 for a sequence with no response tokens."""
+        return self.per_sequence_sum(values) / self.tokens_per_sequence().clamp(min=1)
+
+
+def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
+                         with_logprobs: bool, temperature: float = 1.0) -> ResponseTokens:
+    """Entropy (and log-prob) of every response token from one forward pass of ``model``.
+
+    The model (plain, DDP-wrapped or FSDP2-sharded: it is called, never bypassed, so the wrapper's
+    hooks run) returns its final hidden states (B, T, H) and logits for the last position only.
+    The N response positions (shifted one to the left) are gathered into (N, H) and fed with the
+    LM head to `em_kernels.linear_entropy`. Gradients flow to the model unless the caller runs
+    this under torch.no_grad().
+    """
+    check_sequence_batch(input_ids, attention_mask, response_mask)
+    head = _check_supported_head(model)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids_from_mask(attention_mask),
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    hidden = outputs.hidden_states[-1]
+    predicting = response_mask[:, 1:].bool()
+    rows = hidden[:, :-1][predicting]
+    tokens = input_ids[:, 1:][predicting]
+    sequence = predicting.nonzero()[:, 0]
+    result = em_kernels.linear_entropy(
+        rows, head.weight, bias=getattr(head, "bias", None),
+        tokens=tokens if with_logprobs else None, temperature=temperature)
+    return ResponseTokens(result.entropy, result.logprobs, sequence, input_ids.shape[0])
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+@dataclass
+class Rollout:
+    """Sampled sequences: (B * n, P + L) ids, attention and response masks; the samples of one
+    prompt are consecutive rows (the group layout the advantages expect)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                     num_samples: int, max_new_tokens: int, pad_token_id: int,
+                     eos_token_id: int | None, temperature: float = 1.0,
+                     logits_processor=None) -> Rollout:
+    """``num_samples`` responses per left-padded prompt by pure sampling (no top-k / top-p), so
+    that the samples come from the distribution the losses and rewards score.
+
+    The response of a row runs up to and including its first EOS; what follows is padding.
+    Under torch.distributed every rank keeps stepping until all are done (``synced_gpus``), which
+    FSDP needs (each forward all-gathers) and DDP tolerates."""
+    from transformers import GenerationConfig
+
+    check_sequence_batch(prompt_ids, prompt_mask)
+    _check_supported_head(model)
+    prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
+    config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
+                              eos_token_id=eos_token_id)
+    generator = unwrap_model(model)
+    sequences = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
+                                   generation_config=config, logits_processor=logits_processor,
+                                   synced_gpus=is_distributed())
+    generated = sequences[:, prompt_ids.shape[1]:]
+    if eos_token_id is None:
+        response = torch.ones_like(generated, dtype=torch.bool)
+    else:
+        eos = generated == eos_token_id
+        response = (eos.long().cumsum(-1) - eos.long()) == 0
+    response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), response], 1)
+    attention_mask = torch.cat([prompt_mask.bool(), response], 1)
+    return Rollout(sequences, attention_mask.long(), response_mask)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """The low-variance estimate of KL(pi || pi_ref) per sampled token (Schulman's k3):
+    exp(ref - lp) - (ref - lp) - 1, >= 0, unbiased under samples of pi."""
+    log_ratio = ref_logprobs - logprobs
+    return log_ratio.exp() - log_ratio - 1
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of the model's current weights, to serve as KL reference."""
+    import copy
+
+    reference = copy.deepcopy(unwrap_model(model))
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def save_checkpoint(model: nn.Module, directory: str | os.PathLike) -> None:
+    """save_pretrained of the full (unsharded) weights, written by rank 0 only. Every rank must
+    call it: under FSDP the state dict is gathered collectively."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=is_distributed())
+    state = get_model_state_dict(model, options=options)
+    if is_main_process():
+        unwrap_model(model).save_pretrained(directory, state_dict=state)
+    if is_distributed():
+        dist.barrier()
+
+
+def save_if_due(model: nn.Module, save_dir, save_every: int, global_step: int) -> None:
+    """Checkpoint to save_dir/step-<global_step> every ``save_every`` steps (0: never)."""
+    if save_every and global_step % save_every == 0:
+        save_checkpoint(model, os.path.join(save_dir, f"step-{global_step}"))
+
+
+def training_loop(step, prompt_batches, num_steps: int | None, description: str,
+                  progress: bool, shown: tuple[str, ...]) -> list[dict[str, float]]:
+    """Call ``step(prompt_ids, prompt_mask)`` per batch (dicts with input_ids and
+    attention_mask, or pairs), at most ``num_steps`` times; a tqdm bar on rank 0 shows the
+    ``shown`` statistics. Returns every step's statistics."""
+    from tqdm.auto import tqdm
+
+    total = num_steps if num_steps is not None else (
+        len(prompt_batches) if hasattr(prompt_batches, "__len__") else None)
+    history = []
+    with tqdm(total=total, desc=description, dynamic_ncols=True,
+              disable=not (progress and is_main_process())) as bar:
+        for batch in prompt_batches:
+            if num_steps is not None and len(history) >= num_steps:
+                break
+            if isinstance(batch, dict):
+                batch = batch["input_ids"], batch["attention_mask"]
+            stats = step(*batch)
+            history.append(stats)
+            bar.update(1)
+            bar.set_postfix({key: f"{stats[key]:.4f}" for key in shown})
+    return history
+
+
+def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                  max_grad_norm: float | None) -> torch.Tensor:
+    """backward, clip the global gradient norm (DTensor-aware under FSDP2), one optimiser step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    if max_grad_norm is not None and parameters:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    else:
+        norm = torch.zeros(())
+    optimizer.step()
+    return norm

@@ -1,0 +1,147 @@
+"""EM-FT: fine-tune a causal LM on its own unlabelled samples by minimising their token entropy.
+
+The loss (the paper's Eq. 2) over a batch D of sampled responses y:
+
+    L = 1/|D| * sum_{y in D} sum_t H(pi(. | x, y_<t))                 normalize="sequence"
+    L = sum_{y in D} sum_t H(pi(. | x, y_<t)) / (number of tokens)    normalize="token" (as verl)
+
+Each entropy comes from `em_kernels.linear_entropy` on the final hidden state and the LM head, so
+the (B, T, V) logits never exist: the extra memory is O(response tokens), not O(B * T * V).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ._common import (
+    check_choice,
+    check_positive,
+    clip_and_step,
+    frozen_copy,
+    k3_kl,
+    response_token_stats,
+    sample_responses,
+    save_if_due,
+    training_loop,
+)
+
+__all__ = ["EMFTTrainer", "em_ft_loss"]
+
+NORMALIZATIONS = ("sequence", "token")
+
+
+def _reduce(values: torch.Tensor, tokens, normalize: str) -> torch.Tensor:
+    """Sum per sequence then mean over sequences, or mean over all response tokens."""
+    if normalize == "sequence":
+        return values.sum() / tokens.batch_size
+    return values.sum() / max(values.numel(), 1)
+
+
+def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               response_mask: torch.Tensor, *, normalize: str = "sequence") -> torch.Tensor:
+    """The token-level entropy of the responses, differentiable w.r.t. the model.
+
+    Args:
+        model: a Hugging Face causal LM, plain, DDP-wrapped or FSDP2-sharded.
+        input_ids: (B, T) int64, prompt followed by response (prompts left-padded).
+        attention_mask: (B, T) bool or 0/1, the real tokens.
+        response_mask: (B, T) bool or 0/1, the response tokens; the entropy counted for token t
+            is that of the distribution that predicted it (position t - 1).
+        normalize: "sequence" (sum over a response's tokens, mean over the B sequences; the
+            paper's Eq. 2) or "token" (mean over all response tokens of the batch).
+
+    Returns:
+        A float32 scalar. An empty response contributes 0.
+    """
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
+                                  with_logprobs=False)
+    return _reduce(tokens.entropy, tokens, normalize)
+
+
+class EMFTTrainer:
+    """EM-FT: for each batch of unlabelled prompts, sample responses, then one optimiser step on
+    em_ft_loss (plus, optionally, kl_coef times the k3 estimate of KL(pi || pi_initial)).
+
+    Runs unchanged under torchrun with DDP or FSDP2: give it the wrapped model, each rank its own
+    prompts. Under FSDP2 pass ``reference_model`` yourself when kl_coef > 0 (a deep copy of a
+    sharded model is not a model).
+
+    Args:
+        model: the causal LM to train (plain, DDP-wrapped or FSDP2-sharded).
+        pad_token_id, eos_token_id: for generation and to end responses.
+        num_samples: responses sampled per prompt (the paper: 1).
+        max_new_tokens: response length limit.
+        temperature: sampling temperature (the paper: 1.0).
+        lr, weight_decay: AdamW settings, used when no ``optimizer`` is given.
+        max_grad_norm: global gradient-norm clip (None: no clipping).
+        kl_coef: weight of the KL to the initial model (0: none, the paper's setting).
+        normalize: em_ft_loss normalisation, "sequence" or "token".
+        save_dir, save_every: save_pretrained checkpoints to save_dir/step-<k> every k steps.
+        progress: show a tqdm bar (on rank 0) with loss and mean entropy.
+    """
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
+                 num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
+                 lr: float = 1e-6, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                 kl_coef: float = 0.0, reference_model: nn.Module | None = None,
+                 normalize: str = "sequence", optimizer: torch.optim.Optimizer | None = None,
+                 save_dir: str | os.PathLike | None = None, save_every: int = 0,
+                 progress: bool = True):
+        check_positive("num_samples", num_samples, integer=True)
+        check_positive("max_new_tokens", max_new_tokens, integer=True)
+        check_positive("temperature", temperature)
+        check_positive("lr", lr)
+        check_positive("kl_coef", kl_coef, allow_zero=True)
+        check_positive("save_every", save_every, integer=True, allow_zero=True)
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
+        check_choice("normalize", normalize, NORMALIZATIONS)
+        if save_every and save_dir is None:
+            raise ValueError("save_every is set but save_dir is None: say where to save")
+        self.model = model
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
+        self.temperature, self.max_grad_norm = temperature, max_grad_norm
+        self.kl_coef, self.normalize = kl_coef, normalize
+        self.reference_model = None
+        if kl_coef > 0:
+            self.reference_model = reference_model if reference_model is not None else (
+                frozen_copy(model))
+        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        self.save_dir, self.save_every, self.progress = save_dir, save_every, progress
+        self.global_step = 0
+
+    def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
+        """Sample, then one optimiser step. Returns loss, mean token entropy, kl, grad_norm."""
+        rollout = sample_responses(
+            self.model, prompt_ids, prompt_mask, num_samples=self.num_samples,
+            max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id, temperature=self.temperature)
+        batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        with_kl = self.reference_model is not None
+        tokens = response_token_stats(self.model, *batch, with_logprobs=with_kl)
+        loss = _reduce(tokens.entropy, tokens, self.normalize)
+        kl = torch.zeros(())
+        if with_kl:
+            with torch.no_grad():
+                reference = response_token_stats(self.reference_model, *batch, with_logprobs=True)
+            kl = _reduce(k3_kl(tokens.logprobs, reference.logprobs), tokens, self.normalize)
+            loss = loss + self.kl_coef * kl
+        grad_norm = clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm)
+        self.global_step += 1
+        save_if_due(self.model, self.save_dir, self.save_every, self.global_step)
+        entropy = tokens.entropy.detach()
+        return {"loss": float(loss.detach()), "kl": float(kl.detach()),
+                "entropy": float(entropy.mean()) if entropy.numel() else 0.0,
+                "grad_norm": float(grad_norm), "response_tokens": entropy.numel()}
+
+    def train(self, prompt_batches, num_steps: int | None = None) -> list[dict[str, float]]:
+        """One step per batch of prompts (dicts with input_ids and attention_mask, or pairs),
+        stopping after ``num_steps`` when given. Returns each step's statistics."""
+        return training_loop(self.step, prompt_batches, num_steps, "EM-FT", self.progress,
+                             ("loss", "entropy"))

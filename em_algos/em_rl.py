@@ -1,0 +1,236 @@
+"""EM-RL: reinforcement learning whose only reward is the model's own confidence.
+
+Rewards of a sampled response y to prompt x (no labels anywhere), from one pass of
+`em_kernels.linear_entropy` (log-probs and entropies of the response tokens, no (B, T, V) logits):
+
+    sequence_reward:  mean_t log pi(y_t | x, y_<t)       reduce="mean" (the released code)
+                      sum_t  log pi(y_t | x, y_<t)       reduce="sum"  (the paper's Eq. 3)
+    token_reward:     -mean_t H(pi(. | x, y_<t))         reduce="mean"
+                      -sum_t  H(pi(. | x, y_<t))         reduce="sum"  (the paper's Eq. 4)
+
+Advantages over the n responses of a prompt (consecutive rows): RLOO, r_i - mean_{j != i} r_j;
+GRPO, (r_i - mean_j r_j) / (std_j r_j + eps). The policy loss is PPO's clipped surrogate on every
+response token plus beta times the k3 estimate of KL(pi || pi_ref), averaged over the tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ._common import (
+    check_choice,
+    check_positive,
+    clip_and_step,
+    frozen_copy,
+    k3_kl,
+    response_token_stats,
+    sample_responses,
+    save_if_due,
+    training_loop,
+)
+
+__all__ = ["EMRLTrainer", "grpo_advantages", "rloo_advantages", "sequence_reward", "token_reward"]
+
+REDUCTIONS = ("mean", "sum")
+REWARDS = ("sequence", "token")
+ADVANTAGES = ("rloo", "grpo")
+
+
+def _reduce_per_sequence(values: torch.Tensor, tokens, reduce: str) -> torch.Tensor:
+    if reduce == "sum":
+        return tokens.per_sequence_sum(values)
+    return tokens.per_sequence_mean(values)
+
+
+def _rewards_from(tokens, kind: str, reduce: str) -> torch.Tensor:
+    if kind == "sequence":
+        return _reduce_per_sequence(tokens.logprobs, tokens, reduce)
+    return -_reduce_per_sequence(tokens.entropy, tokens, reduce)
+
+
+@torch.no_grad()
+def sequence_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
+    """Trajectory-level confidence of each response: its token log-probs' mean (reduce="mean",
+    the released code) or sum (reduce="sum", the paper's Eq. 3). (B) float32, no gradient; an
+    empty response gets 0. Batch layout as in em_ft_loss."""
+    check_choice("reduce", reduce, REDUCTIONS)
+    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
+                                  with_logprobs=True)
+    return _rewards_from(tokens, "sequence", reduce)
+
+
+@torch.no_grad()
+def token_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
+    """Minus the token entropy of each response: its mean (reduce="mean") or sum (reduce="sum",
+    the paper's Eq. 4). (B) float32, no gradient; an empty response gets 0."""
+    check_choice("reduce", reduce, REDUCTIONS)
+    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
+                                  with_logprobs=False)
+    return _rewards_from(tokens, "token", reduce)
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 1:
+        raise ValueError("rewards must be a 1-D tensor (one reward per response), got "
+                         f"{getattr(rewards, 'shape', type(rewards).__name__)}")
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
+    check_positive("group_size", group_size, integer=True)
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (the baseline needs other responses to the "
+                         f"same prompt), got {group_size}")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards are not a whole number of groups of "
+                         f"{group_size}; the responses to one prompt must be consecutive")
+    return rewards.reshape(-1, group_size)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out: each reward minus the mean of the other rewards of its group
+    (groups are consecutive runs of ``group_size``), no std normalisation. Same shape as rewards."""
+    groups = _grouped(rewards, group_size)
+    others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(rewards.shape)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: (r - group mean) / (group std + eps), with the unbiased std (as verl)."""
+    groups = _grouped(rewards, group_size)
+    centred = groups - groups.mean(-1, keepdim=True)
+    return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)
+
+
+class EMRLTrainer:
+    """EM-RL: n rollouts per prompt, rewards from the model itself (no labels), PPO-clip policy
+    updates with a k3 KL penalty to a frozen reference model.
+
+    Per step: sample ``num_rollouts`` responses per prompt; one no-grad pass gives the old
+    log-probs and the rewards (both from the policy that sampled); advantages per group, put on
+    every response token; then ``ppo_epochs`` passes over minibatches of ``minibatch_size``
+    sequences, each one optimiser step on
+
+        loss = token-mean( -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A) + beta * k3 ),
+        rho = exp(logp - logp_old),  k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1.
+
+    Runs unchanged under torchrun with DDP or FSDP2 (give it the wrapped model, each rank its own
+    prompts, the same minibatch count on every rank). Under FSDP2 pass ``reference_model``
+    yourself when beta > 0.
+
+    Args:
+        reward: "sequence" (log-prob) or "token" (minus entropy); reward_reduce: "mean" or "sum".
+        advantage: "rloo" or "grpo".
+        num_rollouts: responses per prompt (>= 2), the advantage group size.
+        clip_range: PPO ratio clip; beta: KL weight (0 disables the reference model).
+        minibatch_size: sequences per optimiser step (None: the whole rollout batch).
+        The rest as in EMFTTrainer.
+    """
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
+                 reward: str = "sequence", reward_reduce: str = "mean", advantage: str = "rloo",
+                 num_rollouts: int = 4, max_new_tokens: int = 256, temperature: float = 1.0,
+                 clip_range: float = 0.2, beta: float = 0.001,
+                 reference_model: nn.Module | None = None, ppo_epochs: int = 1,
+                 minibatch_size: int | None = None, lr: float = 1e-6, weight_decay: float = 0.0,
+                 max_grad_norm: float | None = 1.0,
+                 optimizer: torch.optim.Optimizer | None = None,
+                 save_dir: str | os.PathLike | None = None, save_every: int = 0,
+                 progress: bool = True):
+        check_choice("reward", reward, REWARDS)
+        check_choice("reward_reduce", reward_reduce, REDUCTIONS)
+        check_choice("advantage", advantage, ADVANTAGES)
+        check_positive("num_rollouts", num_rollouts, integer=True)
+        if num_rollouts < 2:
+            raise ValueError(f"num_rollouts must be >= 2 (advantages compare the responses to one "
+                             f"prompt), got {num_rollouts}")
+        check_positive("max_new_tokens", max_new_tokens, integer=True)
+        check_positive("temperature", temperature)
+        check_positive("clip_range", clip_range)
+        check_positive("beta", beta, allow_zero=True)
+        check_positive("ppo_epochs", ppo_epochs, integer=True)
+        if minibatch_size is not None:
+            check_positive("minibatch_size", minibatch_size, integer=True)
+        check_positive("lr", lr)
+        check_positive("save_every", save_every, integer=True, allow_zero=True)
+        if max_grad_norm is not None:
+            check_positive("max_grad_norm", max_grad_norm)
+        if save_every and save_dir is None:
+            raise ValueError("save_every is set but save_dir is None: say where to save")
+        self.model = model
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        self.reward, self.reward_reduce, self.advantage = reward, reward_reduce, advantage
+        self.num_rollouts, self.max_new_tokens = num_rollouts, max_new_tokens
+        self.temperature, self.clip_range, self.beta = temperature, clip_range, beta
+        self.ppo_epochs, self.minibatch_size = ppo_epochs, minibatch_size
+        self.max_grad_norm = max_grad_norm
+        self.reference_model = None
+        if beta > 0:
+            self.reference_model = reference_model if reference_model is not None else (
+                frozen_copy(model))
+        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        self.save_dir, self.save_every, self.progress = save_dir, save_every, progress
+        self.global_step = 0
+
+    def _policy_loss(self, batch, old_logprobs, ref_logprobs, advantages):
+        """PPO-clip + beta * k3 over the response tokens of one minibatch, token-mean."""
+        tokens = response_token_stats(self.model, *batch, with_logprobs=True)
+        ratio = (tokens.logprobs - old_logprobs).exp()
+        token_advantages = advantages[tokens.sequence]
+        clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
+        surrogate = -torch.minimum(ratio * token_advantages, clipped * token_advantages)
+        kl = (k3_kl(tokens.logprobs, ref_logprobs) if ref_logprobs is not None
+              else torch.zeros_like(surrogate))
+        count = max(surrogate.numel(), 1)
+        loss = (surrogate + self.beta * kl).sum() / count
+        clip_fraction = ((ratio - clipped).abs() > 0).float().sum() / count
+        return loss, kl.detach().sum() / count, clip_fraction
+
+    def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
+        """Roll out, score, then the PPO updates. Returns mean reward, loss, kl, entropy, ..."""
+        rollout = sample_responses(
+            self.model, prompt_ids, prompt_mask, num_samples=self.num_rollouts,
+            max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id, temperature=self.temperature)
+        batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+        with torch.no_grad():
+            old = response_token_stats(self.model, *batch, with_logprobs=True)
+            rewards = _rewards_from(old, self.reward, self.reward_reduce)
+            reference = (response_token_stats(self.reference_model, *batch, with_logprobs=True)
+                         if self.reference_model is not None else None)
+        advantage_fn = rloo_advantages if self.advantage == "rloo" else grpo_advantages
+        advantages = advantage_fn(rewards, self.num_rollouts)
+
+        size = rollout.input_ids.shape[0]
+        minibatch = self.minibatch_size or size
+        losses, kls, clip_fractions = [], [], []
+        for _ in range(self.ppo_epochs):
+            for start in range(0, size, minibatch):
+                rows = slice(start, start + minibatch)
+                selected = (old.sequence >= start) & (old.sequence < start + minibatch)
+                loss, kl, clip_fraction = self._policy_loss(
+                    tuple(tensor[rows] for tensor in batch), old.logprobs[selected],
+                    None if reference is None else reference.logprobs[selected],
+                    advantages[rows])
+                clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm)
+                losses.append(loss.detach())
+                kls.append(kl)
+                clip_fractions.append(clip_fraction)
+        self.global_step += 1
+        save_if_due(self.model, self.save_dir, self.save_every, self.global_step)
+        entropy = old.entropy
+        return {"loss": float(torch.stack(losses).mean()), "kl": float(torch.stack(kls).mean()),
+                "clip_fraction": float(torch.stack(clip_fractions).mean()),
+                "reward": float(rewards.mean()),
+                "entropy": float(entropy.mean()) if entropy.numel() else 0.0,
+                "response_tokens": entropy.numel()}
+
+    def train(self, prompt_batches, num_steps: int | None = None) -> list[dict[str, float]]:
+        """One step per batch of prompts (dicts with input_ids and attention_mask, or pairs),
+        stopping after ``num_steps`` when given. Returns each step's statistics."""
+        return training_loop(self.step, prompt_batches, num_steps, "EM-RL", self.progress,
+                             ("loss", "reward", "entropy"))

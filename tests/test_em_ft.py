@@ -1,0 +1,145 @@
+"""EM-FT: em_ft_loss against full-logit float64 references (values and gradients), bad input,
+and EMFTTrainer lowering the entropy of a tiny model, with its KL and checkpoint options."""
+
+import pytest
+import torch
+from algos_support import EOS, PAD, per_token_reference, random_batch, tiny_causal_lm
+from hypothesis import given
+from hypothesis import strategies as st
+from oracle import assert_matches_oracle
+
+from em_algos import EMFTTrainer, em_ft_loss
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny_causal_lm(seed=0, family="qwen2")
+
+
+def reference_loss(model, batch, normalize, dtype):
+    entropy, _, predicts_response = per_token_reference(model, *batch, dtype=dtype)
+    total = (entropy * predicts_response).sum()
+    if normalize == "sequence":
+        return total / batch[0].shape[0]
+    return total / predicts_response.sum().clamp(min=1)
+
+
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), prompt=st.integers(1, 6),
+       response=st.integers(0, 7), normalize=st.sampled_from(["sequence", "token"]))
+def test_loss_matches_full_logit_reference(qwen, seed, batch, prompt, response, normalize):
+    inputs = random_batch(torch.Generator().manual_seed(seed), batch, prompt, response)
+    with torch.no_grad():
+        loss = em_ft_loss(qwen, *inputs, normalize=normalize)
+        oracle = reference_loss(qwen, inputs, normalize, torch.float64)
+        baseline = reference_loss(qwen, inputs, normalize, torch.float32)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_matches_oracle(loss, oracle, baseline, 1e-6, f"em_ft_loss ({normalize})")
+
+
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_loss_gradient_matches_full_logit_gradient(family, normalize):
+    """The gradient reaches every parameter (the tied or untied head included) and equals the
+    gradient of the same loss computed from the full logits by autograd (float32 both)."""
+    model = tiny_causal_lm(seed=1, family=family)
+    inputs = random_batch(torch.Generator().manual_seed(3), 4, 5, 6)
+    em_ft_loss(model, *inputs, normalize=normalize).backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    reference_loss(model, inputs, normalize, torch.float32).backward()
+    for name, p in model.named_parameters():
+        assert ours[name] is not None, f"no gradient reached {name}"
+        torch.testing.assert_close(ours[name], p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_sequence_normalisation_is_token_mean_times_tokens_per_sequence(qwen):
+    inputs = random_batch(torch.Generator().manual_seed(5), 4, 3, 6)
+    tokens = inputs[2][:, 1:].sum()
+    with torch.no_grad():
+        by_sequence = em_ft_loss(qwen, *inputs, normalize="sequence")
+        by_token = em_ft_loss(qwen, *inputs, normalize="token")
+    torch.testing.assert_close(by_sequence, by_token * tokens / 4)
+
+
+def test_empty_responses_give_zero_loss_and_zero_gradient(qwen):
+    input_ids, attention, response = random_batch(torch.Generator().manual_seed(7), 3, 4, 3)
+    loss = em_ft_loss(qwen, input_ids, attention, torch.zeros_like(response))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in qwen.parameters())
+    qwen.zero_grad(set_to_none=True)
+
+
+def test_loss_is_between_zero_and_log_vocab_per_token(qwen):
+    inputs = random_batch(torch.Generator().manual_seed(9), 6, 4, 8)
+    with torch.no_grad():
+        loss = em_ft_loss(qwen, *inputs, normalize="token")
+    assert 0 <= loss.item() <= torch.log(torch.tensor(float(qwen.config.vocab_size))).item()
+
+
+@pytest.mark.parametrize("change, error", [
+    (lambda ids, att, resp: (ids, att, resp[:, :-1]), ValueError),
+    (lambda ids, att, resp: (ids, att[:1], resp), ValueError),
+    (lambda ids, att, resp: (ids, att, resp.float()), TypeError),
+    (lambda ids, att, resp: (ids.int(), att, resp), TypeError),
+    (lambda ids, att, resp: (ids[0], att[0], resp[0]), ValueError),
+    (lambda ids, att, resp: (ids, att, torch.ones_like(resp)), ValueError),  # first token
+    (lambda ids, att, resp: (ids, torch.zeros_like(att), resp), ValueError),  # unattended
+])
+def test_bad_batches_raise(qwen, change, error):
+    inputs = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
+    inputs[2][:, -1] = True
+    inputs[1][:, -1] = 1
+    with pytest.raises(error):
+        em_ft_loss(qwen, *change(*inputs))
+
+
+def test_bad_normalize_raises(qwen):
+    inputs = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
+    with pytest.raises(ValueError, match="normalize"):
+        em_ft_loss(qwen, *inputs, normalize="batch")
+
+
+def _prompts(seed, batch=8, length=4):
+    prompts = torch.randint(2, 23, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return prompts, torch.ones_like(prompts)
+
+
+def test_trainer_lowers_entropy():
+    model = tiny_causal_lm(seed=2, family="llama")
+    held_out = random_batch(torch.Generator().manual_seed(13), 8, 4, 6)
+    with torch.no_grad():
+        before = em_ft_loss(model, *held_out, normalize="token").item()
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=6,
+                          num_samples=2, lr=1e-2, progress=False)
+    history = trainer.train([_prompts(seed) for seed in range(6)])
+    with torch.no_grad():
+        after = em_ft_loss(model, *held_out, normalize="token").item()
+    assert len(history) == 6 and trainer.global_step == 6
+    assert after < before - 0.1, (before, after)
+    assert history[-1]["entropy"] < history[0]["entropy"]
+
+
+def test_trainer_kl_starts_at_zero_and_checkpoints(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_causal_lm(seed=3, family="qwen2")
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
+                          lr=1e-2, kl_coef=0.5, save_dir=tmp_path, save_every=2, progress=False)
+    history = trainer.train(iter([_prompts(seed) for seed in range(4)]), num_steps=3)
+    assert len(history) == 3
+    assert history[0]["kl"] == 0.0  # the policy is still the reference model
+    assert history[2]["kl"] > 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "step-2")
+    assert reloaded.config.vocab_size == model.config.vocab_size
+
+
+@pytest.mark.parametrize("options, error", [
+    (dict(num_samples=0), ValueError), (dict(lr=-1.0), ValueError),
+    (dict(normalize="mean"), ValueError), (dict(save_every=5), ValueError),
+    (dict(max_new_tokens=2.5), TypeError), (dict(kl_coef=-0.1), ValueError),
+])
+def test_trainer_bad_arguments_raise(qwen, options, error):
+    with pytest.raises(error):
+        EMFTTrainer(qwen, pad_token_id=PAD, eos_token_id=EOS, **options)

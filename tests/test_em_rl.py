@@ -1,0 +1,172 @@
+"""EM-RL: rewards against full-logit float64 references, the advantage formulas, bad input, and
+EMRLTrainer lowering the entropy of a tiny model."""
+
+import math
+
+import pytest
+import torch
+from algos_support import EOS, PAD, per_token_reference, random_batch, tiny_causal_lm
+from hypothesis import given
+from hypothesis import strategies as st
+from oracle import assert_matches_oracle
+
+from em_algos import (
+    EMRLTrainer,
+    em_ft_loss,
+    grpo_advantages,
+    rloo_advantages,
+    sequence_reward,
+    token_reward,
+)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_causal_lm(seed=0, family="llama")
+
+
+def reference_rewards(model, batch, kind, reduce, dtype):
+    entropy, logprob, predicts_response = per_token_reference(model, *batch, dtype=dtype)
+    values = logprob if kind == "sequence" else -entropy
+    sums = (values * predicts_response).sum(-1)
+    if reduce == "sum":
+        return sums
+    return sums / predicts_response.sum(-1).clamp(min=1)
+
+
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), prompt=st.integers(1, 5),
+       response=st.integers(0, 6), kind=st.sampled_from(["sequence", "token"]),
+       reduce=st.sampled_from(["mean", "sum"]))
+def test_rewards_match_full_logit_reference(llama, seed, batch, prompt, response, kind, reduce):
+    inputs = random_batch(torch.Generator().manual_seed(seed), batch, prompt, response)
+    reward_fn = sequence_reward if kind == "sequence" else token_reward
+    rewards = reward_fn(llama, *inputs, reduce=reduce)
+    assert rewards.shape == (batch,) and rewards.dtype == torch.float32
+    assert not rewards.requires_grad
+    with torch.no_grad():
+        oracle = reference_rewards(llama, inputs, kind, reduce, torch.float64)
+        baseline = reference_rewards(llama, inputs, kind, reduce, torch.float32)
+    assert_matches_oracle(rewards, oracle, baseline, 1e-6, f"{kind}_reward ({reduce})")
+
+
+def test_rewards_signs_and_empty_responses(llama):
+    input_ids, attention, response = random_batch(torch.Generator().manual_seed(1), 4, 3, 5)
+    response[0] = False
+    attention[0, 3:] = 0
+    sequence = sequence_reward(llama, input_ids, attention, response, reduce="sum")
+    tokens = token_reward(llama, input_ids, attention, response, reduce="sum")
+    assert sequence[0] == 0 and tokens[0] == 0
+    assert (sequence <= 0).all() and (tokens <= 0).all()
+    assert (tokens >= -response[:, 1:].sum(-1) * math.log(llama.config.vocab_size) - 1e-4).all()
+
+
+def loop_rloo(rewards, group_size):
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size].tolist()
+        for i, r in enumerate(group):
+            others = group[:i] + group[i + 1:]
+            out.append(r - sum(others) / len(others))
+    return torch.tensor(out, dtype=rewards.dtype)
+
+
+def loop_grpo(rewards, group_size, eps):
+    out = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size].tolist()
+        mean = sum(group) / len(group)
+        std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))
+        out.extend((r - mean) / (std + eps) for r in group)
+    return torch.tensor(out, dtype=rewards.dtype)
+
+
+@given(groups=st.integers(1, 6), group_size=st.integers(2, 6), seed=st.integers(0, 2**31 - 1),
+       scale=st.sampled_from([1e-3, 1.0, 100.0]))
+def test_advantages_match_their_formulas(groups, group_size, seed, scale):
+    rewards = scale * torch.randn(groups * group_size, dtype=torch.float64,
+                                  generator=torch.Generator().manual_seed(seed))
+    rloo = rloo_advantages(rewards, group_size)
+    grpo = grpo_advantages(rewards, group_size, eps=1e-6)
+    torch.testing.assert_close(rloo, loop_rloo(rewards, group_size))
+    torch.testing.assert_close(grpo, loop_grpo(rewards, group_size, 1e-6))
+    # RLOO sums to zero per group and equals G / (G - 1) times (r - group mean).
+    grouped = rloo.reshape(groups, group_size)
+    torch.testing.assert_close(grouped.sum(-1), torch.zeros(groups, dtype=torch.float64),
+                               atol=1e-9 * scale, rtol=0)
+    centred = rewards.reshape(groups, group_size)
+    centred = centred - centred.mean(-1, keepdim=True)
+    torch.testing.assert_close(grouped, centred * group_size / (group_size - 1))
+
+
+def test_advantages_of_equal_rewards_are_zero():
+    rewards = torch.tensor([0.5, 0.5, 0.5, -2.0, -2.0, -2.0])
+    assert not rloo_advantages(rewards, 3).any()
+    assert not grpo_advantages(rewards, 3).any()
+
+
+@pytest.mark.parametrize("fn", [rloo_advantages, grpo_advantages])
+@pytest.mark.parametrize("rewards, group_size, error", [
+    (torch.zeros(7), 2, ValueError),              # not a whole number of groups
+    (torch.zeros(6), 4, ValueError),
+    (torch.zeros(6), 1, ValueError),              # no baseline
+    (torch.zeros(6), 0, ValueError),
+    (torch.zeros(6), 2.0, TypeError),
+    (torch.zeros(2, 3), 3, ValueError),           # one reward per response
+    (torch.zeros(6, dtype=torch.int64), 3, TypeError),
+])
+def test_advantages_bad_input_raises(fn, rewards, group_size, error):
+    with pytest.raises(error):
+        fn(rewards, group_size)
+
+
+@pytest.mark.parametrize("fn", [sequence_reward, token_reward])
+def test_rewards_bad_input_raises(llama, fn):
+    inputs = random_batch(torch.Generator().manual_seed(2), 2, 3, 3)
+    with pytest.raises(ValueError, match="reduce"):
+        fn(llama, *inputs, reduce="max")
+    with pytest.raises(ValueError, match="shape"):
+        fn(llama, inputs[0], inputs[1], inputs[2][:, 1:])
+
+
+def _prompts(seed, batch=4, length=4):
+    prompts = torch.randint(2, 23, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+
+
+@pytest.mark.parametrize("reward, advantage", [("token", "rloo"), ("sequence", "grpo")])
+def test_trainer_lowers_entropy(reward, advantage):
+    model = tiny_causal_lm(seed=4, family="qwen2")
+    held_out = random_batch(torch.Generator().manual_seed(13), 8, 4, 6)
+    with torch.no_grad():
+        before = em_ft_loss(model, *held_out, normalize="token").item()
+    trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, reward=reward,
+                          advantage=advantage, max_new_tokens=6, lr=1e-2, minibatch_size=8,
+                          progress=False)
+    history = trainer.train([_prompts(seed) for seed in range(8)])
+    with torch.no_grad():
+        after = em_ft_loss(model, *held_out, normalize="token").item()
+    assert len(history) == 8
+    assert after < before - 0.1, (before, after)
+
+
+def test_first_update_is_on_policy_with_zero_kl():
+    """Rollouts scored by the policy that sampled them: the first minibatch's ratio is exactly 1
+    (nothing clipped) and the k3 KL to the reference (the initial model) is 0."""
+    model = tiny_causal_lm(seed=5, family="llama")
+    trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
+                          lr=1e-2, beta=0.1, progress=False)
+    stats = trainer.step(**{"prompt_ids": _prompts(0)["input_ids"],
+                            "prompt_mask": _prompts(0)["attention_mask"]})
+    assert stats["clip_fraction"] == 0.0 and stats["kl"] == 0.0
+    assert stats["response_tokens"] > 0 and stats["reward"] < 0
+
+
+@pytest.mark.parametrize("options, error", [
+    (dict(num_rollouts=1), ValueError), (dict(reward="accuracy"), ValueError),
+    (dict(reward_reduce="max"), ValueError), (dict(advantage="ppo"), ValueError),
+    (dict(clip_range=0), ValueError), (dict(beta=-1.0), ValueError),
+    (dict(minibatch_size=0), ValueError), (dict(ppo_epochs=1.5), TypeError),
+])
+def test_trainer_bad_arguments_raise(llama, options, error):
+    with pytest.raises(error):
+        EMRLTrainer(llama, pad_token_id=PAD, eos_token_id=EOS, **options)
