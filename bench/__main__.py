@@ -1,0 +1,190 @@
+"""em-bench (also `python -m bench`): every em-kernels op against eager PyTorch, torch.compile,
+chunked PyTorch, peer libraries and the device's ceilings.
+
+    em-bench                          the default run: a small CPU subset (< 3 minutes on 2 cores),
+                                      or the headline shapes on a GPU
+    em-bench --full                   the whole sweep (V 32000..262144, N 1..16384, bf16 and fp32)
+    em-bench --ops entropy --providers eager,triton --modes fwd --shapes N8192-V151936
+    em-bench --shapes V151936         every declared shape with V = 151936
+    em-bench --list                   print the cells that would run, and exit
+
+Writes results.csv, results.md and bandwidth.png under --out (default bench_out/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import report
+from .harness import DTYPE_NAMES, DTYPES, MODES, Context, parse_shape_label, run_cells
+from .ops import OPS
+
+# The quick CPU run stops starting cells after this long: it finishes within 3 minutes even when
+# other jobs share the two cores (the reports take a few seconds more).
+CPU_DEFAULT_MAX_SECONDS = 120.0
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """["a,b", "c"] -> ["a", "b", "c"]; None stays None (no filter)."""
+    if values is None:
+        return None
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="em-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", metavar="OP", help=f"of: {', '.join(OPS)}")
+    parser.add_argument("--providers", nargs="+", metavar="NAME",
+                        help="eager, compile, chunked, matmul, triton, cuda, cpu, liger, cce")
+    parser.add_argument("--modes", nargs="+", metavar="MODE", help=f"of: {', '.join(MODES)}")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help="a full shape (N8192-V151936, M8192-H3584-V152064, B1-V151936) runs "
+                             "that shape; a partial one (V151936, N1) keeps the declared shapes "
+                             "that match it; ops that no SHAPE names are not run")
+    parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help=f"of: {', '.join(DTYPES)}")
+    parser.add_argument("--full", action="store_true", help="the whole sweep (meant for a GPU)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: CUDA when available")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no new cell after this many seconds; the rest are skipped "
+                             f"(default: {CPU_DEFAULT_MAX_SECONDS:.0f} for the quick CPU run, so "
+                             "that it ends within 3 minutes on a busy machine; 0: no limit)")
+    parser.add_argument("--list", action="store_true", help="print the planned cells and exit")
+    args = parser.parse_args(argv)
+    for name in ("ops", "providers", "modes", "shapes", "dtypes"):
+        setattr(args, name, _split(getattr(args, name)))
+    _check_choices(parser, "--ops", args.ops, OPS)
+    _check_choices(parser, "--modes", args.modes, MODES)
+    _check_choices(parser, "--dtypes", args.dtypes, DTYPES)
+    known = {p.name for op in OPS.values() for p in op.providers()}
+    _check_choices(parser, "--providers", args.providers, sorted(known))
+    try:
+        args.shape_dims = [parse_shape_label(s) for s in args.shapes] if args.shapes else None
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+def _check_choices(parser, flag, values, choices) -> None:
+    unknown = [v for v in values or () if v not in choices]
+    if unknown:
+        parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
+
+
+def select_shapes(op, shape_dims: list[dict] | None, device_type: str, full: bool) -> list[dict]:
+    declared = op.shapes(device_type, full)
+    if shape_dims is None:
+        return declared
+    chosen = []
+    for dims in shape_dims:
+        if set(dims) == set(op.dims):
+            chosen.append({name: dims[name] for name in op.dims})
+        elif set(dims) < set(op.dims):
+            chosen += [d for d in declared if all(d[k] == v for k, v in dims.items())]
+    return list({tuple(d.items()): d for d in chosen}.values())
+
+
+def build_plan(args, device_type: str) -> list[tuple]:
+    """[(op, dims, dtype, modes, providers)], the ops' cases interleaved (first case of each op,
+    then the second, ...) so that a run cut short by --max-seconds still shows every op."""
+    per_op = []
+    for name, op in OPS.items():
+        if args.ops is not None and name not in args.ops:
+            continue
+        modes = (op.default_modes(device_type, args.full) if args.modes is None
+                 else [m for m in op.modes if m in args.modes])
+        providers = [p for p in op.providers()
+                     if args.providers is None or p.name in args.providers]
+        dtypes = ([DTYPES[d] for d in args.dtypes] if args.dtypes
+                  else op.dtypes(device_type, args.full))
+        if not modes or not providers:
+            continue
+        per_op.append([(op, dims, dtype, modes, providers)
+                       for dims in select_shapes(op, args.shape_dims, device_type, args.full)
+                       for dtype in dtypes])
+    return [case for cases in itertools.zip_longest(*per_op) for case in cases if case]
+
+
+class _NoProgress:
+    """Stands in for tqdm where it is not installed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def update(self, count):
+        pass
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print("em-bench: tqdm is not installed: no progress bar", file=sys.stderr)
+        return _NoProgress()
+    return tqdm(total=total, unit="cell", file=sys.stderr, dynamic_ncols=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("em-bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    plan = build_plan(args, args.device)
+    total = sum(len(modes) * len(providers) for *_, modes, providers in plan)
+    if args.list or not plan:
+        for op, dims, dtype, modes, providers in plan:
+            print(f"{op.name} {'-'.join(f'{k}{v}' for k, v in dims.items())} "
+                  f"{DTYPE_NAMES[dtype]} modes={','.join(modes)} "
+                  f"providers={','.join(p.name for p in providers)}")
+        print(f"{total} cells" if plan else "no cell matches the filters")
+        return 0 if plan or args.list else 1
+
+    started = time.monotonic()
+    if args.max_seconds is None and args.device == "cpu" and not args.full:
+        args.max_seconds = CPU_DEFAULT_MAX_SECONDS
+    deadline = started + args.max_seconds if args.max_seconds else None
+    device = torch.device(args.device)
+    ctx = Context(device, args.full, set(args.providers) if args.providers else None, deadline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = {**ctx.info, "copy_gbps": f"{ctx.copy_gbps:.1f}"}
+    csv_log = report.CsvLog(args.out / "results.csv", info)
+    print(f"em-bench: {total} cells on {ctx.device_name}; copy bandwidth "
+          f"{ctx.copy_gbps:.0f} GB/s; writing {args.out}/", file=sys.stderr)
+    with _progress_bar(total) as progress:
+        rows = run_cells(ctx, plan, csv_log.append, progress)
+    rows.sort(key=lambda row: list(OPS).index(row["op"]))  # stable: one op's cells together
+    report.add_speedups(rows)
+    csv_log.rewrite(rows)
+    matmul = ctx.matmul_ceilings()
+    header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
+    (args.out / "results.md").write_text(report.markdown(rows, header))
+    plotted = report.plot(rows, args.out / "bandwidth.png", ctx.copy_gbps, matmul)
+    print("\n".join(header))
+    print(report.terminal_table(rows))
+    skipped = report.not_measured(rows)
+    if skipped:
+        print("\nNot measured:\n  " + "\n  ".join(skipped))
+    written = ["results.csv", "results.md"] + (["bandwidth.png"] if plotted else [])
+    print(f"\n{len(rows)} cells in {time.monotonic() - started:.0f} s; wrote "
+          + ", ".join(f"{args.out}/{name}" for name in written))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (H100 / H200): records the machine, builds the compiled
+# extension, runs the GPU tests, then the headline benchmarks of the issues, and writes what it
+# found to an output folder. Each step runs under `timeout` within a total budget
+# (GPU_CHECK_SECONDS, default 450 s), so one hang or a slow build cannot eat the machine's lease;
+# a failed step is logged and the next one runs (no `set -e`).
+#
+#   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else gpu_check_out/
+#
+# Writes at most 7 files, flat, into OUT_DIR (rewritten after every step, so a run killed
+# midway still leaves its results):
+#   run.log          machine, versions, backends, and one line per step (exit code, seconds)
+#   build.log        the extension build          tests.log     the GPU tests
+#   bench.md         every benchmark's markdown summary, concatenated
+#   bench.csv        every benchmark cell, one CSV (device, versions, commit on each row)
+#   bandwidth.png    achieved bandwidth vs V of the entropy sweep
+#   logs.tar.gz      everything else: each step's full output, per-step CSVs and plots
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+OUT_DIR="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+WORK="$(mktemp -d)"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+BUDGET="${GPU_CHECK_SECONDS:-450}"
+START=$(date +%s)
+LOG="$OUT_DIR/run.log"
+: > "$LOG"
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# Bundle what exists so far into OUT_DIR (called after every step).
+collect() {
+    cp -f "$WORK/build.log" "$OUT_DIR/build.log" 2>/dev/null
+    cp -f "$WORK/tests.log" "$OUT_DIR/tests.log" 2>/dev/null
+    : > "$OUT_DIR/bench.md"
+    rm -f "$OUT_DIR/bench.csv"
+    for dir in "$WORK"/bench_*/; do
+        [ -d "$dir" ] || continue
+        if [ -f "$dir/results.md" ]; then
+            { echo "<!-- $(basename "$dir") -->"; cat "$dir/results.md"; echo; } >> "$OUT_DIR/bench.md"
+        fi
+        if [ -f "$dir/results.csv" ]; then
+            if [ -f "$OUT_DIR/bench.csv" ]; then
+                tail -n +2 "$dir/results.csv" >> "$OUT_DIR/bench.csv"
+            else
+                cp "$dir/results.csv" "$OUT_DIR/bench.csv"
+            fi
+        fi
+    done
+    cp -f "$WORK/bench_sweep/bandwidth.png" "$OUT_DIR/bandwidth.png" 2>/dev/null
+    tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null
+}
+
+# clip LIMIT: LIMIT, or the seconds left of the budget (less 10 for the last collect) if fewer.
+clip() {
+    local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
+    if [ "$1" -gt "$left" ]; then echo "$left"; else echo "$1"; fi
+}
+
+# step NAME LIMIT_SECONDS COMMAND...: run under timeout, never past the total budget.
+step() {
+    local name=$1 limit
+    limit=$(clip "$2")
+    shift 2
+    if [ "$limit" -lt 20 ]; then
+        say "== $name: not run (the ${BUDGET}s budget is spent)"
+        return
+    fi
+    say "== $name: start $(date -u +%H:%M:%S), limit ${limit}s"
+    local t0=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    local rc=$?
+    local verdict="rc=$rc"
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="rc=$rc (timed out)"
+    say "== $name: $verdict after $(( $(date +%s) - t0 ))s"
+    [ "$rc" -ne 0 ] && tail -n 15 "$WORK/$name.log" | sed 's/^/   | /' >> "$LOG"
+    collect
+}
+
+bench() {  # bench NAME LIMIT em-bench-arguments...
+    local name=$1 limit
+    limit=$(clip "$2")
+    shift 2
+    # em-bench stops starting cells 15 s before the step's limit and still writes its reports.
+    step "bench_$name" "$limit" "$PY" -m bench --device cuda --out "$WORK/bench_$name" \
+        --max-seconds $(( limit - 15 )) "$@"
+}
+
+say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit $(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)"
+nvidia-smi >> "$LOG" 2>&1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version \
+    --format=csv >> "$LOG" 2>&1
+"$PY" - >> "$LOG" 2>&1 <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+print("nproc", __import__("os").cpu_count())
+EOF
+
+# 1. The compiled extension (CUDA part for sm_90a only: the build time is the budget's largest
+#    item). If it fails, the run goes on with the Triton kernels.
+step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a \
+    "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+"$PY" -c "import em_kernels, json; print('backends:', json.dumps(em_kernels.available_backends(), indent=1))" >> "$LOG" 2>&1
+
+# 2. The GPU tests: every test whose id names cuda (the CPU ones ran in CI), on 4 workers when
+#    pytest-xdist is installed.
+WORKERS=""
+"$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 4"
+# shellcheck disable=SC2086
+step tests 100 "$PY" -m pytest -q $WORKERS -m 'not distributed' -k cuda -p no:cacheprovider tests/
+
+# 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936], every provider.
+bench headline 120 --ops entropy logprobs_and_entropy --shapes N8192-V151936 --dtypes bf16 \
+    --modes fwd fwd+bwd
+# 4. The fused LM head at the issue's two shapes (H 3584 and H 896), every provider.
+bench linear 90 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd
+# 5. EM-INF (5 steps, never exiting early) and adaptive temperature at B 1, 16, 64 (V 151936).
+bench decode_ops 45 --ops em_inf_adjust adaptive_temperature --shapes V151936
+# 6. A V / N sweep of entropy forward for the plot (our kernels and eager; compile compiles
+#    once per shape, too slow for this budget).
+bench sweep 40 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
+    --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
+    N16384-V151936
+# 7. generate() with and without the EM-INF processor.
+if [ -f bench/decode.py ]; then
+    step decode 45 "$PY" bench/decode.py --gpu
+fi
+
+collect
+say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
+rm -rf "$WORK"

@@ -1,0 +1,503 @@
+"""The measurement loop of em-bench: what one benchmark cell is and how it is measured.
+
+A cell is (op, shape, dtype, mode, provider). For each cell the harness
+
+1. builds the op's inputs once per (op, shape, dtype) from a seeded generator (random normal
+   values, never zeros), shared by every provider and mode of that case;
+2. runs the provider once untimed: this warms it up (Triton JIT, torch.compile), yields the
+   outputs and gradients for the error check, and measures the peak extra memory:
+   on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the call; on CPU the
+   peak of the running sum of the allocations and frees that torch's profiler records;
+3. times it: on CUDA the median of `triton.testing.do_bench` (CUDA events, warm-up, and an L2
+   flush before every call, so even inputs that fit in L2 are read from HBM, which is what
+   rotating inputs achieves); on CPU the median of wall-clock repeats after the warm-up call;
+4. reports bytes / time and FLOPs / time from the op's counts of the least traffic and work the
+   computation needs (not what the provider happens to move), and the fraction of the device's
+   ceiling measured at the start of the same run: the copy bandwidth for memory-bound ops, the
+   matmul rate in the cell's dtype for compute-bound ones;
+5. compares the outputs (and in the backward modes the input gradients) with the op's float64
+   oracle, on an evenly spaced subset of rows when the full oracle would be too big (every op
+   here is row-wise, so a row's result does not depend on the other rows).
+
+Modes: "fwd" runs the forward with inputs that do not require grad; "bwd" runs the forward once
+with grad, then times only `autograd.backward` with fixed random upstream gradients
+(retain_graph); "fwd+bwd" times both. A provider that cannot run a cell (not installed, backend
+unavailable, not implemented yet, out of memory, or the time budget spent) gives a "skipped" row
+with a one-line reason; an exception gives an "error" row; neither stops the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# Rows of the float64 oracle: enough to catch a wrong block or tile anywhere, cheap at V = 262144.
+ORACLE_ROWS = 64
+# CPU timing: at least this many timed repeats, at most CPU_MAX_REPEATS, and no more repeats than
+# fit in CPU_REPEAT_BUDGET_S; a median of 3 is already robust to one preempted run on a shared box.
+CPU_MIN_REPEATS = 3
+CPU_MAX_REPEATS = 15
+CPU_REPEAT_BUDGET_S = 0.6
+# CUDA timing (do_bench): milliseconds of warm-up and of timed repeats; do_bench's defaults.
+GPU_WARMUP_MS = 25
+GPU_REPEAT_MS = 100
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Skip(Exception):
+    """This provider cannot run this cell; the message is the one-line reason."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One (op, shape, dtype) on one device: the inputs every provider and mode of it share."""
+
+    op: Any  # an OpBench
+    dims: dict[str, int]
+    dtype: torch.dtype
+    device: torch.device
+    inputs: dict[str, torch.Tensor]
+    check_rows: torch.Tensor  # indices (along dim 0 of the outputs) compared with the oracle
+    seed: int
+    oracle_cache: dict = dataclasses.field(default_factory=dict)
+    upstream_cache: dict = dataclasses.field(default_factory=dict)  # provider -> upstream grads
+
+    @property
+    def label(self) -> str:
+        return shape_label(self.dims)
+
+    @property
+    def dtype_name(self) -> str:
+        return DTYPE_NAMES[self.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    """One way of computing an op.
+
+    build(case) returns a callable that runs the forward once on case.inputs and returns a tuple
+    of output tensors (the op's outputs in the op's order when `compares` is true; anything
+    differentiable otherwise, such as a bare matmul's logits or a peer's cross-entropy loss).
+    unavailable(ctx) returns None when the provider can run here, else the one-line reason.
+    """
+
+    name: str
+    build: Callable[[Case], Callable[[], tuple[torch.Tensor, ...]]]
+    compares: bool = True
+    unavailable: Callable[["Context"], str | None] = lambda ctx: None
+    note: str = ""
+
+
+class OpBench:
+    """What an op module declares. Subclasses set the class attributes and the methods."""
+
+    name: str = ""
+    dims: tuple[str, ...] = ()
+    modes: tuple[str, ...] = MODES
+    bound: str = "memory"  # "memory": GB/s vs copy bandwidth; "compute": TFLOP/s vs matmul
+    grad_inputs: tuple[str, ...] = ()  # inputs that require grad in the backward modes
+    row_grad_inputs: tuple[str, ...] = ()  # of those, the ones checked row-wise vs the oracle
+    oracle_rows: int | None = ORACLE_ROWS  # None: compare every row
+
+    def shapes(self, device_type: str, full: bool) -> list[dict[str, int]]:
+        raise NotImplementedError
+
+    def default_modes(self, device_type: str, full: bool) -> list[str]:
+        """All modes, except "bwd" in the quick CPU run (fwd+bwd minus fwd gives it there)."""
+        if device_type == "cpu" and not full:
+            return [mode for mode in self.modes if mode != "bwd"]
+        return list(self.modes)
+
+    def dtypes(self, device_type: str, full: bool) -> list[torch.dtype]:
+        raise NotImplementedError
+
+    def make_inputs(self, dims, dtype, device, generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def traffic(self, dims, dtype, mode) -> tuple[float | None, float | None]:
+        """(bytes, FLOPs) the computation needs at least; None where it does not apply."""
+        raise NotImplementedError
+
+    def oracle(self, case: Case, upstream: Sequence[torch.Tensor] | None):
+        """float64 (outputs on case.check_rows, {input name: gradient on case.check_rows}).
+
+        upstream holds the upstream gradients of the full outputs (None in fwd mode)."""
+        raise NotImplementedError
+
+    def providers(self) -> list[Provider]:
+        raise NotImplementedError
+
+
+def shape_label(dims: dict[str, int]) -> str:
+    """{"N": 8192, "V": 151936} -> "N8192-V151936" (the form --shapes takes)."""
+    return "-".join(f"{name}{size}" for name, size in dims.items())
+
+
+def parse_shape_label(label: str) -> dict[str, int]:
+    """The inverse of shape_label; ValueError on anything else."""
+    dims = {}
+    for part in label.split("-"):
+        name, digits = part[:1], part[1:]
+        if not name.isalpha() or not digits.isdigit():
+            raise ValueError(
+                f'cannot read shape "{label}": write it as dims and sizes joined by "-", '
+                'such as N8192-V151936 or V151936')
+        dims[name.upper()] = int(digits)
+    return dims
+
+
+# ----------------------------------------------------------------------------------------------
+# The run's context: device, versions, ceilings
+
+
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+            text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+    except Exception:  # not installed, or broken
+        return "not installed"
+    return triton.__version__
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the C++ profiler's lines on stderr (fd 2) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+class Context:
+    """Device, versions and ceilings of one run, and how each cell is timed there."""
+
+    def __init__(self, device: torch.device, full: bool, requested_providers: set[str] | None,
+                 deadline: float | None):
+        self.device = device
+        self.full = full
+        self.requested_providers = requested_providers
+        self.deadline = deadline
+        self.is_cuda = device.type == "cuda"
+        if self.is_cuda:
+            self.device_name = torch.cuda.get_device_name(device)
+        else:
+            self.device_name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+        self.info = {
+            "device": self.device_name,
+            "torch": torch.__version__,
+            "triton": _triton_version(),
+            "python": platform.python_version(),
+            "commit": _git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        }
+        self.copy_gbps = self._copy_bandwidth()
+        self._matmul_tflops: dict[torch.dtype, float] = {}
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def explicitly_requested(self, provider: str) -> bool:
+        return self.requested_providers is not None and provider in self.requested_providers
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, step: Callable[[], Any], reset: Callable[[], None]) -> float:
+        """Median milliseconds of step(); reset() runs before each call, untimed where possible."""
+        if self.is_cuda:
+            import triton.testing
+
+            # do_bench sets grad_to_none itself; `reset` covers the same need generically.
+            def timed():
+                reset()
+                step()
+
+            return float(triton.testing.do_bench(
+                timed, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, return_mode="median"))
+        samples: list[float] = []
+        spent = 0.0
+        while len(samples) < CPU_MIN_REPEATS or (
+                len(samples) < CPU_MAX_REPEATS and spent < CPU_REPEAT_BUDGET_S
+                and not self.out_of_time()):
+            reset()
+            start = time.perf_counter()
+            step()
+            elapsed = time.perf_counter() - start
+            samples.append(elapsed)
+            spent += elapsed
+        return 1e3 * statistics.median(samples)
+
+    def run_measuring_memory(self, step: Callable[[], Any]) -> tuple[Any, float | None]:
+        """(step()'s result, peak extra MiB allocated during the call)."""
+        if self.is_cuda:
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            result = step()
+            torch.cuda.synchronize(self.device)
+            return result, (torch.cuda.max_memory_allocated(self.device) - before) / 2**20
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            result = step()
+        # Each event's self allocation (negative for frees), in start order: the running sum
+        # is the memory held at that point, its maximum the peak above the start.
+        current = peak = 0
+        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+            current += event.self_cpu_memory_usage
+            peak = max(peak, current)
+        return result, peak / 2**20
+
+    def _copy_bandwidth(self) -> float:
+        """GB/s of a device-to-device copy, counting the bytes read and written."""
+        # 1 GiB on GPU (far beyond L2); 64 MiB on CPU (src + dst 4x a 32 MiB last-level cache).
+        numel = (2**30 if self.is_cuda else 2**26) // 4
+        src = torch.rand(numel, device=self.device)
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src), lambda: None)
+        del src, dst
+        return 2 * numel * 4 / (ms * 1e-3) / 1e9
+
+    def matmul_ceilings(self) -> dict[str, float]:
+        """{dtype name: TFLOP/s} of the matmul ceilings measured so far in this run."""
+        return {DTYPE_NAMES[dtype]: tflops for dtype, tflops in self._matmul_tflops.items()}
+
+    def matmul_tflops(self, dtype: torch.dtype) -> float:
+        """TFLOP/s of a square matmul in `dtype`, measured once per run (the matrix ceiling)."""
+        if dtype not in self._matmul_tflops:
+            # 8192^3 saturates an H100/H200; 1024^3 takes ~0.1 s on two CPU cores.
+            size = 8192 if self.is_cuda else 1024
+            gen = torch.Generator(self.device).manual_seed(0)
+            a = torch.randn(size, size, device=self.device, dtype=dtype, generator=gen)
+            b = torch.randn(size, size, device=self.device, dtype=dtype, generator=gen)
+            ms = self.time_ms(lambda: a @ b, lambda: None)
+            self._matmul_tflops[dtype] = 2 * size**3 / (ms * 1e-3) / 1e12
+        return self._matmul_tflops[dtype]
+
+
+# ----------------------------------------------------------------------------------------------
+# One cell
+
+
+def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtype,
+              seed: int) -> Case:
+    generator = torch.Generator(ctx.device).manual_seed(seed)
+    inputs = op.make_inputs(dims, dtype, ctx.device, generator)
+    rows = next(iter(inputs.values())).shape[0]
+    if op.oracle_rows is None or rows <= op.oracle_rows:
+        check_rows = torch.arange(rows, device=ctx.device)
+    else:
+        check_rows = torch.linspace(0, rows - 1, op.oracle_rows, device=ctx.device).round().long()
+    return Case(op, dims, dtype, ctx.device, inputs, check_rows, seed)
+
+
+def _max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
+    """Largest |value - oracle| where the oracle is finite; inf if value is not finite there."""
+    value = value.detach().double()
+    finite = torch.isfinite(oracle)
+    if not bool(finite.any()):
+        return 0.0
+    diff = (value[finite] - oracle[finite]).abs()
+    return float(diff.max()) if bool(torch.isfinite(diff).all()) else math.inf
+
+
+def _upstream_like(outputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """Random upstream gradients, the same for every provider whose outputs have these shapes."""
+    grads = []
+    for index, out in enumerate(outputs):
+        gen = torch.Generator(out.device).manual_seed(seed + 1000 + index)
+        grads.append(torch.randn(out.shape, device=out.device, dtype=out.dtype, generator=gen))
+    return grads
+
+
+def _set_requires_grad(case: Case, flag: bool) -> None:
+    for name in case.op.grad_inputs:
+        case.inputs[name].requires_grad_(flag)
+        case.inputs[name].grad = None
+
+
+def _clear_grads(case: Case) -> None:
+    for name in case.op.grad_inputs:
+        case.inputs[name].grad = None
+
+
+def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
+    """Measure one cell. Returns the measured fields; raises Skip or any error."""
+    forward = provider.build(case)
+    upstream = None
+    outs = None
+    if mode == "fwd":
+        _set_requires_grad(case, False)
+
+        def step():
+            with torch.no_grad():
+                return forward()
+    else:
+        _set_requires_grad(case, True)
+        if mode == "bwd":
+            outs = forward()
+            upstream = case.upstream_cache.setdefault(
+                provider.name, _upstream_like(outs, case.seed))
+
+            def step():
+                torch.autograd.backward(outs, upstream, retain_graph=True)
+                return outs
+        else:
+            # Made on the first call from the outputs' shapes, unless bwd already made them.
+            upstream = case.upstream_cache.get(provider.name)
+
+            def step():
+                nonlocal upstream
+                result = forward()
+                if upstream is None:
+                    upstream = _upstream_like(result, case.seed)
+                    case.upstream_cache[provider.name] = upstream
+                torch.autograd.backward(result, upstream)
+                return result
+
+    made_upstream = mode == "fwd+bwd" and upstream is None
+    result, peak_mib = ctx.run_measuring_memory(step)
+    if made_upstream:  # the upstream gradients stand for an input: not the provider's memory
+        peak_mib -= sum(u.numel() * u.element_size() for u in upstream) / 2**20
+    ctx.synchronize()
+    err_out = err_grad = None
+    if provider.compares:
+        oracle_key = mode != "fwd"
+        if oracle_key not in case.oracle_cache:
+            case.oracle_cache[oracle_key] = case.op.oracle(case, upstream)
+        outs64, grads64 = case.oracle_cache[oracle_key]
+        err_out = max(_max_abs_error(out.index_select(0, case.check_rows), ref)
+                      for out, ref in zip(result, outs64))
+        if mode != "fwd":
+            err_grad = max(
+                _max_abs_error(case.inputs[name].grad.index_select(0, case.check_rows), ref)
+                for name, ref in grads64.items())
+    del result
+    ms = ctx.time_ms(step, lambda: _clear_grads(case))
+    _clear_grads(case)
+    del outs, step
+    nbytes, flops = case.op.traffic(case.dims, case.dtype, mode)
+    gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+    tflops = flops / (ms * 1e-3) / 1e12 if flops else None
+    if case.op.bound == "compute":
+        ceiling = tflops / ctx.matmul_tflops(case.dtype) if tflops else None
+    else:
+        ceiling = gbps / ctx.copy_gbps if gbps else None
+    return {"time_ms": ms, "gbps": gbps, "tflops": tflops, "frac_ceiling": ceiling,
+            "peak_extra_mib": peak_mib, "err_out": err_out, "err_grad": err_grad}
+
+
+def _release_memory(ctx: Context) -> None:
+    gc.collect()
+    if ctx.is_cuda:
+        torch.cuda.empty_cache()
+
+
+def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
+    """None, or why the inputs of this case cannot be allocated on this device."""
+    if not ctx.is_cuda:
+        return None
+    numel = math.prod(dims.values())
+    need = numel * torch.tensor([], dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    # The inputs plus a gradient of the same size must fit, with a margin for the providers.
+    if 2.5 * need > free:
+        return f"out of GPU memory: inputs need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return None
+
+
+def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[str],
+                                             list[Provider]]], on_row: Callable[[dict], None],
+              progress) -> list[dict]:
+    """Run every cell of the plan: [(op, dims, dtype, modes, providers)]. Returns the rows."""
+    rows = []
+    for case_index, (op, dims, dtype, modes, providers) in enumerate(plan):
+        base = {"op": op.name, "shape": shape_label(dims), "dtype": DTYPE_NAMES[dtype],
+                **{f"dim_{k}": v for k, v in dims.items()}}
+        case = None
+        case_skip = _case_fits(ctx, op, dims, dtype)
+        if case_skip is None and not ctx.out_of_time():
+            try:
+                case = make_case(ctx, op, dims, dtype, seed=case_index)
+            except torch.cuda.OutOfMemoryError:
+                case_skip = "out of GPU memory allocating the inputs"
+        for mode in modes:
+            for provider in providers:
+                row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
+                       "reason": ""}
+                progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
+                                         f"{provider.name}", refresh=False)
+                reason = case_skip or provider.unavailable(ctx)
+                if reason is None and ctx.out_of_time():
+                    reason = "the run's time budget (--max-seconds) was spent"
+                if reason is None and case is None:
+                    reason = "inputs were not built"
+                if reason is not None:
+                    row.update(status="skipped", reason=reason)
+                else:
+                    try:
+                        row.update(measure(ctx, case, provider, mode))
+                    except Skip as exc:
+                        row.update(status="skipped", reason=str(exc))
+                    except NotImplementedError as exc:
+                        row.update(status="skipped", reason=f"not implemented yet: {exc}".strip())
+                    except torch.cuda.OutOfMemoryError:
+                        row.update(status="skipped", reason="out of GPU memory")
+                    except Exception as exc:  # report it in the table; keep measuring the rest
+                        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                        row.update(status="error", reason=message)
+                    finally:
+                        if case is not None:
+                            _set_requires_grad(case, False)
+                        _release_memory(ctx)
+                rows.append(row)
+                on_row(row)
+                progress.update(1)
+        del case
+        _release_memory(ctx)
+    return rows

@@ -1,0 +1,8 @@
+"""The op modules of em-bench, in the order they are run and reported."""
+
+from .em_inf import AdaptiveTemperatureBench, EmInfAdjustBench
+from .entropy import EntropyBench, LogprobsAndEntropyBench
+from .linear_entropy import LinearEntropyBench
+
+OPS = {op.name: op for op in (EntropyBench(), LogprobsAndEntropyBench(), LinearEntropyBench(),
+                              EmInfAdjustBench(), AdaptiveTemperatureBench())}

@@ -1,0 +1,180 @@
+"""entropy and logprobs_and_entropy on [N, V] logits.
+
+Least traffic (the model GB/s and the roofline fraction use; e = bytes per logit):
+    fwd      N V e          read the logits once (+ 4N for the entropy, + 12N with log-probs)
+    bwd      2 N V e        read the logits, write their gradient (the O(N) statistics aside)
+    fwd+bwd  3 N V e        both
+No FLOP count: at 1 exp per element these ops are memory-bound on every device here.
+
+Providers: eager (what RL trainers write: fp32 upcast, logsumexp minus the sum of softmax times
+logits), compile (torch.compile of eager), chunked (eager over checkpointed row chunks, the
+verl / TRL memory-saving form), em-kernels' triton, cuda and cpu backends. Liger-Kernel and
+Cut Cross-Entropy offer no op on logits (they fuse the LM head; see linear_entropy).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from em_kernels import reference
+
+from ..harness import OpBench, Provider
+from .common import (chunked, compile_unavailable, compiled, em_providers, not_offered,
+                     never_built)
+
+# Logits ~ N(0, 3^2): about the spread of real LLM logits, so the entropy sits well below log V.
+LOGIT_SCALE = 3.0
+VOCABS = (32000, 128256, 151936, 262144)
+ROWS = (1, 16, 64, 4096, 8192, 16384)
+# Rows generated per random draw: bounds the fp32 temporary when filling 16384 x 262144 logits.
+FILL_ROWS = 1024
+
+
+def random_logits(rows: int, vocab: int, dtype, device, generator) -> torch.Tensor:
+    logits = torch.empty(rows, vocab, dtype=dtype, device=device)
+    for start in range(0, rows, FILL_ROWS):
+        block = logits[start:start + FILL_ROWS]
+        block.copy_(torch.randn(block.shape, device=device, generator=generator) * LOGIT_SCALE)
+    return logits
+
+
+def eager_entropy(logits: torch.Tensor) -> tuple[torch.Tensor]:
+    z = logits.float()
+    return (torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1),)
+
+
+def eager_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.float()
+    lse = torch.logsumexp(z, -1)
+    logprobs = z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse
+    return logprobs, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
+class _LogitsOpBench(OpBench):
+    dims = ("N", "V")
+    grad_inputs = ("logits",)
+    row_grad_inputs = ("logits",)
+    with_tokens = False
+
+    def shapes(self, device_type, full):
+        if full:
+            return [{"N": n, "V": v} for v in VOCABS for n in ROWS]
+        if device_type == "cuda":
+            # The anchors' shapes (../shared/anchors), then decode batches.
+            return [{"N": 8192, "V": 151936}, {"N": 32768, "V": 32000}, {"N": 4096, "V": 262144},
+                    {"N": 1, "V": 151936}, {"N": 64, "V": 151936}]
+        # A small batch and a decode row; the CPU goal's [256, 151936] (issue 4) takes
+        # `--shapes N256-V151936` (it alone takes the quick run's time on a busy machine).
+        return [{"N": 64, "V": 151936}, {"N": 1, "V": 151936}]
+
+    def dtypes(self, device_type, full):
+        if device_type == "cuda" and not full:
+            return [torch.bfloat16]
+        return [torch.float32, torch.bfloat16]
+
+    def make_inputs(self, dims, dtype, device, generator):
+        inputs = {"logits": random_logits(dims["N"], dims["V"], dtype, device, generator)}
+        if self.with_tokens:
+            inputs["tokens"] = torch.randint(
+                0, dims["V"], (dims["N"],), device=device, generator=generator)
+        return inputs
+
+    def traffic(self, dims, dtype, mode):
+        n, v = dims["N"], dims["V"]
+        logits = n * v * dtype.itemsize
+        per_row = 12 if self.with_tokens else 4
+        return {"fwd": logits + per_row * n, "bwd": 2 * logits + 2 * per_row * n,
+                "fwd+bwd": 3 * logits + 3 * per_row * n}[mode], None
+
+    def _reference(self, logits, tokens):
+        raise NotImplementedError
+
+    def oracle(self, case, upstream):
+        logits = case.inputs["logits"].detach().index_select(0, case.check_rows).double()
+        tokens = case.inputs.get("tokens")
+        if tokens is not None:
+            tokens = tokens.index_select(0, case.check_rows)
+        logits.requires_grad_(upstream is not None)
+        outs = self._reference(logits, tokens)
+        grads = {}
+        if upstream is not None:
+            torch.autograd.backward(
+                outs, [u.index_select(0, case.check_rows).double() for u in upstream])
+            grads["logits"] = logits.grad
+        return [out.detach() for out in outs], grads
+
+
+class EntropyBench(_LogitsOpBench):
+    name = "entropy"
+
+    def _reference(self, logits, tokens):
+        return (reference.entropy_ref(logits),)
+
+    def providers(self):
+        import em_kernels
+
+        def eager(case):
+            return lambda: eager_entropy(case.inputs["logits"])
+
+        def compile_(case):
+            fn = compiled(eager_entropy)
+            return lambda: fn(case.inputs["logits"])
+
+        def chunked_(case):
+            return lambda: chunked(eager_entropy, (case.inputs["logits"],))
+
+        def ours(case, backend):
+            return lambda: (em_kernels.entropy(case.inputs["logits"], backend=backend),)
+
+        return [Provider("eager", eager), Provider("compile", compile_,
+                                                   unavailable=compile_unavailable),
+                Provider("chunked", chunked_), *em_providers(ours), *_PEERS]
+
+
+class LogprobsAndEntropyBench(_LogitsOpBench):
+    name = "logprobs_and_entropy"
+    with_tokens = True
+
+    # The quick CPU run keeps one cell per mode: the per-dtype story is entropy's.
+    def shapes(self, device_type, full):
+        if device_type == "cpu" and not full:
+            return [{"N": 64, "V": 151936}]
+        return super().shapes(device_type, full)
+
+    def dtypes(self, device_type, full):
+        if device_type == "cpu" and not full:
+            return [torch.float32]
+        return super().dtypes(device_type, full)
+
+    def _reference(self, logits, tokens):
+        return reference.logprobs_and_entropy_ref(logits, tokens)
+
+    def providers(self):
+        import em_kernels
+
+        def eager(case):
+            return lambda: eager_logprobs_and_entropy(case.inputs["logits"], case.inputs["tokens"])
+
+        def compile_(case):
+            fn = compiled(eager_logprobs_and_entropy)
+            return lambda: fn(case.inputs["logits"], case.inputs["tokens"])
+
+        def chunked_(case):
+            return lambda: chunked(
+                eager_logprobs_and_entropy, (case.inputs["logits"], case.inputs["tokens"]))
+
+        def ours(case, backend):
+            return lambda: em_kernels.logprobs_and_entropy(
+                case.inputs["logits"], case.inputs["tokens"], backend=backend)
+
+        return [Provider("eager", eager), Provider("compile", compile_,
+                                                   unavailable=compile_unavailable),
+                Provider("chunked", chunked_), *em_providers(ours), *_PEERS]
+
+
+_PEERS = [
+    Provider("liger", never_built, unavailable=not_offered(
+        "Liger-Kernel has no entropy op on logits (it fuses the LM head: see linear_entropy)")),
+    Provider("cce", never_built, unavailable=not_offered(
+        "Cut Cross-Entropy has no op on logits (it fuses the LM head: see linear_entropy)")),
+]

@@ -1,0 +1,135 @@
+"""linear_entropy: the entropy of softmax(hidden @ weight^T) from hidden [M, H], weight [V, H].
+
+Work (the model TFLOP/s and the roofline fraction use; compute-bound at these sizes):
+    fwd      2 M H V        the logits matmul
+    bwd      4 M H V        d(hidden) and d(weight)
+    fwd+bwd  6 M H V        the three matmuls of a linear layer
+The recomputation of the logits in a fused backward is not counted: it is the price of never
+holding [M, V], and the roofline fraction shows what it costs.
+
+Providers: matmul (the bare LM-head matmul, the floor; its backward takes a random [M, V]
+upstream gradient), eager (matmul, then eager entropy in fp32), chunked (the same over
+checkpointed row chunks, verl's fallback), em-kernels' backends, and, when installed on CUDA,
+Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not
+entropy, so they show the speed of the nearest fused peer and have no error column.
+
+Error: the entropy on a subset of rows and, in the backward modes, d(hidden) on those rows
+against float64 (a row of d(hidden) depends only on that row); d(weight) sums over every row, so
+its float64 oracle would need the whole [M, V] in float64 and is not checked here (the tests do).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from em_kernels import reference
+
+from ..harness import OpBench, Provider
+from .common import chunked, em_providers, package_unavailable
+from .entropy import LOGIT_SCALE, eager_entropy, random_logits
+
+# hidden ~ N(0, 1), weight ~ N(0, 1/H): logits ~ N(0, 1) like a trained LM head's pre-scaling.
+WEIGHT_SCALE_POWER = -0.5
+# Vocab rows per float64 matmul of the oracle: bounds its [V, H] float64 temporary.
+ORACLE_VOCAB_CHUNK = 16384
+
+
+def eager_linear_entropy(hidden, weight) -> tuple[torch.Tensor]:
+    return eager_entropy(hidden @ weight.T)
+
+
+class LinearEntropyBench(OpBench):
+    name = "linear_entropy"
+    dims = ("M", "H", "V")
+    bound = "compute"
+    grad_inputs = ("hidden", "weight")
+    row_grad_inputs = ("hidden",)
+
+    def shapes(self, device_type, full):
+        # The issue's shapes: Qwen2.5-7B's head (H 3584), a small RL model's (H 896).
+        headline = [{"M": 8192, "H": 3584, "V": 152064}, {"M": 8192, "H": 896, "V": 151936}]
+        if full:
+            return headline + [{"M": 8192, "H": 4096, "V": 131072},
+                               {"M": 4096, "H": 4096, "V": 128256},
+                               {"M": 4096, "H": 2560, "V": 262144},
+                               {"M": 4096, "H": 4096, "V": 32000},
+                               {"M": 16384, "H": 3584, "V": 152064}]
+        if device_type == "cuda":
+            return headline
+        return [{"M": 128, "H": 512, "V": 32000}]
+
+    def dtypes(self, device_type, full):
+        if device_type == "cuda" and not full:
+            return [torch.bfloat16]
+        return [torch.float32] if device_type == "cpu" and not full else [
+            torch.bfloat16, torch.float32]
+
+    def make_inputs(self, dims, dtype, device, generator):
+        hidden = random_logits(dims["M"], dims["H"], dtype, device, generator) / LOGIT_SCALE
+        weight = torch.randn(dims["V"], dims["H"], device=device, generator=generator)
+        weight = (weight * dims["H"] ** WEIGHT_SCALE_POWER).to(dtype)
+        return {"hidden": hidden, "weight": weight}
+
+    def traffic(self, dims, dtype, mode):
+        mhv = dims["M"] * dims["H"] * dims["V"]
+        return None, {"fwd": 2 * mhv, "bwd": 4 * mhv, "fwd+bwd": 6 * mhv}[mode]
+
+    def oracle(self, case, upstream):
+        hidden = case.inputs["hidden"].detach().index_select(0, case.check_rows).double()
+        hidden.requires_grad_(upstream is not None)
+        weight = case.inputs["weight"].detach()
+        logits = torch.cat([hidden @ weight[start:start + ORACLE_VOCAB_CHUNK].double().T
+                            for start in range(0, weight.shape[0], ORACLE_VOCAB_CHUNK)], dim=-1)
+        entropy = reference.entropy_ref(logits)
+        grads = {}
+        if upstream is not None:
+            entropy.backward(upstream[0].index_select(0, case.check_rows).double())
+            grads["hidden"] = hidden.grad
+        return [entropy.detach()], grads
+
+    def providers(self):
+        import em_kernels
+
+        def matmul(case):
+            return lambda: (case.inputs["hidden"] @ case.inputs["weight"].T,)
+
+        def eager(case):
+            return lambda: eager_linear_entropy(case.inputs["hidden"], case.inputs["weight"])
+
+        def chunked_(case):
+            return lambda: chunked(
+                eager_linear_entropy, (case.inputs["hidden"],), (case.inputs["weight"],))
+
+        def ours(case, backend):
+            return lambda: (em_kernels.linear_entropy(
+                case.inputs["hidden"], case.inputs["weight"], backend=backend).entropy,)
+
+        def liger(case):
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            loss = LigerFusedLinearCrossEntropyLoss()
+            targets = _targets(case)
+            return lambda: (loss(case.inputs["weight"], case.inputs["hidden"], targets),)
+
+        def cce(case):
+            from cut_cross_entropy import linear_cross_entropy
+
+            targets = _targets(case)
+            return lambda: (linear_cross_entropy(
+                case.inputs["hidden"], case.inputs["weight"], targets),)
+
+        return [
+            Provider("matmul", matmul, compares=False, note="the LM-head matmul alone"),
+            Provider("eager", eager), Provider("chunked", chunked_), *em_providers(ours),
+            Provider("liger", liger, compares=False,
+                     unavailable=package_unavailable("liger_kernel", "liger-kernel"),
+                     note="cross-entropy, not entropy"),
+            Provider("cce", cce, compares=False,
+                     unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy"),
+                     note="cross-entropy, not entropy"),
+        ]
+
+
+def _targets(case) -> torch.Tensor:
+    gen = torch.Generator(case.device).manual_seed(case.seed)
+    return torch.randint(0, case.dims["V"], (case.dims["M"],), device=case.device, generator=gen)

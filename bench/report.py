@@ -1,0 +1,189 @@
+"""What em-bench writes: a CSV row per cell as it is measured, then a terminal table, a markdown
+summary and a PNG plot of achieved bandwidth (or TFLOP/s) against V, one line per provider."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "peak_extra_mib", "err_out", "err_grad")
+DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
+CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "reason", *MEASURED,
+               "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
+               "date", "copy_gbps")
+TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "GB/s", "TFLOP/s", "% ceil",
+                 "extra MiB", "max err", "x eager")
+
+
+class CsvLog:
+    """The CSV, one row appended (and flushed) per cell, so an interrupted run keeps its rows."""
+
+    def __init__(self, path: Path, info: dict):
+        self.path = path
+        self.info = info
+        self._file = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, CSV_COLUMNS, extrasaction="ignore")
+        self._writer.writeheader()
+        self._file.flush()
+
+    def append(self, row: dict) -> None:
+        self._writer.writerow({**self.info, **row})
+        self._file.flush()
+
+    def rewrite(self, rows: list[dict]) -> None:
+        """Rewrite the whole file at the end, now with each row's speedup over eager."""
+        self._file.close()
+        with self.path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({**self.info, **row})
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs_eager = eager's time / this time, within the same op, shape, dtype and mode."""
+    eager = {(r["op"], r["shape"], r["dtype"], r["mode"]): r["time_ms"]
+             for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
+    for row in rows:
+        base = eager.get((row["op"], row["shape"], row["dtype"], row["mode"]))
+        if row["status"] == "ok" and base:
+            row["speedup_vs_eager"] = base / row["time_ms"]
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None or value == "":
+        return "-"
+    if kind == "err":
+        return "inf" if math.isinf(value) else f"{value:.1e}"
+    if kind == "pct":
+        return f"{100 * value:.0f}%"
+    if kind == "x":
+        return f"{value:.2f}x"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def _cells(row: dict) -> list[str]:
+    errors = [e for e in (row.get("err_out"), row.get("err_grad")) if e is not None]
+    return [row["op"], row["shape"], row["dtype"], row["mode"], row["provider"],
+            _fmt(row.get("time_ms"), "num"), _fmt(row.get("gbps"), "num"),
+            _fmt(row.get("tflops"), "num"), _fmt(row.get("frac_ceiling"), "pct"),
+            _fmt(row.get("peak_extra_mib"), "num"), _fmt(max(errors) if errors else None, "err"),
+            _fmt(row.get("speedup_vs_eager"), "x")]
+
+
+def not_measured(rows: list[dict]) -> list[str]:
+    """One line per distinct (op, provider, status, reason) among the cells not measured."""
+    seen = defaultdict(int)
+    for row in rows:
+        if row["status"] != "ok":
+            seen[(row["op"], row["provider"], row["status"], row["reason"])] += 1
+    return [f"{op} / {provider}: {status} ({count} cell{'s' * (count > 1)}): {reason}"
+            for (op, provider, status, reason), count in seen.items()]
+
+
+def header_lines(info: dict, copy_gbps: float, matmul: dict) -> list[str]:
+    lines = [f"device: {info['device']}",
+             f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, "
+             f"commit {info['commit']}, {info['date']}",
+             f"copy bandwidth measured in this run: {copy_gbps:.0f} GB/s"]
+    if matmul:
+        lines.append("matmul ceiling measured in this run: " + ", ".join(
+            f"{name} {tflops:.3g} TFLOP/s" for name, tflops in matmul.items()))
+    return lines
+
+
+def terminal_table(rows: list[dict]) -> str:
+    body = [_cells(r) for r in rows if r["status"] == "ok"]
+    widths = [max(len(c) for c in column) for column in zip(TABLE_COLUMNS, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths)),
+             "  ".join("-" * w for w in widths)]
+    previous = None
+    for cells in body:
+        group = tuple(cells[:4])
+        if previous is not None and group != previous:
+            lines.append("")
+        previous = group
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], header: list[str]) -> str:
+    out = ["# em-bench results", ""] + [f"- {line}" for line in header] + [
+        "",
+        "Time is the median; GB/s and TFLOP/s count the least traffic and work the op needs; "
+        "% ceil is the fraction of the copy bandwidth (memory-bound ops) or of the matmul rate in "
+        "the same dtype (linear_entropy) measured in this run; extra MiB is the peak memory "
+        "allocated during the call above what was allocated before it; max err is the largest "
+        "absolute error of the outputs and input gradients against float64 on a subset of rows; "
+        "x eager is eager's time over this provider's.", ""]
+    for op in dict.fromkeys(r["op"] for r in rows):
+        measured = [r for r in rows if r["op"] == op and r["status"] == "ok"]
+        out += [f"## {op}", ""]
+        if not measured:
+            out += ["No cell measured.", ""]
+            continue
+        out.append("| " + " | ".join(TABLE_COLUMNS[1:]) + " |")
+        out.append("|" + "---|" * (len(TABLE_COLUMNS) - 1))
+        out += ["| " + " | ".join(_cells(r)[1:]) + " |" for r in measured]
+        out.append("")
+    skipped = not_measured(rows)
+    if skipped:
+        out += ["## Not measured", ""] + [f"- {line}" for line in skipped] + [""]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path, copy_gbps: float, matmul: dict) -> bool:
+    """Achieved GB/s (TFLOP/s for compute-bound ops) against V, one line per provider, one panel
+    per (op, mode, dtype) at the other dims with the most V points. False if nothing to plot."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matmul_by_dtype = dict(matmul)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in rows if r["status"] == "ok"]
+    panels: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in measured:
+        others = tuple((c, row[c]) for c in DIM_COLUMNS if c != "dim_V" and row.get(c) is not None)
+        panels[(row["op"], row["mode"], row["dtype"])][others].append(row)
+    if not panels:
+        return False
+    count = len(panels)
+    cols = min(3, count)
+    nrows = math.ceil(count / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
+    for ax, ((op, mode, dtype), by_others) in zip(axes.flat, panels.items()):
+        def points(key):
+            return (len({r["dim_V"] for r in by_others[key]}), math.prod(v for _, v in key))
+
+        others = max(by_others, key=points)
+        chosen = by_others[others]
+        compute = any(r.get("tflops") for r in chosen)
+        metric = "tflops" if compute else "gbps"
+        for provider in dict.fromkeys(r["provider"] for r in chosen):
+            series = sorted((r["dim_V"], r[metric]) for r in chosen
+                            if r["provider"] == provider and r.get(metric))
+            if series:
+                ax.plot(*zip(*series), marker="o", label=provider)
+        ceiling = matmul_by_dtype.get(dtype) if compute else copy_gbps
+        if ceiling:
+            ax.axhline(ceiling, color="grey", linestyle="--",
+                       label="matmul ceiling" if compute else "copy bandwidth")
+        ax.set_xscale("log")
+        ax.set_xlabel("V")
+        ax.set_ylabel("TFLOP/s" if compute else "GB/s")
+        where = ", ".join(f"{c[4:]}={v}" for c, v in others)
+        ax.set_title(f"{op} {mode} {dtype} ({where})", fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,78 @@
+"""Smoke test of em-bench: one op, a tiny shape, the CPU providers; the outputs exist and say
+what was measured, and the error column tells a correct provider from a wrong one."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from bench.__main__ import main, parse_args, select_shapes
+from bench.harness import Context, Provider, make_case, measure
+from bench.ops import OPS
+
+
+def _run(tmp_path, *extra):
+    code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager,chunked,cpu",
+                 "--modes", "fwd", "fwd+bwd", "--dtypes", "fp32,bf16", "--device", "cpu",
+                 "--out", str(tmp_path), *extra])
+    assert code == 0
+    with (tmp_path / "results.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_outputs_and_error_column(tmp_path, capsys):
+    rows = _run(tmp_path)
+    # 2 dtypes x 2 modes x 3 providers, one row per cell, measured or skipped with a reason.
+    assert len(rows) == 12
+    assert {(r["dtype"], r["mode"], r["provider"]) for r in rows} == {
+        (d, m, p) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")
+        for p in ("eager", "chunked", "cpu")}
+    for row in rows:
+        assert row["device"] and row["torch"] == torch.__version__ and row["commit"]
+        assert row["status"] in ("ok", "skipped"), row
+        if row["status"] == "skipped":
+            assert row["reason"], row
+            continue
+        assert float(row["time_ms"]) > 0 and float(row["gbps"]) > 0
+        assert float(row["peak_extra_mib"]) >= 0
+        error = float(row["err_out"])
+        # Against float64: fp32 eager is good to ~1e-6, bf16 logits are exact in fp32 math.
+        assert 0 <= error < 1e-4, row
+        if row["mode"] == "fwd+bwd":
+            assert 0 <= float(row["err_grad"]) < (1e-5 if row["dtype"] == "fp32" else 1e-2), row
+    assert any(r["status"] == "ok" and r["provider"] == "eager" for r in rows)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## entropy" in markdown and torch.__version__ in markdown
+    assert (tmp_path / "bandwidth.png").read_bytes()[:4] == b"\x89PNG"
+    assert "eager" in capsys.readouterr().out
+
+
+def test_wrong_provider_shows_in_error_column():
+    from bench.ops.entropy import eager_entropy
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    case = make_case(ctx, OPS["entropy"], {"N": 8, "V": 257}, torch.float32, seed=0)
+    off_by_one = Provider("wrong", lambda c: lambda: (eager_entropy(c.inputs["logits"])[0] + 1,))
+    assert abs(measure(ctx, case, off_by_one, "fwd")["err_out"] - 1.0) < 1e-4
+
+
+def test_shape_filters():
+    op = OPS["entropy"]
+    assert select_shapes(op, [{"N": 3, "V": 5}], "cpu", False) == [{"N": 3, "V": 5}]
+    assert select_shapes(op, [{"V": 5, "N": 3}], "cpu", False) == [{"N": 3, "V": 5}]
+    full = select_shapes(op, [{"V": 32000}], "cuda", True)
+    assert full and all(d["V"] == 32000 for d in full)
+    assert select_shapes(OPS["em_inf_adjust"], [{"N": 3, "V": 5}], "cpu", False) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "nope"], "unknown nope; choose from"),
+    (["--shapes", "8x1000"], "cannot read shape"),
+    (["--modes", "sideways"], "unknown sideways; choose from"),
+])
+def test_bad_arguments_are_reported(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
