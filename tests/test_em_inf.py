@@ -175,6 +175,35 @@ def test_em_inf_properties(backend_device, optimizer):
     check()
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_exits_mid_way(backend_device, early_exit):
+    """A threshold between the entropies after 2 and 3 steps stops every row (or the batch)
+    after exactly 3 steps: the result is that of steps=3, not steps=5 or 2."""
+    backend, device = backend_device
+    logits = (torch.randn(3, 1100, generator=torch.Generator().manual_seed(5)) * 2).to(device)
+
+    def summed_entropy(steps):
+        z = reference.em_inf_adjust_ref(logits.double(), steps=steps, threshold=-math.inf,
+                                        early_exit=early_exit)
+        h = entropy64(z)
+        return h.sum() if early_exit == "batch" else h
+
+    after2, after3 = summed_entropy(2), summed_entropy(3)
+    threshold = float(((after2 + after3) / 2).min() if early_exit == "batch" else 0.0)
+    if early_exit == "row":  # one threshold for all rows: rows exit after different steps
+        threshold = float((after2[0] + after3[0]) / 2)
+    out = em_kernels.em_inf_adjust(logits, threshold=threshold, early_exit=early_exit,
+                                   backend=backend)
+    oracle = reference.em_inf_adjust_ref(logits.double(), threshold=threshold,
+                                         early_exit=early_exit)
+    baseline = reference.em_inf_adjust_ref(logits, threshold=threshold, early_exit=early_exit)
+    assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
+    three = em_kernels.em_inf_adjust(logits, steps=3, threshold=-math.inf,
+                                     early_exit=early_exit, backend=backend)
+    rows = slice(None) if early_exit == "batch" else slice(0, 1)
+    assert torch.equal(out[rows], three[rows])
+
+
 def test_em_inf_edges(backend_device):
     backend, device = backend_device
     logits = torch.randn(3, 40, device=device, dtype=torch.bfloat16)
@@ -314,3 +343,58 @@ def test_compile_fullgraph(backend_device):
     compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(logits), both(logits)):
         assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------- GPU only: real vocabularies
+
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.cuda) for b in ("triton", "cuda")]
+
+
+def _gpu_backend(backend: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    status = em_kernels.available_backends()[backend]
+    if status != "available":
+        pytest.skip(f"{backend}: {status}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("rows,vocab", [(1, 151936), (8, 151936), (3, 262144), (64, 32000)])
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_real_vocab_cuda(backend, rows, vocab, early_exit):
+    _gpu_backend(backend)
+    gen = torch.Generator(device="cuda").manual_seed(rows + vocab)
+    logits = (torch.randn(rows, vocab, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    options = dict(threshold=-math.inf, early_exit=early_exit)
+    out = em_kernels.em_inf_adjust(logits, backend=backend, **options)
+    oracle = reference.em_inf_adjust_ref(logits.double(), **options)
+    baseline = reference.em_inf_adjust_ref(logits, **options)
+    assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
+    scaled = em_kernels.adaptive_temperature(logits, backend=backend)
+    assert_matches_oracle(scaled, reference.adaptive_temperature_ref(logits.double()),
+                          reference.adaptive_temperature_ref(logits), floor_for(logits) * 100,
+                          "adaptive_temperature")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_em_inf_cuda_graph(backend):
+    """One call captured in a CUDA graph replays to the same bits as eager calls (no host sync,
+    no data-dependent allocation), on new data copied into the captured input."""
+    _gpu_backend(backend)
+    static = torch.randn(4, 151936, device="cuda", dtype=torch.bfloat16)
+    for early_exit in ("row", "batch"):
+        options = dict(threshold=0.3, early_exit=early_exit, backend=backend)
+        em_kernels.em_inf_adjust(static, **options)  # compile / warm up outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            em_kernels.em_inf_adjust(static, **options)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = em_kernels.em_inf_adjust(static, **options)
+        for scale in (0.5, 3.0):
+            fresh = torch.randn_like(static, dtype=torch.float32).mul_(scale).to(torch.bfloat16)
+            static.copy_(fresh)
+            graph.replay()
+            assert torch.equal(captured, em_kernels.em_inf_adjust(fresh, **options))

@@ -10,34 +10,38 @@ p0 = softmax(z_0); for k = 0 .. steps-1: lse_k, H_k = stats of z_k; stop if H_k 
 
 with kl = kl_weight (row mode) or kl_weight / N (batch mode: the released code's "batchmean").
 
-Design: recompute, don't store. Every step needs two numbers per row (lse_k, H_k) from a reduction
-over the whole row, and otherwise only elementwise work. Given those scalars, z_k, m_k and v_k of
-an element are a pure function of its z_0. So pass t (t = 0 .. steps) re-reads only the logits
-and replays the first t updates in registers, from the row scalars of the earlier passes:
+Design: recompute, don't store. Every step needs three numbers per row (max_k, log s_k, H_k:
+lse_k = max_k + log s_k is kept in two parts so that log p = (z - max_k) - log s_k is as exact as
+torch's log_softmax) from a reduction over the whole row, and otherwise only elementwise work.
+Given those scalars, z_k, m_k and v_k of an element are a pure function of its z_0. So pass t
+(t = 0 .. steps) re-reads only the logits and replays the first t updates in registers:
 
-    pass t < steps: z_t = replay(z_0, lse_0..t-1, H_0..t-1); write per-chunk partial statistics
-                    (max, sum e^(z-max), sum e^(z-max) (z-max)) of z_t
+    pass t < steps: z_t = replay(z_0, row scalars of passes 0..t-1); write the chunk's partial
+                    statistics (max, sum e^(z-max), sum e^(z-max) (z-max)) of z_t
     pass steps:     z_steps = replay(...); write it (the output)
 
 Memory traffic per element: (steps + 1) reads of the logits (2 bytes in bf16) plus one 4-byte
-write: 16 bytes at 5 steps, against ~110 bytes for storing z, m, v between steps (26 bytes per
-middle step). No [N, V] scratch at all. The price is compute: pass t replays t updates (3
-transcendentals each: exp, sqrt, divide), ~50 per element at 5 steps. At batch 64, V 151936 on
-an H200 that is ~120 us of SFU time against ~40 us of HBM time: compute-bound, and still under
-the 255 us that the stored-state design needs in HBM traffic alone. Replay cost grows as steps^2:
-past ~10-15 steps a design that checkpoints (z, m, v) every few steps would win (not built).
+write: 16 bytes at 5 steps (batch 64, V 151936: 156 MB, ~37 us at 4.2 TB/s), against ~110 bytes
+for streaming z, m, v between steps (26 bytes per middle step: ~255 us). No [N, V] scratch at
+all. The price is compute: pass t replays t updates of 3 MUFU ops each (exp2, sqrt, divide; the
+bias corrections are folded into two scalars as torch.optim.Adam does), plus one exp2 for p0 and
+one for the statistics per pass: ~40 MUFU ops per element at 5 steps, ~95 us of SFU time at
+batch 64 on an H200 (132 SMs x 16 / clock): compute-bound, but under the streaming design's
+HBM time. Replay grows as steps^2: beyond ~10-15 steps a design that checkpoints (z, m, v) every
+few steps would win (not built).
 
 Parallelism and determinism: a row is cut into chunks of BLOCK entries (BLOCK depends on V
 only), one program per (row, chunk), so batch 1 at V 151936 runs 149 programs, about one per SM.
 Pass t+1 merges the row's chunk partials of pass t inside every program, in a fixed order (no
-atomics, no merge kernel); the chunk-0 program stores the merged (lse_t, H_t) in a per-row
-history that the later passes read. A row's numbers therefore do not depend on the batch.
+atomics, no merge kernel); the chunk-0 program stores the merged scalars in a per-row history
+[3, N, steps] that the later passes read. A row's numbers therefore do not depend on the batch.
 Batch mode needs the entropy summed over all rows before each step: one extra single-program
 launch per step (`_em_inf_batch_entropy_kernel`) reduces every row's partials in row order.
 
 Launches: steps + 1 (row mode), 2 * steps + 1 (batch mode), queued back to back with no host
-sync and no allocation that depends on data, so the whole call can be captured in a CUDA graph
-(which removes the per-launch CPU cost that dominates at batch 1).
+sync and no allocation whose size depends on data (one scratch tensor of 3 * steps * N * chunks
++ 3 * N * steps + steps floats), so a whole call can be captured in a CUDA graph, which removes
+the per-launch CPU cost that dominates at batch 1.
 
 Adaptive temperature: one program per row; the bisection runs inside the program and every
 iteration is one pass over the row computing H(z / tau) (one exp per element), usually ~5-10
@@ -50,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E): one MUFU op
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU op
 # Entries per program. Small enough that batch 1 at V ~150k spreads over ~150 programs (one per
 # SM on an H100/H200), large enough that the per-program merge of a row's partials stays small.
 BLOCK = 1024
@@ -194,9 +198,11 @@ def _em_inf_adjust_fwd_kernel(
                     v = 0.999 * v + 0.001 * g * g
                     bias1 = 0.9 * bias1 + 0.1
                     bias2 = 0.999 * bias2 + 0.001
-                    m_hat = m / bias1
-                    v_hat = v / bias2
-                    z = z - lr * m_hat / (tl.sqrt(v_hat) + 1e-8)
+                    # As torch.optim.Adam: the bias corrections folded into two scalars, so an
+                    # element costs one sqrt and one divide.
+                    step_size = lr / bias1
+                    inv_sqrt_bias2 = 1.0 / tl.sqrt(bias2)
+                    z = z - step_size * m / (tl.sqrt(v) * inv_sqrt_bias2 + 1e-8)
                 else:
                     z = z - lr * g
     if WRITE_OUTPUT:
@@ -267,7 +273,7 @@ def em_inf_adjust_fwd(logits: torch.Tensor, steps: int, lr: float, kl_weight: fl
 
 @triton.jit
 def _row_entropy(row_ptr, V, tau, BLOCK: tl.constexpr):
-    """(lse, H) of softmax(z / tau) for one row: one pass, online statistics."""
+    """H of softmax(z / tau) for one row: one pass, online statistics."""
     offs = tl.arange(0, BLOCK)
     big_m = tl.full([], float("-inf"), tl.float32)
     big_s = tl.zeros([], tl.float32)
@@ -278,7 +284,7 @@ def _row_entropy(row_ptr, V, tau, BLOCK: tl.constexpr):
         m, s, t = _tile_stats(z / tau)
         big_m, big_s, big_t = _combine(big_m, big_s, big_t, m, s, t)
     log_s = tl.log(big_s)
-    return big_m + log_s, log_s - big_t / big_s
+    return log_s - big_t / big_s
 
 
 @triton.jit
@@ -289,16 +295,16 @@ def _adaptive_temperature_fwd_kernel(logits_ptr, out_ptr, V, row_stride, alpha, 
     Reads the row 2 + (iterations) times, writes it once in fp32."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
-    _, h0 = _row_entropy(row_ptr, V, 1.0, BLOCK)
+    h0 = _row_entropy(row_ptr, V, 1.0, BLOCK)
     target = tl.maximum(alpha * h0, delta)
     searching = h0 > delta
     tau = tl.full([], 1.0, tl.float32)
     lo = tl.full([], 0.01, tl.float32)
     hi = tl.full([], 1.0, tl.float32)
-    iteration = 0
+    iteration = tl.zeros([], tl.int32)
     while searching & (iteration < max_iters):
         mid = (lo + hi) / 2
-        _, h = _row_entropy(row_ptr, V, mid, BLOCK)
+        h = _row_entropy(row_ptr, V, mid, BLOCK)
         tau = mid
         done = tl.abs(h - target) < tol
         too_high = h > target
