@@ -4,8 +4,9 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
 
 1. builds the op's inputs once per (op, shape, dtype) from a seeded generator (random normal
    values, never zeros), shared by every provider and mode of that case;
-2. runs the provider once untimed: this warms it up (Triton JIT, torch.compile), yields the
-   outputs and gradients for the error check, and measures the peak extra memory:
+2. runs the provider once untimed (on CUDA after a separate warm-up call: Triton JIT,
+   autotuning, torch.compile): this yields the outputs and gradients for the error check, and
+   measures the peak extra memory:
    on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the call; on CPU the
    peak of the running sum of the allocations and frees that torch's profiler records;
 3. times it: on CUDA the median of `triton.testing.do_bench` (CUDA events, warm-up, and an L2
@@ -132,6 +133,10 @@ class OpBench:
     def make_inputs(self, dims, dtype, device, generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def input_numel(self, dims: dict[str, int]) -> int:
+        """Elements of the largest inputs (the [rows, V] logits by default)."""
+        return math.prod(dims.values())
+
     def traffic(self, dims, dtype, mode) -> tuple[float | None, float | None]:
         """(bytes, FLOPs) the computation needs at least; None where it does not apply."""
         raise NotImplementedError
@@ -251,7 +256,8 @@ class Context:
         if self.is_cuda:
             import triton.testing
 
-            # do_bench sets grad_to_none itself; `reset` covers the same need generically.
+            # Clearing gradients inside the timed call costs microseconds of Python, as
+            # do_bench's own grad_to_none would.
             def timed():
                 reset()
                 step()
@@ -381,8 +387,9 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
         _set_requires_grad(case, True)
         if mode == "bwd":
             outs = forward()
-            upstream = case.upstream_cache.setdefault(
-                provider.name, _upstream_like(outs, case.seed))
+            if provider.name not in case.upstream_cache:
+                case.upstream_cache[provider.name] = _upstream_like(outs, case.seed)
+            upstream = case.upstream_cache[provider.name]
 
             def step():
                 torch.autograd.backward(outs, upstream, retain_graph=True)
@@ -400,6 +407,10 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
                 torch.autograd.backward(result, upstream)
                 return result
 
+    if ctx.is_cuda:  # warm up apart: JIT compilation and autotuning allocate memory too
+        step()
+        ctx.synchronize()
+        _clear_grads(case)
     made_upstream = mode == "fwd+bwd" and upstream is None
     result, peak_mib = ctx.run_measuring_memory(step)
     if made_upstream:  # the upstream gradients stand for an input: not the provider's memory
@@ -442,8 +453,7 @@ def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
     """None, or why the inputs of this case cannot be allocated on this device."""
     if not ctx.is_cuda:
         return None
-    numel = math.prod(dims.values())
-    need = numel * torch.tensor([], dtype=dtype).element_size()
+    need = op.input_numel(dims) * dtype.itemsize
     free, _ = torch.cuda.mem_get_info(ctx.device)
     # The inputs plus a gradient of the same size must fit, with a margin for the providers.
     if 2.5 * need > free:

@@ -70,6 +70,9 @@ class LinearEntropyBench(OpBench):
         weight = (weight * dims["H"] ** WEIGHT_SCALE_POWER).to(dtype)
         return {"hidden": hidden, "weight": weight}
 
+    def input_numel(self, dims):
+        return (dims["M"] + dims["V"]) * dims["H"]
+
     def traffic(self, dims, dtype, mode):
         mhv = dims["M"] * dims["H"] * dims["V"]
         return None, {"fwd": 2 * mhv, "bwd": 4 * mhv, "fwd+bwd": 6 * mhv}[mode]
