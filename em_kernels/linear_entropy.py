@@ -1,10 +1,15 @@
-"""TEMPORARY: a materialising stand-in so that em_algos can be written against the API; the
-linear_entropy work (issue 5) replaces this whole module with the fused kernels."""
+"""Public `linear_entropy`: entropy and log-probs straight from hidden states and the LM head,
+never holding the [N, V] logits (see em_kernels/_ops/linear_entropy.py for the ops)."""
+
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import torch
 
-from .reference import linear_entropy_ref
+from . import _checks
+from ._backend import BackendUnavailableError, available_backends, resolve_backend
+from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
 
 
 class LinearEntropyOutput(NamedTuple):
@@ -12,7 +17,229 @@ class LinearEntropyOutput(NamedTuple):
     logprobs: torch.Tensor | None
 
 
-def linear_entropy(hidden, weight, *, bias=None, tokens=None, temperature=1.0,
-                   process_group=None, backend="auto"):
-    entropy, logprobs = linear_entropy_ref(hidden, weight, bias, tokens, temperature)
-    return LinearEntropyOutput(entropy.float(), None if logprobs is None else logprobs.float())
+def _resolve(backend: str, device: torch.device) -> str:
+    """The implementation ("triton" or "torch") that runs ``backend`` on ``device``."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    if backend == "auto":
+        if device.type == "cuda" and available_backends()["triton"] == "available":
+            return "triton"
+        return "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise BackendUnavailableError(
+                f'backend="cpu" runs CPU tensors only; these tensors are on {device}')
+        return "torch"
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f'backend="cuda" runs CUDA tensors only; these tensors are on {device}')
+        status = available_backends()["triton"]
+        if status != "available":
+            raise BackendUnavailableError(
+                f'backend="cuda" runs linear_entropy with the Triton kernels, which are '
+                f"unavailable: {status}")
+        return "triton"
+    return resolve_backend(backend, device)  # "triton", "torch", or a clear error
+
+
+def _check_matrices(hidden, weight, bias, backend: str) -> None:
+    _checks.check_logits(hidden, backend, "hidden")
+    _checks.check_logits(weight, backend, "weight")
+    if hidden.dim() != 2:
+        raise ValueError(
+            f"hidden must be 2-D (N, H); got shape {tuple(hidden.shape)} "
+            "(flatten the leading dims with hidden.reshape(-1, H))")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H); got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(
+            f"hidden is (N, H) = {tuple(hidden.shape)} but weight is (V, H) = "
+            f"{tuple(weight.shape)}: their H must match (pass the LM head's weight, not its "
+            "transpose)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(
+            f"hidden is {hidden.dtype} but weight is {weight.dtype}: cast them to one dtype")
+    if weight.device != hidden.device:
+        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if bias is None:
+        return
+    if not isinstance(bias, torch.Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}: cast bias to it")
+    if bias.device != weight.device:
+        raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
+
+
+def _check_grad_filter_eps(grad_filter_eps) -> float:
+    if grad_filter_eps is None:
+        return 0.0
+    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
+        raise TypeError(
+            f"grad_filter_eps must be None or a number, got {type(grad_filter_eps).__name__}")
+    grad_filter_eps = float(grad_filter_eps)
+    if not grad_filter_eps > 0 or grad_filter_eps == float("inf"):
+        raise ValueError(
+            f"grad_filter_eps must be None (off) or a finite positive number, "
+            f"got {grad_filter_eps}")
+    return grad_filter_eps
+
+
+def _vocab_range(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
+    """(first global id of this rank's shard, global V): one all-gather of the shard sizes.
+    It reads the sizes back to the host (one sync per call in vocab-parallel mode)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group is given but torch.distributed is not initialised")
+    sizes = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(gathered, sizes, group=process_group)
+    sizes = [int(size) for size in torch.cat(gathered).tolist()]
+    rank = dist.get_rank(process_group)
+    return sum(sizes[:rank]), sum(sizes)
+
+
+class _VocabParallelLinearEntropy(torch.autograd.Function):
+    """Each rank holds a contiguous vocab shard of weight/bias. The forward all-reduces the
+    shards' (lse, entropy, chosen logit) into the full-vocabulary ones:
+
+        lse = M + log S,  S = sum_r exp(lse_r - M),  M = max_r lse_r
+        entropy = sum_r w_r (entropy_r + lse - lse_r) = B / S + log S,  w_r = exp(lse_r - lse),
+            B = sum_r exp(lse_r - M) (entropy_r - (lse_r - M))
+        logprob = chosen_owner - lse
+
+    (one MAX and one SUM all-reduce of N-vectors). The backward computes each shard's dz with the
+    full-vocabulary (lse, entropy), so d_weight/d_bias are exactly the shard's slices of the
+    unsharded gradients; d_hidden is all-reduced (summed) across ranks. Upstream gradients are
+    assumed to be the same on every rank (a replicated loss)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, local_tokens, tokens_valid, temperature,
+                grad_filter_eps, backend, process_group):
+        import torch.distributed as dist
+
+        local_entropy, local_lse, local_chosen = linear_entropy_stats(
+            hidden, weight, bias, local_tokens, temperature, grad_filter_eps, backend)
+        global_max = local_lse.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
+        safe_max = torch.where(
+            global_max == float("-inf"), torch.zeros_like(global_max), global_max)
+        empty_shard = local_lse == float("-inf")  # no finite logit in this shard for the row
+        zero = torch.zeros_like(local_lse)
+        weight_r = torch.where(empty_shard, zero, torch.exp(local_lse - safe_max))
+        entropy_part = torch.where(
+            empty_shard, zero, weight_r * (local_entropy - (local_lse - safe_max)))
+        sums = [weight_r, entropy_part]
+        if local_tokens is not None:
+            owned = (local_tokens >= 0) & (local_tokens < weight.shape[0])
+            sums.append(torch.where(owned, local_chosen, zero))
+        sums = torch.stack(sums)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+        log_total = torch.log(sums[0])
+        lse = safe_max + log_total
+        entropy = sums[1] / sums[0] + log_total
+        logprobs = None
+        if local_tokens is not None:
+            logprobs = torch.where(
+                tokens_valid, sums[2] - lse, torch.full_like(lse, float("nan")))
+        ctx.save_for_backward(hidden, weight, bias, local_tokens, tokens_valid, entropy, lse)
+        ctx.temperature, ctx.grad_filter_eps = temperature, grad_filter_eps
+        ctx.backend, ctx.process_group = backend, process_group
+        return entropy, logprobs
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_logprobs):
+        import torch.distributed as dist
+
+        hidden, weight, bias, local_tokens, tokens_valid, entropy, lse = ctx.saved_tensors
+        grad_lse = grad_chosen = None
+        if local_tokens is not None and grad_logprobs is not None:
+            grad_chosen = torch.where(
+                tokens_valid, grad_logprobs, torch.zeros_like(grad_logprobs))
+            grad_lse = -grad_chosen
+        grad_hidden, grad_weight, grad_bias = backward_from_row_grads(
+            hidden, weight, bias, local_tokens, entropy, lse, grad_entropy, grad_lse,
+            grad_chosen, ctx.temperature, ctx.grad_filter_eps,
+            tuple(ctx.needs_input_grad[:3]), ctx.backend)
+        if grad_hidden is not None:
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def linear_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    process_group=None,
+    backend: str = "auto",
+    grad_filter_eps: float | None = None,
+) -> LinearEntropyOutput:
+    """Entropy (and log-probs of ``tokens``) of softmax((hidden @ weight^T + bias) / temperature)
+    per row, fused with the LM head: the [N, V] logits are never allocated.
+
+    Args:
+        hidden: (N, H) float32, bfloat16 or float16 (float64 with backend="torch").
+        weight: (V, H), same dtype and device (the LM head's weight, not its transpose). With a
+            process_group: this rank's contiguous shard of the vocabulary, rank r holding the ids
+            after those of ranks 0..r-1 (shards may differ in size).
+        bias: optional (V,) of weight's dtype (this rank's shard); -inf entries mask their
+            vocabulary entries (probability 0).
+        tokens: optional int64 (N,) global ids in [0, V_total). On CPU tensors an id out of range
+            raises ValueError; on CUDA tensors that check would need a host sync, so it is not
+            made (set EM_KERNELS_CHECK_TOKENS=1 to make it) and such a row gets a NaN log-prob
+            and no log-prob gradient.
+        temperature: finite positive number; every formula is on the logits / temperature.
+        process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
+            rank gets the full-vocabulary entropy and log-probs, the gradients equal the
+            unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
+            all-gather of the shard sizes (one host sync) and two N-vector all-reduces in the
+            forward, one (N, H) all-reduce in the backward. Not traceable by torch.compile.
+        backend: "auto" (Triton on CUDA tensors, chunked PyTorch elsewhere), "triton" (CUDA
+            tensors; CPU tensors under TRITON_INTERPRET=1), "cuda" (CUDA tensors, run by the
+            Triton kernels: there is no separate CUDA C++ kernel for this op; raises
+            BackendUnavailableError when Triton cannot run), "cpu" (CPU tensors, chunked
+            PyTorch) or "torch" (chunked PyTorch on any device: blocks of at most 512 rows x 8192
+            vocab entries, never N x V).
+        grad_filter_eps: None (default, exact) or a positive threshold: the backward skips every
+            tile of dz = dLoss/dlogits (Triton: 128 x 128 on GPU) whose entries are all below it
+            in magnitude. Each gradient entry then errs by at most grad_filter_eps times the sum
+            of |operand| over the skipped logits (d_hidden[r, k]: sum_j |W[j, k]|).
+
+    Returns:
+        LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),
+        logprobs None without tokens. A row whose logits are all -inf has NaN entropy. Both are
+        differentiable w.r.t. hidden, weight and bias, with any upstream gradients for both at
+        once. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
+        Triton backward accumulates 16-bit gradients in fp32 buffers of the gradients' size.
+    """
+    temperature = _checks.check_temperature(temperature)
+    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
+    _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto")
+    implementation = _resolve(backend, hidden.device)
+    if hidden.dtype == torch.float64 and implementation != "torch":
+        raise TypeError('float64 inputs run only with backend="torch"')
+    local_vocab = weight.shape[0]
+    if process_group is None:
+        if tokens is not None:
+            _checks.check_tokens(tokens, hidden.shape[:1], local_vocab, hidden.device)
+        entropy, lse, chosen = linear_entropy_stats(
+            hidden, weight, bias, tokens, temperature, grad_filter_eps, implementation)
+        return LinearEntropyOutput(entropy, None if tokens is None else chosen - lse)
+    vocab_start, total_vocab = _vocab_range(process_group, local_vocab, hidden.device)
+    local_tokens = tokens_valid = None
+    if tokens is not None:
+        _checks.check_tokens(tokens, hidden.shape[:1], total_vocab, hidden.device)
+        local_tokens = tokens - vocab_start
+        tokens_valid = (tokens >= 0) & (tokens < total_vocab)
+    entropy, logprobs = _VocabParallelLinearEntropy.apply(
+        hidden, weight, bias, local_tokens, tokens_valid, temperature, grad_filter_eps,
+        implementation, process_group)
+    return LinearEntropyOutput(entropy, logprobs)

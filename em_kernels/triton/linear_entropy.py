@@ -1,0 +1,338 @@
+"""Triton kernels for `linear_entropy`: softmax statistics of z = (hidden @ weight^T + bias) / T
+computed tile by tile on the tensor cores, without ever writing the [N, V] logits.
+
+Notation: hidden h [N, H], weight W [V, H] (one vocab shard in vocab-parallel mode), bias b [V],
+z = (h W^T + b) / T, p = softmax(z), lse = logsumexp(z), entropy E = lse - sum_j p_j z_j.
+
+Forward, `_linear_entropy_fwd_kernel`, one program per (row tile, vocab split); a split is
+TILES_PER_SPLIT consecutive vocab tiles. For each of its vocab tiles the program computes the
+[BLOCK_N, BLOCK_V] logit tile with tl.dot over H in BLOCK_H steps (fp32 accumulator), then in the
+epilogue folds the tile into online row statistics relative to the running max m:
+
+    s = sum_j exp(z_j - m),   t = sum_j exp(z_j - m) (z_j - m),   chosen = z_y (the token's logit)
+
+and writes (m, s, t, chosen) of its split to a workspace [4, num_splits, N] (no atomics). The host
+(em_kernels/_ops/linear_entropy.py) merges the splits in a fixed order, so results are bitwise
+deterministic, and since the split boundaries depend only on V and the tile sizes (never on N), a
+row's result does not depend on which other rows are in the batch. From the merged statistics:
+lse = m + log s and E = log s - t / s.
+
+Memory traffic of the forward: the matmul's own (each program reads its hidden tile once per
+vocab tile and each weight tile once; grouped program order keeps GROUP_N row tiles on the same
+weight tiles at once, so most re-reads hit L2) plus 16 bytes per row per split. Extra memory:
+the workspace, 16 * N * ceil(V / (BLOCK_V * TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
+
+Backward, `_linear_entropy_bwd_kernel`, one program per (row tile, vocab tile), grouped order. It
+recomputes the logit tile, forms in registers
+
+    dz = (1/T) [ p (g_lse - g_E (z - lse + E)) + g_chosen onehot(y) ]
+
+(the public function passes g_lse = -g_logprobs and g_chosen = g_logprobs, so that
+dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]), then loops over H in BLOCK_H steps:
+d_hidden[rows] += dz @ W[cols] and d_weight[cols] += dz^T @ h[rows], both with fp32 atomic adds
+(so the backward is NOT bitwise deterministic: the order in which vocab tiles, resp. row tiles,
+add into one element varies), and d_bias[cols] += column sums of dz (atomic). Traffic: three
+matmuls' worth of operand reads plus the atomics: BLOCK_N * H + BLOCK_V * H fp32 adds per tile.
+Extra memory: fp32 accumulators for d_hidden and d_weight when the inputs are 16-bit (for
+fp32 inputs the gradients are accumulated in place).
+
+Gradient filtering (FILTER): a tile whose every |dz| is below grad_filter_eps adds nothing and
+skips both gradient matmuls (a tile of a peaked distribution is almost all zeros). The error this
+causes in one gradient entry is at most eps times the sum of |operand| over the skipped entries
+(for d_hidden[r, k]: eps * sum_j |W[j, k]|; for d_weight[j, k]: eps * sum_r |h[r, k]|).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # rows per tile
+    block_v: int  # vocab entries per tile
+    block_h: int  # hidden features per tl.dot step
+    num_warps: int
+    num_stages: int
+    tiles_per_split: int  # vocab tiles per forward program (fixes the split boundaries)
+    group_n: int  # row tiles that walk the same vocab tiles together (L2 reuse of weight tiles)
+
+
+# Hopper/Ampere, 16-bit inputs. Forward: 128 x 256 x 64 is the largest tile whose fp32
+# accumulator (128 regs/thread at 8 warps) leaves room for the epilogue; 3 stages of
+# (128 + 256) x 64 x 2 B = 144 KiB of shared memory fit the 228 KiB of an H100/H200 SM.
+# 16 tiles per split give 38 splits at V 152064: enough programs to fill 132 SMs from 512 rows up.
+_FWD_GPU_16BIT = TileConfig(128, 256, 64, num_warps=8, num_stages=3, tiles_per_split=16,
+                            group_n=8)
+# Backward: the dz tile (kept in registers as the A operand of two more dots) and the recompute
+# accumulator live together, so the vocab side is halved to 128.
+_BWD_GPU_16BIT = TileConfig(128, 128, 64, num_warps=8, num_stages=3, tiles_per_split=16,
+                            group_n=8)
+# fp32 inputs run the dots in IEEE fp32 (no tensor cores; TF32 would miss the fp32 tolerance):
+# smaller tiles, because an fp32 operand tile is twice the bytes.
+_GPU_FP32 = TileConfig(64, 64, 32, num_warps=4, num_stages=3, tiles_per_split=32, group_n=8)
+# Interpreter (CPU tensors, tests): 16 is tl.dot's smallest tile, so tiny shapes span many tiles
+# and several splits.
+_INTERPRETER = TileConfig(16, 16, 16, num_warps=1, num_stages=1, tiles_per_split=2, group_n=2)
+
+
+def tile_config(device: torch.device, dtype: torch.dtype, backward: bool) -> TileConfig:
+    if device.type != "cuda":
+        return _INTERPRETER
+    if dtype == torch.float32:
+        return _GPU_FP32
+    return _BWD_GPU_16BIT if backward else _FWD_GPU_16BIT
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit operands
+
+
+def num_vocab_splits(vocab: int, config: TileConfig) -> int:
+    return triton.cdiv(triton.cdiv(vocab, config.block_v), config.tiles_per_split)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST_OPERANDS (set on CPU tensors only): Triton's
+    interpreter multiplies bfloat16 tiles as their raw uint16 bits, so there the operands go to
+    fp32 first, which gives the same products (a 16-bit product is exact in fp32)."""
+    if UPCAST_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP_N: tl.constexpr):
+    """Program id -> (row tile, column tile), row tiles fastest within groups of GROUP_N, so the
+    programs running at one time share few weight tiles (L2 reuse)."""
+    programs_per_group = GROUP_N * num_col_tiles
+    group = pid // programs_per_group
+    first_row_tile = group * GROUP_N
+    rows_in_group = tl.minimum(num_row_tiles - first_row_tile, GROUP_N)
+    local = pid % programs_per_group
+    return first_row_tile + local % rows_in_group, local // rows_in_group
+
+
+@triton.jit
+def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_in, cols, col_in, H,
+                stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+                inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                UPCAST_OPERANDS: tl.constexpr):
+    """z = (h[rows] @ W[cols]^T + b[cols]) / T as an fp32 [BLOCK_N, BLOCK_V] tile; -inf in the
+    columns past V. rows and cols are int64."""
+    offs_h = tl.arange(0, BLOCK_H)
+    hidden_ptrs = hidden_ptr + rows[:, None] * stride_hidden_n + offs_h[None, :] * stride_hidden_h
+    weight_ptrs = weight_ptr + cols[None, :] * stride_weight_v + offs_h[:, None] * stride_weight_h
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        h_in = offs_h < H - k
+        hidden_tile = tl.load(hidden_ptrs, mask=row_in[:, None] & h_in[None, :], other=0.0)
+        weight_tile = tl.load(weight_ptrs, mask=h_in[:, None] & col_in[None, :], other=0.0)
+        acc = _dot(hidden_tile, weight_tile, acc, DOT_PRECISION, UPCAST_OPERANDS)
+        hidden_ptrs += BLOCK_H * stride_hidden_h
+        weight_ptrs += BLOCK_H * stride_weight_h
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    return tl.where(col_in[None, :], acc * inv_temperature, float("-inf"))
+
+
+@triton.jit
+def _linear_entropy_fwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, partials_ptr,
+    N, V, H,
+    stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+    num_splits, partials_plane, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    TILES_PER_SPLIT: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,
+):
+    """Row statistics (m, s, t, chosen) of one split of the vocabulary for one row tile; see
+    the module docstring. partials is [4, num_splits, N] fp32, partials_plane = num_splits * N."""
+    row_tile, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
+    rows = (row_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_in = rows < N
+    if HAS_TOKENS:
+        token = tl.load(tokens_ptr + rows, mask=row_in, other=-1)
+    row_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_exp_z = tl.zeros([BLOCK_N], dtype=tl.float32)
+    chosen = tl.zeros([BLOCK_N], dtype=tl.float32)
+    first_tile = split * TILES_PER_SPLIT
+    end_tile = tl.minimum(first_tile + TILES_PER_SPLIT, tl.cdiv(V, BLOCK_V))
+    for vocab_tile in range(first_tile, end_tile):
+        cols = (vocab_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        col_in = cols < V
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_in, cols, col_in, H,
+                        stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+                        inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_OPERANDS)
+        new_max = tl.maximum(row_max, tl.max(z, axis=1))
+        # Rows with nothing finite yet keep m = -inf; shift by 0 there so that no -inf - -inf
+        # (NaN) appears. Masked entries (z = -inf) get exp = 0 and add 0 to t.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp2((row_max - safe_max) * _LOG2E)
+        old_shift = tl.where(row_max == float("-inf"), 0.0, row_max - safe_max)
+        shifted = z - safe_max[:, None]
+        e = tl.exp2(shifted * _LOG2E)
+        sum_exp_z = rescale * (sum_exp_z + sum_exp * old_shift) + tl.sum(
+            e * tl.where(z > float("-inf"), shifted, 0.0), axis=1)
+        sum_exp = rescale * sum_exp + tl.sum(e, axis=1)
+        row_max = new_max
+        if HAS_TOKENS:
+            chosen += tl.sum(tl.where(cols[None, :] == token[:, None], z, 0.0), axis=1)
+    out = partials_ptr + split.to(tl.int64) * N + rows
+    tl.store(out, row_max, mask=row_in)
+    tl.store(out + partials_plane, sum_exp, mask=row_in)
+    tl.store(out + 2 * partials_plane, sum_exp_z, mask=row_in)
+    tl.store(out + 3 * partials_plane, chosen, mask=row_in)
+
+
+@triton.jit
+def _linear_entropy_bwd_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr,
+    entropy_ptr, lse_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr,
+    grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr,
+    N, V, H,
+    stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+    inv_temperature, grad_filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_TOKENS: tl.constexpr, FILTER: tl.constexpr,
+    GRAD_HIDDEN: tl.constexpr, GRAD_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+):
+    """dz of one (row tile, vocab tile), recomputed, added into d_hidden, d_weight, d_bias
+    (fp32, contiguous [N, H], [V, H], [V]) with atomics; see the module docstring."""
+    row_tile, vocab_tile = _grouped_tile(
+        tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), GROUP_N)
+    rows = (row_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (vocab_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_in = rows < N
+    col_in = cols < V
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_in, cols, col_in, H,
+                    stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+                    inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
+                        UPCAST_OPERANDS)
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
+    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_in, other=0.0)
+    grad_lse = tl.load(grad_lse_ptr + rows, mask=row_in, other=0.0)
+    log_p = z - lse[:, None]
+    p = tl.exp2(log_p * _LOG2E)
+    safe_log_p = tl.where(p > 0.0, log_p, 0.0)  # p log p -> 0 where z = -inf
+    dz = p * (grad_lse[:, None] - grad_entropy[:, None] * (safe_log_p + entropy[:, None]))
+    if HAS_TOKENS:
+        token = tl.load(tokens_ptr + rows, mask=row_in, other=-1)
+        grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
+        dz += tl.where(cols[None, :] == token[:, None], grad_chosen[:, None], 0.0)
+    dz = tl.where(row_in[:, None] & col_in[None, :], dz * inv_temperature, 0.0)
+    if FILTER:
+        keep = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= grad_filter_eps
+    else:
+        keep = True
+    if keep:
+        if HAS_BIAS:
+            tl.atomic_add(grad_bias_ptr + cols, tl.sum(dz, axis=0), mask=col_in, sem="relaxed")
+        dz_operand = dz.to(hidden_ptr.dtype.element_ty)
+        offs_h = tl.arange(0, BLOCK_H)
+        for k in range(0, H, BLOCK_H):
+            feats = k + offs_h
+            h_in = feats < H
+            if GRAD_HIDDEN:
+                weight_tile = tl.load(
+                    weight_ptr + cols[:, None] * stride_weight_v + feats[None, :] * stride_weight_h,
+                    mask=col_in[:, None] & h_in[None, :], other=0.0)
+                tl.atomic_add(
+                    grad_hidden_ptr + rows[:, None] * H + feats[None, :],
+                    _dot(dz_operand, weight_tile, tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32),
+                         DOT_PRECISION, UPCAST_OPERANDS),
+                    mask=row_in[:, None] & h_in[None, :], sem="relaxed")
+            if GRAD_WEIGHT:
+                hidden_tile = tl.load(
+                    hidden_ptr + rows[:, None] * stride_hidden_n + feats[None, :] * stride_hidden_h,
+                    mask=row_in[:, None] & h_in[None, :], other=0.0)
+                tl.atomic_add(
+                    grad_weight_ptr + cols[:, None] * H + feats[None, :],
+                    _dot(tl.trans(dz_operand), hidden_tile,
+                         tl.zeros([BLOCK_V, BLOCK_H], dtype=tl.float32), DOT_PRECISION,
+                         UPCAST_OPERANDS),
+                    mask=col_in[:, None] & h_in[None, :], sem="relaxed")
+
+
+def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
+    """Per-split row statistics, fp32 [4, num_splits, N]: (max, sum exp, sum exp * (z - max),
+    chosen logit or 0), merged by the caller. hidden [N, H], weight [V, H], bias [V] or None,
+    tokens [N] int64 (ids of this weight's rows) or None."""
+    rows, features = hidden.shape
+    vocab = weight.shape[0]
+    config = tile_config(hidden.device, hidden.dtype, backward=False)
+    num_splits = num_vocab_splits(vocab, config)
+    partials = torch.empty((4, num_splits, rows), dtype=torch.float32, device=hidden.device)
+    if rows == 0:
+        return partials
+    grid = (triton.cdiv(rows, config.block_n) * num_splits,)
+    _linear_entropy_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden,
+        tokens if tokens is not None else hidden, partials,
+        rows, vocab, features,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        num_splits, num_splits * rows, 1.0 / temperature,
+        HAS_BIAS=bias is not None, HAS_TOKENS=tokens is not None,
+        BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+        TILES_PER_SPLIT=config.tiles_per_split, GROUP_N=config.group_n,
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_OPERANDS=hidden.device.type != "cuda",
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return partials
+
+
+def linear_entropy_bwd(hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse,
+                       grad_chosen, temperature, grad_filter_eps, need_grad_hidden,
+                       need_grad_weight):
+    """(d_hidden or empty, d_weight or empty, d_bias or empty) in the inputs' dtypes."""
+    rows, features = hidden.shape
+    vocab = weight.shape[0]
+    config = tile_config(hidden.device, hidden.dtype, backward=True)
+    accumulate = torch.float32
+
+    def accumulator(shape, needed):
+        if not needed:
+            return hidden.new_empty((0,))
+        return torch.zeros(shape, dtype=accumulate, device=hidden.device)
+
+    grad_hidden = accumulator((rows, features), need_grad_hidden)
+    grad_weight = accumulator((vocab, features), need_grad_weight)
+    grad_bias = accumulator((vocab,), bias is not None)
+    if rows > 0:
+        grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(vocab, config.block_v),)
+        _linear_entropy_bwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden,
+            tokens if tokens is not None else hidden,
+            entropy, lse, grad_entropy, grad_lse,
+            grad_chosen if grad_chosen is not None else grad_lse,
+            grad_hidden, grad_weight, grad_bias,
+            rows, vocab, features,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            1.0 / temperature, grad_filter_eps,
+            HAS_BIAS=bias is not None, HAS_TOKENS=tokens is not None,
+            FILTER=grad_filter_eps > 0, GRAD_HIDDEN=need_grad_hidden,
+            GRAD_WEIGHT=need_grad_weight,
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+            GROUP_N=config.group_n, DOT_PRECISION=_dot_precision(hidden.dtype),
+            UPCAST_OPERANDS=hidden.device.type != "cuda",
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return (
+        grad_hidden.to(hidden.dtype),
+        grad_weight.to(weight.dtype),
+        grad_bias.to(bias.dtype) if bias is not None else grad_bias,
+    )

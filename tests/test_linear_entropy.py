@@ -1,0 +1,498 @@
+"""linear_entropy (the LM head fused with the softmax statistics) against the float64 oracle:
+values and every gradient, properties, gradient filtering, memory, bad input, tracing."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import em_kernels
+from em_kernels import reference
+from em_kernels._ops import linear_entropy as ops
+
+from conftest import HAS_CUDA, runnable
+from oracle import assert_matches_oracle
+
+# "cpu" and "cuda" map onto these two implementations (test_backend_names checks the mapping).
+LINEAR_BACKEND_DEVICES = [("torch", "cpu"), ("triton", "cpu"), ("triton", "cuda"),
+                          ("torch", "cuda")]
+
+
+@pytest.fixture(params=LINEAR_BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def backend_device(request):
+    backend, device = request.param
+    if not runnable(backend, device):
+        reason = "no CUDA device" if device == "cuda" and not HAS_CUDA else (
+            em_kernels.available_backends()[backend])
+        pytest.skip(f"{backend} on {device}: {reason}")
+    return backend, device
+
+
+def small_chunks():
+    """The chunked torch path with blocks of 5 rows x 7 vocab entries, so that small shapes
+    cross several row and vocab chunks."""
+    return mock.patch.multiple(ops, TORCH_ROW_CHUNK=5, TORCH_CHUNK_ELEMENTS=35)
+
+
+def shape_limits(backend, device):
+    """(max N, max H, max V): the interpreter is slow, the GPU and chunked torch are not."""
+    if backend == "triton" and device == "cpu":
+        return 24, 36, 50
+    if device == "cuda":
+        return 300, 300, 1100
+    return 40, 48, 90
+
+
+@st.composite
+def problems(draw, backend, device):
+    max_n, max_h, max_v = shape_limits(backend, device)
+    rows = draw(st.integers(0, max_n))
+    features = draw(st.integers(1, max_h))
+    vocab = draw(st.one_of(st.integers(1, max_v), st.sampled_from([1, 2, 16, 17, 31, 32, 33])))
+    vocab = min(vocab, max_v)
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    scale = draw(st.sampled_from([0.05, 0.5, 3.0]))
+    masked = draw(st.sampled_from([0.0, 0.0, 0.3])) if vocab > 1 else 0.0
+    use_bias = draw(st.booleans()) or masked > 0
+    with_tokens = draw(st.booleans())
+    temperature = draw(st.sampled_from([1.0, 0.7, 2.5]))
+    grads = draw(st.sampled_from(["entropy", "logprobs", "both"])) if with_tokens else "entropy"
+    seed = draw(st.integers(0, 2**31 - 1))
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    hidden = randn(rows, features) * scale
+    weight = randn(vocab, features) / math.sqrt(features)
+    bias = None
+    finite_columns = torch.arange(vocab)
+    if use_bias:
+        bias = randn(vocab)
+        mask = torch.rand(vocab, generator=generator) < masked
+        mask[torch.randint(0, vocab, (1,), generator=generator)] = False  # keep one finite
+        bias[mask] = float("-inf")
+        finite_columns = torch.nonzero(~mask).squeeze(-1)
+    tokens = None
+    if with_tokens:
+        pick = torch.randint(0, len(finite_columns), (rows,), generator=generator)
+        tokens = finite_columns[pick]
+    upstream_entropy = randn(rows).float() if grads in ("entropy", "both") else None
+    upstream_logprobs = randn(rows).float() if grads in ("logprobs", "both") else None
+    return dict(hidden=hidden.to(dtype), weight=weight.to(dtype),
+                bias=None if bias is None else bias.to(dtype), tokens=tokens,
+                temperature=temperature, upstream_entropy=upstream_entropy,
+                upstream_logprobs=upstream_logprobs)
+
+
+def to_device(problem, device):
+    moved = {}
+    for key, value in problem.items():
+        moved[key] = value.to(device) if isinstance(value, torch.Tensor) else value
+    return moved
+
+
+def loss_of(entropy, logprobs, problem):
+    loss = entropy.sum() * 0
+    if problem["upstream_entropy"] is not None:
+        loss = loss + (entropy * problem["upstream_entropy"].to(entropy)).sum()
+    if problem["upstream_logprobs"] is not None:
+        loss = loss + (logprobs * problem["upstream_logprobs"].to(logprobs)).sum()
+    return loss
+
+
+def leaves(problem, dtype=None):
+    """Fresh leaf copies of hidden, weight, bias (in ``dtype`` if given) requiring grad."""
+    out = []
+    for key in ("hidden", "weight", "bias"):
+        value = problem[key]
+        if value is None:
+            out.append(None)
+            continue
+        value = value.detach().clone() if dtype is None else value.detach().to(dtype)
+        out.append(value.requires_grad_())
+    return out
+
+
+def values_and_grads(fn, problem, dtype=None):
+    hidden, weight, bias = leaves(problem, dtype)
+    entropy, logprobs = fn(hidden, weight, bias)
+    inputs = [x for x in (hidden, weight, bias) if x is not None]
+    loss = loss_of(entropy, logprobs, problem)
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else (
+        [None] * len(inputs))
+    grads = [torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads)]
+    return entropy, logprobs, grads
+
+
+def oracle_fn(problem):
+    def run(hidden, weight, bias):
+        return reference.linear_entropy_ref(
+            hidden, weight, bias, problem["tokens"], problem["temperature"])
+    return run
+
+
+def eager_fn(problem):
+    """Plain PyTorch in the input dtype: the logits in the input dtype, the statistics in fp32
+    (what trainers write today): the yardstick of the tolerance rule."""
+    def run(hidden, weight, bias):
+        logits = hidden @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        if problem["tokens"] is None:
+            return reference.entropy_ref(logits, problem["temperature"]), None
+        logprobs, entropy = reference.logprobs_and_entropy_ref(
+            logits, problem["tokens"], problem["temperature"])
+        return entropy, logprobs
+    return run
+
+
+def kernel_fn(problem, backend, **kwargs):
+    def run(hidden, weight, bias):
+        out = em_kernels.linear_entropy(
+            hidden, weight, bias=bias, tokens=problem["tokens"],
+            temperature=problem["temperature"], backend=backend, **kwargs)
+        return out.entropy, out.logprobs
+    return run
+
+
+def grad_floor(oracle_grad, dtype):
+    """Rounding the gradient to its dtype (bf16 for bf16 weights) costs any implementation up
+    to half an ulp, which the eager yardstick can dodge by luck on tiny shapes: allow one ulp of
+    the largest entry, plus 1e-6."""
+    largest = float(oracle_grad.abs().max()) if oracle_grad.numel() else 0.0
+    return torch.finfo(dtype).eps * largest + 1e-6
+
+
+def check_against_oracle(problem, backend, **kwargs):
+    entropy, logprobs, grads = values_and_grads(kernel_fn(problem, backend, **kwargs), problem)
+    ref_entropy, ref_logprobs, ref_grads = values_and_grads(
+        oracle_fn(problem), problem, torch.float64)
+    eager_entropy, eager_logprobs, eager_grads = values_and_grads(eager_fn(problem), problem)
+    assert entropy.dtype == torch.float32 and entropy.shape == problem["hidden"].shape[:1]
+    assert_matches_oracle(entropy, ref_entropy, eager_entropy, 1e-5, "entropy")
+    if problem["tokens"] is None:
+        assert logprobs is None
+    else:
+        assert logprobs.dtype == torch.float32
+        assert_matches_oracle(logprobs, ref_logprobs, eager_logprobs, 1e-5, "logprobs")
+    for name, grad, ref, eager, leaf in zip(
+            ("d_hidden", "d_weight", "d_bias"), grads, ref_grads, eager_grads,
+            [x for x in (problem["hidden"], problem["weight"], problem["bias"]) if x is not None]):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        assert_matches_oracle(grad, ref, eager, grad_floor(ref, leaf.dtype), name)
+
+
+# backend_device only names the backend: nothing to reset between examples.
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_matches_oracle(backend_device, data):
+    backend, device = backend_device
+    problem = to_device(data.draw(problems(backend, device)), device)
+    with small_chunks():
+        check_against_oracle(problem, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads", ["entropy", "logprobs", "both"])
+def test_upstream_combinations(backend_device, dtype, grads):
+    """Entropy-only, log-probs-only and both upstream gradients, shapes off every tile size."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(7)
+    rows, features, vocab = 19, 35, 53
+    bias = torch.randn(vocab, generator=generator, dtype=torch.float64)
+    bias[::5] = float("-inf")
+    finite = torch.nonzero(bias > float("-inf")).squeeze(-1)
+    problem = dict(
+        hidden=torch.randn(rows, features, generator=generator, dtype=torch.float64).to(dtype),
+        weight=(torch.randn(vocab, features, generator=generator, dtype=torch.float64) / 6
+                ).to(dtype),
+        bias=bias.to(dtype),
+        tokens=finite[torch.randint(0, len(finite), (rows,), generator=generator)],
+        temperature=0.8,
+        upstream_entropy=torch.randn(rows, generator=generator) if grads != "logprobs" else None,
+        upstream_logprobs=torch.randn(rows, generator=generator) if grads != "entropy" else None,
+    )
+    with small_chunks():
+        check_against_oracle(to_device(problem, device), backend)
+
+
+def random_problem(rows, features, vocab, device, dtype=torch.float32, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, features, generator=generator) * scale
+    weight = torch.randn(vocab, features, generator=generator) / math.sqrt(features)
+    bias = torch.randn(vocab, generator=generator)
+    tokens = torch.randint(0, vocab, (rows,), generator=generator)
+    return (hidden.to(device, dtype), weight.to(device, dtype), bias.to(device, dtype),
+            tokens.to(device))
+
+
+def test_bounds_and_uniform(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(21, 18, 37, device, scale=3.0)
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    assert bool((out.entropy >= -1e-6).all()) and bool((out.entropy <= math.log(37) + 1e-5).all())
+    assert bool((out.logprobs <= 1e-6).all())
+    # Zero weight: every row is uniform, H = log V and log p = -log V.
+    uniform = em_kernels.linear_entropy(
+        hidden, torch.zeros_like(weight), tokens=tokens, backend=backend)
+    torch.testing.assert_close(uniform.entropy, torch.full_like(uniform.entropy, math.log(37)))
+    torch.testing.assert_close(uniform.logprobs, torch.full_like(uniform.logprobs, -math.log(37)))
+
+
+def test_masked_token_and_all_masked_row(backend_device):
+    """A token on a -inf entry has log p = -inf; with every entry masked the entropy is NaN."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(4, 16, 20, device)
+    bias[3] = float("-inf")
+    tokens[1] = 3
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    assert out.logprobs[1].item() == float("-inf")
+    assert bool(torch.isfinite(out.entropy).all())
+    everything_masked = torch.full_like(bias, float("-inf"))
+    out = em_kernels.linear_entropy(hidden, weight, bias=everything_masked, backend=backend)
+    assert bool(torch.isnan(out.entropy).all())
+
+
+def test_nan_poisons_only_its_row(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(20, 16, 40, device)
+    hidden[5, 2] = float("nan")
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    nan_rows = torch.isnan(out.entropy)
+    assert nan_rows.tolist() == [i == 5 for i in range(20)]
+    assert torch.isnan(out.logprobs).tolist() == [i == 5 for i in range(20)]
+
+
+def test_deterministic_and_batch_invariant(backend_device):
+    """Same input, same bits; a row's forward result does not depend on the other rows."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(40, 24, 70, device, dtype=torch.bfloat16)
+    first = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    second = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    assert torch.equal(first.entropy, second.entropy)
+    assert torch.equal(first.logprobs, second.logprobs)
+    if backend == "triton":  # the chunked torch path leaves batch invariance to the BLAS
+        part = em_kernels.linear_entropy(
+            hidden[17:30], weight, bias=bias, tokens=tokens[17:30], backend=backend)
+        assert torch.equal(part.entropy, first.entropy[17:30])
+        assert torch.equal(part.logprobs, first.logprobs[17:30])
+
+
+def test_only_requested_grads(backend_device):
+    """A frozen LM head gets no gradient; hidden still gets the exact one."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(9, 20, 33, device)
+    hidden.requires_grad_()
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    (grad_hidden,) = torch.autograd.grad(out.entropy.sum() + out.logprobs.sum(), (hidden,))
+    exact_hidden = hidden.detach().double().requires_grad_()
+    entropy, logprobs = reference.linear_entropy_ref(
+        exact_hidden, weight.double(), bias.double(), tokens)
+    (exact,) = torch.autograd.grad(entropy.sum() + logprobs.sum(), (exact_hidden,))
+    torch.testing.assert_close(grad_hidden.double(), exact, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [1e-3, 3e-2])
+def test_grad_filter_error_bound(backend_device, eps):
+    """Filtering changes each gradient entry by at most eps * sum over the vocab (resp. rows) of
+    |operand|, and by nothing where no tile was skipped; a huge eps drops every tile."""
+    backend, device = backend_device
+    rows, features, vocab = 30, 20, 64
+    # Like a real LM head, the mass sits on a few shared ids (here the first 16), so whole tiles
+    # of dz are tiny and filtering has work to do. Only the entropy has an upstream gradient (a
+    # log-prob gradient puts a large entry at the token of every row).
+    hidden, weight, bias, _ = random_problem(rows, features, vocab, device)
+    bias[:16] += 12.0
+    problem = dict(hidden=hidden, weight=weight, bias=bias, tokens=None, temperature=1.0,
+                   upstream_entropy=torch.randn(rows).to(device), upstream_logprobs=None)
+    with small_chunks():
+        _, _, exact = values_and_grads(kernel_fn(problem, backend), problem)
+        _, _, filtered = values_and_grads(
+            kernel_fn(problem, backend, grad_filter_eps=eps), problem)
+        _, _, dropped = values_and_grads(
+            kernel_fn(problem, backend, grad_filter_eps=1e30), problem)
+    grad_hidden, grad_weight, grad_bias = (g.double() for g in filtered)
+    exact_hidden, exact_weight, exact_bias = (g.double() for g in exact)
+    hidden_bound = eps * weight.double().abs().sum(0).expand(rows, features)
+    weight_bound = eps * hidden.double().abs().sum(0).expand(vocab, features)
+    slack = 1e-5
+    assert bool(((grad_hidden - exact_hidden).abs() <= hidden_bound + slack).all())
+    assert bool(((grad_weight - exact_weight).abs() <= weight_bound + slack).all())
+    assert bool(((grad_bias - exact_bias).abs() <= eps * rows + slack).all())
+    assert not torch.equal(filtered[0], exact[0]), "no tile was filtered: the test is vacuous"
+    for grad in dropped:
+        assert bool((grad == 0).all())
+
+
+def test_backend_names():
+    hidden, weight, bias, tokens = random_problem(6, 16, 20, "cpu")
+    torch_out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens,
+                                          backend="torch")
+    for backend in ("auto", "cpu"):
+        out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens,
+                                        backend=backend)
+        assert torch.equal(out.entropy, torch_out.entropy)
+    with pytest.raises(em_kernels.BackendUnavailableError, match="CUDA tensors only"):
+        em_kernels.linear_entropy(hidden, weight, backend="cuda")
+    with pytest.raises(ValueError, match="unknown backend"):
+        em_kernels.linear_entropy(hidden, weight, backend="fast")
+    double = em_kernels.linear_entropy(hidden.double(), weight.double(), backend="torch")
+    assert double.entropy.dtype == torch.float64
+
+
+def _bad_inputs():
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu")
+    return [
+        (dict(hidden=hidden.numpy()), TypeError, "hidden must be a torch.Tensor"),
+        (dict(hidden=hidden.long()), TypeError, "hidden must be float32"),
+        (dict(weight=weight.half()), TypeError, "same dtype|cast them"),
+        (dict(hidden=hidden[0]), ValueError, "2-D"),
+        (dict(weight=weight.T.contiguous()), ValueError, "H must match"),
+        (dict(weight=weight[None]), ValueError, "weight must be 2-D"),
+        (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
+        (dict(bias=bias.double()), TypeError, "cast bias"),
+        (dict(bias=[0.0] * 10), TypeError, "bias must be a torch.Tensor"),
+        (dict(tokens=tokens.int()), TypeError, "int64"),
+        (dict(tokens=tokens[:3]), ValueError, "shape"),
+        (dict(tokens=tokens + 10), ValueError, r"outside \[0, 10\)"),
+        (dict(tokens=tokens - 10), ValueError, r"outside \[0, 10\)"),
+        (dict(temperature=0.0), ValueError, "finite positive"),
+        (dict(temperature=-1.0), ValueError, "finite positive"),
+        (dict(temperature=float("nan")), ValueError, "finite positive"),
+        (dict(temperature="1"), TypeError, "temperature"),
+        (dict(grad_filter_eps=-1.0), ValueError, "grad_filter_eps"),
+        (dict(grad_filter_eps="x"), TypeError, "grad_filter_eps"),
+        (dict(backend=3), TypeError, "backend must be a string"),
+        (dict(hidden=hidden.double(), weight=weight.double(), backend="auto"), TypeError,
+         "float64"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_inputs())))
+def test_bad_input(index):
+    override, error, message = _bad_inputs()[index]
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu")
+    kwargs = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, temperature=1.0)
+    kwargs.update(override)
+    hidden, weight = kwargs.pop("hidden"), kwargs.pop("weight")
+    with pytest.raises(error, match=message):
+        em_kernels.linear_entropy(hidden, weight, **kwargs)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_device_mismatch():
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu")
+    with pytest.raises(ValueError, match="weight is on"):
+        em_kernels.linear_entropy(hidden, weight.cuda())
+    with pytest.raises(ValueError, match="tokens are on"):
+        em_kernels.linear_entropy(hidden.cuda(), weight.cuda(), tokens=tokens)
+
+
+def test_zero_rows(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(0, 16, 20, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    assert out.entropy.shape == (0,) and out.logprobs.shape == (0,)
+    grad_hidden, grad_weight = torch.autograd.grad(out.entropy.sum(), (hidden, weight))
+    assert grad_hidden.shape == (0, 16) and bool((grad_weight == 0).all())
+
+
+_PEAK_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, sys, torch, em_kernels
+    from em_kernels._ops import linear_entropy as ops
+    ops.TORCH_ROW_CHUNK, ops.TORCH_CHUNK_ELEMENTS = 128, 1 << 18  # 1 MiB blocks
+    rows, features, vocab = 2048, 8, 32768
+    hidden = torch.randn(rows, features, requires_grad=True)
+    weight = torch.randn(vocab, features, requires_grad=True)
+    tokens = torch.randint(0, vocab, (rows,))
+    em_kernels.linear_entropy(hidden[:2], weight, tokens=tokens[:2], backend="torch")  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out = em_kernels.linear_entropy(hidden, weight, tokens=tokens, backend="torch")
+    (out.entropy.sum() + out.logprobs.sum()).backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(after - before)
+""")
+
+
+def test_chunked_path_never_holds_n_by_v():
+    """fp32 logits of this shape take 256 MiB; the chunked path's peak resident memory over
+    forward+backward must stay far below that (its blocks are shrunk to 1 MiB here, so that a
+    shape cheap to compute still separates the two; a few blocks are alive at once and the C
+    allocator keeps some freed ones resident). Measured in a fresh process as the growth of the
+    peak RSS, so any [N, V] temporary would show in full."""
+    environment = dict(os.environ, OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT], capture_output=True, text=True,
+        env=environment, timeout=300, check=True)
+    growth = int(result.stdout.strip().splitlines()[-1])
+    logits_bytes = 2048 * 32768 * 4
+    assert growth < logits_bytes / 8, f"peak memory grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_triton_never_holds_n_by_v_on_cuda():
+    rows, features, vocab = 4096, 256, 131072
+    hidden = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, features, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
+    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = em_kernels.linear_entropy(hidden, weight, tokens=tokens, backend="triton")
+    forward_peak = torch.cuda.max_memory_allocated() - base
+    (out.entropy.sum() + out.logprobs.sum()).backward()
+    total_peak = torch.cuda.max_memory_allocated() - base
+    logits_bytes = rows * vocab * 2  # even bf16 logits: 1 GiB
+    assert forward_peak < 16 * 2**20
+    # Backward: the gradients (bf16) and their fp32 accumulators, nothing N x V.
+    gradients = (rows + vocab) * features * (2 + 4)
+    assert total_peak < gradients + 16 * 2**20 < logits_bytes
+
+
+def test_opcheck():
+    hidden, weight, bias, tokens = random_problem(7, 16, 20, "cpu")
+    for backend in ("torch", "triton"):
+        if not runnable(backend, "cpu"):
+            continue
+        args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), tokens,
+                1.3, 0.0, backend)
+        torch.library.opcheck(ops.linear_entropy_stats, args)
+        entropy, lse, _ = ops.linear_entropy_stats(*[
+            a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        grad = torch.randn(7)
+        torch.library.opcheck(ops.linear_entropy_backward, (
+            hidden.detach(), weight.detach(), bias.detach(), tokens, entropy, lse, grad, -grad,
+            grad, 1.3, 0.0, True, True, backend))
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, bias, tokens = random_problem(11, 16, 20, "cpu")
+
+    def step(hidden, weight, bias, tokens):
+        out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens,
+                                        temperature=0.9, backend="torch")
+        return (out.entropy * 0.5 + out.logprobs).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    compiled_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    expected = step(*eager_inputs, tokens)
+    expected.backward()
+    actual = compiled(*compiled_inputs, tokens)
+    actual.backward()
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(compiled_inputs, eager_inputs):
+        torch.testing.assert_close(got.grad, want.grad)

@@ -1,0 +1,121 @@
+"""Vocab-parallel linear_entropy: 2 CPU processes on gloo, each holding a contiguous shard of the
+LM head, must reproduce the unsharded entropy, log-probs and gradients."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import em_kernels
+
+WORLD_SIZE = 2
+# Uneven shards (rank 0 holds 23 ids, rank 1 holds 18) and a masked id on each side; several
+# rows pick tokens from rank 1's shard, so the owner logic is exercised on both ranks.
+ROWS, FEATURES, VOCAB, SPLIT = 13, 24, 41, 23
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _problem(dtype):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(ROWS, FEATURES, generator=generator).to(dtype)
+    weight = (torch.randn(VOCAB, FEATURES, generator=generator) / 4).to(dtype)
+    bias = torch.randn(VOCAB, generator=generator)
+    bias[[5, 30]] = float("-inf")
+    tokens = torch.randint(0, VOCAB, (ROWS,), generator=generator)
+    tokens[tokens == 5] = 6
+    tokens[tokens == 30] = 31
+    grad_entropy = torch.randn(ROWS, generator=generator)
+    grad_logprobs = torch.randn(ROWS, generator=generator)
+    return hidden, weight, bias.to(dtype), tokens, grad_entropy, grad_logprobs
+
+
+def _run(hidden, weight, bias, tokens, grad_entropy, grad_logprobs, backend, group,
+         use_tokens, grad_filter_eps=None):
+    hidden = hidden.clone().requires_grad_()
+    weight = weight.clone().requires_grad_()
+    bias = bias.clone().requires_grad_()
+    out = em_kernels.linear_entropy(
+        hidden, weight, bias=bias, tokens=tokens if use_tokens else None, temperature=0.9,
+        process_group=group, backend=backend, grad_filter_eps=grad_filter_eps)
+    loss = (out.entropy * grad_entropy).sum()
+    if use_tokens:
+        loss = loss + (out.logprobs * grad_logprobs).sum()
+    loss.backward()
+    return out, hidden.grad, weight.grad, bias.grad
+
+
+def _worker(rank, port, cases):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        torch.set_num_threads(1)
+        for backend, dtype in cases:
+            _check_case(rank, backend, dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_case(rank, backend, dtype):
+    hidden, weight, bias, tokens, grad_entropy, grad_logprobs = _problem(dtype)
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
+        rtol=2e-2, atol=2e-2)
+    for use_tokens in (True, False):
+        full, full_hidden, full_weight, full_bias = _run(
+            hidden, weight, bias, tokens, grad_entropy, grad_logprobs, backend, None,
+            use_tokens)
+        sharded, grad_hidden, grad_weight, grad_bias = _run(
+            hidden, weight[shard], bias[shard], tokens, grad_entropy, grad_logprobs,
+            backend, dist.group.WORLD, use_tokens)
+        torch.testing.assert_close(sharded.entropy, full.entropy, rtol=1e-5, atol=1e-5)
+        if use_tokens:
+            torch.testing.assert_close(sharded.logprobs, full.logprobs, rtol=1e-5, atol=1e-5)
+        else:
+            assert sharded.logprobs is None
+        torch.testing.assert_close(grad_hidden, full_hidden, **tolerance)
+        torch.testing.assert_close(grad_weight, full_weight[shard], **tolerance)
+        torch.testing.assert_close(grad_bias, full_bias[shard], **tolerance)
+    # A shard with no finite logit for any row (rank 1 masks its whole shard): the other
+    # rank's shard carries the whole distribution, nothing turns NaN.
+    masked_bias = bias.clone()
+    masked_bias[SPLIT:] = float("-inf")
+    safe_tokens = tokens % SPLIT
+    full, full_hidden, _, _ = _run(
+        hidden, weight, masked_bias, safe_tokens, grad_entropy, grad_logprobs, backend, None,
+        True)
+    sharded, grad_hidden, _, _ = _run(
+        hidden, weight[shard], masked_bias[shard], safe_tokens, grad_entropy, grad_logprobs,
+        backend, dist.group.WORLD, True)
+    assert bool(torch.isfinite(sharded.entropy).all())
+    torch.testing.assert_close(sharded.entropy, full.entropy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sharded.logprobs, full.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_hidden, full_hidden, **tolerance)
+    # Out-of-range global ids are caught on CPU, on every rank.
+    try:
+        em_kernels.linear_entropy(hidden, weight[shard], tokens=tokens + VOCAB,
+                                  process_group=dist.group.WORLD, backend=backend)
+    except ValueError as error:
+        assert f"[0, {VOCAB})" in str(error)
+    else:
+        raise AssertionError("an id outside the global vocabulary was accepted")
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_matches_unsharded():
+    """One spawn (process start-up dominates) runs every case: chunked torch in fp32 and bf16,
+    and the Triton kernels (interpreter here, GPU where present) in fp32."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    cases = [("torch", torch.float32), ("torch", torch.bfloat16)]
+    if em_kernels.available_backends()["triton"] == "available" and not torch.cuda.is_available():
+        cases.append(("triton", torch.float32))
+    mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD_SIZE, join=True)
