@@ -2,10 +2,15 @@
 # The one script to run on a GPU machine (H100 / H200): records the machine, builds the compiled
 # extension, runs the GPU tests, then the headline benchmarks of the issues, and writes what it
 # found to an output folder. Each step runs under `timeout` within a total budget
-# (GPU_CHECK_SECONDS, default 450 s), so one hang or a slow build cannot eat the machine's lease;
+# (GPU_CHECK_SECONDS, default 470 s), so one hang or a slow build cannot eat the machine's lease;
 # a failed step is logged and the next one runs (no `set -e`).
 #
 #   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else gpu_check_out/
+#
+# A rerun on the same machine can pick steps, for example after a timed-out step:
+#   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
+# Steps: build tests bench_headline bench_linear bench_decode_ops bench_headline_compile decode
+# bench_sweep. PYTHON overrides the interpreter (default python3).
 #
 # Writes at most 7 files, flat, into OUT_DIR (rewritten after every step, so a run killed
 # midway still leaves its results):
@@ -24,7 +29,7 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
-BUDGET="${GPU_CHECK_SECONDS:-450}"
+BUDGET="${GPU_CHECK_SECONDS:-470}"
 START=$(date +%s)
 LOG="$OUT_DIR/run.log"
 : > "$LOG"
@@ -65,6 +70,10 @@ step() {
     local name=$1 limit
     limit=$(clip "$2")
     shift 2
+    if [ -n "${GPU_CHECK_STEPS:-}" ] && [[ " $GPU_CHECK_STEPS " != *" $name "* ]]; then
+        say "== $name: not selected (GPU_CHECK_STEPS)"
+        return
+    fi
     if [ "$limit" -lt 20 ]; then
         say "== $name: not run (the ${BUDGET}s budget is spent)"
         return
@@ -115,24 +124,29 @@ step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a \
 WORKERS=""
 "$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 4"
 # shellcheck disable=SC2086
-step tests 100 "$PY" -m pytest -q $WORKERS -m 'not distributed' -k cuda -p no:cacheprovider tests/
+step tests 90 "$PY" -m pytest -q $WORKERS -m 'not distributed' -k cuda -p no:cacheprovider tests/
 
-# 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936], every provider.
-bench headline 120 --ops entropy logprobs_and_entropy --shapes N8192-V151936 --dtypes bf16 \
-    --modes fwd fwd+bwd
+# 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936]. torch.compile
+#    runs in its own step (step 6): its compilations must not starve our kernels' cells.
+HEADLINE=(--ops entropy logprobs_and_entropy --shapes N8192-V151936 --dtypes bf16
+          --modes fwd fwd+bwd)
+bench headline 60 "${HEADLINE[@]}" --providers triton cuda eager chunked
 # 4. The fused LM head at the issue's two shapes (H 3584 and H 896), every provider.
-bench linear 90 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd
+bench linear 70 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd
 # 5. EM-INF (5 steps, never exiting early) and adaptive temperature at B 1, 16, 64 (V 151936).
-bench decode_ops 45 --ops em_inf_adjust adaptive_temperature --shapes V151936
-# 6. A V / N sweep of entropy forward for the plot (our kernels and eager; compile compiles
+bench decode_ops 35 --ops em_inf_adjust adaptive_temperature --shapes V151936
+# 6. torch.compile at the headline cells: the yardstick of issue 2's goals, from the same device.
+bench headline_compile 60 "${HEADLINE[@]}" --providers compile
+# 7. generate() on a Qwen2.5-7B-shaped model: plain, with our EM-INF processor, with the
+#    released code's loop.
+if [ -f bench/decode.py ]; then
+    step decode 50 "$PY" -m bench.decode --qwen7b --json "$WORK/decode.json"
+fi
+# 8. A V / N sweep of entropy forward for the plot (our kernels and eager; compile compiles
 #    once per shape, too slow for this budget).
-bench sweep 40 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
+bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
     N16384-V151936
-# 7. generate() with and without the EM-INF processor.
-if [ -f bench/decode.py ]; then
-    step decode 45 "$PY" bench/decode.py --gpu
-fi
 
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
