@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from em_kernels import BackendUnavailableError
+
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -493,6 +495,8 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                     try:
                         row.update(measure(ctx, case, provider, mode))
                     except Skip as exc:
+                        row.update(status="skipped", reason=str(exc))
+                    except BackendUnavailableError as exc:
                         row.update(status="skipped", reason=str(exc))
                     except NotImplementedError as exc:
                         row.update(status="skipped", reason=f"not implemented yet: {exc}".strip())
