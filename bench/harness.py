@@ -106,7 +106,6 @@ class Provider:
     build: Callable[[Case], Callable[[], tuple[torch.Tensor, ...]]]
     compares: bool = True
     unavailable: Callable[["Context"], str | None] = lambda ctx: None
-    note: str = ""
 
 
 class OpBench:

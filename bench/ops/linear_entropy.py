@@ -122,14 +122,12 @@ class LinearEntropyBench(OpBench):
                 case.inputs["hidden"], case.inputs["weight"], targets),)
 
         return [
-            Provider("matmul", matmul, compares=False, note="the LM-head matmul alone"),
+            Provider("matmul", matmul, compares=False),
             Provider("eager", eager), Provider("chunked", chunked_), *em_providers(ours),
             Provider("liger", liger, compares=False,
-                     unavailable=package_unavailable("liger_kernel", "liger-kernel"),
-                     note="cross-entropy, not entropy"),
+                     unavailable=package_unavailable("liger_kernel", "liger-kernel")),
             Provider("cce", cce, compares=False,
-                     unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy"),
-                     note="cross-entropy, not entropy"),
+                     unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
         ]
 
 
