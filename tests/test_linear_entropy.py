@@ -496,3 +496,81 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(actual, expected)
     for got, want in zip(compiled_inputs, eager_inputs):
         torch.testing.assert_close(got.grad, want.grad)
+
+
+
+# Run without TRITON_INTERPRET (under it, triton.jit returns interpreted functions that the
+# compiler cannot lower), so in a fresh process.
+_LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
+    import json, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from em_kernels.triton import linear_entropy as kernels
+
+    def lower(kernel, dtype, backward):
+        config = kernels.tile_config(torch.device("cuda"), dtype, backward)
+        element = "bf16" if dtype == torch.bfloat16 else "fp32"
+        constants = dict(
+            HAS_BIAS=True, HAS_TOKENS=True, UPCAST_OPERANDS=False,
+            DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+            BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+            GROUP_N=config.group_n, stride_hidden_h=1, stride_weight_h=1)
+        if backward:
+            constants.update(FILTER=True, GRAD_HIDDEN=True, GRAD_WEIGHT=True)
+        else:
+            constants.update(TILES_PER_SPLIT=config.tiles_per_split)
+        names = kernel.arg_names
+        signature = {}
+        for name in names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name in ("hidden_ptr", "weight_ptr", "bias_ptr"):
+                signature[name] = "*" + element
+            elif name == "tokens_ptr":
+                signature[name] = "*i64"
+            elif name.endswith("_ptr"):
+                signature[name] = "*fp32"
+            elif name in ("inv_temperature", "grad_filter_eps"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        # What a real launch specialises: 16-divisible pointers, row strides and H (every LM's
+        # hidden size is a multiple of 16; other H get unvectorised, unpipelined loads).
+        divisible = [n for n in names
+                     if n.endswith("_ptr") or n in ("stride_hidden_n", "stride_weight_v", "H")]
+        source = ASTSource(
+            fn=kernel, signature=signature,
+            constexprs={(names.index(k),): v for k, v in constants.items()},
+            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(
+            num_warps=config.num_warps, num_stages=config.num_stages))
+        ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+        return dict(wgmma="warp_group_dot" in ttgir,
+                    pipelined="async_copy_global_to_local" in ttgir,
+                    spills="st.local" in ptx)
+
+    results = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        results[f"fwd-{dtype}"] = lower(kernels._linear_entropy_fwd_kernel, dtype, False)
+        results[f"bwd-{dtype}"] = lower(kernels._linear_entropy_bwd_kernel, dtype, True)
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the launches themselves compile the kernels")
+def test_kernels_lower_for_hopper():
+    """The interpreter never compiles the kernels: lower them to sm_90 PTX with the
+    specialisations a real launch gets, and check that 16-bit tiles use wgmma with
+    software-pipelined (async-copy) loads and that no PTX spills to local memory."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOWER_FOR_HOPPER_SCRIPT], capture_output=True, text=True,
+        env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, found in results.items():
+        assert not found["spills"], name
+        if "bfloat16" in name:
+            assert found["wgmma"] and found["pipelined"], (name, found)
