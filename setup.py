@@ -23,7 +23,8 @@ import subprocess
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;9.0a"  # A100-class and Hopper (wgmma, TMA); override with TORCH_CUDA_ARCH_LIST
+# A100-class (+ its PTX, which newer GPUs JIT-compile) and Hopper; TORCH_CUDA_ARCH_LIST overrides.
+DEFAULT_ARCHS = "8.0+PTX;9.0a"
 
 
 def _env_flag(name: str) -> bool:
@@ -80,14 +81,16 @@ def extensions():
     cpu_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-fopenmp", "-march=x86-64-v3", "-std=c++17"]
+    # No -march: the CPU kernels compile their hot loops for baseline x86-64, AVX2 and AVX-512 and
+    # pick one at run time, so one build runs on any x86-64. No -ffast-math: the kernels test for
+    # NaN. -ffp-contract=fast turns a * b + c into FMA inside the AVX2/AVX-512 variants.
+    # -Wno-psabi: the always-inlined vector helpers never cross an ABI boundary.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"]
     extra_link = ["-fopenmp"]
-    if os.uname().machine != "x86_64":
-        cxx_flags.remove("-march=x86-64-v3")
     if cuda_sources and _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        nvcc_flags = ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo",
-                      "--expt-relaxed-constexpr"]
+        # --use_fast_math: exp2f/log2f become the ex2/lg2 approximations (one MUFU op each).
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         return [cpp_extension.CUDAExtension(
             "em_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("EM_WITH_CUDA", "1")],

@@ -32,9 +32,20 @@ TORCH_LIBRARY(em_C, m) {
 }
 
 // The extension registers everything through TORCH_LIBRARY; Python only needs an importable
-// module so that `import em_kernels._C` runs the registrations above.
+// module so that `import em_kernels._C` runs the registrations above. Its one attribute,
+// with_cuda, says whether the CUDA part was compiled in (setup.py defines EM_WITH_CUDA).
 extern "C" PyObject* PyInit__C(void) {
+#if defined(EM_WITH_CUDA)
+  constexpr long kWithCuda = 1;
+#else
+  constexpr long kWithCuda = 0;
+#endif
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "em-kernels compiled ops", -1,
                                    nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddIntConstant(module, "with_cuda", kWithCuda) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }

@@ -1,0 +1,113 @@
+// Row statistics of softmax(z / T) in base 2, shared by the CPU and CUDA kernels.
+//
+// A row (or any part of one) is summarised by three floats, in bits (u_j = z_j * log2(e) / T):
+//
+//     max      = m = max_j u_j
+//     sum      = s = sum_j 2^(u_j - m)
+//     weighted = w = sum_j 2^(u_j - m) (u_j - m)
+//
+// w is kept relative to the running max so that it never grows like |u| * s (entropy is a small
+// difference of two large numbers otherwise). Two parts merge exactly (up to rounding):
+//
+//     m = max(m1, m2),  a_i = 2^(m_i - m)
+//     s = a1 s1 + a2 s2,  w = a1 (w1 + s1 (m1 - m)) + a2 (w2 + s2 (m2 - m))
+//
+// and a whole row gives, in nats,
+//
+//     lse = ln2 (m + log2 s)            H = ln2 (log2 s - w / s)
+//     log p(y) = ln2 (u_y - m - log2 s)
+//
+// The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = u_j - lse * log2(e)
+// (= log2 p_j) and p_j = 2^d_j, is
+//
+//     dz_j = (1/T) [-gH p_j (d_j ln2 + H) + gL (onehot(y)_j - p_j)]
+//          = p_j (c0 + c1 d_j) + [j == y] gL / T,
+//     c0 = -(gH H + gL) / T,   c1 = -gH ln2 / T.
+//
+// Special values: a masked entry (z = -inf) has p = 0 and contributes exactly 0 (the exponent is
+// clamped at kExp2Floor before it multiplies anything). A part that is all -inf is empty:
+// {-inf, 0, 0}; a row that is all -inf ends with s = 0, so lse = -inf and H = NaN (0 / 0), and its
+// gradient is 0. A NaN entry makes s NaN, which poisons that row only.
+#pragma once
+
+#include <math.h>
+
+#include "em/common.h"
+
+namespace em {
+
+struct SoftmaxPartial {
+  float max;       // m, in bits
+  float sum;       // s = sum 2^(u - m)
+  float weighted;  // w = sum 2^(u - m) (u - m)
+};
+
+EM_HOST_DEVICE SoftmaxPartial empty_partial() { return {-INFINITY, 0.0f, 0.0f}; }
+
+// True for a part with no unmasked entry. A part whose max is -inf but whose sum is NaN (it saw a
+// NaN and nothing finite) is not empty: its NaN must reach the row.
+EM_HOST_DEVICE bool is_empty(const SoftmaxPartial& p) { return p.max == -INFINITY && p.sum == 0.0f; }
+
+// The statistics of the union of two disjoint parts. Commutative (bitwise), so any fixed merge
+// tree is deterministic; the kernels always merge in a fixed order.
+EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartial& b) {
+  if (is_empty(a)) return b;
+  if (is_empty(b)) return a;
+  const float m = fmaxf(a.max, b.max);  // a NaN max loses here but reappears through exp2(NaN)
+  const float da = a.max - m;
+  const float db = b.max - m;
+  const float sa = exp2f(da);
+  const float sb = exp2f(db);
+  return {m, a.sum * sa + b.sum * sb, sa * (a.weighted + a.sum * da) + sb * (b.weighted + b.sum * db)};
+}
+
+struct RowStatistics {
+  float lse;      // logsumexp(z / T), nats
+  float entropy;  // H, nats
+};
+
+EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p) {
+  const float log2_sum = log2f(p.sum);
+  return {(p.max + log2_sum) * kLn2, (log2_sum - p.weighted / p.sum) * kLn2};
+}
+
+// log p(y) from the row's statistics and the scaled chosen logit u_y = z_y * log2(e) / T; the two
+// large numbers u_y and m cancel first.
+EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float scaled_logit) {
+  return (scaled_logit - p.max - log2f(p.sum)) * kLn2;
+}
+
+// Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) + [j == y] onehot with
+// d_j = z_j * scale - shift and p_j = 2^d_j.
+struct GradientCoefficients {
+  float scale;   // log2(e) / T
+  float shift;   // lse * log2(e)
+  float c0;      // -(gH H + gL) / T
+  float c1;      // -gH ln2 / T
+  float onehot;  // gL / T, added at the chosen token
+};
+
+// The factors of the temperature, computed once on the host (device division is approximate
+// under fast math): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T.
+struct TemperatureFactors {
+  float scale;
+  float inv_temperature;
+};
+
+inline TemperatureFactors temperature_factors(double temperature) {
+  return {static_cast<float>(static_cast<double>(kLog2e) / temperature),
+          static_cast<float>(1.0 / temperature)};
+}
+
+// grad_logprob must already be 0 for a row without a token or with a token outside [0, V).
+// A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
+// is exactly 0 like every masked entry's (shift 0 makes each d_j = -inf, hence p_j = 0).
+EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, float lse, float grad_entropy,
+                                                          float grad_logprob,
+                                                          const TemperatureFactors& t) {
+  if (lse == -INFINITY) return {t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
+  return {t.scale, lse * kLog2e, -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
+          -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
+}
+
+}  // namespace em

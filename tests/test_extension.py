@@ -1,0 +1,305 @@
+"""The compiled extension em_kernels._C: that it is built and found, what available_backends()
+says about it, the registered em_C ops (opcheck, errors on misuse), the exactness of its dtype
+conversions and the agreement of its CPU ISA variants. The numerical tests of the ops through the
+public API live in tests/test_entropy.py (the "cpu" and "cuda" backends)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import em_kernels
+from em_kernels import _extension, reference
+
+OPS = ("softmax_stats_fwd", "softmax_stats_bwd")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"em_C::{op}", key)
+
+
+def _built_with_cuda() -> bool:
+    return bool(importlib.import_module("em_kernels._C").with_cuda)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    failure = _extension.load()
+    assert failure is None, (
+        f"em_kernels._C did not load ({failure}); build it with "
+        "`python3 -m pip install --no-build-isolation -e .`")
+    return importlib.import_module("em_kernels._C")
+
+
+def _devices():
+    devices = ["cpu"]
+    if HAS_CUDA and _extension.load() is None and _built_with_cuda():
+        devices.append("cuda")
+    return devices
+
+
+# ----------------------------------------------------------------------------------------------
+# Build, packaging and backend status
+
+
+def test_extension_lives_in_the_package(extension):
+    """Editable and regular installs alike put _C*.so next to em_kernels/__init__.py."""
+    package_dir = os.path.dirname(os.path.abspath(em_kernels.__file__))
+    assert os.path.dirname(os.path.abspath(extension.__file__)) == package_dir
+
+
+def test_ops_are_registered_for_the_parts_that_were_built(extension):
+    for op in OPS:
+        assert _has_kernel(op, "CPU"), f"em_C::{op} has no CPU kernel"
+        assert _has_kernel(op, "CUDA") == bool(extension.with_cuda), (
+            f"em_C::{op}: CUDA kernel registered = {_has_kernel(op, 'CUDA')}, but the extension "
+            f"says with_cuda = {extension.with_cuda}")
+
+
+def test_available_backends_reports_the_extension(extension):
+    status = em_kernels.available_backends()
+    assert status["cpu"] == "available"
+    if not extension.with_cuda:
+        assert "built without its CUDA part" in status["cuda"]
+    elif not HAS_CUDA:
+        assert status["cuda"] == "no CUDA device"
+    else:
+        assert status["cuda"] == "available"
+
+
+def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
+    from em_kernels._backend import resolve_backend
+
+    assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# The dispatcher ops
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_tokens", [False, True])
+def test_opcheck(device, dtype, with_tokens):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(5, 37, generator=generator) * 3).to(dtype).to(device)
+    tokens = torch.randint(0, 37, (5,), generator=generator).to(device) if with_tokens else None
+    torch.library.opcheck(torch.ops.em_C.softmax_stats_fwd.default, (logits, tokens, 0.7))
+    entropy, lse, _ = torch.ops.em_C.softmax_stats_fwd(logits, tokens, 0.7)
+    grad_entropy = torch.randn(5, generator=generator).to(device)
+    grad_logprobs = torch.randn(5, generator=generator).to(device) if with_tokens else None
+    torch.library.opcheck(
+        torch.ops.em_C.softmax_stats_bwd.default,
+        (logits, tokens, entropy, lse, grad_entropy, grad_logprobs, 0.7))
+
+
+def _fwd(logits, tokens=None, temperature=1.0):
+    return torch.ops.em_C.softmax_stats_fwd(logits, tokens, temperature)
+
+
+def _bwd(logits, tokens=None, entropy=None, lse=None, grad_entropy=None, grad_logprobs=None,
+         temperature=1.0):
+    rows = logits.shape[0] if logits.dim() else 1
+    zeros = torch.zeros(rows, device=logits.device)
+    return torch.ops.em_C.softmax_stats_bwd(
+        logits, tokens, zeros if entropy is None else entropy, zeros if lse is None else lse,
+        zeros if grad_entropy is None else grad_entropy, grad_logprobs, temperature)
+
+
+LOGITS = torch.zeros(4, 10)
+MISUSE = [
+    ("float64 logits", lambda: _fwd(LOGITS.double()), "float32, bfloat16 or float16"),
+    ("integer logits", lambda: _fwd(LOGITS.long()), "float32, bfloat16 or float16"),
+    ("1-D logits", lambda: _fwd(LOGITS[0]), r"2-D \[N, V\]"),
+    ("3-D logits", lambda: _fwd(LOGITS[None]), r"2-D \[N, V\]"),
+    ("V = 0", lambda: _fwd(LOGITS[:, :0]), "V = 0"),
+    ("strided last dim", lambda: _fwd(LOGITS[:, ::2]), "contiguous"),
+    ("zero temperature", lambda: _fwd(LOGITS, None, 0.0), "finite positive"),
+    ("negative temperature", lambda: _fwd(LOGITS, None, -1.0), "finite positive"),
+    ("nan temperature", lambda: _fwd(LOGITS, None, float("nan")), "finite positive"),
+    ("inf temperature", lambda: _fwd(LOGITS, None, float("inf")), "finite positive"),
+    ("int32 tokens", lambda: _fwd(LOGITS, torch.zeros(4, dtype=torch.int32)), "tokens must be Long"),
+    ("tokens of the wrong length", lambda: _fwd(LOGITS, torch.zeros(3, dtype=torch.long)),
+     r"tokens must have shape \[N\] = \[4\]"),
+    ("2-D tokens", lambda: _fwd(LOGITS, torch.zeros(4, 1, dtype=torch.long)),
+     r"tokens must have shape"),
+    ("float64 entropy", lambda: _bwd(LOGITS, entropy=torch.zeros(4, dtype=torch.float64)),
+     "entropy must be Float"),
+    ("short lse", lambda: _bwd(LOGITS, lse=torch.zeros(3)), r"lse must have shape \[N\]"),
+    ("bf16 grad_entropy", lambda: _bwd(LOGITS, grad_entropy=torch.zeros(4, dtype=torch.bfloat16)),
+     "grad_entropy must be Float"),
+    ("grad_logprobs without tokens", lambda: _bwd(LOGITS, grad_logprobs=torch.zeros(4)),
+     "grad_logprobs needs tokens"),
+    ("short grad_logprobs", lambda: _bwd(LOGITS, tokens=torch.zeros(4, dtype=torch.long),
+                                         grad_logprobs=torch.zeros(2)), "grad_logprobs must have"),
+    ("bwd: strided last dim", lambda: _bwd(LOGITS[:, ::2]), "contiguous"),
+]
+
+
+@pytest.mark.parametrize("call, message", [m[1:] for m in MISUSE], ids=[m[0] for m in MISUSE])
+def test_misuse_raises_runtime_error(call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cuda_kernel_rejects_tensors_on_other_devices():
+    if not _built_with_cuda():
+        pytest.skip("the extension was built without its CUDA part")
+    logits = torch.zeros(4, 10, device="cuda")
+    with pytest.raises(RuntimeError, match="tokens is on cpu"):
+        _fwd(logits, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="logits are on cpu"):
+        _fwd(torch.zeros(4, 10), torch.zeros(4, dtype=torch.long, device="cuda"))
+
+
+def test_token_ids_out_of_range_give_nan_logprobs_and_no_logprob_gradient():
+    """Through torch.ops.em_C directly (the public functions reject them earlier on CPU)."""
+    logits = torch.randn(4, 10)
+    tokens = torch.tensor([-1, 3, 10, 9])
+    entropy, lse, logprobs = _fwd(logits, tokens)
+    assert torch.isnan(logprobs[[0, 2]]).all() and torch.isfinite(logprobs[[1, 3]]).all()
+    grad_logprobs = torch.ones(4)
+    grad = _bwd(logits, tokens, entropy, lse, torch.zeros(4), grad_logprobs)
+    expected = torch.zeros(4, 10)
+    expected[[1, 3], [3, 9]] = 1.0
+    expected[[1, 3]] -= torch.softmax(logits[[1, 3]], -1)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact dtype conversions
+
+
+def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
+    """Every 16-bit pattern of ``dtype``, as 4096 rows of 16 consecutive patterns."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).view(-1, 16)
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_half_inputs_are_read_exactly(device, dtype):
+    """bf16/fp16 logits give bitwise the fp32 results of the same values: the in-register
+    conversion is exact for every bit pattern (normals, subnormals, zeros, inf, NaN)."""
+    logits = _all_bit_patterns(dtype).to(device)
+    tokens = torch.arange(4096, device=device) % 16
+    half = _fwd(logits, tokens, 0.9)
+    full = _fwd(logits.float(), tokens, 0.9)
+    for name, a, b in zip(("entropy", "lse", "logprobs"), half, full):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)), name
+        assert torch.equal(a[~torch.isnan(a)], b[~torch.isnan(b)]), name
+
+
+def _float_samples() -> torch.Tensor:
+    """Random float32 bit patterns plus the edge cases of rounding to 16 bits: zeros, subnormals,
+    the smallest and largest normals, overflow thresholds, ties, infinities and NaN."""
+    generator = torch.Generator().manual_seed(1)
+    random_bits = torch.randint(-(2**31), 2**31, (1 << 16,), generator=generator, dtype=torch.int64)
+    special = torch.tensor([
+        0.0, -0.0, 1.0, -1.0, 65504.0, 65519.0, 65520.0, 65536.0, 1e30, -1e30, 2.0**-14,
+        2.0**-24, 2.0**-25, 1.5 * 2.0**-25, 2.0**-26, 2.0**-149, 2.0**-126, 1.0 + 2.0**-11,
+        1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 3.3895313892515355e38,
+        float("inf"), float("-inf"), float("nan")], dtype=torch.float32)
+    # Values on the 16-bit grids and exactly halfway between neighbours (ties to even).
+    grid = torch.arange(0, 2**15, 7, dtype=torch.int32).to(torch.int16)
+    ties = torch.cat([
+        grid.view(torch.bfloat16).float() * (1 + 2.0**-8),
+        grid.view(torch.float16).float() * (1 + 2.0**-11),
+        grid.view(torch.float16).float() + 2.0**-25])
+    return torch.cat([random_bits.to(torch.int32).view(torch.float32), special, ties, -ties])
+
+
+@pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_gradients_round_like_torch(device, dtype):
+    """The gradient is rounded to bf16/fp16 exactly as torch's .to(dtype) rounds (nearest even,
+    overflow to inf, subnormals, NaN). With lse = 0 and zero logits every p_j is exactly 1, so a
+    row with gH = 0 and gL = -w has gradient exactly w away from its token: any float32 w can be
+    sent through the kernel's output conversion."""
+    values = _float_samples().to(device)
+    rows, vocab = values.numel(), 33  # 2 x 16 lanes / vectors and a scalar tail
+    logits = torch.zeros(rows, vocab, dtype=dtype, device=device)
+    tokens = torch.zeros(rows, dtype=torch.long, device=device)
+    zeros = torch.zeros(rows, device=device)
+    grad = torch.ops.em_C.softmax_stats_bwd(logits, tokens, zeros, zeros, zeros, -values, 1.0)
+    expected = values.to(dtype)[:, None].expand(rows, vocab - 1)
+    got = grad[:, 1:]
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    mismatch = (got != expected) & ~torch.isnan(expected)
+    assert not mismatch.any(), (
+        f"{int(mismatch.sum())} entries differ, e.g. {values[mismatch.any(1)][:5].tolist()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU ISA variants
+
+_VARIANT_SCRIPT = r"""
+import json, sys, torch
+import em_kernels._C
+logits = torch.load(sys.argv[1])
+tokens = torch.arange(logits.shape[0]) % logits.shape[1]
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+for dtype in ("float32", "bfloat16", "float16"):
+    z = logits.to(getattr(torch, dtype))
+    entropy, lse, logprobs = torch.ops.em_C.softmax_stats_fwd(z, tokens, 0.8)
+    grad = torch.ops.em_C.softmax_stats_bwd(
+        z, tokens, entropy, lse, torch.ones_like(entropy), torch.ones_like(entropy), 0.8)
+    out[dtype] = [t.double().tolist() for t in (entropy, logprobs, grad.reshape(-1))]
+print(json.dumps(out))
+"""
+
+_CAPABILITY_ORDER = ["DEFAULT", "AVX2", "AVX512"]
+
+
+def _supported_capabilities() -> list[str]:
+    here = torch.backends.cpu.get_cpu_capability()
+    if here not in _CAPABILITY_ORDER:  # not x86-64: one variant only
+        return []
+    return _CAPABILITY_ORDER[: _CAPABILITY_ORDER.index(here) + 1]
+
+
+@pytest.mark.skipif(not _supported_capabilities(), reason="CPU ISA variants exist on x86-64 only")
+def test_every_cpu_isa_variant_matches_the_oracle(tmp_path):
+    """The CPU kernels are compiled for baseline x86-64, AVX2 and AVX-512 and pick one from
+    torch's CPU capability (ATEN_CPU_CAPABILITY): run each variant this CPU supports in a fresh
+    process, on rows with masked entries, a NaN, a long row and an all -inf row."""
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 4133, generator=generator) * 4
+    logits[1, ::3] = float("-inf")
+    logits[2, 17] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, :4100] = float("-inf")
+    path = tmp_path / "logits.pt"
+    torch.save(logits, path)
+    for capability in _supported_capabilities():
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=capability.lower())
+        done = subprocess.run([sys.executable, "-c", _VARIANT_SCRIPT, str(path)], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+        result = json.loads(done.stdout.splitlines()[-1])
+        assert result["capability"] == capability
+        for dtype in ("float32", "bfloat16", "float16"):
+            z = logits.to(getattr(torch, dtype)).double()
+            tokens = torch.arange(z.shape[0]) % z.shape[1]
+            z_ref = z.clone().requires_grad_()
+            logprobs_ref, entropy_ref = reference.logprobs_and_entropy_ref(z_ref, tokens, 0.8)
+            (entropy_ref + logprobs_ref).sum().backward()
+            entropy, logprobs, grad = (torch.tensor(v, dtype=torch.float64) for v in result[dtype])
+            grad_ref = z_ref.grad
+            grad_ref[3] = 0.0  # an all -inf row: every entry is masked, so its gradient is 0
+            grad_ref = grad_ref.reshape(-1)
+            if dtype != "float32":  # the gradient is returned in the logits' dtype
+                grad_ref = grad_ref.to(getattr(torch, dtype)).double()
+            tolerance = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-3}[dtype]
+            for name, got, want in (("entropy", entropy, entropy_ref.detach()),
+                                    ("logprobs", logprobs, logprobs_ref.detach()),
+                                    ("grad", grad, grad_ref)):
+                torch.testing.assert_close(got, want, rtol=tolerance, atol=1e-5, equal_nan=True,
+                                           msg=f"{capability} {dtype} {name}")
