@@ -11,7 +11,12 @@ import torch
 
 from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
-from ._ops.em_inf import adaptive_temperature_op, em_inf_adjust_op
+from ._ops.em_inf import (
+    adaptive_temperature_impl,
+    adaptive_temperature_op,
+    em_inf_adjust_impl,
+    em_inf_adjust_op,
+)
 
 _OPTIMIZERS = ("adam", "sgd")
 _EARLY_EXITS = ("row", "batch")
@@ -81,6 +86,12 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
     return "torch"
 
 
+def _eager(logits: torch.Tensor) -> bool:
+    """Call the op's body directly: not tracing, and a real tensor (not fake or meta)."""
+    return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
+            and not isinstance(logits, torch._subclasses.FakeTensor))
+
+
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
     rows = logits.reshape(-1, logits.shape[-1])
@@ -134,8 +145,9 @@ def em_inf_adjust(
     _checks.check_logits(logits, backend)
     backend = _resolve(backend, logits.device, "em_inf_adjust")
     rows = _as_rows(logits)
-    adjusted = em_inf_adjust_op(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
-                                early_exit == "batch", backend)
+    run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
+    adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
+                   early_exit == "batch", backend)
     return adjusted.reshape(logits.shape)
 
 
@@ -173,5 +185,6 @@ def adaptive_temperature(
     _checks.check_logits(logits, backend)
     backend = _resolve(backend, logits.device, "adaptive_temperature")
     rows = _as_rows(logits)
-    scaled = adaptive_temperature_op(rows, alpha, delta, max_iters, tol, backend)
+    run = adaptive_temperature_impl if _eager(logits) else adaptive_temperature_op
+    scaled = run(rows, alpha, delta, max_iters, tol, backend)
     return scaled.reshape(logits.shape)

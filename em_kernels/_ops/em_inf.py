@@ -10,6 +10,11 @@ decode-time transforms with no gradient (the optimiser steps are closed-form ins
 autograd is registered; the fake kernels let torch.compile(fullgraph=True) trace through them.
 Logits are 2-D with a contiguous last dim and any row stride; the public functions in
 em_kernels/em_inf.py validate and reshape. ``backend`` is already resolved (never "auto").
+
+The ops' bodies are also plain functions (`*_impl`): in eager mode the public functions call
+them directly, skipping the custom-op dispatch (tens of microseconds of Python per call, which
+EM-INF pays once per generated token); under torch.compile, or on fake/meta tensors, they go
+through the ops.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ def _result_dtype(logits: torch.Tensor) -> torch.dtype:
     return reference.compute_dtype(logits.dtype)
 
 
-@torch.library.custom_op("em_kernels::em_inf_adjust", mutates_args=())
-def em_inf_adjust_op(
+def em_inf_adjust_impl(
     logits: torch.Tensor, steps: int, lr: float, kl_weight: float, threshold: float,
     adam: bool, batch_exit: bool, backend: str,
 ) -> torch.Tensor:
+    """The op's body; eager callers on real tensors may call it directly (see em_kernels/em_inf.py)."""
     if backend == "triton":
         from ..triton import em_inf as triton_em_inf
 
@@ -41,6 +46,27 @@ def em_inf_adjust_op(
         "batch" if batch_exit else "row").contiguous()
 
 
+def adaptive_temperature_impl(
+    logits: torch.Tensor, alpha: float, delta: float, max_iters: int, tol: float, backend: str,
+) -> torch.Tensor:
+    """The op's body; eager callers on real tensors may call it directly."""
+    if backend == "triton":
+        from ..triton import em_inf as triton_em_inf
+
+        return triton_em_inf.adaptive_temperature_fwd(logits, alpha, delta, max_iters, tol)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.em_C.adaptive_temperature(logits, alpha, delta, max_iters, tol)
+    return reference.adaptive_temperature_ref(logits, alpha, delta, max_iters, tol).contiguous()
+
+
+@torch.library.custom_op("em_kernels::em_inf_adjust", mutates_args=())
+def em_inf_adjust_op(
+    logits: torch.Tensor, steps: int, lr: float, kl_weight: float, threshold: float,
+    adam: bool, batch_exit: bool, backend: str,
+) -> torch.Tensor:
+    return em_inf_adjust_impl(logits, steps, lr, kl_weight, threshold, adam, batch_exit, backend)
+
+
 @em_inf_adjust_op.register_fake
 def _(logits, steps, lr, kl_weight, threshold, adam, batch_exit, backend):
     return logits.new_empty(logits.shape, dtype=_result_dtype(logits))
@@ -50,13 +76,7 @@ def _(logits, steps, lr, kl_weight, threshold, adam, batch_exit, backend):
 def adaptive_temperature_op(
     logits: torch.Tensor, alpha: float, delta: float, max_iters: int, tol: float, backend: str,
 ) -> torch.Tensor:
-    if backend == "triton":
-        from ..triton import em_inf as triton_em_inf
-
-        return triton_em_inf.adaptive_temperature_fwd(logits, alpha, delta, max_iters, tol)
-    if backend in ("cpu", "cuda"):
-        return torch.ops.em_C.adaptive_temperature(logits, alpha, delta, max_iters, tol)
-    return reference.adaptive_temperature_ref(logits, alpha, delta, max_iters, tol).contiguous()
+    return adaptive_temperature_impl(logits, alpha, delta, max_iters, tol, backend)
 
 
 @adaptive_temperature_op.register_fake
