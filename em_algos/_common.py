@@ -6,13 +6,16 @@ Conventions (the same for every public function of em_algos):
 - ``input_ids`` (B, T) int64 holds prompt and response; ``attention_mask`` (B, T) marks the real
   tokens (prompts are left-padded, as Hugging Face generation wants); ``response_mask`` (B, T)
   marks the response tokens. Position ids are ``cumsum(attention_mask) - 1``, exactly what
-  ``generate()`` uses, so that a rollout is scored as it was sampled.
+  ``generate()`` uses, so that a rollout is scored as it was sampled (tested: the log-probs equal
+  the sampling distribution's).
 - The distribution that predicted token t sits at position t - 1: the response tokens' entropies
   and log-probs are read from the hidden states at the positions one to the left of the mask.
 - Only those positions go through the LM head, and through `em_kernels.linear_entropy`: the
-  (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1`` and hands back its
-  final (normed) hidden states; the LM head's weight and bias come from
-  ``get_output_embeddings()``.
+  (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
+  decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
+  ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
+  when fully_shard leaves the root's parameters (the LM head among them, unless it is sharded as
+  its own unit) unsharded until the backward.
 """
 
 from __future__ import annotations
@@ -118,6 +121,25 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) final (normed) hidden states from a call of ``model`` itself, so that DDP's and
+    FSDP's hooks run. A forward hook on the decoder catches them, rather than
+    output_hidden_states, which would also keep every layer's states alive (no matter under
+    torch.no_grad, where nothing else keeps them); logits_to_keep=1 leaves the logits at (B, 1, V)."""
+    decoder = unwrap_model(model).get_decoder()
+    captured = []
+    handle = decoder.register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask,
+              position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1,
+              use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 @dataclass
 class ResponseTokens:
     """One row per response token, in row-major order of the (B, T) batch.
@@ -152,17 +174,14 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
     """Entropy (and log-prob) of every response token from one forward pass of ``model``.
 
     The model (plain, DDP-wrapped or FSDP2-sharded: it is called, never bypassed, so the wrapper's
-    hooks run) returns its final hidden states (B, T, H) and logits for the last position only.
+    hooks run) yields its final hidden states (B, T, H) and logits for the last position only.
     The N response positions (shifted one to the left) are gathered into (N, H) and fed with the
     LM head to `em_kernels.linear_entropy`. Gradients flow to the model unless the caller runs
     this under torch.no_grad().
     """
     check_sequence_batch(input_ids, attention_mask, response_mask)
     head = _check_supported_head(model)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids_from_mask(attention_mask),
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = outputs.hidden_states[-1]
+    hidden = _final_hidden_states(model, input_ids, attention_mask)
     predicting = response_mask[:, 1:].bool()
     rows = hidden[:, :-1][predicting]
     tokens = input_ids[:, 1:][predicting]
@@ -241,6 +260,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     """A frozen copy of the model's current weights, to serve as KL reference."""
     import copy
 
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        raise ValueError("cannot copy an FSDP2-sharded model as the KL reference: pass "
+                         "reference_model (e.g. a second fully_shard-ed copy of the initial "
+                         "weights) or set the KL weight to 0")
     reference = copy.deepcopy(unwrap_model(model))
     reference.requires_grad_(False)
     return reference.eval()

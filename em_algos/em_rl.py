@@ -117,6 +117,10 @@ class EMRLTrainer:
         loss = token-mean( -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A) + beta * k3 ),
         rho = exp(logp - logp_old),  k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1.
 
+    Every log-prob and entropy (old, new, reference, rewards) is of softmax(logits /
+    temperature), the distribution the rollouts were sampled from (as verl does); at the
+    default temperature 1 the rewards are exactly sequence_reward / token_reward.
+
     Runs unchanged under torchrun with DDP or FSDP2 (give it the wrapped model, each rank its own
     prompts, the same minibatch count on every rank). Under FSDP2 pass ``reference_model``
     yourself when beta > 0.
@@ -178,7 +182,8 @@ class EMRLTrainer:
 
     def _policy_loss(self, batch, old_logprobs, ref_logprobs, advantages):
         """PPO-clip + beta * k3 over the response tokens of one minibatch, token-mean."""
-        tokens = response_token_stats(self.model, *batch, with_logprobs=True)
+        tokens = response_token_stats(self.model, *batch, with_logprobs=True,
+                                      temperature=self.temperature)
         ratio = (tokens.logprobs - old_logprobs).exp()
         token_advantages = advantages[tokens.sequence]
         clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
@@ -198,9 +203,11 @@ class EMRLTrainer:
             eos_token_id=self.eos_token_id, temperature=self.temperature)
         batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
         with torch.no_grad():
-            old = response_token_stats(self.model, *batch, with_logprobs=True)
+            old = response_token_stats(self.model, *batch, with_logprobs=True,
+                                       temperature=self.temperature)
             rewards = _rewards_from(old, self.reward, self.reward_reduce)
-            reference = (response_token_stats(self.reference_model, *batch, with_logprobs=True)
+            reference = (response_token_stats(self.reference_model, *batch, with_logprobs=True,
+                                              temperature=self.temperature)
                          if self.reference_model is not None else None)
         advantage_fn = rloo_advantages if self.advantage == "rloo" else grpo_advantages
         advantages = advantage_fn(rewards, self.num_rollouts)

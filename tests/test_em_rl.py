@@ -170,3 +170,37 @@ def test_first_update_is_on_policy_with_zero_kl():
 def test_trainer_bad_arguments_raise(llama, options, error):
     with pytest.raises(error):
         EMRLTrainer(llama, pad_token_id=PAD, eos_token_id=EOS, **options)
+
+
+def test_rollouts_are_scored_by_the_distribution_that_sampled_them(llama):
+    """Left-padded prompts: the log-probs computed from the rollout equal those of generate()'s
+    own next-token distributions, and the response runs up to and including the first EOS."""
+    from transformers import LogitsProcessor
+
+    from em_algos._common import response_token_stats, sample_responses
+
+    class Recorder(LogitsProcessor):
+        def __init__(self):
+            self.logprobs = []
+
+        def __call__(self, input_ids, scores):
+            self.logprobs.append(torch.log_softmax(scores.float(), -1))
+            return scores
+
+    prompts, prompt_mask, _ = random_batch(torch.Generator().manual_seed(3), 3, 5, 0)
+    recorder = Recorder()
+    torch.manual_seed(0)
+    rollout = sample_responses(llama, prompts, prompt_mask, num_samples=2, max_new_tokens=8,
+                               pad_token_id=PAD, eos_token_id=EOS, logits_processor=[recorder])
+    assert torch.equal(rollout.input_ids[::2, :5], prompts)
+    assert torch.equal(rollout.input_ids[1::2, :5], prompts)
+    generated = rollout.input_ids[:, 5:]
+    response = rollout.response_mask[:, 5:]
+    eos_seen_before = (generated == EOS).long().cumsum(-1) - (generated == EOS).long()
+    assert torch.equal(response, eos_seen_before == 0)
+    assert torch.equal(rollout.attention_mask[:, 5:].bool(), response)
+    sampled = torch.stack(recorder.logprobs, 1).gather(-1, generated[..., None]).squeeze(-1)
+    with torch.no_grad():
+        scored = response_token_stats(llama, rollout.input_ids, rollout.attention_mask,
+                                      rollout.response_mask, with_logprobs=True)
+    torch.testing.assert_close(scored.logprobs, sampled[response], rtol=0, atol=1e-5)
