@@ -143,3 +143,18 @@ def test_trainer_kl_starts_at_zero_and_checkpoints(tmp_path):
 def test_trainer_bad_arguments_raise(qwen, options, error):
     with pytest.raises(error):
         EMFTTrainer(qwen, pad_token_id=PAD, eos_token_id=EOS, **options)
+
+
+def test_full_logits_are_never_formed(qwen):
+    """The LM head module itself only ever sees the last position (logits_to_keep=1); the
+    response positions go through linear_entropy instead."""
+    seen = []
+    handle = qwen.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: seen.append(tuple(output.shape)))
+    try:
+        inputs = random_batch(torch.Generator().manual_seed(17), 3, 4, 6)
+        em_ft_loss(qwen, *inputs).backward()
+    finally:
+        handle.remove()
+        qwen.zero_grad(set_to_none=True)
+    assert seen == [(3, 1, qwen.config.vocab_size)]
