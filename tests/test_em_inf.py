@@ -9,7 +9,12 @@ those cases draw fewer examples and vocabularies of at most a few chunks.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -398,3 +403,55 @@ def test_em_inf_cuda_graph(backend):
             static.copy_(fresh)
             graph.replay()
             assert torch.equal(captured, em_kernels.em_inf_adjust(fresh, **options))
+
+
+# ------------------------------------------------------------- compiled path, without a GPU
+
+# Run without TRITON_INTERPRET (under it, triton.jit gives interpreted functions that the compiler
+# cannot lower), so in a fresh process.
+_LOWER_SCRIPT = textwrap.dedent("""
+    import inspect, json, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from em_kernels.triton import em_inf as kernels
+
+    SCALARS = dict(n_rows="i32", V="i32", row_stride="i64", n_chunks="i32", step="i32",
+                   total_steps="i32", max_iters="i32", lr="fp32", kl_weight="fp32",
+                   threshold="fp32", alpha="fp32", delta="fp32", tol="fp32")
+
+    def lower(kernel, constants):
+        names = list(inspect.signature(kernel.fn).parameters)
+        signature = {n: "*bf16" if n == "logits_ptr" else "*fp32" if n.endswith("_ptr")
+                     else "constexpr" if n in constants else SCALARS[n] for n in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(k),): v for k, v in constants.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4))
+        return "st.local" in compiled.asm["ptx"]
+
+    spills = {}
+    for adam, batch_exit, output in ((True, False, False), (True, True, True),
+                                     (False, False, True)):
+        spills[f"em_inf adam={adam} batch={batch_exit} output={output}"] = lower(
+            kernels._em_inf_adjust_fwd_kernel,
+            dict(ADAM=adam, BATCH_EXIT=batch_exit, WRITE_OUTPUT=output, BLOCK=kernels.BLOCK,
+                 MERGE_BLOCK=256, HIST_BLOCK=16))
+    spills["batch entropy"] = lower(kernels._em_inf_batch_entropy_kernel,
+                                    dict(ROWS=kernels.BATCH_ROWS_BLOCK, MERGE_BLOCK=256))
+    spills["adaptive temperature"] = lower(kernels._adaptive_temperature_fwd_kernel,
+                                           dict(BLOCK=kernels.TEMPERATURE_BLOCK))
+    print(json.dumps(spills))
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU the launches themselves compile the kernels")
+def test_kernels_lower_for_hopper():
+    """The interpreter accepts code that the compiler rejects (it did once: a non-constexpr
+    global): lower every kernel variant to sm_90 PTX and check that none spills."""
+    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT], capture_output=True,
+                            text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spills = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not any(spills.values()), spills
