@@ -158,3 +158,16 @@ def test_full_logits_are_never_formed(qwen):
         handle.remove()
         qwen.zero_grad(set_to_none=True)
     assert seen == [(3, 1, qwen.config.vocab_size)]
+
+
+def test_bfloat16_model():
+    """A bf16 model goes through linear_entropy in bf16: the loss stays within the error of the
+    same computation done by plain PyTorch in bf16, against the float64 oracle."""
+    model = tiny_causal_lm(seed=6, family="llama").to(torch.bfloat16)
+    inputs = random_batch(torch.Generator().manual_seed(19), 4, 4, 6)
+    with torch.no_grad():
+        loss = em_ft_loss(model, *inputs, normalize="token")
+        oracle = reference_loss(model, inputs, "token", torch.float64)
+        baseline = reference_loss(model, inputs, "token", torch.bfloat16)
+    assert loss.dtype == torch.float32
+    assert_matches_oracle(loss, oracle, baseline, 1e-3, "em_ft_loss (bf16 model)")
