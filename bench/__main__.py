@@ -14,7 +14,6 @@ Writes results.csv, results.md and bandwidth.png under --out (default bench_out/
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -93,9 +92,9 @@ def select_shapes(op, shape_dims: list[dict] | None, device_type: str, full: boo
 
 
 def build_plan(args, device_type: str) -> list[tuple]:
-    """[(op, dims, dtype, modes, providers)], the ops' cases interleaved (first case of each op,
-    then the second, ...) so that a run cut short by --max-seconds still shows every op."""
-    per_op = []
+    """[(op, dims, dtype, modes, providers)], smallest inputs first, so that a run cut short by
+    --max-seconds has measured as many cases, and of as many ops, as it could."""
+    plan = []
     for name, op in OPS.items():
         if args.ops is not None and name not in args.ops:
             continue
@@ -107,10 +106,10 @@ def build_plan(args, device_type: str) -> list[tuple]:
                   else op.dtypes(device_type, args.full))
         if not modes or not providers:
             continue
-        per_op.append([(op, dims, dtype, modes, providers)
-                       for dims in select_shapes(op, args.shape_dims, device_type, args.full)
-                       for dtype in dtypes])
-    return [case for cases in itertools.zip_longest(*per_op) for case in cases if case]
+        plan += [(op, dims, dtype, modes, providers)
+                 for dims in select_shapes(op, args.shape_dims, device_type, args.full)
+                 for dtype in dtypes]
+    return sorted(plan, key=lambda case: case[0].input_numel(case[1]) * case[2].itemsize)
 
 
 class _NoProgress:

@@ -56,7 +56,7 @@ class LinearEntropyBench(OpBench):
                                {"M": 16384, "H": 3584, "V": 152064}]
         if device_type == "cuda":
             return headline
-        return [{"M": 128, "H": 512, "V": 32000}]
+        return [{"M": 64, "H": 256, "V": 32000}]
 
     def dtypes(self, device_type, full):
         if device_type == "cuda" and not full:
