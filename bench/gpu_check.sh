@@ -5,7 +5,7 @@
 # (GPU_CHECK_SECONDS, default 470 s), so one hang or a slow build cannot eat the machine's lease;
 # a failed step is logged and the next one runs (no `set -e`).
 #
-#   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else gpu_check_out/
+#   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else bench_out/gpu_check/
 #
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
@@ -22,10 +22,11 @@
 #   logs.tar.gz      everything else: each step's full output, per-step CSVs and plots
 set -u
 
-cd "$(dirname "$0")/.." || exit 1
-OUT_DIR="${1:-${OUT:-gpu_check_out}}"
-mkdir -p "$OUT_DIR"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT_DIR="${1:-${OUT:-$REPO/bench_out/gpu_check}}"
+mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$REPO" || exit 1
 WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
