@@ -227,6 +227,10 @@ def linear_entropy(
     if hidden.dtype == torch.float64 and implementation != "torch":
         raise TypeError('float64 inputs run only with backend="torch"')
     local_vocab = weight.shape[0]
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read bias and tokens with unit stride
+    if tokens is not None and isinstance(tokens, torch.Tensor):
+        tokens = tokens.contiguous()
     if process_group is None:
         if tokens is not None:
             _checks.check_tokens(tokens, hidden.shape[:1], local_vocab, hidden.device)

@@ -236,6 +236,25 @@ def random_problem(rows, features, vocab, device, dtype=torch.float32, seed=0, s
             tokens.to(device))
 
 
+def test_strided_inputs(backend_device):
+    """Views with any strides (a column slice of hidden, a transposed weight, every other bias
+    entry and token) give the same results as their contiguous copies."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(18, 40, 66, device)
+    hidden_view = hidden[:, ::2]
+    weight_view = weight[::2, ::2].T.contiguous().T
+    bias_view, tokens_view = bias[::2], tokens[::2] % 33
+    hidden_view = hidden_view[::2]
+    out = em_kernels.linear_entropy(hidden_view, weight_view, bias=bias_view, tokens=tokens_view,
+                                    backend=backend)
+    expected = em_kernels.linear_entropy(
+        hidden_view.contiguous(), weight_view.contiguous(), bias=bias_view.contiguous(),
+        tokens=tokens_view.contiguous(), backend=backend)
+    assert not weight_view.is_contiguous() and not hidden_view.is_contiguous()
+    torch.testing.assert_close(out.entropy, expected.entropy)
+    torch.testing.assert_close(out.logprobs, expected.logprobs)
+
+
 def test_bounds_and_uniform(backend_device):
     backend, device = backend_device
     hidden, weight, bias, tokens = random_problem(21, 18, 37, device, scale=3.0)
