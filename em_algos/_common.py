@@ -125,8 +125,9 @@ def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T, H) final (normed) hidden states from a call of ``model`` itself, so that DDP's and
     FSDP's hooks run. A forward hook on the decoder catches them, rather than
-    output_hidden_states, which would also keep every layer's states alive (no matter under
-    torch.no_grad, where nothing else keeps them); logits_to_keep=1 leaves the logits at (B, 1, V)."""
+    output_hidden_states, which would also keep every layer's states alive (a waste under
+    torch.no_grad, where nothing else keeps them); logits_to_keep=1 leaves the logits at
+    (B, 1, V)."""
     decoder = unwrap_model(model).get_decoder()
     captured = []
     handle = decoder.register_forward_hook(

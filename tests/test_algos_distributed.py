@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 
 def _flat_parameters(state_dict) -> torch.Tensor:
-    return torch.cat([value.detach().reshape(-1).float() for _, value in sorted(state_dict.items())])
+    values = [value.detach().reshape(-1).float() for _, value in sorted(state_dict.items())]
+    return torch.cat(values)
 
 
 def _wrap(model, mode):

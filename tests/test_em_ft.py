@@ -171,3 +171,29 @@ def test_bfloat16_model():
         baseline = reference_loss(model, inputs, "token", torch.bfloat16)
     assert loss.dtype == torch.float32
     assert_matches_oracle(loss, oracle, baseline, 1e-3, "em_ft_loss (bf16 model)")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda(dtype):
+    """The GPU path (linear_entropy's CUDA backends inside a real model): the loss and the
+    rewards against the float64 oracle, then one trainer step that lowers nothing to NaN."""
+    from em_algos import sequence_reward
+
+    model = tiny_causal_lm(seed=7, family="qwen2", hidden=64).to("cuda", dtype)
+    inputs = tuple(t.cuda() for t in random_batch(torch.Generator().manual_seed(23), 6, 5, 9))
+    with torch.no_grad():
+        loss = em_ft_loss(model, *inputs)
+        oracle = reference_loss(model, inputs, "sequence", torch.float64)
+        baseline = reference_loss(model, inputs, "sequence", dtype)
+        rewards = sequence_reward(model, *inputs, reduce="sum")
+        _, logprob, predicts = per_token_reference(model, *inputs)
+    assert_matches_oracle(loss, oracle, baseline, 1e-4, f"em_ft_loss on cuda ({dtype})")
+    torch.testing.assert_close(rewards.double(), (logprob * predicts).sum(-1),
+                               rtol=2e-2 if dtype == torch.bfloat16 else 1e-4, atol=1e-3)
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=6,
+                          lr=1e-3, progress=False)
+    prompts, mask = _prompts(0)
+    stats = trainer.step(prompts.cuda(), mask.cuda())
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and stats["loss"] > 0
