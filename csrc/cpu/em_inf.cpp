@@ -3,13 +3,14 @@
 // adaptive_temperature_ref).
 //
 // EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t reads the row statistics
-// (lse, H) of the current z and makes one pass over the row:
-//   p_j = exp(z_j - lse),  g_j = -p_j (log p_j + H) + k (p_j - p0_j)  (0 where z_j is not finite),
-//   z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
-// then a second pass computes the statistics of the new z with that max:
-//   s = sum exp(z_j - max), t = sum exp(z_j - max) (z_j - max), lse = max + log s, H = log s - t/s.
-// Two passes and two exps per element per step, over z (the output row itself), m, v and p0:
-// 16 bytes per element, a V = 151936 row is 2.4 MB, resident in L2/L3 across the steps.
+// (max, log sum, H) of the current z and makes one pass over the row:
+//   log p_j = (z_j - max) - log sum,  g_j = -p_j (log p_j + H) + k (p_j - p0_j)  (0 where z_j is
+//   not finite),  z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
+// then a second pass computes the statistics of the new z with that max, in base 2 (d_j =
+// (z_j - max) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j, H = ln2 (log2 sum - weighted /
+// sum). Two passes and two exp2 per element per step, in SIMD vectors of em/cpu_simd.h (the exp2
+// is its polynomial), over z (the output row itself), m, v and p0: 16 bytes per element, a
+// V = 151936 row is 2.4 MB, resident in L2/L3 across the steps.
 //
 // early_exit "row" (batch_exit=false): rows are independent; each thread owns a row at a time,
 // with m, v and p0 in a per-thread buffer of 3 V floats, and stops the row before the first step
@@ -31,78 +32,117 @@
 #include <vector>
 
 #include "em/adam.h"
+#include "em/common.h"
+#include "em/cpu_simd.h"
 #include "em/em_inf_checks.h"
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using em::cpu::kLanes;
+using em::cpu::VecF;
 
-// The softmax statistics that one optimiser step needs from the current z. log p_j is formed as
-// (z_j - max) - log_sum, like torch.log_softmax: folding max + log_sum into one lse first would
-// round away log p of the top entry of a peaked row (about -1e-9 next to a max of 40), where
-// log p + H cancels and Adam's normalised step magnifies the error.
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Vectors summed in fp32 lanes before the running sums take them in double: a plain fp32 sum over
+// V = 151936 terms loses about log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small
+// error in H into a sign flip of the step wherever g = -p (log p + H) nearly cancels.
+constexpr int kVectorsPerBlock = 64;
+
+// The softmax statistics that one optimiser step needs from the current z:
+// log p_j = (z_j - max) - log_sum, the very roundings of torch.log_softmax. Subtracting the max
+// first keeps log p of the top entry of a peaked row (about -1e-9 next to a max of 40) exact;
+// there, and wherever log p + H cancels, Adam's normalised step magnifies any rounding.
 struct SoftmaxStats {
   float max;
-  float log_sum;  // log sum_j exp(z_j - max)
-  float entropy;
+  float log_sum;  // log sum_j exp(z_j - max), nats
+  float entropy;  // nats
 };
 
-// Statistics of z[0, V) given its max. A row that is all -inf gives an entropy NaN, as the
-// reference; a masked entry (exp = 0) contributes exactly 0.
-// The sums are accumulated in double: a sequential fp32 sum over V = 151936 terms loses about
-// log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small error in H into a sign flip
-// of the step wherever g = -p (log p + H) nearly cancels.
-SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
-  double sum = 0.0;
-  double sum_shifted = 0.0;
-  for (int64_t j = 0; j < V; ++j) {
-    const float shifted = z[j] - max;
-    const float e = std::exp(shifted);
-    sum += e;
-    sum_shifted += e > 0.0f ? static_cast<double>(e) * shifted : 0.0;
+// kLanes floats from z[j, V): the missing tail lanes are `fill`.
+EM_SIMD_INLINE VecF load_lanes(const float* z, int64_t j, int64_t V, float fill) {
+  return j + kLanes <= V ? em::cpu::load<float>(z + j)
+                         : em::cpu::load_partial<float>(z + j, static_cast<int>(V - j), fill);
+}
+
+EM_SIMD_INLINE void store_lanes(float* z, int64_t j, int64_t V, VecF x) {
+  if (j + kLanes <= V) {
+    em::cpu::store<float>(z + j, x);
+  } else {
+    em::cpu::store_partial<float>(z + j, x, static_cast<int>(V - j));
   }
-  const double log_sum = std::log(sum);
-  return {max, static_cast<float>(log_sum), static_cast<float>(log_sum - sum_shifted / sum)};
 }
 
-float row_max(const float* z, int64_t V) {
-  float max = kNegInf;
-  for (int64_t j = 0; j < V; ++j) max = std::fmax(max, z[j]);
-  // fmax skips NaN; a NaN entry must still poison the row.
-  for (int64_t j = 0; j < V; ++j)
-    if (std::isnan(z[j])) return z[j];
-  return max;
+// 2^d per lane, d <= 0 or NaN; a masked entry (d = -inf) gives exactly 0.
+EM_SIMD_INLINE VecF exp2_lanes(VecF d) {
+  return em::cpu::exp2_clamped(em::cpu::clamp_exponent(d, em::kExp2Floor));
 }
 
-// z <- logits row in fp32; returns its max.
+struct VecSqrt {
+  EM_SIMD_INLINE VecF operator()(VecF x) const {
+    for (int i = 0; i < kLanes; ++i) x[i] = std::sqrt(x[i]);
+    return x;
+  }
+};
+
+// Statistics of z[0, V) given its max (NaN entries ignored by the max: they poison the sums). A
+// row that is all -inf gives an entropy NaN, as the reference; a masked entry contributes 0.
+SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
+  double sum = 0.0, weighted = 0.0;  // sum 2^d, sum 2^d d over the row, d in bits
+  for (int64_t block = 0; block < V; block += kVectorsPerBlock * kLanes) {
+    const int64_t block_end = std::min<int64_t>(V, block + kVectorsPerBlock * kLanes);
+    VecF block_sum = em::cpu::splat(0.0f), block_weighted = em::cpu::splat(0.0f);
+    for (int64_t j = block; j < block_end; j += kLanes) {
+      VecF d = (load_lanes(z, j, V, kNegInf) - max) * em::kLog2e;
+      d = em::cpu::clamp_exponent(d, em::kExp2Floor);
+      const VecF e = em::cpu::exp2_clamped(d);
+      block_sum += e;
+      block_weighted += e * d;
+    }
+    sum += em::cpu::reduce_sum(block_sum);
+    weighted += em::cpu::reduce_sum(block_weighted);
+  }
+  const double log2_sum = std::log2(sum);
+  return {max, static_cast<float>(std::log(sum)),
+          static_cast<float>((log2_sum - weighted / sum) * em::kLn2)};
+}
+
+// z <- logits row in fp32; returns its max (ignoring NaN).
 template <typename scalar_t>
 float load_row(const scalar_t* logits, float* z, int64_t V) {
-  for (int64_t j = 0; j < V; ++j) z[j] = static_cast<float>(logits[j]);
-  return row_max(z, V);
+  float max = kNegInf;
+  for (int64_t j = 0; j < V; ++j) {
+    z[j] = static_cast<float>(logits[j]);
+    max = z[j] > max ? z[j] : max;
+  }
+  return max;
 }
 
 // p0 <- softmax(z) with the statistics of z.
 void store_probs(const float* z, int64_t V, SoftmaxStats stats, float* p0) {
-  for (int64_t j = 0; j < V; ++j) p0[j] = std::exp((z[j] - stats.max) - stats.log_sum);
+  for (int64_t j = 0; j < V; j += kLanes) {
+    const VecF log_p = (load_lanes(z, j, V, kNegInf) - stats.max) - stats.log_sum;
+    store_lanes(p0, j, V, exp2_lanes(log_p * em::kLog2e));
+  }
 }
 
-// One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z.
+// One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z
+// (ignoring NaN).
 float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, SoftmaxStats stats,
                      float kl_scale, const em::OptimizerStep& step) {
-  float max = kNegInf;
-  bool has_nan = false;
-  for (int64_t j = 0; j < V; ++j) {
-    const float zj = z[j];
-    const float logp = (zj - stats.max) - stats.log_sum;
-    const float p = std::exp(logp);
-    const float grad = std::isfinite(zj) ? -p * (logp + stats.entropy) + kl_scale * (p - p0[j])
-                                         : 0.0f;
-    const float updated = zj - em::optimizer_update(step, grad, m[j], v[j]);
-    z[j] = updated;
-    max = std::fmax(max, updated);
-    has_nan |= std::isnan(updated);
+  VecF max = em::cpu::splat(kNegInf);
+  for (int64_t j = 0; j < V; j += kLanes) {
+    const VecF zj = load_lanes(z, j, V, kNegInf);
+    VecF mj = load_lanes(m, j, V, 0.0f), vj = load_lanes(v, j, V, 0.0f);
+    const VecF log_p = (zj - stats.max) - stats.log_sum;
+    const VecF p = exp2_lanes(log_p * em::kLog2e);
+    VecF grad = -p * (log_p + stats.entropy) + kl_scale * (p - load_lanes(p0, j, V, 0.0f));
+    grad = (zj - zj == 0.0f) ? grad : em::cpu::splat(0.0f);  // 0 where z is +-inf or NaN
+    const VecF updated = zj - em::optimizer_update(step, grad, mj, vj, VecSqrt{});
+    store_lanes(z, j, V, updated);
+    store_lanes(m, j, V, mj);
+    store_lanes(v, j, V, vj);
+    max = em::cpu::max_ignoring_nan(max, updated);
   }
-  return has_nan ? std::numeric_limits<float>::quiet_NaN() : max;
+  return em::cpu::reduce_max(max);
 }
 
 // Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
@@ -206,18 +246,24 @@ at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
   return out;
 }
 
-// Entropy of softmax(z / tau) for a row z with max `max` (tau > 0).
+// Entropy of softmax(z / tau) for a row z with max `max` (tau > 0): d = (z - max) log2(e) / tau.
 float scaled_entropy(const float* z, int64_t V, float max, float tau) {
-  const float scaled_max = max / tau;
-  double sum = 0.0;
-  double sum_shifted = 0.0;
-  for (int64_t j = 0; j < V; ++j) {
-    const float shifted = z[j] / tau - scaled_max;
-    const float e = std::exp(shifted);
-    sum += e;
-    sum_shifted += e > 0.0f ? static_cast<double>(e) * shifted : 0.0;
+  const float scale = em::kLog2e / tau;
+  double sum = 0.0, weighted = 0.0;
+  for (int64_t block = 0; block < V; block += kVectorsPerBlock * kLanes) {
+    const int64_t block_end = std::min<int64_t>(V, block + kVectorsPerBlock * kLanes);
+    VecF block_sum = em::cpu::splat(0.0f), block_weighted = em::cpu::splat(0.0f);
+    for (int64_t j = block; j < block_end; j += kLanes) {
+      VecF d = (load_lanes(z, j, V, kNegInf) - max) * scale;
+      d = em::cpu::clamp_exponent(d, em::kExp2Floor);
+      const VecF e = em::cpu::exp2_clamped(d);
+      block_sum += e;
+      block_weighted += e * d;
+    }
+    sum += em::cpu::reduce_sum(block_sum);
+    weighted += em::cpu::reduce_sum(block_weighted);
   }
-  return static_cast<float>(std::log(sum) - sum_shifted / sum);
+  return static_cast<float>((std::log2(sum) - weighted / sum) * em::kLn2);
 }
 
 template <typename scalar_t>

@@ -53,15 +53,25 @@ struct OptimizerSchedule {
   }
 };
 
-// Advances the moments (m, v) of one element with gradient `grad` and returns the amount to
-// subtract from z. A zero gradient on fresh moments gives a zero update (masked entries stay put).
-EM_ADAM_INLINE float optimizer_update(const OptimizerStep& step, float grad, float& m, float& v) {
+// Advances the moments (m, v) with gradient `grad` and returns the amount to subtract from z. A
+// zero gradient on fresh moments gives a zero update (masked entries stay put). Generic in the
+// value type: one element (float) or a SIMD vector of them (the CPU kernels), with its sqrt.
+template <typename T, typename Sqrt>
+EM_ADAM_INLINE T optimizer_update(const OptimizerStep& step, T grad, T& m, T& v, Sqrt sqrt_fn) {
   if (!step.adam) return step.lr * grad;
   m = static_cast<float>(kAdamBeta1) * m + static_cast<float>(1.0 - kAdamBeta1) * grad;
   v = static_cast<float>(kAdamBeta2) * v + static_cast<float>(1.0 - kAdamBeta2) * grad * grad;
-  const float m_hat = m * step.inv_bias_correction1;
-  const float v_hat = v * step.inv_bias_correction2;
-  return step.lr * m_hat / (sqrtf(v_hat) + kAdamEps);
+  const T m_hat = m * step.inv_bias_correction1;
+  const T v_hat = v * step.inv_bias_correction2;
+  return step.lr * m_hat / (sqrt_fn(v_hat) + kAdamEps);
+}
+
+struct ScalarSqrt {
+  EM_ADAM_INLINE float operator()(float x) const { return sqrtf(x); }
+};
+
+EM_ADAM_INLINE float optimizer_update(const OptimizerStep& step, float grad, float& m, float& v) {
+  return optimizer_update(step, grad, m, v, ScalarSqrt{});
 }
 
 }  // namespace em
