@@ -10,7 +10,7 @@
 // statistics, and therefore its result, never depend on the batch size, the grid or the path. Each
 // block owns a contiguous range of segments (row-major, a range may span rows) for the whole call.
 //
-// Step t (1-based), for every segment of the block, with the row statistics (max, log2 sum, H) of
+// Step t (1-based), for every segment of the block, with the row statistics (max, log sum, H) of
 // the current z, merged from the segment partials that step t - 1 wrote:
 //     log p = (z - max) - log sum,  g = -p (log p + H) + k (p - p0)  (0 where z is not finite),
 //     Adam/SGD update of (z, m, v),  and the partial statistics of the new z, from registers,
@@ -38,7 +38,7 @@
 //   entry (3 MUFU ops each): ~15 at 5 steps, compute-bound but under the stored design's HBM time
 //   up to ~10-15 steps.
 //
-// ---- adaptive_temperature: one block per row -----------------------------------------------------
+// ---- adaptive_temperature: one block per row --------------------------------------------------
 //
 // One pass for the row max, one for H(z), then one pass per bisection iteration for H(z / tau)
 // (the max of z / tau is max / tau: tau > 0), each pass re-reading the row from L2 (a V = 151936
@@ -91,10 +91,11 @@ struct NatsPartial {
   float weighted;
 };
 
-// What one optimiser step needs of a row: log2 p_j = (z_j - max) log2(e) - log2_sum.
+// What one optimiser step needs of a row: log p_j = (z_j - max) - log_sum, the roundings of
+// torch.log_softmax (wherever log p + H cancels, Adam's normalised step magnifies them).
 struct RowStats {
   float max;
-  float log2_sum;
+  float log_sum;  // nats
   float entropy;  // nats
 };
 
@@ -118,10 +119,10 @@ __device__ __forceinline__ NatsPartial merge(const NatsPartial& a, const NatsPar
           sa * (a.weighted + a.sum * da) + sb * (b.weighted + b.sum * db)};
 }
 
-// A whole row: all -inf gives sum 0, so log2_sum -inf and entropy NaN (0 / 0), like the reference.
+// A whole row: all -inf gives sum 0, so log_sum -inf and entropy NaN (0 / 0), like the reference.
 __device__ __forceinline__ RowStats finalize(const NatsPartial& a) {
   const float log2_sum = log2f(a.sum);
-  return {a.max, log2_sum, (log2_sum - a.weighted / a.sum) * em::kLn2};
+  return {a.max, log2_sum * em::kLn2, (log2_sum - a.weighted / a.sum) * em::kLn2};
 }
 
 struct EmInfParams {
@@ -155,7 +156,7 @@ __device__ __forceinline__ void store_partial(NatsPartial* p, const NatsPartial&
 }
 
 __device__ __forceinline__ RowStats load_history(const RowStats* h) {
-  return {__ldcg(&h->max), __ldcg(&h->log2_sum), __ldcg(&h->entropy)};
+  return {__ldcg(&h->max), __ldcg(&h->log_sum), __ldcg(&h->entropy)};
 }
 
 // Fixed shuffle tree over the 32 lanes; the result is in lane 0.
@@ -242,18 +243,16 @@ __device__ __forceinline__ NatsPartial thread_partial(const float (&z)[kEntriesP
 }
 
 __device__ __forceinline__ float probability(float z, const RowStats& stats) {
-  return exp2f((z - stats.max) * em::kLog2e - stats.log2_sum);
+  return exp2f(((z - stats.max) - stats.log_sum) * em::kLog2e);
 }
 
 // One optimiser step of one entry: returns the new z, advances (m, v).
 __device__ __forceinline__ float em_inf_update(float z, float p0, const RowStats& stats,
                                                const em::OptimizerStep& step, float kl_scale,
                                                float& m, float& v) {
-  const float log2_p = (z - stats.max) * em::kLog2e - stats.log2_sum;
-  const float prob = exp2f(log2_p);
-  const float grad = isfinite(z)
-      ? -prob * (log2_p * em::kLn2 + stats.entropy) + kl_scale * (prob - p0)
-      : 0.0f;
+  const float log_p = (z - stats.max) - stats.log_sum;
+  const float prob = exp2f(log_p * em::kLog2e);
+  const float grad = isfinite(z) ? -prob * (log_p + stats.entropy) + kl_scale * (prob - p0) : 0.0f;
   return z - em::optimizer_update(step, grad, m, v);
 }
 
@@ -380,7 +379,7 @@ __global__ void __launch_bounds__(kThreads) em_inf_adjust_kernel(EmInfParams p) 
 
   // The output: from shared memory, or replayed from z0 through the `applied` steps.
   int64_t cached_row = -1;
-  RowStats last{}, first{};
+  RowStats final_stats{}, first{};
   for (int64_t k = 0; k < owned; ++k) {
     const int64_t g = seg_begin + k, row = g / S, col0 = (g - row * S) * kSegment;
     float z[kEntriesPerThread];
@@ -390,12 +389,12 @@ __global__ void __launch_bounds__(kThreads) em_inf_adjust_kernel(EmInfParams p) 
         z[i] = on_chip_state[k * kSegment + i * kThreads + tid].x;
     } else {
       if (row != cached_row && applied > 0) {  // uniform over the block
-        last = block_row_statistics(p.partials + partial_buffer(applied) * total_segments + row * S,
-                                    S, &row_broadcast);
-        first = applied == 1 ? last : load_history(p.history + p.rows + row);
+        final_stats = block_row_statistics(
+            p.partials + partial_buffer(applied) * total_segments + row * S, S, &row_broadcast);
+        first = applied == 1 ? final_stats : load_history(p.history + p.rows + row);
         cached_row = row;
       }
-      replay_entries<scalar_t>(p, row, col0, applied, first, last, true, z);
+      replay_entries<scalar_t>(p, row, col0, applied, first, final_stats, true, z);
     }
 #pragma unroll
     for (int i = 0; i < kEntriesPerThread; ++i) {
@@ -421,18 +420,21 @@ const EmInfDeviceInfo& em_inf_device_info(int device) {
     EmInfDeviceInfo& d = info[device];
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
     int max_smem = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     const auto on_chip = em_inf_adjust_kernel<scalar_t, true>;
     cudaFuncAttributes attributes;
     C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, on_chip));
     const int max_dynamic = max_smem - static_cast<int>(attributes.sharedSizeBytes);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(on_chip, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic));
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(on_chip, cudaFuncAttributeMaxDynamicSharedMemorySize, max_dynamic));
     d.on_chip_blocks_per_sm[0] = 0;
     for (int per_block = 1; per_block <= kMaxSegmentsOnChip; ++per_block) {
       const size_t smem = static_cast<size_t>(per_block) * kSegment * sizeof(float4);
       int blocks = 0;
       if (smem <= static_cast<size_t>(max_dynamic))
-        C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, on_chip, kThreads, smem));
+        C10_CUDA_CHECK(
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, on_chip, kThreads, smem));
       d.on_chip_blocks_per_sm[per_block] = blocks;
     }
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
@@ -543,7 +545,8 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
   float total = scratch[0];
-  for (int w = 1; w < kAdaptiveWarps; ++w) total = (scratch[w] > total || isnan(scratch[w])) ? scratch[w] : total;
+  for (int w = 1; w < kAdaptiveWarps; ++w)
+    total = (scratch[w] > total || isnan(scratch[w])) ? scratch[w] : total;
   __syncthreads();
   return total;
 }
@@ -566,15 +569,15 @@ __device__ __forceinline__ float2 block_sum2(float2 x, float2* scratch) {
   return total;
 }
 
-// H(softmax(z * inv_tau)) of a row whose max is max_logit, in nats.
+// H(softmax(z * inv_tau)) of a row whose max is max_logit, in nats. d = (z - max) log2(e) / tau:
+// subtract first (exact near the max), then scale.
 template <typename scalar_t>
 __device__ float scaled_row_entropy(const scalar_t* row, int64_t V, float max_logit,
                                     float inv_tau, float2* scratch) {
   const float scale = em::kLog2e * inv_tau;
-  const float shift = max_logit * scale;
-  float2 acc = make_float2(0.0f, 0.0f);  // {sum 2^d, sum 2^d d}, d = log2-domain logit - max
+  float2 acc = make_float2(0.0f, 0.0f);  // {sum 2^d, sum 2^d d}
   for (int64_t j = threadIdx.x; j < V; j += kAdaptiveThreads) {
-    float d = load_logit(row, j) * scale - shift;
+    float d = (load_logit(row, j) - max_logit) * scale;
     d = d < em::kExp2Floor ? em::kExp2Floor : d;
     const float e = exp2f(d);
     acc.x += e;
