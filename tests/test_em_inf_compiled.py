@@ -167,7 +167,7 @@ def test_adaptive_temperature_real_vocabulary(device, dtype):
 # 8 rows fit in shared memory on an H100/H200, 13 and 64 do not. Asserted through the results
 # only: the path is a launch detail.
 @needs_cuda
-@pytest.mark.parametrize("rows", [1, 2, 8, 13, 64])
+@pytest.mark.parametrize("rows", [1, 2, 8, 12, 13, 64])
 @pytest.mark.parametrize("early_exit", ["row", "batch"])
 def test_cuda_both_placements(rows, early_exit):
     logits = random_logits(rows, QWEN_VOCAB, 3.0, torch.bfloat16, "cuda", seed=rows, masked=0.05)
@@ -206,3 +206,23 @@ def test_cuda_step_counts(steps):
     for rows in (2, 64):
         logits = random_logits(rows, 20000, 2.0, torch.float32, "cuda", seed=steps)
         check_em_inf(logits, steps=steps, threshold=-math.inf)
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 64])
+def test_cuda_graph_capture(rows):
+    """One cooperative launch and a workspace from the caching allocator, no host sync: the call
+    can be captured in a CUDA graph (how decoding loops remove per-launch CPU cost)."""
+    logits = random_logits(rows, QWEN_VOCAB, 2.0, torch.bfloat16, "cuda", seed=9)
+    expected = em_inf(logits)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        em_inf(logits)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = em_inf(logits)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, expected)
