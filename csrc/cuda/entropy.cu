@@ -44,6 +44,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "em/op_checks.h"
 #include "em/softmax_stats.h"
@@ -373,7 +374,9 @@ __global__ void __launch_bounds__(kThreads)
         const int first = layout.head + index * kVecSize<T>;
         if (static_cast<unsigned>(token_in_chunk - first) < static_cast<unsigned>(kVecSize<T>)) {
 #pragma unroll
-          for (int i = 0; i < kVecSize<T>; ++i) x[i] += (first + i == token_in_chunk) ? k.onehot : 0.0f;
+          for (int i = 0; i < kVecSize<T>; ++i) {
+            if (first + i == token_in_chunk) x[i] += k.onehot;
+          }
         }
         out_vectors[index] = pack<T>(x);
       }
