@@ -112,11 +112,12 @@ def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
 
 
 def stats_floor(logits: torch.Tensor, temperature: float) -> float:
-    """Absolute floor for entropy and log-probs: a few float32 ulps of the largest |z / T| (the
-    kernels carry lse and z / T in float32 relative to the row max)."""
+    """Absolute floor for entropy and log-probs: a few float32 ulps of the largest |z / T| and
+    of |lse| <= max |z / T| + log V (the kernels carry z / T and lse in float32; a log-prob is
+    their difference)."""
     finite = logits.double()[torch.isfinite(logits)] / temperature
     largest = float(finite.abs().max()) if finite.numel() else 0.0
-    return 4 * EPS32 * max(1.0, largest)
+    return 4 * EPS32 * (1.0 + largest + math.log(logits.shape[-1]))
 
 
 def grad_floor(logits: torch.Tensor, temperature: float, grad_entropy, grad_logprobs) -> float:
@@ -263,6 +264,37 @@ def test_real_vocabulary(backend_device):
     ones = torch.ones(2, device=device)
     assert_matches_oracle(logits.grad, grads[0], grads[1],
                           grad_floor(base, 0.8, ones, 0.5 * ones), "gradient")
+
+
+def test_offsets_past_2_31(backend_device):
+    """N * V > 2^31 elements (4.3 GB of bf16 logits and as much gradient): the last rows are
+    right, so no offset wraps at 32 bits. GPU only (too big for the CPU backends' CI)."""
+    backend, device = backend_device
+    if device != "cuda" or backend == "torch":
+        pytest.skip("a 4.3 GB case for the GPU kernels only")
+    vocab = 131075
+    rows = 2**31 // vocab + 2
+    generator = torch.Generator(device=device).manual_seed(6)
+    logits = torch.randn((rows, vocab), generator=generator, device=device,
+                         dtype=torch.bfloat16).requires_grad_()
+    tokens = torch.randint(0, vocab, (rows,), generator=generator, device=device)
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+    (result.sum() + logprobs.sum()).backward()
+    checked = [0, rows - 2, rows - 1]
+    picked = logits.detach()[checked]
+    leaf = picked.double().requires_grad_()
+    oracle_lp, oracle_h = reference.logprobs_and_entropy_ref(leaf, tokens[checked])
+    (oracle_h.sum() + oracle_lp.sum()).backward()
+    base_lp, base_h = reference.logprobs_and_entropy_ref(picked, tokens[checked])
+    floor = stats_floor(picked, 1.0)
+    assert_matches_oracle(result[checked], oracle_h, base_h, floor, "entropy")
+    assert_matches_oracle(logprobs[checked], oracle_lp, base_lp, floor, "logprobs")
+    baseline_leaf = picked.clone().requires_grad_()
+    base_lp, base_h = reference.logprobs_and_entropy_ref(baseline_leaf, tokens[checked])
+    (base_h.sum() + base_lp.sum()).backward()
+    ones = torch.ones(3, device=device)
+    assert_matches_oracle(logits.grad[checked], leaf.grad, baseline_leaf.grad,
+                          grad_floor(picked, 1.0, ones, ones), "gradient")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ depend on the batch size or on the other rows (batch invariance), and there are 
 (determinism). When V fits one chunk the tile program writes the row's results itself; otherwise
 a second, tiny kernel merges each row's per-chunk partials in a fixed order.
 
+Compiled variants: BLOCK (4 sizes), the dtype and the feature flags are constexpr. N and the
+chunk count are never specialised (no recompile per batch size); V and the row stride keep
+Triton's divisibility-by-16 specialisation, which is what allows 16-byte vector loads.
+
 Units: the kernels work in base 2. With k = log2(e) / T, a_j = k z_j is the scaled logit in bits,
 so that exp(z_j / T - c) = exp2(a_j - k c) costs one FMA and one exp2, the only transcendental
 per element. Results are converted back to nats (times ln 2) once per row.
@@ -38,6 +42,9 @@ LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 # per program for HBM, and still leaves ~19 programs per row at V = 151936 so that even a handful
 # of rows fills every SM.
 MAX_BLOCK = 8192
+# Smallest tile: vocabularies up to 1024 share one compiled variant (one warp, 32 entries a
+# thread) instead of one per power of two; such rows are latency-bound anyway.
+MIN_BLOCK = 1024
 # Elements each thread holds: 32 bf16 values are four 16-byte vector loads in flight per thread.
 ELEMENTS_PER_THREAD = 32
 # Tile warps cap: 8 warps x 32 threads x 32 elements = MAX_BLOCK.
@@ -84,7 +91,7 @@ def _store_row_results(
         tl.store(logprobs_ptr + rows, tl.fma(chosen, scale2, -lse2) * LN2, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_chunks"])
 def _softmax_stats_fwd_kernel(
     logits_ptr, tokens_ptr,
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
@@ -136,7 +143,7 @@ def _softmax_stats_fwd_kernel(
         tl.store(partial_weighted_ptr + pid, weighted)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "num_chunks"])
 def _softmax_stats_merge_kernel(
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, logprobs_ptr,
@@ -184,7 +191,7 @@ def _round_to_bf16(x):
     return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
@@ -234,7 +241,7 @@ def _softmax_stats_bwd_kernel(
 
 def _block_size(vocab: int) -> int:
     """Tile width along the vocabulary: a function of V only (batch invariance)."""
-    return min(MAX_BLOCK, triton.next_power_of_2(vocab))
+    return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(vocab)))
 
 
 def _tile_warps(block: int) -> int:
