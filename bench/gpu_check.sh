@@ -99,7 +99,8 @@ bench() {  # bench NAME LIMIT em-bench-arguments...
         --max-seconds $(( limit - 15 )) "$@"
 }
 
-say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit $(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)"
+COMMIT="${EM_KERNELS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)}"
+say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit ${COMMIT:-unknown}"
 nvidia-smi >> "$LOG" 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version \
     --format=csv >> "$LOG" 2>&1

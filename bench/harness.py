@@ -175,6 +175,10 @@ def parse_shape_label(label: str) -> dict[str, int]:
 
 
 def _git_commit() -> str:
+    """The checkout's commit; EM_KERNELS_COMMIT names it where the tree travels without .git
+    (a copy sent to a GPU machine)."""
+    if os.environ.get("EM_KERNELS_COMMIT"):
+        return os.environ["EM_KERNELS_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
