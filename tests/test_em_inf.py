@@ -419,8 +419,12 @@ _LOWER_SCRIPT = textwrap.dedent("""
                    total_steps="i32", max_iters="i32", lr="fp32", kl_weight="fp32",
                    threshold="fp32", alpha="fp32", delta="fp32", tol="fp32")
 
-    def lower(kernel, constants):
+    def lower(kernel, constants, ones=False):
         names = list(inspect.signature(kernel.fn).parameters)
+        if ones:  # as the GPU launcher does with every int argument equal to 1 (batch 1, ...)
+            constants = dict(constants, **{p.name: 1 for p in kernel.params
+                                           if SCALARS.get(p.name, "").startswith("i")
+                                           and not p.do_not_specialize})
         signature = {n: "*bf16" if n == "logits_ptr" else "*fp32" if n.endswith("_ptr")
                      else "constexpr" if n in constants else SCALARS[n] for n in names}
         source = ASTSource(fn=kernel, signature=signature,
@@ -430,16 +434,18 @@ _LOWER_SCRIPT = textwrap.dedent("""
         return "st.local" in compiled.asm["ptx"]
 
     spills = {}
-    for adam, batch_exit, output in ((True, False, False), (True, True, True),
-                                     (False, False, True)):
-        spills[f"em_inf adam={adam} batch={batch_exit} output={output}"] = lower(
+    for adam, batch_exit, output, ones in ((True, False, False, False), (True, True, True, False),
+                                           (False, False, True, False), (True, True, False, True)):
+        spills[f"em_inf adam={adam} batch={batch_exit} output={output} ones={ones}"] = lower(
             kernels._em_inf_adjust_fwd_kernel,
             dict(ADAM=adam, BATCH_EXIT=batch_exit, WRITE_OUTPUT=output, BLOCK=kernels.BLOCK,
-                 MERGE_BLOCK=256, HIST_BLOCK=16))
-    spills["batch entropy"] = lower(kernels._em_inf_batch_entropy_kernel,
-                                    dict(ROWS=kernels.BATCH_ROWS_BLOCK, MERGE_BLOCK=256))
-    spills["adaptive temperature"] = lower(kernels._adaptive_temperature_fwd_kernel,
-                                           dict(BLOCK=kernels.TEMPERATURE_BLOCK))
+                 MERGE_BLOCK=256, HIST_BLOCK=16), ones)
+    for ones in (False, True):
+        spills[f"batch entropy ones={ones}"] = lower(
+            kernels._em_inf_batch_entropy_kernel,
+            dict(ROWS=kernels.BATCH_ROWS_BLOCK, MERGE_BLOCK=256), ones)
+        spills[f"adaptive temperature ones={ones}"] = lower(
+            kernels._adaptive_temperature_fwd_kernel, dict(BLOCK=kernels.TEMPERATURE_BLOCK), ones)
     print(json.dumps(spills))
 """)
 
@@ -447,8 +453,10 @@ _LOWER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a GPU the launches themselves compile the kernels")
 def test_kernels_lower_for_hopper():
-    """The interpreter accepts code that the compiler rejects (it did once: a non-constexpr
-    global): lower every kernel variant to sm_90 PTX and check that none spills."""
+    """The interpreter accepts code that the compiler rejects (it did twice: a non-constexpr
+    global; n_rows.to() on a batch of 1, which the GPU launcher passes as the constant 1): lower
+    every kernel variant to sm_90 PTX, also with every specialisable int argument equal to 1,
+    and check that none spills."""
     environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT], capture_output=True,
                             text=True, env=environment, timeout=300)

@@ -120,7 +120,9 @@ def _merge_partials(part_ptr, rows, n_rows, n_chunks, ROWS: tl.constexpr,
     return big_m, log_s, log_s - big_t / big_s
 
 
-@triton.jit(do_not_specialize=["step"])
+# n_rows is never specialised: on a GPU, Triton turns an int argument equal to 1 into a Python
+# constant, which has no .to() (n_rows.to(tl.int64) below; batch 1 is the decode case).
+@triton.jit(do_not_specialize=["step", "n_rows"])
 def _em_inf_adjust_fwd_kernel(
     logits_ptr, out_ptr, part_ptr, hist_ptr, batch_entropy_ptr,
     n_rows, V, row_stride, n_chunks, step, total_steps,
@@ -216,7 +218,7 @@ def _em_inf_adjust_fwd_kernel(
         tl.store(base + 2 * plane, chunk_t)
 
 
-@triton.jit(do_not_specialize=["step"])
+@triton.jit(do_not_specialize=["step", "n_rows"])  # n_rows: as _em_inf_adjust_fwd_kernel
 def _em_inf_batch_entropy_kernel(part_ptr, batch_entropy_ptr, n_rows, n_chunks, step,
                                  ROWS: tl.constexpr, MERGE_BLOCK: tl.constexpr):
     """Batch mode: batch_entropy[step] = sum over rows of H_step, rows added in a fixed order.
