@@ -208,17 +208,19 @@ def linear_entropy(
             BackendUnavailableError when Triton cannot run), "cpu" (CPU tensors, chunked
             PyTorch) or "torch" (chunked PyTorch on any device: blocks of at most 512 rows x 8192
             vocab entries, never N x V).
-        grad_filter_eps: None (default, exact) or a positive threshold: the backward skips every
-            tile of dz = dLoss/dlogits (Triton: 128 x 128 on GPU) whose entries are all below it
-            in magnitude. Each gradient entry then errs by at most grad_filter_eps times the sum
-            of |operand| over the skipped logits (d_hidden[r, k]: sum_j |W[j, k]|).
+        grad_filter_eps: None (default, exact) or a positive threshold: the backward zeroes every
+            32 x 256 tile of dz = dLoss/dlogits whose entries are all below it in magnitude.
+            Each gradient entry then errs by at most grad_filter_eps times the sum of |operand|
+            over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|). The backward's matmuls are
+            dense (cuBLAS), so this saves no time; it is kept for its gradient semantics.
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),
         logprobs None without tokens. A row whose logits are all -inf has NaN entropy. Both are
         differentiable w.r.t. hidden, weight and bias, with any upstream gradients for both at
         once. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
-        Triton backward accumulates 16-bit gradients in fp32 buffers of the gradients' size.
+        backward (deterministic: BLAS matmuls over vocab chunks, no atomics) adds a chunk
+        workspace of at most 256 MiB and an fp32 (N, H) d_hidden accumulator.
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
