@@ -309,6 +309,38 @@ def test_deterministic_and_batch_invariant(backend_device):
         assert torch.equal(part.logprobs, first.logprobs[17:30])
 
 
+def test_backward_deterministic_across_chunks(backend_device):
+    """The backward has no atomics: two runs give the same bits, with the vocab cut into many
+    chunks and tiles, and the result is the unchunked one up to d_hidden's summation order."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(13, 24, 70, device, dtype=torch.bfloat16)
+    problem = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, temperature=0.7,
+                   upstream_entropy=torch.randn(13).to(device),
+                   upstream_logprobs=torch.randn(13).to(device))
+    with small_chunks():
+        _, _, first = values_and_grads(kernel_fn(problem, backend), problem)
+        _, _, second = values_and_grads(kernel_fn(problem, backend), problem)
+    _, _, whole = values_and_grads(kernel_fn(problem, backend), problem)
+    for a, b, c in zip(first, second, whole):
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a, b)
+        # Chunking only changes the fp32 summation order of d_hidden (then one bf16 rounding).
+        torch.testing.assert_close(a.double(), c.double(), rtol=1e-2, atol=1e-3)
+
+
+@given(rows=st.integers(1, 1 << 16), vocab=st.integers(1, 1 << 18),
+       entry=st.sampled_from([4, 6, 8]))
+def test_backward_chunk_columns(rows, vocab, entry):
+    """Chunks are DZ_TILE_COLS-aligned, within the vocabulary, and within the workspace budget
+    whenever more than one tile's width fits."""
+    columns = ops.backward_chunk_columns(rows, entry, vocab)
+    assert 1 <= columns <= vocab
+    if columns < vocab:
+        assert columns % ops.DZ_TILE_COLS == 0
+    if columns > ops.DZ_TILE_COLS:
+        assert rows * columns * entry <= ops.BWD_CHUNK_BYTES
+
+
 def test_only_requested_grads(backend_device):
     """A frozen LM head gets no gradient; hidden still gets the exact one."""
     backend, device = backend_device
