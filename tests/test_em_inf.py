@@ -151,7 +151,7 @@ def entropy64(logits: torch.Tensor) -> torch.Tensor:
 def test_em_inf_properties(backend_device, optimizer):
     """Rows above the threshold end with a lower entropy; rows below it are returned exactly;
     masked entries stay -inf; same input, same bits; a row's result does not depend on the batch
-    (row mode); batch mode on one row is row mode; the input is untouched."""
+    (row mode; kernels only); batch mode on one row is row mode; the input is untouched."""
     backend, device = backend_device
 
     @examples(backend, device, fast=15, slow=5)
@@ -173,9 +173,14 @@ def test_em_inf_properties(backend_device, optimizer):
         assert bool((h_out[~below] < h_in[~below]).all()), (h_in, h_out)
         assert bool(torch.isneginf(out[:, 1]).all()) and bool(torch.isfinite(out[:, 0]).all())
         assert torch.equal(out, em_kernels.em_inf_adjust(logits, **options))
-        assert torch.equal(out[-1:], em_kernels.em_inf_adjust(logits[-1:], **options))
+        first_row = em_kernels.em_inf_adjust(logits[:1], **options)
+        # Batch invariance is promised by the kernels, not by the torch backend (PyTorch's CUDA
+        # reductions change with the batch shape), as in tests/test_entropy.py.
+        if backend != "torch":
+            assert torch.equal(out[-1:], em_kernels.em_inf_adjust(logits[-1:], **options))
+            assert torch.equal(first_row, out[:1])
         single = em_kernels.em_inf_adjust(logits[:1], early_exit="batch", **options)
-        assert torch.equal(single, out[:1])
+        assert torch.equal(single, first_row)
 
     check()
 
