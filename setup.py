@@ -89,8 +89,12 @@ def extensions():
     extra_link = ["-fopenmp"]
     if cuda_sources and _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        # --use_fast_math: exp2f/log2f become the ex2/lg2 approximations (one MUFU op each).
-        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        # No --use_fast_math: it implies -ftz=true, which flushes subnormal inputs, products and
+        # gradients to zero (bf16 logits and gradients have subnormals torch keeps). IEEE division
+        # and sqrt (per row only, so free); the per-entry exp2 is the ex2.approx instruction,
+        # written out in the kernels; -fmad=true keeps a * b + c fused.
+        nvcc_flags = ["-O3", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=true",
+                      "-lineinfo", "--expt-relaxed-constexpr"]
         return [cpp_extension.CUDAExtension(
             "em_kernels._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("EM_WITH_CUDA", "1")],

@@ -81,6 +81,7 @@ def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
+
 # ----------------------------------------------------------------------------------------------
 # The dispatcher ops
 
@@ -179,9 +180,21 @@ def test_token_ids_out_of_range_give_nan_logprobs_and_no_logprob_gradient():
 # Exact dtype conversions
 
 
+_PATTERNS_PER_ROW = 4
+
+
 def _all_bit_patterns(dtype: torch.dtype) -> torch.Tensor:
-    """Every 16-bit pattern of ``dtype``, as 4096 rows of 16 consecutive patterns."""
-    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).view(-1, 16)
+    """Every 16-bit pattern of ``dtype``, as 16384 rows of 16 entries: 4 consecutive patterns,
+    then 12 masked (-inf) entries.
+
+    The CUDA kernel gives each thread one 16-byte vector (4 fp32 or 8 bf16/fp16 entries), so a
+    row's summation order depends on the dtype; with every finite entry in the first 4, one thread
+    sums them in the same order for every dtype (the masked entries add exact zeros), and any
+    difference in the results is a difference in the values read."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    rows = patterns.view(-1, _PATTERNS_PER_ROW)
+    masked = torch.full((rows.shape[0], 16 - _PATTERNS_PER_ROW), float("-inf"), dtype=dtype)
+    return torch.cat([rows, masked], dim=1)
 
 
 @pytest.mark.parametrize("device", _devices())
@@ -190,7 +203,7 @@ def test_half_inputs_are_read_exactly(device, dtype):
     """bf16/fp16 logits give bitwise the fp32 results of the same values: the in-register
     conversion is exact for every bit pattern (normals, subnormals, zeros, inf, NaN)."""
     logits = _all_bit_patterns(dtype).to(device)
-    tokens = torch.arange(4096, device=device) % 16
+    tokens = torch.arange(logits.shape[0], device=device) % _PATTERNS_PER_ROW
     half = _fwd(logits, tokens, 0.9)
     full = _fwd(logits.float(), tokens, 0.9)
     for name, a, b in zip(("entropy", "lse", "logprobs"), half, full):

@@ -15,7 +15,8 @@
 //
 // Forward, _fwd_kernel: per thread, online (max, sum, weighted) in bits over its vectors; the max
 // is checked once per vector and the sums rescaled (one extra exp2) only when it grows. Per entry:
-// one FMA (z * log2(e)/T - max), one exp2 (ex2.approx under --use_fast_math), one add, one FMA.
+// one FMA (z * log2(e)/T - max), one exp2 (exp2_approx: the ex2.approx instruction), one add, one
+// FMA.
 // Threads merge by warp shuffles, warps through shared memory. With one chunk per row the block
 // writes the row's results; otherwise it writes its partial (12 bytes) and _merge_kernel, one
 // thread per row, merges the row's partials in chunk order.
@@ -79,6 +80,17 @@ VocabSplit split_vocab(int64_t vocab) {
   int64_t chunk = (vocab + target_splits - 1) / target_splits;
   chunk = (chunk + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   return {static_cast<int>(chunk), static_cast<int>((vocab + chunk - 1) / chunk)};
+}
+
+// ---- arithmetic -------------------------------------------------------------------------------
+
+// 2^d by the hardware approximation (a few ulp), the one exp2 per entry. Not the .ftz form: the
+// build keeps subnormals (-ftz=false), and so does this, so p_j in [2^-149, 2^-126) is not flushed
+// (bf16 gradients have those subnormals). 2^-inf = +0, NaN stays NaN.
+__device__ __forceinline__ float exp2_approx(float d) {
+  float e;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(d));
+  return e;
 }
 
 // ---- element conversions ----------------------------------------------------------------------
@@ -182,7 +194,7 @@ struct ThreadStats {
     if (group_max > max_logit) {
       if (max_logit > -INFINITY) {  // rescale what was summed to the new max
         const float diff = (max_logit - group_max) * scale;
-        const float factor = exp2f(diff);
+        const float factor = exp2_approx(diff);
         weighted = factor * fmaf(sum, diff, weighted);
         sum *= factor;
       }
@@ -193,7 +205,7 @@ struct ThreadStats {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float d = fmaf(x[k], scale, -shift);
-      const float e = exp2f(d);  // ... and poisons the sums here
+      const float e = exp2_approx(d);  // ... and poisons the sums here
       sum += e;
       weighted = fmaf(e, fmaxf(d, kExp2Floor), weighted);
     }
@@ -312,7 +324,7 @@ __global__ void __launch_bounds__(kMergeThreads)
 
 __device__ __forceinline__ float gradient(float x, const GradientCoefficients& k) {
   const float d = fmaf(x, k.scale, -k.shift);  // log2 p
-  return exp2f(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0);  // -inf: 0 * finite
+  return exp2_approx(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0);  // -inf: 0 * finite
 }
 
 struct BackwardRowInputs {

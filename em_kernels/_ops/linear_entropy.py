@@ -197,8 +197,9 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     to the operand dtype, d_W is written in the weight dtype (fp32 accumulation inside cuBLAS),
     and d_h accumulates in fp32. Elsewhere (CPU, fp32 or fp64 inputs) everything runs in the
     stats dtype. Extra memory: the chunk's logits (4 B/entry) and dz (2 B/entry, 16-bit only)
-    buffers, <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator (N x H x 4: 117 MiB at N 8192,
-    H 3584), plus fp32 copies of h and of one weight chunk on the non-16-bit-CUDA path.
+    buffers, <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator (N x H x 4: 112 MiB at N 8192,
+    H 3584; twice that on 16-bit CUDA, where each chunk's addmm writes a fresh one), plus fp32
+    copies of h and of one weight chunk on the other path.
     Traffic and time at N 8192, H 3584, V 152064 on an H200: three matmuls (~13 ms each) plus the
     dz pass (~1.6 ms). Gradient filtering zeroes dz tiles but the matmuls stay dense: no time
     saved."""
@@ -207,7 +208,7 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     vocab = weight.shape[0]
     tensor_cores = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
     if tensor_cores:
-        operand_dtype, operand_hidden = hidden.dtype, hidden
+        operand_dtype, operand_hidden = hidden.dtype, hidden.contiguous()  # once, not per chunk
         bytes_per_entry = 4 + hidden.element_size()
     else:
         operand_dtype, operand_hidden = stats_dtype, hidden.to(stats_dtype)
@@ -227,30 +228,32 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     else:
         bias_used = bias.contiguous() if bias is not None else None
         tokens_used = tokens.contiguous() if tokens is not None else None
-        logits_buffer = hidden.new_empty((rows * columns,), dtype=stats_dtype)
-        dz_buffer = (hidden.new_empty((rows * columns,), dtype=operand_dtype) if tensor_cores
-                     else logits_buffer)
+        # The dz buffer; on the other path the logits are computed into it and dz in place.
+        dz_buffer = hidden.new_empty((rows * columns,), dtype=operand_dtype)
         tile = (DZ_TILE_ROWS, DZ_TILE_COLS)
         for start in range(0, vocab, columns):
             end = min(start + columns, vocab)
             width = end - start
-            logits = logits_buffer[:rows * width].view(rows, width)
             dz = dz_buffer[:rows * width].view(rows, width)
             weight_chunk = weight[start:end].to(operand_dtype)
-            if tensor_cores:
-                torch.mm(operand_hidden, weight_chunk.T, out_dtype=stats_dtype, out=logits)
+            if tensor_cores:  # fp32 logits from 16-bit operands (the caching allocator
+                # hands the same block back each chunk; freed before the gradient matmuls)
+                logits = torch.mm(operand_hidden, weight_chunk.T, out_dtype=stats_dtype)
             else:
-                torch.mm(operand_hidden, weight_chunk.T, out=logits)
+                logits = torch.mm(operand_hidden, weight_chunk.T, out=dz)
             dz_fn(logits, dz, bias_used, start, tokens_used, entropy, lse, grad_entropy,
                   grad_lse, grad_chosen, temperature, grad_filter_eps, tile)
+            del logits
             if need_grad_weight:
                 torch.mm(dz.T, operand_hidden, out=grad_weight[start:end])
             if bias is not None:
                 torch.sum(dz, 0, dtype=stats_dtype, out=grad_bias[start:end])
             if need_grad_hidden:
                 if tensor_cores:
-                    torch.addmm(grad_hidden, dz, weight_chunk, out_dtype=stats_dtype,
-                                out=grad_hidden)
+                    # Not out=grad_hidden: addmm's out_dtype form with out= has had cuBLAS bugs
+                    # (pytorch#154086); the new buffer alternates with the old one (+N x H x 4).
+                    grad_hidden = torch.addmm(grad_hidden, dz, weight_chunk,
+                                              out_dtype=stats_dtype)
                 else:
                     grad_hidden.addmm_(dz, weight_chunk)
     return (

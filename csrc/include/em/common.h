@@ -15,9 +15,11 @@ namespace em {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Exponents (in bits, relative to the row max) are clamped below at this value before the exp2:
-// 2^-127 is below the smallest normal float, so the CPU exp2 and the GPU's flush-to-zero ex2 both
-// return exactly 0 there, and 0 * kExp2Floor = 0 replaces the 0 * -inf = NaN of a masked entry.
+// Exponents (in bits, relative to the row max) are clamped below at this value where they multiply
+// p: 0 * kExp2Floor = 0 replaces the 0 * -inf = NaN of a masked entry. The CPU exp2 (em/cpu_simd.h)
+// also takes the clamped exponent and returns exactly 0 there. The CUDA build keeps subnormals
+// (no flush-to-zero), where 2^-127 is a subnormal, not 0: CUDA kernels pass the unclamped exponent
+// to exp2 (2^-inf = 0) and clamp only the factor it multiplies.
 constexpr float kExp2Floor = -127.0f;
 
 }  // namespace em

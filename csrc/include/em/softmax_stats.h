@@ -87,8 +87,8 @@ struct GradientCoefficients {
   float onehot;  // gL / T, added at the chosen token
 };
 
-// The factors of the temperature, computed once on the host (device division is approximate
-// under fast math): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T.
+// The factors of the temperature, computed once on the host in double (one rounding each, on every
+// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T.
 struct TemperatureFactors {
   float scale;
   float inv_temperature;
