@@ -357,6 +357,50 @@ def test_backward_deterministic_across_chunks(backend_device):
         torch.testing.assert_close(a.double(), c.double(), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_dz_kernels_agree(eps):
+    """The Triton dz kernel and its torch twin, writing a separate bf16 dz from fp32 logits (the
+    16-bit CUDA layout), agree with each other and with dz from the float64 formula."""
+    if not runnable("triton", "cpu"):
+        pytest.skip(em_kernels.available_backends()["triton"])
+    generator = torch.Generator().manual_seed(3)
+    rows, width, vocab, start, temperature = 9, 24, 40, 8, 0.8
+    logits = torch.randn(rows, width, generator=generator) * 3
+    bias = torch.randn(vocab, generator=generator)
+    bias[start + 5] = float("-inf")
+    tokens = torch.randint(0, vocab, (rows,), generator=generator)
+    z = (logits + bias[start:start + width]) / temperature
+    lse = torch.logsumexp(z, -1) + torch.rand(rows, generator=generator)  # rest of the vocab
+    entropy = torch.rand(rows, generator=generator) * 2
+    grad_entropy, grad_lse, grad_chosen = torch.randn(3, rows, generator=generator)
+    exact = (z.double() - lse.double()[:, None]).exp()
+    log_p = torch.where(exact > 0, z.double() - lse.double()[:, None], 0.0)
+    exact = exact * (grad_lse.double()[:, None] - grad_entropy.double()[:, None] * (
+        log_p + entropy.double()[:, None]))
+    local = tokens - start
+    hit = (local >= 0) & (local < width)
+    exact[hit.nonzero()[:, 0], local[hit]] += grad_chosen.double()[hit]
+    exact /= temperature
+    outputs = []
+    for dz_fn in (ops._torch_dz, ops._triton_dz):
+        dz = torch.full((rows, width), float("nan"), dtype=torch.bfloat16)
+        dz_fn(logits.clone(), dz, bias, start, tokens, entropy, lse, grad_entropy, grad_lse,
+              grad_chosen, temperature, eps, (4, 8))
+        outputs.append(dz)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=2**-7, atol=1e-6)
+    if eps == 0:
+        torch.testing.assert_close(outputs[0].double(), exact, rtol=2**-7, atol=1e-6)
+    else:  # whole 4 x 8 tiles are zeroed, only tiles below eps, and the rest is untouched
+        dropped = (outputs[0] == 0) & (exact != 0)
+        assert bool((exact[dropped].abs() < eps).all())
+        assert bool(dropped.any()) and not bool(dropped.all()), "filter test is vacuous"
+        torch.testing.assert_close(outputs[0][~dropped].double(), exact[~dropped],
+                                   rtol=2**-7, atol=1e-6)
+        tile_dropped = dropped[:8].unflatten(1, (-1, 8)).unflatten(0, (-1, 4)).any((1, 3))
+        tile_zero = (outputs[0][:8] == 0).unflatten(1, (-1, 8)).unflatten(0, (-1, 4)).all((1, 3))
+        assert torch.equal(tile_dropped, tile_zero & tile_dropped)
+
+
 @given(rows=st.integers(1, 1 << 16), vocab=st.integers(1, 1 << 18),
        entry=st.sampled_from([4, 6, 8]))
 def test_backward_chunk_columns(rows, vocab, entry):

@@ -135,10 +135,10 @@ def _nan_outside(chosen, tokens, vocab):
     return torch.where(in_range, chosen, torch.full_like(chosen, float("nan")))
 
 
-def _torch_dz(logits, dz, bias, vocab_start, tokens, entropy, lse, grad_entropy, grad_lse,
+def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy, grad_lse,
               grad_chosen, temperature, grad_filter_eps, tile):
-    """The torch twin of the Triton dz kernel (same math and filtering tiles); logits and dz
-    are the same buffer here (dz is built in place)."""
+    """The torch twin of the Triton dz kernel (same math and filtering tiles), built in place
+    of the logits and copied to dz when that is another buffer (16-bit CUDA inputs)."""
     width = logits.shape[1]
     z = logits
     if bias is not None:
@@ -163,6 +163,8 @@ def _torch_dz(logits, dz, bias, vocab_start, tokens, entropy, lse, grad_entropy,
         keep = tile_max.ge(grad_filter_eps).repeat_interleave(tile_rows, 0)
         keep = keep.repeat_interleave(tile_cols, 1)[:rows, :width]
         dz.masked_fill_(~keep, 0.0)
+    if out.data_ptr() != dz.data_ptr():
+        out.copy_(dz)
 
 
 def _triton_dz(*args):
