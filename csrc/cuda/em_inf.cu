@@ -7,8 +7,10 @@
 // Each row is cut into segments of kSegment = 2048 entries. A segment is the unit of the partial
 // softmax statistics {max, sum, weighted} (NatsPartial below): one per segment and step, merged
 // per row in a fixed order (lanes stride over the segments, then a fixed shuffle tree), so a row's
-// statistics, and therefore its result, never depend on the batch size, the grid or the path. Each
-// block owns a contiguous range of segments (row-major, a range may span rows) for the whole call.
+// statistics, and therefore its result, never depend on the batch size, the grid or the path (the
+// per-entry and merge arithmetic is written in explicitly rounded operations, so that both
+// placements below round alike: bit-identical rows). Each block owns a contiguous range of
+// segments (row-major, a range may span rows) for the whole call.
 //
 // Step t (1-based), for every segment of the block, with the row statistics (max, log sum, H) of
 // the current z, merged from the segment partials that step t - 1 wrote:
@@ -99,6 +101,18 @@ struct RowStats {
   float entropy;  // nats
 };
 
+// Bit-identical results on both placements: every per-entry and merge formula below is written
+// with explicitly rounded operations (__fadd_rn, __fmul_rn, __fmaf_rn: nvcc never contracts or
+// reorders them) and one exp2, the same instruction whatever the nvcc flags. Otherwise nvcc
+// contracts a * b + c differently where the same function is inlined into different loops.
+
+// 2^d by the ex2.approx instruction (about 2 ulp), without flush-to-zero; 2^-inf = 0.
+__device__ __forceinline__ float exp2_approx(float d) {
+  float e;
+  asm("ex2.approx.f32 %0, %1;" : "=f"(e) : "f"(d));
+  return e;
+}
+
 __device__ __forceinline__ NatsPartial empty_partial() { return {-INFINITY, 0.0f, 0.0f}; }
 
 // Empty: no unmasked entry. A part that saw only NaN has max -inf but sum NaN, and is not empty.
@@ -111,12 +125,13 @@ __device__ __forceinline__ NatsPartial merge(const NatsPartial& a, const NatsPar
   if (is_empty(a)) return b;
   if (is_empty(b)) return a;
   const float max = fmaxf(a.max, b.max);  // a NaN max loses here but its NaN sum carries on
-  const float da = (a.max - max) * em::kLog2e;
-  const float db = (b.max - max) * em::kLog2e;
-  const float sa = exp2f(da);
-  const float sb = exp2f(db);
-  return {max, a.sum * sa + b.sum * sb,
-          sa * (a.weighted + a.sum * da) + sb * (b.weighted + b.sum * db)};
+  const float da = __fmul_rn(__fsub_rn(a.max, max), em::kLog2e);
+  const float db = __fmul_rn(__fsub_rn(b.max, max), em::kLog2e);
+  const float sa = exp2_approx(da);
+  const float sb = exp2_approx(db);
+  return {max, __fmaf_rn(a.sum, sa, __fmul_rn(b.sum, sb)),
+          __fmaf_rn(sa, __fmaf_rn(a.sum, da, a.weighted),
+                    __fmul_rn(sb, __fmaf_rn(b.sum, db, b.weighted)))};
 }
 
 // A whole row: all -inf gives sum 0, so log_sum -inf and entropy NaN (0 / 0), like the reference.
@@ -233,27 +248,34 @@ __device__ __forceinline__ NatsPartial thread_partial(const float (&z)[kEntriesP
   float sum = 0.0f, weighted = 0.0f;
 #pragma unroll
   for (int i = 0; i < kEntriesPerThread; ++i) {
-    float d = (z[i] - max) * em::kLog2e;
-    d = d < em::kExp2Floor ? em::kExp2Floor : d;  // masked: 2^floor = 0 (ftz), 0 * floor = 0
-    const float e = exp2f(d);
-    sum += e;
-    weighted += e * d;
+    const float d = __fmul_rn(__fsub_rn(z[i], max), em::kLog2e);
+    const float e = exp2_approx(d);  // masked: 2^-inf = 0 ...
+    sum = __fadd_rn(sum, e);
+    weighted = __fmaf_rn(e, fmaxf(d, em::kExp2Floor), weighted);  // ... and 0 * floor = 0
   }
   return {max, sum, weighted};
 }
 
+// log p = (z - max) - log_sum: the roundings of torch.log_softmax.
+__device__ __forceinline__ float log_probability(float z, const RowStats& stats) {
+  return __fsub_rn(__fsub_rn(z, stats.max), stats.log_sum);
+}
+
 __device__ __forceinline__ float probability(float z, const RowStats& stats) {
-  return exp2f(((z - stats.max) - stats.log_sum) * em::kLog2e);
+  return exp2_approx(__fmul_rn(log_probability(z, stats), em::kLog2e));
 }
 
 // One optimiser step of one entry: returns the new z, advances (m, v).
 __device__ __forceinline__ float em_inf_update(float z, float p0, const RowStats& stats,
                                                const em::OptimizerStep& step, float kl_scale,
                                                float& m, float& v) {
-  const float log_p = (z - stats.max) - stats.log_sum;
-  const float prob = exp2f(log_p * em::kLog2e);
-  const float grad = isfinite(z) ? -prob * (log_p + stats.entropy) + kl_scale * (prob - p0) : 0.0f;
-  return z - em::optimizer_update(step, grad, m, v);
+  const float log_p = log_probability(z, stats);
+  const float prob = exp2_approx(__fmul_rn(log_p, em::kLog2e));
+  const float grad =
+      isfinite(z) ? __fmaf_rn(kl_scale, __fsub_rn(prob, p0),
+                              __fmul_rn(-prob, __fadd_rn(log_p, stats.entropy)))
+                  : 0.0f;
+  return __fsub_rn(z, em::optimizer_update_rn(step, grad, m, v));
 }
 
 template <typename scalar_t>
@@ -577,11 +599,10 @@ __device__ float scaled_row_entropy(const scalar_t* row, int64_t V, float max_lo
   const float scale = em::kLog2e * inv_tau;
   float2 acc = make_float2(0.0f, 0.0f);  // {sum 2^d, sum 2^d d}
   for (int64_t j = threadIdx.x; j < V; j += kAdaptiveThreads) {
-    float d = (load_logit(row, j) - max_logit) * scale;
-    d = d < em::kExp2Floor ? em::kExp2Floor : d;
-    const float e = exp2f(d);
+    const float d = (load_logit(row, j) - max_logit) * scale;
+    const float e = exp2_approx(d);  // masked: 2^-inf = 0 ...
     acc.x += e;
-    acc.y += e * d;
+    acc.y += e * fmaxf(d, em::kExp2Floor);  // ... and 0 * floor = 0
   }
   const float2 total = block_sum2(acc, scratch);
   return (log2f(total.x) - total.y / total.x) * em::kLn2;

@@ -74,4 +74,22 @@ EM_ADAM_INLINE float optimizer_update(const OptimizerStep& step, float grad, flo
   return optimizer_update(step, grad, m, v, ScalarSqrt{});
 }
 
+#if defined(__CUDACC__)
+// optimizer_update with every operation rounded explicitly (__f*_rn: never contracted into an FMA,
+// IEEE division and sqrt whatever the nvcc flags). nvcc contracts a * b + c differently in
+// different inlining contexts; CUDA kernels that run one step in several code paths (em_inf.cu's
+// two placements) call this so that every path gives the same bits.
+__device__ __forceinline__ float optimizer_update_rn(const OptimizerStep& step, float grad,
+                                                     float& m, float& v) {
+  if (!step.adam) return __fmul_rn(step.lr, grad);
+  m = __fadd_rn(__fmul_rn(static_cast<float>(kAdamBeta1), m),
+                __fmul_rn(static_cast<float>(1.0 - kAdamBeta1), grad));
+  v = __fadd_rn(__fmul_rn(static_cast<float>(kAdamBeta2), v),
+                __fmul_rn(__fmul_rn(static_cast<float>(1.0 - kAdamBeta2), grad), grad));
+  const float m_hat = __fmul_rn(m, step.inv_bias_correction1);
+  const float v_hat = __fmul_rn(v, step.inv_bias_correction2);
+  return __fdiv_rn(__fmul_rn(step.lr, m_hat), __fadd_rn(__fsqrt_rn(v_hat), kAdamEps));
+}
+#endif
+
 }  // namespace em
