@@ -23,9 +23,10 @@ weight tiles at once, so most re-reads hit L2) plus 16 bytes per row per split. 
 the workspace, 16 * N * ceil(V / (BLOCK_V * TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
 
 Backward: the dispatcher (em_kernels/_ops/linear_entropy.py, `chunked_backward`) walks the
-vocabulary in chunks, has cuBLAS write each chunk's logits, and calls `linear_entropy_dz` to turn
-them into dz in place of a second buffer; cuBLAS then does the two gradient matmuls. No atomics:
-the backward is bitwise deterministic.
+vocabulary in chunks, has cuBLAS write each chunk's logits (fp32), and calls `linear_entropy_dz`
+to turn them into dz (in the matmul operand dtype, in a second buffer, or in place for fp32
+inputs); cuBLAS then does the two gradient matmuls. No atomics: the backward is bitwise
+deterministic.
 
 `_linear_entropy_dz_kernel`, one program per [BLOCK_N, BLOCK_V] tile of a [N, width] chunk whose
 first column is vocab id vocab_start, elementwise:
