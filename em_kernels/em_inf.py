@@ -86,6 +86,45 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
     return "torch"
 
 
+# backend="auto" on CUDA, em_inf_adjust only. Measured on an H200, V 151936, 5 steps, fp32 logits
+# (2026-11-27, bench/decode.py): cuda 0.028 ms at batch 1 (state on chip), but 0.174 ms at 16 and
+# 0.518 ms at 64 rows (replay), where triton took 0.161 and 0.321 ms. So "auto" keeps the CUDA
+# kernel while the batch fits its on-chip placement and takes Triton beyond. The fit is estimated
+# conservatively: 4 blocks of 512 threads per SM (the most an SM holds), each with one segment of
+# 2048 entries (32 KB of state), i.e. 7 rows at V 151936 on 132 SMs; the kernel itself keeps state
+# on chip up to 12 rows there. Both backends are batch-invariant on their own, but "auto" then
+# picks by batch size: a row can differ in the last bits between batches on either side of the
+# switch (each within the oracle tolerance). Pass backend="cuda" or "triton" for bitwise batch
+# invariance across all batch sizes.
+_ON_CHIP_SEGMENT = 2048
+_ON_CHIP_SEGMENTS_PER_SM = 4
+
+
+@torch.compiler.assume_constant_result
+def _em_inf_cuda_backend(device_index: int, rows: int, vocab: int) -> str:
+    return _em_inf_cuda_backend_cached(device_index, rows, vocab)
+
+
+@functools.lru_cache(maxsize=256)
+def _em_inf_cuda_backend_cached(device_index: int, rows: int, vocab: int) -> str:
+    if available_backends()["triton"] != "available":
+        return "cuda"
+    sms = torch.cuda.get_device_properties(device_index).multi_processor_count
+    segments = rows * -(-vocab // _ON_CHIP_SEGMENT)
+    return "cuda" if segments <= _ON_CHIP_SEGMENTS_PER_SM * sms else "triton"
+
+
+@torch.compiler.assume_constant_result
+def _has_cuda_kernel(op_name: str) -> bool:
+    return _has_cuda_kernel_cached(op_name)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_cuda_kernel_cached(op_name: str) -> bool:
+    return (available_backends()["cuda"] == "available"
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"em_C::{op_name}", "CUDA"))
+
+
 def _eager(logits: torch.Tensor) -> bool:
     """Call the op's body directly: not tracing, and a real tensor (not fake or meta)."""
     return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
@@ -143,8 +182,14 @@ def em_inf_adjust(
     optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
     early_exit = _check_choice("early_exit", early_exit, _EARLY_EXITS)
     _checks.check_logits(logits, backend)
-    backend = _resolve(backend, logits.device, "em_inf_adjust")
+    resolved = _resolve(backend, logits.device, "em_inf_adjust")
     rows = _as_rows(logits)
+    if backend == "auto" and resolved == "cuda":
+        device_index = logits.device.index
+        if device_index is None:
+            device_index = torch.cuda.current_device()
+        resolved = _em_inf_cuda_backend(device_index, int(rows.shape[0]), int(rows.shape[1]))
+    backend = resolved
     run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
     adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
                    early_exit == "batch", backend)
@@ -183,6 +228,11 @@ def adaptive_temperature(
     max_iters = _check_int("max_iters", max_iters, 0)
     tol = _check_float("tol", tol, low=0.0, low_open=True)
     _checks.check_logits(logits, backend)
+    if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel(
+            "adaptive_temperature"):
+        # H200, V 151936, fp32 (2026-11-27): cuda 0.085 / 0.14 / 0.17 ms at batch 1 / 16 / 64,
+        # triton 0.58 / 1.18 / 1.27 ms: the CUDA kernel whenever it is built.
+        backend = "cuda"
     backend = _resolve(backend, logits.device, "adaptive_temperature")
     rows = _as_rows(logits)
     run = adaptive_temperature_impl if _eager(logits) else adaptive_temperature_op

@@ -468,3 +468,30 @@ def test_kernels_lower_for_hopper():
     assert result.returncode == 0, result.stderr[-3000:]
     spills = json.loads(result.stdout.strip().splitlines()[-1])
     assert not any(spills.values()), spills
+
+
+def test_auto_picks_cuda_for_few_rows_and_triton_for_many(monkeypatch):
+    """backend="auto" on CUDA (em_kernels/em_inf.py): the CUDA kernel while the batch fits its
+    on-chip placement (4 segments of 2048 entries per SM), Triton beyond; CUDA if Triton is
+    missing. Decided from the shape and the SM count only (no device work)."""
+    from em_kernels import em_inf as public
+
+    class Properties:
+        multi_processor_count = 132  # H200
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Properties())
+    status = dict(em_kernels.available_backends(), triton="available")
+    monkeypatch.setattr(public, "available_backends", lambda: status)
+    choose = public._em_inf_cuda_backend_cached
+    choose.cache_clear()
+    try:
+        assert choose(0, 1, 151936) == "cuda"
+        assert choose(0, 7, 151936) == "cuda"  # 7 x 75 segments <= 528
+        assert choose(0, 8, 151936) == "triton"
+        assert choose(0, 64, 151936) == "triton"
+        assert choose(0, 264, 2048) == "cuda" and choose(0, 529, 2048) == "triton"
+        status["triton"] = "not installed"
+        choose.cache_clear()
+        assert choose(0, 64, 151936) == "cuda"
+    finally:
+        choose.cache_clear()
