@@ -90,9 +90,9 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
 # (2026-11-27, bench/decode.py): cuda 0.028 ms at batch 1 (state on chip), but 0.174 ms at 16 and
 # 0.518 ms at 64 rows (replay), where triton took 0.161 and 0.321 ms. So "auto" keeps the CUDA
 # kernel while the batch fits its on-chip placement and takes Triton beyond. The fit is estimated
-# conservatively: 4 blocks of 512 threads per SM (the most an SM holds), each with one segment of
-# 2048 entries (32 KB of state), i.e. 7 rows at V 151936 on 132 SMs; the kernel itself keeps state
-# on chip up to 12 rows there. Both backends are batch-invariant on their own, but "auto" then
+# conservatively, without asking the device for more than its SM count: 4 segments of 2048
+# entries (128 KB of state) per SM, i.e. 7 rows at V 151936 on 132 SMs; the kernel itself holds
+# up to 7 segments per SM (227 KB of shared memory on an H100/H200), 12 rows there. Both backends are batch-invariant on their own, but "auto" then
 # picks by batch size: a row can differ in the last bits between batches on either side of the
 # switch (each within the oracle tolerance). Pass backend="cuda" or "triton" for bitwise batch
 # invariance across all batch sizes.

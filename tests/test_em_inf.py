@@ -472,8 +472,8 @@ def test_kernels_lower_for_hopper():
 
 def test_auto_picks_cuda_for_few_rows_and_triton_for_many(monkeypatch):
     """backend="auto" on CUDA (em_kernels/em_inf.py): the CUDA kernel while the batch fits its
-    on-chip placement (4 segments of 2048 entries per SM), Triton beyond; CUDA if Triton is
-    missing. Decided from the shape and the SM count only (no device work)."""
+    on-chip placement (estimated as 4 segments of 2048 entries per SM), Triton beyond; CUDA if
+    Triton is missing. Decided from the shape and the SM count only (no device work)."""
     from em_kernels import em_inf as public
 
     class Properties:
