@@ -497,6 +497,26 @@ def test_masking_nan_and_empty_rows(backend_device):
                 assert torch.equal(_bits(a[3:4]), _bits(b))
 
 
+def test_masking_with_the_most_negative_float(backend_device):
+    """Logits masked with finfo(float32).min (a common idiom) overflow to -inf once scaled by
+    log2(e) / T; whole vectors, tiles and chunks of them must still drop out like -inf entries
+    (a scaled max of -inf must not become the shift: 2^(-inf + inf) = NaN)."""
+    backend, device = backend_device
+    for vocab in (6, 4100, 9000):
+        generator = torch.Generator().manual_seed(vocab)
+        logits = torch.randn(2, vocab, generator=generator).to(device)
+        logits[0, vocab // 2 :] = torch.finfo(torch.float32).min
+        logits[1, 1::2] = torch.finfo(torch.float32).min
+        tokens = torch.zeros(2, dtype=torch.long, device=device)
+        logprobs, result, grad = _forward_and_gradient(backend, logits, tokens)
+        assert torch.isfinite(result).all() and torch.isfinite(logprobs).all()
+        assert torch.isfinite(grad).all()
+        assert bool((grad[0, vocab // 2 :] == 0).all()) and bool((grad[1, 1::2] == 0).all())
+        for row, kept in ((0, slice(0, vocab // 2)), (1, slice(0, None, 2))):
+            alone = _entropy(backend, logits[row : row + 1, kept])
+            torch.testing.assert_close(result[row : row + 1], alone, rtol=1e-6, atol=1e-6)
+
+
 def test_gradients_finite_at_extreme_scales(backend_device):
     backend, device = backend_device
     generator = torch.Generator().manual_seed(3)

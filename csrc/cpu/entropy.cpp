@@ -100,9 +100,11 @@ EM_SIMD_INLINE SoftmaxPartial chunk_partial(const T* src, int64_t len, float sca
   }
   const float* values = kIsFloat ? reinterpret_cast<const float*>(src) : converted;
   const int64_t padded = full + (rest != 0 ? kLanes : 0);
-  const float max_logit = reduce_max(lane_max);
-  if (max_logit == -INFINITY) {
-    // Nothing finite: the chunk is empty unless it holds a NaN, which must poison the row.
+  const float shift = reduce_max(lane_max) * scale;
+  if (shift == -INFINITY) {
+    // Nothing finite once scaled (all -inf, or finite logits such as finfo.min that overflow when
+    // scaled; a shift of -inf would make them -inf + inf = NaN): the chunk is empty unless it
+    // holds a NaN, which must poison the row.
     for (int64_t j = 0; j < padded; ++j) {
       const float x = j < full ? values[j] : converted[j];
       if (std::isnan(x)) return {-INFINITY, NAN, NAN};
@@ -110,7 +112,6 @@ EM_SIMD_INLINE SoftmaxPartial chunk_partial(const T* src, int64_t len, float sca
     return empty_partial();
   }
 
-  const float shift = max_logit * scale;
   VecF sum = splat(0.0f);
   VecF weighted = splat(0.0f);
   for (int64_t j = 0; j < padded; j += kLanes) {

@@ -192,7 +192,7 @@ struct ThreadStats {
 #pragma unroll
     for (int k = 1; k < K; ++k) group_max = fmaxf(group_max, x[k]);  // NaN is ignored here ...
     if (group_max > max_logit) {
-      if (max_logit > -INFINITY) {  // rescale what was summed to the new max
+      if (max_logit * scale > -INFINITY) {  // rescale what was summed to the new max
         const float diff = (max_logit - group_max) * scale;
         const float factor = exp2_approx(diff);
         weighted = factor * fmaf(sum, diff, weighted);
@@ -200,8 +200,11 @@ struct ThreadStats {
       }
       max_logit = group_max;
     }
-    // While everything so far is -inf (or NaN), any finite shift works: -inf entries give 0.
-    const float shift = max_logit > -INFINITY ? max_logit * scale : 0.0f;
+    // While the scaled max is -inf (everything so far -inf or NaN, or finite logits such as
+    // finfo.min whose scaled value overflows to -inf), any finite shift works: those entries give
+    // 2^-inf = 0 and the partial stays empty (a shift of -inf would make them 2^(-inf + inf) = NaN).
+    const float scaled_max = max_logit * scale;
+    const float shift = scaled_max > -INFINITY ? scaled_max : 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
       const float d = fmaf(x[k], scale, -shift);

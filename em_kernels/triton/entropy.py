@@ -108,7 +108,8 @@ def _softmax_stats_fwd_kernel(
     Keeping d relative to the tile max makes `weighted` a sum of small numbers rather than the
     difference of two large ones (H = lse - E[a] loses digits when |z| is large).
     Masking: z_j = -inf gives d_j = -inf and e_j = 0, and its e_j d_j (0 * -inf) is set to 0;
-    a tile that is all -inf uses 0 as its shift, giving (m = -inf, total = 0, weighted = 0).
+    a tile whose scaled max is -inf (all -inf, or finite logits such as finfo.min that overflow
+    when scaled) uses 0 as its shift, giving (m = -inf, total = 0, weighted = 0).
     A NaN reaches `total` and poisons the row.
 
     SINGLE_CHUNK (V <= BLOCK): the tile is the row; write the row's results directly.
@@ -125,8 +126,8 @@ def _softmax_stats_fwd_kernel(
         logits_ptr + row * stride_row + cols, mask=cols < V, other=float("-inf"),
         eviction_policy="evict_first",
     ).to(tl.float32)
-    z_max = tl.max(z, axis=0)
-    shift = tl.where(z_max == float("-inf"), 0.0, z_max * scale2)
+    scaled_max = tl.max(z, axis=0) * scale2
+    shift = tl.where(scaled_max == float("-inf"), 0.0, scaled_max)
     d = tl.fma(z, scale2, -shift)
     e = tl.exp2(d)
     total = tl.sum(e, axis=0)
@@ -138,7 +139,7 @@ def _softmax_stats_fwd_kernel(
             row, N, shift, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
             entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
     else:
-        tl.store(partial_max_ptr + pid, tl.where(z_max == float("-inf"), z_max, shift))
+        tl.store(partial_max_ptr + pid, scaled_max)
         tl.store(partial_total_ptr + pid, total)
         tl.store(partial_weighted_ptr + pid, weighted)
 
@@ -205,7 +206,8 @@ def _softmax_stats_bwd_kernel(
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
         dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (0 for the whole row if y is outside [0, V))
     A -inf logit gets exactly 0 (p_j = 0 but ln p_j = -inf: the product is set to 0), also when
-    it is the chosen token.
+    it is the chosen token; so does the entropy term of a finite logit whose log2 p_j overflows
+    to -inf (finfo.min scaled by 1 / T).
 
     Memory: reads the tile once (evict-first) and 16-20 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
@@ -226,6 +228,7 @@ def _softmax_stats_bwd_kernel(
     log2_p = tl.fma(z, scale2, -lse2)
     p = tl.exp2(log2_p)
     grad = -grad_entropy * p * tl.fma(log2_p, LN2, entropy)
+    grad = tl.where(log2_p == float("-inf"), 0.0, grad)
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
         grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
