@@ -20,8 +20,12 @@ import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
-# On CUDA tensors "auto" prefers this backend when it is available (see bench/RESULTS.md).
-AUTO_CUDA_BACKEND = "triton"
+# On CUDA tensors "auto" prefers this backend when it is available, else the other of triton and
+# cuda. "cuda" was faster at every measured entropy shape (H200, bf16, 2026-11-27): [8192, 151936]
+# forward 0.697 ms vs triton 0.738, forward + backward 1.89 vs 1.95 ms; [1, 151936] 0.063 vs
+# 0.212 ms; [64, 151936] 0.059 vs 0.215 ms; [4096, 32000] 0.083 vs 0.213 ms (bench/RESULTS.md).
+# em_inf_adjust refines it by batch size (em_kernels/em_inf.py); linear_entropy is Triton only.
+AUTO_CUDA_BACKEND = "cuda"
 
 
 class BackendUnavailableError(RuntimeError):

@@ -81,6 +81,22 @@ def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
+def test_auto_on_cuda_prefers_cuda_then_triton_then_torch(monkeypatch):
+    """With backend="auto" a CUDA tensor gets the cuda backend (the faster), else triton, else
+    torch."""
+    from em_kernels import _backend
+
+    status = dict.fromkeys(_backend.BACKENDS, "available")
+    monkeypatch.setattr(_backend, "available_backends", lambda: dict(status))
+    try:
+        for unavailable, expected in ((None, "cuda"), ("cuda", "triton"), ("triton", "torch")):
+            if unavailable is not None:
+                status[unavailable] = "not here"
+            _backend._resolve_cached.cache_clear()
+            assert _backend._resolve_cached("auto", "cuda", 0) == expected
+    finally:
+        _backend._resolve_cached.cache_clear()  # no answer from the patched statuses survives
+
 
 # ----------------------------------------------------------------------------------------------
 # The dispatcher ops
