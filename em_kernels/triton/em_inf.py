@@ -116,8 +116,12 @@ def _merge_partials(part_ptr, rows, n_rows, n_chunks, ROWS: tl.constexpr,
         block_s = tl.sum(w * s, 1)
         block_t = tl.sum(w * (t + s * shift), 1)
         big_m, big_s, big_t = _combine(big_m, big_s, big_t, block_m, block_s, block_t)
-    log_s = tl.log(big_s)
-    return big_m, log_s, log_s - big_t / big_s
+    # log s and H in float64, each rounded once: log p + H cancels wherever g = -p (log p + H) is
+    # small and Adam's normalised step magnifies what is left (an fp32 log and t / s, approximate
+    # on the GPU, cost the CUDA kernel 8x the CPU kernel's error). Per row only: free.
+    s64 = big_s.to(tl.float64)
+    log_s64 = tl.log(s64)
+    return big_m, log_s64.to(tl.float32), (log_s64 - big_t.to(tl.float64) / s64).to(tl.float32)
 
 
 # n_rows is never specialised: on a GPU, Triton turns an int argument equal to 1 into a Python
