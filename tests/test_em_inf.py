@@ -495,3 +495,25 @@ def test_auto_picks_cuda_for_few_rows_and_triton_for_many(monkeypatch):
         assert choose(0, 64, 151936) == "cuda"
     finally:
         choose.cache_clear()
+
+
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_masked_with_float_min(backend_device, early_exit):
+    """Masking with finfo(float32).min (as some logits processors do) instead of -inf: whole
+    chunks/segments of it sit ~3e38 below the rest, where a merge once made NaN of 0 * -inf. The
+    other entries come out exactly as with -inf masking (the masked ones weigh exactly 0 either
+    way); the masked ones stay finfo.min."""
+    backend, device = backend_device
+    lowest = torch.finfo(torch.float32).min
+    logits = torch.randn(2, 4500, generator=torch.Generator().manual_seed(11)) * 2.0
+    masked = torch.zeros_like(logits, dtype=torch.bool)
+    masked[:, 2048:4096] = True  # a whole 2048-entry CUDA segment, two whole Triton chunks
+    masked[1, :1024] = True
+    options = dict(threshold=-math.inf, early_exit=early_exit, backend=backend)
+    out = em_kernels.em_inf_adjust(logits.masked_fill(masked, lowest).to(device), **options)
+    with_inf = em_kernels.em_inf_adjust(logits.masked_fill(masked, -math.inf).to(device), **options)
+    assert bool((out[masked.to(device)] == lowest).all())
+    if backend == "torch":  # the reference promises closeness, not these bits
+        torch.testing.assert_close(out[~masked.to(device)], with_inf[~masked.to(device)])
+    else:
+        assert torch.equal(out[~masked.to(device)], with_inf[~masked.to(device)])

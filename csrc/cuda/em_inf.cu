@@ -129,9 +129,11 @@ __device__ __forceinline__ NatsPartial merge(const NatsPartial& a, const NatsPar
   const float db = __fmul_rn(__fsub_rn(b.max, max), em::kLog2e);
   const float sa = exp2_approx(da);
   const float sb = exp2_approx(db);
+  // The shifts are floored where they multiply a sum: a part masked with finfo(float32).min sits
+  // ~3e38 below the other, sum * shift overflows to -inf and its weight 0 would make NaN of it.
   return {max, __fmaf_rn(a.sum, sa, __fmul_rn(b.sum, sb)),
-          __fmaf_rn(sa, __fmaf_rn(a.sum, da, a.weighted),
-                    __fmul_rn(sb, __fmaf_rn(b.sum, db, b.weighted)))};
+          __fmaf_rn(sa, __fmaf_rn(a.sum, fmaxf(da, em::kExp2Floor), a.weighted),
+                    __fmul_rn(sb, __fmaf_rn(b.sum, fmaxf(db, em::kExp2Floor), b.weighted)))};
 }
 
 // A whole row: all -inf gives sum 0, so log_sum -inf and entropy NaN (0 / 0), like the reference.

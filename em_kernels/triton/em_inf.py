@@ -55,6 +55,9 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU op
+# Shifts (nats) between two parts' maxima are floored here where they multiply a sum: e^-100 is
+# below every float32, so the part's weight is 0 either way, and 0 * floor stays 0.
+SHIFT_FLOOR = tl.constexpr(-100.0)
 # Entries per program. Small enough that batch 1 at V ~150k spreads over ~150 programs (one per
 # SM on an H100/H200), large enough that the per-program merge of a row's partials stays small.
 BLOCK = 1024
@@ -76,7 +79,10 @@ def _combine(big_m, big_s, big_t, m, s, t):
     w_a = tl.where(big_m == float("-inf"), 0.0, tl.exp2(shift_a * LOG2E))
     w_b = tl.where(m == float("-inf"), 0.0, tl.exp2(shift_b * LOG2E))
     new_s = w_a * big_s + w_b * s
-    new_t = w_a * (big_t + big_s * shift_a) + w_b * (t + s * shift_b)
+    # The shift is floored where it multiplies: a part masked with finfo(float32).min sits ~3e38
+    # below the other, big_s * shift overflows to -inf and its weight 0 would make NaN of it.
+    new_t = (w_a * (big_t + big_s * tl.maximum(shift_a, SHIFT_FLOOR))
+             + w_b * (t + s * tl.maximum(shift_b, SHIFT_FLOOR)))
     return new_m, new_s, new_t
 
 
@@ -114,7 +120,7 @@ def _merge_partials(part_ptr, rows, n_rows, n_chunks, ROWS: tl.constexpr,
         shift = tl.where(live, m - block_m[:, None], 0.0)
         w = tl.where(live, tl.exp2(shift * LOG2E), 0.0)
         block_s = tl.sum(w * s, 1)
-        block_t = tl.sum(w * (t + s * shift), 1)
+        block_t = tl.sum(w * (t + s * tl.maximum(shift, SHIFT_FLOOR)), 1)  # as in _combine
         big_m, big_s, big_t = _combine(big_m, big_s, big_t, block_m, block_s, block_t)
     # log s and H in float64, each rounded once: log p + H cancels wherever g = -p (log p + H) is
     # small and Adam's normalised step magnifies what is left (an fp32 log and t / s, approximate
