@@ -127,8 +127,10 @@ __device__ __forceinline__ NatsPartial merge(const NatsPartial& a, const NatsPar
   const float max = fmaxf(a.max, b.max);  // a NaN max loses here but its NaN sum carries on
   const float da = __fmul_rn(__fsub_rn(a.max, max), em::kLog2e);
   const float db = __fmul_rn(__fsub_rn(b.max, max), em::kLog2e);
-  const float sa = exp2_approx(da);
-  const float sb = exp2_approx(db);
+  // The part that holds the max keeps its sums exactly (no 2^0 through the approximation), so an
+  // all-masked part merges alike whether masked with -inf (empty) or with finfo(float32).min.
+  const float sa = a.max == max ? 1.0f : exp2_approx(da);
+  const float sb = b.max == max ? 1.0f : exp2_approx(db);
   // The shifts are floored where they multiply a sum: a part masked with finfo(float32).min sits
   // ~3e38 below the other, sum * shift overflows to -inf and its weight 0 would make NaN of it.
   return {max, __fmaf_rn(a.sum, sa, __fmul_rn(b.sum, sb)),
