@@ -21,11 +21,13 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 # On CUDA tensors "auto" prefers this backend when it is available, else the other of triton and
-# cuda. "cuda" was faster at every measured entropy shape (H200, bf16, 2026-11-27): [8192, 151936]
-# forward 0.697 ms vs triton 0.738, forward + backward 1.89 vs 1.95 ms; [1, 151936] 0.063 vs
-# 0.212 ms; [64, 151936] 0.059 vs 0.215 ms; [4096, 32000] 0.083 vs 0.213 ms (bench/RESULTS.md).
-# em_inf_adjust refines it by batch size (em_kernels/em_inf.py); linear_entropy is Triton only.
-AUTO_CUDA_BACKEND = "cuda"
+# cuda. Measured on an H200 (bf16, 2026-11-27, commit eb9e2a6, bench/RESULTS.md): at [8192, 151936]
+# triton takes 0.736 ms forward and 1.93 ms forward + backward, cuda 0.843 and 2.07 ms since it is
+# built without --use_fast_math (exact subnormals). At decode-size batches the CUDA kernel has less
+# fixed cost (earlier build: [1, 151936] 0.063 vs 0.212 ms): pass backend="cuda" there.
+# em_inf_adjust and adaptive_temperature choose for themselves (em_kernels/em_inf.py);
+# linear_entropy is Triton only.
+AUTO_CUDA_BACKEND = "triton"
 
 
 class BackendUnavailableError(RuntimeError):

@@ -87,14 +87,15 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
 
 
 # backend="auto" on CUDA, em_inf_adjust only. Measured on an H200, V 151936, 5 steps, fp32 logits
-# (2026-11-27, bench/decode.py): cuda 0.028 ms at batch 1 (state on chip), but 0.174 ms at 16 and
-# 0.518 ms at 64 rows (replay), where triton took 0.161 and 0.321 ms. So "auto" keeps the CUDA
-# kernel while the batch fits its on-chip placement and takes Triton beyond. The fit is estimated
-# conservatively, without asking the device for more than its SM count: 4 segments of 2048
-# entries (128 KB of state) per SM, i.e. 7 rows at V 151936 on 132 SMs; the kernel itself holds
-# up to 7 segments per SM (227 KB of shared memory on an H100/H200), 12 rows there. Both backends are batch-invariant on their own, but "auto" then
-# picks by batch size: a row can differ in the last bits between batches on either side of the
-# switch (each within the oracle tolerance). Pass backend="cuda" or "triton" for bitwise batch
+# (2026-11-27, em-bench): cuda 0.028-0.035 ms at batch 1 (state on chip), but 0.17-0.21 ms at 16
+# and 0.52-0.70 ms at 64 rows (replay), where triton took 0.125 ms at 1, 0.14-0.16 ms at 16 and
+# 0.32-0.34 ms at 64. So "auto" keeps the CUDA kernel while the batch fits its on-chip placement
+# and takes Triton beyond. The fit is estimated conservatively, without asking the device for more
+# than its SM count: 4 segments of 2048 entries (128 KB of state) per SM, i.e. 7 rows at V 151936
+# on 132 SMs; the kernel itself holds up to 7 segments per SM (227 KB of shared memory on an
+# H100/H200), 12 rows there. Both backends are batch-invariant on their own, but "auto" then picks
+# by batch size: a row can differ in the last bits between batches on either side of the switch
+# (each within the oracle tolerance). Pass backend="cuda" or "triton" for bitwise batch
 # invariance across all batch sizes.
 _ON_CHIP_SEGMENT = 2048
 _ON_CHIP_SEGMENTS_PER_SM = 4
@@ -182,14 +183,13 @@ def em_inf_adjust(
     optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
     early_exit = _check_choice("early_exit", early_exit, _EARLY_EXITS)
     _checks.check_logits(logits, backend)
-    resolved = _resolve(backend, logits.device, "em_inf_adjust")
     rows = _as_rows(logits)
-    if backend == "auto" and resolved == "cuda":
+    if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
         device_index = logits.device.index
         if device_index is None:
             device_index = torch.cuda.current_device()
-        resolved = _em_inf_cuda_backend(device_index, int(rows.shape[0]), int(rows.shape[1]))
-    backend = resolved
+        backend = _em_inf_cuda_backend(device_index, int(rows.shape[0]), int(rows.shape[1]))
+    backend = _resolve(backend, logits.device, "em_inf_adjust")
     run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
     adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
                    early_exit == "batch", backend)

@@ -81,15 +81,17 @@ def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
     assert resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
-def test_auto_on_cuda_prefers_cuda_then_triton_then_torch(monkeypatch):
-    """With backend="auto" a CUDA tensor gets the cuda backend (the faster), else triton, else
-    torch."""
+def test_auto_on_cuda_prefers_the_measured_faster_then_the_other_then_torch(monkeypatch):
+    """With backend="auto" a CUDA tensor gets AUTO_CUDA_BACKEND (the faster as measured), else the
+    other compiled-or-Triton backend, else torch."""
     from em_kernels import _backend
 
+    preferred = _backend.AUTO_CUDA_BACKEND
+    other = "triton" if preferred == "cuda" else "cuda"
     status = dict.fromkeys(_backend.BACKENDS, "available")
     monkeypatch.setattr(_backend, "available_backends", lambda: dict(status))
     try:
-        for unavailable, expected in ((None, "cuda"), ("cuda", "triton"), ("triton", "torch")):
+        for unavailable, expected in ((None, preferred), (preferred, other), (other, "torch")):
             if unavailable is not None:
                 status[unavailable] = "not here"
             _backend._resolve_cached.cache_clear()
