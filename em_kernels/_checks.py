@@ -1,4 +1,5 @@
-"""Argument checks shared by the public functions: errors a user can act on, no host syncs.
+"""Argument checks shared by the public functions (errors a user can act on, no host syncs), and
+the one input normalisation they share, `as_rows`.
 
 Every check here reads only metadata (dtype, shape, device), except `check_token_range`, which
 reads token values on CPU tensors only (where it costs no device sync)."""
@@ -68,3 +69,11 @@ def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside [0, {vocab}) (the vocabulary size V)")
+
+
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
+        rows = rows.contiguous()
+    return rows

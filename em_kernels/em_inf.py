@@ -132,14 +132,6 @@ def _eager(logits: torch.Tensor) -> bool:
             and not isinstance(logits, torch._subclasses.FakeTensor))
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
-        rows = rows.contiguous()
-    return rows
-
-
 def em_inf_adjust(
     logits: torch.Tensor,
     *,
@@ -183,7 +175,7 @@ def em_inf_adjust(
     optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
     early_exit = _check_choice("early_exit", early_exit, _EARLY_EXITS)
     _checks.check_logits(logits, backend)
-    rows = _as_rows(logits)
+    rows = _checks.as_rows(logits)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
         device_index = logits.device.index
         if device_index is None:
@@ -234,7 +226,7 @@ def adaptive_temperature(
         # triton 0.58 / 1.18 / 1.27 ms: the CUDA kernel whenever it is built.
         backend = "cuda"
     backend = _resolve(backend, logits.device, "adaptive_temperature")
-    rows = _as_rows(logits)
+    rows = _checks.as_rows(logits)
     run = adaptive_temperature_impl if _eager(logits) else adaptive_temperature_op
     scaled = run(rows, alpha, delta, max_iters, tol, backend)
     return scaled.reshape(logits.shape)

@@ -9,14 +9,6 @@ from ._backend import resolve_backend
 from ._ops.entropy import softmax_stats
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.stride(-1) != 1 and rows.shape[-1] != 1:
-        rows = rows.contiguous()
-    return rows
-
-
 def entropy(
     logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
 ) -> torch.Tensor:
@@ -43,7 +35,7 @@ def entropy(
     temperature = _checks.check_temperature(temperature)
     _checks.check_logits(logits, backend)
     backend = resolve_backend(backend, logits.device)
-    rows = _as_rows(logits)
+    rows = _checks.as_rows(logits)
     result, _, _ = softmax_stats(rows, None, temperature, backend)
     return result.reshape(logits.shape[:-1])
 
@@ -75,7 +67,7 @@ def logprobs_and_entropy(
     _checks.check_logits(logits, backend)
     backend = resolve_backend(backend, logits.device)
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
-    rows = _as_rows(logits)
+    rows = _checks.as_rows(logits)
     result, _, logprobs = softmax_stats(
         rows, tokens.reshape(-1).contiguous(), temperature, backend)
     leading = logits.shape[:-1]

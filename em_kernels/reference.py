@@ -14,7 +14,6 @@ Conventions shared with the kernels (see DESIGN.md):
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -43,11 +43,15 @@ BACKEND_DEVICES = [
 ]
 
 
-@pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
-def backend_device(request):
-    backend, device = request.param
+def skip_unless_runnable(backend: str, device: str) -> tuple[str, str]:
+    """Skip the calling test, with the reason, when ``backend`` cannot run on ``device`` here."""
     if not runnable(backend, device):
         reason = "no CUDA device" if device == "cuda" and not HAS_CUDA else (
             em_kernels.available_backends()[backend])
         pytest.skip(f"{backend} on {device}: {reason}")
     return backend, device
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
+def backend_device(request):
+    return skip_unless_runnable(*request.param)

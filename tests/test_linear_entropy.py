@@ -19,7 +19,7 @@ import em_kernels
 from em_kernels import reference
 from em_kernels._ops import linear_entropy as ops
 
-from conftest import HAS_CUDA, runnable
+from conftest import HAS_CUDA, runnable, skip_unless_runnable
 from oracle import assert_matches_oracle
 
 # "cpu" and "cuda" map onto these two implementations (test_backend_names checks the mapping).
@@ -29,12 +29,7 @@ LINEAR_BACKEND_DEVICES = [("torch", "cpu"), ("triton", "cpu"), ("triton", "cuda"
 
 @pytest.fixture(params=LINEAR_BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
 def backend_device(request):
-    backend, device = request.param
-    if not runnable(backend, device):
-        reason = "no CUDA device" if device == "cuda" and not HAS_CUDA else (
-            em_kernels.available_backends()[backend])
-        pytest.skip(f"{backend} on {device}: {reason}")
-    return backend, device
+    return skip_unless_runnable(*request.param)
 
 
 def small_chunks():
