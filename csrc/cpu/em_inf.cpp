@@ -3,12 +3,13 @@
 // adaptive_temperature_ref).
 //
 // EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t reads the row statistics
-// (max, log sum, H) of the current z and makes one pass over the row:
-//   log p_j = (z_j - max) - log sum,  g_j = -p_j (log p_j + H) + k (p_j - p0_j)  (0 where z_j is
-//   not finite),  z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
+// (max, log sum, mean shift, H) of the current z and makes one pass over the row:
+//   p_j = exp((z_j - max) - log sum),  g_j = -p_j ((z_j - max) - mean shift) + k (p_j - p0_j)
+//   (0 where z_j is not finite; (z_j - max) - mean shift = log p_j + H, see SoftmaxStats),
+//   z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
 // then a second pass computes the statistics of the new z with that max, in base 2 (d_j =
-// (z_j - max) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j, H = ln2 (log2 sum - weighted /
-// sum). Two passes and two exp2 per element per step, in SIMD vectors of em/cpu_simd.h (the exp2
+// (z_j - max) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j, mean shift = ln2 weighted /
+// sum, H = ln2 (log2 sum - weighted / sum). Two passes and two exp2 per element per step, in SIMD vectors of em/cpu_simd.h (the exp2
 // is its polynomial), over z (the output row itself), m, v and p0: 16 bytes per element, a
 // V = 151936 row is 2.4 MB, resident in L2/L3 across the steps.
 //
@@ -78,13 +79,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kVectorsPerBlock = 64;
 
 // The softmax statistics that one optimiser step needs from the current z:
-// log p_j = (z_j - max) - log_sum, the very roundings of torch.log_softmax. Subtracting the max
-// first keeps log p of the top entry of a peaked row (about -1e-9 next to a max of 40) exact;
-// there, and wherever log p + H cancels, Adam's normalised step magnifies any rounding.
+// p_j = exp((z_j - max) - log_sum), and the entropy gradient's factor
+// log p_j + H = (z_j - max) - mean_shift, mean_shift = E_p[z - max]. Formed as log p_j and H
+// separately (each ~log V, rounded to fp32) their sum errs by ~1e-7 where it should be ~0 on a
+// near-uniform row, and Adam's normalised step lr * g / (|g| + eps) turns that into an error of
+// lr; this form errs relative to |z_j - max| and |mean_shift| instead, with no log at all.
 struct SoftmaxStats {
   float max;
-  float log_sum;  // log sum_j exp(z_j - max), nats
-  float entropy;  // nats
+  float log_sum;     // log sum_j exp(z_j - max), nats
+  float mean_shift;  // sum_j p_j (z_j - max), nats (<= 0)
+  float entropy;     // log_sum - mean_shift, nats: the early-exit test only
 };
 
 // kLanes floats from z[j, V): the missing tail lanes are `fill`.
@@ -131,8 +135,9 @@ SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
     weighted += em::cpu::reduce_sum(block_weighted);
   }
   const double log2_sum = std::log2(sum);
-  return {max, static_cast<float>(std::log(sum)),
-          static_cast<float>((log2_sum - weighted / sum) * em::kLn2)};
+  const double mean_shift_bits = weighted / sum;
+  return {max, static_cast<float>(std::log(sum)), static_cast<float>(mean_shift_bits * em::kLn2),
+          static_cast<float>((log2_sum - mean_shift_bits) * em::kLn2)};
 }
 
 // z <- logits row in fp32; returns its max (ignoring NaN).
@@ -146,12 +151,16 @@ float load_row(const scalar_t* logits, float* z, int64_t V) {
   return max;
 }
 
+// p = exp((z - max) - log_sum) per lane: the one formula for p and p0, so that p - p0 is exactly
+// 0 at step 1 (z = z0), where the KL term would otherwise add rounding noise to gradients ~0.
+EM_SIMD_INLINE VecF probs_lanes(VecF z, const SoftmaxStats& stats) {
+  return exp2_lanes(((z - stats.max) - stats.log_sum) * em::kLog2e);
+}
+
 // p0 <- softmax(z) with the statistics of z.
 void store_probs(const float* z, int64_t V, SoftmaxStats stats, float* p0) {
-  for (int64_t j = 0; j < V; j += kLanes) {
-    const VecF log_p = (load_lanes(z, j, V, kNegInf) - stats.max) - stats.log_sum;
-    store_lanes(p0, j, V, exp2_lanes(log_p * em::kLog2e));
-  }
+  for (int64_t j = 0; j < V; j += kLanes)
+    store_lanes(p0, j, V, probs_lanes(load_lanes(z, j, V, kNegInf), stats));
 }
 
 // One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z
@@ -162,9 +171,9 @@ float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, S
   for (int64_t j = 0; j < V; j += kLanes) {
     const VecF zj = load_lanes(z, j, V, kNegInf);
     VecF mj = load_lanes(m, j, V, 0.0f), vj = load_lanes(v, j, V, 0.0f);
-    const VecF log_p = (zj - stats.max) - stats.log_sum;
-    const VecF p = exp2_lanes(log_p * em::kLog2e);
-    VecF grad = -p * (log_p + stats.entropy) + kl_scale * (p - load_lanes(p0, j, V, 0.0f));
+    const VecF p = probs_lanes(zj, stats);
+    const VecF log_p_plus_entropy = (zj - stats.max) - stats.mean_shift;
+    VecF grad = -p * log_p_plus_entropy + kl_scale * (p - load_lanes(p0, j, V, 0.0f));
     grad = (zj - zj == 0.0f) ? grad : em::cpu::splat(0.0f);  // 0 where z is +-inf or NaN
     const VecF updated = zj - em::optimizer_update(step, grad, mj, vj, VecSqrt{});
     store_lanes(z, j, V, updated);

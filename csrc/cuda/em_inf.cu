@@ -12,9 +12,11 @@
 // placements below round alike: bit-identical rows). Each block owns a contiguous range of
 // segments (row-major, a range may span rows) for the whole call.
 //
-// Step t (1-based), for every segment of the block, with the row statistics (max, log sum, H) of
-// the current z, merged from the segment partials that step t - 1 wrote:
-//     log p = (z - max) - log sum,  g = -p (log p + H) + k (p - p0)  (0 where z is not finite),
+// Step t (1-based), for every segment of the block, with the row statistics (max, log sum,
+// mean shift E_p[z - max], H) of the current z, merged from the segment partials that step t - 1
+// wrote:
+//     p = exp((z - max) - log sum),  g = -p ((z - max) - mean shift) + k (p - p0)  (0 where z is
+//     not finite; (z - max) - mean shift = log p + H without the cancellation, see RowStats),
 //     Adam/SGD update of (z, m, v),  and the partial statistics of the new z, from registers,
 // then one grid-wide barrier (cooperative_groups::this_grid().sync()). Partials are triple
 // buffered: the statistics of z0 (kept) and two ping-pong buffers; step t reads one and writes
@@ -93,12 +95,16 @@ struct NatsPartial {
   float weighted;
 };
 
-// What one optimiser step needs of a row: log p_j = (z_j - max) - log_sum, the roundings of
-// torch.log_softmax (wherever log p + H cancels, Adam's normalised step magnifies them).
+// What one optimiser step needs of a row: p_j = exp((z_j - max) - log_sum), and the entropy
+// gradient's factor log p_j + H = (z_j - max) - mean_shift, mean_shift = E_p[z - max] (no log:
+// formed as log p and H separately, each ~log V, their sum has ~1e-7 absolute error where it
+// should be ~0, and Adam's normalised step lr * g / (|g| + eps) turns that into an error of lr on
+// near-uniform rows; this form errs relative to |z_j - max| and |mean_shift| instead).
 struct RowStats {
   float max;
-  float log_sum;  // nats
-  float entropy;  // nats
+  float log_sum;     // nats
+  float mean_shift;  // sum_j p_j (z_j - max), nats (<= 0)
+  float entropy;     // log_sum - mean_shift, nats: the early-exit test only
 };
 
 // Bit-identical results on both placements: every per-entry and merge formula below is written
@@ -138,17 +144,18 @@ __device__ __forceinline__ NatsPartial merge(const NatsPartial& a, const NatsPar
                     __fmul_rn(sb, __fmaf_rn(b.sum, fmaxf(db, em::kExp2Floor), b.weighted)))};
 }
 
-// A whole row: all -inf gives sum 0, so log_sum -inf and entropy NaN (0 / 0), like the reference.
-// In double, each result rounded once to fp32 (as the CPU kernel): log p + H cancels wherever
-// g = -p (log p + H) is small, and Adam's normalised step lr * g / (|g| + eps) magnifies what is
-// left. An fp32 finalize (log2f, W / s and * ln 2 each rounded, approximately under fast math)
-// left 8x the CPU kernel's error on the H200 (2.2e-3 against 2.6e-4 at [64, 151936]).
+// A whole row: all -inf gives sum 0, so log_sum -inf and mean_shift, entropy NaN (0 / 0), like
+// the reference. In double, each result rounded once to fp32 (as the CPU kernel): an fp32
+// finalize (log2f, W / s and * ln 2 each rounded, approximately under fast math) is what the
+// gradient's cancellation magnifies (RowStats).
 __device__ __forceinline__ RowStats finalize(const NatsPartial& a) {
   const double sum = a.sum;
   const double log2_sum = log2(sum);
+  const double mean_shift_bits = static_cast<double>(a.weighted) / sum;
   constexpr double kLn2Double = 0.6931471805599453;
   return {a.max, static_cast<float>(log2_sum * kLn2Double),
-          static_cast<float>((log2_sum - static_cast<double>(a.weighted) / sum) * kLn2Double)};
+          static_cast<float>(mean_shift_bits * kLn2Double),
+          static_cast<float>((log2_sum - mean_shift_bits) * kLn2Double)};
 }
 
 struct EmInfParams {
@@ -182,7 +189,7 @@ __device__ __forceinline__ void store_partial(NatsPartial* p, const NatsPartial&
 }
 
 __device__ __forceinline__ RowStats load_history(const RowStats* h) {
-  return {__ldcg(&h->max), __ldcg(&h->log_sum), __ldcg(&h->entropy)};
+  return {__ldcg(&h->max), __ldcg(&h->log_sum), __ldcg(&h->mean_shift), __ldcg(&h->entropy)};
 }
 
 // Fixed shuffle tree over the 32 lanes; the result is in lane 0.
@@ -276,15 +283,17 @@ __device__ __forceinline__ float probability(float z, const RowStats& stats) {
   return exp2_approx(__fmul_rn(log_probability(z, stats), em::kLog2e));
 }
 
-// One optimiser step of one entry: returns the new z, advances (m, v).
+// One optimiser step of one entry: returns the new z, advances (m, v). The gradient
+// g = -p (log p + H) + k (p - p0) with log p + H = (z - max) - mean_shift (RowStats); p is
+// `probability`, the very code that made p0, so p - p0 is exactly 0 at step 1.
 __device__ __forceinline__ float em_inf_update(float z, float p0, const RowStats& stats,
                                                const em::OptimizerStep& step, float kl_scale,
                                                float& m, float& v) {
-  const float log_p = log_probability(z, stats);
-  const float prob = exp2_approx(__fmul_rn(log_p, em::kLog2e));
+  const float prob = probability(z, stats);
+  const float log_p_plus_entropy = __fsub_rn(__fsub_rn(z, stats.max), stats.mean_shift);
   const float grad =
       isfinite(z) ? __fmaf_rn(kl_scale, __fsub_rn(prob, p0),
-                              __fmul_rn(-prob, __fadd_rn(log_p, stats.entropy)))
+                              __fmul_rn(-prob, log_p_plus_entropy))
                   : 0.0f;
   return __fsub_rn(z, em::optimizer_update_rn(step, grad, m, v));
 }
@@ -508,9 +517,11 @@ void launch_em_inf(const at::Tensor& logits, at::Tensor& out, int64_t steps, flo
   const int device = logits.get_device();
   TORCH_CHECK(device < kMaxDevices, "em_inf_adjust: device index ", device, " >= ", kMaxDevices);
   const EmInfLaunch plan = plan_em_inf_launch<scalar_t>(device, N * S);
-  // 3 buffers of N * S partials, then (replay path) the [steps + 1, N] history; 3 floats each.
-  const int64_t partial_floats = 3 * N * S * 3;
-  const int64_t history_floats = plan.on_chip ? 0 : (steps + 1) * N * 3;
+  // 3 buffers of N * S partials (3 floats each), then (replay path) the [steps + 1, N] history.
+  constexpr int64_t kPartialFloats = sizeof(NatsPartial) / sizeof(float);
+  constexpr int64_t kRowStatsFloats = sizeof(RowStats) / sizeof(float);
+  const int64_t partial_floats = 3 * N * S * kPartialFloats;
+  const int64_t history_floats = plan.on_chip ? 0 : (steps + 1) * N * kRowStatsFloats;
   at::Tensor workspace = at::empty({partial_floats + history_floats}, out.options());
   float* base = workspace.data_ptr<float>();
   EmInfParams params;

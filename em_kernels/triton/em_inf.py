@@ -5,14 +5,21 @@ p0 = softmax(z_0); for k = 0 .. steps-1: lse_k, H_k = stats of z_k; stop if H_k 
 (row mode) or sum_rows H_k < threshold (batch mode); else one Adam (or SGD) step
 
     g = -p (log p + H_k) + kl (p - p0),   p = exp(z_k - lse_k),  g := 0 where z_k is not finite
+    log p + H_k = (z_k - max_k) - mean_shift_k,   mean_shift_k = E_p[z_k - max_k]
+
+The last identity is how the kernel forms the factor: log p and H separately are each ~log V,
+rounded, and their sum errs by ~1e-7 where it should be ~0 on a near-uniform row; Adam's first
+step lr * g / (|g| + eps) turns that into an error of lr. (z - max) - mean_shift errs relative
+to |z - max| and |mean_shift| instead, and needs no log.
     m = 0.9 m + 0.1 g;  v = 0.999 v + 0.001 g^2
     z_{k+1} = z_k - lr * (m / (1 - 0.9^(k+1))) / (sqrt(v / (1 - 0.999^(k+1))) + 1e-8)
 
 with kl = kl_weight (row mode) or kl_weight / N (batch mode: the released code's "batchmean").
 
-Design: recompute, don't store. Every step needs three numbers per row (max_k, log s_k, H_k:
-lse_k = max_k + log s_k is kept in two parts so that log p = (z - max_k) - log s_k is as exact as
-torch's log_softmax) from a reduction over the whole row, and otherwise only elementwise work.
+Design: recompute, don't store. Every step needs four numbers per row (max_k, log s_k,
+mean_shift_k and H_k = log s_k - mean_shift_k for the exit test; lse_k = max_k + log s_k is kept
+in two parts so that log p = (z - max_k) - log s_k is as exact as torch's log_softmax) from a
+reduction over the whole row, and otherwise only elementwise work.
 Given those scalars, z_k, m_k and v_k of an element are a pure function of its z_0. So pass t
 (t = 0 .. steps) re-reads only the logits and replays the first t updates in registers:
 
@@ -34,13 +41,13 @@ Parallelism and determinism: a row is cut into chunks of BLOCK entries (BLOCK de
 only), one program per (row, chunk), so batch 1 at V 151936 runs 149 programs, about one per SM.
 Pass t+1 merges the row's chunk partials of pass t inside every program, in a fixed order (no
 atomics, no merge kernel); the chunk-0 program stores the merged scalars in a per-row history
-[3, N, steps] that the later passes read. A row's numbers therefore do not depend on the batch.
+[4, N, steps] that the later passes read. A row's numbers therefore do not depend on the batch.
 Batch mode needs the entropy summed over all rows before each step: one extra single-program
 launch per step (`_em_inf_batch_entropy_kernel`) reduces every row's partials in row order.
 
 Launches: steps + 1 (row mode), 2 * steps + 1 (batch mode), queued back to back with no host
 sync and no allocation whose size depends on data (one scratch tensor of 3 * steps * N * chunks
-+ 3 * N * steps + steps floats), so a whole call can be captured in a CUDA graph, which removes
++ 4 * N * steps + steps floats), so a whole call can be captured in a CUDA graph, which removes
 the per-launch CPU cost that dominates at batch 1.
 
 Adaptive temperature: one program per row; the bisection runs inside the program and every
@@ -99,9 +106,10 @@ def _tile_stats(z):
 @triton.jit
 def _merge_partials(part_ptr, rows, n_rows, n_chunks, ROWS: tl.constexpr,
                     MERGE_BLOCK: tl.constexpr):
-    """(max, log s, H) of rows `rows` ([ROWS] int64) from their chunk partials, laid out as
-    part[3, n_rows, n_chunks] (max, s, t); chunks are merged in a fixed order. lse = max + log s
-    is kept in two parts so that log p = (z - max) - log s is as exact as torch's log_softmax."""
+    """(max, log s, mean shift t / s, H) of rows `rows` ([ROWS] int64) from their chunk
+    partials, laid out as part[3, n_rows, n_chunks] (max, s, t); chunks are merged in a fixed
+    order. lse = max + log s is kept in two parts so that log p = (z - max) - log s is as exact as
+    torch's log_softmax; log p + H is formed as (z - max) - t / s (module docstring)."""
     chunk_offs = tl.arange(0, MERGE_BLOCK)
     plane = n_rows.to(tl.int64) * n_chunks
     big_m = tl.full([ROWS], float("-inf"), tl.float32)
@@ -122,12 +130,13 @@ def _merge_partials(part_ptr, rows, n_rows, n_chunks, ROWS: tl.constexpr,
         block_s = tl.sum(w * s, 1)
         block_t = tl.sum(w * (t + s * tl.maximum(shift, SHIFT_FLOOR)), 1)  # as in _combine
         big_m, big_s, big_t = _combine(big_m, big_s, big_t, block_m, block_s, block_t)
-    # log s and H in float64, each rounded once: log p + H cancels wherever g = -p (log p + H) is
-    # small and Adam's normalised step magnifies what is left (an fp32 log and t / s, approximate
-    # on the GPU, cost the CUDA kernel 8x the CPU kernel's error). Per row only: free.
+    # In float64, each rounded once (an fp32 log and t / s are approximate on the GPU). Per row
+    # only: free.
     s64 = big_s.to(tl.float64)
     log_s64 = tl.log(s64)
-    return big_m, log_s64.to(tl.float32), (log_s64 - big_t.to(tl.float64) / s64).to(tl.float32)
+    mean_shift64 = big_t.to(tl.float64) / s64
+    return (big_m, log_s64.to(tl.float32), mean_shift64.to(tl.float32),
+            (log_s64 - mean_shift64).to(tl.float32))
 
 
 # n_rows is never specialised: on a GPU, Triton turns an int argument equal to 1 into a Python
@@ -144,7 +153,7 @@ def _em_inf_adjust_fwd_kernel(
     write the chunk's partial statistics of z_step (or, in the last pass, z_step itself).
 
     Reads per program: BLOCK logits, the row's partials of pass step-1 (3 * n_chunks floats) and
-    its history (2 * step floats, plus `step` batch entropies in batch mode); writes 3 floats
+    its history (4 * step floats, plus `step` batch entropies in batch mode); writes 3 floats
     (or BLOCK floats of output)."""
     pid = tl.program_id(0)
     row = (pid // n_chunks).to(tl.int64)
@@ -156,20 +165,23 @@ def _em_inf_adjust_fwd_kernel(
     z = z0
     if step > 0:
         plane = n_rows.to(tl.int64) * n_chunks
-        last_max, last_log_s, last_h = _merge_partials(
+        last_max, last_log_s, last_shift, last_h = _merge_partials(
             part_ptr + (step - 1) * 3 * plane, tl.full([1], 0, tl.int64) + row, n_rows,
             n_chunks, 1, MERGE_BLOCK)
         last_max = tl.sum(last_max, 0)
         last_log_s = tl.sum(last_log_s, 0)
+        last_shift = tl.sum(last_shift, 0)
         last_h = tl.sum(last_h, 0)
-        # history[3, N, total_steps]: max, log s and H of z_k for every earlier pass k.
+        # history[4, N, total_steps]: max, log s, mean shift and H of z_k for every earlier pass k.
         hist_plane = n_rows.to(tl.int64) * total_steps
         hist_max_ptr = hist_ptr + row * total_steps
         hist_log_s_ptr = hist_max_ptr + hist_plane
-        hist_h_ptr = hist_max_ptr + 2 * hist_plane
+        hist_shift_ptr = hist_max_ptr + 2 * hist_plane
+        hist_h_ptr = hist_max_ptr + 3 * hist_plane
         if chunk == 0:
             tl.store(hist_max_ptr + step - 1, last_max)
             tl.store(hist_log_s_ptr + step - 1, last_log_s)
+            tl.store(hist_shift_ptr + step - 1, last_shift)
             tl.store(hist_h_ptr + step - 1, last_h)
         k_offs = tl.arange(0, HIST_BLOCK)
         earlier = k_offs < step - 1
@@ -178,6 +190,8 @@ def _em_inf_adjust_fwd_kernel(
                             tl.load(hist_max_ptr + k_offs, mask=earlier, other=0.0))
         log_s_hist = tl.where(is_last, last_log_s,
                               tl.load(hist_log_s_ptr + k_offs, mask=earlier, other=0.0))
+        shift_hist = tl.where(is_last, last_shift,
+                              tl.load(hist_shift_ptr + k_offs, mask=earlier, other=0.0))
         h_hist = tl.where(is_last, last_h, tl.load(hist_h_ptr + k_offs, mask=earlier, other=0.0))
         if BATCH_EXIT:
             exit_hist = tl.load(batch_entropy_ptr + k_offs, mask=k_offs < step, other=0.0)
@@ -185,6 +199,7 @@ def _em_inf_adjust_fwd_kernel(
             exit_hist = h_hist
         max0 = tl.sum(tl.where(k_offs == 0, max_hist, 0.0), 0)
         log_s0 = tl.sum(tl.where(k_offs == 0, log_s_hist, 0.0), 0)
+        # p0 and p (below) by the same expression: p - p0 is exactly 0 at the first step.
         p0 = tl.exp2(((z0 - max0) - log_s0) * LOG2E)
         finite = tl.abs(z0) < float("inf")
         m = tl.zeros([BLOCK], tl.float32)
@@ -197,13 +212,13 @@ def _em_inf_adjust_fwd_kernel(
         for k in range(0, step):
             max_k = tl.sum(tl.where(k_offs == k, max_hist, 0.0), 0)
             log_s_k = tl.sum(tl.where(k_offs == k, log_s_hist, 0.0), 0)
-            h_k = tl.sum(tl.where(k_offs == k, h_hist, 0.0), 0)
+            shift_k = tl.sum(tl.where(k_offs == k, shift_hist, 0.0), 0)
             exit_k = tl.sum(tl.where(k_offs == k, exit_hist, 0.0), 0)
             going = going & ~(exit_k < threshold)
             if going:
-                logp = (z - max_k) - log_s_k
-                p = tl.exp2(logp * LOG2E)
-                g = -p * (logp + h_k) + kl_weight * (p - p0)
+                p = tl.exp2(((z - max_k) - log_s_k) * LOG2E)
+                log_p_plus_h = (z - max_k) - shift_k  # log p + H_k without the cancellation
+                g = -p * log_p_plus_h + kl_weight * (p - p0)
                 g = tl.where(finite, g, 0.0)
                 if ADAM:
                     m = 0.9 * m + 0.1 * g
@@ -237,7 +252,7 @@ def _em_inf_batch_entropy_kernel(part_ptr, batch_entropy_ptr, n_rows, n_chunks, 
     total = tl.zeros([ROWS], tl.float32)
     for start in range(0, n_rows, ROWS):
         rows = start + tl.arange(0, ROWS).to(tl.int64)
-        _, _, h = _merge_partials(part_ptr + step * 3 * plane, rows, n_rows, n_chunks, ROWS,
+        _, _, _, h = _merge_partials(part_ptr + step * 3 * plane, rows, n_rows, n_chunks, ROWS,
                                MERGE_BLOCK)
         total += tl.where(rows < n_rows, h, 0.0)
     tl.store(batch_entropy_ptr + step, tl.sum(total, 0))
@@ -258,10 +273,10 @@ def em_inf_adjust_fwd(logits: torch.Tensor, steps: int, lr: float, kl_weight: fl
     n_chunks = triton.cdiv(vocab, block)
     merge_block = min(MAX_MERGE_BLOCK, max(16, triton.next_power_of_2(n_chunks)))
     hist_block = max(16, triton.next_power_of_2(max(steps, 1)))
-    # One allocation for all scratch: partials [steps, 3, N, n_chunks], history [3, N, steps],
+    # One allocation for all scratch: partials [steps, 3, N, n_chunks], history [4, N, steps],
     # batch entropies [steps]. Its size depends on shapes only (CUDA-graph friendly).
     partial_numel = steps * 3 * n_rows * n_chunks
-    hist_numel = 3 * n_rows * steps
+    hist_numel = 4 * n_rows * steps
     scratch = torch.empty(max(partial_numel + hist_numel + steps, 1), dtype=torch.float32,
                           device=logits.device)
     partials = scratch[:partial_numel]
