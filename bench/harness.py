@@ -87,10 +87,6 @@ class Case:
     def label(self) -> str:
         return shape_label(self.dims)
 
-    @property
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES[self.dtype]
-
 
 @dataclasses.dataclass(frozen=True)
 class Provider:
