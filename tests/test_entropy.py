@@ -320,8 +320,15 @@ def test_bounds(backend_device):
         result = _entropy(backend, logits, case.temperature).double().cpu()
         support = torch.isfinite(logits).sum(-1).double().cpu()
         finite = torch.isfinite(result)
-        assert bool((result[finite] >= -1e-6).all())
-        assert bool((result[finite] <= support[finite].log() * (1 + 1e-6) + 1e-6).all())
+        # The kernels sum terms relative to the row max and stay within 1e-6 of the bound; the
+        # torch backend's plain fp32 -(p * log p).sum() carries the float32 summation error of
+        # V terms, a few eps32 * log2(V) relative (up to 3.8e-5 nats past log V seen at V =
+        # 128256, i.e. 2 eps32 * log2(V)): allow 4 eps32 * log2(V) there.
+        slack = 1e-6
+        if backend == "torch":
+            slack = max(slack, 4 * 2.0**-23 * float(torch.log2(support.max())))
+        assert bool((result[finite] >= -slack).all())
+        assert bool((result[finite] <= support[finite].log() * (1 + slack) + slack).all())
 
     check()
 
