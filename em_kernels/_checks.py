@@ -17,14 +17,19 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHECK_CUDA_TOKENS = os.environ.get("EM_KERNELS_CHECK_TOKENS", "0") == "1"
 
 
-def check_logits(logits, backend: str, name: str = "logits") -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+def check_float_tensor(tensor, backend: str, name: str) -> None:
+    """A tensor of a floating dtype the backend runs (float64 with backend="torch" only)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
-    if logits.dtype not in allowed:
-        hint = " (float64 runs only with backend=\"torch\")" if logits.dtype == torch.float64 else ""
+    if tensor.dtype not in allowed:
+        hint = " (float64 runs only with backend=\"torch\")" if tensor.dtype == torch.float64 else ""
         raise TypeError(
-            f"{name} must be float32, bfloat16 or float16, got {logits.dtype}{hint}")
+            f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}{hint}")
+
+
+def check_logits(logits, backend: str, name: str = "logits") -> None:
+    check_float_tensor(logits, backend, name)
     if logits.dim() == 0:
         raise ValueError(f"{name} must have at least one dim (..., V); got a 0-d tensor")
     if logits.shape[-1] == 0:

@@ -44,14 +44,23 @@ def _resolve(backend: str, device: torch.device) -> str:
 
 
 def _check_matrices(hidden, weight, bias, backend: str) -> None:
-    _checks.check_logits(hidden, backend, "hidden")
-    _checks.check_logits(weight, backend, "weight")
+    _checks.check_float_tensor(hidden, backend, "hidden")
+    _checks.check_float_tensor(weight, backend, "weight")
     if hidden.dim() != 2:
         raise ValueError(
             f"hidden must be 2-D (N, H); got shape {tuple(hidden.shape)} "
             "(flatten the leading dims with hidden.reshape(-1, H))")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (V, H); got shape {tuple(weight.shape)}")
+    if hidden.shape[1] == 0:
+        raise ValueError(
+            f"hidden is (N, H) = {tuple(hidden.shape)}: the hidden size H must be positive")
+    if weight.shape[0] == 0:
+        # Also in vocab-parallel mode: every rank must hold at least one vocabulary entry (mask
+        # entries a rank does not need with a -inf bias; a fully masked shard is supported).
+        raise ValueError(
+            f"weight is (V, H) = {tuple(weight.shape)}: the vocabulary (this rank's shard, with "
+            "a process_group) must have at least one entry")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(
             f"hidden is (N, H) = {tuple(hidden.shape)} but weight is (V, H) = "
@@ -189,7 +198,8 @@ def linear_entropy(
         hidden: (N, H) float32, bfloat16 or float16 (float64 with backend="torch").
         weight: (V, H), same dtype and device (the LM head's weight, not its transpose). With a
             process_group: this rank's contiguous shard of the vocabulary, rank r holding the ids
-            after those of ranks 0..r-1 (shards may differ in size).
+            after those of ranks 0..r-1 (shards may differ in size, but none may be empty:
+            give a rank with nothing to add a -inf-masked entry).
         bias: optional (V,) of weight's dtype (this rank's shard); -inf entries mask their
             vocabulary entries (probability 0).
         tokens: optional int64 (N,) global ids in [0, V_total). On CPU tensors an id out of range

@@ -480,6 +480,8 @@ def _bad_inputs():
         (dict(hidden=hidden[0]), ValueError, "2-D"),
         (dict(weight=weight.T.contiguous()), ValueError, "H must match"),
         (dict(weight=weight[None]), ValueError, "weight must be 2-D"),
+        (dict(weight=weight[:0], bias=None, tokens=None), ValueError, "at least one entry"),
+        (dict(hidden=hidden[:, :0], weight=weight[:, :0]), ValueError, "hidden size H"),
         (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
         (dict(bias=bias.double()), TypeError, "cast bias"),
         (dict(bias=[0.0] * 10), TypeError, "bias must be a torch.Tensor"),
