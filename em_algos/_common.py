@@ -20,6 +20,7 @@ Conventions (the same for every public function of em_algos):
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -42,19 +43,25 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or value != value:
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
+                         f"got {value!r}")
     return value
 
 
-def check_sequence_batch(input_ids, attention_mask, response_mask=None) -> None:
-    """Shapes, dtypes and devices of a (B, T) batch; response tokens must be attended and cannot
-    be the first token (nothing predicts it). The value checks cost one host sync."""
+def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
+                         vocab_size: int | None = None) -> None:
+    """Shapes, dtypes and devices of a non-empty (B, T) batch; token ids in [0, vocab_size) when
+    it is given; response tokens must be attended and cannot be the first token (nothing
+    predicts it). The value checks cost one host sync."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
     if input_ids.dtype != torch.int64:
         raise TypeError(f"input_ids must be int64 (torch.long), got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least "
+                         "one sequence of at least one token")
     masks = {"attention_mask": attention_mask}
     if response_mask is not None:
         masks["response_mask"] = response_mask
@@ -68,11 +75,19 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None) -> None:
             raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got {mask.dtype}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
+    if vocab_size is None and response_mask is None:
+        return
+    checks = [input_ids.min(), input_ids.max()]
+    if response_mask is not None:
+        response = response_mask.bool()
+        checks += [response[:, :1].any(), (response & ~attention_mask.bool()).any()]
+    low, high, *response_checks = torch.stack([check.long() for check in checks]).tolist()
+    if vocab_size is not None and (low < 0 or high >= vocab_size):
+        raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the "
+                         f"model's vocabulary [0, {vocab_size}) (its input embedding's size)")
     if response_mask is None:
         return
-    response = response_mask.bool()
-    first_is_response, unattended = torch.stack(
-        [response[:, :1].any(), (response & ~attention_mask.bool()).any()]).tolist()
+    first_is_response, unattended = response_checks
     if first_is_response:
         raise ValueError("response_mask marks the first token of a sequence; no position predicts "
                          "it, so every sequence must start with at least one prompt token")
@@ -114,6 +129,14 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
         raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
                         "em_algos needs a causal LM with get_output_embeddings()")
     return head
+
+
+def input_vocab_size(model: nn.Module) -> int | None:
+    """The number of rows of the model's input embedding (token ids must be below it), or None
+    when the model has no nn.Embedding-like input embedding to read it from."""
+    inner = unwrap_model(model)
+    embedding = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    return getattr(embedding, "num_embeddings", None)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -180,8 +203,12 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
     LM head to `em_kernels.linear_entropy`. Gradients flow to the model unless the caller runs
     this under torch.no_grad().
     """
-    check_sequence_batch(input_ids, attention_mask, response_mask)
+    if response_mask is None:
+        raise TypeError("response_mask must be a (batch, seq_len) tensor marking the response "
+                        "tokens to score, got None")
     head = _check_supported_head(model)
+    check_sequence_batch(input_ids, attention_mask, response_mask,
+                         vocab_size=input_vocab_size(model))
     hidden = _final_hidden_states(model, input_ids, attention_mask)
     predicting = response_mask[:, 1:].bool()
     rows = hidden[:, :-1][predicting]
@@ -226,8 +253,8 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     FSDP needs (each forward all-gathers) and DDP tolerates."""
     from transformers import GenerationConfig
 
-    check_sequence_batch(prompt_ids, prompt_mask)
     _check_supported_head(model)
+    check_sequence_batch(prompt_ids, prompt_mask, vocab_size=input_vocab_size(model))
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,

@@ -122,7 +122,12 @@ def em_inf_processors(
         top_p: nucleus sampling after the adjustment (None or 1.0: no top-p).
         min_tokens_to_keep: as in transformers' warpers.
     """
-    processors = LogitsProcessorList([adjust if adjust is not None else EMInfLogitsProcessor()])
+    if adjust is None:
+        adjust = EMInfLogitsProcessor()
+    elif not isinstance(adjust, LogitsProcessor):
+        raise TypeError("adjust must be None or a transformers LogitsProcessor (e.g. "
+                        f"EMInfLogitsProcessor()), got {type(adjust).__name__}")
+    processors = LogitsProcessorList([adjust])
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))
     if top_k:

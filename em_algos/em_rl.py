@@ -99,7 +99,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: (r - group mean) / (group std + eps), with the unbiased std (as verl)."""
+    """GRPO: (r - group mean) / (group std + eps), with the unbiased std (as verl); eps is a
+    finite number >= 0."""
+    check_positive("eps", eps, allow_zero=True)
     groups = _grouped(rewards, group_size)
     centred = groups - groups.mean(-1, keepdim=True)
     return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)

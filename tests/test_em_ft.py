@@ -94,6 +94,21 @@ def test_bad_batches_raise(qwen, change, error):
         em_ft_loss(qwen, *change(*inputs))
 
 
+def test_missing_response_mask_empty_batch_and_unknown_ids_raise(qwen):
+    ids, att, resp = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
+    with pytest.raises(TypeError, match="response_mask must be"):
+        em_ft_loss(qwen, ids, att, None)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        em_ft_loss(qwen, ids[:0], att[:0], resp[:0])
+    vocab = qwen.get_input_embeddings().num_embeddings
+    too_large = ids.clone()
+    too_large[0, 0] = vocab
+    with pytest.raises(ValueError, match=rf"token id {vocab}, outside .*\[0, {vocab}\)"):
+        em_ft_loss(qwen, too_large, att, resp)
+    with pytest.raises(ValueError, match="token id -1"):
+        em_ft_loss(qwen, ids - ids - 1, att, resp)
+
+
 def test_bad_normalize_raises(qwen):
     inputs = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
     with pytest.raises(ValueError, match="normalize"):
@@ -139,6 +154,7 @@ def test_trainer_kl_starts_at_zero_and_checkpoints(tmp_path):
     (dict(num_samples=0), ValueError), (dict(lr=-1.0), ValueError),
     (dict(normalize="mean"), ValueError), (dict(save_every=5), ValueError),
     (dict(max_new_tokens=2.5), TypeError), (dict(kl_coef=-0.1), ValueError),
+    (dict(temperature=float("inf")), ValueError), (dict(lr=float("nan")), ValueError),
 ])
 def test_trainer_bad_arguments_raise(qwen, options, error):
     with pytest.raises(error):

@@ -149,3 +149,9 @@ def test_scores_keep_their_dtype():
 def test_bad_options_fail_at_construction(cls, kwargs, error):
     with pytest.raises(error):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("adjust", ["x", torch.nn.Identity(), EMInfLogitsProcessor])
+def test_adjust_that_is_not_a_logits_processor_raises(adjust):
+    with pytest.raises(TypeError, match="adjust must be None or a transformers LogitsProcessor"):
+        em_inf_processors(adjust)

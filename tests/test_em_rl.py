@@ -119,6 +119,15 @@ def test_advantages_bad_input_raises(fn, rewards, group_size, error):
         fn(rewards, group_size)
 
 
+@pytest.mark.parametrize("eps, error", [
+    (-1e-6, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+    ("1e-6", TypeError),
+])
+def test_grpo_bad_eps_raises(eps, error):
+    with pytest.raises(error, match="eps"):
+        grpo_advantages(torch.zeros(6), 3, eps=eps)
+
+
 @pytest.mark.parametrize("fn", [sequence_reward, token_reward])
 def test_rewards_bad_input_raises(llama, fn):
     inputs = random_batch(torch.Generator().manual_seed(2), 2, 3, 3)
@@ -166,6 +175,7 @@ def test_first_update_is_on_policy_with_zero_kl():
     (dict(reward_reduce="max"), ValueError), (dict(advantage="ppo"), ValueError),
     (dict(clip_range=0), ValueError), (dict(beta=-1.0), ValueError),
     (dict(minibatch_size=0), ValueError), (dict(ppo_epochs=1.5), TypeError),
+    (dict(temperature=float("inf")), ValueError), (dict(clip_range=float("inf")), ValueError),
 ])
 def test_trainer_bad_arguments_raise(llama, options, error):
     with pytest.raises(error):
