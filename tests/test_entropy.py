@@ -300,6 +300,38 @@ def test_offsets_past_2_31(backend_device):
                           grad_floor(picked, 1.0, ones, ones), "gradient")
 
 
+@pytest.mark.parametrize("vocab", [5, 4097])
+@pytest.mark.parametrize("temperature", [1e-2, 1e-4, 1e-6])
+def test_small_temperatures_match_oracle(backend_device, temperature, vocab):
+    """At small T, z / T is large (|z| / T ~ 2e7 at T = 1e-6) but log p of the argmax is near 0:
+    plain PyTorch's z / T - max(z / T) is exactly 0 there, so the kernels must form exponents from
+    z - max (exact) rather than from z k - max k (an ulp of |max| / T off: +0.01 nats at 1e-4).
+    Entropy and the argmax's log-prob get a floor of a few ulps of log V only. The gradient keeps
+    grad_floor: the backward recomputes p from the saved float32 lse, whose own rounding (half an
+    ulp of |lse| ~ |max| / T) is inherent to saving only (lse, H)."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(vocab)
+    base = (torch.randn((4, vocab), generator=generator, dtype=torch.float64) * 5).float()
+    case = Case(base=base.to(device), view=lambda t: t, tokens=base.argmax(-1).to(device),
+                temperature=temperature)
+    logits, tokens = case.logits, case.tokens
+    logprobs, result = em_kernels.logprobs_and_entropy(
+        logits, tokens, temperature=temperature, backend=backend)
+    oracle_lp, oracle_h = reference.logprobs_and_entropy_ref(logits.double(), tokens, temperature)
+    base_lp, base_h = reference.logprobs_and_entropy_ref(logits, tokens, temperature)
+    floor = 4 * EPS32 * (1.0 + math.log(vocab))
+    assert_matches_oracle(result, oracle_h, base_h, floor, "entropy")
+    assert_matches_oracle(logprobs, oracle_lp, base_lp, floor, "logprobs")
+
+    grad_entropy = torch.randn(4, generator=generator).to(device)
+    grad_logprobs = torch.randn(4, generator=generator).to(device)
+    actual = _gradient(_public(backend), case, tokens, grad_entropy, grad_logprobs)
+    oracle = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs, torch.float64)
+    baseline = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs)
+    assert_matches_oracle(actual, oracle, baseline,
+                          grad_floor(logits, temperature, grad_entropy, grad_logprobs), "gradient")
+
+
 # ----------------------------------------------------------------------------------------------
 # Properties
 

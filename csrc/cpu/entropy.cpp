@@ -8,7 +8,8 @@
 //
 // Forward, per chunk, one read of the logits from memory (the row math is em/softmax_stats.h):
 //   pass 1: load (bf16/fp16 converted in registers, kept as float in an L1-resident buffer), max;
-//   pass 2: d = z * log2(e)/T - max (one FMA), e = 2^d (one vectorised exp2), s += e, w += e * d.
+//   pass 2: d = (z - max) * log2(e)/T (exact difference, one rounding), e = 2^d (one vectorised
+//   exp2), s += e, w += e * d.
 // The per-chunk partials (12 bytes per 4096 entries) are then merged in chunk order per row.
 // Traffic: N * V * sizeof(logits) read, 12 bytes per row written.
 //
@@ -100,10 +101,10 @@ EM_SIMD_INLINE SoftmaxPartial chunk_partial(const T* src, int64_t len, float sca
   }
   const float* values = kIsFloat ? reinterpret_cast<const float*>(src) : converted;
   const int64_t padded = full + (rest != 0 ? kLanes : 0);
-  const float shift = reduce_max(lane_max) * scale;
-  if (shift == -INFINITY) {
+  const float max_logit = reduce_max(lane_max);
+  if (max_logit * scale == -INFINITY) {
     // Nothing finite once scaled (all -inf, or finite logits such as finfo.min that overflow when
-    // scaled; a shift of -inf would make them -inf + inf = NaN): the chunk is empty unless it
+    // scaled; (z - max) * scale would still give the max entry 2^0): the chunk is empty unless it
     // holds a NaN, which must poison the row.
     for (int64_t j = 0; j < padded; ++j) {
       const float x = j < full ? values[j] : converted[j];
@@ -116,12 +117,12 @@ EM_SIMD_INLINE SoftmaxPartial chunk_partial(const T* src, int64_t len, float sca
   VecF weighted = splat(0.0f);
   for (int64_t j = 0; j < padded; j += kLanes) {
     const VecF x = load<float>(j < full ? values + j : converted + j);
-    const VecF d = clamp_exponent(x * scale - shift, kExp2Floor);
+    const VecF d = clamp_exponent((x - max_logit) * scale, kExp2Floor);
     const VecF e = exp2_clamped(d);
     sum += e;
     weighted += e * d;
   }
-  return {shift, reduce_sum(sum), reduce_sum(weighted)};
+  return {max_logit, reduce_sum(sum), reduce_sum(weighted)};
 }
 
 template <typename T>
@@ -138,7 +139,7 @@ EM_SIMD_INLINE void forward_items(const ForwardTask<T>& task, int64_t begin, int
 // dz for kLanes entries whose chunk-relative indices are first + lane.
 EM_SIMD_INLINE VecF gradient(VecF x, const GradientCoefficients& k, int32_t first,
                              int32_t token_in_chunk) {
-  const VecF d = clamp_exponent(x * k.scale - k.shift, kExp2Floor);
+  const VecF d = clamp_exponent((x * k.inv_temperature - k.lse) * kLog2e, kExp2Floor);
   const VecF g = exp2_clamped(d) * (k.c0 + k.c1 * d);
   return (iota() + first == token_in_chunk) ? g + k.onehot : g;
 }
@@ -292,9 +293,10 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
   const int64_t vocab = logits.size(1);
   const int64_t chunks = chunks_per_row(vocab);
   std::vector<SoftmaxPartial> partials(static_cast<size_t>(rows * chunks));
+  const TemperatureFactors factors = temperature_factors(temperature);
+  const float inv_temperature = factors.inv_temperature;
   const ForwardTask<T> task{static_cast<const T*>(logits.const_data_ptr()), logits.stride(0), vocab,
-                            chunks, temperature_factors(temperature).scale,
-                            partials.data()};
+                            chunks, factors.scale, partials.data()};
   const ForwardFn<T> run = forward_variant<T>();
   at::parallel_for(0, rows * chunks, item_grain(vocab),
                    [&](int64_t begin, int64_t end) { run(task, begin, end); });
@@ -307,16 +309,16 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
     for (int64_t row = begin; row < end; ++row) {
       const SoftmaxPartial* row_partials = partials.data() + row * chunks;
       SoftmaxPartial stats = row_partials[0];
-      for (int64_t c = 1; c < chunks; ++c) stats = merge(stats, row_partials[c]);
-      const RowStatistics result = finalize(stats);
+      for (int64_t c = 1; c < chunks; ++c) stats = merge(stats, row_partials[c], task.scale);
+      const RowStatistics result = finalize(stats, inv_temperature);
       entropy_out[row] = result.entropy;
       lse_out[row] = result.lse;
       if (logprobs_out != nullptr) {
         const int64_t token = tokens[row];
         logprobs_out[row] =
             (token >= 0 && token < vocab)
-                ? token_logprob(stats, logit_at(task.logits + row * task.row_stride + token) *
-                                           task.scale)
+                ? token_logprob(stats, logit_at(task.logits + row * task.row_stride + token),
+                                task.scale)
                 : NAN;
       }
     }

@@ -15,18 +15,18 @@
 //
 // Forward, _fwd_kernel: per thread, online (max, sum, weighted) in bits over its vectors; the max
 // is checked once per vector and the sums rescaled (one extra exp2) only when it grows. Per entry:
-// one FMA (z * log2(e)/T - max), one exp2 (exp2_approx: the ex2.approx instruction), one add, one
-// FMA.
+// one subtract and one multiply ((z - max) * log2(e)/T: see em/softmax_stats.h), one exp2
+// (exp2_approx: the ex2.approx instruction), one add, one FMA.
 // Threads merge by warp shuffles, warps through shared memory. With one chunk per row the block
 // writes the row's results; otherwise it writes its partial (12 bytes) and _merge_kernel, one
 // thread per row, merges the row's partials in chunk order.
 // Traffic: N * V * sizeof(T) read; 12 bytes per item + 8 (12 with tokens) bytes per row written.
 //
 // Backward, _bwd_kernel: dz_j = p_j (c0 + c1 d_j) + [j == y] gL / T with d_j = log2 p_j, from
-// the saved (entropy, lse). Per entry: one FMA, one exp2, one max, one FMA, one multiply and the
-// conversion. Traffic: one read of the logits, one write of the gradient (vectorised when the
-// logits and gradient rows share their 16-byte misalignment, as contiguous inputs do; otherwise a
-// coalesced scalar loop).
+// the saved (entropy, lse). Per entry: one FMA and one multiply ((z / T - lse) log2(e)), one exp2,
+// one max, one FMA, one multiply and the conversion. Traffic: one read of the logits, one write
+// of the gradient (vectorised when the logits and gradient rows share their 16-byte misalignment,
+// as contiguous inputs do; otherwise a coalesced scalar loop).
 //
 // Launches go on the current stream; nothing syncs with the host.
 
@@ -179,8 +179,8 @@ __device__ __forceinline__ ChunkLayout chunk_layout(const T* start, int len) {
 
 // ---- forward ----------------------------------------------------------------------------------
 
-// One thread's online statistics: sum and weighted are relative to max_logit * scale (max_logit
-// is the raw logit, so that the per-entry test is a plain comparison).
+// One thread's online statistics: sum and weighted are in bits relative to max_logit, a raw logit
+// (the per-entry test is a plain comparison; d = (z - max_logit) * scale rounds relative to |d|).
 struct ThreadStats {
   float max_logit = -INFINITY;
   float sum = 0.0f;
@@ -201,13 +201,13 @@ struct ThreadStats {
       max_logit = group_max;
     }
     // While the scaled max is -inf (everything so far -inf or NaN, or finite logits such as
-    // finfo.min whose scaled value overflows to -inf), any finite shift works: those entries give
-    // 2^-inf = 0 and the partial stays empty (a shift of -inf would make them 2^(-inf + inf) = NaN).
-    const float scaled_max = max_logit * scale;
-    const float shift = scaled_max > -INFINITY ? scaled_max : 0.0f;
+    // finfo.min whose scaled value overflows to -inf), the reference is 0: those entries give
+    // 2^(z * scale) = 2^-inf = 0 and the partial stays empty (relative to max_logit itself the max
+    // entry would give 2^0, and relative to -inf, 2^(-inf + inf) = NaN).
+    const float reference = max_logit * scale > -INFINITY ? max_logit : 0.0f;
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      const float d = fmaf(x[k], scale, -shift);
+      const float d = (x[k] - reference) * scale;
       const float e = exp2_approx(d);  // ... and poisons the sums here
       sum += e;
       weighted = fmaf(e, fmaxf(d, kExp2Floor), weighted);
@@ -215,7 +215,7 @@ struct ThreadStats {
   }
 
   __device__ __forceinline__ SoftmaxPartial partial(float scale) const {
-    return {max_logit > -INFINITY ? max_logit * scale : -INFINITY, sum, weighted};
+    return {max_logit * scale > -INFINITY ? max_logit : -INFINITY, sum, weighted};
   }
 };
 
@@ -225,18 +225,20 @@ __device__ __forceinline__ SoftmaxPartial shuffle_down(const SoftmaxPartial& p, 
 }
 
 // The block's merged statistics, valid in thread 0. Fixed tree: deterministic.
-__device__ __forceinline__ SoftmaxPartial block_merge(SoftmaxPartial p) {
+__device__ __forceinline__ SoftmaxPartial block_merge(SoftmaxPartial p, float scale) {
   __shared__ SoftmaxPartial warp_partials[kWarps];
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) p = merge(p, shuffle_down(p, offset));
+  for (int offset = 16; offset > 0; offset /= 2) p = merge(p, shuffle_down(p, offset), scale);
   if (lane == 0) warp_partials[warp] = p;
   __syncthreads();
   if (warp == 0) {
     p = lane < kWarps ? warp_partials[lane] : empty_partial();
 #pragma unroll
-    for (int offset = kWarps / 2; offset > 0; offset /= 2) p = merge(p, shuffle_down(p, offset));
+    for (int offset = kWarps / 2; offset > 0; offset /= 2) {
+      p = merge(p, shuffle_down(p, offset), scale);
+    }
   }
   return p;
 }
@@ -249,15 +251,17 @@ struct ForwardOutputs {
 
 template <typename T>
 __device__ __forceinline__ void store_row_results(int64_t row, const SoftmaxPartial& stats,
-                                                  const T* row_logits, int64_t vocab, float scale,
-                                                  const int64_t* tokens, const ForwardOutputs& out) {
-  const RowStatistics result = finalize(stats);
+                                                  const T* row_logits, int64_t vocab,
+                                                  const TemperatureFactors& factors,
+                                                  const int64_t* tokens,
+                                                  const ForwardOutputs& out) {
+  const RowStatistics result = finalize(stats, factors.inv_temperature);
   out.entropy[row] = result.entropy;
   out.lse[row] = result.lse;
   if (tokens != nullptr) {
     const int64_t token = tokens[row];
     out.logprobs[row] = (token >= 0 && token < vocab)
-                            ? token_logprob(stats, to_float(row_logits[token]) * scale)
+                            ? token_logprob(stats, to_float(row_logits[token]), factors.scale)
                             : NAN;  // an id outside [0, V): visible, without a host sync
   }
 }
@@ -265,8 +269,10 @@ __device__ __forceinline__ void store_row_results(int64_t row, const SoftmaxPart
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     softmax_stats_fwd_kernel(const T* __restrict__ logits_ptr, int64_t row_stride, int64_t vocab,
-                             VocabSplit split, float scale, const int64_t* __restrict__ tokens_ptr,
+                             VocabSplit split, TemperatureFactors factors,
+                             const int64_t* __restrict__ tokens_ptr,
                              SoftmaxPartial* __restrict__ partials_ptr, ForwardOutputs out) {
+  const float scale = factors.scale;
   const int64_t item = blockIdx.x;
   const int64_t row = item / split.splits;
   const int64_t start = (item - row * split.splits) * split.chunk;
@@ -298,10 +304,10 @@ __global__ void __launch_bounds__(kThreads)
     stats.add(x, scale);
   }
 
-  const SoftmaxPartial merged = block_merge(stats.partial(scale));
+  const SoftmaxPartial merged = block_merge(stats.partial(scale), scale);
   if (threadIdx.x == 0) {
     if (split.splits == 1) {
-      store_row_results(row, merged, row_logits, vocab, scale, tokens_ptr, out);
+      store_row_results(row, merged, row_logits, vocab, factors, tokens_ptr, out);
     } else {
       partials_ptr[item] = merged;
     }
@@ -313,20 +319,20 @@ template <typename T>
 __global__ void __launch_bounds__(kMergeThreads)
     softmax_stats_merge_kernel(const SoftmaxPartial* __restrict__ partials_ptr, int64_t rows,
                                int splits, const T* __restrict__ logits_ptr, int64_t row_stride,
-                               int64_t vocab, float scale, const int64_t* __restrict__ tokens_ptr,
-                               ForwardOutputs out) {
+                               int64_t vocab, TemperatureFactors factors,
+                               const int64_t* __restrict__ tokens_ptr, ForwardOutputs out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeThreads + threadIdx.x;
   if (row >= rows) return;
   const SoftmaxPartial* row_partials = partials_ptr + row * splits;
   SoftmaxPartial stats = row_partials[0];
-  for (int k = 1; k < splits; ++k) stats = merge(stats, row_partials[k]);
-  store_row_results(row, stats, logits_ptr + row * row_stride, vocab, scale, tokens_ptr, out);
+  for (int k = 1; k < splits; ++k) stats = merge(stats, row_partials[k], factors.scale);
+  store_row_results(row, stats, logits_ptr + row * row_stride, vocab, factors, tokens_ptr, out);
 }
 
 // ---- backward ---------------------------------------------------------------------------------
 
 __device__ __forceinline__ float gradient(float x, const GradientCoefficients& k) {
-  const float d = fmaf(x, k.scale, -k.shift);  // log2 p
+  const float d = fmaf(x, k.inv_temperature, -k.lse) * kLog2e;  // log2 p
   return exp2_approx(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0);  // -inf: 0 * finite
 }
 
@@ -447,19 +453,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
       split.splits > 1 ? reinterpret_cast<SoftmaxPartial*>(partials.data_ptr<float>()) : nullptr;
   const ForwardOutputs out{entropy.data_ptr<float>(), lse.data_ptr<float>(),
                            tokens.has_value() ? logprobs.data_ptr<float>() : nullptr};
-  const float scale = temperature_factors(temperature).scale;
+  const TemperatureFactors factors = temperature_factors(temperature);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   dispatch_storage(logits.scalar_type(), [&](auto storage) {
     using T = decltype(storage);
     const T* logits_ptr = static_cast<const T*>(logits.const_data_ptr());
     softmax_stats_fwd_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        logits_ptr, logits.stride(0), vocab, split, scale, token_ptr, partials_ptr, out);
+        logits_ptr, logits.stride(0), vocab, split, factors, token_ptr, partials_ptr, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (split.splits > 1) {
       const auto merge_blocks = static_cast<unsigned>((rows + kMergeThreads - 1) / kMergeThreads);
       softmax_stats_merge_kernel<T><<<merge_blocks, kMergeThreads, 0, stream>>>(
-          partials_ptr, rows, split.splits, logits_ptr, logits.stride(0), vocab, scale, token_ptr,
+          partials_ptr, rows, split.splits, logits_ptr, logits.stride(0), vocab, factors, token_ptr,
           out);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

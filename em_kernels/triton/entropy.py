@@ -21,9 +21,15 @@ Compiled variants: BLOCK (4 sizes), the dtype and the feature flags are constexp
 chunk count are never specialised (no recompile per batch size); V and the row stride keep
 Triton's divisibility-by-16 specialisation, which is what allows 16-byte vector loads.
 
-Units: the kernels work in base 2. With k = log2(e) / T, a_j = k z_j is the scaled logit in bits,
-so that exp(z_j / T - c) = exp2(a_j - k c) costs one FMA and one exp2, the only transcendental
-per element. Results are converted back to nats (times ln 2) once per row.
+Units: the kernels work in base 2. With k = log2(e) / T, exp((z_j - m) / T) = exp2((z_j - m) k)
+costs one subtract, one multiply and one exp2, the only transcendental per element. Results are
+converted back to nats (times ln 2) once per row.
+
+Accuracy at small T: the exponent is formed from the shifted logit, (z_j - m) k, never as one FMA
+z_j k - m k. z_j - m is exact for z_j near the max m (Sterbenz) and the product then rounds
+relative to |(z_j - m) / T|, so the argmax term is exactly exp2(0), as in plain PyTorch's
+z / T - max(z / T). The FMA form rounds m k, a number of size |m| / T: at T = 1e-4 it moved log p
+of the argmax by ~0.01 nats, at T <= 1e-10 to +-inf. So row maxima are kept in logit units.
 """
 
 from __future__ import annotations
@@ -60,35 +66,35 @@ MAX_GRID = 2**31 - 1
 
 @triton.jit
 def _store_row_results(
-    rows, N, shift, total, weighted,
-    logits_ptr, stride_row, tokens_ptr, V, scale2,
+    rows, N, reference, total, weighted,
+    logits_ptr, stride_row, tokens_ptr, V, scale2, inv_temperature,
     entropy_ptr, lse_ptr, logprobs_ptr,
     HAS_TOKENS: tl.constexpr,
 ):
     """Write entropy, lse and (if HAS_TOKENS) log p(token) of ``rows`` (a scalar or a vector).
 
-    Inputs are in bits, relative to ``shift`` (the row max of a = k z, or 0 for a row that is all
-    -inf): total = sum_j exp2(a_j - shift), weighted = sum_j exp2(a_j - shift) (a_j - shift).
-    With p_j = exp2(a_j - shift) / total, log2 p_j = (a_j - shift) - log2 total, so
+    ``reference`` is the row max of z in logit units (0 for a row whose scaled max is -inf); the
+    sums are in bits relative to it, with d_j = (z_j - reference) k: total = sum_j exp2(d_j),
+    weighted = sum_j exp2(d_j) d_j. With log2 p_j = d_j - log2 total,
 
         H   = ln2 (log2 total - weighted / total)
-        lse = ln2 (shift + log2 total)
-        log p(y) = ln2 (a_y - shift - log2 total)    (NaN when y is outside [0, V))
+        lse = reference / T + ln2 log2 total      (one FMA: one rounding of size ulp(lse))
+        log p(y) = ln2 ((z_y - reference) k - log2 total)    (NaN when y is outside [0, V))
 
     An all -inf row has total = 0: H = NaN (0 / 0) and lse = -inf, as the reference gives.
     Memory: 8 or 12 bytes written per row, plus one token id and one logit read per row."""
     row_mask = rows < N
     log2_total = tl.log2(total)
-    lse2 = shift + log2_total
     tl.store(entropy_ptr + rows, (log2_total - weighted / total) * LN2, mask=row_mask)
-    tl.store(lse_ptr + rows, lse2 * LN2, mask=row_mask)
+    tl.store(lse_ptr + rows, tl.fma(reference, inv_temperature, log2_total * LN2), mask=row_mask)
     if HAS_TOKENS:
         token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
         in_vocab = (token >= 0) & (token < V)
         chosen = tl.load(
             logits_ptr + rows * stride_row + token, mask=row_mask & in_vocab, other=float("nan")
         ).to(tl.float32)
-        tl.store(logprobs_ptr + rows, tl.fma(chosen, scale2, -lse2) * LN2, mask=row_mask)
+        tl.store(
+            logprobs_ptr + rows, ((chosen - reference) * scale2 - log2_total) * LN2, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["N", "num_chunks"])
@@ -96,20 +102,22 @@ def _softmax_stats_fwd_kernel(
     logits_ptr, tokens_ptr,
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
     entropy_ptr, lse_ptr, logprobs_ptr,
-    N, V, num_chunks, stride_row, scale2,
+    N, V, num_chunks, stride_row, scale2, inv_temperature,
     HAS_TOKENS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Softmax statistics of one (row, chunk) tile: program id = row * num_chunks + chunk.
 
-    Math, in bits with a_j = scale2 * z_j (scale2 = log2(e) / T) over the tile's entries:
-        m = max_j a_j (taken on z: k > 0 keeps the order, and one multiply is saved)
-        d_j = a_j - m  (one FMA),  e_j = exp2(d_j)  (the one transcendental)
+    Math, with k = scale2 = log2(e) / T, over the tile's entries:
+        m = max_j z_j (logit units)
+        d_j = (z_j - m) k  (exact difference, one rounding: see the module docstring)
+        e_j = exp2(d_j)  (the one transcendental)
         total = sum_j e_j,  weighted = sum_j e_j d_j
     Keeping d relative to the tile max makes `weighted` a sum of small numbers rather than the
-    difference of two large ones (H = lse - E[a] loses digits when |z| is large).
+    difference of two large ones (H = lse - E[z / T] loses digits when |z| is large).
     Masking: z_j = -inf gives d_j = -inf and e_j = 0, and its e_j d_j (0 * -inf) is set to 0;
-    a tile whose scaled max is -inf (all -inf, or finite logits such as finfo.min that overflow
-    when scaled) uses 0 as its shift, giving (m = -inf, total = 0, weighted = 0).
+    a tile whose scaled max m k is -inf (all -inf, or finite logits such as finfo.min that
+    overflow when scaled) uses 0 as its reference instead of m (relative to m its max entry would
+    give exp2(0)), giving (m = -inf, total = 0, weighted = 0).
     A NaN reaches `total` and poisons the row.
 
     SINGLE_CHUNK (V <= BLOCK): the tile is the row; write the row's results directly.
@@ -126,20 +134,21 @@ def _softmax_stats_fwd_kernel(
         logits_ptr + row * stride_row + cols, mask=cols < V, other=float("-inf"),
         eviction_policy="evict_first",
     ).to(tl.float32)
-    scaled_max = tl.max(z, axis=0) * scale2
-    shift = tl.where(scaled_max == float("-inf"), 0.0, scaled_max)
-    d = tl.fma(z, scale2, -shift)
+    tile_max = tl.max(z, axis=0)
+    empty = tile_max * scale2 == float("-inf")
+    reference = tl.where(empty, 0.0, tile_max)
+    d = (z - reference) * scale2
     e = tl.exp2(d)
     total = tl.sum(e, axis=0)
-    # The guard reads d, not z, so z dies after the FMA: 63 registers a thread instead of 95 for
-    # bf16 (ptxas, sm_90a), four programs per SM instead of two.
+    # The guard reads d, not z, so z dies after the multiply: 63 registers a thread instead of 95
+    # for bf16 (ptxas, sm_90a, measured with the former FMA), four programs per SM instead of two.
     weighted = tl.sum(tl.where(d == float("-inf"), 0.0, e * d), axis=0)
     if SINGLE_CHUNK:
         _store_row_results(
-            row, N, shift, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
-            entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+            row, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
+            inv_temperature, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
     else:
-        tl.store(partial_max_ptr + pid, scaled_max)
+        tl.store(partial_max_ptr + pid, tl.where(empty, float("-inf"), tile_max))
         tl.store(partial_total_ptr + pid, total)
         tl.store(partial_weighted_ptr + pid, weighted)
 
@@ -148,16 +157,17 @@ def _softmax_stats_fwd_kernel(
 def _softmax_stats_merge_kernel(
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, logprobs_ptr,
-    N, V, num_chunks, stride_row, scale2,
+    N, V, num_chunks, stride_row, scale2, inv_temperature,
     HAS_TOKENS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
 ):
     """Merge the per-chunk partials of BLOCK_ROWS rows, then write their results.
 
-    Chunk c of a row has (m_c, total_c, weighted_c), relative to its own max m_c. With
-    M = max_c m_c and w_c = exp2(m_c - M), relative to M:
+    Chunk c of a row has (m_c, total_c, weighted_c), relative to its own max m_c (logit units).
+    With M = max_c m_c, delta_c = (m_c - M) k (difference first, as in the tiles) and
+    w_c = exp2(delta_c), relative to M:
         total    = sum_c w_c total_c
-        weighted = sum_c w_c (weighted_c + total_c (m_c - M))
-    (since each d_j shifts by m_c - M). An all -inf chunk has w_c = 0 and its term (0 * -inf)
+        weighted = sum_c w_c (weighted_c + total_c delta_c)
+    (since each d_j shifts by delta_c). An all -inf chunk has w_c = 0 and its term (0 * -inf)
     is set to 0. Each row is reduced along its own BLOCK_CHUNKS axis; BLOCK_ROWS and
     BLOCK_CHUNKS depend only on V, so a row's bits do not depend on its neighbours.
 
@@ -171,16 +181,16 @@ def _softmax_stats_merge_kernel(
     chunk_total = tl.load(partial_total_ptr + offsets, mask=mask, other=0.0)
     chunk_weighted = tl.load(partial_weighted_ptr + offsets, mask=mask, other=0.0)
     row_max = tl.max(chunk_max, axis=1)
-    shift = tl.where(row_max == float("-inf"), 0.0, row_max)
-    offset = chunk_max - shift[:, None]
+    reference = tl.where(row_max == float("-inf"), 0.0, row_max)
+    offset = (chunk_max - reference[:, None]) * scale2
     weight = tl.exp2(offset)
     total = tl.sum(weight * chunk_total, axis=1)
     shifted = tl.where(
         chunk_max == float("-inf"), 0.0, weight * (chunk_weighted + chunk_total * offset))
     weighted = tl.sum(shifted, axis=1)
     _store_row_results(
-        rows, N, shift, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
-        entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+        rows, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
+        inv_temperature, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
 
 
 @triton.jit
@@ -196,13 +206,18 @@ def _round_to_bf16(x):
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
-    V, num_chunks, stride_row, scale2, inv_temperature,
+    V, num_chunks, stride_row, inv_temperature,
     HAS_LOGPROB_GRAD: tl.constexpr, ROUND_TO_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradient of sum(gH * H + gL * logp) w.r.t. the logits, for one (row, chunk) tile.
 
-    With p_j = softmax(z / T)_j recomputed from the saved lse (log2 p_j = k z_j - lse log2(e),
-    one FMA and one exp2), ln p_j = ln2 log2 p_j:
+    With p_j = softmax(z / T)_j recomputed from the saved lse, ln p_j = ln2 log2 p_j:
+        log2 p_j = fma(z_j, 1/T, -lse) log2(e)   (one FMA, one multiply, one exp2)
+    The FMA subtracts the saved lse from the unrounded z_j / T, so ln p_j rounds once relative to
+    |ln p_j| (plus the 1/T factor's rounding, which plain PyTorch's z / T has too). The saved
+    float32 lse itself is off by up to half an ulp of |lse| ~ |max z| / T; with (lse, H) the only
+    saved row state, that error is inherent. The former z_j k - lse log2(e) added a second such
+    error (lse log2(e) rounded).
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
         dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (0 for the whole row if y is outside [0, V))
     A -inf logit gets exactly 0 (p_j = 0 but ln p_j = -inf: the product is set to 0), also when
@@ -223,9 +238,9 @@ def _softmax_stats_bwd_kernel(
         eviction_policy="evict_first",
     ).to(tl.float32)
     entropy = tl.load(entropy_ptr + row)
-    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse = tl.load(lse_ptr + row)
     grad_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
-    log2_p = tl.fma(z, scale2, -lse2)
+    log2_p = tl.fma(z, inv_temperature, -lse) * LOG2E
     p = tl.exp2(log2_p)
     grad = -grad_entropy * p * tl.fma(log2_p, LN2, entropy)
     grad = tl.where(log2_p == float("-inf"), 0.0, grad)
@@ -293,12 +308,13 @@ def softmax_stats_fwd(
     block = _block_size(vocab)
     num_chunks = triton.cdiv(vocab, block)
     scale2 = math.log2(math.e) / temperature
+    inv_temperature = 1.0 / temperature
     stride_row = logits.stride(0)
     with _on_device(logits):
         if num_chunks == 1:
             _softmax_stats_fwd_kernel[(rows,)](
                 logits, tokens_arg, entropy, entropy, entropy, entropy, lse, logprobs,
-                rows, vocab, 1, stride_row, scale2,
+                rows, vocab, 1, stride_row, scale2, inv_temperature,
                 HAS_TOKENS=has_tokens, SINGLE_CHUNK=True, BLOCK=block,
                 num_warps=_tile_warps(block))
             return entropy, lse, logprobs
@@ -307,7 +323,7 @@ def softmax_stats_fwd(
             (3, programs), dtype=torch.float32, device=logits.device).unbind(0)
         _softmax_stats_fwd_kernel[(programs,)](
             logits, tokens_arg, partial_max, partial_total, partial_weighted,
-            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2,
+            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, inv_temperature,
             HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
             num_warps=_tile_warps(block))
         block_chunks = triton.next_power_of_2(num_chunks)
@@ -315,7 +331,7 @@ def softmax_stats_fwd(
         _softmax_stats_merge_kernel[(triton.cdiv(rows, block_rows),)](
             partial_max, partial_total, partial_weighted,
             logits, tokens_arg, entropy, lse, logprobs,
-            rows, vocab, num_chunks, stride_row, scale2,
+            rows, vocab, num_chunks, stride_row, scale2, inv_temperature,
             HAS_TOKENS=has_tokens, BLOCK_ROWS=block_rows, BLOCK_CHUNKS=block_chunks,
             num_warps=MERGE_WARPS)
     return entropy, lse, logprobs
@@ -348,8 +364,7 @@ def softmax_stats_bwd(
         _softmax_stats_bwd_kernel[(programs,)](
             logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
             grad_logprobs_arg, grad_logits,
-            vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
-            1.0 / temperature,
+            vocab, num_chunks, logits.stride(0), 1.0 / temperature,
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
             BLOCK=block, num_warps=_tile_warps(block))

@@ -1,24 +1,34 @@
 // Row statistics of softmax(z / T) in base 2, shared by the CPU and CUDA kernels.
 //
-// A row (or any part of one) is summarised by three floats, in bits (u_j = z_j * log2(e) / T):
+// A row (or any part of one) is summarised by three floats: the max in logit units and two sums in
+// bits, with k = log2(e) / T and d_j = (z_j - m) k:
 //
-//     max      = m = max_j u_j
-//     sum      = s = sum_j 2^(u_j - m)
-//     weighted = w = sum_j 2^(u_j - m) (u_j - m)
+//     max      = m = max_j z_j
+//     sum      = s = sum_j 2^d_j
+//     weighted = w = sum_j 2^d_j d_j
 //
-// w is kept relative to the running max so that it never grows like |u| * s (entropy is a small
+// The exponent is formed from the shifted logit, (z_j - m) k, not as one FMA z_j k - m k: z_j - m
+// is exact for z_j near m (Sterbenz) and the product then rounds relative to |d_j|, so the argmax
+// term is exactly 2^0. The FMA form rounds m k, a number of size |m| / T, so at T = 1e-4 it moved
+// log p of the argmax by ~0.01 nats and at T <= 1e-10 made it +-inf.
+//
+// w is kept relative to the running max so that it never grows like |z / T| * s (entropy is a small
 // difference of two large numbers otherwise). Two parts merge exactly (up to rounding):
 //
-//     m = max(m1, m2),  a_i = 2^(m_i - m)
-//     s = a1 s1 + a2 s2,  w = a1 (w1 + s1 (m1 - m)) + a2 (w2 + s2 (m2 - m))
+//     m = max(m1, m2),  delta_i = (m_i - m) k,  a_i = 2^delta_i
+//     s = a1 s1 + a2 s2,  w = a1 (w1 + s1 delta_1) + a2 (w2 + s2 delta_2)
 //
 // and a whole row gives, in nats,
 //
-//     lse = ln2 (m + log2 s)            H = ln2 (log2 s - w / s)
-//     log p(y) = ln2 (u_y - m - log2 s)
+//     lse = m / T + ln2 log2 s          H = ln2 (log2 s - w / s)
+//     log p(y) = ln2 ((z_y - m) k - log2 s)
 //
-// The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = u_j - lse * log2(e)
-// (= log2 p_j) and p_j = 2^d_j, is
+// The backward sees only the saved float32 lse (half an ulp of |lse| ~ |m| / T is lost there and
+// cannot be recovered). It forms log2 p_j = (z_j / T - lse) log2(e) with z_j / T - lse as one FMA
+// of the exact product z_j (1/T) and the saved lse (one rounding relative to |log p_j|, then the
+// log2(e) multiply), instead of z_j k - (lse log2(e)), whose rounded lse log2(e) added another
+// ulp of |lse|. The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j
+// and p_j = 2^d_j, is
 //
 //     dz_j = (1/T) [-gH p_j (d_j ln2 + H) + gL (onehot(y)_j - p_j)]
 //          = p_j (c0 + c1 d_j) + [j == y] gL / T,
@@ -37,9 +47,9 @@
 namespace em {
 
 struct SoftmaxPartial {
-  float max;       // m, in bits
-  float sum;       // s = sum 2^(u - m)
-  float weighted;  // w = sum 2^(u - m) (u - m)
+  float max;       // m = max z, in logit units (-inf when m k is -inf)
+  float sum;       // s = sum 2^((z - m) k)
+  float weighted;  // w = sum 2^((z - m) k) (z - m) k
 };
 
 EM_HOST_DEVICE SoftmaxPartial empty_partial() { return {-INFINITY, 0.0f, 0.0f}; }
@@ -50,12 +60,13 @@ EM_HOST_DEVICE bool is_empty(const SoftmaxPartial& p) { return p.max == -INFINIT
 
 // The statistics of the union of two disjoint parts. Commutative (bitwise), so any fixed merge
 // tree is deterministic; the kernels always merge in a fixed order.
-EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartial& b) {
+// scale = k = log2(e) / T.
+EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartial& b, float scale) {
   if (is_empty(a)) return b;
   if (is_empty(b)) return a;
   const float m = fmaxf(a.max, b.max);  // a NaN max loses here but reappears through exp2(NaN)
-  const float da = a.max - m;
-  const float db = b.max - m;
+  const float da = (a.max - m) * scale;
+  const float db = (b.max - m) * scale;
   const float sa = exp2f(da);
   const float sb = exp2f(db);
   return {m, a.sum * sa + b.sum * sb, sa * (a.weighted + a.sum * da) + sb * (b.weighted + b.sum * db)};
@@ -66,22 +77,23 @@ struct RowStatistics {
   float entropy;  // H, nats
 };
 
-EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p) {
+// inv_temperature = 1 / T; lse = m / T + ln s is one FMA (one rounding of a number of size |lse|).
+EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, float inv_temperature) {
   const float log2_sum = log2f(p.sum);
-  return {(p.max + log2_sum) * kLn2, (log2_sum - p.weighted / p.sum) * kLn2};
+  return {fmaf(p.max, inv_temperature, log2_sum * kLn2), (log2_sum - p.weighted / p.sum) * kLn2};
 }
 
-// log p(y) from the row's statistics and the scaled chosen logit u_y = z_y * log2(e) / T; the two
-// large numbers u_y and m cancel first.
-EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float scaled_logit) {
-  return (scaled_logit - p.max - log2f(p.sum)) * kLn2;
+// log p(y) from the row's statistics and the chosen logit z_y: z_y - m first (exact near the max),
+// then scaled by k = log2(e) / T.
+EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float logit, float scale) {
+  return ((logit - p.max) * scale - log2f(p.sum)) * kLn2;
 }
 
 // Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) + [j == y] onehot with
-// d_j = z_j * scale - shift and p_j = 2^d_j.
+// d_j = fma(z_j, inv_temperature, -lse) * log2(e) and p_j = 2^d_j.
 struct GradientCoefficients {
-  float scale;   // log2(e) / T
-  float shift;   // lse * log2(e)
+  float inv_temperature;  // 1 / T
+  float lse;              // the saved lse, nats (0 for an all -inf row)
   float c0;      // -(gH H + gL) / T
   float c1;      // -gH ln2 / T
   float onehot;  // gL / T, added at the chosen token
@@ -101,12 +113,12 @@ inline TemperatureFactors temperature_factors(double temperature) {
 
 // grad_logprob must already be 0 for a row without a token or with a token outside [0, V).
 // A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
-// is exactly 0 like every masked entry's (shift 0 makes each d_j = -inf, hence p_j = 0).
+// is exactly 0 like every masked entry's (lse 0 makes each d_j = -inf, hence p_j = 0).
 EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, float lse, float grad_entropy,
                                                           float grad_logprob,
                                                           const TemperatureFactors& t) {
-  if (lse == -INFINITY) return {t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
-  return {t.scale, lse * kLog2e, -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
+  if (lse == -INFINITY) return {t.inv_temperature, 0.0f, 0.0f, 0.0f, 0.0f};
+  return {t.inv_temperature, lse, -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
           -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
 }
 
