@@ -117,15 +117,19 @@ struct VecSqrt {
   }
 };
 
-// Statistics of z[0, V) given its max (NaN entries ignored by the max: they poison the sums). A
-// row that is all -inf gives an entropy NaN, as the reference; a masked entry contributes 0.
-SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
-  double sum = 0.0, weighted = 0.0;  // sum 2^d, sum 2^d d over the row, d in bits
+// sum_j 2^d_j and sum_j 2^d_j d_j with d_j = (z_j - max) * scale (bits), in double across
+// blocks. NaN entries poison the sums; a masked entry contributes 0.
+struct ShiftedSums {
+  double sum, weighted;
+};
+
+ShiftedSums shifted_sums(const float* z, int64_t V, float max, float scale) {
+  double sum = 0.0, weighted = 0.0;
   for (int64_t block = 0; block < V; block += kVectorsPerBlock * kLanes) {
     const int64_t block_end = std::min<int64_t>(V, block + kVectorsPerBlock * kLanes);
     VecF block_sum = em::cpu::splat(0.0f), block_weighted = em::cpu::splat(0.0f);
     for (int64_t j = block; j < block_end; j += kLanes) {
-      VecF d = (load_lanes(z, j, V, kNegInf) - max) * em::kLog2e;
+      VecF d = (load_lanes(z, j, V, kNegInf) - max) * scale;
       d = em::cpu::clamp_exponent(d, em::kExp2Floor);
       const VecF e = em::cpu::exp2_clamped(d);
       block_sum += e;
@@ -134,6 +138,13 @@ SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
     sum += em::cpu::reduce_sum(block_sum);
     weighted += em::cpu::reduce_sum(block_weighted);
   }
+  return {sum, weighted};
+}
+
+// Statistics of z[0, V) given its max (NaN entries ignored by the max: they poison the sums). A
+// row that is all -inf gives an entropy NaN, as the reference.
+SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
+  const auto [sum, weighted] = shifted_sums(z, V, max, em::kLog2e);
   const double log2_sum = std::log2(sum);
   const double mean_shift_bits = weighted / sum;
   return {max, static_cast<float>(std::log(sum)), static_cast<float>(mean_shift_bits * em::kLn2),
@@ -287,21 +298,7 @@ at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
 
 // Entropy of softmax(z / tau) for a row z with max `max` (tau > 0): d = (z - max) log2(e) / tau.
 float scaled_entropy(const float* z, int64_t V, float max, float tau) {
-  const float scale = em::kLog2e / tau;
-  double sum = 0.0, weighted = 0.0;
-  for (int64_t block = 0; block < V; block += kVectorsPerBlock * kLanes) {
-    const int64_t block_end = std::min<int64_t>(V, block + kVectorsPerBlock * kLanes);
-    VecF block_sum = em::cpu::splat(0.0f), block_weighted = em::cpu::splat(0.0f);
-    for (int64_t j = block; j < block_end; j += kLanes) {
-      VecF d = (load_lanes(z, j, V, kNegInf) - max) * scale;
-      d = em::cpu::clamp_exponent(d, em::kExp2Floor);
-      const VecF e = em::cpu::exp2_clamped(d);
-      block_sum += e;
-      block_weighted += e * d;
-    }
-    sum += em::cpu::reduce_sum(block_sum);
-    weighted += em::cpu::reduce_sum(block_weighted);
-  }
+  const auto [sum, weighted] = shifted_sums(z, V, max, em::kLog2e / tau);
   return static_cast<float>((std::log2(sum) - weighted / sum) * em::kLn2);
 }
 
