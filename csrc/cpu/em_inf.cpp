@@ -195,17 +195,6 @@ float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, S
   return em::cpu::reduce_max(max);
 }
 
-// Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
-template <typename Fn>
-void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(at::BFloat16{}); break;
-    case at::kHalf: fn(at::Half{}); break;
-    default: TORCH_CHECK(false, "unsupported logits dtype ", dtype);  // excluded by the checks
-  }
-}
-
 template <typename scalar_t>
 void em_inf_rows_independent(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
                              float kl_scale, float threshold, bool adam) {
@@ -283,7 +272,7 @@ at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
   // The released code's "batchmean" KL: the batch's loss weighs each row's KL by 1 / N.
   const float kl_scale =
       static_cast<float>(batch_exit ? kl_weight / static_cast<double>(logits.size(0)) : kl_weight);
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (batch_exit) {
       em_inf_batch_exit<scalar_t>(logits, out, steps, static_cast<float>(lr), kl_scale,
@@ -337,7 +326,7 @@ at::Tensor adaptive_temperature_cpu(const at::Tensor& logits, double alpha, doub
                                       tol);
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     adaptive_temperature_rows<scalar_t>(logits, out, static_cast<float>(alpha),
                                         static_cast<float>(delta), max_iters,

@@ -548,17 +548,6 @@ void launch_em_inf(const at::Tensor& logits, at::Tensor& out, int64_t steps, flo
                                              args, plan.smem, c10::cuda::getCurrentCUDAStream()));
 }
 
-// Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
-template <typename Fn>
-void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    default: TORCH_CHECK(false, "unsupported logits dtype ", dtype);  // excluded by the checks
-  }
-}
-
 at::Tensor em_inf_adjust_cuda(const at::Tensor& logits, int64_t steps, double lr,
                               double kl_weight, double threshold, bool adam, bool batch_exit) {
   em::check_em_inf_args(logits, c10::DeviceType::CUDA, steps, lr, kl_weight, threshold);
@@ -569,7 +558,7 @@ at::Tensor em_inf_adjust_cuda(const at::Tensor& logits, int64_t steps, double lr
   // The released code's "batchmean" KL: the batch's loss weighs each row's KL by 1 / N.
   const float kl_scale =
       static_cast<float>(batch_exit ? kl_weight / static_cast<double>(logits.size(0)) : kl_weight);
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
     launch_em_inf<decltype(tag)>(logits, out, steps, static_cast<float>(lr), kl_scale,
                                  static_cast<float>(threshold), adam, batch_exit);
   });
@@ -674,7 +663,7 @@ at::Tensor adaptive_temperature_cuda(const at::Tensor& logits, double alpha, dou
   at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   TORCH_CHECK(logits.size(0) <= 0x7fffffff, "adaptive_temperature: at most 2^31 - 1 rows");
-  dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     adaptive_temperature_kernel<scalar_t>
         <<<static_cast<unsigned>(logits.size(0)), kAdaptiveThreads, 0,

@@ -4,6 +4,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -17,5 +20,16 @@ void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, int64_t
                        double kl_weight, double threshold);
 void check_adaptive_temperature_args(const at::Tensor& logits, c10::DeviceType device,
                                      double alpha, double delta, int64_t max_iters, double tol);
+
+// Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
+template <typename Fn>
+void dispatch_logits_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    default: TORCH_CHECK(false, "unsupported logits dtype ", dtype);  // excluded by the checks
+  }
+}
 
 }  // namespace em
