@@ -79,7 +79,7 @@ def _want_cuda() -> bool:
 
 def extensions():
     cpu_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
-    cuda_sources = _sources("csrc/cuda/*.cu")
+    cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # No -march: the CPU kernels compile their hot loops for baseline x86-64, AVX2 and AVX-512 and
     # pick one at run time, so one build runs on any x86-64. No -ffast-math: the kernels test for

@@ -38,35 +38,6 @@
 #include "em/em_inf_checks.h"
 #include "em/op_checks.h"
 
-namespace em {
-
-// Declared in em/em_inf_checks.h.
-void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, int64_t steps, double lr,
-                       double kl_weight, double threshold) {
-  check_logits("em_inf_adjust", logits, device);
-  TORCH_CHECK_VALUE(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
-  TORCH_CHECK_VALUE(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
-  TORCH_CHECK_VALUE(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
-  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
-                    kl_weight);
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
-}
-
-void check_adaptive_temperature_args(const at::Tensor& logits, c10::DeviceType device,
-                                     double alpha, double delta, int64_t max_iters, double tol) {
-  check_logits("adaptive_temperature", logits, device);
-  TORCH_CHECK_VALUE(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
-                    alpha);
-  TORCH_CHECK_VALUE(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
-                    delta);
-  TORCH_CHECK_VALUE(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
-                    max_iters);
-  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0,
-                    "adaptive_temperature: tol must be finite and >= 0, got ", tol);
-}
-
-}  // namespace em
-
 namespace {
 
 using em::cpu::kLanes;

@@ -1,6 +1,7 @@
 // EM-INF and adaptive temperature for CUDA tensors (ops em_C::em_inf_adjust and
 // em_C::adaptive_temperature; semantics: em_kernels/reference.py, em_inf_adjust_ref and
-// adaptive_temperature_ref; optimiser: em/adam.h).
+// adaptive_temperature_ref; optimiser: em/adam.h). The kernels and their launchers
+// (em_inf_launch.h); the op entry points, which check the arguments, are in em_inf_ops.cpp.
 //
 // ---- em_inf_adjust: all steps in one cooperative launch -----------------------------------------
 //
@@ -52,18 +53,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
-#include <torch/library.h>
 
 #include <mutex>
 
 #include "em/adam.h"
 #include "em/em_inf_checks.h"
+#include "em_inf_launch.h"
 #include "em/common.h"
 
 namespace {
@@ -548,23 +548,6 @@ void launch_em_inf(const at::Tensor& logits, at::Tensor& out, int64_t steps, flo
                                              args, plan.smem, c10::cuda::getCurrentCUDAStream()));
 }
 
-at::Tensor em_inf_adjust_cuda(const at::Tensor& logits, int64_t steps, double lr,
-                              double kl_weight, double threshold, bool adam, bool batch_exit) {
-  em::check_em_inf_args(logits, c10::DeviceType::CUDA, steps, lr, kl_weight, threshold);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  if (steps == 0) return out.copy_(logits);
-  // The released code's "batchmean" KL: the batch's loss weighs each row's KL by 1 / N.
-  const float kl_scale =
-      static_cast<float>(batch_exit ? kl_weight / static_cast<double>(logits.size(0)) : kl_weight);
-  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
-    launch_em_inf<decltype(tag)>(logits, out, steps, static_cast<float>(lr), kl_scale,
-                                 static_cast<float>(threshold), adam, batch_exit);
-  });
-  return out;
-}
-
 // ---- adaptive temperature ----------------------------------------------------------------------
 
 // Block-wide reductions in a fixed tree; every thread gets the result. Every thread must call.
@@ -656,29 +639,33 @@ __global__ void __launch_bounds__(kAdaptiveThreads) adaptive_temperature_kernel(
     out_row[j] = __fdiv_rn(load_logit(row, j), tau);
 }
 
-at::Tensor adaptive_temperature_cuda(const at::Tensor& logits, double alpha, double delta,
-                                     int64_t max_iters, double tol) {
-  em::check_adaptive_temperature_args(logits, c10::DeviceType::CUDA, alpha, delta, max_iters, tol);
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor out = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
-  if (out.numel() == 0) return out;
-  TORCH_CHECK(logits.size(0) <= 0x7fffffff, "adaptive_temperature: at most 2^31 - 1 rows");
-  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    adaptive_temperature_kernel<scalar_t>
-        <<<static_cast<unsigned>(logits.size(0)), kAdaptiveThreads, 0,
-           c10::cuda::getCurrentCUDAStream()>>>(
-            static_cast<const scalar_t*>(logits.const_data_ptr()), logits.stride(0),
-            out.data_ptr<float>(), logits.size(1), static_cast<float>(alpha),
-            static_cast<float>(delta), max_iters, static_cast<float>(tol));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return out;
+template <typename scalar_t>
+void launch_adaptive_temperature_typed(const at::Tensor& logits, at::Tensor& out, float alpha,
+                                       float delta, int64_t max_iters, float tol) {
+  adaptive_temperature_kernel<scalar_t>
+      <<<static_cast<unsigned>(logits.size(0)), kAdaptiveThreads, 0,
+         c10::cuda::getCurrentCUDAStream()>>>(
+          static_cast<const scalar_t*>(logits.const_data_ptr()), logits.stride(0),
+          out.data_ptr<float>(), logits.size(1), alpha, delta, max_iters, tol);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(em_C, CUDA, m) {
-  m.impl("em_inf_adjust", &em_inf_adjust_cuda);
-  m.impl("adaptive_temperature", &adaptive_temperature_cuda);
+namespace em::cuda {
+
+void launch_em_inf_adjust(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
+                          float kl_scale, float threshold, bool adam, bool batch_exit) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    launch_em_inf<decltype(tag)>(logits, out, steps, lr, kl_scale, threshold, adam, batch_exit);
+  });
 }
+
+void launch_adaptive_temperature(const at::Tensor& logits, at::Tensor& out, float alpha,
+                                 float delta, int64_t max_iters, float tol) {
+  em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
+    launch_adaptive_temperature_typed<decltype(tag)>(logits, out, alpha, delta, max_iters, tol);
+  });
+}
+
+}  // namespace em::cuda

@@ -1,6 +1,7 @@
 // Argument checks of em_C::em_inf_adjust and em_C::adaptive_temperature, shared by the CPU and
 // CUDA entry points (the logits checks are those of every em_C op, em/op_checks.h). The public
 // Python functions check first and raise TypeError/ValueError; these guard direct torch.ops calls.
+// Both entry points are host-compiled (csrc/cpu/em_inf.cpp, csrc/cuda/em_inf_ops.cpp: see there).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,18 +9,37 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <cmath>
 #include <cstdint>
+
+#include "em/op_checks.h"
 
 namespace em {
 
-// Defined out of line in csrc/cpu/em_inf.cpp (host compiler, part of every build) and called by
-// the CUDA entry points too: a ValueError thrown inline from the nvcc-compiled entry point
-// crashed the process on the H200 machine (2026-11-27), where the same throw from the CPU
-// translation unit raised as it should.
-void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, int64_t steps, double lr,
-                       double kl_weight, double threshold);
-void check_adaptive_temperature_args(const at::Tensor& logits, c10::DeviceType device,
-                                     double alpha, double delta, int64_t max_iters, double tol);
+inline void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, int64_t steps,
+                              double lr, double kl_weight, double threshold) {
+  check_logits("em_inf_adjust", logits, device);
+  TORCH_CHECK_VALUE(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
+  TORCH_CHECK_VALUE(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
+  TORCH_CHECK_VALUE(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
+  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
+                    kl_weight);
+  TORCH_CHECK_VALUE(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
+}
+
+inline void check_adaptive_temperature_args(const at::Tensor& logits, c10::DeviceType device,
+                                            double alpha, double delta, int64_t max_iters,
+                                            double tol) {
+  check_logits("adaptive_temperature", logits, device);
+  TORCH_CHECK_VALUE(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
+                    alpha);
+  TORCH_CHECK_VALUE(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
+                    delta);
+  TORCH_CHECK_VALUE(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
+                    max_iters);
+  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0,
+                    "adaptive_temperature: tol must be finite and >= 0, got ", tol);
+}
 
 // Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
 template <typename Fn>
