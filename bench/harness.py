@@ -8,7 +8,8 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
    autotuning, torch.compile): this yields the outputs and gradients for the error check, and
    measures the peak extra memory:
    on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the call; on CPU the
-   peak of the running sum of the allocations and frees that torch's profiler records;
+   peak of the running sum of the allocations and frees that torch's profiler records, in time
+   order. In the backward modes this includes the input gradients themselves;
 3. times it: on CUDA the median of `triton.testing.do_bench` (CUDA events, warm-up, and an L2
    flush before every call, so even inputs that fit in L2 are read from HBM, which is what
    rotating inputs achieves); on CPU the median of wall-clock repeats after the warm-up call;
@@ -292,11 +293,16 @@ class Context:
 
         with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             result = step()
-        # Each event's self allocation (negative for frees), in start order: the running sum
-        # is the memory held at that point, its maximum the peak above the start.
+        # The allocator's own records, one per allocation (+bytes) or free (-bytes) with its
+        # time: their running sum is the memory held at each moment, its maximum the peak above
+        # the start. (Per-op self memory would misplace a free that autograd attributes to a
+        # parent op started before the child's allocations, and under-count the peak.)
+        records = sorted((event.start_ns(), event.nbytes())
+                         for event in prof.profiler.kineto_results.events()
+                         if event.name() == "[memory]")
         current = peak = 0
-        for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-            current += event.self_cpu_memory_usage
+        for _, nbytes in records:
+            current += nbytes
             peak = max(peak, current)
         return result, peak / 2**20
 

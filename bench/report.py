@@ -117,7 +117,8 @@ def markdown(rows: list[dict], header: list[str]) -> str:
         "Time is the median; GB/s and TFLOP/s count the least traffic and work the op needs; "
         "% ceil is the fraction of the copy bandwidth (memory-bound ops) or of the matmul rate in "
         "the same dtype (linear_entropy) measured in this run; extra MiB is the peak memory "
-        "allocated during the call above what was allocated before it; max err is the largest "
+        "allocated during the call above what was allocated before it (the input gradients "
+        "included); max err is the largest "
         "absolute error of the outputs and input gradients against float64 on a subset of rows; "
         "x eager is eager's time over this provider's.", ""]
     for op in dict.fromkeys(r["op"] for r in rows):

@@ -76,3 +76,17 @@ def test_bad_arguments_are_reported(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_cpu_peak_memory_sees_every_live_tensor():
+    """Eager linear+entropy fwd+bwd at M 64, H 256, V 32000 (fp32) must hold dlogits [M, V] while
+    it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing
+    each op's self memory in start order reported 31 MiB, d_weight alone, because autograd
+    attributes frees to a parent op that starts before the allocations of its children."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    op = OPS["linear_entropy"]
+    case = make_case(ctx, op, {"M": 64, "H": 256, "V": 32000}, torch.float32, seed=0)
+    eager = next(p for p in op.providers() if p.name == "eager")
+    logits_mib, weight_mib = 64 * 32000 * 4 / 2**20, 32000 * 256 * 4 / 2**20
+    peak_mib = measure(ctx, case, eager, "fwd+bwd")["peak_extra_mib"]
+    assert logits_mib + weight_mib <= peak_mib <= 8 * logits_mib + weight_mib, peak_mib
