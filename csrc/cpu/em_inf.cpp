@@ -2,33 +2,42 @@
 // em_C::adaptive_temperature; semantics: em_kernels/reference.py, em_inf_adjust_ref and
 // adaptive_temperature_ref).
 //
-// EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t reads the row statistics
-// (max, log sum, mean shift, H) of the current z and makes one pass over the row:
+// EM-INF, per row, z0 = logits in fp32, p0 = softmax(z0). Each step t uses the row statistics
+// (max, log sum, mean shift, H) of the current z:
 //   p_j = exp((z_j - max) - log sum),  g_j = -p_j ((z_j - max) - mean shift) + k (p_j - p0_j)
 //   (0 where z_j is not finite; (z_j - max) - mean shift = log p_j + H, see SoftmaxStats),
-//   z_j <- z_j - Adam/SGD update (em/adam.h),  and the running max of the new z;
-// then a second pass computes the statistics of the new z with that max, in base 2 (d_j =
-// (z_j - max) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j, mean shift = ln2 weighted /
-// sum, H = ln2 (log2 sum - weighted / sum). Two passes and two exp2 per element per step, in SIMD vectors of em/cpu_simd.h (the exp2
-// is its polynomial), over z (the output row itself), m, v and p0: 16 bytes per element, a
-// V = 151936 row is 2.4 MB, resident in L2/L3 across the steps.
+//   z_j <- z_j - Adam/SGD update (em/adam.h).
+// At step 1 z = z0, so p is p0: the pass stores it (and p - p0 is exactly 0).
 //
-// early_exit "row" (batch_exit=false): rows are independent; each thread owns a row at a time,
-// with m, v and p0 in a per-thread buffer of 3 V floats, and stops the row before the first step
-// whose entropy is below the threshold. early_exit "batch": the released code, one loss for the
-// whole batch: before each step the entropies are summed over the rows (in row order, so the
-// decision is deterministic) and every row stops at once; the KL weight is k = kl_weight / N. The
-// rows' m, v and p0 must then survive across steps: [N, V] buffers, steps outside, rows inside.
+// Work items are (row, chunk) with chunks of kChunk entries, a split that depends on V alone.
+// One parallel region per step runs every item of a group of rows: the optimiser pass over the
+// chunk (z, m, v, p0: 16 bytes per entry, the row's state lives between steps), then, while the
+// chunk's z is still in L1, its partial statistics relative to its own max, in base 2 (d_j =
+// (z_j - max_c) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j. Between steps the partials
+// are merged per row in chunk order (ChunkPartial, merge_row). Each item is computed the same way
+// whichever thread runs it and whatever the other rows are: a row's bits never depend on the
+// batch, the grouping or the thread count, and a single row uses every core. Two exp2 per entry
+// per step (p, and the statistics of the new z), both the polynomial of em/cpu_simd.h, compiled
+// for the widest vector ISA of the machine (isa.h).
 //
-// Adaptive temperature, per row: the row in fp32 in a per-thread buffer, its max M and entropy
-// once, then one pass per bisection iteration: H(z / tau) with max M / tau (tau > 0 keeps the
-// order), one division and one exp per element.
+// early_exit "row" (batch_exit=false): rows go in groups of as many rows as threads, whose m, v
+// and p0 ([3, G, V]) live between steps; a row stops before the first step whose entropy is below
+// the threshold. early_exit "batch": the released code, one loss for the whole batch: one group of
+// every row, the entropies summed over the rows (in row order, so the decision is deterministic)
+// before each step, every row stopping at once; the KL weight is k = kl_weight / N.
+//
+// Adaptive temperature, per row: the row in fp32 in the output, its max M and entropy once, then
+// one pass per bisection iteration: H(z / tau) with max M / tau (tau > 0 keeps the order), one
+// exp2 per element; finally z / tau in place.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -36,18 +45,33 @@
 #include "em/common.h"
 #include "em/cpu_simd.h"
 #include "em/em_inf_checks.h"
-#include "em/op_checks.h"
+#include "isa.h"
 
 namespace {
 
+using em::cpu::BFloat16Bits;
+using em::cpu::HalfBits;
 using em::cpu::kLanes;
 using em::cpu::VecF;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Vectors summed in fp32 lanes before the running sums take them in double: a plain fp32 sum over
+// Entries per work item: the item's z (16 KiB) stays in L1 from its optimiser pass to its
+// statistics pass, and the per-row merge (one exp2 per chunk) is noise next to the chunk's work.
+constexpr int64_t kChunk = 4096;
+static_assert(kChunk % kLanes == 0, "chunks hold whole vectors");
+// Fewest items a thread is handed per step: 16K entries, ~20 us of work, above the cost of a
+// parallel region, so that a small row stays on one thread.
+constexpr int64_t kItemsPerTask = 4;
+// Vectors summed in fp32 lanes before the sums take them in double: a plain fp32 sum over
 // V = 151936 terms loses about log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small
 // error in H into a sign flip of the step wherever g = -p (log p + H) nearly cancels.
 constexpr int kVectorsPerBlock = 64;
+
+// The storage type of a logits dtype (em/cpu_simd.h converts it exactly).
+template <typename scalar_t>
+using Storage = std::conditional_t<std::is_same_v<scalar_t, float>, float,
+                                   std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>,
+                                                      BFloat16Bits, HalfBits>>;
 
 // The softmax statistics that one optimiser step needs from the current z:
 // p_j = exp((z_j - max) - log_sum), and the entropy gradient's factor
@@ -62,17 +86,30 @@ struct SoftmaxStats {
   float entropy;     // log_sum - mean_shift, nats: the early-exit test only
 };
 
-// kLanes floats from z[j, V): the missing tail lanes are `fill`.
-EM_SIMD_INLINE VecF load_lanes(const float* z, int64_t j, int64_t V, float fill) {
-  return j + kLanes <= V ? em::cpu::load<float>(z + j)
-                         : em::cpu::load_partial<float>(z + j, static_cast<int>(V - j), fill);
+// Sums over entries relative to a reference r, in bits: sum = sum_j 2^d_j, weighted =
+// sum_j 2^d_j d_j with d_j = (z_j - r) * scale. NaN entries poison both; a -inf entry adds 0.
+struct ShiftedSums {
+  double sum, weighted;
+};
+
+// A chunk's statistics: its max (NaN ignored; -inf when it has no finite entry) and its shifted
+// sums relative to that max (to 0 when the max is -inf, so that -inf entries add exactly 0).
+struct ChunkPartial {
+  float max;
+  ShiftedSums sums;
+};
+
+// kLanes floats from z[j, len): the missing tail lanes are `fill`.
+EM_SIMD_INLINE VecF load_lanes(const float* z, int64_t j, int64_t len, float fill) {
+  return j + kLanes <= len ? em::cpu::load<float>(z + j)
+                           : em::cpu::load_partial<float>(z + j, static_cast<int>(len - j), fill);
 }
 
-EM_SIMD_INLINE void store_lanes(float* z, int64_t j, int64_t V, VecF x) {
-  if (j + kLanes <= V) {
+EM_SIMD_INLINE void store_lanes(float* z, int64_t j, int64_t len, VecF x) {
+  if (j + kLanes <= len) {
     em::cpu::store<float>(z + j, x);
   } else {
-    em::cpu::store_partial<float>(z + j, x, static_cast<int>(V - j));
+    em::cpu::store_partial<float>(z + j, x, static_cast<int>(len - j));
   }
 }
 
@@ -81,6 +118,7 @@ EM_SIMD_INLINE VecF exp2_lanes(VecF d) {
   return em::cpu::exp2_clamped(em::cpu::clamp_exponent(d, em::kExp2Floor));
 }
 
+// Per-lane sqrt: one vector instruction (the build passes -fno-math-errno).
 struct VecSqrt {
   EM_SIMD_INLINE VecF operator()(VecF x) const {
     for (int i = 0; i < kLanes; ++i) x[i] = std::sqrt(x[i]);
@@ -88,20 +126,15 @@ struct VecSqrt {
   }
 };
 
-// sum_j 2^d_j and sum_j 2^d_j d_j with d_j = (z_j - max) * scale (bits), in double across
-// blocks. NaN entries poison the sums; a masked entry contributes 0.
-struct ShiftedSums {
-  double sum, weighted;
-};
-
-ShiftedSums shifted_sums(const float* z, int64_t V, float max, float scale) {
+EM_SIMD_INLINE ShiftedSums shifted_sums(const float* z, int64_t len, float reference,
+                                        float scale) {
   double sum = 0.0, weighted = 0.0;
-  for (int64_t block = 0; block < V; block += kVectorsPerBlock * kLanes) {
-    const int64_t block_end = std::min<int64_t>(V, block + kVectorsPerBlock * kLanes);
+  for (int64_t block = 0; block < len; block += kVectorsPerBlock * kLanes) {
+    const int64_t block_end = std::min<int64_t>(len, block + kVectorsPerBlock * kLanes);
     VecF block_sum = em::cpu::splat(0.0f), block_weighted = em::cpu::splat(0.0f);
     for (int64_t j = block; j < block_end; j += kLanes) {
-      VecF d = (load_lanes(z, j, V, kNegInf) - max) * scale;
-      d = em::cpu::clamp_exponent(d, em::kExp2Floor);
+      const VecF d = em::cpu::clamp_exponent((load_lanes(z, j, len, kNegInf) - reference) * scale,
+                                             em::kExp2Floor);
       const VecF e = em::cpu::exp2_clamped(d);
       block_sum += e;
       block_weighted += e * d;
@@ -112,126 +145,183 @@ ShiftedSums shifted_sums(const float* z, int64_t V, float max, float scale) {
   return {sum, weighted};
 }
 
-// Statistics of z[0, V) given its max (NaN entries ignored by the max: they poison the sums). A
-// row that is all -inf gives an entropy NaN, as the reference.
-SoftmaxStats softmax_stats(const float* z, int64_t V, float max) {
-  const auto [sum, weighted] = shifted_sums(z, V, max, em::kLog2e);
-  const double log2_sum = std::log2(sum);
-  const double mean_shift_bits = weighted / sum;
-  return {max, static_cast<float>(std::log(sum)), static_cast<float>(mean_shift_bits * em::kLn2),
-          static_cast<float>((log2_sum - mean_shift_bits) * em::kLn2)};
+// Statistics in nats from sums in bits relative to the row max. A row that is all -inf (sum 0)
+// gives an entropy NaN, as the reference.
+EM_SIMD_INLINE SoftmaxStats stats_from_sums(float max, ShiftedSums sums) {
+  const double mean_shift_bits = sums.weighted / sums.sum;
+  return {max, static_cast<float>(std::log2(sums.sum) * em::kLn2),
+          static_cast<float>(mean_shift_bits * em::kLn2),
+          static_cast<float>((std::log2(sums.sum) - mean_shift_bits) * em::kLn2)};
 }
 
-// z <- logits row in fp32; returns its max (ignoring NaN).
-template <typename scalar_t>
-float load_row(const scalar_t* logits, float* z, int64_t V) {
+EM_SIMD_INLINE ChunkPartial chunk_partial(const float* z, int64_t len, float max) {
+  return {max, shifted_sums(z, len, max == kNegInf ? 0.0f : max, em::kLog2e)};
+}
+
+// The row's statistics from its chunks' partials, merged in chunk order in double: each chunk's
+// sums move from its max m_c to the row max M by s = (m_c - M) log2 e: sum += 2^s sum_c,
+// weighted += 2^s (weighted_c + s sum_c). Chunks with nothing finite (sum exactly 0) add nothing.
+SoftmaxStats merge_row(const ChunkPartial* partials, int64_t chunks) {
   float max = kNegInf;
-  for (int64_t j = 0; j < V; ++j) {
-    z[j] = static_cast<float>(logits[j]);
-    max = z[j] > max ? z[j] : max;
+  for (int64_t c = 0; c < chunks; ++c) max = std::max(max, partials[c].max);
+  ShiftedSums row{0.0, 0.0};
+  for (int64_t c = 0; c < chunks; ++c) {
+    const ShiftedSums& part = partials[c].sums;
+    if (part.sum == 0.0) continue;
+    const double shift = (static_cast<double>(partials[c].max) - max) * em::kLog2e;
+    const double factor = std::exp2(shift);
+    row.sum += factor * part.sum;
+    row.weighted += factor * (part.weighted + shift * part.sum);
   }
-  return max;
+  return stats_from_sums(max, row);
 }
 
-// p = exp((z - max) - log_sum) per lane: the one formula for p and p0, so that p - p0 is exactly
-// 0 at step 1 (z = z0), where the KL term would otherwise add rounding noise to gradients ~0.
+// z[0, len) <- the logits in fp32; returns their max (ignoring NaN).
+template <typename T>
+EM_SIMD_INLINE float load_chunk(const T* logits, float* z, int64_t len) {
+  VecF max = em::cpu::splat(kNegInf);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    const VecF x = j + kLanes <= len
+        ? em::cpu::load<T>(logits + j)
+        : em::cpu::load_partial<T>(logits + j, static_cast<int>(len - j), kNegInf);
+    store_lanes(z, j, len, x);
+    max = em::cpu::max_ignoring_nan(max, x);
+  }
+  return em::cpu::reduce_max(max);
+}
+
+// p = exp((z - max) - log_sum) per lane: one formula for p at every step, p0 included.
 EM_SIMD_INLINE VecF probs_lanes(VecF z, const SoftmaxStats& stats) {
   return exp2_lanes(((z - stats.max) - stats.log_sum) * em::kLog2e);
 }
 
-// p0 <- softmax(z) with the statistics of z.
-void store_probs(const float* z, int64_t V, SoftmaxStats stats, float* p0) {
-  for (int64_t j = 0; j < V; j += kLanes)
-    store_lanes(p0, j, V, probs_lanes(load_lanes(z, j, V, kNegInf), stats));
-}
-
-// One optimiser step on the row (z, m, v) with the statistics of z; returns the max of the new z
-// (ignoring NaN).
-float optimizer_pass(float* z, float* m, float* v, const float* p0, int64_t V, SoftmaxStats stats,
-                     float kl_scale, const em::OptimizerStep& step) {
+// One optimiser step on the chunk (z, m, v, p0) with the row statistics of z; returns the max of
+// the new z (ignoring NaN). Step 1 stores p as p0 and starts m and v at 0 without reading them.
+EM_SIMD_INLINE float optimizer_chunk(float* z, float* m, float* v, float* p0, int64_t len,
+                                     const SoftmaxStats& stats, float kl_scale,
+                                     const em::OptimizerStep& step, bool first_step) {
   VecF max = em::cpu::splat(kNegInf);
-  for (int64_t j = 0; j < V; j += kLanes) {
-    const VecF zj = load_lanes(z, j, V, kNegInf);
-    VecF mj = load_lanes(m, j, V, 0.0f), vj = load_lanes(v, j, V, 0.0f);
+  for (int64_t j = 0; j < len; j += kLanes) {
+    const VecF zj = load_lanes(z, j, len, kNegInf);
     const VecF p = probs_lanes(zj, stats);
+    VecF p_initial = p, mj = em::cpu::splat(0.0f), vj = em::cpu::splat(0.0f);
+    if (first_step) {
+      store_lanes(p0, j, len, p);
+    } else {
+      p_initial = load_lanes(p0, j, len, 0.0f);
+      if (step.adam) {
+        mj = load_lanes(m, j, len, 0.0f);
+        vj = load_lanes(v, j, len, 0.0f);
+      }
+    }
     const VecF log_p_plus_entropy = (zj - stats.max) - stats.mean_shift;
-    VecF grad = -p * log_p_plus_entropy + kl_scale * (p - load_lanes(p0, j, V, 0.0f));
+    VecF grad = -p * log_p_plus_entropy + kl_scale * (p - p_initial);
     grad = (zj - zj == 0.0f) ? grad : em::cpu::splat(0.0f);  // 0 where z is +-inf or NaN
     const VecF updated = zj - em::optimizer_update(step, grad, mj, vj, VecSqrt{});
-    store_lanes(z, j, V, updated);
-    store_lanes(m, j, V, mj);
-    store_lanes(v, j, V, vj);
+    store_lanes(z, j, len, updated);
+    if (step.adam) {
+      store_lanes(m, j, len, mj);
+      store_lanes(v, j, len, vj);
+    }
     max = em::cpu::max_ignoring_nan(max, updated);
   }
   return em::cpu::reduce_max(max);
 }
 
+// A group of rows under optimisation: z is the output itself, m, v and p0 are [G, V] buffers, and
+// one partial per (row, chunk) holds the statistics of the current z.
+struct EmInfGroup {
+  float* z;
+  float* m;
+  float* v;
+  float* p0;
+  int64_t rows;
+  int64_t vocab;
+  int64_t chunks;
+  std::vector<ChunkPartial> partials;  // [rows, chunks]
+  std::vector<SoftmaxStats> stats;     // [rows]
+  std::vector<char> active;            // [rows]: not yet stopped by the early exit
+
+  void merge_partials() {
+    for (int64_t r = 0; r < rows; ++r)
+      if (active[r]) stats[r] = merge_row(partials.data() + r * chunks, chunks);
+  }
+
+  // Runs item(row, chunk, first entry, length) over every chunk of every active row, in parallel.
+  template <typename Item>
+  void for_each_chunk(const Item& item) {
+    at::parallel_for(0, rows * chunks, kItemsPerTask, [&](int64_t begin, int64_t end) {
+      em::cpu::run_with_widest_isa([&]() EM_ISA_BODY {
+        for (int64_t index = begin; index < end; ++index) {
+          const int64_t r = index / chunks, c = index % chunks;
+          if (!active[r]) continue;
+          const int64_t first = c * kChunk;
+          item(r, c, first, std::min(kChunk, vocab - first));
+        }
+      });
+    });
+  }
+};
+
+// Rows [row0, row0 + G) of logits, optimised together: `steps` steps with the early exit of the
+// mode, results in out.
 template <typename scalar_t>
-void em_inf_rows_independent(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
-                             float kl_scale, float threshold, bool adam) {
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  const scalar_t* in = logits.const_data_ptr<scalar_t>();
-  float* out_ptr = out.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> state(3 * static_cast<size_t>(V));  // m, v, p0 of the current row
-    float* m = state.data();
-    float* v = m + V;
-    float* p0 = v + V;
-    for (int64_t row = begin; row < end; ++row) {
-      float* z = out_ptr + row * V;
-      float max = load_row(in + row * row_stride, z, V);
-      if (steps == 0) continue;
-      SoftmaxStats stats = softmax_stats(z, V, max);
-      store_probs(z, V, stats, p0);
-      std::fill(m, m + 2 * V, 0.0f);  // m and v
-      em::OptimizerSchedule schedule(lr, adam);
-      for (int64_t t = 1; t <= steps; ++t) {
-        if (stats.entropy < threshold) break;
-        max = optimizer_pass(z, m, v, p0, V, stats, kl_scale, schedule.next());
-        if (t < steps) stats = softmax_stats(z, V, max);
-      }
-    }
+void em_inf_group(const at::Tensor& logits, at::Tensor& out, int64_t row0, int64_t group_rows,
+                  float* state, int64_t steps, float lr, float kl_scale, float threshold,
+                  bool adam, bool batch_exit) {
+  using T = Storage<scalar_t>;
+  const int64_t V = logits.size(1), row_stride = logits.stride(0);
+  const T* in = static_cast<const T*>(logits.const_data_ptr()) + row0 * row_stride;
+  const int64_t chunks = (V + kChunk - 1) / kChunk;
+  EmInfGroup group{out.data_ptr<float>() + row0 * V, state, state + group_rows * V,
+                   state + 2 * group_rows * V, group_rows, V, chunks,
+                   std::vector<ChunkPartial>(group_rows * chunks),
+                   std::vector<SoftmaxStats>(group_rows), std::vector<char>(group_rows, 1)};
+  const bool need_stats = steps > 0;
+  group.for_each_chunk([&](int64_t r, int64_t c, int64_t first, int64_t len) EM_ISA_BODY {
+    float* z = group.z + r * V + first;
+    const float max = load_chunk<T>(in + r * row_stride + first, z, len);
+    if (need_stats) group.partials[r * chunks + c] = chunk_partial(z, len, max);
   });
+  if (!need_stats) return;
+  group.merge_partials();
+  em::OptimizerSchedule schedule(lr, adam);
+  for (int64_t t = 1; t <= steps; ++t) {
+    if (batch_exit) {
+      float entropy_sum = 0.0f;
+      for (int64_t r = 0; r < group_rows; ++r) entropy_sum += group.stats[r].entropy;
+      if (entropy_sum < threshold) return;
+    } else {
+      for (int64_t r = 0; r < group_rows; ++r)
+        if (group.stats[r].entropy < threshold) group.active[r] = 0;
+    }
+    const em::OptimizerStep step = schedule.next();
+    const bool last = t == steps;
+    group.for_each_chunk([&](int64_t r, int64_t c, int64_t first, int64_t len) EM_ISA_BODY {
+      const int64_t offset = r * V + first;
+      float* z = group.z + offset;
+      const float max = optimizer_chunk(z, group.m + offset, group.v + offset, group.p0 + offset,
+                                        len, group.stats[r], kl_scale, step, t == 1);
+      if (!last) group.partials[r * chunks + c] = chunk_partial(z, len, max);
+    });
+    if (!last) group.merge_partials();
+  }
 }
 
 template <typename scalar_t>
-void em_inf_batch_exit(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
-                       float kl_scale, float threshold, bool adam) {
-  const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  const scalar_t* in = logits.const_data_ptr<scalar_t>();
-  float* z_all = out.data_ptr<float>();
-  std::vector<float> maxes(N);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)
-      maxes[row] = load_row(in + row * row_stride, z_all + row * V, V);
-  });
-  if (steps == 0) return;
-  // m, v and p0 of every row, [3, N, V]: the batch-wide decision needs every row between steps.
-  at::Tensor state = at::zeros({3, N, V}, out.options());
-  float* m_all = state.data_ptr<float>();
-  float* v_all = m_all + N * V;
-  float* p0_all = v_all + N * V;
-  std::vector<SoftmaxStats> stats(N);
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      stats[row] = softmax_stats(z_all + row * V, V, maxes[row]);
-      store_probs(z_all + row * V, V, stats[row], p0_all + row * V);
-    }
-  });
-  em::OptimizerSchedule schedule(lr, adam);
-  for (int64_t t = 1; t <= steps; ++t) {
-    float entropy_sum = 0.0f;
-    for (int64_t row = 0; row < N; ++row) entropy_sum += stats[row].entropy;
-    if (entropy_sum < threshold) break;
-    const em::OptimizerStep step = schedule.next();
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        float* z = z_all + row * V;
-        const float max = optimizer_pass(z, m_all + row * V, v_all + row * V, p0_all + row * V,
-                                         V, stats[row], kl_scale, step);
-        if (t < steps) stats[row] = softmax_stats(z, V, max);
-      }
-    });
+void em_inf_rows(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
+                 float kl_scale, float threshold, bool adam, bool batch_exit) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  // Batch mode decides for every row at once; row mode needs only enough rows to fill the threads.
+  const int64_t group_rows =
+      batch_exit ? N : std::min<int64_t>(N, std::max<int64_t>(1, at::get_num_threads()));
+  // m, v and p0 of one group, written before they are read.
+  const at::Tensor state =
+      at::empty({steps > 0 ? 3 * group_rows * V : 0}, out.options());
+  for (int64_t row0 = 0; row0 < N; row0 += group_rows) {
+    em_inf_group<scalar_t>(logits, out, row0, std::min(group_rows, N - row0),
+                           state.data_ptr<float>(), steps, lr, kl_scale, threshold, adam,
+                           batch_exit);
   }
 }
 
@@ -244,20 +334,14 @@ at::Tensor em_inf_adjust_cpu(const at::Tensor& logits, int64_t steps, double lr,
   const float kl_scale =
       static_cast<float>(batch_exit ? kl_weight / static_cast<double>(logits.size(0)) : kl_weight);
   em::dispatch_logits_dtype(logits.scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    if (batch_exit) {
-      em_inf_batch_exit<scalar_t>(logits, out, steps, static_cast<float>(lr), kl_scale,
-                                  static_cast<float>(threshold), adam);
-    } else {
-      em_inf_rows_independent<scalar_t>(logits, out, steps, static_cast<float>(lr), kl_scale,
-                                        static_cast<float>(threshold), adam);
-    }
+    em_inf_rows<decltype(tag)>(logits, out, steps, static_cast<float>(lr), kl_scale,
+                               static_cast<float>(threshold), adam, batch_exit);
   });
   return out;
 }
 
 // Entropy of softmax(z / tau) for a row z with max `max` (tau > 0): d = (z - max) log2(e) / tau.
-float scaled_entropy(const float* z, int64_t V, float max, float tau) {
+EM_SIMD_INLINE float scaled_entropy(const float* z, int64_t V, float max, float tau) {
   const auto [sum, weighted] = shifted_sums(z, V, max, em::kLog2e / tau);
   return static_cast<float>((std::log2(sum) - weighted / sum) * em::kLn2);
 }
@@ -265,29 +349,32 @@ float scaled_entropy(const float* z, int64_t V, float max, float tau) {
 template <typename scalar_t>
 void adaptive_temperature_rows(const at::Tensor& logits, at::Tensor& out, float alpha,
                                float delta, int64_t max_iters, float tol) {
+  using T = Storage<scalar_t>;
   const int64_t N = logits.size(0), V = logits.size(1), row_stride = logits.stride(0);
-  const scalar_t* in = logits.const_data_ptr<scalar_t>();
+  const T* in = static_cast<const T*>(logits.const_data_ptr());
   float* out_ptr = out.data_ptr<float>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      float* z = out_ptr + row * V;  // the row in fp32, divided by tau in place at the end
-      const float max = load_row(in + row * row_stride, z, V);
-      const float entropy = softmax_stats(z, V, max).entropy;
-      if (!(entropy > delta)) continue;  // already sharp enough (or NaN): tau = 1
-      const float target = std::fmax(alpha * entropy, delta);
-      float lo = 0.01f, hi = 1.0f, tau = 1.0f;
-      for (int64_t it = 0; it < max_iters; ++it) {
-        tau = (lo + hi) / 2.0f;
-        const float h = scaled_entropy(z, V, max, tau);
-        if (std::fabs(h - target) < tol) break;
-        if (h > target) {
-          hi = tau;
-        } else {
-          lo = tau;
+    em::cpu::run_with_widest_isa([&]() EM_ISA_BODY {
+      for (int64_t row = begin; row < end; ++row) {
+        float* z = out_ptr + row * V;  // the row in fp32, divided by tau in place at the end
+        const float max = load_chunk<T>(in + row * row_stride, z, V);
+        const float entropy = scaled_entropy(z, V, max, 1.0f);
+        if (!(entropy > delta)) continue;  // already sharp enough (or NaN): tau = 1
+        const float target = std::fmax(alpha * entropy, delta);
+        float lo = 0.01f, hi = 1.0f, tau = 1.0f;
+        for (int64_t it = 0; it < max_iters; ++it) {
+          tau = (lo + hi) / 2.0f;
+          const float h = scaled_entropy(z, V, max, tau);
+          if (std::fabs(h - target) < tol) break;
+          if (h > target) {
+            hi = tau;
+          } else {
+            lo = tau;
+          }
         }
+        for (int64_t j = 0; j < V; j += kLanes) store_lanes(z, j, V, load_lanes(z, j, V, 0.0f) / tau);
       }
-      for (int64_t j = 0; j < V; ++j) z[j] = z[j] / tau;
-    }
+    });
   });
 }
 

@@ -18,11 +18,9 @@
 // of the gradient.
 //
 // The inner loops are GCC/Clang vector code compiled three times (baseline x86-64, AVX2+FMA,
-// AVX-512) and chosen at run time by torch's own CPU capability (so ATEN_CPU_CAPABILITY=avx2 or
-// =default selects the narrower code, as it does for torch's kernels).
+// AVX-512) and chosen at run time by torch's own CPU capability (isa.h).
 
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -31,7 +29,6 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -43,6 +40,7 @@
 #include "em/cpu_simd.h"
 #include "em/op_checks.h"
 #include "em/softmax_stats.h"
+#include "isa.h"
 
 namespace em::cpu {
 namespace {
@@ -174,84 +172,6 @@ EM_SIMD_INLINE void backward_items(const BackwardTask<T>& task, int64_t begin, i
   }
 }
 
-// ---- ISA variants: the same source, compiled for three targets -----------------------------
-
-template <typename T>
-using ForwardFn = void (*)(const ForwardTask<T>&, int64_t, int64_t);
-template <typename T>
-using BackwardFn = void (*)(const BackwardTask<T>&, int64_t, int64_t);
-
-template <typename T>
-void forward_items_baseline(const ForwardTask<T>& task, int64_t begin, int64_t end) {
-  forward_items<T>(task, begin, end);
-}
-template <typename T>
-void backward_items_baseline(const BackwardTask<T>& task, int64_t begin, int64_t end) {
-  backward_items<T>(task, begin, end);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define EM_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define EM_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
-
-template <typename T>
-EM_TARGET_AVX2 void forward_items_avx2(const ForwardTask<T>& task, int64_t begin, int64_t end) {
-  forward_items<T>(task, begin, end);
-}
-template <typename T>
-EM_TARGET_AVX2 void backward_items_avx2(const BackwardTask<T>& task, int64_t begin, int64_t end) {
-  backward_items<T>(task, begin, end);
-}
-template <typename T>
-EM_TARGET_AVX512 void forward_items_avx512(const ForwardTask<T>& task, int64_t begin, int64_t end) {
-  forward_items<T>(task, begin, end);
-}
-template <typename T>
-EM_TARGET_AVX512 void backward_items_avx512(const BackwardTask<T>& task, int64_t begin,
-                                            int64_t end) {
-  backward_items<T>(task, begin, end);
-}
-#endif
-
-enum class Isa { kBaseline, kAvx2, kAvx512 };
-
-// The widest variant torch itself uses here (honours ATEN_CPU_CAPABILITY).
-Isa runtime_isa() {
-  static const Isa isa = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    const std::string capability = at::get_cpu_capability();
-    if (capability == "AVX512") return Isa::kAvx512;
-    if (capability == "AVX2") return Isa::kAvx2;
-#endif
-    return Isa::kBaseline;
-  }();
-  return isa;
-}
-
-template <typename T>
-ForwardFn<T> forward_variant() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  switch (runtime_isa()) {
-    case Isa::kAvx512: return &forward_items_avx512<T>;
-    case Isa::kAvx2: return &forward_items_avx2<T>;
-    case Isa::kBaseline: break;
-  }
-#endif
-  return &forward_items_baseline<T>;
-}
-
-template <typename T>
-BackwardFn<T> backward_variant() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  switch (runtime_isa()) {
-    case Isa::kAvx512: return &backward_items_avx512<T>;
-    case Isa::kAvx2: return &backward_items_avx2<T>;
-    case Isa::kBaseline: break;
-  }
-#endif
-  return &backward_items_baseline<T>;
-}
-
 // ---- drivers ---------------------------------------------------------------------------------
 
 // Smallest output worth backing with transparent huge pages.
@@ -297,9 +217,9 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
   const float inv_temperature = factors.inv_temperature;
   const ForwardTask<T> task{static_cast<const T*>(logits.const_data_ptr()), logits.stride(0), vocab,
                             chunks, factors.scale, partials.data()};
-  const ForwardFn<T> run = forward_variant<T>();
-  at::parallel_for(0, rows * chunks, item_grain(vocab),
-                   [&](int64_t begin, int64_t end) { run(task, begin, end); });
+  at::parallel_for(0, rows * chunks, item_grain(vocab), [&](int64_t begin, int64_t end) {
+    run_with_widest_isa([&]() EM_ISA_BODY { forward_items<T>(task, begin, end); });
+  });
 
   float* entropy_out = entropy.data_ptr<float>();
   float* lse_out = lse.data_ptr<float>();
@@ -327,9 +247,10 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
 
 template <typename T>
 void backward(const BackwardTask<T>& task, int64_t rows) {
-  const BackwardFn<T> run = backward_variant<T>();
-  at::parallel_for(0, rows * task.chunks_per_row, item_grain(task.vocab),
-                   [&](int64_t begin, int64_t end) { run(task, begin, end); });
+  at::parallel_for(0, rows * task.chunks_per_row, item_grain(task.vocab), [&](int64_t begin,
+                                                                             int64_t end) {
+    run_with_widest_isa([&]() EM_ISA_BODY { backward_items<T>(task, begin, end); });
+  });
 }
 
 // Calls fn.template operator()<T>() with T the storage type of `dtype`.
