@@ -14,10 +14,21 @@ interleaved in the same process on the same prompt:
             torch.optim.Adam, autograd, a host-side early-exit check per step).
 
 EM-INF runs 5 steps with threshold -inf, so no row ever exits early (the anchors' setting).
-Reported: ms per generated token (wall-clock of generate() / new tokens, median over --repeats
-runs after one warm-up run each) and the overhead over plain. Sampling is on (do_sample=True,
-temperature 1, no top-k/top-p). The models have no EOS token, so every run makes the same number
-of tokens and no entry is masked to -inf (which the released code would turn into NaN).
+Reported, two ways:
+
+- end to end: ms per generated token (wall-clock of generate() / new tokens, median over
+  --repeats runs after one full-length warm-up run each; the providers take turns, and the one
+  that goes first rotates each round, so drift and order effects hit them alike) and the
+  overhead over plain. On a GPU a 7B decode step at batch 1 is ~20 ms of mostly host-side launch
+  work whose run-to-run spread is larger than 1%, so this alone cannot resolve a 0.05 ms cost;
+- per call: each processor alone on (batch, vocab) fp32 scores (what generate() hands the
+  processors), synchronised after every call, median over --calls calls: its full cost per token
+  (host and device, nothing overlapped), and that cost over plain's ms per token, an upper bound
+  on the processor's share of a token that does not drown in the end-to-end spread.
+
+Sampling is on (do_sample=True, temperature 1, no top-k/top-p). The models have no EOS token, so
+every run makes the same number of tokens and no entry is masked to -inf (which the released code
+would turn into NaN).
 """
 
 from __future__ import annotations
@@ -108,6 +119,22 @@ def time_generate(model, input_ids, processors, new_tokens: int, device: str) ->
     return elapsed
 
 
+def time_processor_call(processors, input_ids, scores, calls: int, device: str) -> float:
+    """Median seconds of one call of the processors on ``scores``, synchronised each call."""
+    samples = []
+    for _ in range(calls + 3):  # the first 3 warm up
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = scores
+        for processor in processors:
+            out = processor(input_ids, out)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples[3:])
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -127,7 +154,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="generated tokens (default 64 for --qwen7b, 32 for the tiny model)")
     parser.add_argument("--vocab", type=int, default=32000, help="tiny model's vocabulary")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="generate() runs per provider")
+    parser.add_argument("--calls", type=int, default=200,
+                        help="timed calls of each processor alone")
     parser.add_argument("--providers", default="plain,em-inf,released")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -152,14 +181,20 @@ def main(argv=None) -> dict:
     unknown = sorted(set(chosen) - set(providers))
     if unknown:
         parser.error(f"unknown providers {unknown}; choose from {sorted(providers)}")
-    for name in chosen:  # warm-up: JIT, allocator, kernels
-        time_generate(model, input_ids, providers[name], min(new_tokens, 4), device)
+    for name in chosen:  # warm-up at full length: JIT, kernels, the allocator's KV-cache blocks
+        time_generate(model, input_ids, providers[name], new_tokens, device)
     samples = {name: [] for name in chosen}
-    for _ in range(args.repeats):  # interleaved, so drift hits every provider alike
-        for name in chosen:
+    for round_ in range(args.repeats):  # take turns; who goes first rotates
+        for i in range(len(chosen)):
+            name = chosen[(round_ + i) % len(chosen)]
             samples[name].append(time_generate(model, input_ids, providers[name], new_tokens,
                                                device))
     ms_per_token = {name: 1e3 * statistics.median(s) / new_tokens for name, s in samples.items()}
+    scores = 3.0 * torch.randn(args.batch, vocab, device=device,
+                               generator=torch.Generator(device).manual_seed(1))
+    ms_per_call = {name: 1e3 * time_processor_call(providers[name], input_ids, scores,
+                                                   args.calls, device)
+                   for name in chosen if providers[name]}
 
     device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     try:
@@ -171,16 +206,22 @@ def main(argv=None) -> dict:
           f"commit {_commit()}")
     print(f"model {'Qwen2.5-7B-shaped bf16' if args.qwen7b else 'tiny Llama'} (vocab {vocab}), "
           f"batch {args.batch}, prompt {prompt}, {new_tokens} new tokens, em-inf backend "
-          f"{args.backend}, median of {args.repeats}")
+          f"{args.backend}; end to end: median of {args.repeats} generate() runs, per call: "
+          f"median of {args.calls} calls")
     plain = ms_per_token.get("plain")
     for name in chosen:
-        overhead = "" if plain is None or name == "plain" else (
-            f"  (+{100 * (ms_per_token[name] - plain) / plain:.1f}% over plain)")
-        print(f"  {name:9s} {ms_per_token[name]:8.3f} ms/token{overhead}")
+        line = f"  {name:9s} {ms_per_token[name]:8.3f} ms/token"
+        if plain is not None and name != "plain":
+            line += f"  (+{100 * (ms_per_token[name] - plain) / plain:.1f}% over plain)"
+        if name in ms_per_call:
+            line += f";  alone {1e3 * ms_per_call[name]:8.1f} us/call"
+            if plain is not None:
+                line += f" = {100 * ms_per_call[name] / plain:.2f}% of plain's token"
+        print(line)
     result = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
               "commit": _commit(), "qwen7b": args.qwen7b, "vocab": vocab, "batch": args.batch,
               "prompt": prompt, "new_tokens": new_tokens, "backend": args.backend,
-              "ms_per_token": ms_per_token}
+              "ms_per_token": ms_per_token, "ms_per_call": ms_per_call}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

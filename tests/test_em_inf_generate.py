@@ -155,3 +155,21 @@ def test_bad_options_fail_at_construction(cls, kwargs, error):
 def test_adjust_that_is_not_a_logits_processor_raises(adjust):
     with pytest.raises(TypeError, match="adjust must be None or a transformers LogitsProcessor"):
         em_inf_processors(adjust)
+
+
+def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
+    """bench/decode.py end to end on a tiny model: every provider timed in generate() and, but
+    plain, alone per call; the JSON holds both."""
+    import json
+
+    from bench.decode import main
+
+    out = tmp_path / "decode.json"
+    result = main(["--vocab", "300", "--prompt", "4", "--new-tokens", "3", "--repeats", "2",
+                   "--calls", "3", "--backend", "auto",
+                   "--json", str(out)])
+    assert set(result["ms_per_token"]) == {"plain", "em-inf", "released"}
+    assert set(result["ms_per_call"]) == {"em-inf", "released"}
+    assert all(ms > 0 for ms in [*result["ms_per_token"].values(), *result["ms_per_call"].values()])
+    assert json.loads(out.read_text())["ms_per_call"] == result["ms_per_call"]
+    assert "us/call" in capsys.readouterr().out
