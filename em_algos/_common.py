@@ -20,7 +20,6 @@ Conventions (the same for every public function of em_algos):
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
@@ -29,24 +28,19 @@ import torch.distributed as dist
 from torch import nn
 
 import em_kernels
+from em_kernels import _checks
 
 
 # ----------------------------------------------------------------------------- argument checks
 
-def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-    return value
+check_choice = _checks.check_choice
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}, "
-                         f"got {value!r}")
-    return value
+    """A Python int (integer=True) or number, > 0 (>= 0 with allow_zero) and finite."""
+    if integer:
+        return _checks.check_int(name, value, 0 if allow_zero else 1)
+    return _checks.check_number(name, value, low=0.0, low_open=not allow_zero)
 
 
 def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,

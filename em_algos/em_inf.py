@@ -33,6 +33,7 @@ from transformers import (
 )
 
 import em_kernels
+from em_kernels import _checks
 
 __all__ = [
     "AdaptiveTemperatureLogitsProcessor",
@@ -45,15 +46,6 @@ _BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 # generate() arguments under which it adds no temperature / top-k / top-p warper of its own.
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
-
-
-def _check_backend(backend) -> str:
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
-    if backend not in _BACKENDS:
-        raise ValueError(f'unknown backend "{backend}"; choose one of ' +
-                         ", ".join(f'"{b}"' for b in _BACKENDS))
-    return backend
 
 
 # A 1 x 2 CPU row on which the constructors run the op once with backend="torch", so that bad
@@ -74,7 +66,7 @@ class EMInfLogitsProcessor(LogitsProcessor):
         self.options = dict(steps=steps, lr=lr, kl_weight=kl_weight, threshold=threshold,
                             early_exit=early_exit, optimizer=optimizer)
         em_kernels.em_inf_adjust(_PROBE, backend="torch", **self.options)
-        self.backend = _check_backend(backend)
+        self.backend = _checks.check_choice("backend", backend, _BACKENDS)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         adjusted = em_kernels.em_inf_adjust(scores, backend=self.backend, **self.options)
@@ -93,7 +85,7 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
                  tol: float = 0.01, backend: str = "auto"):
         self.options = dict(alpha=alpha, delta=delta, max_iters=max_iters, tol=tol)
         em_kernels.adaptive_temperature(_PROBE, backend="torch", **self.options)
-        self.backend = _check_backend(backend)
+        self.backend = _checks.check_choice("backend", backend, _BACKENDS)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scaled = em_kernels.adaptive_temperature(scores, backend=self.backend, **self.options)

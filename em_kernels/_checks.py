@@ -36,14 +36,52 @@ def check_logits(logits, backend: str, name: str = "logits") -> None:
         raise ValueError(f"{name} has an empty last dim (V = 0): there is no distribution")
 
 
+def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, allow_inf: bool = False) -> float:
+    """A Python int or float (not bool), never NaN, finite unless allow_inf, within [low, high]
+    ((low, high] with low_open; either bound may be None); returned as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+    value = float(value)
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and value > high
+    if math.isnan(value) or (math.isinf(value) and not allow_inf) or too_low or too_high:
+        raise ValueError(f"{name} must be {_describe_range(low, high, low_open, allow_inf)}, "
+                         f"got {value}")
+    return value
+
+
+def _describe_range(low, high, low_open: bool, allow_inf: bool) -> str:
+    kind = "a number (not NaN)" if allow_inf else "a finite number"
+    if low == 0 and high is None:
+        return "a finite positive number" if low_open and not allow_inf else f"{kind} >= 0"
+    if low is None and high is None:
+        return kind
+    return (f"{kind} in {'(' if low_open else '['}{'-inf' if low is None else low}, "
+            f"{'inf' if high is None else high}]")
+
+
+def check_int(name: str, value, minimum: int) -> int:
+    """A Python int (not bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f'unknown {name} "{value}"; choose one of ' +
+                         ", ".join(f'"{c}"' for c in choices))
+    return value
+
+
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(
-            f"temperature must be a Python number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
-    return temperature
+    return check_number("temperature", temperature, low=0.0, low_open=True)
 
 
 def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device) -> None:

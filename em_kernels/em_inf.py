@@ -5,7 +5,6 @@ em_kernels/triton/em_inf.py for the kernels' design."""
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -20,40 +19,6 @@ from ._ops.em_inf import (
 
 _OPTIMIZERS = ("adam", "sgd")
 _EARLY_EXITS = ("row", "batch")
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_float(name: str, value, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, allow_inf: bool = False) -> float:
-    """A Python number, not NaN, finite unless allow_inf, within [low, high] ((low, high] if
-    low_open)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    value = float(value)
-    if math.isnan(value) or (not allow_inf and not math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high if high is not None else 'inf'}]"
-                         f", got {value}")
-    return value
-
-
-def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f'unknown {name} "{value}"; choose one of ' +
-                         ", ".join(f'"{c}"' for c in choices))
-    return value
 
 
 def _resolve(backend: str, device: torch.device, op_name: str) -> str:
@@ -168,12 +133,12 @@ def em_inf_adjust(
         float32 tensor shaped like ``logits`` (float64 for float64 logits), never an alias of
         them. NaN in a row makes that row's finite entries NaN; a row that is all -inf stays so.
     """
-    steps = _check_int("steps", steps, 0)
-    lr = _check_float("lr", lr, low=0.0)
-    kl_weight = _check_float("kl_weight", kl_weight, low=0.0)
-    threshold = _check_float("threshold", threshold, allow_inf=True)
-    optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
-    early_exit = _check_choice("early_exit", early_exit, _EARLY_EXITS)
+    steps = _checks.check_int("steps", steps, 0)
+    lr = _checks.check_number("lr", lr, low=0.0)
+    kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0)
+    threshold = _checks.check_number("threshold", threshold, allow_inf=True)
+    optimizer = _checks.check_choice("optimizer", optimizer, _OPTIMIZERS)
+    early_exit = _checks.check_choice("early_exit", early_exit, _EARLY_EXITS)
     _checks.check_logits(logits, backend)
     rows = _checks.as_rows(logits)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
@@ -215,10 +180,10 @@ def adaptive_temperature(
     Returns:
         float32 tensor shaped like ``logits`` (float64 for float64 logits): logits / tau.
     """
-    alpha = _check_float("alpha", alpha, low=0.0, high=1.0)
-    delta = _check_float("delta", delta, low=0.0)
-    max_iters = _check_int("max_iters", max_iters, 0)
-    tol = _check_float("tol", tol, low=0.0, low_open=True)
+    alpha = _checks.check_number("alpha", alpha, low=0.0, high=1.0)
+    delta = _checks.check_number("delta", delta, low=0.0)
+    max_iters = _checks.check_int("max_iters", max_iters, 0)
+    tol = _checks.check_number("tol", tol, low=0.0, low_open=True)
     _checks.check_logits(logits, backend)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel(
             "adaptive_temperature"):

@@ -84,20 +84,6 @@ def _check_matrices(hidden, weight, bias, backend: str) -> None:
         raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
 
 
-def _check_grad_filter_eps(grad_filter_eps) -> float:
-    if grad_filter_eps is None:
-        return 0.0
-    if isinstance(grad_filter_eps, bool) or not isinstance(grad_filter_eps, (int, float)):
-        raise TypeError(
-            f"grad_filter_eps must be None or a number, got {type(grad_filter_eps).__name__}")
-    grad_filter_eps = float(grad_filter_eps)
-    if not grad_filter_eps > 0 or grad_filter_eps == float("inf"):
-        raise ValueError(
-            f"grad_filter_eps must be None (off) or a finite positive number, "
-            f"got {grad_filter_eps}")
-    return grad_filter_eps
-
-
 def _vocab_range(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
     """(first global id of this rank's shard, global V): one all-gather of the shard sizes.
     It reads the sizes back to the host (one sync per call in vocab-parallel mode)."""
@@ -233,7 +219,8 @@ def linear_entropy(
         workspace of at most 256 MiB and an fp32 (N, H) d_hidden accumulator.
     """
     temperature = _checks.check_temperature(temperature)
-    grad_filter_eps = _check_grad_filter_eps(grad_filter_eps)
+    grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(
+        "grad_filter_eps", grad_filter_eps, low=0.0, low_open=True)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto")
     implementation = _resolve(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":
