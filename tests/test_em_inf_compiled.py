@@ -113,6 +113,24 @@ def test_row_mode_is_batch_invariant_and_deterministic(device, dtype):
         assert torch.equal(out[row:row + 1], em_inf(logits[row:row + 1], threshold=1.0))
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_cpu_results_do_not_depend_on_the_thread_count(early_exit):
+    """The CPU kernel spreads a row's chunks over the threads; every chunk is computed alike
+    whichever thread runs it and merged in chunk order, so 1 and 2 threads give the same bits
+    (V = 20000: 5 chunks, rows 1 and 3: one group, and more rows than threads)."""
+    for rows in (1, 3):
+        logits = random_logits(rows, 20000, 3.0, torch.bfloat16, "cpu", seed=rows, masked=0.1)
+        previous = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = em_inf(logits, threshold=-math.inf, early_exit=early_exit)
+            torch.set_num_threads(2)
+            two = em_inf(logits, threshold=-math.inf, early_exit=early_exit)
+        finally:
+            torch.set_num_threads(previous)
+        assert torch.equal(one, two), rows
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_strided_rows_and_edges(device):
     base = random_logits(6, 1000, 2.0, torch.bfloat16, device, seed=4)
