@@ -160,6 +160,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--providers", default="plain,em-inf,released")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    for name in ("batch", "repeats", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
 
     device = "cuda" if args.qwen7b else "cpu"
     if args.qwen7b and not torch.cuda.is_available():

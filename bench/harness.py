@@ -297,9 +297,9 @@ class Context:
         # time: their running sum is the memory held at each moment, its maximum the peak above
         # the start. (Per-op self memory would misplace a free that autograd attributes to a
         # parent op started before the child's allocations, and under-count the peak.)
-        records = sorted((event.start_ns(), event.nbytes())
-                         for event in prof.profiler.kineto_results.events()
-                         if event.name() == "[memory]")
+        records = sorted(((event.start_ns(), event.nbytes())
+                          for event in prof.profiler.kineto_results.events()
+                          if event.name() == "[memory]"), key=lambda record: record[0])
         current = peak = 0
         for _, nbytes in records:
             current += nbytes

@@ -54,7 +54,9 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
 def _describe_range(low, high, low_open: bool, allow_inf: bool) -> str:
     kind = "a number (not NaN)" if allow_inf else "a finite number"
     if low == 0 and high is None:
-        return "a finite positive number" if low_open and not allow_inf else f"{kind} >= 0"
+        if not low_open:
+            return f"{kind} >= 0"
+        return f"{kind} > 0" if allow_inf else "a finite positive number"
     if low is None and high is None:
         return kind
     return (f"{kind} in {'(' if low_open else '['}{'-inf' if low is None else low}, "

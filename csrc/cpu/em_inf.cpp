@@ -16,15 +16,17 @@
 // (z_j - max_c) log2 e): sum = sum 2^d_j, weighted = sum 2^d_j d_j. Between steps the partials
 // are merged per row in chunk order (ChunkPartial, merge_row). Each item is computed the same way
 // whichever thread runs it and whatever the other rows are: a row's bits never depend on the
-// batch, the grouping or the thread count, and a single row uses every core. Two exp2 per entry
+// batch, the grouping or the thread count, and a single row spreads over up to V / (4 kChunk)
+// threads (kItemsPerTask chunks each). Two exp2 per entry
 // per step (p, and the statistics of the new z), both the polynomial of em/cpu_simd.h, compiled
 // for the widest vector ISA of the machine (isa.h).
 //
-// early_exit "row" (batch_exit=false): rows go in groups of as many rows as threads, whose m, v
-// and p0 ([3, G, V]) live between steps; a row stops before the first step whose entropy is below
-// the threshold. early_exit "batch": the released code, one loss for the whole batch: one group of
-// every row, the entropies summed over the rows (in row order, so the decision is deterministic)
-// before each step, every row stopping at once; the KL weight is k = kl_weight / N.
+// early_exit "row" (batch_exit=false): rows go in groups (enough rows to keep every thread busy,
+// more for small vocabularies), whose p0, m and v ([3, G, V]; p0 alone for SGD) live between
+// steps; a row stops before the first step whose entropy is below the threshold, and its chunks
+// are no longer handed out. early_exit "batch": the released code, one loss for the whole batch:
+// one group of every row, the entropies summed over the rows (in row order, so the decision is
+// deterministic) before each step, every row stopping at once; the KL weight is k = kl_weight / N.
 //
 // Adaptive temperature, per row: the row in fp32 in the output, its max M and entropy once, then
 // one pass per bisection iteration: H(z / tau) with max M / tau (tau > 0 keeps the order), one
@@ -62,6 +64,9 @@ static_assert(kChunk % kLanes == 0, "chunks hold whole vectors");
 // Fewest items a thread is handed per step: 16K entries, ~20 us of work, above the cost of a
 // parallel region, so that a small row stays on one thread.
 constexpr int64_t kItemsPerTask = 4;
+// Row mode: a group of rows holds at least this much optimiser state, so that rows of a small
+// vocabulary go many to a parallel region; with the group's z it stays in L2/L3 across steps.
+constexpr int64_t kGroupStateBytes = int64_t{4} << 20;
 // Vectors summed in fp32 lanes before the sums take them in double: a plain fp32 sum over
 // V = 151936 terms loses about log2(V) bits, and Adam's update lr * g / (|g| + eps) turns a small
 // error in H into a sign flip of the step wherever g = -p (log p + H) nearly cancels.
@@ -228,33 +233,33 @@ EM_SIMD_INLINE float optimizer_chunk(float* z, float* m, float* v, float* p0, in
   return em::cpu::reduce_max(max);
 }
 
-// A group of rows under optimisation: z is the output itself, m, v and p0 are [G, V] buffers, and
-// one partial per (row, chunk) holds the statistics of the current z.
+// A group of rows under optimisation: z is the output itself; p0 (and for Adam m and v) are
+// [G, V] buffers; one partial per (row, chunk) holds the statistics of the current z.
 struct EmInfGroup {
   float* z;
-  float* m;
-  float* v;
   float* p0;
+  float* m;  // nullptr for SGD, as v
+  float* v;
   int64_t rows;
   int64_t vocab;
   int64_t chunks;
   std::vector<ChunkPartial> partials;  // [rows, chunks]
   std::vector<SoftmaxStats> stats;     // [rows]
-  std::vector<char> active;            // [rows]: not yet stopped by the early exit
+  std::vector<int64_t> active;         // the rows not yet stopped by the early exit, in order
 
   void merge_partials() {
-    for (int64_t r = 0; r < rows; ++r)
-      if (active[r]) stats[r] = merge_row(partials.data() + r * chunks, chunks);
+    for (const int64_t r : active) stats[r] = merge_row(partials.data() + r * chunks, chunks);
   }
 
-  // Runs item(row, chunk, first entry, length) over every chunk of every active row, in parallel.
+  // Runs item(row, chunk, first entry, length) over every chunk of every active row, in parallel
+  // (only active rows' chunks are handed out, so frozen rows leave no thread idle).
   template <typename Item>
   void for_each_chunk(const Item& item) {
-    at::parallel_for(0, rows * chunks, kItemsPerTask, [&](int64_t begin, int64_t end) {
+    const int64_t items = static_cast<int64_t>(active.size()) * chunks;
+    at::parallel_for(0, items, kItemsPerTask, [&](int64_t begin, int64_t end) {
       em::cpu::run_with_widest_isa([&]() EM_ISA_BODY {
         for (int64_t index = begin; index < end; ++index) {
-          const int64_t r = index / chunks, c = index % chunks;
-          if (!active[r]) continue;
+          const int64_t r = active[index / chunks], c = index % chunks;
           const int64_t first = c * kChunk;
           item(r, c, first, std::min(kChunk, vocab - first));
         }
@@ -264,7 +269,7 @@ struct EmInfGroup {
 };
 
 // Rows [row0, row0 + G) of logits, optimised together: `steps` steps with the early exit of the
-// mode, results in out.
+// mode, results in out. state: p0, then m and v for Adam, [G, V] each (unused when steps = 0).
 template <typename scalar_t>
 void em_inf_group(const at::Tensor& logits, at::Tensor& out, int64_t row0, int64_t group_rows,
                   float* state, int64_t steps, float lr, float kl_scale, float threshold,
@@ -272,18 +277,28 @@ void em_inf_group(const at::Tensor& logits, at::Tensor& out, int64_t row0, int64
   using T = Storage<scalar_t>;
   const int64_t V = logits.size(1), row_stride = logits.stride(0);
   const T* in = static_cast<const T*>(logits.const_data_ptr()) + row0 * row_stride;
-  const int64_t chunks = (V + kChunk - 1) / kChunk;
-  EmInfGroup group{out.data_ptr<float>() + row0 * V, state, state + group_rows * V,
-                   state + 2 * group_rows * V, group_rows, V, chunks,
-                   std::vector<ChunkPartial>(group_rows * chunks),
-                   std::vector<SoftmaxStats>(group_rows), std::vector<char>(group_rows, 1)};
-  const bool need_stats = steps > 0;
+  EmInfGroup group{out.data_ptr<float>() + row0 * V, nullptr, nullptr, nullptr, group_rows, V,
+                   (V + kChunk - 1) / kChunk, {}, {}, {}};
+  group.active.resize(group_rows);
+  for (int64_t r = 0; r < group_rows; ++r) group.active[r] = r;
+  if (steps == 0) {
+    group.for_each_chunk([&](int64_t r, int64_t, int64_t first, int64_t len) EM_ISA_BODY {
+      load_chunk<T>(in + r * row_stride + first, group.z + r * V + first, len);
+    });
+    return;
+  }
+  group.p0 = state;
+  if (adam) {
+    group.m = state + group_rows * V;
+    group.v = state + 2 * group_rows * V;
+  }
+  group.partials.resize(group_rows * group.chunks);
+  group.stats.resize(group_rows);
   group.for_each_chunk([&](int64_t r, int64_t c, int64_t first, int64_t len) EM_ISA_BODY {
     float* z = group.z + r * V + first;
     const float max = load_chunk<T>(in + r * row_stride + first, z, len);
-    if (need_stats) group.partials[r * chunks + c] = chunk_partial(z, len, max);
+    group.partials[r * group.chunks + c] = chunk_partial(z, len, max);
   });
-  if (!need_stats) return;
   group.merge_partials();
   em::OptimizerSchedule schedule(lr, adam);
   for (int64_t t = 1; t <= steps; ++t) {
@@ -292,17 +307,19 @@ void em_inf_group(const at::Tensor& logits, at::Tensor& out, int64_t row0, int64
       for (int64_t r = 0; r < group_rows; ++r) entropy_sum += group.stats[r].entropy;
       if (entropy_sum < threshold) return;
     } else {
-      for (int64_t r = 0; r < group_rows; ++r)
-        if (group.stats[r].entropy < threshold) group.active[r] = 0;
+      std::erase_if(group.active,
+                    [&](int64_t r) { return group.stats[r].entropy < threshold; });
+      if (group.active.empty()) return;
     }
     const em::OptimizerStep step = schedule.next();
     const bool last = t == steps;
     group.for_each_chunk([&](int64_t r, int64_t c, int64_t first, int64_t len) EM_ISA_BODY {
       const int64_t offset = r * V + first;
       float* z = group.z + offset;
-      const float max = optimizer_chunk(z, group.m + offset, group.v + offset, group.p0 + offset,
+      const float max = optimizer_chunk(z, adam ? group.m + offset : nullptr,
+                                        adam ? group.v + offset : nullptr, group.p0 + offset,
                                         len, group.stats[r], kl_scale, step, t == 1);
-      if (!last) group.partials[r * chunks + c] = chunk_partial(z, len, max);
+      if (!last) group.partials[r * group.chunks + c] = chunk_partial(z, len, max);
     });
     if (!last) group.merge_partials();
   }
@@ -312,12 +329,18 @@ template <typename scalar_t>
 void em_inf_rows(const at::Tensor& logits, at::Tensor& out, int64_t steps, float lr,
                  float kl_scale, float threshold, bool adam, bool batch_exit) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  // Batch mode decides for every row at once; row mode needs only enough rows to fill the threads.
-  const int64_t group_rows =
-      batch_exit ? N : std::min<int64_t>(N, std::max<int64_t>(1, at::get_num_threads()));
-  // m, v and p0 of one group, written before they are read.
-  const at::Tensor state =
-      at::empty({steps > 0 ? 3 * group_rows * V : 0}, out.options());
+  const int64_t state_floats_per_entry = adam ? 3 : 1;  // p0, and m and v for Adam
+  int64_t group_rows = N;  // batch mode decides for every row at once
+  if (!batch_exit) {  // row mode: enough rows to hand every thread kItemsPerTask chunks, and
+                      // rows of a small vocabulary many to a group
+    const int64_t chunks = (V + kChunk - 1) / kChunk;
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t rows_for_threads = (threads * kItemsPerTask + chunks - 1) / chunks;
+    const int64_t rows_in_budget = kGroupStateBytes / (4 * state_floats_per_entry * V);
+    group_rows = std::min<int64_t>(N, std::max({threads, rows_for_threads, rows_in_budget}));
+  }
+  const at::Tensor state = at::empty(
+      {steps > 0 ? state_floats_per_entry * group_rows * V : 0}, out.options());
   for (int64_t row0 = 0; row0 < N; row0 += group_rows) {
     em_inf_group<scalar_t>(logits, out, row0, std::min(group_rows, N - row0),
                            state.data_ptr<float>(), steps, lr, kl_scale, threshold, adam,

@@ -5,7 +5,9 @@
 // error is thrown and unwound through g++-compiled frames only, as on the CPU path: on the H200
 // machine (2026-11-27) a ValueError from a bad argument crashed the process when the entry point
 // was nvcc-compiled, even with the throw itself in a g++-compiled function, while the CPU entry
-// point raised it as it should.
+// point raised it as it should. (The launchers still raise c10::Error from nvcc-compiled code when
+// the CUDA runtime fails, the kind of throw that the entropy kernels' checks make without trouble
+// on that machine.)
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -13,10 +13,13 @@
 
 #include <cmath>
 
+// Always inline on the host too: the CPU kernels call optimizer_update on SIMD vectors from
+// functions compiled for AVX2 or AVX-512 (csrc/cpu/isa.h); an out-of-line copy would be compiled
+// for baseline x86-64 and receive those vectors under another calling convention.
 #if defined(__CUDACC__)
 #define EM_ADAM_INLINE __host__ __device__ __forceinline__
 #else
-#define EM_ADAM_INLINE inline
+#define EM_ADAM_INLINE inline __attribute__((always_inline))
 #endif
 
 namespace em {
