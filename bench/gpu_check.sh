@@ -10,7 +10,8 @@
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
 # Steps: build tests bench_headline bench_linear bench_decode_ops bench_headline_compile decode
-# bench_sweep. PYTHON overrides the interpreter (default python3).
+# bench_sweep, and bench_full (the whole --full sweep) only when named. PYTHON overrides the
+# interpreter (default python3).
 #
 # Writes at most 7 files, flat, into OUT_DIR (rewritten after every step, so a run killed
 # midway still leaves its results):
@@ -143,15 +144,22 @@ bench decode_ops 35 --ops em_inf_adjust adaptive_temperature --shapes V151936
 # 6. torch.compile at the headline cells: the yardstick of issue 2's goals, from the same device.
 bench headline_compile 60 "${HEADLINE[@]}" --providers compile
 # 7. generate() on a Qwen2.5-7B-shaped model: plain, with our EM-INF processor, with the
-#    released code's loop.
+#    released code's loop (end to end, and each processor alone per call).
 if [ -f bench/decode.py ]; then
-    step decode 50 "$PY" -m bench.decode --qwen7b --json "$WORK/decode.json"
+    step decode 70 "$PY" -m bench.decode --qwen7b --json "$WORK/decode.json"
 fi
 # 8. A V / N sweep of entropy forward for the plot (our kernels and eager; compile compiles
 #    once per shape, too slow for this budget).
 bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
     N16384-V151936
+# 9. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
+#    sweep, every op, shape, dtype, mode and provider, for as long as the budget lasts (the
+#    cells it could not start are listed in its report), e.g.
+#    GPU_CHECK_STEPS="build bench_full" GPU_CHECK_SECONDS=560 bench/gpu_check.sh
+if [[ " ${GPU_CHECK_STEPS:-} " == *" bench_full "* ]]; then
+    bench full 2000 --full
+fi
 
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
