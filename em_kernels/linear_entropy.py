@@ -204,11 +204,14 @@ def linear_entropy(
             BackendUnavailableError when Triton cannot run), "cpu" (CPU tensors, chunked
             PyTorch) or "torch" (chunked PyTorch on any device: blocks of at most 512 rows x 8192
             vocab entries, never N x V).
-        grad_filter_eps: None (default, exact) or a positive threshold: the backward zeroes every
-            32 x 256 tile of dz = dLoss/dlogits whose entries are all below it in magnitude.
-            Each gradient entry then errs by at most grad_filter_eps times the sum of |operand|
-            over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|). The backward's matmuls are
-            dense (cuBLAS), so this saves no time; it is kept for its gradient semantics.
+        grad_filter_eps: None (default, exact) or a positive threshold: the backward zeroes each
+            row's segments of 256 vocab entries of dz = dLoss/dlogits whose entries are all below
+            it in magnitude. Each gradient entry then errs by at most grad_filter_eps times the
+            sum of |operand| over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|). Rows
+            left with no kept segment in one of the backward's vocab chunks drop out of that
+            chunk's two gradient matmuls (when they are at least half the rows), which saves
+            time on confident models, whose rows keep their mass in a few chunks; one host sync
+            per chunk.
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),

@@ -376,24 +376,28 @@ def test_dz_kernels_agree(eps):
     hit = (local >= 0) & (local < width)
     exact[hit.nonzero()[:, 0], local[hit]] += grad_chosen.double()[hit]
     exact /= temperature
-    outputs = []
+    outputs, kept_flags = [], []
     for dz_fn in (ops._torch_dz, ops._triton_dz):
         dz = torch.full((rows, width), float("nan"), dtype=torch.bfloat16)
+        kept = torch.full((rows, width // 8), -1, dtype=torch.int8) if eps > 0 else None
         dz_fn(logits.clone(), dz, bias, start, tokens, entropy, lse, grad_entropy, grad_lse,
-              grad_chosen, temperature, eps, (4, 8))
+              grad_chosen, temperature, eps, (4, 8), kept)
         outputs.append(dz)
+        kept_flags.append(kept)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=2**-7, atol=1e-6)
     if eps == 0:
         torch.testing.assert_close(outputs[0].double(), exact, rtol=2**-7, atol=1e-6)
-    else:  # whole 4 x 8 tiles are zeroed, only tiles below eps, and the rest is untouched
+    else:  # a row's 8 entries of a tile are zeroed together, only when all are below eps
         dropped = (outputs[0] == 0) & (exact != 0)
         assert bool((exact[dropped].abs() < eps).all())
         assert bool(dropped.any()) and not bool(dropped.all()), "filter test is vacuous"
         torch.testing.assert_close(outputs[0][~dropped].double(), exact[~dropped],
                                    rtol=2**-7, atol=1e-6)
-        tile_dropped = dropped[:8].unflatten(1, (-1, 8)).unflatten(0, (-1, 4)).any((1, 3))
-        tile_zero = (outputs[0][:8] == 0).unflatten(1, (-1, 8)).unflatten(0, (-1, 4)).all((1, 3))
-        assert torch.equal(tile_dropped, tile_zero & tile_dropped)
+        segment_max = exact.abs().unflatten(1, (-1, 8)).amax(-1)
+        segment_zero = (outputs[0] == 0).unflatten(1, (-1, 8)).all(-1)
+        assert torch.equal(segment_zero, segment_max < eps)
+        for kept in kept_flags:  # both report exactly the segments they kept
+            assert torch.equal(kept, (segment_max >= eps).to(torch.int8))
 
 
 @given(rows=st.integers(1, 1 << 16), vocab=st.integers(1, 1 << 18),
@@ -453,6 +457,45 @@ def test_grad_filter_error_bound(backend_device, eps):
     assert not torch.equal(filtered[0], exact[0]), "no tile was filtered: the test is vacuous"
     for grad in dropped:
         assert bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_grad_filter_skips_quiet_rows_exactly(backend):
+    """Rows whose dz a chunk zeroes entirely drop out of that chunk's gradient matmuls: the
+    gradients equal those of the same filtered dz with every row kept (dense matmuls), and the
+    skip path really runs. Row r's logits peak at id r mod 12 (p ~ 0.998), so with 8-column
+    chunks each row is active in one chunk of six."""
+    if not runnable(backend, "cpu"):
+        pytest.skip(em_kernels.available_backends()[backend])
+    rows, features, vocab = 24, 12, 48
+    generator = torch.Generator().manual_seed(5)
+    hidden = 10.0 * torch.eye(features).repeat(2, 1) + 0.01 * torch.randn(
+        rows, features, generator=generator)
+    weight = 0.01 * torch.randn(vocab, features, generator=generator)
+    weight[:features] += torch.eye(features)
+    upstream = torch.randn(rows, generator=generator)
+    selected = []
+    real_select = torch.Tensor.index_select
+
+    def recording_select(self, dim, index):
+        selected.append(index.numel())
+        return real_select(self, dim, index)
+
+    def grads():
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = em_kernels.linear_entropy(h, w, backend=backend, grad_filter_eps=1e-3)
+        return torch.autograd.grad((upstream * out.entropy).sum(), (h, w))
+
+    with small_chunks():
+        with mock.patch.object(ops, "SKIP_MAX_ACTIVE_FRACTION", 1.0), \
+                mock.patch.object(torch.Tensor, "index_select", recording_select):
+            skipping = grads()
+        with mock.patch.object(ops, "SKIP_MAX_ACTIVE_FRACTION", -1.0):
+            dense = grads()
+    assert selected and max(selected) < rows, f"the skip path did not run: {selected}"
+    for got, want in zip(skipping, dense):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(dense[0], torch.zeros_like(dense[0]))
 
 
 def test_backend_names():

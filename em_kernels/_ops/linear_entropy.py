@@ -25,10 +25,10 @@ a time (`chunked_backward`: BLAS matmuls around a dz pass, no atomics, bitwise d
 The gradients come in the inputs' dtypes (fp32 accumulation; float64 for float64 inputs, "torch"
 backend only).
 
-grad_filter_eps > 0 zeroes every DZ_TILE_ROWS x DZ_TILE_COLS tile of dz whose entries are all
-below it in magnitude (0 = off); the matmuls stay dense, so it changes the gradients (within the
-bound tested) but saves no time. It is an input of the forward op only so that autograd can hand
-it to the backward.
+grad_filter_eps > 0 zeroes every row segment of DZ_TILE_COLS entries of dz whose entries are all
+below it in magnitude (0 = off), which changes the gradients within the bound tested, and leaves
+the rows that a chunk zeroes entirely out of that chunk's gradient matmuls (`chunked_backward`).
+It is an input of the forward op only so that autograd can hand it to the backward.
 
 ``backend`` is already resolved: "triton" (Triton forward, em_kernels/triton/linear_entropy.py;
 backward: BLAS + the Triton dz kernel) or "torch" (any device: a chunked PyTorch forward over
@@ -51,10 +51,15 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 # The backward's chunk workspace (logits + dz buffers): 256 MiB bounds the extra memory while a
 # chunk stays wide enough (5376 columns at N 8192 with bf16) for cuBLAS to run at full speed.
 BWD_CHUNK_BYTES = 256 << 20
-# dz tile (one Triton program, and the gradient-filtering tile): 32 x 256 = 8192 entries, enough
-# in flight per program for an elementwise pass; chunk widths are multiples of DZ_TILE_COLS.
+# dz tile (one Triton program): 32 x 256 = 8192 entries, enough in flight per program for an
+# elementwise pass; chunk widths are multiples of DZ_TILE_COLS. Gradient filtering keeps or zeroes
+# a row's DZ_TILE_COLS entries of a tile together (its segment).
 DZ_TILE_ROWS = 32
 DZ_TILE_COLS = 256
+# Filtering leaves a chunk's quiet rows (no kept segment) out of its gradient matmuls only when
+# at most this fraction of rows is active: gathering the active rows of dz and h costs a pass
+# over them, which dense matmuls on mostly active rows do not repay (an estimate: unmeasured).
+SKIP_MAX_ACTIVE_FRACTION = 0.5
 
 _EMPTY = (0,)
 
@@ -136,8 +141,8 @@ def _nan_outside(chosen, tokens, vocab):
 
 
 def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy, grad_lse,
-              grad_chosen, temperature, grad_filter_eps, tile):
-    """The torch twin of the Triton dz kernel (same math and filtering tiles), built in place
+              grad_chosen, temperature, grad_filter_eps, tile, kept):
+    """The torch twin of the Triton dz kernel (same math and filtering segments), built in place
     of the logits and copied to dz when that is another buffer (16-bit CUDA inputs)."""
     width = logits.shape[1]
     z = logits
@@ -155,14 +160,12 @@ def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy
         dz.scatter_add_(-1, local.clamp(0, width - 1).unsqueeze(-1),
                         grad_chosen.masked_fill(~inside, 0.0).unsqueeze(-1))
     dz = dz.div_(temperature)
-    if grad_filter_eps > 0:
-        tile_rows, tile_cols = tile
-        rows = dz.shape[0]
-        padded = torch.nn.functional.pad(dz.abs(), (0, -width % tile_cols, 0, -rows % tile_rows))
-        tile_max = padded.unflatten(1, (-1, tile_cols)).unflatten(0, (-1, tile_rows)).amax((1, 3))
-        keep = tile_max.ge(grad_filter_eps).repeat_interleave(tile_rows, 0)
-        keep = keep.repeat_interleave(tile_cols, 1)[:rows, :width]
-        dz.masked_fill_(~keep, 0.0)
+    if grad_filter_eps > 0:  # a row's segment of tile[1] columns is kept or zeroed together
+        segment = tile[1]
+        padded = torch.nn.functional.pad(dz.abs(), (0, -width % segment))
+        segment_kept = padded.unflatten(1, (-1, segment)).amax(-1).ge(grad_filter_eps)
+        kept.copy_(segment_kept)
+        dz.masked_fill_(~segment_kept.repeat_interleave(segment, 1)[:, :width], 0.0)
     if out.data_ptr() != dz.data_ptr():
         out.copy_(dz)
 
@@ -175,7 +178,7 @@ def _triton_dz(*args):
 
 def backward_chunk_columns(rows: int, bytes_per_entry: int, vocab: int) -> int:
     """Vocab columns per backward chunk: the most that keep the chunk's buffers within
-    BWD_CHUNK_BYTES, a multiple of DZ_TILE_COLS (so filtering tiles align across chunks)."""
+    BWD_CHUNK_BYTES, a multiple of DZ_TILE_COLS (so filtering segments align across chunks)."""
     columns = BWD_CHUNK_BYTES // max(1, rows * bytes_per_entry)
     columns = max(DZ_TILE_COLS, columns // DZ_TILE_COLS * DZ_TILE_COLS)
     return max(1, min(columns, vocab))
@@ -194,7 +197,8 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
         d_h_acc += dz_c @ W_c                (fp32 accumulator, cast at the end)
 
     so d_W and d_b are complete per chunk and d_h is summed over chunks in a fixed order: no
-    atomics, bitwise deterministic, and no host sync. With 16-bit CUDA inputs the matmuls take
+    atomics, bitwise deterministic, and (without filtering) no host sync. With 16-bit CUDA inputs
+    the matmuls take
     the 16-bit operands (tensor cores) and cuBLAS writes fp32 logits (`out_dtype`), dz is rounded
     to the operand dtype, d_W is written in the weight dtype (fp32 accumulation inside cuBLAS),
     and d_h accumulates in fp32. Elsewhere (CPU, fp32 or fp64 inputs) everything runs in the
@@ -203,8 +207,15 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     H 3584; twice that on 16-bit CUDA, where each chunk's addmm writes a fresh one), plus fp32
     copies of h and of one weight chunk on the other path.
     Traffic and time at N 8192, H 3584, V 152064 on an H200: three matmuls (~13 ms each) plus the
-    dz pass (~1.6 ms). Gradient filtering zeroes dz tiles but the matmuls stay dense: no time
-    saved."""
+    dz pass (~1.6 ms).
+
+    Gradient filtering (grad_filter_eps > 0) zeroes each row segment of dz whose entries are all
+    below eps, and dz_fn says which segments it kept. A row with no kept segment in the chunk has
+    dz = 0 there, so when at most SKIP_MAX_ACTIVE_FRACTION of the rows are active, d_W_c, d_b_c
+    and d_h take only the active rows (gathered; d_h's rows written back with index_copy_, no
+    atomics), and the two gradient matmuls shrink in proportion: on a confident model most rows
+    put all their mass in a few chunks. The logits matmul stays dense (dz decides what is kept).
+    Costs one host sync per chunk (the active count), inside the op."""
     stats_dtype = entropy.dtype
     rows, features = hidden.shape
     vocab = weight.shape[0]
@@ -233,10 +244,16 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
         # The dz buffer; on the other path the logits are computed into it and dz in place.
         dz_buffer = hidden.new_empty((rows * columns,), dtype=operand_dtype)
         tile = (DZ_TILE_ROWS, DZ_TILE_COLS)
+        filtering = grad_filter_eps > 0
+        segments = -(-columns // DZ_TILE_COLS)
+        kept_buffer = hidden.new_empty((rows * segments,) if filtering else _EMPTY,
+                                       dtype=torch.int8)
         for start in range(0, vocab, columns):
             end = min(start + columns, vocab)
             width = end - start
             dz = dz_buffer[:rows * width].view(rows, width)
+            kept = (kept_buffer[:rows * -(-width // DZ_TILE_COLS)].view(rows, -1) if filtering
+                    else None)
             weight_chunk = weight[start:end].to(operand_dtype)
             if tensor_cores:  # fp32 logits from 16-bit operands (the caching allocator
                 # hands the same block back each chunk; freed before the gradient matmuls)
@@ -244,25 +261,45 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
             else:
                 logits = torch.mm(operand_hidden, weight_chunk.T, out=dz)
             dz_fn(logits, dz, bias_used, start, tokens_used, entropy, lse, grad_entropy,
-                  grad_lse, grad_chosen, temperature, grad_filter_eps, tile)
+                  grad_lse, grad_chosen, temperature, grad_filter_eps, tile, kept)
             del logits
+            active = None  # every row
+            if filtering:
+                active_rows = kept.any(1).nonzero().squeeze(1)  # one host sync per chunk
+                if active_rows.numel() <= SKIP_MAX_ACTIVE_FRACTION * rows:
+                    active = active_rows
+            if active is None:
+                dz_used, hidden_used = dz, operand_hidden
+            else:  # only the active rows: the others' dz is 0 in this whole chunk
+                dz_used = dz.index_select(0, active)
+                hidden_used = operand_hidden.index_select(0, active)
             if need_grad_weight:
-                torch.mm(dz.T, operand_hidden, out=grad_weight[start:end])
+                torch.mm(dz_used.T, hidden_used, out=grad_weight[start:end])
             if bias is not None:
-                torch.sum(dz, 0, dtype=stats_dtype, out=grad_bias[start:end])
+                torch.sum(dz_used, 0, dtype=stats_dtype, out=grad_bias[start:end])
             if need_grad_hidden:
-                if tensor_cores:
-                    # Not out=grad_hidden: addmm's out_dtype form with out= has had cuBLAS bugs
-                    # (pytorch#154086); the new buffer alternates with the old one (+N x H x 4).
-                    grad_hidden = torch.addmm(grad_hidden, dz, weight_chunk,
-                                              out_dtype=stats_dtype)
-                else:
-                    grad_hidden.addmm_(dz, weight_chunk)
+                grad_hidden = _accumulate_grad_hidden(grad_hidden, dz_used, weight_chunk, active,
+                                                      tensor_cores)
     return (
         grad_hidden.to(hidden.dtype),
         grad_weight.to(weight.dtype),
         grad_bias.to(bias.dtype) if bias is not None else grad_bias,
     )
+
+
+def _accumulate_grad_hidden(grad_hidden, dz, weight_chunk, active, tensor_cores):
+    """grad_hidden (fp32 or float64) += dz @ W_c, on the rows `active` (an index tensor; None:
+    every row, dz then [N, width]). Returns the accumulator (a new tensor on 16-bit CUDA)."""
+    target = grad_hidden if active is None else grad_hidden.index_select(0, active)
+    if tensor_cores:
+        # Not out=: addmm's out_dtype form with out= has had cuBLAS bugs (pytorch#154086); the
+        # new buffer alternates with the old one (+N x H x 4).
+        target = torch.addmm(target, dz, weight_chunk, out_dtype=grad_hidden.dtype)
+    else:
+        target.addmm_(dz, weight_chunk)
+    if active is None:
+        return target
+    return grad_hidden.index_copy_(0, active, target)
 
 
 def _triton_fwd(hidden, weight, bias, tokens, temperature):

@@ -39,10 +39,12 @@ dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -in
 Traffic: reads the fp32 logits (4 B/entry), writes dz in the operand dtype (2 B/entry for 16-bit
 inputs): 7.5 GB, ~1.6 ms on an H200, at N 8192, V 152064.
 
-Gradient filtering (FILTER): a tile whose every |dz| is below grad_filter_eps is written as zeros.
-The error this causes in one gradient entry is at most eps times the sum of |operand| over the
-zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for d_weight[j, k]:
-eps * sum_r |h[r, k]|). The gradient matmuls are dense, so filtering saves no time in this design.
+Gradient filtering (FILTER): a row's BLOCK_V entries of a tile (its segment) whose every |dz| is
+below grad_filter_eps are written as zeros, and `kept` records per (row, segment) whether they
+were. The error this causes in one gradient entry is at most eps times the sum of |operand| over
+the zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for d_weight[j, k]:
+eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment in a chunk out
+of that chunk's two gradient matmuls (`chunked_backward`).
 """
 
 from __future__ import annotations
@@ -200,7 +202,7 @@ def _linear_entropy_fwd_kernel(
 @triton.jit
 def _linear_entropy_dz_kernel(
     logits_ptr, dz_ptr, bias_ptr, tokens_ptr,
-    entropy_ptr, lse_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr,
+    entropy_ptr, lse_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr, kept_ptr,
     N, width, vocab_start, inv_temperature, grad_filter_eps,
     HAS_BIAS: tl.constexpr, HAS_TOKENS: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -233,18 +235,21 @@ def _linear_entropy_dz_kernel(
         grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
         dz += tl.where(cols[None, :] == token[:, None], grad_chosen[:, None], 0.0)
     dz = tl.where(inside, dz * inv_temperature, 0.0)
-    if FILTER:
-        tile_max = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
-        dz = tl.where(tile_max >= grad_filter_eps, dz, 0.0)
+    if FILTER:  # per row of the tile: its BLOCK_V entries are kept or zeroed together
+        kept = tl.max(tl.abs(dz), axis=1) >= grad_filter_eps
+        dz = tl.where(kept[:, None], dz, 0.0)
+        tl.store(kept_ptr + rows * num_col_tiles + col_tile, kept.to(tl.int8), mask=row_in)
     tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
 def linear_entropy_dz(logits, dz, bias, vocab_start, tokens, entropy, lse, grad_entropy,
-                      grad_lse, grad_chosen, temperature, grad_filter_eps, tile):
+                      grad_lse, grad_chosen, temperature, grad_filter_eps, tile, kept):
     """Write dz of the chunk whose logits (h @ W_c^T, no bias, contiguous [N, width]) are given
     into dz (contiguous [N, width], the matmul operand dtype). bias is the whole [V] bias or None;
     tokens are ids of the whole shard (the chunk starts at vocab_start). tile = (rows, columns)
-    of one program, powers of two: also the filtering tile."""
+    of one program, powers of two; a row's `columns` entries of one tile are its filtering
+    segment. kept (with grad_filter_eps > 0): int8 [N, ceil(width / columns)], set to whether
+    each segment was kept."""
     rows, width = logits.shape
     if rows == 0 or width == 0:
         return
@@ -257,6 +262,7 @@ def linear_entropy_dz(logits, dz, bias, vocab_start, tokens, entropy, lse, grad_
         tokens if tokens is not None else logits,
         entropy, lse, grad_entropy, grad_lse,
         grad_chosen if grad_chosen is not None else grad_lse,
+        kept if kept is not None else dz,
         rows, width, vocab_start, 1.0 / temperature, grad_filter_eps,
         HAS_BIAS=bias is not None, HAS_TOKENS=tokens is not None,
         FILTER=grad_filter_eps > 0, BLOCK_N=block_n, BLOCK_V=block_v,
