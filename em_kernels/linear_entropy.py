@@ -210,8 +210,8 @@ def linear_entropy(
             sum of |operand| over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|). Rows
             left with no kept segment in one of the backward's vocab chunks drop out of that
             chunk's two gradient matmuls (when they are at least half the rows), which saves
-            time on confident models, whose rows keep their mass in a few chunks; one host sync
-            per chunk.
+            time on confident models, whose rows keep their mass in a few chunks. That costs one
+            host sync per chunk, so a filtered backward cannot be captured in a CUDA graph.
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),
