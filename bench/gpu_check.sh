@@ -10,8 +10,8 @@
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
 # Steps: build tests bench_headline bench_linear bench_decode_ops bench_headline_compile decode
-# bench_sweep, and bench_full (the whole --full sweep) only when named. PYTHON overrides the
-# interpreter (default python3).
+# bench_sweep, and only when named: tune (bench/tune.py) and bench_full (the whole --full sweep).
+# PYTHON overrides the interpreter (default python3).
 #
 # Writes at most 7 files, flat, into OUT_DIR (rewritten after every step, so a run killed
 # midway still leaves its results):
@@ -153,7 +153,12 @@ fi
 bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
     N16384-V151936
-# 9. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
+# 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
+#    (bench/tune.py: entropy, linear_entropy and em_inf at the headline shapes, ~2 minutes).
+if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
+    step tune 240 "$PY" -m bench.tune --json "$WORK/tune.json"
+fi
+# 10. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
 #    sweep, every op, shape, dtype, mode and provider, for as long as the budget lasts (the
 #    cells it could not start are listed in its report), e.g.
 #    GPU_CHECK_STEPS="build bench_full" GPU_CHECK_SECONDS=560 bench/gpu_check.sh

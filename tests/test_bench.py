@@ -1,5 +1,6 @@
-"""Smoke test of em-bench: one op, a tiny shape, the CPU providers; the outputs exist and say
-what was measured, and the error column tells a correct provider from a wrong one."""
+"""Smoke tests of em-bench (one op, a tiny shape, the CPU providers: the outputs exist and say
+what was measured, the error column tells a correct provider from a wrong one, the CPU memory
+peak sees every live tensor) and of the tuning sweep's plumbing (bench/tune.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import csv
 import pytest
 import torch
 
+import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
 from bench.harness import Context, Provider, make_case, measure
 from bench.ops import OPS
@@ -90,3 +92,21 @@ def test_cpu_peak_memory_sees_every_live_tensor():
     logits_mib, weight_mib = 64 * 32000 * 4 / 2**20, 32000 * 256 * 4 / 2**20
     peak_mib = measure(ctx, case, eager, "fwd+bwd")["peak_extra_mib"]
     assert logits_mib + weight_mib <= peak_mib <= 8 * logits_mib + weight_mib, peak_mib
+
+
+def test_tuning_sweep_plumbing(capsys):
+    """bench/tune.py on CPU (Triton's interpreter, tiny shapes): every candidate runs, matches the
+    current constants' result, and the module constants are restored afterwards."""
+    from em_kernels.triton import entropy as triton_entropy
+
+    from bench import tune
+
+    if em_kernels.available_backends()["triton"] != "available":
+        pytest.skip(em_kernels.available_backends()["triton"])
+    before = triton_entropy.MAX_BLOCK
+    results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy"])
+    assert triton_entropy.MAX_BLOCK == before
+    for op, rows in results.items():
+        assert len(rows) == 2 and sum(row["current"] for row in rows) == 1, op
+        assert all(row["status"] == "ok" and row["ms"] > 0 for row in rows), rows
+    assert "* the constants in the source now" in capsys.readouterr().out

@@ -1,0 +1,202 @@
+"""Sweeps the tuning constants of the Triton kernels and prints each candidate's time, to choose
+(or re-check on new hardware) the constants in em_kernels/triton/*.py, which say there why they
+are what they are.
+
+    python -m bench.tune [--ops entropy linear_entropy em_inf] [--json FILE]
+
+A candidate is a set of module constants that the launchers read at call time: the sweep sets
+them, runs the op (Triton compiles one variant per candidate), checks the result against the
+current constants' (the same math in another reduction order: a close match, else the candidate
+is marked wrong) and times it with triton.testing.do_bench (median), then restores the module.
+Shapes are the issues' headline cells. Needs a CUDA device; `--device cpu` runs the same
+plumbing on tiny shapes under TRITON_INTERPRET=1 (a test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import em_kernels
+from em_kernels.triton import em_inf as triton_em_inf
+from em_kernels.triton import entropy as triton_entropy
+from em_kernels.triton import linear_entropy as triton_linear_entropy
+
+TileConfig = triton_linear_entropy.TileConfig
+
+
+@dataclass(frozen=True)
+class Sweep:
+    module: object
+    candidates: list[dict]  # constant name -> value; the first is the current setting
+    cases: list[tuple[str, Callable[[torch.device], Callable[[], torch.Tensor]]]]  # name, build
+    tolerance: float
+
+
+def _entropy_case(rows: int, vocab: int, backward: bool):
+    def build(device):
+        generator = torch.Generator(device).manual_seed(0)
+        logits = (3 * torch.randn(rows, vocab, device=device, generator=generator)).bfloat16()
+        if not backward:
+            return lambda: em_kernels.entropy(logits, backend="triton")
+        logits.requires_grad_(True)
+
+        def run():
+            logits.grad = None
+            em_kernels.entropy(logits, backend="triton").sum().backward()
+            return logits.grad
+        return run
+    return build
+
+
+def _linear_case(rows: int, features: int, vocab: int):
+    def build(device):
+        generator = torch.Generator(device).manual_seed(0)
+        hidden = torch.randn(rows, features, device=device, generator=generator).bfloat16()
+        weight = (torch.randn(vocab, features, device=device, generator=generator)
+                  / math.sqrt(features)).bfloat16()
+        return lambda: em_kernels.linear_entropy(hidden, weight, backend="triton").entropy
+    return build
+
+
+def _em_inf_case(rows: int, vocab: int):
+    def build(device):
+        generator = torch.Generator(device).manual_seed(0)
+        logits = 3 * torch.randn(rows, vocab, device=device, generator=generator)
+        return lambda: em_kernels.em_inf_adjust(logits, threshold=-math.inf, backend="triton")
+    return build
+
+
+def sweeps(device: torch.device) -> dict[str, Sweep]:
+    """The candidates per op, and its cases at the headline shapes (tiny ones on CPU)."""
+    gpu = device.type == "cuda"
+    entropy_candidates = [
+        dict(MAX_BLOCK=mb, ELEMENTS_PER_THREAD=ept, MAX_WARPS=warps)
+        for mb, ept, warps in [(8192, 32, 8), (4096, 32, 4), (4096, 16, 8), (8192, 16, 16),
+                               (8192, 64, 4), (16384, 32, 16), (16384, 64, 8)]]
+    current = triton_linear_entropy._FWD_GPU_16BIT
+    linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [
+        dict(_FWD_GPU_16BIT=TileConfig(n, v, h, num_warps=w, num_stages=s, tiles_per_split=t,
+                                       group_n=g))
+        for n, v, h, w, s, t, g in [(128, 256, 64, 8, 4, 16, 8), (128, 128, 64, 4, 4, 32, 8),
+                                    (128, 128, 64, 8, 4, 32, 8), (256, 128, 64, 8, 3, 32, 8),
+                                    (64, 256, 64, 4, 4, 16, 8), (128, 256, 32, 8, 5, 16, 8),
+                                    (128, 256, 64, 8, 3, 16, 16), (128, 256, 64, 8, 3, 8, 8)]]
+    em_inf_candidates = [dict(BLOCK=block) for block in (1024, 512, 2048, 4096)]
+    if gpu:
+        entropy_cases = [("fwd N8192-V151936", _entropy_case(8192, 151936, False)),
+                         ("fwd N64-V151936", _entropy_case(64, 151936, False)),
+                         ("fwd+bwd N8192-V151936", _entropy_case(8192, 151936, True))]
+        linear_cases = [("fwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064)),
+                        ("fwd M8192-H896-V151936", _linear_case(8192, 896, 151936))]
+        em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
+                        for rows in (1, 16, 64)]
+    else:  # the plumbing only: one tiny case each, two candidates
+        entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
+        linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
+        em_inf_cases = [("B2-V3000", _em_inf_case(2, 3000))]
+        entropy_candidates = [dict(MAX_BLOCK=8192), dict(MAX_BLOCK=2048)]
+        linear_candidates = [dict(_INTERPRETER=triton_linear_entropy._INTERPRETER),
+                             dict(_INTERPRETER=TileConfig(16, 32, 16, num_warps=1, num_stages=1,
+                                                          tiles_per_split=1, group_n=1))]
+        em_inf_candidates = em_inf_candidates[:2]
+    return {
+        "entropy": Sweep(triton_entropy, entropy_candidates, entropy_cases, 1e-3),
+        "linear_entropy": Sweep(triton_linear_entropy, linear_candidates, linear_cases, 1e-3),
+        "em_inf": Sweep(triton_em_inf, em_inf_candidates, em_inf_cases, 1e-3),
+    }
+
+
+@contextlib.contextmanager
+def patched(module, constants: dict):
+    saved = {name: getattr(module, name) for name in constants}
+    try:
+        for name, value in constants.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def time_ms(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median"))
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def run_sweep(sweep: Sweep, device: torch.device) -> list[dict]:
+    """One row per (case, candidate): its time, and its largest difference from the current
+    constants' result (NaN positions must agree)."""
+    rows = []
+    for case_name, build in sweep.cases:
+        run = build(device)
+        baseline = run().detach().float().clone()
+        for index, constants in enumerate(sweep.candidates):
+            with patched(sweep.module, constants):
+                try:
+                    result = run().detach().float()
+                    same_nans = torch.equal(result.isnan(), baseline.isnan())
+                    finite = ~baseline.isnan()
+                    difference = float((result[finite] - baseline[finite]).abs().max()) \
+                        if bool(finite.any()) else 0.0
+                    ok = same_nans and difference <= sweep.tolerance
+                    ms = time_ms(run, device) if ok else float("nan")
+                    status = "ok" if ok else f"wrong (max difference {difference:.2e})"
+                except Exception as exc:  # a candidate that does not compile or fit
+                    ms, difference, status = float("nan"), float("nan"), \
+                        f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            rows.append(dict(case=case_name, current=index == 0, ms=ms, difference=difference,
+                             status=status, constants={k: repr(v) for k, v in constants.items()}))
+    return rows
+
+
+def main(argv=None) -> dict[str, list[dict]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", default=["entropy", "linear_entropy", "em_inf"],
+                        choices=["entropy", "linear_entropy", "em_inf"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--json", default=None, help="also write every row to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("the sweep times GPU kernels: it needs a CUDA device (--device cpu only "
+                     "checks the plumbing under TRITON_INTERPRET=1)")
+    device = torch.device(args.device)
+    results = {}
+    all_sweeps = sweeps(device)
+    for op in args.ops:
+        rows = run_sweep(all_sweeps[op], device)
+        results[op] = rows
+        print(f"\n## {op}")
+        for case in dict.fromkeys(row["case"] for row in rows):
+            print(f"{case}:")
+            case_rows = sorted((r for r in rows if r["case"] == case),
+                               key=lambda r: (math.isnan(r["ms"]), r["ms"]))
+            for row in case_rows:
+                mark = "*" if row["current"] else " "
+                constants = ", ".join(f"{k}={v}" for k, v in row["constants"].items())
+                print(f" {mark} {row['ms']:9.4f} ms  {row['status']:<10s}  {constants}")
+    print("\n(* the constants in the source now)")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
