@@ -13,13 +13,14 @@
 # bench_sweep, and only when named: tune (bench/tune.py) and bench_full (the whole --full sweep).
 # PYTHON overrides the interpreter (default python3).
 #
-# Writes at most 7 files, flat, into OUT_DIR (rewritten after every step, so a run killed
+# Writes at most 8 files, flat, into OUT_DIR (rewritten after every step, so a run killed
 # midway still leaves its results):
 #   run.log          machine, versions, backends, and one line per step (exit code, seconds)
 #   build.log        the extension build          tests.log     the GPU tests
 #   bench.md         every benchmark's markdown summary, concatenated
 #   bench.csv        every benchmark cell, one CSV (device, versions, commit on each row)
 #   bandwidth.png    achieved bandwidth vs V of the entropy sweep
+#   tune.json        the tuning sweep's rows (step tune only)
 #   logs.tar.gz      everything else: each step's full output, per-step CSVs and plots
 set -u
 
@@ -58,6 +59,7 @@ collect() {
         fi
     done
     cp -f "$WORK/bench_sweep/bandwidth.png" "$OUT_DIR/bandwidth.png" 2>/dev/null
+    cp -f "$WORK/tune.json" "$OUT_DIR/tune.json" 2>/dev/null
     tar -czf "$OUT_DIR/logs.tar.gz" -C "$WORK" . 2>/dev/null
 }
 

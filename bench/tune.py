@@ -78,10 +78,12 @@ def _em_inf_case(rows: int, vocab: int):
 def sweeps(device: torch.device) -> dict[str, Sweep]:
     """The candidates per op, and its cases at the headline shapes (tiny ones on CPU)."""
     gpu = device.type == "cuda"
-    entropy_candidates = [
-        dict(MAX_BLOCK=mb, ELEMENTS_PER_THREAD=ept, MAX_WARPS=warps)
-        for mb, ept, warps in [(8192, 32, 8), (4096, 32, 4), (4096, 16, 8), (8192, 16, 16),
-                               (8192, 64, 4), (16384, 32, 16), (16384, 64, 8)]]
+    entropy_names = ("MAX_BLOCK", "ELEMENTS_PER_THREAD", "MAX_WARPS")
+    entropy_current = tuple(getattr(triton_entropy, name) for name in entropy_names)
+    entropy_candidates = [dict(zip(entropy_names, values)) for values in [entropy_current] + [
+        values for values in [(8192, 32, 8), (4096, 32, 4), (4096, 16, 8), (8192, 16, 16),
+                              (8192, 64, 4), (16384, 32, 16), (16384, 64, 8)]
+        if values != entropy_current]]
     current = triton_linear_entropy._FWD_GPU_16BIT
     linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [
         dict(_FWD_GPU_16BIT=TileConfig(n, v, h, num_warps=w, num_stages=s, tiles_per_split=t,
@@ -90,7 +92,8 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
                                     (128, 128, 64, 8, 4, 32, 8), (256, 128, 64, 8, 3, 32, 8),
                                     (64, 256, 64, 4, 4, 16, 8), (128, 256, 32, 8, 5, 16, 8),
                                     (128, 256, 64, 8, 3, 16, 16), (128, 256, 64, 8, 3, 8, 8)]]
-    em_inf_candidates = [dict(BLOCK=block) for block in (1024, 512, 2048, 4096)]
+    em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
+        (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
     if gpu:
         entropy_cases = [("fwd N8192-V151936", _entropy_case(8192, 151936, False)),
                          ("fwd N64-V151936", _entropy_case(64, 151936, False)),
@@ -103,7 +106,7 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
         linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
         em_inf_cases = [("B2-V3000", _em_inf_case(2, 3000))]
-        entropy_candidates = [dict(MAX_BLOCK=8192), dict(MAX_BLOCK=2048)]
+        entropy_candidates = [dict(MAX_BLOCK=triton_entropy.MAX_BLOCK), dict(MAX_BLOCK=2048)]
         linear_candidates = [dict(_INTERPRETER=triton_linear_entropy._INTERPRETER),
                              dict(_INTERPRETER=TileConfig(16, 32, 16, num_warps=1, num_stages=1,
                                                           tiles_per_split=1, group_n=1))]
@@ -140,9 +143,9 @@ def time_ms(run: Callable[[], object], device: torch.device) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def run_sweep(sweep: Sweep, device: torch.device) -> list[dict]:
+def run_sweep(sweep: Sweep, device: torch.device, report: Callable[[dict], None]) -> list[dict]:
     """One row per (case, candidate): its time, and its largest difference from the current
-    constants' result (NaN positions must agree)."""
+    constants' result (NaN positions must agree); report(row) as soon as it is measured."""
     rows = []
     for case_name, build in sweep.cases:
         run = build(device)
@@ -163,7 +166,18 @@ def run_sweep(sweep: Sweep, device: torch.device) -> list[dict]:
                         f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             rows.append(dict(case=case_name, current=index == 0, ms=ms, difference=difference,
                              status=status, constants={k: repr(v) for k, v in constants.items()}))
+            report(rows[-1])
     return rows
+
+
+def _line(row: dict) -> str:
+    mark = "*" if row["current"] else " "
+    constants = ", ".join(f"{k}={v}" for k, v in row["constants"].items())
+    return f" {mark} {row['ms']:9.4f} ms  {row['status']:<10s}  {constants}"
+
+
+def _json_safe(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def main(argv=None) -> dict[str, list[dict]]:
@@ -177,24 +191,27 @@ def main(argv=None) -> dict[str, list[dict]]:
         parser.error("the sweep times GPU kernels: it needs a CUDA device (--device cpu only "
                      "checks the plumbing under TRITON_INTERPRET=1)")
     device = torch.device(args.device)
-    results = {}
+    results: dict[str, list[dict]] = {}
     all_sweeps = sweeps(device)
+
+    def report(op: str, row: dict) -> None:  # as measured, so a killed run keeps what it did
+        print(f"{op} {row['case']}:{_line(row)}", flush=True)
+        results.setdefault(op, []).append(row)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({name: [{k: _json_safe(v) for k, v in r.items()} for r in rows]
+                           for name, rows in results.items()}, handle, indent=1)
+
     for op in args.ops:
-        rows = run_sweep(all_sweeps[op], device)
-        results[op] = rows
+        run_sweep(all_sweeps[op], device, lambda row, op=op: report(op, row))
+    for op, rows in results.items():  # then sorted, fastest first
         print(f"\n## {op}")
         for case in dict.fromkeys(row["case"] for row in rows):
             print(f"{case}:")
-            case_rows = sorted((r for r in rows if r["case"] == case),
-                               key=lambda r: (math.isnan(r["ms"]), r["ms"]))
-            for row in case_rows:
-                mark = "*" if row["current"] else " "
-                constants = ", ".join(f"{k}={v}" for k, v in row["constants"].items())
-                print(f" {mark} {row['ms']:9.4f} ms  {row['status']:<10s}  {constants}")
+            for row in sorted((r for r in rows if r["case"] == case),
+                              key=lambda r: (math.isnan(r["ms"]), r["ms"])):
+                print(_line(row))
     print("\n(* the constants in the source now)")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
     return results
 
 

@@ -208,11 +208,15 @@ def linear_entropy(
         grad_filter_eps: None (default, exact) or a positive threshold: the backward zeroes each
             row's segments of 256 vocab entries of dz = dLoss/dlogits whose entries are all below
             it in magnitude. Each gradient entry then errs by at most grad_filter_eps times the
-            sum of |operand| over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|). Rows
-            left with no kept segment in one of the backward's vocab chunks drop out of that
-            chunk's two gradient matmuls (when they are at least half the rows), which saves
-            time on confident models, whose rows keep their mass in a few chunks. That costs one
-            host sync per chunk, so a filtered backward cannot be captured in a CUDA graph.
+            sum of |operand| over the zeroed logits (d_hidden[r, k]: sum_j |W[j, k]|); a NaN is
+            never filtered. Rows left with no kept segment in one of the backward's vocab
+            chunks drop out of that chunk's two gradient matmuls (when they are at least half
+            the rows), which is meant to save time on confident models, whose rows keep their
+            mass in a few chunks (unmeasured on a GPU). That reads one count per chunk on the
+            host; under CUDA graph capture every chunk runs dense instead. In vocab-parallel
+            mode the segments start at each shard's first id, so filtered sharded gradients
+            are within the same bound of the exact ones but not equal to filtered unsharded
+            ones.
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),

@@ -34,8 +34,8 @@ def backend_device(request):
 
 def small_chunks():
     """The chunked torch forward with blocks of 5 rows x 7 vocab entries, and the backward with
-    vocab chunks of 8 columns and dz (filtering) tiles of 4 x 8, so that small shapes cross
-    several chunks and tiles."""
+    vocab chunks of 8 columns and dz tiles of 4 x 8 (filtering segments of 8), so that small
+    shapes cross several chunks, tiles and segments."""
     return mock.patch.multiple(ops, TORCH_ROW_CHUNK=5, TORCH_CHUNK_ELEMENTS=35,
                                BWD_CHUNK_BYTES=1, DZ_TILE_ROWS=4, DZ_TILE_COLS=8)
 
@@ -430,11 +430,11 @@ def test_only_requested_grads(backend_device):
 @pytest.mark.parametrize("eps", [1e-3, 3e-2])
 def test_grad_filter_error_bound(backend_device, eps):
     """Filtering changes each gradient entry by at most eps * sum over the vocab (resp. rows) of
-    |operand|, and by nothing where no tile was skipped; a huge eps drops every tile."""
+    |operand|, and by nothing where no segment was zeroed; a huge eps drops every segment."""
     backend, device = backend_device
     rows, features, vocab = 30, 20, 64
-    # Like a real LM head, the mass sits on a few shared ids (here the first 16), so whole tiles
-    # of dz are tiny and filtering has work to do. Only the entropy has an upstream gradient (a
+    # Like a real LM head, the mass sits on a few shared ids (here the first 16), so whole
+    # segments of dz are tiny and filtering has work to do. Only the entropy has an upstream gradient (a
     # log-prob gradient puts a large entry at the token of every row).
     hidden, weight, bias, _ = random_problem(rows, features, vocab, device)
     bias[:16] += 12.0
@@ -454,26 +454,26 @@ def test_grad_filter_error_bound(backend_device, eps):
     assert bool(((grad_hidden - exact_hidden).abs() <= hidden_bound + slack).all())
     assert bool(((grad_weight - exact_weight).abs() <= weight_bound + slack).all())
     assert bool(((grad_bias - exact_bias).abs() <= eps * rows + slack).all())
-    assert not torch.equal(filtered[0], exact[0]), "no tile was filtered: the test is vacuous"
+    assert not torch.equal(filtered[0], exact[0]), "nothing was filtered: the test is vacuous"
     for grad in dropped:
         assert bool((grad == 0).all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_grad_filter_skips_quiet_rows_exactly(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_filter_skips_quiet_rows_exactly(backend_device, dtype):
     """Rows whose dz a chunk zeroes entirely drop out of that chunk's gradient matmuls: the
     gradients equal those of the same filtered dz with every row kept (dense matmuls), and the
     skip path really runs. Row r's logits peak at id r mod 12 (p ~ 0.998), so with 8-column
     chunks each row is active in one chunk of six."""
-    if not runnable(backend, "cpu"):
-        pytest.skip(em_kernels.available_backends()[backend])
+    backend, device = backend_device
     rows, features, vocab = 24, 12, 48
     generator = torch.Generator().manual_seed(5)
     hidden = 10.0 * torch.eye(features).repeat(2, 1) + 0.01 * torch.randn(
         rows, features, generator=generator)
     weight = 0.01 * torch.randn(vocab, features, generator=generator)
     weight[:features] += torch.eye(features)
-    upstream = torch.randn(rows, generator=generator)
+    hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
+    upstream = torch.randn(rows, generator=generator).to(device)
     selected = []
     real_select = torch.Tensor.index_select
 
@@ -493,9 +493,31 @@ def test_grad_filter_skips_quiet_rows_exactly(backend):
         with mock.patch.object(ops, "SKIP_MAX_ACTIVE_FRACTION", -1.0):
             dense = grads()
     assert selected and max(selected) < rows, f"the skip path did not run: {selected}"
+    tolerance = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-2,
+                                                                               atol=1e-4)
     for got, want in zip(skipping, dense):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, want, **tolerance)
     assert not torch.equal(dense[0], torch.zeros_like(dense[0]))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_grad_filter_never_drops_a_nan(backend_device, skip):
+    """A NaN in one row's hidden state poisons the gradients exactly as without filtering,
+    whether the quiet rows are skipped or not (NaN < eps is false: a NaN segment is kept)."""
+    backend, device = backend_device
+    hidden, weight, bias, _ = random_problem(12, 10, 40, device)
+    hidden[3, 2] = float("nan")
+
+    def grads(eps):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        out = em_kernels.linear_entropy(h, w, bias=bias, backend=backend, grad_filter_eps=eps)
+        return torch.autograd.grad(out.entropy.nansum(), (h, w))
+
+    with small_chunks(), mock.patch.object(ops, "SKIP_MAX_ACTIVE_FRACTION", 1.0 if skip else -1.0):
+        exact, filtered = grads(None), grads(1e-2)
+    for got, want in zip(filtered, exact):
+        assert torch.equal(got.isnan(), want.isnan())
+    assert bool(exact[0][3].isnan().all())
 
 
 def test_backend_names():
@@ -698,6 +720,8 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
                 signature[name] = "*" + element
             elif name == "tokens_ptr":
                 signature[name] = "*i64"
+            elif name == "kept_ptr":
+                signature[name] = "*i8"
             elif name.endswith("_ptr"):
                 signature[name] = "*fp32"
             elif name in ("inv_temperature", "grad_filter_eps"):

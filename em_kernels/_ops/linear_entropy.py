@@ -1,7 +1,8 @@
 """The dispatcher ops behind `linear_entropy` (the LM head fused with the softmax statistics).
 
 Two ops, registered with torch.library (fake kernels give the shapes, so torch.compile with
-fullgraph=True traces them; no host sync on this path):
+fullgraph=True traces them; no host sync on this path, except in a backward with gradient
+filtering, which reads one count per vocab chunk):
 
     em_kernels::linear_entropy_stats(hidden[N, H], weight[V, H], bias[V]?, tokens[N]?,
                                      temperature, grad_filter_eps, backend)
@@ -163,7 +164,8 @@ def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy
     if grad_filter_eps > 0:  # a row's segment of tile[1] columns is kept or zeroed together
         segment = tile[1]
         padded = torch.nn.functional.pad(dz.abs(), (0, -width % segment))
-        segment_kept = padded.unflatten(1, (-1, segment)).amax(-1).ge(grad_filter_eps)
+        # amax passes a NaN on, and a NaN segment is kept (NaN < eps is False)
+        segment_kept = ~padded.unflatten(1, (-1, segment)).amax(-1).lt(grad_filter_eps)
         kept.copy_(segment_kept)
         dz.masked_fill_(~segment_kept.repeat_interleave(segment, 1)[:, :width], 0.0)
     if out.data_ptr() != dz.data_ptr():
@@ -215,7 +217,10 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     and d_h take only the active rows (gathered; d_h's rows written back with index_copy_, no
     atomics), and the two gradient matmuls shrink in proportion: on a confident model most rows
     put all their mass in a few chunks. The logits matmul stays dense (dz decides what is kept).
-    Costs one host sync per chunk (the active count), inside the op."""
+    Costs one host sync per chunk (the active count, ~28 at N 8192, V 152064), inside the op, so
+    the CPU queues the next chunk only after the GPU reaches it (not under CUDA graph capture:
+    there every chunk runs dense); the gathered dz and h rows take up to about a chunk's dz
+    buffer more memory. Speed unmeasured on a GPU."""
     stats_dtype = entropy.dtype
     rows, features = hidden.shape
     vocab = weight.shape[0]
@@ -245,6 +250,9 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
         dz_buffer = hidden.new_empty((rows * columns,), dtype=operand_dtype)
         tile = (DZ_TILE_ROWS, DZ_TILE_COLS)
         filtering = grad_filter_eps > 0
+        # Skipping reads the active count on the host, which a CUDA graph capture cannot do:
+        # there the filtered dz goes through the dense matmuls (the same gradients, to rounding).
+        skipping = filtering and not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
         segments = -(-columns // DZ_TILE_COLS)
         kept_buffer = hidden.new_empty((rows * segments,) if filtering else _EMPTY,
                                        dtype=torch.int8)
@@ -264,15 +272,15 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
                   grad_lse, grad_chosen, temperature, grad_filter_eps, tile, kept)
             del logits
             active = None  # every row
-            if filtering:
+            if skipping:
                 active_rows = kept.any(1).nonzero().squeeze(1)  # one host sync per chunk
                 if active_rows.numel() <= SKIP_MAX_ACTIVE_FRACTION * rows:
                     active = active_rows
-            if active is None:
-                dz_used, hidden_used = dz, operand_hidden
-            else:  # only the active rows: the others' dz is 0 in this whole chunk
+            dz_used, hidden_used = dz, operand_hidden
+            if active is not None:  # only the active rows: the others' dz is 0 in this chunk
                 dz_used = dz.index_select(0, active)
-                hidden_used = operand_hidden.index_select(0, active)
+                if need_grad_weight:
+                    hidden_used = operand_hidden.index_select(0, active)
             if need_grad_weight:
                 torch.mm(dz_used.T, hidden_used, out=grad_weight[start:end])
             if bias is not None:

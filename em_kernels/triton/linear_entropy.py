@@ -40,8 +40,8 @@ Traffic: reads the fp32 logits (4 B/entry), writes dz in the operand dtype (2 B/
 inputs): 7.5 GB, ~1.6 ms on an H200, at N 8192, V 152064.
 
 Gradient filtering (FILTER): a row's BLOCK_V entries of a tile (its segment) whose every |dz| is
-below grad_filter_eps are written as zeros, and `kept` records per (row, segment) whether they
-were. The error this causes in one gradient entry is at most eps times the sum of |operand| over
+below grad_filter_eps (and none NaN) are written as zeros, and `kept` records per (row, segment)
+whether they were. The error this causes in one gradient entry is at most eps times the sum of |operand| over
 the zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for d_weight[j, k]:
 eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment in a chunk out
 of that chunk's two gradient matmuls (`chunked_backward`).
@@ -235,8 +235,10 @@ def _linear_entropy_dz_kernel(
         grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
         dz += tl.where(cols[None, :] == token[:, None], grad_chosen[:, None], 0.0)
     dz = tl.where(inside, dz * inv_temperature, 0.0)
-    if FILTER:  # per row of the tile: its BLOCK_V entries are kept or zeroed together
-        kept = tl.max(tl.abs(dz), axis=1) >= grad_filter_eps
+    if FILTER:  # per row of the tile: its BLOCK_V entries are kept or zeroed together; a NaN
+        # keeps them (it must reach the gradients: tl.max drops NaN on the GPU)
+        has_nan = tl.max((dz != dz).to(tl.int32), axis=1) > 0
+        kept = (tl.max(tl.abs(dz), axis=1) >= grad_filter_eps) | has_nan
         dz = tl.where(kept[:, None], dz, 0.0)
         tl.store(kept_ptr + rows * num_col_tiles + col_tile, kept.to(tl.int8), mask=row_in)
     tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
