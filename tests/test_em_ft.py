@@ -33,7 +33,11 @@ def test_loss_matches_full_logit_reference(qwen, seed, batch, prompt, response, 
         oracle = reference_loss(qwen, inputs, normalize, torch.float64)
         baseline = reference_loss(qwen, inputs, normalize, torch.float32)
     assert loss.dtype == torch.float32 and loss.shape == ()
-    assert_matches_oracle(loss, oracle, baseline, 1e-6, f"em_ft_loss ({normalize})")
+    # The floor allows a few fp32 ulps of the loss itself: summed over a sequence's tokens it
+    # reaches ~20 (ulp 1.9e-6), and another summation order than plain PyTorch's may round it
+    # one ulp away (seed 181 of the dev profile: 2.6e-6, 2026-11-27).
+    floor = 1e-6 + 4 * torch.finfo(torch.float32).eps * float(oracle.abs())
+    assert_matches_oracle(loss, oracle, baseline, floor, f"em_ft_loss ({normalize})")
 
 
 @pytest.mark.parametrize("normalize", ["sequence", "token"])
