@@ -200,14 +200,13 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
 
     so d_W and d_b are complete per chunk and d_h is summed over chunks in a fixed order: no
     atomics, bitwise deterministic, and (without filtering) no host sync. With 16-bit CUDA inputs
-    the matmuls take
-    the 16-bit operands (tensor cores) and cuBLAS writes fp32 logits (`out_dtype`), dz is rounded
-    to the operand dtype, d_W is written in the weight dtype (fp32 accumulation inside cuBLAS),
-    and d_h accumulates in fp32. Elsewhere (CPU, fp32 or fp64 inputs) everything runs in the
-    stats dtype. Extra memory: the chunk's logits (4 B/entry) and dz (2 B/entry, 16-bit only)
-    buffers, <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator (N x H x 4: 112 MiB at N 8192,
-    H 3584; twice that on 16-bit CUDA, where each chunk's addmm writes a fresh one), plus fp32
-    copies of h and of one weight chunk on the other path.
+    the matmuls take the 16-bit operands (tensor cores) and cuBLAS writes fp32 logits
+    (`out_dtype`), dz is rounded to the operand dtype, d_W is written in the weight dtype (fp32
+    accumulation inside cuBLAS), and d_h accumulates in fp32. Elsewhere (CPU, fp32 or fp64
+    inputs) everything runs in the stats dtype. Extra memory: the chunk's logits (4 B/entry) and
+    dz (2 B/entry, 16-bit only) buffers, <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator
+    (N x H x 4: 112 MiB at N 8192, H 3584; twice that on 16-bit CUDA, where each chunk's addmm
+    writes a fresh one), plus fp32 copies of h and of one weight chunk on the other path.
     Traffic and time at N 8192, H 3584, V 152064 on an H200: three matmuls (~13 ms each) plus the
     dz pass (~1.6 ms).
 
