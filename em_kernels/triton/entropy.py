@@ -43,6 +43,9 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+# Exponents (bits) are clamped here where they multiply p: below -126, tl.exp2's result is already
+# flushed to 0 on the GPU, so the clamp only turns the 0 * -inf of a masked entry into 0.
+EXP2_FLOOR: tl.constexpr = tl.constexpr(-127.0)
 
 # Largest vocabulary chunk per program: a 16 KiB bf16 tile (32 KiB fp32) is enough bytes in flight
 # per program for HBM, and still leaves ~19 programs per row at V = 151936 so that even a handful
@@ -114,7 +117,8 @@ def _softmax_stats_fwd_kernel(
         total = sum_j e_j,  weighted = sum_j e_j d_j
     Keeping d relative to the tile max makes `weighted` a sum of small numbers rather than the
     difference of two large ones (H = lse - E[z / T] loses digits when |z| is large).
-    Masking: z_j = -inf gives d_j = -inf and e_j = 0, and its e_j d_j (0 * -inf) is set to 0;
+    Masking: z_j = -inf gives d_j = -inf and e_j = 0, and its e_j d_j is 0 (d_j is clamped at
+    EXP2_FLOOR first, which changes no other term: 2^d is flushed to 0 below -126 on the GPU);
     a tile whose scaled max m k is -inf (all -inf, or finite logits such as finfo.min that
     overflow when scaled) uses 0 as its reference instead of m (relative to m its max entry would
     give exp2(0)), giving (m = -inf, total = 0, weighted = 0).
@@ -140,9 +144,11 @@ def _softmax_stats_fwd_kernel(
     d = (z - reference) * scale2
     e = tl.exp2(d)
     total = tl.sum(e, axis=0)
-    # The guard reads d, not z, so z dies after the multiply: 63 registers a thread instead of 95
-    # for bf16 (ptxas, sm_90a, measured with the former FMA), four programs per SM instead of two.
-    weighted = tl.sum(tl.where(d == float("-inf"), 0.0, e * d), axis=0)
+    # e * max(d, EXP2_FLOOR): a masked entry gives 0 * EXP2_FLOOR = 0 instead of 0 * -inf, and
+    # the clamp changes no other term, since exp2 of anything below EXP2_FLOOR is 0 on the GPU
+    # (ex2.approx.ftz). One FMNMX per entry where a compare and a select used to be. It reads d,
+    # not z, so z dies after the multiply (63 registers a thread, not 95, for bf16 on sm_90a).
+    weighted = tl.sum(e * tl.maximum(d, EXP2_FLOOR), axis=0)
     if SINGLE_CHUNK:
         _store_row_results(
             row, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
