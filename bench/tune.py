@@ -87,11 +87,14 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
     current = triton_linear_entropy._FWD_GPU_16BIT
     linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [
         dict(_FWD_GPU_16BIT=TileConfig(n, v, h, num_warps=w, num_stages=s, tiles_per_split=t,
-                                       group_n=g))
-        for n, v, h, w, s, t, g in [(128, 256, 64, 8, 4, 16, 8), (128, 128, 64, 4, 4, 32, 8),
-                                    (128, 128, 64, 8, 4, 32, 8), (256, 128, 64, 8, 3, 32, 8),
-                                    (64, 256, 64, 4, 4, 16, 8), (128, 256, 32, 8, 5, 16, 8),
-                                    (128, 256, 64, 8, 3, 16, 16), (128, 256, 64, 8, 3, 8, 8)]]
+                                       group_n=g, tma=tma))
+        for n, v, h, w, s, t, g, tma in [
+            (128, 256, 64, 8, 4, 16, 8, False), (128, 128, 64, 4, 4, 32, 8, False),
+            (128, 128, 64, 8, 4, 32, 8, False), (256, 128, 64, 8, 3, 32, 8, False),
+            (64, 256, 64, 4, 4, 16, 8, False), (128, 256, 32, 8, 5, 16, 8, False),
+            (128, 256, 64, 8, 3, 16, 16, False), (128, 256, 64, 8, 3, 8, 8, False),
+            (128, 256, 64, 8, 3, 16, 8, True), (128, 256, 64, 8, 4, 16, 8, True),
+            (128, 128, 64, 8, 4, 32, 8, True)]]
     em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
         (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
     if gpu:
@@ -109,7 +112,8 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         entropy_candidates = [dict(MAX_BLOCK=triton_entropy.MAX_BLOCK), dict(MAX_BLOCK=2048)]
         linear_candidates = [dict(_INTERPRETER=triton_linear_entropy._INTERPRETER),
                              dict(_INTERPRETER=TileConfig(16, 32, 16, num_warps=1, num_stages=1,
-                                                          tiles_per_split=1, group_n=1))]
+                                                          tiles_per_split=1, group_n=1,
+                                                          tma=True))]
         em_inf_candidates = em_inf_candidates[:2]
     return {
         "entropy": Sweep(triton_entropy, entropy_candidates, entropy_cases, 1e-3),

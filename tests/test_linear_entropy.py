@@ -3,6 +3,7 @@ values and every gradient, properties, gradient filtering, memory, bad input, tr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -331,6 +332,35 @@ def test_deterministic_and_batch_invariant(backend_device):
             hidden[17:30], weight, bias=bias, tokens=tokens[17:30], backend=backend)
         assert torch.equal(part.entropy, first.entropy[17:30])
         assert torch.equal(part.logprobs, first.logprobs[17:30])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, features, vocab", [(40, 24, 70), (7, 40, 33), (1, 16, 17)])
+def test_tma_operands_match_pointer_operands(backend_device, dtype, rows, features, vocab):
+    """TileConfig.tma (the forward's operands by tensor descriptors, a tuning candidate): tails
+    of N, H and V come back as zeros from the descriptors, so the tiles, and the results, are
+    those of the masked pointer loads."""
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("a Triton tile option")
+    from em_kernels.triton import linear_entropy as kernels
+
+    hidden, weight, bias, tokens = random_problem(rows, features, vocab, device, dtype=dtype)
+    pointer = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    name = {"cpu": "_INTERPRETER", "cuda": "_GPU_FP32" if dtype == torch.float32
+            else "_FWD_GPU_16BIT"}[device]
+    tma_config = dataclasses.replace(getattr(kernels, name), tma=True)
+    with mock.patch.object(kernels, name, tma_config), \
+            mock.patch.object(kernels.TensorDescriptor, "from_tensor",
+                              wraps=kernels.TensorDescriptor.from_tensor) as descriptors:
+        tma = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
+    assert descriptors.call_count == 2  # hidden and weight: the TMA path did run
+    # The same dot products in the same order: equal on the interpreter; on a GPU allow the
+    # accumulation order of another instruction schedule.
+    compare = torch.equal if device == "cpu" else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
+    assert compare(tma.entropy, pointer.entropy)
+    assert compare(tma.logprobs, pointer.logprobs)
 
 
 def test_backward_deterministic_across_chunks(backend_device):
@@ -696,7 +726,7 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from em_kernels.triton import linear_entropy as kernels
 
-    def lower(kernel, dtype, backward):
+    def lower(kernel, dtype, backward, tma=False):
         element = "bf16" if dtype == torch.bfloat16 else "fp32"
         if backward:  # the elementwise dz kernel, with the dispatcher's tile
             constants = dict(HAS_BIAS=True, HAS_TOKENS=True, FILTER=True, BLOCK_N=32,
@@ -706,7 +736,7 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
         else:
             config = kernels.tile_config(torch.device("cuda"), dtype)
             constants = dict(
-                HAS_BIAS=True, HAS_TOKENS=True, UPCAST_OPERANDS=False,
+                HAS_BIAS=True, HAS_TOKENS=True, UPCAST_OPERANDS=False, TMA=tma,
                 DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                 BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
                 GROUP_N=config.group_n, stride_hidden_h=1, stride_weight_h=1,
@@ -716,6 +746,9 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
         for name in names:
             if name in constants:
                 signature[name] = "constexpr"
+            elif tma and name in ("hidden_ptr", "weight_ptr"):  # as a launch mangles descriptors
+                rows = config.block_n if name == "hidden_ptr" else config.block_v
+                signature[name] = f"tensordesc<{element}[{rows}, {config.block_h}]>"
             elif name in ("hidden_ptr", "weight_ptr", "bias_ptr", "dz_ptr"):
                 signature[name] = "*" + element
             elif name == "tokens_ptr":
@@ -741,12 +774,15 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         return dict(wgmma="warp_group_dot" in ttgir,
                     pipelined="async_copy_global_to_local" in ttgir,
+                    tma="cp.async.bulk.tensor" in ptx,
                     spills="st.local" in ptx)
 
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
         results[f"fwd-{dtype}"] = lower(kernels._linear_entropy_fwd_kernel, dtype, False)
         results[f"dz-{dtype}"] = lower(kernels._linear_entropy_dz_kernel, dtype, True)
+    results["fwd-tma-bf16"] = lower(kernels._linear_entropy_fwd_kernel, torch.bfloat16, False,
+                                    tma=True)
     print(json.dumps(results))
 """)
 
@@ -768,3 +804,5 @@ def test_kernels_lower_for_hopper():
         assert not found["spills"], name
         if "bfloat16" in name and name.startswith("fwd"):
             assert found["wgmma"] and found["pipelined"], (name, found)
+    # The TMA candidate (TileConfig.tma): bulk tensor copies feeding wgmma.
+    assert results["fwd-tma-bf16"]["tma"] and results["fwd-tma-bf16"]["wgmma"], results

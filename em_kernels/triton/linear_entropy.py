@@ -17,10 +17,12 @@ deterministic, and since the split boundaries depend only on V and the tile size
 row's result does not depend on which other rows are in the batch. From the merged statistics:
 lse = m + log s and E = log s - t / s.
 
-Memory traffic of the forward: the matmul's own (each program reads its hidden tile once per
-vocab tile and each weight tile once; grouped program order keeps GROUP_N row tiles on the same
-weight tiles at once, so most re-reads hit L2) plus 16 bytes per row per split. Extra memory:
-the workspace, 16 * N * ceil(V / (BLOCK_V * TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
+Operand tiles reach shared memory by per-thread async copies, software-pipelined over
+num_stages, or, with TileConfig.tma, by TMA bulk copies from host-built tensor descriptors (a
+tuning candidate, see bench/tune.py). Memory traffic of the forward: the matmul's own (each
+program reads its hidden tile once per vocab tile and each weight tile once; grouped program
+order keeps GROUP_N row tiles on the same weight tiles at once, so most re-reads hit L2) plus 16
+bytes per row per split. Extra memory: the workspace, 16 * N * ceil(V / (BLOCK_V * TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
 
 Backward: the dispatcher (em_kernels/_ops/linear_entropy.py, `chunked_backward`) walks the
 vocabulary in chunks, has cuBLAS write each chunk's logits (fp32), and calls `linear_entropy_dz`
@@ -54,6 +56,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -67,6 +70,10 @@ class TileConfig:
     num_stages: int
     tiles_per_split: int  # vocab tiles per forward program (fixes the split boundaries)
     group_n: int  # row tiles that walk the same vocab tiles together (L2 reuse of weight tiles)
+    # Forward operands by TMA (Hopper's tensor memory accelerator: host-built descriptors, one
+    # bulk copy per tile, bounds handled by the copy engine) instead of per-thread async copies.
+    # A candidate of bench/tune.py until a GPU has timed it; unaligned operands fall back.
+    tma: bool = False
 
 
 # Hopper/Ampere, 16-bit inputs. Forward: 128 x 256 x 64 is the largest tile whose fp32
@@ -124,24 +131,35 @@ def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_in, cols, col_in, H,
-                stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, first_row, rows, row_in, first_col, cols,
+                col_in, H, stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
                 inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                UPCAST_OPERANDS: tl.constexpr):
+                UPCAST_OPERANDS: tl.constexpr, TMA: tl.constexpr):
     """z = (h[rows] @ W[cols]^T + b[cols]) / T as an fp32 [BLOCK_N, BLOCK_V] tile; -inf in the
-    columns past V. rows and cols are int64."""
-    offs_h = tl.arange(0, BLOCK_H)
-    hidden_ptrs = hidden_ptr + rows[:, None] * stride_hidden_n + offs_h[None, :] * stride_hidden_h
-    weight_ptrs = weight_ptr + cols[None, :] * stride_weight_v + offs_h[:, None] * stride_weight_h
+    columns past V. rows = first_row + arange(BLOCK_N) and cols = first_col + arange(BLOCK_V),
+    int64. TMA: hidden_ptr and weight_ptr are tensor descriptors of blocks [BLOCK_N, BLOCK_H] and
+    [BLOCK_V, BLOCK_H], whose loads fill what lies outside the tensors with zeros (the masks of
+    the pointer path)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for k in range(0, H, BLOCK_H):
-        h_in = offs_h < H - k
-        hidden_tile = tl.load(hidden_ptrs, mask=row_in[:, None] & h_in[None, :], other=0.0)
-        weight_tile = tl.load(weight_ptrs, mask=h_in[:, None] & col_in[None, :], other=0.0)
-        acc = _dot(hidden_tile, weight_tile, acc, DOT_PRECISION, UPCAST_OPERANDS)
-        hidden_ptrs += BLOCK_H * stride_hidden_h
-        weight_ptrs += BLOCK_H * stride_weight_h
+    if TMA:
+        for k in range(0, H, BLOCK_H):
+            hidden_tile = hidden_ptr.load([first_row, k])
+            weight_tile = weight_ptr.load([first_col, k])
+            acc = _dot(hidden_tile, tl.trans(weight_tile), acc, DOT_PRECISION, UPCAST_OPERANDS)
+    else:
+        offs_h = tl.arange(0, BLOCK_H)
+        hidden_ptrs = (hidden_ptr + rows[:, None] * stride_hidden_n
+                       + offs_h[None, :] * stride_hidden_h)
+        weight_ptrs = (weight_ptr + cols[None, :] * stride_weight_v
+                       + offs_h[:, None] * stride_weight_h)
+        for k in range(0, H, BLOCK_H):
+            h_in = offs_h < H - k
+            hidden_tile = tl.load(hidden_ptrs, mask=row_in[:, None] & h_in[None, :], other=0.0)
+            weight_tile = tl.load(weight_ptrs, mask=h_in[:, None] & col_in[None, :], other=0.0)
+            acc = _dot(hidden_tile, weight_tile, acc, DOT_PRECISION, UPCAST_OPERANDS)
+            hidden_ptrs += BLOCK_H * stride_hidden_h
+            weight_ptrs += BLOCK_H * stride_weight_h
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     return tl.where(col_in[None, :], acc * inv_temperature, float("-inf"))
@@ -156,12 +174,13 @@ def _linear_entropy_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     TILES_PER_SPLIT: tl.constexpr, GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr, TMA: tl.constexpr,
 ):
     """Row statistics (m, s, t, chosen) of one split of the vocabulary for one row tile; see
     the module docstring. partials is [4, num_splits, N] fp32, partials_plane = num_splits * N."""
     row_tile, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP_N)
-    rows = (row_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    first_row = row_tile * BLOCK_N
+    rows = (first_row + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_in = rows < N
     if HAS_TOKENS:
         token = tl.load(tokens_ptr + rows, mask=row_in, other=-1)
@@ -172,12 +191,14 @@ def _linear_entropy_fwd_kernel(
     first_tile = split * TILES_PER_SPLIT
     end_tile = tl.minimum(first_tile + TILES_PER_SPLIT, tl.cdiv(V, BLOCK_V))
     for vocab_tile in range(first_tile, end_tile):
-        cols = (vocab_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        first_col = vocab_tile * BLOCK_V
+        cols = (first_col + tl.arange(0, BLOCK_V)).to(tl.int64)
         col_in = cols < V
-        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_in, cols, col_in, H,
+        z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, first_row, rows, row_in, first_col,
+                        cols, col_in, H,
                         stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
                         inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION,
-                        UPCAST_OPERANDS)
+                        UPCAST_OPERANDS, TMA)
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         # Rows with nothing finite yet keep m = -inf; shift by 0 there so that no -inf - -inf
         # (NaN) appears. Masked entries (z = -inf) get exp = 0 and add 0 to t.
@@ -284,8 +305,13 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     if rows == 0:
         return partials
     grid = (triton.cdiv(rows, config.block_n) * num_splits,)
+    use_tma = config.tma and _tma_compatible(hidden) and _tma_compatible(weight)
+    hidden_operand, weight_operand = hidden, weight
+    if use_tma:
+        hidden_operand = TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_h])
+        weight_operand = TensorDescriptor.from_tensor(weight, [config.block_v, config.block_h])
     _linear_entropy_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden,
+        hidden_operand, weight_operand, bias if bias is not None else hidden,
         tokens if tokens is not None else hidden, partials,
         rows, vocab, features,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -294,6 +320,14 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
         BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
         TILES_PER_SPLIT=config.tiles_per_split, GROUP_N=config.group_n,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_OPERANDS=hidden.device.type != "cuda",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        TMA=use_tma, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return partials
+
+
+def _tma_compatible(operand: torch.Tensor) -> bool:
+    """What a TMA descriptor needs of a 2-D operand: a contiguous last dim, and the base address
+    and the row stride in bytes multiples of 16."""
+    row_bytes = operand.stride(0) * operand.element_size()
+    return (operand.stride(1) == 1 and row_bytes % 16 == 0 and operand.data_ptr() % 16 == 0
+            and operand.shape[1] * operand.element_size() >= 16)
