@@ -465,7 +465,7 @@ _LOWER_SCRIPT = textwrap.dedent("""
         spills[f"em_inf adam={adam} batch={batch_exit} output={output} ones={ones}"] = lower(
             kernels._em_inf_adjust_fwd_kernel,
             dict(ADAM=adam, BATCH_EXIT=batch_exit, WRITE_OUTPUT=output, BLOCK=kernels.BLOCK,
-                 MERGE_BLOCK=256, HIST_BLOCK=16), ones)
+                 MERGE_BLOCK=256, HIST_BLOCK=16, FAST_DIVIDE=True), ones)
     for ones in (False, True):
         spills[f"batch entropy ones={ones}"] = lower(
             kernels._em_inf_batch_entropy_kernel,
