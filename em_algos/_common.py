@@ -14,12 +14,18 @@ Conventions (the same for every public function of em_algos):
   (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
   decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
   ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
-  when fully_shard leaves the root's parameters (the LM head among them, unless it is sharded as
-  its own unit) unsharded until the backward.
+  when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
+  backward; an LM head sharded as its own unit is refused with a ValueError. Every call checks
+  that the model's own logits at the last position are the head applied to the hidden state
+  there, so a model that scales or caps its logits is refused rather than scored wrongly.
+- Sampling is pure: the model's ``generation_config`` (a Hub repetition_penalty, min_p, EOS ...)
+  is set aside while the rollouts are generated.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -74,20 +80,39 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
     checks = [input_ids.min(), input_ids.max()]
     if response_mask is not None:
         response = response_mask.bool()
-        checks += [response[:, :1].any(), (response & ~attention_mask.bool()).any()]
+        attended = attention_mask.bool()
+        checks += [response[:, :1].any(), (response & ~attended).any(),
+                   (response[:, 1:] & ~attended[:, :-1]).any()]
     low, high, *response_checks = torch.stack([check.long() for check in checks]).tolist()
     if vocab_size is not None and (low < 0 or high >= vocab_size):
         raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the "
                          f"model's vocabulary [0, {vocab_size}) (its input embedding's size)")
     if response_mask is None:
         return
-    first_is_response, unattended = response_checks
+    first_is_response, unattended, unattended_predictor = response_checks
     if first_is_response:
         raise ValueError("response_mask marks the first token of a sequence; no position predicts "
                          "it, so every sequence must start with at least one prompt token")
     if unattended:
         raise ValueError("response_mask marks tokens that attention_mask masks out; a response "
                          "token must be a real (attended) token")
+    if unattended_predictor:
+        raise ValueError("response_mask marks a token right after a masked-out (padding) "
+                         "position, which would predict it; give every response at least one "
+                         "real prompt token before it")
+
+
+def check_token_ids(name: str, value, *, allow_none: bool) -> tuple[int, ...] | None:
+    """A token id or a non-empty list of them (EOS ids: Llama 3 and Qwen2.5 have several) ->
+    a tuple of ints >= 0; None passes when allow_none."""
+    if value is None and allow_none:
+        return None
+    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                          for i in ids):
+        allowed = "an int >= 0, a non-empty list of them" + (" or None" if allow_none else "")
+        raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    return tuple(ids)
 
 
 # ----------------------------------------------------------------------------- models
@@ -114,7 +139,10 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
                         "shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
-    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+    # The configs that scale or cap logits (Gemma 2, Cohere, Granite, FalconH1, ...); others are
+    # caught by check_head_reproduces_logits.
+    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
+                      "logits_scaling", "lm_head_multiplier"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise ValueError(f"the model's config sets {attribute}: its logits are not a plain "
                              "linear function of the hidden states, which linear_entropy assumes")
@@ -123,6 +151,32 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
         raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
                         "em_algos needs a causal LM with get_output_embeddings()")
     return head
+
+
+def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
+                                 logits_last: torch.Tensor) -> None:
+    """After the model's forward: refuse a head whose weight is still sharded (a DTensor), and
+    a model whose logits are not head(hidden), by comparing the model's own logits at the last
+    position (B, V) with the head applied to the hidden states there (B, H). Costs a
+    (B, H) x (H, V) matmul and one host sync; tolerates the roundings of another matmul shape
+    in the model's dtype."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(head.weight, DTensor):
+        raise ValueError("the LM head's weight is a DTensor after the model's forward (the head "
+                         "was sharded as its own FSDP2 unit, or by tensor parallelism): em_algos "
+                         "reads the full weight then, so shard the LM head with the root module "
+                         "(call fully_shard on the decoder layers and on the root only)")
+    with torch.no_grad():
+        expected = nn.functional.linear(hidden_last, head.weight, getattr(head, "bias", None))
+        expected, actual = expected.float(), logits_last.float()
+        scale = expected.abs().amax(-1, keepdim=True).clamp(min=1.0)
+        tolerance = 8 * torch.finfo(hidden_last.dtype).eps * scale
+        mismatch = ((actual - expected).abs() > tolerance).any()
+    if bool(mismatch):
+        raise ValueError("the model's logits are not its LM head applied to its final hidden "
+                         "states (it scales, caps or otherwise transforms them), which "
+                         "linear_entropy assumes; em_algos cannot score this model")
 
 
 def input_vocab_size(model: nn.Module) -> int | None:
@@ -139,23 +193,23 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor) -> torch.Tensor:
+                         attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, H) final (normed) hidden states from a call of ``model`` itself, so that DDP's and
-    FSDP's hooks run. A forward hook on the decoder catches them, rather than
-    output_hidden_states, which would also keep every layer's states alive (a waste under
-    torch.no_grad, where nothing else keeps them); logits_to_keep=1 leaves the logits at
-    (B, 1, V)."""
+    FSDP's hooks run, and the model's (B, V) logits at the last position. A forward hook on the
+    decoder catches the states, rather than output_hidden_states, which would also keep every
+    layer's states alive (a waste under torch.no_grad, where nothing else keeps them);
+    logits_to_keep=1 leaves the logits at (B, 1, V)."""
     decoder = unwrap_model(model).get_decoder()
     captured = []
     handle = decoder.register_forward_hook(
         lambda module, args, output: captured.append(output.last_hidden_state))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask,
-              position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1,
-              use_cache=False)
+        output = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1,
+                       use_cache=False)
     finally:
         handle.remove()
-    return captured[-1]
+    return captured[-1], output.logits[:, -1]
 
 
 @dataclass
@@ -203,7 +257,8 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
     head = _check_supported_head(model)
     check_sequence_batch(input_ids, attention_mask, response_mask,
                          vocab_size=input_vocab_size(model))
-    hidden = _final_hidden_states(model, input_ids, attention_mask)
+    hidden, last_logits = _final_hidden_states(model, input_ids, attention_mask)
+    check_head_reproduces_logits(head, hidden[:, -1].detach(), last_logits.detach())
     predicting = response_mask[:, 1:].bool()
     rows = hidden[:, :-1][predicting]
     tokens = input_ids[:, 1:][predicting]
@@ -234,35 +289,55 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+@contextlib.contextmanager
+def _generation_defaults_set_aside(generator: nn.Module):
+    """generate() fills every field that its generation_config leaves None from the model's own
+    generation_config (a Hub repetition_penalty, min_p, no_repeat_ngram_size, EOS ...); with a
+    bare one in its place, only what sample_responses asks for applies."""
+    from transformers import GenerationConfig
+
+    saved = generator.generation_config
+    generator.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        generator.generation_config = saved
+
+
 @torch.no_grad()
 def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
                      num_samples: int, max_new_tokens: int, pad_token_id: int,
-                     eos_token_id: int | None, temperature: float = 1.0,
+                     eos_token_id: int | list[int] | None, temperature: float = 1.0,
                      logits_processor=None) -> Rollout:
-    """``num_samples`` responses per left-padded prompt by pure sampling (no top-k / top-p), so
-    that the samples come from the distribution the losses and rewards score.
+    """``num_samples`` responses per left-padded prompt by pure sampling (no top-k / top-p, and
+    none of the model's own generation settings), so that the samples come from the
+    distribution the losses and rewards score.
 
-    The response of a row runs up to and including its first EOS; what follows is padding.
+    The response of a row runs up to and including its first EOS (any of ``eos_token_id`` when
+    it is a list; with None, generation runs to max_new_tokens); what follows is padding.
     Under torch.distributed every rank keeps stepping until all are done (``synced_gpus``), which
     FSDP needs (each forward all-gathers) and DDP tolerates."""
     from transformers import GenerationConfig
 
+    check_token_ids("pad_token_id", pad_token_id, allow_none=False)
+    eos_ids = check_token_ids("eos_token_id", eos_token_id, allow_none=True)
     _check_supported_head(model)
     check_sequence_batch(prompt_ids, prompt_mask, vocab_size=input_vocab_size(model))
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
-                              eos_token_id=eos_token_id)
+                              eos_token_id=None if eos_ids is None else list(eos_ids))
     generator = unwrap_model(model)
-    sequences = generator.generate(input_ids=prompt_ids, attention_mask=prompt_mask.long(),
-                                   generation_config=config, logits_processor=logits_processor,
-                                   synced_gpus=is_distributed())
+    with _generation_defaults_set_aside(generator):
+        sequences = generator.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config,
+            logits_processor=logits_processor, synced_gpus=is_distributed())
     generated = sequences[:, prompt_ids.shape[1]:]
-    if eos_token_id is None:
+    if eos_ids is None:
         response = torch.ones_like(generated, dtype=torch.bool)
     else:
-        eos = generated == eos_token_id
+        eos = torch.isin(generated, torch.tensor(eos_ids, device=generated.device))
         response = (eos.long().cumsum(-1) - eos.long()) == 0
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), response], 1)
     attention_mask = torch.cat([prompt_mask.bool(), response], 1)
@@ -327,13 +402,27 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
         for batch in prompt_batches:
             if num_steps is not None and len(history) >= num_steps:
                 break
-            if isinstance(batch, dict):
+            if isinstance(batch, collections.abc.Mapping):  # dicts, tokenizers' BatchEncoding
                 batch = batch["input_ids"], batch["attention_mask"]
             stats = step(*batch)
             history.append(stats)
             bar.update(1)
             bar.set_postfix({key: f"{stats[key]:.4f}" for key in shown})
     return history
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module):
+    """Every module in eval mode for the duration (each one's own mode restored after), as verl
+    and TRL train: with dropout on, the sampling, the old log-probs, the rewards and the loss
+    would each see another random network. Gradients flow as usual."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,

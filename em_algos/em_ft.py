@@ -19,7 +19,9 @@ from torch import nn
 from ._common import (
     check_choice,
     check_positive,
+    check_token_ids,
     clip_and_step,
+    dropout_off,
     frozen_copy,
     k3_kl,
     response_token_stats,
@@ -72,19 +74,23 @@ class EMFTTrainer:
 
     Args:
         model: the causal LM to train (plain, DDP-wrapped or FSDP2-sharded).
-        pad_token_id, eos_token_id: for generation and to end responses.
+        pad_token_id, eos_token_id: for generation and to end responses (eos_token_id: an id,
+            a list of ids, or None to always generate max_new_tokens).
         num_samples: responses sampled per prompt (the paper: 1).
         max_new_tokens: response length limit.
         temperature: sampling temperature (the paper: 1.0).
         lr, weight_decay: AdamW settings, used when no ``optimizer`` is given.
         max_grad_norm: global gradient-norm clip (None: no clipping).
-        kl_coef: weight of the KL to the initial model (0: none, the paper's setting).
+        kl_coef: weight of the KL to the initial model (0: none, the paper's setting), estimated
+            by k3 on the sampled tokens with the log-probs at temperature 1 (the distribution the
+            loss acts on): unbiased for KL(pi || pi_initial) when temperature is 1.
         normalize: em_ft_loss normalisation, "sequence" or "token".
         save_dir, save_every: save_pretrained checkpoints to save_dir/step-<k> every k steps.
         progress: show a tqdm bar (on rank 0) with loss and mean entropy.
     """
 
-    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
+    def __init__(self, model: nn.Module, *, pad_token_id: int,
+                 eos_token_id: int | list[int] | None,
                  num_samples: int = 1, max_new_tokens: int = 256, temperature: float = 1.0,
                  lr: float = 1e-6, weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                  kl_coef: float = 0.0, reference_model: nn.Module | None = None,
@@ -102,6 +108,8 @@ class EMFTTrainer:
         check_choice("normalize", normalize, NORMALIZATIONS)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
@@ -117,7 +125,12 @@ class EMFTTrainer:
         self.global_step = 0
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
-        """Sample, then one optimiser step. Returns loss, mean token entropy, kl, grad_norm."""
+        """Sample, then one optimiser step, with dropout off (`dropout_off`). Returns loss, mean
+        token entropy, kl, grad_norm."""
+        with dropout_off(self.model):
+            return self._step(prompt_ids, prompt_mask)
+
+    def _step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
         rollout = sample_responses(
             self.model, prompt_ids, prompt_mask, num_samples=self.num_samples,
             max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_token_id,

@@ -23,7 +23,9 @@ from torch import nn
 from ._common import (
     check_choice,
     check_positive,
+    check_token_ids,
     clip_and_step,
+    dropout_off,
     frozen_copy,
     k3_kl,
     response_token_stats,
@@ -100,8 +102,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: (r - group mean) / (group std + eps), with the unbiased std (as verl); eps is a
-    finite number >= 0."""
-    check_positive("eps", eps, allow_zero=True)
+    finite number > 0 (a group of equal rewards then gets advantages 0, not 0 / 0)."""
+    check_positive("eps", eps)
     groups = _grouped(rewards, group_size)
     centred = groups - groups.mean(-1, keepdim=True)
     return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)
@@ -136,7 +138,8 @@ class EMRLTrainer:
         The rest as in EMFTTrainer.
     """
 
-    def __init__(self, model: nn.Module, *, pad_token_id: int, eos_token_id: int | None,
+    def __init__(self, model: nn.Module, *, pad_token_id: int,
+                 eos_token_id: int | list[int] | None,
                  reward: str = "sequence", reward_reduce: str = "mean", advantage: str = "rloo",
                  num_rollouts: int = 4, max_new_tokens: int = 256, temperature: float = 1.0,
                  clip_range: float = 0.2, beta: float = 0.001,
@@ -166,6 +169,8 @@ class EMRLTrainer:
             check_positive("max_grad_norm", max_grad_norm)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.reward, self.reward_reduce, self.advantage = reward, reward_reduce, advantage
@@ -198,7 +203,12 @@ class EMRLTrainer:
         return loss, kl.detach().sum() / count, clip_fraction
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
-        """Roll out, score, then the PPO updates. Returns mean reward, loss, kl, entropy, ..."""
+        """Roll out, score, then the PPO updates, with dropout off (`dropout_off`: the first
+        update's ratio is then exactly 1). Returns mean reward, loss, kl, entropy, ..."""
+        with dropout_off(self.model):
+            return self._step(prompt_ids, prompt_mask)
+
+    def _step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
         rollout = sample_responses(
             self.model, prompt_ids, prompt_mask, num_samples=self.num_rollouts,
             max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_token_id,

@@ -4,7 +4,8 @@ Each rank samples its own prompts (different rollouts, so different local gradie
 step of each trainer the DDP replicas must still be identical and must have moved, and FSDP2
 must reach the same weights as DDP (same seeds, same rollouts, gradients averaged over ranks
 either way; plain SGD so that the update is linear in the gradient). Rank 0 writes the
-checkpoint, the full unsharded weights in both cases."""
+checkpoint, the full unsharded weights in both cases. An LM head sharded as an FSDP2 unit of its
+own is refused with a clear error."""
 
 import os
 import socket
@@ -32,7 +33,7 @@ def _flat_parameters(state_dict) -> torch.Tensor:
     return torch.cat(values)
 
 
-def _wrap(model, mode):
+def _wrap(model, mode, head_unit=False):
     if mode == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     from torch.distributed.device_mesh import init_device_mesh
@@ -41,13 +42,17 @@ def _wrap(model, mode):
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
+    if head_unit:  # the LM head sharded as a unit of its own (unsupported)
+        fully_shard(model.lm_head, mesh=mesh)
     return fully_shard(model, mesh=mesh)
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from em_algos import EMFTTrainer, EMRLTrainer
+    from algos_support import random_batch
+
+    from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -72,6 +77,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             final = _flat_parameters(get_model_state_dict(model, options=full))
             torch.save({"initial": initial, "final": final},
                        os.path.join(out_dir, f"{mode}-rank{rank}.pt"))
+        model = _wrap(tiny_causal_lm(seed=0, family="llama"), "fsdp2", head_unit=True)
+        try:
+            em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
+            refusal = None
+        except ValueError as error:
+            refusal = str(error)
+        torch.save({"refusal": refusal}, os.path.join(out_dir, f"head-unit-rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -109,3 +121,11 @@ def test_rank_zero_saves_the_full_model(results, mode):
     assert reloaded.state_dict().keys() == reference.state_dict().keys()
     shapes = {name: value.shape for name, value in reloaded.state_dict().items()}
     assert shapes == {name: value.shape for name, value in reference.state_dict().items()}
+
+
+def test_an_lm_head_sharded_on_its_own_is_refused(results):
+    """Its weight is still a DTensor after the model's forward: a clear ValueError on every
+    rank, not torch's mixed Tensor/DTensor error."""
+    for rank in range(WORLD_SIZE):
+        refusal = _load(results, "head-unit", rank)["refusal"]
+        assert refusal is not None and "shard the LM head with the root module" in refusal

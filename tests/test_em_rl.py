@@ -120,7 +120,7 @@ def test_advantages_bad_input_raises(fn, rewards, group_size, error):
 
 
 @pytest.mark.parametrize("eps, error", [
-    (-1e-6, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
+    (-1e-6, ValueError), (0.0, ValueError), (float("inf"), ValueError), (float("nan"), ValueError),
     ("1e-6", TypeError),
 ])
 def test_grpo_bad_eps_raises(eps, error):
