@@ -556,6 +556,43 @@ def test_masking_with_the_most_negative_float(backend_device):
             torch.testing.assert_close(result[row : row + 1], alone, rtol=1e-6, atol=1e-6)
 
 
+def test_a_masked_chosen_token_gets_no_gradient(backend_device):
+    """A token whose logit is -inf has log-prob -inf and, like every -inf entry, a zero
+    gradient; the other entries keep the log-prob's -p_j gL / T term. Tokens in the first and
+    in a later vocabulary chunk; the reference backend's gradient is the yardstick."""
+    backend, device = backend_device
+    for dtype in (torch.float32, torch.bfloat16):
+        for vocab in (4, 9000):
+            generator = torch.Generator().manual_seed(vocab)
+            logits = torch.randn(3, vocab, generator=generator).to(dtype)
+            tokens = torch.tensor([2, vocab - 1, 1])
+            logits[0, 2] = logits[1, vocab - 1] = logits[1, 0] = float("-inf")
+            logits, tokens = logits.to(device), tokens.to(device)
+            logprobs, _, grad = _forward_and_gradient(backend, logits, tokens, 0.5)
+            _, _, expected = _forward_and_gradient("torch", logits, tokens, 0.5)
+            assert logprobs[:2].tolist() == [float("-inf")] * 2 and logprobs[2].isfinite()
+            assert grad[0, 2] == 0 and grad[1, vocab - 1] == 0 and grad[1, 0] == 0
+            torch.testing.assert_close(grad.float(), expected.float(), rtol=2e-2, atol=1e-5)
+
+
+def test_a_row_of_the_most_negative_float_has_no_distribution(backend_device):
+    """All of a row masked with finfo.min: NaN entropy and NaN log-prob, as an all -inf row
+    (the kernels take finfo.min for a mask once it overflows when scaled), never a log-prob of
+    +inf; its gradient is 0. The torch backend computes softmax of equal numbers instead."""
+    backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("the reference treats finfo.min as a number: a uniform row")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(2, 300, dtype=dtype)
+        logits[0] = torch.finfo(dtype).min
+        logits = logits.to(device)
+        tokens = torch.tensor([1, 1], device=device)
+        logprobs, result, grad = _forward_and_gradient(backend, logits, tokens)
+        assert result[0].isnan() and logprobs[0].isnan(), (result, logprobs)
+        assert result[1].isfinite() and logprobs[1].isfinite()
+        assert bool((grad[0] == 0).all()) and bool(grad[1].isfinite().all())
+
+
 def test_gradients_finite_at_extreme_scales(backend_device):
     backend, device = backend_device
     generator = torch.Generator().manual_seed(3)

@@ -296,7 +296,8 @@ def test_bounds_and_uniform(backend_device):
 
 
 def test_masked_token_and_all_masked_row(backend_device):
-    """A token on a -inf entry has log p = -inf; with every entry masked the entropy is NaN."""
+    """A token on a -inf entry has log p = -inf and no gradient there; with every entry masked
+    the entropy is NaN."""
     backend, device = backend_device
     hidden, weight, bias, tokens = random_problem(4, 16, 20, device)
     bias[3] = float("-inf")
@@ -304,6 +305,17 @@ def test_masked_token_and_all_masked_row(backend_device):
     out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
     assert out.logprobs[1].item() == float("-inf")
     assert bool(torch.isfinite(out.entropy).all())
+    # Its gradient: 0 at the -inf entry (no one-hot term), as the entropy ops give it.
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    out = em_kernels.linear_entropy(*leaves[:2], bias=leaves[2], tokens=tokens, backend=backend)
+    (out.entropy.sum() + out.logprobs[[0, 2, 3]].sum() + 0.5 * out.logprobs[1]).backward()
+    assert leaves[2].grad[3] == 0
+    expected = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    logits = expected[0] @ expected[1].T + expected[2]
+    logprobs, entropy = em_kernels.logprobs_and_entropy(logits, tokens, backend="torch")
+    (entropy.sum() + logprobs[[0, 2, 3]].sum() + 0.5 * logprobs[1]).backward()
+    for got, want in zip(leaves, expected):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
     everything_masked = torch.full_like(bias, float("-inf"))
     out = em_kernels.linear_entropy(hidden, weight, bias=everything_masked, backend=backend)
     assert bool(torch.isnan(out.entropy).all())
@@ -404,6 +416,8 @@ def test_dz_kernels_agree(eps):
         log_p + entropy.double()[:, None]))
     local = tokens - start
     hit = (local >= 0) & (local < width)
+    # no one-hot term where the chosen logit is -inf (the masked bias entry)
+    hit &= z.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1) != float("-inf")
     exact[hit.nonzero()[:, 0], local[hit]] += grad_chosen.double()[hit]
     exact /= temperature
     outputs, kept_flags = [], []

@@ -134,6 +134,12 @@ EM_SIMD_INLINE void forward_items(const ForwardTask<T>& task, int64_t begin, int
   }
 }
 
+// One logit as float (a one-entry partial load: any dtype).
+template <typename T>
+EM_SIMD_INLINE float logit_at(const T* src) {
+  return load_partial<T>(src, 1, 0.0f)[0];
+}
+
 // dz for kLanes entries whose chunk-relative indices are first + lane.
 EM_SIMD_INLINE VecF gradient(VecF x, const GradientCoefficients& k, int32_t first,
                              int32_t token_in_chunk) {
@@ -155,10 +161,11 @@ EM_SIMD_INLINE void backward_items(const BackwardTask<T>& task, int64_t begin, i
         (task.grad_logprobs != nullptr && in_vocab) ? task.grad_logprobs[row] : 0.0f;
     const GradientCoefficients k = gradient_coefficients(
         task.entropy[row], task.lse[row], task.grad_entropy[row], grad_logprob, task.temperature);
-    const int32_t token_in_chunk =
-        (in_vocab && token >= start && token < start + len) ? static_cast<int32_t>(token - start) : -1;
-
     const T* src = task.logits + row * task.row_stride + start;
+    int32_t token_in_chunk =
+        (in_vocab && token >= start && token < start + len) ? static_cast<int32_t>(token - start) : -1;
+    // A -inf chosen logit gets no one-hot term: like every -inf entry, a zero gradient.
+    if (token_in_chunk >= 0 && logit_at(src + token_in_chunk) == -INFINITY) token_in_chunk = -1;
     T* dst = task.grad + row * task.vocab + start;
     const int64_t full = len - len % kLanes;
     for (int64_t j = 0; j < full; j += kLanes) {
@@ -199,11 +206,6 @@ int64_t chunks_per_row(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
 
 int64_t item_grain(int64_t vocab) {
   return std::max<int64_t>(1, kParallelGrain / std::min(vocab, kChunk));
-}
-
-template <typename T>
-float logit_at(const T* src) {
-  return load_partial<T>(src, 1, 0.0f)[0];
 }
 
 template <typename T>

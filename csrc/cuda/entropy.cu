@@ -375,11 +375,12 @@ __global__ void __launch_bounds__(kThreads)
   const GradientCoefficients k = gradient_coefficients(in.entropy[row], in.lse[row],
                                                        in.grad_entropy[row], grad_logprob,
                                                        in.temperature);
-  const int token_in_chunk =
-      (in_vocab && token >= start && token < start + len) ? static_cast<int>(token - start) : -1;
-
   const T* src = logits_ptr + row * row_stride + start;
   T* dst = grad_ptr + row * vocab + start;
+  int token_in_chunk =
+      (in_vocab && token >= start && token < start + len) ? static_cast<int>(token - start) : -1;
+  // A -inf chosen logit gets no one-hot term: like every -inf entry, a zero gradient.
+  if (token_in_chunk >= 0 && to_float(src[token_in_chunk]) == -INFINITY) token_in_chunk = -1;
 
   if (misalignment(src) != misalignment(dst)) {  // no common vector grid: scalar, still coalesced
     for (int j = threadIdx.x; j < len; j += kThreads) {

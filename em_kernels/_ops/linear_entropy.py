@@ -151,15 +151,18 @@ def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy
         z += bias[vocab_start:vocab_start + width].to(z.dtype)
     # dz = p (g_lse - g_E (log p + E)): the blocks alive at once are z and p only.
     log_p = z.div_(temperature).sub_(lse.unsqueeze(-1))
+    if tokens is not None:
+        local = tokens - vocab_start
+        index = local.clamp(0, width - 1).unsqueeze(-1)
+        # A -inf chosen logit gets no one-hot term: 0, as every -inf entry.
+        chosen_here = (local >= 0) & (local < width) & (log_p.gather(-1, index).squeeze(-1)
+                                                         != float("-inf"))
     p = torch.exp(log_p)
     dz = log_p.masked_fill_(p == 0, 0.0).add_(entropy.unsqueeze(-1))
     dz = dz.mul_(-grad_entropy.unsqueeze(-1)).add_(grad_lse.unsqueeze(-1)).mul_(p)
     del p
     if tokens is not None:
-        local = tokens - vocab_start
-        inside = (local >= 0) & (local < width)
-        dz.scatter_add_(-1, local.clamp(0, width - 1).unsqueeze(-1),
-                        grad_chosen.masked_fill(~inside, 0.0).unsqueeze(-1))
+        dz.scatter_add_(-1, index, grad_chosen.masked_fill(~chosen_here, 0.0).unsqueeze(-1))
     dz = dz.div_(temperature)
     if grad_filter_eps > 0:  # a row's segment of tile[1] columns is kept or zeroed together
         segment = tile[1]

@@ -246,6 +246,13 @@ def _softmax_stats_bwd_kernel(
     entropy = tl.load(entropy_ptr + row)
     lse = tl.load(lse_ptr + row)
     grad_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
+    # A row with no distribution (lse = -inf: all -inf, or all finfo.min once scaled) gets a zero
+    # gradient, like every masked entry: with lse and H taken as 0 and no upstream gradient, no
+    # inf - inf or 0 * NaN is formed.
+    no_distribution = lse == float("-inf")
+    entropy = tl.where(no_distribution, 0.0, entropy)
+    grad_entropy = tl.where(no_distribution, 0.0, grad_entropy)
+    lse = tl.where(no_distribution, 0.0, lse)
     log2_p = tl.fma(z, inv_temperature, -lse) * LOG2E
     p = tl.exp2(log2_p)
     grad = -grad_entropy * p * tl.fma(log2_p, LN2, entropy)
@@ -253,7 +260,7 @@ def _softmax_stats_bwd_kernel(
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
         grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
-        grad_logprob = tl.where((token >= 0) & (token < V), grad_logprob, 0.0)
+        grad_logprob = tl.where((token >= 0) & (token < V) & ~no_distribution, grad_logprob, 0.0)
         grad = grad - grad_logprob * p + tl.where(cols == token, grad_logprob, 0.0)
     grad = tl.where(z == float("-inf"), 0.0, grad)
     if ROUND_TO_BF16:

@@ -37,7 +37,8 @@ first column is vocab id vocab_start, elementwise:
     dz = (1/T) [ p (g_lse - g_E (z - lse + E)) + g_chosen onehot(y) ]
 
 (the public function passes g_lse = -g_logprobs and g_chosen = g_logprobs, so that
-dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -inf gets dz = 0.
+dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -inf gets dz = 0,
+also when it is the chosen token (as in the entropy ops).
 Traffic: reads the fp32 logits (4 B/entry), writes dz in the operand dtype (2 B/entry for 16-bit
 inputs): 7.5 GB, ~1.6 ms on an H200, at N 8192, V 152064.
 
@@ -254,7 +255,9 @@ def _linear_entropy_dz_kernel(
     if HAS_TOKENS:
         token = tl.load(tokens_ptr + rows, mask=row_in, other=-1) - vocab_start
         grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
-        dz += tl.where(cols[None, :] == token[:, None], grad_chosen[:, None], 0.0)
+        # A -inf chosen logit (a -inf bias entry) gets no one-hot term: 0, as every -inf entry.
+        chosen_here = (cols[None, :] == token[:, None]) & (z != float("-inf"))
+        dz += tl.where(chosen_here, grad_chosen[:, None], 0.0)
     dz = tl.where(inside, dz * inv_temperature, 0.0)
     if FILTER:  # per row of the tile: its BLOCK_V entries are kept or zeroed together; a NaN
         # keeps them (it must reach the gradients: tl.max drops NaN on the GPU)

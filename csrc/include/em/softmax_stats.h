@@ -84,8 +84,11 @@ EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, float inv_tempera
 }
 
 // log p(y) from the row's statistics and the chosen logit z_y: z_y - m first (exact near the max),
-// then scaled by k = log2(e) / T.
+// then scaled by k = log2(e) / T. A row with no distribution (max -inf: all -inf, or finite
+// logits such as finfo.min whose scaled values overflow to -inf) gives NaN, as its entropy does;
+// the formula would give -inf - -inf = NaN for the first kind but +inf for the second.
 EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float logit, float scale) {
+  if (p.max == -INFINITY) return NAN;
   return ((logit - p.max) * scale - log2f(p.sum)) * kLn2;
 }
 
