@@ -2,7 +2,8 @@
 the one input normalisation they share, `as_rows`.
 
 Every check here reads only metadata (dtype, shape, device), except `check_token_range`, which
-reads token values on CPU tensors only (where it costs no device sync)."""
+reads token values on CPU tensors only (where it costs no device sync; never on meta or fake
+tensors)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,18 @@ def check_float_tensor(tensor, backend: str, name: str) -> None:
             f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}{hint}")
 
 
+def check_no_forward_ad(tensor: torch.Tensor, op: str) -> None:
+    """The ops have reverse-mode formulas only; a forward-mode tangent (torch.func.jvp,
+    torch.autograd.forward_ad) would come back as zeros, silently: refuse it. Not while
+    tracing (Dynamo would have to trace the probe, and a traced graph carries no tangents)."""
+    if torch.compiler.is_compiling():
+        return
+    if torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None:
+        raise NotImplementedError(
+            f"{op} has no forward-mode AD formula (torch.func.jvp, forward_ad); use reverse "
+            "mode (backward, torch.func.grad of a scalar or vjp)")
+
+
 def check_logits(logits, backend: str, name: str = "logits") -> None:
     check_float_tensor(logits, backend, name)
     if logits.dim() == 0:
@@ -42,10 +55,18 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
     ((low, high] with low_open; either bound may be None); returned as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} must be {_describe_range(low, high, low_open, allow_inf)}, "
+                         f"got an int of {value.bit_length()} bits") from None
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and value > high
-    if math.isnan(value) or (math.isinf(value) and not allow_inf) or too_low or too_high:
+    # Comparisons rather than math.isnan / math.isinf: under torch.compile(dynamic=True) the
+    # value is symbolic, and Dynamo traces comparisons but not the math module's tests.
+    is_nan = value != value
+    is_inf = value == math.inf or value == -math.inf
+    if is_nan or (is_inf and not allow_inf) or too_low or too_high:
         raise ValueError(f"{name} must be {_describe_range(low, high, low_open, allow_inf)}, "
                          f"got {value}")
     return value
@@ -63,12 +84,13 @@ def _describe_range(low, high, low_open: bool, allow_inf: bool) -> str:
             f"{'inf' if high is None else high}]")
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """A Python int (not bool) >= minimum."""
+def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
+    """A Python int (not bool) in [minimum, maximum] (no upper bound when maximum is None)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
 
 
@@ -82,8 +104,16 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+# The kernels scale logits by log2(e) / T in float32: below this T the factor is inf.
+MIN_TEMPERATURE = math.log2(math.e) / float(torch.finfo(torch.float32).max)
+
+
 def check_temperature(temperature) -> float:
-    return check_number("temperature", temperature, low=0.0, low_open=True)
+    temperature = check_number("temperature", temperature, low=0.0, low_open=True)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (below it log2(e) / T "
+                         f"overflows float32), got {temperature}")
+    return temperature
 
 
 def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device) -> None:
@@ -107,6 +137,9 @@ def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
     torch.compile) the kernels themselves give such a row a NaN log-prob and no log-prob
     gradient, so a bad id is visible without stalling the stream."""
     if tokens.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if tokens.device.type not in ("cpu", "cuda") or isinstance(
+            tokens, torch._subclasses.FakeTensor):  # meta or fake: no values to read
         return
     if tokens.device.type == "cuda" and not _CHECK_CUDA_TOKENS:
         return

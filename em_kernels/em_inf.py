@@ -18,6 +18,8 @@ from ._ops.em_inf import (
 )
 
 _OPTIMIZERS = ("adam", "sgd")
+# The compiled kernels' bound on steps (em/em_inf_checks.h), checked here for every backend.
+MAX_STEPS = 2**30
 _EARLY_EXITS = ("row", "batch")
 
 
@@ -133,13 +135,16 @@ def em_inf_adjust(
         float32 tensor shaped like ``logits`` (float64 for float64 logits), never an alias of
         them. NaN in a row makes that row's finite entries NaN; a row that is all -inf stays so.
     """
-    steps = _checks.check_int("steps", steps, 0)
+    steps = _checks.check_int("steps", steps, 0, MAX_STEPS)
     lr = _checks.check_number("lr", lr, low=0.0)
     kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0)
     threshold = _checks.check_number("threshold", threshold, allow_inf=True)
     optimizer = _checks.check_choice("optimizer", optimizer, _OPTIMIZERS)
     early_exit = _checks.check_choice("early_exit", early_exit, _EARLY_EXITS)
     _checks.check_logits(logits, backend)
+    # No autograd runs through EM-INF (the output is a new set of logits to sample from):
+    # detached, the output never requires grad, on every backend and under torch.compile.
+    logits = logits.detach()
     rows = _checks.as_rows(logits)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
         device_index = logits.device.index
@@ -191,6 +196,7 @@ def adaptive_temperature(
         # triton 0.58 / 1.18 / 1.27 ms: the CUDA kernel whenever it is built.
         backend = "cuda"
     backend = _resolve(backend, logits.device, "adaptive_temperature")
+    logits = logits.detach()  # no autograd, as em_inf_adjust
     rows = _checks.as_rows(logits)
     run = adaptive_temperature_impl if _eager(logits) else adaptive_temperature_op
     scaled = run(rows, alpha, delta, max_iters, tol, backend)

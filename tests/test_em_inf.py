@@ -311,6 +311,7 @@ def test_adaptive_temperature_properties(backend_device):
 
 BAD_EM_INF = [
     (dict(steps=-1), ValueError), (dict(steps=2.0), TypeError), (dict(steps=True), TypeError),
+    (dict(steps=2**30 + 1), ValueError), (dict(steps=2**63), ValueError),
     (dict(lr=-0.1), ValueError), (dict(lr=math.nan), ValueError), (dict(lr=math.inf), ValueError),
     (dict(lr="0.1"), TypeError), (dict(kl_weight=-1.0), ValueError),
     (dict(kl_weight=math.inf), ValueError), (dict(threshold=math.nan), ValueError),
@@ -361,6 +362,23 @@ def test_opcheck(backend_device):
                                              backend))
     torch.library.opcheck(em_inf_adjust_op, (logits, 2, 0.1, 0.001, 0.3, False, True, backend))
     torch.library.opcheck(adaptive_temperature_op, (logits, 0.5, 0.1, 20, 0.01, backend))
+
+
+def test_logits_that_require_grad(backend_device):
+    """No autograd runs through EM-INF: the output never requires grad, on every backend, in
+    eager mode and under torch.compile (which would otherwise look for a backward formula)."""
+    backend, device = backend_device
+    logits = torch.randn(2, 50, device=device).requires_grad_()
+
+    def both(x):
+        return (em_kernels.em_inf_adjust(x, threshold=-math.inf, backend=backend),
+                em_kernels.adaptive_temperature(x, backend=backend))
+
+    eager = both(logits)
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")(logits)
+    for got, want in zip(compiled, eager):
+        assert not got.requires_grad and not want.requires_grad
+        assert torch.equal(got, want)
 
 
 def test_compile_fullgraph(backend_device):

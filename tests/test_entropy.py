@@ -721,6 +721,41 @@ def test_bad_temperature_value(temperature):
         assert isinstance(error, ValueError) and "finite positive" in str(error)
 
 
+@pytest.mark.parametrize("temperature", [1e-39, 4e-39, 10**400])
+def test_temperatures_the_kernels_cannot_scale_by(temperature):
+    """log2(e) / T must be a finite float32 (T >= ~4.2e-39), and an int beyond float64 is a
+    ValueError, not an OverflowError."""
+    for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
+        assert isinstance(error, ValueError) and "temperature must be" in str(error), error
+
+
+@pytest.mark.parametrize("mode", ["jvp", "forward_ad"])
+def test_forward_mode_ad_is_refused(mode):
+    """The ops have reverse-mode formulas only: a tangent would silently come back as 0."""
+    import torch.autograd.forward_ad as forward_ad
+
+    logits, tangent = torch.randn(3, 9), torch.randn(3, 9)
+    tokens = torch.zeros(3, dtype=torch.long)
+    calls = [lambda z: em_kernels.entropy(z, backend="torch"),
+             lambda z: em_kernels.logprobs_and_entropy(z, tokens, backend="torch")[0],
+             lambda z: em_kernels.linear_entropy(z, torch.randn(5, 9), backend="torch").entropy]
+    for call in calls:
+        with pytest.raises(NotImplementedError, match="no forward-mode AD"):
+            if mode == "jvp":
+                torch.func.jvp(call, (logits,), (tangent,))
+            else:
+                with forward_ad.dual_level():
+                    call(forward_ad.make_dual(logits, tangent))
+
+
+def test_meta_tensors_trace_with_tokens():
+    """Shapes only: the token range check reads no values of meta (or fake) tensors."""
+    logits = torch.empty(3, 7, device="meta")
+    tokens = torch.empty(3, dtype=torch.long, device="meta")
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, backend="torch")
+    assert logprobs.shape == result.shape == (3,) and result.device.type == "meta"
+
+
 @pytest.mark.parametrize("temperature", ["1.0", None, True, torch.tensor(1.0), 1j])
 def test_bad_temperature_type(temperature):
     for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):

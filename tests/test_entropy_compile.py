@@ -65,6 +65,26 @@ def test_compile_fullgraph_forward_backward(backend_device, op, compiler):
             torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
 
 
+def test_compile_fullgraph_dynamic(backend_device):
+    """dynamic=True (verl compiles its entropy function so) makes the float arguments symbolic:
+    the argument checks must trace them without a graph break."""
+    backend, device = backend_device
+    loss = _loss("logprobs_and_entropy", backend)
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 700, generator=generator).to(device)
+    tokens = torch.randint(0, 700, (3,), generator=generator).to(device)
+    weights = torch.randn(3, generator=generator).to(device), torch.ones(3).to(device)
+    results = []
+    for fn in (compiled, loss):
+        leaf = logits.clone().requires_grad_()
+        value, _ = fn(leaf, tokens, *weights)
+        value.backward()
+        results.append((value.detach(), leaf.grad))
+    for compiled_out, eager_out in zip(*results):
+        torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+
+
 def test_auto_backend_resolves_while_tracing():
     """backend="auto" is resolved once during tracing to the same choice as in eager mode."""
     logits = torch.randn(4, 33)
