@@ -748,6 +748,18 @@ def test_forward_mode_ad_is_refused(mode):
                     call(forward_ad.make_dual(logits, tangent))
 
 
+def test_double_backward_is_refused(backend_device):
+    """Differentiable once: differentiating the gradient raises a clear error, where torch would
+    advise calling register_autograd."""
+    backend, device = backend_device
+    logits = torch.randn(3, 9, device=device, requires_grad=True)
+    tokens = torch.zeros(3, dtype=torch.long, device=device)
+    logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+    (grad,) = torch.autograd.grad((result + logprobs).sum(), logits, create_graph=True)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        grad.sum().backward()
+
+
 def test_meta_tensors_trace_with_tokens():
     """Shapes only: the token range check reads no values of meta (or fake) tensors."""
     logits = torch.empty(3, 7, device="meta")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import refuse_double_backward
 
 _EMPTY_SHAPE = (0,)
 
@@ -146,3 +147,4 @@ def _backward(ctx, grad_entropy, grad_lse, grad_logprobs):
 
 torch.library.register_autograd(
     "em_kernels::softmax_stats", _backward, setup_context=_setup_context)
+refuse_double_backward("em_kernels::softmax_stats_backward", "entropy / logprobs_and_entropy")

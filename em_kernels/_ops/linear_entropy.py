@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import refuse_double_backward
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
 # The vocab chunk depends only on these constants, never on N, so a row's result does not depend
@@ -424,3 +425,4 @@ def _backward(ctx, grad_entropy, grad_lse, grad_chosen):
 
 torch.library.register_autograd(
     "em_kernels::linear_entropy_stats", _backward, setup_context=_setup_context)
+refuse_double_backward("em_kernels::linear_entropy_backward", "linear_entropy")
