@@ -158,8 +158,9 @@ def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
     """After the model's forward: refuse a head whose weight is still sharded (a DTensor), and
     a model whose logits are not head(hidden), by comparing the model's own logits at the last
     position (B, V) with the head applied to the hidden states there (B, H). Costs a
-    (B, H) x (H, V) matmul and one host sync; tolerates the roundings of another matmul shape
-    in the model's dtype."""
+    (B, H) x (H, V) matmul and one host sync. The tolerance, 2% of a row's largest |logit|, is
+    far above what another GEMM order or TF32 changes, and below any scaling of the logits that
+    models use (Granite divides by 4-16, FalconH1 multiplies by a learnt factor, ...)."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(head.weight, DTensor):
@@ -170,8 +171,7 @@ def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
     with torch.no_grad():
         expected = nn.functional.linear(hidden_last, head.weight, getattr(head, "bias", None))
         expected, actual = expected.float(), logits_last.float()
-        scale = expected.abs().amax(-1, keepdim=True).clamp(min=1.0)
-        tolerance = 8 * torch.finfo(hidden_last.dtype).eps * scale
+        tolerance = 0.02 * expected.abs().amax(-1, keepdim=True)
         mismatch = ((actual - expected).abs() > tolerance).any()
     if bool(mismatch):
         raise ValueError("the model's logits are not its LM head applied to its final hidden "

@@ -23,8 +23,14 @@ def test_a_head_that_does_not_reproduce_the_logits_is_refused():
     under another name) would be scored as the unscaled distribution: refused instead."""
     model = tiny_causal_lm(seed=1, family="llama")
     batch = random_batch(torch.Generator().manual_seed(0), 2, 3, 4)
-    em_ft_loss(model, *batch)  # a plain head passes
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, a, out: out * 2)
+    em_ft_loss(model, *batch)  # a plain head passes, and so do roundings of another GEMM
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, a, out: out * (1 + 1e-3))
+    try:
+        em_ft_loss(model, *batch)
+    finally:
+        handle.remove()
+    handle = head.register_forward_hook(lambda m, a, out: out * 2)
     try:
         with pytest.raises(ValueError, match="not its LM head applied"):
             em_ft_loss(model, *batch)
