@@ -2,8 +2,8 @@
 the one input normalisation they share, `as_rows`.
 
 Every check here reads only metadata (dtype, shape, device), except `check_token_range`, which
-reads token values on CPU tensors only (where it costs no device sync; never on meta or fake
-tensors)."""
+reads token values on CPU tensors only (where it costs no device sync; never on meta, fake or
+vmapped tensors)."""
 
 from __future__ import annotations
 
@@ -29,16 +29,21 @@ def check_float_tensor(tensor, backend: str, name: str) -> None:
             f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}{hint}")
 
 
-def check_no_forward_ad(tensor: torch.Tensor, op: str) -> None:
-    """The ops have reverse-mode formulas only; a forward-mode tangent (torch.func.jvp,
-    torch.autograd.forward_ad) would come back as zeros, silently: refuse it. Not while
-    tracing (Dynamo would have to trace the probe, and a traced graph carries no tangents)."""
+def check_autograd_mode(tensor: torch.Tensor, op: str) -> None:
+    """The ops have a reverse-mode formula for torch.autograd only. A forward-mode tangent
+    (torch.func.jvp, torch.autograd.forward_ad) would come back as zeros, silently, and
+    torch.func.grad / vjp / jacrev fail inside torch: refuse both with a clear error (vmap
+    runs). Not while tracing (Dynamo would have to trace the probes)."""
     if torch.compiler.is_compiling():
         return
     if torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None:
         raise NotImplementedError(
             f"{op} has no forward-mode AD formula (torch.func.jvp, forward_ad); use reverse "
-            "mode (backward, torch.func.grad of a scalar or vjp)")
+            "mode (loss.backward() or torch.autograd.grad)")
+    if torch._C._functorch.is_gradtrackingtensor(tensor):
+        raise NotImplementedError(
+            f"{op} supports torch.autograd (loss.backward(), torch.autograd.grad), not the "
+            "torch.func gradient transforms (grad, vjp, jacrev)")
 
 
 def check_logits(logits, backend: str, name: str = "logits") -> None:
@@ -140,6 +145,8 @@ def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
         return
     if tokens.device.type not in ("cpu", "cuda") or isinstance(
             tokens, torch._subclasses.FakeTensor):  # meta or fake: no values to read
+        return
+    if torch._C._functorch.is_functorch_wrapped_tensor(tokens):  # under vmap: no .item()
         return
     if tokens.device.type == "cuda" and not _CHECK_CUDA_TOKENS:
         return

@@ -34,7 +34,7 @@ def entropy(
     """
     temperature = _checks.check_temperature(temperature)
     _checks.check_logits(logits, backend)
-    _checks.check_no_forward_ad(logits, "entropy")
+    _checks.check_autograd_mode(logits, "entropy")
     backend = resolve_backend(backend, logits.device)
     rows = _checks.as_rows(logits)
     result, _, _ = softmax_stats(rows, None, temperature, backend)
@@ -66,7 +66,7 @@ def logprobs_and_entropy(
     """
     temperature = _checks.check_temperature(temperature)
     _checks.check_logits(logits, backend)
-    _checks.check_no_forward_ad(logits, "logprobs_and_entropy")
+    _checks.check_autograd_mode(logits, "logprobs_and_entropy")
     backend = resolve_backend(backend, logits.device)
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
     rows = _checks.as_rows(logits)

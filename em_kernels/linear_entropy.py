@@ -72,7 +72,7 @@ def _check_matrices(hidden, weight, bias, backend: str) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     for operand in (hidden, weight):
-        _checks.check_no_forward_ad(operand, "linear_entropy")
+        _checks.check_autograd_mode(operand, "linear_entropy")
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor):
@@ -84,7 +84,7 @@ def _check_matrices(hidden, weight, bias, backend: str) -> None:
         raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}: cast bias to it")
     if bias.device != weight.device:
         raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    _checks.check_no_forward_ad(bias, "linear_entropy")
+    _checks.check_autograd_mode(bias, "linear_entropy")
 
 
 def _vocab_range(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:

@@ -729,9 +729,10 @@ def test_temperatures_the_kernels_cannot_scale_by(temperature):
         assert isinstance(error, ValueError) and "temperature must be" in str(error), error
 
 
-@pytest.mark.parametrize("mode", ["jvp", "forward_ad"])
-def test_forward_mode_ad_is_refused(mode):
-    """The ops have reverse-mode formulas only: a tangent would silently come back as 0."""
+@pytest.mark.parametrize("mode", ["jvp", "forward_ad", "func.grad"])
+def test_autograd_modes_other_than_torch_autograd_are_refused(mode):
+    """The ops have a torch.autograd reverse-mode formula only: a forward-mode tangent would
+    silently come back as 0, and torch.func.grad fails inside torch."""
     import torch.autograd.forward_ad as forward_ad
 
     logits, tangent = torch.randn(3, 9), torch.randn(3, 9)
@@ -740,12 +741,45 @@ def test_forward_mode_ad_is_refused(mode):
              lambda z: em_kernels.logprobs_and_entropy(z, tokens, backend="torch")[0],
              lambda z: em_kernels.linear_entropy(z, torch.randn(5, 9), backend="torch").entropy]
     for call in calls:
-        with pytest.raises(NotImplementedError, match="no forward-mode AD"):
+        with pytest.raises(NotImplementedError, match="forward-mode AD|torch.func gradient"):
             if mode == "jvp":
                 torch.func.jvp(call, (logits,), (tangent,))
+            elif mode == "func.grad":
+                torch.func.grad(lambda z: call(z).sum())(logits)
             else:
                 with forward_ad.dual_level():
                     call(forward_ad.make_dual(logits, tangent))
+
+
+def test_vmap(backend_device):
+    """torch.vmap over the ops, forward and (through is_grads_batched, which vmaps the
+    backward) backward: the batched results, by one call on the flattened rows (torch's
+    per-sample fallback would warn, an error here)."""
+    import warnings
+
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 300, generator=generator).to(device)
+    tokens = torch.randint(0, 300, (2, 3), generator=generator).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logprobs, result = torch.vmap(
+            lambda z, t: em_kernels.logprobs_and_entropy(z, t, backend=backend))(logits, tokens)
+        entropy_only = torch.vmap(lambda z: em_kernels.entropy(z, backend=backend),
+                                  in_dims=1)(logits)
+        leaf = logits[0].clone().requires_grad_()
+        lp, h = em_kernels.logprobs_and_entropy(leaf, tokens[0], backend=backend)
+        upstream = torch.randn(4, 3, generator=generator).to(device)
+        (jacobian_rows,) = torch.autograd.grad(h + 0.5 * lp, leaf, upstream,
+                                               retain_graph=True, is_grads_batched=True)
+    expected = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+    torch.testing.assert_close(logprobs, expected[0])
+    torch.testing.assert_close(result, expected[1])
+    torch.testing.assert_close(entropy_only, em_kernels.entropy(logits.transpose(0, 1),
+                                                                backend=backend))
+    for k in range(4):
+        (row,) = torch.autograd.grad(h + 0.5 * lp, leaf, upstream[k], retain_graph=True)
+        torch.testing.assert_close(jacobian_rows[k], row)
 
 
 def test_double_backward_is_refused(backend_device):
