@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -102,15 +103,17 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
                          "real prompt token before it")
 
 
-def check_token_ids(name: str, value, *, allow_none: bool) -> tuple[int, ...] | None:
-    """A token id or a non-empty list of them (EOS ids: Llama 3 and Qwen2.5 have several) ->
-    a tuple of ints >= 0; None passes when allow_none."""
+def check_token_ids(name: str, value, *, allow_none: bool,
+                    allow_list: bool) -> tuple[int, ...] | None:
+    """A token id, or with allow_list a non-empty list of them (EOS ids: Llama 3 and Qwen2.5
+    have several) -> a tuple of ints >= 0; None passes when allow_none."""
     if value is None and allow_none:
         return None
-    ids = list(value) if isinstance(value, (list, tuple)) else [value]
+    ids = list(value) if allow_list and isinstance(value, (list, tuple)) else [value]
     if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
                           for i in ids):
-        allowed = "an int >= 0, a non-empty list of them" + (" or None" if allow_none else "")
+        allowed = ("an int >= 0" + (", a non-empty list of them" if allow_list else "")
+                   + (" or None" if allow_none else ""))
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
     return tuple(ids)
 
@@ -153,30 +156,47 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
     return head
 
 
+# LM heads that check_head_reproduces_logits has accepted (weakly held: a head that is freed
+# leaves the set).
+_verified_heads: weakref.WeakSet = weakref.WeakSet()
+# Rows compared by that check: a transformation of the logits shows in any row.
+_HEAD_CHECK_ROWS = 4
+
+
 def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
                                  logits_last: torch.Tensor) -> None:
-    """After the model's forward: refuse a head whose weight is still sharded (a DTensor), and
-    a model whose logits are not head(hidden), by comparing the model's own logits at the last
-    position (B, V) with the head applied to the hidden states there (B, H). Costs a
-    (B, H) x (H, V) matmul and one host sync. The tolerance, 2% of a row's largest |logit|, is
-    far above what another GEMM order or TF32 changes, and below any scaling of the logits that
-    models use (Granite divides by 4-16, FalconH1 multiplies by a learnt factor, ...)."""
+    """After the model's forward: refuse a head whose weight is still sharded (a DTensor), and,
+    the first time a head is seen, a model whose logits are not head(hidden), by comparing the
+    model's own logits at the last position with the head applied to the hidden states there,
+    on a few rows. The tolerance, 2% of a row's largest |logit|, is far above what another GEMM
+    order or TF32 changes, and below any scaling of the logits that models use (Granite divides
+    by 4-16, FalconH1 multiplies by a learnt factor, ...). Under torch.distributed the ranks
+    agree on the verdict (one all-reduce), so that none goes on into a collective alone. Costs,
+    once per head: a (4, H) x (H, V) matmul and one host sync."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(head.weight, DTensor):
-        raise ValueError("the LM head's weight is a DTensor after the model's forward (the head "
-                         "was sharded as its own FSDP2 unit, or by tensor parallelism): em_algos "
-                         "reads the full weight then, so shard the LM head with the root module "
-                         "(call fully_shard on the decoder layers and on the root only)")
+        raise ValueError("the LM head's weight is a DTensor after the model's forward: the head "
+                         "was sharded as its own FSDP2 unit, or by tensor parallelism, or the "
+                         "root module reshards after forward (set_reshard_after_forward(True)). "
+                         "em_algos reads the full weight then: shard the LM head with the root "
+                         "module (fully_shard on the decoder layers and on the root only) and "
+                         "keep the root's default resharding")
+    if head in _verified_heads:
+        return
     with torch.no_grad():
-        expected = nn.functional.linear(hidden_last, head.weight, getattr(head, "bias", None))
-        expected, actual = expected.float(), logits_last.float()
+        rows = slice(0, _HEAD_CHECK_ROWS)
+        expected = nn.functional.linear(hidden_last[rows], head.weight,
+                                        getattr(head, "bias", None)).float()
         tolerance = 0.02 * expected.abs().amax(-1, keepdim=True)
-        mismatch = ((actual - expected).abs() > tolerance).any()
+        mismatch = ((logits_last[rows].float() - expected).abs() > tolerance).any().int()
+        if is_distributed():
+            dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)
     if bool(mismatch):
         raise ValueError("the model's logits are not its LM head applied to its final hidden "
                          "states (it scales, caps or otherwise transforms them), which "
                          "linear_entropy assumes; em_algos cannot score this model")
+    _verified_heads.add(head)
 
 
 def input_vocab_size(model: nn.Module) -> int | None:
@@ -319,8 +339,8 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     FSDP needs (each forward all-gathers) and DDP tolerates."""
     from transformers import GenerationConfig
 
-    check_token_ids("pad_token_id", pad_token_id, allow_none=False)
-    eos_ids = check_token_ids("eos_token_id", eos_token_id, allow_none=True)
+    check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
+    eos_ids = check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
     _check_supported_head(model)
     check_sequence_batch(prompt_ids, prompt_mask, vocab_size=input_vocab_size(model))
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
@@ -329,7 +349,7 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                               eos_token_id=None if eos_ids is None else list(eos_ids))
     generator = unwrap_model(model)
-    with _generation_defaults_set_aside(generator):
+    with _generation_defaults_set_aside(generator), eval_mode(model):
         sequences = generator.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config,
             logits_processor=logits_processor, synced_gpus=is_distributed())
@@ -413,9 +433,33 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
 
 @contextlib.contextmanager
 def dropout_off(model: nn.Module):
-    """Every module in eval mode for the duration (each one's own mode restored after), as verl
-    and TRL train: with dropout on, the sampling, the old log-probs, the rewards and the loss
-    would each see another random network. Gradients flow as usual."""
+    """Every dropout probability set to 0 for the duration and restored after (nn.Dropout's p,
+    and the float attention_dropout / dropout attributes that Hugging Face attention modules
+    read in train mode), as TRL does: with dropout on, the sampling, the old log-probs, the
+    rewards and the loss would each see another random network. The modules stay in their mode,
+    so gradient checkpointing, which transformers applies in train mode only, keeps working."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            saved.append((module, "p", module.p))
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            value = module.__dict__.get(name)
+            if isinstance(value, float):
+                saved.append((module, name, value))
+                setattr(module, name, 0.0)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in eval mode for the duration, each one's own mode restored after: what
+    generate() wants (with gradient checkpointing in train mode, transformers would turn the
+    KV cache off and generate in quadratic time)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:

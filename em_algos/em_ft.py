@@ -108,8 +108,8 @@ class EMFTTrainer:
         check_choice("normalize", normalize, NORMALIZATIONS)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
-        check_token_ids("pad_token_id", pad_token_id, allow_none=False)
-        check_token_ids("eos_token_id", eos_token_id, allow_none=True)
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens

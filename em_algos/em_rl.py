@@ -169,8 +169,8 @@ class EMRLTrainer:
             check_positive("max_grad_norm", max_grad_norm)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
-        check_token_ids("pad_token_id", pad_token_id, allow_none=False)
-        check_token_ids("eos_token_id", eos_token_id, allow_none=True)
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.reward, self.reward_reduce, self.advantage = reward, reward_reduce, advantage

@@ -18,24 +18,19 @@ def _prompts(seed: int, batch: int = 3, length: int = 4):
     return prompts, torch.ones_like(prompts)
 
 
-def test_a_head_that_does_not_reproduce_the_logits_is_refused():
+@pytest.mark.parametrize("factor, refused", [(1.0, False), (1 + 1e-3, False), (2.0, True)])
+def test_a_head_that_does_not_reproduce_the_logits_is_refused(factor, refused):
     """A model whose logits are its head's output times 2 (as Granite divides by logits_scaling,
-    under another name) would be scored as the unscaled distribution: refused instead."""
+    under another name) would be scored as the unscaled distribution: refused instead. The
+    roundings of another GEMM (here x(1 + 1e-3)) pass. Each head is checked on first use."""
     model = tiny_causal_lm(seed=1, family="llama")
+    model.get_output_embeddings().register_forward_hook(lambda m, a, out: out * factor)
     batch = random_batch(torch.Generator().manual_seed(0), 2, 3, 4)
-    em_ft_loss(model, *batch)  # a plain head passes, and so do roundings of another GEMM
-    head = model.get_output_embeddings()
-    handle = head.register_forward_hook(lambda m, a, out: out * (1 + 1e-3))
-    try:
-        em_ft_loss(model, *batch)
-    finally:
-        handle.remove()
-    handle = head.register_forward_hook(lambda m, a, out: out * 2)
-    try:
+    if refused:
         with pytest.raises(ValueError, match="not its LM head applied"):
             em_ft_loss(model, *batch)
-    finally:
-        handle.remove()
+    else:
+        em_ft_loss(model, *batch)
 
 
 @pytest.mark.parametrize("attribute", ["logits_scaling", "lm_head_multiplier",
@@ -84,7 +79,8 @@ def test_eos_lists_end_a_response_at_the_first_of_them():
 
 @pytest.mark.parametrize("name, value", [("eos_token_id", "1"), ("eos_token_id", []),
                                          ("eos_token_id", [1, -2]), ("pad_token_id", None),
-                                         ("pad_token_id", True), ("eos_token_id", 1.0)])
+                                         ("pad_token_id", True), ("eos_token_id", 1.0),
+                                         ("pad_token_id", [0, 1])])
 def test_bad_token_ids_raise_before_any_generation(name, value):
     model = tiny_causal_lm(seed=0)
     ids = {"pad_token_id": PAD, "eos_token_id": EOS, name: value}
@@ -119,9 +115,10 @@ def test_a_response_predicted_from_padding_is_refused():
     em_ft_loss(model, input_ids, torch.ones_like(attention), response)  # one real prompt token
 
 
-def test_dropout_is_off_during_a_step_and_modes_come_back():
+def test_dropout_is_off_during_a_step_and_comes_back():
     """With dropout active, the old log-probs and the first update's would see different
-    networks: the ratio would not be 1. Each module's own mode is restored afterwards."""
+    networks: the ratio would not be 1. The modules keep their train mode (gradient
+    checkpointing runs in train mode only); the dropout rates come back afterwards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -132,9 +129,15 @@ def test_dropout_is_off_during_a_step_and_modes_come_back():
     model.model.layers[0].eval()  # a mode of its own, to be restored as it was
     trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
                           lr=1e-2, beta=0.0, progress=False)
+    enable = getattr(model, "activation_checkpointing_enable",
+                     getattr(model, "gradient_checkpointing_enable", None))
+    enable()  # checkpointing only happens in train mode: the step must keep it
     stats = trainer.step(*_prompts(5, batch=4))
     assert stats["clip_fraction"] == 0.0
     assert model.training and model.model.layers[1].training
     assert not model.model.layers[0].training
+    attention = model.model.layers[1].self_attn
+    assert attention.attention_dropout == 0.5
     with dropout_off(model):
-        assert not any(module.training for module in model.modules())
+        assert attention.attention_dropout == 0.0 and attention.training
+    assert attention.attention_dropout == 0.5
