@@ -329,8 +329,10 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
 
 
 def _tma_compatible(operand: torch.Tensor) -> bool:
-    """What a TMA descriptor needs of a 2-D operand: a contiguous last dim, and the base address
-    and the row stride in bytes multiples of 16."""
+    """What a TMA descriptor needs of a 2-D operand: a contiguous last dim, rows that neither
+    overlap nor repeat (expand()ed operands have row stride 0), and the base address and the
+    row stride in bytes multiples of 16."""
     row_bytes = operand.stride(0) * operand.element_size()
-    return (operand.stride(1) == 1 and row_bytes % 16 == 0 and operand.data_ptr() % 16 == 0
+    return (operand.stride(1) == 1 and operand.stride(0) >= operand.shape[1]
+            and row_bytes % 16 == 0 and operand.data_ptr() % 16 == 0
             and operand.shape[1] * operand.element_size() >= 16)
