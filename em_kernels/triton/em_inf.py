@@ -158,11 +158,12 @@ def _em_inf_adjust_fwd_kernel(
     its history (4 * step floats, plus `step` batch entropies in batch mode); writes 3 floats
     (or BLOCK floats of output).
 
-    FAST_DIVIDE (GPU; the interpreter lacks it): Adam's divide by div.approx.f32 (a reciprocal
+    FAST_DIVIDE (GPU; the interpreter lacks it): Adam's divide by div.approx.ftz.f32 (a reciprocal
     and a multiply) instead of `/`'s div.full.f32, which wraps them in range tests and rescales
     (6 more instructions per element and replayed step, ~17% of the replay loop on sm_90a). Both
     err by at most 2 ulp for divisors in [2^-126, 2^126]; Adam's divisor sqrt(v_hat) + 1e-8 lies
-    in [1e-8, ~1e3] (|g| <= 1/e + log V + kl_weight)."""
+    in [1e-8, ~1e3] (|g| <= 1/e + log V + kl_weight). The .ftz flushes only a quotient below
+    2^-126, an update that cannot move z."""
     pid = tl.program_id(0)
     row = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
