@@ -15,9 +15,10 @@ Conventions (the same for every public function of em_algos):
   decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
   ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
   when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
-  backward; an LM head sharded as its own unit is refused with a ValueError. Every call checks
-  that the model's own logits at the last position are the head applied to the hidden state
-  there, so a model that scales or caps its logits is refused rather than scored wrongly.
+  backward; an LM head sharded as its own unit is refused with a ValueError. The first call
+  with each LM head checks that the model's own logits at the last position are the head applied
+  to the hidden state there, so a model that scales or caps its logits is refused rather than
+  scored wrongly.
 - Sampling is pure: the model's ``generation_config`` (a Hub repetition_penalty, min_p, EOS ...)
   is set aside while the rollouts are generated.
 """
