@@ -34,8 +34,8 @@ all. The price is compute: pass t replays t updates of 3 MUFU ops each (exp2, sq
 bias corrections are folded into two scalars as torch.optim.Adam does), plus one exp2 for p0 and
 one for the statistics per pass: 55 MUFU ops per element at 5 steps, ~130 us of SFU time at
 batch 64, V 151936 on an H200 (132 SMs x 16 per clock), overlapping ~90 us of FP32 work:
-compute-bound, but under the streaming design's HBM time. Replay grows as steps^2: beyond ~10-15 steps a design that checkpoints (z, m, v) every
-few steps would win (not built).
+compute-bound, but under the streaming design's HBM time. Replay grows as steps^2: beyond
+~10-15 steps a design that checkpoints (z, m, v) every few steps would win (not built).
 
 Parallelism and determinism: a row is cut into chunks of BLOCK entries (BLOCK depends on V
 only), one program per (row, chunk), so batch 1 at V 151936 runs 149 programs, about one per SM.

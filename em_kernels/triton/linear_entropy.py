@@ -22,7 +22,8 @@ num_stages, or, with TileConfig.tma, by TMA bulk copies from host-built tensor d
 tuning candidate, see bench/tune.py). Memory traffic of the forward: the matmul's own (each
 program reads its hidden tile once per vocab tile and each weight tile once; grouped program
 order keeps GROUP_N row tiles on the same weight tiles at once, so most re-reads hit L2) plus 16
-bytes per row per split. Extra memory: the workspace, 16 * N * ceil(V / (BLOCK_V * TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
+bytes per row per split. Extra memory: the workspace, 16 * N * ceil(V / (BLOCK_V *
+TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
 
 Backward: the dispatcher (em_kernels/_ops/linear_entropy.py, `chunked_backward`) walks the
 vocabulary in chunks, has cuBLAS write each chunk's logits (fp32), and calls `linear_entropy_dz`
@@ -44,9 +45,9 @@ inputs): 7.5 GB, ~1.6 ms on an H200, at N 8192, V 152064.
 
 Gradient filtering (FILTER): a row's BLOCK_V entries of a tile (its segment) whose every |dz| is
 below grad_filter_eps (and none NaN) are written as zeros, and `kept` records per (row, segment)
-whether they were. The error this causes in one gradient entry is at most eps times the sum of |operand| over
-the zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for d_weight[j, k]:
-eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment in a chunk out
+whether they were. The error this causes in one gradient entry is at most eps times the sum
+of |operand| over the zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for
+d_weight[j, k]: eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment in a chunk out
 of that chunk's two gradient matmuls (`chunked_backward`).
 """
 
