@@ -8,12 +8,15 @@ chunked PyTorch, peer libraries and the device's ceilings.
     em-bench --shapes V151936         every declared shape with V = 151936
     em-bench --list                   print the cells that would run, and exit
 
-Writes results.csv, results.md and bandwidth.png under --out (default bench_out/).
+Writes results.csv, results.md and bandwidth.png under --out (default bench_out/); when stopped
+(Ctrl-C, SIGTERM from a timeout), writes them for the cells measured so far. Exits 1 when a cell
+raised an error, when no cell was measured, or when stopped early.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -154,19 +157,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{total} cells" if plan else "no cell matches the filters")
         return 0 if plan or args.list else 1
 
+    try:  # before measuring anything: a bad --out fails at once
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.csv").touch()
+    except OSError as exc:
+        print(f"em-bench: cannot write to --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     started = time.monotonic()
     if args.max_seconds is None and args.device == "cpu" and not args.full:
         args.max_seconds = CPU_DEFAULT_MAX_SECONDS
     deadline = started + args.max_seconds if args.max_seconds else None
     device = torch.device(args.device)
     ctx = Context(device, args.full, set(args.providers) if args.providers else None, deadline)
-    args.out.mkdir(parents=True, exist_ok=True)
     info = {**ctx.info, "copy_gbps": f"{ctx.copy_gbps:.1f}"}
     csv_log = report.CsvLog(args.out / "results.csv", info)
     print(f"em-bench: {total} cells on {ctx.device_name}; copy bandwidth "
           f"{ctx.copy_gbps:.0f} GB/s; writing {args.out}/", file=sys.stderr)
-    with _progress_bar(total) as progress:
-        rows = run_cells(ctx, plan, csv_log.append, progress)
+    rows = []
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        csv_log.append(row)
+
+    stopped = False
+    default_sigterm = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with _progress_bar(total) as progress:
+            run_cells(ctx, plan, on_row, progress)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _stop
+        stopped = True
+        print(f"\nem-bench: stopped after {len(rows)} of {total} cells; writing their reports",
+              file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, default_sigterm)
     rows.sort(key=lambda row: list(OPS).index(row["op"]))  # stable: one op's cells together
     report.add_speedups(rows)
     csv_log.rewrite(rows)
@@ -174,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
     (args.out / "results.md").write_text(report.markdown(rows, header))
     plotted = report.plot(rows, args.out / "bandwidth.png", ctx.copy_gbps, matmul)
+    if not plotted:  # no stale plot of an earlier run beside this run's tables
+        (args.out / "bandwidth.png").unlink(missing_ok=True)
     print("\n".join(header))
     print(report.terminal_table(rows))
     skipped = report.not_measured(rows)
@@ -182,7 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     written = ["results.csv", "results.md"] + (["bandwidth.png"] if plotted else [])
     print(f"\n{len(rows)} cells in {time.monotonic() - started:.0f} s; wrote "
           + ", ".join(f"{args.out}/{name}" for name in written))
+    errors = sum(row["status"] == "error" for row in rows)
+    measured = sum(row["status"] == "ok" for row in rows)
+    if errors or not measured or stopped:
+        print(f"em-bench: {errors} cells raised errors, {measured} were measured"
+              + (", stopped early" if stopped else ""), file=sys.stderr)
+        return 1
     return 0
+
+
+def _stop(signum, frame):
+    """SIGTERM (what `timeout` sends) ends the run like Ctrl-C: the reports still get written."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,11 @@
 # extension, runs the GPU tests, then the headline benchmarks of the issues, and writes what it
 # found to an output folder. Each step runs under `timeout` within a total budget
 # (GPU_CHECK_SECONDS, default 470 s), so one hang or a slow build cannot eat the machine's lease;
-# a failed step is logged and the next one runs (no `set -e`).
+# a failed step is logged and the next one runs (no `set -e`), and the script exits 1 at the end
+# if any step failed (and at once if torch sees no GPU).
+#
+# A tree copied without .git cannot name its commit: set EM_KERNELS_COMMIT (every step and every
+# benchmark row records it), e.g. EM_KERNELS_COMMIT=$(git rev-parse --short=12 HEAD) before copying.
 #
 #   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else bench_out/gpu_check/
 #
@@ -36,6 +40,7 @@ BUDGET="${GPU_CHECK_SECONDS:-470}"
 START=$(date +%s)
 LOG="$OUT_DIR/run.log"
 : > "$LOG"
+FAILED=""
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -89,7 +94,10 @@ step() {
     local verdict="rc=$rc"
     [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && verdict="rc=$rc (timed out)"
     say "== $name: $verdict after $(( $(date +%s) - t0 ))s"
-    [ "$rc" -ne 0 ] && tail -n 15 "$WORK/$name.log" | sed 's/^/   | /' >> "$LOG"
+    if [ "$rc" -ne 0 ]; then
+        FAILED="$FAILED $name"
+        tail -n 15 "$WORK/$name.log" | sed 's/^/   | /' >> "$LOG"
+    fi
     collect
 }
 
@@ -104,6 +112,13 @@ bench() {  # bench NAME LIMIT em-bench-arguments...
 
 COMMIT="${EM_KERNELS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)}"
 say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit ${COMMIT:-unknown}"
+[ -n "$COMMIT" ] || say "# WARNING: no .git and no EM_KERNELS_COMMIT: results will say commit unknown"
+export EM_KERNELS_COMMIT="${COMMIT:-unknown}"
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    say "# FAILED: torch sees no CUDA device; nothing to check here"
+    rm -rf "$WORK"
+    exit 1
+fi
 nvidia-smi >> "$LOG" 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version \
     --format=csv >> "$LOG" 2>&1
@@ -119,8 +134,12 @@ print("nproc", __import__("os").cpu_count())
 EOF
 
 # 1. The compiled extension (CUDA part for sm_90a only: the build time is the budget's largest
-#    item). If it fails, the run goes on with the Triton kernels.
-step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a \
+#    item), required: a machine without nvcc fails the step instead of building the CPU part
+#    only. Without ninja, torch compiles file by file (slow): logged. If the build fails, the run
+#    goes on with the Triton kernels.
+{ command -v nvcc && nvcc --version | tail -n 1; "$PY" -m ninja --version || echo "no ninja"; } \
+    >> "$LOG" 2>&1
+step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA=1 \
     "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 "$PY" -c "import em_kernels, json; print('backends:', json.dumps(em_kernels.available_backends(), indent=1))" >> "$LOG" 2>&1
 
@@ -171,3 +190,7 @@ fi
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 rm -rf "$WORK"
+if [ -n "$FAILED" ]; then
+    say "# FAILED steps:$FAILED"
+    exit 1
+fi

@@ -51,6 +51,19 @@ def test_outputs_and_error_column(tmp_path, capsys):
     assert "eager" in capsys.readouterr().out
 
 
+def test_exit_status_and_no_stale_plot(tmp_path):
+    """A run that measures nothing exits 1 and leaves no plot of an earlier run beside its
+    tables; an --out that cannot be a folder fails before anything is measured."""
+    _run(tmp_path)
+    assert (tmp_path / "bandwidth.png").exists()
+    code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager",
+                 "--device", "cpu", "--max-seconds", "-1", "--out", str(tmp_path)])
+    assert code == 1
+    assert not (tmp_path / "bandwidth.png").exists()
+    a_file = tmp_path / "results.md"
+    assert main(["--ops", "entropy", "--device", "cpu", "--out", str(a_file)]) == 2
+
+
 def test_wrong_provider_shows_in_error_column():
     from bench.ops.entropy import eager_entropy
 
