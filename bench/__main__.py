@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     csv_log.rewrite(rows)
     matmul = ctx.matmul_ceilings()
     header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
-    (args.out / "results.md").write_text(report.markdown(rows, header))
+    notes = {name: op.provider_notes for name, op in OPS.items()}
+    (args.out / "results.md").write_text(report.markdown(rows, header, notes))
     plotted = report.plot(rows, args.out / "bandwidth.png", ctx.copy_gbps, matmul)
     if not plotted:  # no stale plot of an earlier run beside this run's tables
         (args.out / "bandwidth.png").unlink(missing_ok=True)

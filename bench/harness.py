@@ -100,13 +100,15 @@ class Provider:
     build(case) returns a callable that runs the forward once on case.inputs and returns a tuple
     of output tensors (the op's outputs in the op's order when `compares` is true; anything
     differentiable otherwise, such as a bare matmul's logits or a peer's cross-entropy loss).
-    unavailable(ctx) returns None when the provider can run here, else the one-line reason.
+    unavailable(ctx) returns None when the provider can run here, else the one-line reason;
+    modes_not_offered maps a mode to the reason the provider has no such cell.
     """
 
     name: str
     build: Callable[[Case], Callable[[], tuple[torch.Tensor, ...]]]
     compares: bool = True
     unavailable: Callable[["Context"], str | None] = lambda ctx: None
+    modes_not_offered: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class OpBench:
@@ -117,8 +119,10 @@ class OpBench:
     modes: tuple[str, ...] = MODES
     bound: str = "memory"  # "memory": GB/s vs copy bandwidth; "compute": TFLOP/s vs matmul
     grad_inputs: tuple[str, ...] = ()  # inputs that require grad in the backward modes
-    row_grad_inputs: tuple[str, ...] = ()  # of those, the ones checked row-wise vs the oracle
     oracle_rows: int | None = ORACLE_ROWS  # None: compare every row
+    # What a provider's name stands for in this op, where a reader could take it for something
+    # else; printed under the op's table.
+    provider_notes: dict[str, str] = {}
 
     def shapes(self, device_type: str, full: bool) -> list[dict[str, int]]:
         raise NotImplementedError
@@ -144,7 +148,8 @@ class OpBench:
         raise NotImplementedError
 
     def oracle(self, case: Case, upstream: Sequence[torch.Tensor] | None):
-        """float64 (outputs on case.check_rows, {input name: gradient on case.check_rows}).
+        """float64 (outputs on case.check_rows, {input name: gradient on case.check_rows, or
+        (indices, gradient on those indices of the input's dim 0)}).
 
         upstream holds the upstream gradients of the full outputs (None in fwd mode)."""
         raise NotImplementedError
@@ -441,9 +446,11 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
         err_out = max(_max_abs_error(out.index_select(0, case.check_rows), ref)
                       for out, ref in zip(result, outs64))
         if mode != "fwd":
-            err_grad = max(
-                _max_abs_error(case.inputs[name].grad.index_select(0, case.check_rows), ref)
-                for name, ref in grads64.items())
+            errors = []
+            for name, ref in grads64.items():
+                rows, ref = ref if isinstance(ref, tuple) else (case.check_rows, ref)
+                errors.append(_max_abs_error(case.inputs[name].grad.index_select(0, rows), ref))
+            err_grad = max(errors)
     del result
     ms = ctx.time_ms(step, lambda: _clear_grads(case))
     _clear_grads(case)
@@ -498,7 +505,8 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                        "reason": ""}
                 progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
                                          f"{provider.name}", refresh=False)
-                reason = case_skip or provider.unavailable(ctx)
+                reason = (case_skip or provider.modes_not_offered.get(mode)
+                          or provider.unavailable(ctx))
                 if reason is None and ctx.out_of_time():
                     reason = "the run's time budget (--max-seconds) was spent"
                 if reason is None and case is None:

@@ -111,7 +111,10 @@ def terminal_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[dict], header: list[str]) -> str:
+def markdown(rows: list[dict], header: list[str],
+             provider_notes: dict[str, dict[str, str]]) -> str:
+    """The report: header lines, then per op its measured cells and the notes
+    (provider_notes[op][provider]) of the providers in them, then what was not measured."""
     out = ["# em-bench results", ""] + [f"- {line}" for line in header] + [
         "",
         "Time is the median; GB/s and TFLOP/s count the least traffic and work the op needs; "
@@ -131,6 +134,10 @@ def markdown(rows: list[dict], header: list[str]) -> str:
         out.append("|" + "---|" * (len(TABLE_COLUMNS) - 1))
         out += ["| " + " | ".join(_cells(r)[1:]) + " |" for r in measured]
         out.append("")
+        notes = provider_notes.get(op, {})
+        shown = [name for name in dict.fromkeys(r["provider"] for r in measured) if name in notes]
+        if shown:
+            out += [f"- {name}: {notes[name]}" for name in shown] + [""]
     skipped = not_measured(rows)
     if skipped:
         out += ["## Not measured", ""] + [f"- {line}" for line in skipped] + [""]

@@ -73,6 +73,31 @@ def test_wrong_provider_shows_in_error_column():
     assert abs(measure(ctx, case, off_by_one, "fwd")["err_out"] - 1.0) < 1e-4
 
 
+def test_a_wrong_weight_gradient_shows_in_error_column():
+    """linear_entropy's d(weight) (most of its backward's work) is checked on vocabulary rows
+    against float64, not only d(hidden): a doubled d(weight) must show."""
+    from bench.ops.linear_entropy import eager_linear_entropy
+
+    class DoubleGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight):
+            return weight.view_as(weight)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    op = OPS["linear_entropy"]
+    case = make_case(ctx, op, {"M": 16, "H": 32, "V": 3000}, torch.float32, seed=0)
+    eager = next(p for p in op.providers() if p.name == "eager")
+    doubled = Provider("doubled", lambda c: lambda: eager_linear_entropy(
+        c.inputs["hidden"], DoubleGradient.apply(c.inputs["weight"])))
+    right = measure(ctx, case, eager, "fwd+bwd")["err_grad"]
+    wrong = measure(ctx, case, doubled, "fwd+bwd")["err_grad"]
+    assert right < 1e-6 and wrong > 100 * right, (right, wrong)
+
+
 def test_shape_filters():
     op = OPS["entropy"]
     assert select_shapes(op, [{"N": 3, "V": 5}], "cpu", False) == [{"N": 3, "V": 5}]

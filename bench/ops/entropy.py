@@ -53,7 +53,6 @@ def eager_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, torch.Tens
 class _LogitsOpBench(OpBench):
     dims = ("N", "V")
     grad_inputs = ("logits",)
-    row_grad_inputs = ("logits",)
     with_tokens = False
 
     def shapes(self, device_type, full):

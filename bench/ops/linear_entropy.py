@@ -13,9 +13,11 @@ checkpointed row chunks, verl's fallback), em-kernels' backends, and, when insta
 Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not
 entropy, so they show the speed of the nearest fused peer and have no error column.
 
-Error: the entropy on a subset of rows and, in the backward modes, d(hidden) on those rows
-against float64 (a row of d(hidden) depends only on that row); d(weight) sums over every row, so
-its float64 oracle would need the whole [M, V] in float64 and is not checked here (the tests do).
+Error: the entropy on a subset of rows and, in the backward modes, d(hidden) on those rows and
+d(weight) on a subset of vocabulary rows, against float64. A row of d(hidden) depends only on its
+own row; a row j of d(weight) sums dlogits[:, j] h over every row, so its oracle takes every
+row's lse and entropy in float64 first (a float64 pass over the whole M x H x V matmul, in
+vocabulary chunks, without holding [M, V]).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from em_kernels import reference
 
 from ..harness import OpBench, Provider
-from .common import chunked, em_providers, package_unavailable
+from .common import chunked, em_providers, never_built, not_offered, package_unavailable
 from .entropy import LOGIT_SCALE, eager_entropy, random_logits
 
 # hidden ~ N(0, 1), weight ~ N(0, 1/H): logits ~ N(0, 1) like a trained LM head's pre-scaling.
@@ -43,7 +45,13 @@ class LinearEntropyBench(OpBench):
     dims = ("M", "H", "V")
     bound = "compute"
     grad_inputs = ("hidden", "weight")
-    row_grad_inputs = ("hidden",)
+    provider_notes = {
+        "cpu": 'em-kernels\' path for CPU tensors (backend="cpu"): chunked PyTorch that never '
+               "holds [M, V]; this op has no C++ kernel",
+        "liger": "Liger-Kernel's fused linear cross-entropy: cross-entropy, not entropy",
+        "cce": "Cut Cross-Entropy: cross-entropy, not entropy, with its default gradient "
+               'filtering (filter_eps="auto"; our backward is exact unless asked)',
+    }
 
     def shapes(self, device_type, full):
         # The issue's shapes: Qwen2.5-7B's head (H 3584), a small RL model's (H 896).
@@ -88,6 +96,7 @@ class LinearEntropyBench(OpBench):
         if upstream is not None:
             entropy.backward(upstream[0].index_select(0, case.check_rows).double())
             grads["hidden"] = hidden.grad
+            grads["weight"] = _weight_grad_rows(case, upstream[0], case.check_rows.numel())
         return [entropy.detach()], grads
 
     def providers(self):
@@ -121,14 +130,47 @@ class LinearEntropyBench(OpBench):
             return lambda: (linear_cross_entropy(
                 case.inputs["hidden"], case.inputs["weight"], targets),)
 
+        triton_, _, cpu = em_providers(ours)
         return [
             Provider("matmul", matmul, compares=False),
-            Provider("eager", eager), Provider("chunked", chunked_), *em_providers(ours),
+            Provider("eager", eager), Provider("chunked", chunked_), triton_,
+            Provider("cuda", never_built, unavailable=not_offered(
+                'linear_entropy has no CUDA kernel: backend="cuda" runs the Triton kernels, '
+                "the triton row")),
+            cpu,
             Provider("liger", liger, compares=False,
-                     unavailable=package_unavailable("liger_kernel", "liger-kernel")),
+                     unavailable=package_unavailable("liger_kernel", "liger-kernel"),
+                     modes_not_offered={"bwd": "Liger computes its gradients in the forward: "
+                                               "its fwd+bwd row is the comparable one"}),
             Provider("cce", cce, compares=False,
                      unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
         ]
+
+
+def _weight_grad_rows(case, grad_entropy: torch.Tensor, count: int):
+    """(vocab rows j, d(weight)[j] in float64) of sum_r grad_entropy[r] H_r: with every row's
+    lse and H in float64 (online over vocabulary chunks), dlogits[:, j] = g (-p (log p + H)) for
+    the `count` rows j spread over the vocabulary, then dlogits[:, j]^T hidden."""
+    hidden = case.inputs["hidden"].detach().double()
+    weight = case.inputs["weight"].detach()
+    row_max = torch.full((hidden.shape[0],), float("-inf"), dtype=torch.float64,
+                         device=hidden.device)
+    total = torch.zeros_like(row_max)  # sum exp(z - row_max)
+    weighted = torch.zeros_like(row_max)  # sum exp(z - row_max) z
+    for start in range(0, weight.shape[0], ORACLE_VOCAB_CHUNK):
+        z = hidden @ weight[start:start + ORACLE_VOCAB_CHUNK].double().T
+        new_max = torch.maximum(row_max, z.amax(-1))
+        rescale = torch.exp(row_max - new_max)
+        e = torch.exp(z - new_max[:, None])
+        total = total * rescale + e.sum(-1)
+        weighted = weighted * rescale + (e * z).sum(-1)
+        row_max = new_max
+    lse = row_max + torch.log(total)
+    entropy = lse - weighted / total
+    vocab_rows = torch.linspace(0, weight.shape[0] - 1, count, device=hidden.device).round().long()
+    log_p = hidden @ weight.index_select(0, vocab_rows).double().T - lse[:, None]
+    dlogits = grad_entropy.double()[:, None] * (-log_p.exp() * (log_p + entropy[:, None]))
+    return vocab_rows, dlogits.T @ hidden
 
 
 def _targets(case) -> torch.Tensor:
