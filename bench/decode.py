@@ -36,15 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
-import subprocess
 import time
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from em_algos.em_inf import NEUTRAL_SAMPLING, EMInfLogitsProcessor
+
+from .harness import cpu_name, git_commit
 
 STEPS = 5
 LR = 0.1
@@ -135,14 +135,6 @@ def time_processor_call(processors, input_ids, scores, calls: int, device: str) 
     return statistics.median(samples[3:])
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qwen7b", action="store_true",
@@ -160,17 +152,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--providers", default="plain,em-inf,released")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    for name in ("batch", "repeats", "calls"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    for name in ("batch", "repeats", "calls", "prompt", "new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
 
     device = "cuda" if args.qwen7b else "cpu"
     if args.qwen7b and not torch.cuda.is_available():
         parser.error("--qwen7b needs a CUDA device")
     torch.manual_seed(0)
     model = qwen7b_model(device) if args.qwen7b else tiny_model(args.vocab, device)
-    prompt = args.prompt or (256 if args.qwen7b else 32)
-    new_tokens = args.new_tokens or (64 if args.qwen7b else 32)
+    prompt = args.prompt if args.prompt is not None else (256 if args.qwen7b else 32)
+    new_tokens = args.new_tokens if args.new_tokens is not None else (64 if args.qwen7b else 32)
     vocab = model.config.vocab_size
     input_ids = torch.randint(2, vocab, (args.batch, prompt), device=device)
 
@@ -199,14 +192,14 @@ def main(argv=None) -> dict:
                                                    args.calls, device)
                    for name in chosen if providers[name]}
 
-    device_name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     try:
         import triton
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     print(f"device {device_name}, torch {torch.__version__}, triton {triton_version}, "
-          f"commit {_commit()}")
+          f"commit {git_commit()}")
     print(f"model {'Qwen2.5-7B-shaped bf16' if args.qwen7b else 'tiny Llama'} (vocab {vocab}), "
           f"batch {args.batch}, prompt {prompt}, {new_tokens} new tokens, em-inf backend "
           f"{args.backend}; end to end: median of {args.repeats} generate() runs, per call: "
@@ -222,7 +215,7 @@ def main(argv=None) -> dict:
                 line += f" = {100 * ms_per_call[name] / plain:.2f}% of plain's token"
         print(line)
     result = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
-              "commit": _commit(), "qwen7b": args.qwen7b, "vocab": vocab, "batch": args.batch,
+              "commit": git_commit(), "qwen7b": args.qwen7b, "vocab": vocab, "batch": args.batch,
               "prompt": prompt, "new_tokens": new_tokens, "backend": args.backend,
               "ms_per_token": ms_per_token, "ms_per_call": ms_per_call}
     if args.json:

@@ -180,7 +180,7 @@ def parse_shape_label(label: str) -> dict[str, int]:
 # The run's context: device, versions, ceilings
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     """The checkout's commit; EM_KERNELS_COMMIT names it where the tree travels without .git
     (a copy sent to a GPU machine)."""
     if os.environ.get("EM_KERNELS_COMMIT"):
@@ -197,7 +197,7 @@ def _git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -240,13 +240,13 @@ class Context:
         if self.is_cuda:
             self.device_name = torch.cuda.get_device_name(device)
         else:
-            self.device_name = f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+            self.device_name = f"{cpu_name()} ({torch.get_num_threads()} threads)"
         self.info = {
             "device": self.device_name,
             "torch": torch.__version__,
             "triton": _triton_version(),
             "python": platform.python_version(),
-            "commit": _git_commit(),
+            "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
         self.copy_gbps = self._copy_bandwidth()

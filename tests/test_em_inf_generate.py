@@ -173,3 +173,7 @@ def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
     assert all(ms > 0 for ms in [*result["ms_per_token"].values(), *result["ms_per_call"].values()])
     assert json.loads(out.read_text())["ms_per_call"] == result["ms_per_call"]
     assert "us/call" in capsys.readouterr().out
+    for bad in (["--prompt", "0"], ["--new-tokens", "-1"], ["--calls", "0"]):
+        with pytest.raises(SystemExit):
+            main(bad)
+        assert "must be >= 1" in capsys.readouterr().err
