@@ -8,8 +8,9 @@ The recomputation of the logits in a fused backward is not counted: it is the pr
 holding [M, V], and the roofline fraction shows what it costs.
 
 Providers: matmul (the bare LM-head matmul, the floor; its backward takes a random [M, V]
-upstream gradient), eager (matmul, then eager entropy in fp32), chunked (the same over
-checkpointed row chunks, verl's fallback), em-kernels' backends, and, when installed on CUDA,
+upstream gradient), eager (matmul, then eager entropy in fp32), compile (torch.compile of eager:
+the strongest unfused baseline), chunked (eager over checkpointed row chunks, verl's fallback),
+em-kernels' backends, and, when installed on CUDA,
 Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not
 entropy, so they show the speed of the nearest fused peer and have no error column.
 
@@ -27,7 +28,8 @@ import torch
 from em_kernels import reference
 
 from ..harness import OpBench, Provider
-from .common import chunked, em_providers, never_built, not_offered, package_unavailable
+from .common import (chunked, compile_unavailable, compiled, em_providers, never_built,
+                     not_offered, package_unavailable)
 from .entropy import LOGIT_SCALE, eager_entropy, random_logits
 
 # hidden ~ N(0, 1), weight ~ N(0, 1/H): logits ~ N(0, 1) like a trained LM head's pre-scaling.
@@ -108,6 +110,10 @@ class LinearEntropyBench(OpBench):
         def eager(case):
             return lambda: eager_linear_entropy(case.inputs["hidden"], case.inputs["weight"])
 
+        def compile_(case):
+            fn = compiled(eager_linear_entropy)
+            return lambda: fn(case.inputs["hidden"], case.inputs["weight"])
+
         def chunked_(case):
             return lambda: chunked(
                 eager_linear_entropy, (case.inputs["hidden"],), (case.inputs["weight"],))
@@ -133,7 +139,9 @@ class LinearEntropyBench(OpBench):
         triton_, _, cpu = em_providers(ours)
         return [
             Provider("matmul", matmul, compares=False),
-            Provider("eager", eager), Provider("chunked", chunked_), triton_,
+            Provider("eager", eager),
+            Provider("compile", compile_, unavailable=compile_unavailable),
+            Provider("chunked", chunked_), triton_,
             Provider("cuda", never_built, unavailable=not_offered(
                 'linear_entropy has no CUDA kernel: backend="cuda" runs the Triton kernels, '
                 "the triton row")),
