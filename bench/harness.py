@@ -459,11 +459,14 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
     gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
     tflops = flops / (ms * 1e-3) / 1e12 if flops else None
     if case.op.bound == "compute":
-        ceiling = tflops / ctx.matmul_tflops(case.dtype) if tflops else None
+        ceiling = ctx.matmul_tflops(case.dtype)
+        fraction = tflops / ceiling if tflops else None
     else:
-        ceiling = gbps / ctx.copy_gbps if gbps else None
-    return {"time_ms": ms, "gbps": gbps, "tflops": tflops, "frac_ceiling": ceiling,
-            "peak_extra_mib": peak_mib, "err_out": err_out, "err_grad": err_grad}
+        ceiling = ctx.copy_gbps
+        fraction = gbps / ceiling if gbps else None
+    return {"time_ms": ms, "gbps": gbps, "tflops": tflops, "frac_ceiling": fraction,
+            "ceiling": ceiling, "peak_extra_mib": peak_mib, "err_out": err_out,
+            "err_grad": err_grad}
 
 
 def _release_memory(ctx: Context) -> None:

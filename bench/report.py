@@ -8,7 +8,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "peak_extra_mib", "err_out", "err_grad")
+# ceiling: what frac_ceiling divides by, measured in this run (the copy bandwidth in GB/s for the
+# memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for linear_entropy).
+MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
+            "err_grad")
 DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
 CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
