@@ -475,11 +475,30 @@ def _release_memory(ctx: Context) -> None:
         torch.cuda.empty_cache()
 
 
+# Host memory a CPU case may need, in multiples of its inputs: eager's fp32 copies of the
+# logits, softmax, log-softmax and their product, and the gradient (a CPU run out of memory is
+# killed, not skipped).
+CPU_MEMORY_FACTOR = 8
+
+
+def _available_host_bytes() -> int | None:
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
 def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
-    """None, or why the inputs of this case cannot be allocated on this device."""
-    if not ctx.is_cuda:
-        return None
+    """None, or why the inputs of this case (and what the providers build from them) would not
+    fit in this device's free memory."""
     need = op.input_numel(dims) * dtype.itemsize
+    if not ctx.is_cuda:
+        available = _available_host_bytes()
+        if available is not None and CPU_MEMORY_FACTOR * need > available:
+            return (f"out of host memory: inputs need {need / 2**30:.1f} GiB and eager about "
+                    f"{CPU_MEMORY_FACTOR}x that, {available / 2**30:.1f} GiB available")
+        return None
     free, _ = torch.cuda.mem_get_info(ctx.device)
     # The inputs plus a gradient of the same size must fit, with a margin for the providers.
     if 2.5 * need > free:
