@@ -86,15 +86,18 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         if values != entropy_current]]
     current = triton_linear_entropy._FWD_GPU_16BIT
     linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [
-        dict(_FWD_GPU_16BIT=TileConfig(n, v, h, num_warps=w, num_stages=s, tiles_per_split=t,
-                                       group_n=g, tma=tma))
-        for n, v, h, w, s, t, g, tma in [
-            (128, 256, 64, 8, 4, 16, 8, False), (128, 128, 64, 4, 4, 32, 8, False),
+        dict(_FWD_GPU_16BIT=config) for config in dict.fromkeys(
+            TileConfig(n, v, h, num_warps=w, num_stages=s, tiles_per_split=t, group_n=g, tma=tma)
+            for n, v, h, w, s, t, g, tma in [
+            (128, 256, 64, 8, 3, 16, 8, False), (128, 256, 64, 8, 4, 16, 8, False),
+            (128, 128, 64, 4, 4, 32, 8, False),
             (128, 128, 64, 8, 4, 32, 8, False), (256, 128, 64, 8, 3, 32, 8, False),
             (64, 256, 64, 4, 4, 16, 8, False), (128, 256, 32, 8, 5, 16, 8, False),
             (128, 256, 64, 8, 3, 16, 16, False), (128, 256, 64, 8, 3, 8, 8, False),
             (128, 256, 64, 8, 3, 16, 8, True), (128, 256, 64, 8, 4, 16, 8, True),
-            (128, 128, 64, 8, 4, 32, 8, True)]]
+            (128, 128, 64, 8, 4, 32, 8, True), (128, 256, 64, 8, 3, 16, 16, True),
+            (256, 128, 64, 8, 3, 32, 8, True)])
+        if config != current]
     em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
         (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
     if gpu:

@@ -308,8 +308,11 @@ void em_inf_group(const at::Tensor& logits, at::Tensor& out, int64_t row0, int64
       for (int64_t r = 0; r < group_rows; ++r) entropy_sum += group.stats[r].entropy;
       if (entropy_sum < threshold) return;
     } else {
-      std::erase_if(group.active,
-                    [&](int64_t r) { return group.stats[r].entropy < threshold; });
+      // erase-remove, not std::erase_if: torch before 2.13 builds extensions as C++17.
+      group.active.erase(
+          std::remove_if(group.active.begin(), group.active.end(),
+                         [&](int64_t r) { return group.stats[r].entropy < threshold; }),
+          group.active.end());
       if (group.active.empty()) return;
     }
     const em::OptimizerStep step = schedule.next();

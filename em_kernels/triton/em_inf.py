@@ -66,9 +66,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU o
 # Shifts (nats) between two parts' maxima are floored here where they multiply a sum: e^-100 is
 # below every float32, so the part's weight is 0 either way, and 0 * floor stays 0.
 SHIFT_FLOOR = tl.constexpr(-100.0)
-# Entries per program. Small enough that batch 1 at V ~150k spreads over ~150 programs (one per
-# SM on an H100/H200), large enough that the per-program merge of a row's partials stays small.
-BLOCK = 1024
+# Entries per program: ~75 programs per row at V ~150k. bench/tune.py (H200, 2026-11-27, V 151936,
+# 5 steps): batch 64 0.286 ms against 0.331 ms for 1024 (half the partials to merge per step),
+# batch 1 and 16 within 3% of 1024 (batch 1 runs the CUDA kernel under backend="auto" anyway).
+BLOCK = 2048
 # Widest vector for merging a row's chunk partials (V up to 1024 * 1024 in one step of the loop).
 MAX_MERGE_BLOCK = 1024
 # Rows merged at once by the batch-entropy kernel (rows x chunk partials per tile).
