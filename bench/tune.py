@@ -41,17 +41,26 @@ class Sweep:
     tolerance: float
 
 
-def _entropy_case(rows: int, vocab: int, backward: bool):
+def _entropy_case(rows: int, vocab: int, backward: bool, logprobs: bool = False):
+    """entropy (or, with logprobs, logprobs_and_entropy: the RL path) of bf16 logits."""
     def build(device):
         generator = torch.Generator(device).manual_seed(0)
         logits = (3 * torch.randn(rows, vocab, device=device, generator=generator)).bfloat16()
+        tokens = torch.randint(0, vocab, (rows,), device=device, generator=generator)
+
+        def loss():
+            if not logprobs:
+                return em_kernels.entropy(logits, backend="triton")
+            token_logprobs, entropy = em_kernels.logprobs_and_entropy(
+                logits, tokens, backend="triton")
+            return torch.cat([token_logprobs, entropy])
         if not backward:
-            return lambda: em_kernels.entropy(logits, backend="triton")
+            return loss
         logits.requires_grad_(True)
 
         def run():
             logits.grad = None
-            em_kernels.entropy(logits, backend="triton").sum().backward()
+            loss().sum().backward()
             return logits.grad
         return run
     return build
@@ -78,11 +87,11 @@ def _em_inf_case(rows: int, vocab: int):
 def sweeps(device: torch.device) -> dict[str, Sweep]:
     """The candidates per op, and its cases at the headline shapes (tiny ones on CPU)."""
     gpu = device.type == "cuda"
-    entropy_names = ("MAX_BLOCK", "ELEMENTS_PER_THREAD", "MAX_WARPS")
+    entropy_names = ("MAX_BLOCK", "ELEMENTS_PER_THREAD", "LOGPROB_BWD_ELEMENTS_PER_THREAD")
     entropy_current = tuple(getattr(triton_entropy, name) for name in entropy_names)
     entropy_candidates = [dict(zip(entropy_names, values)) for values in [entropy_current] + [
-        values for values in [(8192, 32, 8), (4096, 32, 4), (4096, 16, 8), (8192, 16, 16),
-                              (8192, 64, 4), (16384, 32, 16), (16384, 64, 8)]
+        values for values in [(8192, 32, 32), (4096, 32, 32), (4096, 16, 16), (8192, 16, 16),
+                              (8192, 64, 64), (8192, 64, 16), (16384, 32, 32), (16384, 64, 32)]
         if values != entropy_current]]
     current = triton_linear_entropy._FWD_GPU_16BIT
     linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [
@@ -103,7 +112,9 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
     if gpu:
         entropy_cases = [("fwd N8192-V151936", _entropy_case(8192, 151936, False)),
                          ("fwd N64-V151936", _entropy_case(64, 151936, False)),
-                         ("fwd+bwd N8192-V151936", _entropy_case(8192, 151936, True))]
+                         ("fwd+bwd N8192-V151936", _entropy_case(8192, 151936, True)),
+                         ("logprobs fwd+bwd N8192-V151936",
+                          _entropy_case(8192, 151936, True, logprobs=True))]
         linear_cases = [("fwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064)),
                         ("fwd M8192-H896-V151936", _linear_case(8192, 896, 151936))]
         em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
