@@ -188,17 +188,20 @@ def test_adaptive_temperature_real_vocabulary(device, dtype):
 @pytest.mark.parametrize("rows", [1, 2, 8, 12, 13, 64])
 @pytest.mark.parametrize("early_exit", ["row", "batch"])
 def test_cuda_both_placements(rows, early_exit):
+    """Within the tolerance rule (2 x plain fp32 PyTorch's error), and deterministic.
+
+    Not against the CPU kernel's error as the yardstick: at 64 rows one entry (row 21, column
+    4802) has log p + H within rounding of 0, where Adam's normalised step amplifies the rounding
+    of E_p[z - max]. The same fp32 algorithm summed in 24 different orders lands 3.8e-4 to 1.6e-3
+    from the float64 oracle there (plain PyTorch: 6.7e-2); the CPU kernel's order gives 2.6e-4,
+    the CUDA kernel's 1.0e-3 (H200, 2026-11-27), so a 2x-the-CPU-kernel bound fails on summation
+    order alone. test_cuda_rows_are_the_same_in_any_batch checks the placements against each
+    other bitwise."""
     logits = random_logits(rows, QWEN_VOCAB, 3.0, torch.bfloat16, "cuda", seed=rows, masked=0.05)
     logits[0] *= 4.0  # one sharper row: in row mode it freezes before the others
-    out = check_em_inf(logits, threshold=0.5 * rows if early_exit == "batch" else 0.5,
-                       early_exit=early_exit)
-    assert torch.equal(out, em_inf(logits, threshold=0.5 * rows if early_exit == "batch" else 0.5,
-                                   early_exit=early_exit))
-    cpu = em_inf(logits.cpu(), threshold=0.5 * rows if early_exit == "batch" else 0.5,
-                 early_exit=early_exit)
-    oracle = reference.em_inf_adjust_ref(logits.double(), threshold=0.5 * rows
-                                         if early_exit == "batch" else 0.5, early_exit=early_exit)
-    assert_matches_oracle(out.cpu(), oracle, cpu, floor_for(logits), "cuda against cpu")
+    threshold = 0.5 * rows if early_exit == "batch" else 0.5
+    out = check_em_inf(logits, threshold=threshold, early_exit=early_exit)
+    assert torch.equal(out, em_inf(logits, threshold=threshold, early_exit=early_exit))
 
 
 @needs_cuda
