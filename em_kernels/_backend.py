@@ -21,10 +21,10 @@ import torch
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 
 # On CUDA tensors "auto" prefers this backend when it is available, else the other of triton and
-# cuda. Measured on an H200 (bf16, 2026-11-27, commit eb9e2a6, bench/RESULTS.md): at [8192, 151936]
-# triton takes 0.736 ms forward and 1.93 ms forward + backward, cuda 0.843 and 2.07 ms since it is
-# built without --use_fast_math (exact subnormals). At decode-size batches the CUDA kernel has less
-# fixed cost (earlier build: [1, 151936] 0.063 vs 0.212 ms): pass backend="cuda" there.
+# cuda. Measured on an H200 (bf16, 2026-11-27, commit b62cc35, bench/RESULTS.md run E): at
+# [8192, 151936] triton takes 0.645 ms forward and 1.86 ms forward + backward, cuda 0.715 and
+# 1.94 ms (it keeps half as many bytes in flight per thread). At decode-size batches the CUDA
+# kernel has less fixed cost ([1, 151936] 0.023 vs 0.134 ms): pass backend="cuda" there.
 # em_inf_adjust and adaptive_temperature choose for themselves (em_kernels/em_inf.py);
 # linear_entropy is Triton only.
 AUTO_CUDA_BACKEND = "triton"

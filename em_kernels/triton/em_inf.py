@@ -68,7 +68,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU o
 SHIFT_FLOOR = tl.constexpr(-100.0)
 # Entries per program: ~75 programs per row at V ~150k. bench/tune.py (H200, 2026-11-27, V 151936,
 # 5 steps): batch 64 0.286 ms against 0.331 ms for 1024 (half the partials to merge per step),
-# batch 1 and 16 within 3% of 1024 (batch 1 runs the CUDA kernel under backend="auto" anyway).
+# batch 1 and 16 within 3% of 1024 in that sweep, though a later run timed batch 16 slower
+# (bench/RESULTS.md). Batch 1 runs the CUDA kernel under backend="auto" anyway.
 BLOCK = 2048
 # Widest vector for merging a row's chunk partials (V up to 1024 * 1024 in one step of the loop).
 MAX_MERGE_BLOCK = 1024
