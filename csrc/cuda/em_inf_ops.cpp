@@ -1,13 +1,9 @@
 // The CUDA entry points of em_C::em_inf_adjust and em_C::adaptive_temperature: argument checks,
 // device guard, output, then the launchers of em_inf.cu (em_inf_launch.h).
 //
-// They live in a host-compiled translation unit rather than in em_inf.cu so that an argument
-// error is thrown and unwound through g++-compiled frames only, as on the CPU path: on the H200
-// machine (2026-11-27) a ValueError from a bad argument crashed the process when the entry point
-// was nvcc-compiled, even with the throw itself in a g++-compiled function, while the CPU entry
-// point raised it as it should. (The launchers still raise c10::Error from nvcc-compiled code when
-// the CUDA runtime fails, the kind of throw that the entropy kernels' checks make without trouble
-// on that machine.)
+// They live in a host-compiled translation unit, apart from the kernels in em_inf.cu, like the CPU
+// entry points. (Moving them here was a first guess at the crash on a bad argument on the H200,
+// and did not remove it: see em/em_inf_checks.h for the second.)
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,6 +1,14 @@
 // Argument checks of em_C::em_inf_adjust and em_C::adaptive_temperature, shared by the CPU and
 // CUDA entry points (the logits checks are those of every em_C op, em/op_checks.h). The public
-// Python functions check first and raise TypeError/ValueError; these guard direct torch.ops calls.
+// Python functions check first and raise TypeError/ValueError; these guard direct torch.ops calls
+// and raise RuntimeError, as every em_C check does.
+//
+// TORCH_CHECK, not TORCH_CHECK_VALUE: TORCH_CHECK throws inside libc10 (torchCheckFail), while
+// TORCH_CHECK_VALUE compiles the throw of c10::ValueError into this extension, with its own copy of
+// the type's vtable and typeinfo. On the H200 machine (torch 2.11, 2026-11-27, runs C and E) a
+// ValueError from these checks on a CUDA tensor crashed the process, in either file layout, while
+// the entropy ops' TORCH_CHECK errors were raised normally; these were the extension's only
+// throw sites of its own. Not yet confirmed on a GPU that this removes the crash.
 // Both entry points are host-compiled (csrc/cpu/em_inf.cpp, csrc/cuda/em_inf_ops.cpp: see there).
 #pragma once
 
@@ -19,25 +27,25 @@ namespace em {
 inline void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, int64_t steps,
                               double lr, double kl_weight, double threshold) {
   check_logits("em_inf_adjust", logits, device);
-  TORCH_CHECK_VALUE(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
-  TORCH_CHECK_VALUE(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
-  TORCH_CHECK_VALUE(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
-  TORCH_CHECK_VALUE(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
+  TORCH_CHECK(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
+  TORCH_CHECK(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
+  TORCH_CHECK(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
+  TORCH_CHECK(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
                     kl_weight);
-  TORCH_CHECK_VALUE(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
+  TORCH_CHECK(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
 }
 
 inline void check_adaptive_temperature_args(const at::Tensor& logits, c10::DeviceType device,
                                             double alpha, double delta, int64_t max_iters,
                                             double tol) {
   check_logits("adaptive_temperature", logits, device);
-  TORCH_CHECK_VALUE(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
+  TORCH_CHECK(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
                     alpha);
-  TORCH_CHECK_VALUE(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
+  TORCH_CHECK(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
                     delta);
-  TORCH_CHECK_VALUE(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
+  TORCH_CHECK(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
                     max_iters);
-  TORCH_CHECK_VALUE(std::isfinite(tol) && tol >= 0,
+  TORCH_CHECK(std::isfinite(tol) && tol >= 0,
                     "adaptive_temperature: tol must be finite and >= 0, got ", tol);
 }
 
