@@ -43,6 +43,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from em_algos.em_inf import NEUTRAL_SAMPLING, EMInfLogitsProcessor
+from em_kernels.em_inf import em_inf_backend
 
 from .harness import cpu_name, git_commit
 
@@ -192,6 +193,8 @@ def main(argv=None) -> dict:
                                                    args.calls, device)
                    for name in chosen if providers[name]}
 
+    # What "auto" (or the requested backend) runs at this batch and vocabulary.
+    backend = em_inf_backend(scores, args.backend)
     device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     try:
         import triton
@@ -202,7 +205,7 @@ def main(argv=None) -> dict:
           f"commit {git_commit()}")
     print(f"model {'Qwen2.5-7B-shaped bf16' if args.qwen7b else 'tiny Llama'} (vocab {vocab}), "
           f"batch {args.batch}, prompt {prompt}, {new_tokens} new tokens, em-inf backend "
-          f"{args.backend}; end to end: median of {args.repeats} generate() runs, per call: "
+          f"{backend} (asked: {args.backend}); end to end: median of {args.repeats} generate() runs, per call: "
           f"median of {args.calls} calls")
     plain = ms_per_token.get("plain")
     for name in chosen:
@@ -216,7 +219,8 @@ def main(argv=None) -> dict:
         print(line)
     result = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
               "commit": git_commit(), "qwen7b": args.qwen7b, "vocab": vocab, "batch": args.batch,
-              "prompt": prompt, "new_tokens": new_tokens, "backend": args.backend,
+              "prompt": prompt, "new_tokens": new_tokens, "backend": backend,
+              "backend_asked": args.backend,
               "ms_per_token": ms_per_token, "ms_per_call": ms_per_call}
     if args.json:
         with open(args.json, "w") as f:

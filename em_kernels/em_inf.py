@@ -54,9 +54,9 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
 
 
 # backend="auto" on CUDA, em_inf_adjust only. Measured on an H200, V 151936, 5 steps, fp32 logits
-# (2026-11-27, em-bench): cuda 0.028-0.035 ms at batch 1 (state on chip), but 0.17-0.21 ms at 16
-# and 0.52-0.70 ms at 64 rows (replay), where triton took 0.125 ms at 1, 0.14-0.16 ms at 16 and
-# 0.32-0.34 ms at 64. So "auto" keeps the CUDA kernel while the batch fits its on-chip placement
+# (2026-11-27, em-bench, run E of bench/RESULTS.md): cuda 0.035 ms at batch 1 (state on chip), but
+# 0.22 ms at 16 and 0.70 ms at 64 rows (replay), where triton took 0.27 ms at 1, 0.20 ms at 16 and
+# 0.29 ms at 64. So "auto" keeps the CUDA kernel while the batch fits its on-chip placement
 # and takes Triton beyond. The fit is estimated conservatively, without asking the device for more
 # than its SM count: 4 segments of 2048 entries (128 KB of state) per SM, i.e. 7 rows at V 151936
 # on 132 SMs; the kernel itself holds up to 7 segments per SM (227 KB of shared memory on an
@@ -66,6 +66,20 @@ def _compiled_or_fallback_cached(backend: str, resolved: str, device_type: str, 
 # invariance across all batch sizes.
 _ON_CHIP_SEGMENT = 2048
 _ON_CHIP_SEGMENTS_PER_SM = 4
+
+
+def em_inf_backend(logits: torch.Tensor, backend: str = "auto") -> str:
+    """The backend that em_inf_adjust runs for ``logits`` ((..., V), read for its device and
+    shape only) when asked for ``backend``: "auto" on CUDA picks by batch size (see above).
+    Raises BackendUnavailableError where an explicit backend cannot run."""
+    if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
+        device_index = logits.device.index
+        if device_index is None:
+            device_index = torch.cuda.current_device()
+        vocab = int(logits.shape[-1])
+        rows = logits.numel() // vocab if vocab else 0
+        backend = _em_inf_cuda_backend(device_index, rows, vocab)
+    return _resolve(backend, logits.device, "em_inf_adjust")
 
 
 @torch.compiler.assume_constant_result
@@ -146,12 +160,7 @@ def em_inf_adjust(
     # detached, the output never requires grad, on every backend and under torch.compile.
     logits = logits.detach()
     rows = _checks.as_rows(logits)
-    if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
-        device_index = logits.device.index
-        if device_index is None:
-            device_index = torch.cuda.current_device()
-        backend = _em_inf_cuda_backend(device_index, int(rows.shape[0]), int(rows.shape[1]))
-    backend = _resolve(backend, logits.device, "em_inf_adjust")
+    backend = em_inf_backend(rows, backend)
     run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
     adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
                    early_exit == "batch", backend)

@@ -172,7 +172,11 @@ def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
     assert set(result["ms_per_call"]) == {"em-inf", "released"}
     assert all(ms > 0 for ms in [*result["ms_per_token"].values(), *result["ms_per_call"].values()])
     assert json.loads(out.read_text())["ms_per_call"] == result["ms_per_call"]
-    assert "us/call" in capsys.readouterr().out
+    # The backend that ran, not only the one asked for: "auto" on CPU tensors is the C++ kernel.
+    ran = "cpu" if em_kernels.available_backends()["cpu"] == "available" else "torch"
+    assert (result["backend"], result["backend_asked"]) == (ran, "auto")
+    printed = capsys.readouterr().out
+    assert "us/call" in printed and f"em-inf backend {ran} (asked: auto)" in printed
     for bad in (["--prompt", "0"], ["--new-tokens", "-1"], ["--calls", "0"]):
         with pytest.raises(SystemExit):
             main(bad)
