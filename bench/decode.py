@@ -205,8 +205,8 @@ def main(argv=None) -> dict:
           f"commit {git_commit()}")
     print(f"model {'Qwen2.5-7B-shaped bf16' if args.qwen7b else 'tiny Llama'} (vocab {vocab}), "
           f"batch {args.batch}, prompt {prompt}, {new_tokens} new tokens, em-inf backend "
-          f"{backend} (asked: {args.backend}); end to end: median of {args.repeats} generate() runs, per call: "
-          f"median of {args.calls} calls")
+          f"{backend} (asked: {args.backend}); end to end: median of {args.repeats} generate() "
+          f"runs, per call: median of {args.calls} calls")
     plain = ms_per_token.get("plain")
     for name in chosen:
         line = f"  {name:9s} {ms_per_token[name]:8.3f} ms/token"

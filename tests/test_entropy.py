@@ -898,8 +898,7 @@ _LOWER_SCRIPT = textwrap.dedent("""
         results[f"bwd logprob_grad={tokens}"] = lower(
             kernels._softmax_stats_bwd_kernel,
             dict(HAS_LOGPROB_GRAD=tokens, ROUND_TO_BF16=False, BLOCK=block),
-            kernels._tile_warps(block, kernels.LOGPROB_BWD_ELEMENTS_PER_THREAD if tokens
-                                else kernels.ELEMENTS_PER_THREAD),
+            kernels._backward_warps(block, tokens),
             f"{os.environ['LOWER_DIR']}/bwd{tokens}.cubin")
     print(json.dumps(results))
 """)

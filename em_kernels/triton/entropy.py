@@ -57,8 +57,9 @@ MIN_BLOCK = 1024
 # Elements each thread holds: 64 bf16 values are eight 16-byte vector loads in flight per thread
 # (bench/tune.py, H200, 2026-11-27: 0.667 ms at [8192, 151936] bf16 against 0.715 ms for 32).
 ELEMENTS_PER_THREAD = 64
-# The log-prob backward holds more per entry (the one-hot term and its row scalars): at 32 entries
-# a thread it needs 80 registers on sm_90a, at 64 it needed 167 (2 programs an SM).
+# The log-prob backward holds more per entry (the one-hot term): at 32 entries a thread it needs 80
+# registers on sm_90a, at 64 it needs 167 (2 programs an SM; run E of bench/RESULTS.md timed the
+# older 201-register form 43% slower than the entropy backward).
 LOGPROB_BWD_ELEMENTS_PER_THREAD = 32
 # (rows x chunks) entries merged per program of the merge kernel: 1024 partials is 12 KiB, one
 # short program; the merge reads N * V / BLOCK * 12 bytes, under 0.1% of the logits.
@@ -267,10 +268,9 @@ def _softmax_stats_bwd_kernel(
         grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
         grad_logprob = tl.where((token >= 0) & (token < V) & ~no_distribution, grad_logprob, 0.0)
         # Both terms as one product, p_j (-gH (ln p_j + H) - gL), and the one-hot by a 32-bit
-        # offset into the tile: the two-term form with int64 column indices held 201 registers a
-        # thread at 64 entries (72 without the log-prob term; sm_90a), and the log-prob backward
-        # ran 43% slower than the entropy one on an H200. A token outside this tile matches
-        # nothing; one outside the vocabulary has grad_logprob 0.
+        # offset into the tile, to save registers (see LOGPROB_BWD_ELEMENTS_PER_THREAD): the
+        # two-term form with int64 column indices held 201 a thread at 64 entries. A token outside
+        # this tile matches nothing; one outside the vocabulary has grad_logprob 0.
         chosen_offset = (token - chunk * BLOCK).to(tl.int32)
         grad = p * (-grad_entropy * tl.fma(log2_p, LN2, entropy) - grad_logprob)
         grad = tl.where(log2_p == float("-inf"), 0.0, grad) + tl.where(
@@ -294,6 +294,11 @@ def _block_size(vocab: int) -> int:
 def _tile_warps(block: int, elements_per_thread: int = ELEMENTS_PER_THREAD) -> int:
     """Warps of a tile program: elements_per_thread entries per thread (fewer for a small tile)."""
     return max(1, block // (32 * elements_per_thread))
+
+
+def _backward_warps(block: int, has_logprob_grad: bool) -> int:
+    return _tile_warps(
+        block, LOGPROB_BWD_ELEMENTS_PER_THREAD if has_logprob_grad else ELEMENTS_PER_THREAD)
 
 
 def _grid_size(rows: int, num_chunks: int) -> int:
@@ -397,6 +402,5 @@ def softmax_stats_bwd(
             vocab, num_chunks, logits.stride(0), 1.0 / temperature,
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
-            BLOCK=block, num_warps=_tile_warps(
-                block, LOGPROB_BWD_ELEMENTS_PER_THREAD if has_logprob_grad else ELEMENTS_PER_THREAD))
+            BLOCK=block, num_warps=_backward_warps(block, has_logprob_grad))
     return grad_logits

@@ -30,8 +30,7 @@ inline void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, 
   TORCH_CHECK(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
   TORCH_CHECK(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
   TORCH_CHECK(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
-  TORCH_CHECK(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ",
-                    kl_weight);
+  TORCH_CHECK(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ", kl_weight);
   TORCH_CHECK(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
 }
 
@@ -39,14 +38,11 @@ inline void check_adaptive_temperature_args(const at::Tensor& logits, c10::Devic
                                             double alpha, double delta, int64_t max_iters,
                                             double tol) {
   check_logits("adaptive_temperature", logits, device);
-  TORCH_CHECK(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ",
-                    alpha);
-  TORCH_CHECK(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ",
-                    delta);
-  TORCH_CHECK(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ",
-                    max_iters);
+  TORCH_CHECK(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ", alpha);
+  TORCH_CHECK(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ", delta);
+  TORCH_CHECK(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ", max_iters);
   TORCH_CHECK(std::isfinite(tol) && tol >= 0,
-                    "adaptive_temperature: tol must be finite and >= 0, got ", tol);
+              "adaptive_temperature: tol must be finite and >= 0, got ", tol);
 }
 
 // Calls fn(scalar_t{}) for the logits dtypes the ops accept (em::check_logits).
