@@ -9,11 +9,7 @@ those cases draw fewer examples and vocabularies of at most a few chunks.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +18,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracle import assert_matches_oracle
+from sm90 import run_lowering_script
 
 import em_kernels
 from em_kernels import reference
@@ -451,30 +448,23 @@ def test_em_inf_cuda_graph(backend):
 
 # ------------------------------------------------------------- compiled path, without a GPU
 
-# Run without TRITON_INTERPRET (under it, triton.jit gives interpreted functions that the compiler
-# cannot lower), so in a fresh process.
+# Run by sm90.run_lowering_script (a fresh process, without the interpreter).
 _LOWER_SCRIPT = textwrap.dedent("""
-    import inspect, json, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json
     from em_kernels.triton import em_inf as kernels
+    from sm90 import compile_for_sm90
 
     SCALARS = dict(n_rows="i32", V="i32", row_stride="i64", n_chunks="i32", step="i32",
                    total_steps="i32", max_iters="i32", lr="fp32", kl_weight="fp32",
                    threshold="fp32", alpha="fp32", delta="fp32", tol="fp32")
 
     def lower(kernel, constants, ones=False):
-        names = list(inspect.signature(kernel.fn).parameters)
         if ones:  # as the GPU launcher does with every int argument equal to 1 (batch 1, ...)
             constants = dict(constants, **{p.name: 1 for p in kernel.params
                                            if SCALARS.get(p.name, "").startswith("i")
                                            and not p.do_not_specialize})
-        signature = {n: "*bf16" if n == "logits_ptr" else "*fp32" if n.endswith("_ptr")
-                     else "constexpr" if n in constants else SCALARS[n] for n in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(k),): v for k, v in constants.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4))
+        compiled = compile_for_sm90(kernel, constants, dict(SCALARS, logits_ptr="*bf16"),
+                                    scalar=None, num_warps=4)
         return "st.local" in compiled.asm["ptx"]
 
     spills = {}
@@ -501,11 +491,7 @@ def test_kernels_lower_for_hopper():
     global; n_rows.to() on a batch of 1, which the GPU launcher passes as the constant 1): lower
     every kernel variant to sm_90 PTX, also with every specialisable int argument equal to 1,
     and check that none spills."""
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT], capture_output=True,
-                            text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    spills = json.loads(result.stdout.strip().splitlines()[-1])
+    spills = run_lowering_script(_LOWER_SCRIPT)
     assert not any(spills.values()), spills
 
 

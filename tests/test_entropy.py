@@ -10,11 +10,7 @@ boundaries and multi-chunk rows are still drawn; one test covers a real vocabula
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from typing import Callable
 
@@ -23,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from oracle import assert_matches_oracle
+from sm90 import run_lowering_script
 
 import em_kernels
 from em_kernels import reference
@@ -847,46 +844,21 @@ def test_auto_backend_matches_an_explicit_one():
 
 # ------------------------------------------------------------- compiled path, without a GPU
 
-# Run without TRITON_INTERPRET (under it, triton.jit gives interpreted functions that the compiler
-# cannot lower), so in a fresh process. Prints {variant: [registers per thread, spills]}.
+# Run by sm90.run_lowering_script; prints {variant: [registers per thread, spills]}.
 _LOWER_SCRIPT = textwrap.dedent("""
-    import json, os, re, subprocess, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json, os
     from em_kernels.triton import entropy as kernels
+    from sm90 import compile_for_sm90, registers_per_thread
 
     VOCAB = 151936
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
+    TYPES = dict(logits_ptr="*bf16", grad_logits_ptr="*bf16", tokens_ptr="*i64", scale2="fp32",
+                 inv_temperature="fp32")
 
-    def lower(kernel, constants, num_warps, path):
-        names = kernel.arg_names
-        signature = {}
-        for name in names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name in ("logits_ptr", "grad_logits_ptr"):
-                signature[name] = "*bf16"
-            elif name == "tokens_ptr":
-                signature[name] = "*i64"
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32"
-            elif name in ("scale2", "inv_temperature"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-        divisible = [n for n in names if n.endswith("_ptr") or n in ("V", "stride_row")]
-        source = ASTSource(
-            fn=kernel, signature=signature,
-            constexprs={(names.index(k),): v for k, v in constants.items()},
-            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=num_warps))
-        with open(path, "wb") as handle:
-            handle.write(compiled.asm["cubin"])
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True,
-                               text=True, check=True).stdout
-        return [int(re.search(r"REG:(\\d+)", usage).group(1)), "st.local" in compiled.asm["ptx"]]
+    def lower(kernel, constants, num_warps, name):
+        divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("V", "stride_row")]
+        compiled = compile_for_sm90(kernel, constants, TYPES, divisible, num_warps=num_warps)
+        cubin = os.path.join(os.environ["LOWER_DIR"], name + ".cubin")
+        return [registers_per_thread(compiled, cubin), "st.local" in compiled.asm["ptx"]]
 
     block = kernels._block_size(VOCAB)
     results = {}
@@ -894,12 +866,11 @@ _LOWER_SCRIPT = textwrap.dedent("""
         results[f"fwd tokens={tokens}"] = lower(
             kernels._softmax_stats_fwd_kernel,
             dict(HAS_TOKENS=tokens, SINGLE_CHUNK=False, BLOCK=block), kernels._tile_warps(block),
-            f"{os.environ['LOWER_DIR']}/fwd{tokens}.cubin")
+            f"fwd{tokens}")
         results[f"bwd logprob_grad={tokens}"] = lower(
             kernels._softmax_stats_bwd_kernel,
             dict(HAS_LOGPROB_GRAD=tokens, ROUND_TO_BF16=False, BLOCK=block),
-            kernels._backward_warps(block, tokens),
-            f"{os.environ['LOWER_DIR']}/bwd{tokens}.cubin")
+            kernels._backward_warps(block, tokens), f"bwd{tokens}")
     print(json.dumps(results))
 """)
 
@@ -911,11 +882,6 @@ def test_tile_kernels_lower_for_hopper_without_spills(tmp_path):
     sm_90: no spills, and at most 128 registers a thread, so that at least two 256-thread (or
     four 128-thread) programs share an SM. The log-prob backward once took 167 registers (64-bit
     column indices for the one-hot) and ran 43% slower than the entropy backward on an H200."""
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    environment["LOWER_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _LOWER_SCRIPT], capture_output=True,
-                            text=True, env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    usage = json.loads(result.stdout.strip().splitlines()[-1])
+    usage = run_lowering_script(_LOWER_SCRIPT, LOWER_DIR=str(tmp_path))
     assert not any(spills for _, spills in usage.values()), usage
     assert all(registers <= 128 for registers, _ in usage.values()), usage

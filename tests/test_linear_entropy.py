@@ -22,6 +22,7 @@ from em_kernels._ops import linear_entropy as ops
 
 from conftest import HAS_CUDA, runnable, skip_unless_runnable
 from oracle import assert_matches_oracle
+from sm90 import run_lowering_script
 
 # "cpu" and "cuda" map onto these two implementations (test_backend_names checks the mapping).
 LINEAR_BACKEND_DEVICES = [("torch", "cpu"), ("triton", "cpu"), ("triton", "cuda"),
@@ -732,13 +733,11 @@ def test_torch_compile_fullgraph():
 
 
 
-# Run without TRITON_INTERPRET (under it, triton.jit returns interpreted functions that the
-# compiler cannot lower), so in a fresh process.
+# Run by sm90.run_lowering_script (a fresh process, without the interpreter).
 _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
-    import json, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import json, torch
     from em_kernels.triton import linear_entropy as kernels
+    from sm90 import compile_for_sm90
 
     def lower(kernel, dtype, backward, tma=False):
         element = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -755,36 +754,18 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
                 BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
                 GROUP_N=config.group_n, stride_hidden_h=1, stride_weight_h=1,
                 TILES_PER_SPLIT=config.tiles_per_split)
-        names = kernel.arg_names
-        signature = {}
-        for name in names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif tma and name in ("hidden_ptr", "weight_ptr"):  # as a launch mangles descriptors
-                rows = config.block_n if name == "hidden_ptr" else config.block_v
-                signature[name] = f"tensordesc<{element}[{rows}, {config.block_h}]>"
-            elif name in ("hidden_ptr", "weight_ptr", "bias_ptr", "dz_ptr"):
-                signature[name] = "*" + element
-            elif name == "tokens_ptr":
-                signature[name] = "*i64"
-            elif name == "kept_ptr":
-                signature[name] = "*i8"
-            elif name.endswith("_ptr"):
-                signature[name] = "*fp32"
-            elif name in ("inv_temperature", "grad_filter_eps"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
+        types = {name: "*" + element for name in ("hidden_ptr", "weight_ptr", "bias_ptr", "dz_ptr")}
+        types.update(tokens_ptr="*i64", kept_ptr="*i8", inv_temperature="fp32",
+                     grad_filter_eps="fp32")
+        if tma:  # operand descriptors, typed as a launch mangles them
+            types.update(hidden_ptr=f"tensordesc<{element}[{config.block_n}, {config.block_h}]>",
+                         weight_ptr=f"tensordesc<{element}[{config.block_v}, {config.block_h}]>")
         # What a real launch specialises: 16-divisible pointers, row strides and H (every LM's
         # hidden size is a multiple of 16; other H get unvectorised, unpipelined loads).
-        divisible = [n for n in names
+        divisible = [n for n in kernel.arg_names
                      if n.endswith("_ptr") or n in ("stride_hidden_n", "stride_weight_v", "H")]
-        source = ASTSource(
-            fn=kernel, signature=signature,
-            constexprs={(names.index(k),): v for k, v in constants.items()},
-            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in divisible})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(
-            num_warps=config.num_warps, num_stages=config.num_stages))
+        compiled = compile_for_sm90(kernel, constants, types, divisible,
+                                    num_warps=config.num_warps, num_stages=config.num_stages)
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
         return dict(wgmma="warp_group_dot" in ttgir,
                     pipelined="async_copy_global_to_local" in ttgir,
@@ -806,14 +787,7 @@ def test_kernels_lower_for_hopper():
     """The interpreter never compiles the kernels: lower them to sm_90 PTX with the
     specialisations a real launch gets, and check that 16-bit tiles use wgmma with
     software-pipelined (async-copy) loads and that no PTX spills to local memory."""
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run(
-        [sys.executable, "-c", _LOWER_FOR_HOPPER_SCRIPT], capture_output=True, text=True,
-        env=environment, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_lowering_script(_LOWER_FOR_HOPPER_SCRIPT)
     for name, found in results.items():
         assert not found["spills"], name
         if "bfloat16" in name and name.startswith("fwd"):
