@@ -178,7 +178,8 @@ bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager 
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
     N16384-V151936
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
-#    (bench/tune.py: entropy, linear_entropy and em_inf at the headline shapes, ~2 minutes).
+#    (bench/tune.py: entropy, linear_entropy's forward and backward, and em_inf at the
+#    headline shapes, ~2-3 minutes).
 if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
     step tune 240 "$PY" -m bench.tune --json "$WORK/tune.json"
 fi

@@ -2,7 +2,7 @@
 (or re-check on new hardware) the constants in em_kernels/triton/*.py, which say there why they
 are what they are.
 
-    python -m bench.tune [--ops entropy linear_entropy em_inf] [--json FILE]
+    python -m bench.tune [--ops entropy linear_entropy linear_entropy_bwd em_inf] [--json FILE]
 
 A candidate is a set of module constants that the launchers read at call time: the sweep sets
 them, runs the op (Triton compiles one variant per candidate), checks the result against the
@@ -66,13 +66,24 @@ def _entropy_case(rows: int, vocab: int, backward: bool, logprobs: bool = False)
     return build
 
 
-def _linear_case(rows: int, features: int, vocab: int):
+def _linear_case(rows: int, features: int, vocab: int, backward: bool = False):
+    """linear_entropy's entropy (backward: d_hidden of a forward+backward, divided by its largest
+    entry so that the sweep's absolute tolerance is a relative one) from bf16 operands."""
     def build(device):
         generator = torch.Generator(device).manual_seed(0)
         hidden = torch.randn(rows, features, device=device, generator=generator).bfloat16()
         weight = (torch.randn(vocab, features, device=device, generator=generator)
                   / math.sqrt(features)).bfloat16()
-        return lambda: em_kernels.linear_entropy(hidden, weight, backend="triton").entropy
+        if not backward:
+            return lambda: em_kernels.linear_entropy(hidden, weight, backend="triton").entropy
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+
+        def run():
+            hidden.grad = weight.grad = None
+            em_kernels.linear_entropy(hidden, weight, backend="triton").entropy.sum().backward()
+            return hidden.grad.float() / hidden.grad.abs().amax().float()
+        return run
     return build
 
 
@@ -107,6 +118,15 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
             (128, 128, 64, 8, 4, 32, 8, True), (128, 256, 64, 8, 3, 16, 16, True),
             (256, 128, 64, 8, 3, 32, 8, True)])
         if config != current]
+    backward_current = triton_linear_entropy._BWD_GPU_16BIT
+    backward_candidates = [dict(_BWD_GPU_16BIT=backward_current)] + [
+        dict(_BWD_GPU_16BIT=config) for config in dict.fromkeys(
+            TileConfig(n, 256, h, num_warps=w, num_stages=s, tiles_per_split=1, group_n=g,
+                       tma=tma)
+            for n, h, w, s, g, tma in [
+            (128, 64, 8, 3, 8, True), (128, 64, 8, 4, 16, True), (128, 64, 8, 3, 16, False),
+            (64, 64, 4, 4, 16, True), (128, 32, 8, 5, 16, True)])
+        if config != backward_current]
     em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
         (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
     if gpu:
@@ -117,21 +137,28 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
                           _entropy_case(8192, 151936, True, logprobs=True))]
         linear_cases = [("fwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064)),
                         ("fwd M8192-H896-V151936", _linear_case(8192, 896, 151936))]
+        backward_cases = [
+            ("fwd+bwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064, backward=True)),
+            ("fwd+bwd M8192-H896-V151936", _linear_case(8192, 896, 151936, backward=True))]
         em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
                         for rows in (1, 16, 64)]
     else:  # the plumbing only: one tiny case each, two candidates
         entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
         linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
+        backward_cases = [("fwd+bwd M5-H16-V40", _linear_case(5, 16, 40, backward=True))]
         em_inf_cases = [("B2-V3000", _em_inf_case(2, 3000))]
         entropy_candidates = [dict(MAX_BLOCK=triton_entropy.MAX_BLOCK), dict(MAX_BLOCK=2048)]
         linear_candidates = [dict(_INTERPRETER=triton_linear_entropy._INTERPRETER),
                              dict(_INTERPRETER=TileConfig(16, 32, 16, num_warps=1, num_stages=1,
                                                           tiles_per_split=1, group_n=1,
                                                           tma=True))]
+        backward_candidates = linear_candidates  # the interpreter's tiles serve both passes
         em_inf_candidates = em_inf_candidates[:2]
     return {
         "entropy": Sweep(triton_entropy, entropy_candidates, entropy_cases, 1e-3),
         "linear_entropy": Sweep(triton_linear_entropy, linear_candidates, linear_cases, 1e-3),
+        "linear_entropy_bwd": Sweep(triton_linear_entropy, backward_candidates, backward_cases,
+                                    1e-2),
         "em_inf": Sweep(triton_em_inf, em_inf_candidates, em_inf_cases, 1e-3),
     }
 
@@ -200,8 +227,8 @@ def _json_safe(value):
 
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ops", nargs="+", default=["entropy", "linear_entropy", "em_inf"],
-                        choices=["entropy", "linear_entropy", "em_inf"])
+    ops = ["entropy", "linear_entropy", "linear_entropy_bwd", "em_inf"]
+    parser.add_argument("--ops", nargs="+", default=ops, choices=ops)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default=None, help="also write every row to this file")
     args = parser.parse_args(argv)

@@ -142,7 +142,8 @@ def test_tuning_sweep_plumbing(capsys):
     if em_kernels.available_backends()["triton"] != "available":
         pytest.skip(em_kernels.available_backends()["triton"])
     before = triton_entropy.MAX_BLOCK
-    results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy"])
+    results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy",
+                         "linear_entropy_bwd"])
     assert triton_entropy.MAX_BLOCK == before
     for op, rows in results.items():
         assert len(rows) == 2 and sum(row["current"] for row in rows) == 1, op

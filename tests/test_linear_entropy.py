@@ -36,10 +36,10 @@ def backend_device(request):
 
 def small_chunks():
     """The chunked torch forward with blocks of 5 rows x 7 vocab entries, and the backward with
-    vocab chunks of 8 columns and dz tiles of 4 x 8 (filtering segments of 8), so that small
-    shapes cross several chunks, tiles and segments."""
+    vocab chunks and dz tiles of 16 columns (tl.dot's smallest width; filtering segments of 16),
+    so that small shapes cross several chunks, tiles and segments."""
     return mock.patch.multiple(ops, TORCH_ROW_CHUNK=5, TORCH_CHUNK_ELEMENTS=35,
-                               BWD_CHUNK_BYTES=1, DZ_TILE_ROWS=4, DZ_TILE_COLS=8)
+                               BWD_CHUNK_BYTES=1, DZ_TILE_COLS=16)
 
 
 def shape_limits(backend, device):
@@ -397,22 +397,25 @@ def test_backward_deterministic_across_chunks(backend_device):
 
 @pytest.mark.parametrize("eps", [0.0, 0.05])
 def test_dz_kernels_agree(eps):
-    """The Triton dz kernel and its torch twin, writing a separate bf16 dz from fp32 logits (the
-    16-bit CUDA layout), agree with each other and with dz from the float64 formula."""
+    """The fused Triton dz kernel (logits recomputed from the operands) and its torch twin agree
+    with dz from the float64 formula: both in the CPU layout (fp32 operands, dz in fp32), and the
+    Triton kernel also in the 16-bit CUDA layout (bf16 operands, dz rounded to bf16)."""
     if not runnable("triton", "cpu"):
         pytest.skip(em_kernels.available_backends()["triton"])
     generator = torch.Generator().manual_seed(3)
-    rows, width, vocab, start, temperature = 9, 24, 40, 8, 0.8
-    logits = torch.randn(rows, width, generator=generator) * 3
+    rows, features, width, vocab, start, temperature, segment = 9, 24, 48, 80, 16, 0.8, 16
+    hidden = torch.randn(rows, features, generator=generator).bfloat16()
+    weight_chunk = torch.randn(width, features, generator=generator).bfloat16()
     bias = torch.randn(vocab, generator=generator)
     bias[start + 5] = float("-inf")
     tokens = torch.randint(0, vocab, (rows,), generator=generator)
-    z = (logits + bias[start:start + width]) / temperature
-    lse = torch.logsumexp(z, -1) + torch.rand(rows, generator=generator)  # rest of the vocab
+    z = (hidden.double() @ weight_chunk.double().T + bias[start:start + width].double()) \
+        / temperature
+    lse = (torch.logsumexp(z, -1) + torch.rand(rows, generator=generator)).float()  # + the rest
     entropy = torch.rand(rows, generator=generator) * 2
     grad_entropy, grad_lse, grad_chosen = torch.randn(3, rows, generator=generator)
-    exact = (z.double() - lse.double()[:, None]).exp()
-    log_p = torch.where(exact > 0, z.double() - lse.double()[:, None], 0.0)
+    exact = (z - lse.double()[:, None]).exp()
+    log_p = torch.where(exact > 0, z - lse.double()[:, None], 0.0)
     exact = exact * (grad_lse.double()[:, None] - grad_entropy.double()[:, None] * (
         log_p + entropy.double()[:, None]))
     local = tokens - start
@@ -421,28 +424,29 @@ def test_dz_kernels_agree(eps):
     hit &= z.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1) != float("-inf")
     exact[hit.nonzero()[:, 0], local[hit]] += grad_chosen.double()[hit]
     exact /= temperature
-    outputs, kept_flags = [], []
-    for dz_fn in (ops._torch_dz, ops._triton_dz):
-        dz = torch.full((rows, width), float("nan"), dtype=torch.bfloat16)
-        kept = torch.full((rows, width // 8), -1, dtype=torch.int8) if eps > 0 else None
-        dz_fn(logits.clone(), dz, bias, start, tokens, entropy, lse, grad_entropy, grad_lse,
-              grad_chosen, temperature, eps, (4, 8), kept)
-        outputs.append(dz)
-        kept_flags.append(kept)
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=2**-7, atol=1e-6)
-    if eps == 0:
-        torch.testing.assert_close(outputs[0].double(), exact, rtol=2**-7, atol=1e-6)
-    else:  # a row's 8 entries of a tile are zeroed together, only when all are below eps
-        dropped = (outputs[0] == 0) & (exact != 0)
+    runs = [(ops._torch_dz, torch.float32, torch.float32),
+            (ops._triton_dz, torch.float32, torch.float32),
+            (ops._triton_dz, torch.bfloat16, torch.bfloat16)]
+    for dz_fn, operand_dtype, dz_dtype in runs:
+        dz = torch.full((rows, width), float("nan"), dtype=dz_dtype)
+        kept = torch.full((rows, width // segment), -1, dtype=torch.int8) if eps > 0 else None
+        dz_fn(hidden.to(operand_dtype), weight_chunk.to(operand_dtype), bias, start, tokens,
+              entropy, lse, grad_entropy, grad_lse, grad_chosen, temperature, eps, segment, dz,
+              kept)
+        # fp32: the logits' rounding (~1e-6 relative) through p; bf16: dz's own rounding
+        rtol = 1e-5 if dz_dtype == torch.float32 else 2**-7
+        segment_max = exact.abs().unflatten(1, (-1, segment)).amax(-1)
+        if eps == 0:
+            torch.testing.assert_close(dz.double(), exact, rtol=rtol, atol=1e-6)
+            continue
+        # a row's entries of a tile are zeroed together, only when all are below eps
+        dropped = (dz == 0) & (exact != 0)
         assert bool((exact[dropped].abs() < eps).all())
         assert bool(dropped.any()) and not bool(dropped.all()), "filter test is vacuous"
-        torch.testing.assert_close(outputs[0][~dropped].double(), exact[~dropped],
-                                   rtol=2**-7, atol=1e-6)
-        segment_max = exact.abs().unflatten(1, (-1, 8)).amax(-1)
-        segment_zero = (outputs[0] == 0).unflatten(1, (-1, 8)).all(-1)
+        torch.testing.assert_close(dz[~dropped].double(), exact[~dropped], rtol=rtol, atol=1e-6)
+        segment_zero = (dz == 0).unflatten(1, (-1, segment)).all(-1)
         assert torch.equal(segment_zero, segment_max < eps)
-        for kept in kept_flags:  # both report exactly the segments they kept
-            assert torch.equal(kept, (segment_max >= eps).to(torch.int8))
+        assert torch.equal(kept, (segment_max >= eps).to(torch.int8))  # exactly those it kept
 
 
 @given(rows=st.integers(1, 1 << 16), vocab=st.integers(1, 1 << 18),
@@ -508,15 +512,15 @@ def test_grad_filter_error_bound(backend_device, eps):
 def test_grad_filter_skips_quiet_rows_exactly(backend_device, dtype):
     """Rows whose dz a chunk zeroes entirely drop out of that chunk's gradient matmuls: the
     gradients equal those of the same filtered dz with every row kept (dense matmuls), and the
-    skip path really runs. Row r's logits peak at id r mod 12 (p ~ 0.998), so with 8-column
-    chunks each row is active in one chunk of six."""
+    skip path really runs. Row r's logits peak at id 4 (r mod 12) (p ~ 0.998), so with
+    16-column chunks each row is active in one chunk of three."""
     backend, device = backend_device
     rows, features, vocab = 24, 12, 48
     generator = torch.Generator().manual_seed(5)
     hidden = 10.0 * torch.eye(features).repeat(2, 1) + 0.01 * torch.randn(
         rows, features, generator=generator)
     weight = 0.01 * torch.randn(vocab, features, generator=generator)
-    weight[:features] += torch.eye(features)
+    weight[torch.arange(features) * 4] += torch.eye(features)
     hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
     upstream = torch.randn(rows, generator=generator).to(device)
     selected = []
@@ -736,34 +740,35 @@ def test_torch_compile_fullgraph():
 # Run by sm90.run_lowering_script (a fresh process, without the interpreter).
 _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
     import json, torch
+    from em_kernels._ops import linear_entropy as ops
     from em_kernels.triton import linear_entropy as kernels
     from sm90 import compile_for_sm90
 
     def lower(kernel, dtype, backward, tma=False):
         element = "bf16" if dtype == torch.bfloat16 else "fp32"
-        if backward:  # the elementwise dz kernel, with the dispatcher's tile
-            constants = dict(HAS_BIAS=True, HAS_TOKENS=True, FILTER=True, BLOCK_N=32,
-                             BLOCK_V=256)
-            config = kernels.TileConfig(32, 256, 0, num_warps=8, num_stages=1,
-                                        tiles_per_split=0, group_n=0)
+        cuda = torch.device("cuda")
+        constants = dict(HAS_BIAS=True, HAS_TOKENS=True, UPCAST_OPERANDS=False, TMA=tma,
+                         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+                         stride_hidden_h=1, stride_weight_h=1)
+        if backward:  # the fused logits -> dz kernel, with the dispatcher's segment
+            config = kernels.backward_tile_config(cuda, dtype, ops.DZ_TILE_COLS)
+            constants.update(FILTER=True)
         else:
-            config = kernels.tile_config(torch.device("cuda"), dtype)
-            constants = dict(
-                HAS_BIAS=True, HAS_TOKENS=True, UPCAST_OPERANDS=False, TMA=tma,
-                DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
-                GROUP_N=config.group_n, stride_hidden_h=1, stride_weight_h=1,
-                TILES_PER_SPLIT=config.tiles_per_split)
+            config = kernels.tile_config(cuda, dtype)
+            constants.update(TILES_PER_SPLIT=config.tiles_per_split)
+        constants.update(BLOCK_N=config.block_n, BLOCK_V=config.block_v, BLOCK_H=config.block_h,
+                         GROUP_N=config.group_n)
         types = {name: "*" + element for name in ("hidden_ptr", "weight_ptr", "bias_ptr", "dz_ptr")}
         types.update(tokens_ptr="*i64", kept_ptr="*i8", inv_temperature="fp32",
                      grad_filter_eps="fp32")
         if tma:  # operand descriptors, typed as a launch mangles them
             types.update(hidden_ptr=f"tensordesc<{element}[{config.block_n}, {config.block_h}]>",
                          weight_ptr=f"tensordesc<{element}[{config.block_v}, {config.block_h}]>")
-        # What a real launch specialises: 16-divisible pointers, row strides and H (every LM's
-        # hidden size is a multiple of 16; other H get unvectorised, unpipelined loads).
-        divisible = [n for n in kernel.arg_names
-                     if n.endswith("_ptr") or n in ("stride_hidden_n", "stride_weight_v", "H")]
+        # What a real launch specialises: 16-divisible pointers, row strides, H (every LM's
+        # hidden size is a multiple of 16; other H get unvectorised, unpipelined loads) and the
+        # backward's chunk width (a multiple of DZ_TILE_COLS but for the last chunk).
+        divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in (
+            "stride_hidden_n", "stride_weight_v", "H", "width")]
         compiled = compile_for_sm90(kernel, constants, types, divisible,
                                     num_warps=config.num_warps, num_stages=config.num_stages)
         ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
@@ -776,21 +781,24 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
     for dtype in (torch.bfloat16, torch.float32):
         results[f"fwd-{dtype}"] = lower(kernels._linear_entropy_fwd_kernel, dtype, False)
         results[f"dz-{dtype}"] = lower(kernels._linear_entropy_dz_kernel, dtype, True)
-    results["fwd-tma-bf16"] = lower(kernels._linear_entropy_fwd_kernel, torch.bfloat16, False,
-                                    tma=True)
+    for name, kernel, backward in [("fwd", kernels._linear_entropy_fwd_kernel, False),
+                                   ("dz", kernels._linear_entropy_dz_kernel, True)]:
+        results[f"{name}-tma-bf16"] = lower(kernel, torch.bfloat16, backward, tma=True)
     print(json.dumps(results))
 """)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the launches themselves compile the kernels")
 def test_kernels_lower_for_hopper():
-    """The interpreter never compiles the kernels: lower them to sm_90 PTX with the
-    specialisations a real launch gets, and check that 16-bit tiles use wgmma with
-    software-pipelined (async-copy) loads and that no PTX spills to local memory."""
+    """The interpreter never compiles the kernels: lower the forward and the backward's fused
+    dz kernel to sm_90 PTX with the specialisations a real launch gets, and check that 16-bit
+    tiles use wgmma with software-pipelined (async-copy) loads and that no PTX spills to local
+    memory."""
     results = run_lowering_script(_LOWER_FOR_HOPPER_SCRIPT)
     for name, found in results.items():
         assert not found["spills"], name
-        if "bfloat16" in name and name.startswith("fwd"):
+        if "bfloat16" in name:
             assert found["wgmma"] and found["pipelined"], (name, found)
-    # The TMA candidate (TileConfig.tma): bulk tensor copies feeding wgmma.
-    assert results["fwd-tma-bf16"]["tma"] and results["fwd-tma-bf16"]["wgmma"], results
+    # The TMA operands (TileConfig.tma, the 16-bit default): bulk tensor copies feeding wgmma.
+    for name in ("fwd-tma-bf16", "dz-tma-bf16"):
+        assert results[name]["tma"] and results[name]["wgmma"], (name, results[name])

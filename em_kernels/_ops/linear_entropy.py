@@ -22,7 +22,7 @@ and computes
     dz_j = (1/T) [ p_j (grad_lse - grad_entropy (z_j - lse + entropy)) + grad_chosen [j = token] ]
 
 then d_hidden = dz @ W, d_weight = dz^T @ hidden, d_bias = sum_rows dz, one vocab chunk of dz at
-a time (`chunked_backward`: BLAS matmuls around a dz pass, no atomics, bitwise deterministic).
+a time (`chunked_backward`: a dz pass, then BLAS matmuls; no atomics, bitwise deterministic).
 The gradients come in the inputs' dtypes (fp32 accumulation; float64 for float64 inputs, "torch"
 backend only).
 
@@ -32,9 +32,10 @@ the rows that a chunk zeroes entirely out of that chunk's gradient matmuls (`chu
 It is an input of the forward op only so that autograd can hand it to the backward.
 
 ``backend`` is already resolved: "triton" (Triton forward, em_kernels/triton/linear_entropy.py;
-backward: BLAS + the Triton dz kernel) or "torch" (any device: a chunked PyTorch forward over
-blocks of TORCH_ROW_CHUNK rows by vocab chunks sized so that one block of logits holds
-TORCH_CHUNK_ELEMENTS numbers, and the same chunked backward with dz in torch; never N x V).
+backward: a Triton kernel that recomputes the logits and writes dz, then the BLAS gradient
+matmuls) or "torch" (any device: a chunked PyTorch forward over blocks of TORCH_ROW_CHUNK rows by
+vocab chunks sized so that one block of logits holds TORCH_CHUNK_ELEMENTS numbers, and the same
+chunked backward with the logits by BLAS and dz in torch; never N x V).
 """
 
 from __future__ import annotations
@@ -50,13 +51,14 @@ from . import refuse_double_backward
 TORCH_ROW_CHUNK = 512
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
-# The backward's chunk workspace (logits + dz buffers): 256 MiB bounds the extra memory while a
-# chunk stays wide enough (5376 columns at N 8192 with bf16) for cuBLAS to run at full speed.
+# The backward's chunk workspace (the dz buffer, plus an fp32 logits buffer on the torch path's
+# 16-bit CUDA layout): 256 MiB bounds the extra memory while a chunk stays wide enough (16384
+# columns at N 8192 with bf16 on the Triton path) for cuBLAS to run at full speed, and few chunks
+# mean few passes over the fp32 d_hidden accumulator.
 BWD_CHUNK_BYTES = 256 << 20
-# dz tile (one Triton program): 32 x 256 = 8192 entries, enough in flight per program for an
-# elementwise pass; chunk widths are multiples of DZ_TILE_COLS. Gradient filtering keeps or zeroes
-# a row's DZ_TILE_COLS entries of a tile together (its segment).
-DZ_TILE_ROWS = 32
+# dz tile width: the Triton backward's tile is [BLOCK_N, DZ_TILE_COLS], the forward's 256-wide
+# logit tile; chunk widths are multiples of it. Gradient filtering keeps or zeroes a row's
+# DZ_TILE_COLS entries of a tile together (its segment), on both backends.
 DZ_TILE_COLS = 256
 # Filtering leaves a chunk's quiet rows (no kept segment) out of its gradient matmuls only when
 # at most this fraction of rows is active: gathering the active rows of dz and h costs a pass
@@ -142,12 +144,16 @@ def _nan_outside(chosen, tokens, vocab):
     return torch.where(in_range, chosen, torch.full_like(chosen, float("nan")))
 
 
-def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy, grad_lse,
-              grad_chosen, temperature, grad_filter_eps, tile, kept):
-    """The torch twin of the Triton dz kernel (same math and filtering segments), built in place
-    of the logits and copied to dz when that is another buffer (16-bit CUDA inputs)."""
-    width = logits.shape[1]
-    z = logits
+def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse, grad_entropy,
+              grad_lse, grad_chosen, temperature, grad_filter_eps, segment, dz, kept):
+    """The torch twin of `linear_entropy_dz` (em_kernels/triton/linear_entropy.py; same
+    arguments, math and filtering segments): the chunk's logits by BLAS, in place in dz when dz
+    has the stats dtype, else (16-bit operands on CUDA) in an fp32 buffer, then dz from them."""
+    width = weight_chunk.shape[0]
+    if dz.dtype == entropy.dtype:
+        z = torch.mm(hidden, weight_chunk.T, out=dz)
+    else:  # fp32 logits from 16-bit operands on the tensor cores
+        z = torch.mm(hidden, weight_chunk.T, out_dtype=entropy.dtype)
     if bias is not None:
         z += bias[vocab_start:vocab_start + width].to(z.dtype)
     # dz = p (g_lse - g_E (log p + E)): the blocks alive at once are z and p only.
@@ -159,21 +165,20 @@ def _torch_dz(logits, out, bias, vocab_start, tokens, entropy, lse, grad_entropy
         chosen_here = (local >= 0) & (local < width) & (log_p.gather(-1, index).squeeze(-1)
                                                          != float("-inf"))
     p = torch.exp(log_p)
-    dz = log_p.masked_fill_(p == 0, 0.0).add_(entropy.unsqueeze(-1))
-    dz = dz.mul_(-grad_entropy.unsqueeze(-1)).add_(grad_lse.unsqueeze(-1)).mul_(p)
+    grad_z = log_p.masked_fill_(p == 0, 0.0).add_(entropy.unsqueeze(-1))
+    grad_z = grad_z.mul_(-grad_entropy.unsqueeze(-1)).add_(grad_lse.unsqueeze(-1)).mul_(p)
     del p
     if tokens is not None:
-        dz.scatter_add_(-1, index, grad_chosen.masked_fill(~chosen_here, 0.0).unsqueeze(-1))
-    dz = dz.div_(temperature)
-    if grad_filter_eps > 0:  # a row's segment of tile[1] columns is kept or zeroed together
-        segment = tile[1]
-        padded = torch.nn.functional.pad(dz.abs(), (0, -width % segment))
+        grad_z.scatter_add_(-1, index, grad_chosen.masked_fill(~chosen_here, 0.0).unsqueeze(-1))
+    grad_z = grad_z.div_(temperature)
+    if grad_filter_eps > 0:  # a row's segment of `segment` columns is kept or zeroed together
+        padded = torch.nn.functional.pad(grad_z.abs(), (0, -width % segment))
         # amax passes a NaN on, and a NaN segment is kept (NaN < eps is False)
         segment_kept = ~padded.unflatten(1, (-1, segment)).amax(-1).lt(grad_filter_eps)
         kept.copy_(segment_kept)
-        dz.masked_fill_(~segment_kept.repeat_interleave(segment, 1)[:, :width], 0.0)
-    if out.data_ptr() != dz.data_ptr():
-        out.copy_(dz)
+        grad_z.masked_fill_(~segment_kept.repeat_interleave(segment, 1)[:, :width], 0.0)
+    if grad_z.data_ptr() != dz.data_ptr():
+        dz.copy_(grad_z)
 
 
 def _triton_dz(*args):
@@ -192,48 +197,49 @@ def backward_chunk_columns(rows: int, bytes_per_entry: int, vocab: int) -> int:
 
 def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse,
                      grad_chosen, temperature, grad_filter_eps, need_grad_hidden,
-                     need_grad_weight, dz_fn):
+                     need_grad_weight, backend):
     """The backward of both backends: for each chunk of Vc vocab columns
     (`backward_chunk_columns`),
 
-        logits_c = h @ W_c^T                 (BLAS; fp32 output)
-        dz_c     = dz_fn(logits_c, ...)      (Triton kernel or torch, see _triton_dz/_torch_dz)
-        d_W_c    = dz_c^T @ h                (BLAS, written straight into its rows of d_W)
-        d_b_c    = sum_rows dz_c             (fp32)
-        d_h_acc += dz_c @ W_c                (fp32 accumulator, cast at the end)
+        dz_c     = dz of (h @ W_c^T + b_c) / T   (Triton: one fused kernel that recomputes the
+                                                   logits tile by tile; torch: BLAS then torch)
+        d_W_c    = dz_c^T @ h                    (BLAS, written straight into its rows of d_W)
+        d_b_c    = sum_rows dz_c                 (fp32)
+        d_h_acc += dz_c @ W_c                    (fp32 accumulator, cast at the end)
 
     so d_W and d_b are complete per chunk and d_h is summed over chunks in a fixed order: no
     atomics, bitwise deterministic, and (without filtering) no host sync. With 16-bit CUDA inputs
-    the matmuls take the 16-bit operands (tensor cores) and cuBLAS writes fp32 logits
-    (`out_dtype`), dz is rounded to the operand dtype, d_W is written in the weight dtype (fp32
-    accumulation inside cuBLAS), and d_h accumulates in fp32. Elsewhere (CPU, fp32 or fp64
-    inputs) everything runs in the stats dtype. Extra memory: the chunk's logits (4 B/entry) and
-    dz (2 B/entry, 16-bit only) buffers, <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator
-    (N x H x 4: 112 MiB at N 8192, H 3584; twice that on 16-bit CUDA, where each chunk's addmm
-    writes a fresh one), plus fp32 copies of h and of one weight chunk on the other path.
-    Traffic and time at N 8192, H 3584, V 152064 on an H200: three matmuls (~13 ms each) plus the
-    dz pass (~1.6 ms).
+    the matmuls take the 16-bit operands (tensor cores), dz is rounded to the operand dtype, d_W
+    is written in the weight dtype (fp32 accumulation inside cuBLAS), and d_h accumulates in
+    fp32. Elsewhere (CPU, fp32 or fp64 inputs) everything runs in the stats dtype. Extra memory:
+    the chunk's dz buffer (plus an fp32 logits buffer on the torch backend's 16-bit CUDA path),
+    <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator (N x H x 4: 112 MiB at N 8192, H 3584;
+    twice that on 16-bit CUDA, where each chunk's addmm writes a fresh one), plus fp32 copies of
+    h and of one weight chunk on the other path. Work at N 8192, H 3584, V 152064: three matmuls
+    (~13 ms each on an H200), one write of dz, and 10 chunks' passes over the d_h accumulator.
 
     Gradient filtering (grad_filter_eps > 0) zeroes each row segment of dz whose entries are all
-    below eps, and dz_fn says which segments it kept. A row with no kept segment in the chunk has
-    dz = 0 there, so when at most SKIP_MAX_ACTIVE_FRACTION of the rows are active, d_W_c, d_b_c
-    and d_h take only the active rows (gathered; d_h's rows written back with index_copy_, no
-    atomics), and the two gradient matmuls shrink in proportion: on a confident model most rows
-    put all their mass in a few chunks. The logits matmul stays dense (dz decides what is kept).
-    Costs one host sync per chunk (the active count, ~28 at N 8192, V 152064), inside the op, so
-    the CPU queues the next chunk only after the GPU reaches it (not under CUDA graph capture:
-    there every chunk runs dense); the gathered dz and h rows take up to about a chunk's dz
-    buffer more memory. Speed unmeasured on a GPU."""
+    below eps, and the dz pass says which segments it kept. A row with no kept segment in the
+    chunk has dz = 0 there, so when at most SKIP_MAX_ACTIVE_FRACTION of the rows are active,
+    d_W_c, d_b_c and d_h take only the active rows (gathered; d_h's rows written back with
+    index_copy_, no atomics), and the two gradient matmuls shrink in proportion: on a confident
+    model most rows put all their mass in a few chunks. The logits matmul stays dense (dz decides
+    what is kept). Costs one host sync per chunk (the active count, 10 at N 8192, V 152064),
+    inside the op, so the CPU queues the next chunk only after the GPU reaches it (not under CUDA
+    graph capture: there every chunk runs dense); the gathered dz and h rows take up to about a
+    chunk's dz buffer more memory. Speed unmeasured on a GPU."""
     stats_dtype = entropy.dtype
     rows, features = hidden.shape
     vocab = weight.shape[0]
     tensor_cores = hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16)
     if tensor_cores:
         operand_dtype, operand_hidden = hidden.dtype, hidden.contiguous()  # once, not per chunk
-        bytes_per_entry = 4 + hidden.element_size()
     else:
         operand_dtype, operand_hidden = stats_dtype, hidden.to(stats_dtype)
-        bytes_per_entry = torch.finfo(stats_dtype).bits // 8
+    bytes_per_entry = operand_hidden.element_size()
+    if backend == "torch" and tensor_cores:
+        bytes_per_entry += torch.finfo(stats_dtype).bits // 8  # the fp32 logits buffer
+    dz_fn = _triton_dz if backend == "triton" else _torch_dz
     columns = backward_chunk_columns(rows, bytes_per_entry, vocab)
     gradient_dtype = weight.dtype if tensor_cores else stats_dtype
     grad_weight = (weight.new_empty((vocab, features), dtype=gradient_dtype) if need_grad_weight
@@ -249,9 +255,7 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     else:
         bias_used = bias.contiguous() if bias is not None else None
         tokens_used = tokens.contiguous() if tokens is not None else None
-        # The dz buffer; on the other path the logits are computed into it and dz in place.
         dz_buffer = hidden.new_empty((rows * columns,), dtype=operand_dtype)
-        tile = (DZ_TILE_ROWS, DZ_TILE_COLS)
         filtering = grad_filter_eps > 0
         # Skipping reads the active count on the host, which a CUDA graph capture cannot do:
         # there the filtered dz goes through the dense matmuls (the same gradients, to rounding).
@@ -266,14 +270,9 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
             kept = (kept_buffer[:rows * -(-width // DZ_TILE_COLS)].view(rows, -1) if filtering
                     else None)
             weight_chunk = weight[start:end].to(operand_dtype)
-            if tensor_cores:  # fp32 logits from 16-bit operands (the caching allocator
-                # hands the same block back each chunk; freed before the gradient matmuls)
-                logits = torch.mm(operand_hidden, weight_chunk.T, out_dtype=stats_dtype)
-            else:
-                logits = torch.mm(operand_hidden, weight_chunk.T, out=dz)
-            dz_fn(logits, dz, bias_used, start, tokens_used, entropy, lse, grad_entropy,
-                  grad_lse, grad_chosen, temperature, grad_filter_eps, tile, kept)
-            del logits
+            dz_fn(operand_hidden, weight_chunk, bias_used, start, tokens_used, entropy, lse,
+                  grad_entropy, grad_lse, grad_chosen, temperature, grad_filter_eps,
+                  DZ_TILE_COLS, dz, kept)
             active = None  # every row
             if skipping:
                 active_rows = kept.any(1).nonzero().squeeze(1)  # one host sync per chunk
@@ -367,8 +366,7 @@ def linear_entropy_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return chunked_backward(
         hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse, grad_chosen,
-        temperature, grad_filter_eps, need_grad_hidden, need_grad_weight,
-        _triton_dz if backend == "triton" else _torch_dz)
+        temperature, grad_filter_eps, need_grad_hidden, need_grad_weight, backend)
 
 
 @linear_entropy_backward.register_fake

@@ -26,35 +26,35 @@ bytes per row per split. Extra memory: the workspace, 16 * N * ceil(V / (BLOCK_V
 TILES_PER_SPLIT)) bytes (4.8 MiB at N 8192, V 152064).
 
 Backward: the dispatcher (em_kernels/_ops/linear_entropy.py, `chunked_backward`) walks the
-vocabulary in chunks, has cuBLAS write each chunk's logits (fp32), and calls `linear_entropy_dz`
-to turn them into dz (in the matmul operand dtype, in a second buffer, or in place for fp32
-inputs); cuBLAS then does the two gradient matmuls. No atomics: the backward is bitwise
-deterministic.
+vocabulary in chunks and calls `linear_entropy_dz`, which recomputes each chunk's logits and
+writes its dz (in the matmul operand dtype); cuBLAS then does the two gradient matmuls. No
+atomics: the backward is bitwise deterministic.
 
 `_linear_entropy_dz_kernel`, one program per [BLOCK_N, BLOCK_V] tile of a [N, width] chunk whose
-first column is vocab id vocab_start, elementwise:
+first column is vocab id vocab_start: the logit tile by the forward's mainloop (`_logit_tile`,
+the same tile sizes and operand path), then in the epilogue, elementwise,
 
-    z = (logits + b) / T,  p = exp2((z - lse) log2 e),
-    dz = (1/T) [ p (g_lse - g_E (z - lse + E)) + g_chosen onehot(y) ]
+    p = exp2((z - lse) log2 e),   dz = (1/T) [ p (g_lse - g_E (z - lse + E)) + g_chosen onehot(y) ]
 
 (the public function passes g_lse = -g_logprobs and g_chosen = g_logprobs, so that
 dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -inf gets dz = 0,
 also when it is the chosen token (as in the entropy ops).
-Traffic: reads the fp32 logits (4 B/entry), writes dz in the operand dtype (2 B/entry for 16-bit
-inputs): 7.5 GB, ~1.6 ms on an H200, at N 8192, V 152064.
+Traffic: the matmul's own plus one write of dz in the operand dtype (2 B/entry for 16-bit inputs:
+2.5 GB at N 8192, V 152064, ~0.5 ms of an H200's bandwidth). The logits never leave the chip:
+a separate cuBLAS logits matmul and dz pass would add a 4 B/entry write and read (10 GB).
 
 Gradient filtering (FILTER): a row's BLOCK_V entries of a tile (its segment) whose every |dz| is
 below grad_filter_eps (and none NaN) are written as zeros, and `kept` records per (row, segment)
 whether they were. The error this causes in one gradient entry is at most eps times the sum
 of |operand| over the zeroed entries (for d_hidden[r, k]: eps * sum_j |W[j, k]|; for
-d_weight[j, k]: eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment in a chunk out
-of that chunk's two gradient matmuls (`chunked_backward`).
+d_weight[j, k]: eps * sum_r |h[r, k]|). The dispatcher then leaves the rows with no kept segment
+in a chunk out of that chunk's two gradient matmuls (`chunked_backward`).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -71,7 +71,8 @@ class TileConfig:
     block_h: int  # hidden features per tl.dot step
     num_warps: int
     num_stages: int
-    tiles_per_split: int  # vocab tiles per forward program (fixes the split boundaries)
+    tiles_per_split: int  # vocab tiles per forward program (fixes the split boundaries); 1 in
+    # the backward, whose programs own one tile each
     group_n: int  # row tiles that walk the same vocab tiles together (L2 reuse of weight tiles)
     # Forward operands by TMA (Hopper's tensor memory accelerator: host-built descriptors, one
     # bulk copy per tile, bounds handled by the copy engine) instead of per-thread async copies.
@@ -104,6 +105,26 @@ def tile_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
     if dtype == torch.float32:
         return _GPU_FP32
     return _FWD_GPU_16BIT
+
+
+# Backward (one logit tile -> its dz per program): the forward's mainloop and tile, since it is
+# the same matmul; the dz epilogue stores 64 KiB per tile instead of folding statistics. block_v
+# is the dispatcher's filtering segment (256 by default; backward_tile_config sets it).
+_BWD_GPU_16BIT = replace(_FWD_GPU_16BIT, tiles_per_split=1)
+# fp32: a 256-wide tile in 64 rows keeps the accumulator at 64 registers a thread in 8 warps;
+# 3 stages of (64 + 256) x 32 x 4 B = 120 KiB of shared memory.
+_BWD_GPU_FP32 = TileConfig(64, 256, 32, num_warps=8, num_stages=3, tiles_per_split=1, group_n=8)
+
+
+def backward_tile_config(device: torch.device, dtype: torch.dtype, segment: int) -> TileConfig:
+    """The backward's tiles for inputs of this dtype on this device, segment columns wide."""
+    if device.type != "cuda":
+        config = _INTERPRETER
+    elif dtype == torch.float32:
+        config = _BWD_GPU_FP32
+    else:
+        config = _BWD_GPU_16BIT
+    return replace(config, block_v=segment, tiles_per_split=1)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -229,27 +250,32 @@ def _linear_entropy_fwd_kernel(
 
 @triton.jit
 def _linear_entropy_dz_kernel(
-    logits_ptr, dz_ptr, bias_ptr, tokens_ptr,
+    hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, dz_ptr,
     entropy_ptr, lse_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr, kept_ptr,
-    N, width, vocab_start, inv_temperature, grad_filter_eps,
+    N, width, H, vocab_start,
+    stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
+    inv_temperature, grad_filter_eps,
     HAS_BIAS: tl.constexpr, HAS_TOKENS: tl.constexpr, FILTER: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    GROUP_N: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_OPERANDS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """dz of one [BLOCK_N, BLOCK_V] tile of a chunk (logits and dz contiguous [N, width]); see
-    the module docstring."""
+    """dz of one [BLOCK_N, BLOCK_V] tile of a vocab chunk: its logits from the chunk's weight
+    rows (weight_ptr and bias_ptr start at vocab id vocab_start), then the dz epilogue; dz is
+    contiguous [N, width]. See the module docstring."""
     num_col_tiles = tl.cdiv(width, BLOCK_V)
-    row_tile = tl.program_id(0) // num_col_tiles
-    col_tile = tl.program_id(0) % num_col_tiles
-    rows = (row_tile * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    cols = (col_tile * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    row_tile, col_tile = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_col_tiles,
+                                       GROUP_N)
+    first_row = row_tile * BLOCK_N
+    first_col = col_tile * BLOCK_V
+    rows = (first_row + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = (first_col + tl.arange(0, BLOCK_V)).to(tl.int64)
     row_in = rows < N
     col_in = cols < width
-    inside = row_in[:, None] & col_in[None, :]
-    offsets = rows[:, None] * width + cols[None, :]
-    z = tl.load(logits_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        z += tl.load(bias_ptr + vocab_start + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    z = z * inv_temperature
+    z = _logit_tile(hidden_ptr, weight_ptr, bias_ptr, first_row, rows, row_in, first_col, cols,
+                    col_in, H, stride_hidden_n, stride_hidden_h, stride_weight_v,
+                    stride_weight_h, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H,
+                    DOT_PRECISION, UPCAST_OPERANDS, TMA)
     lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
     entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
     grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_in, other=0.0)
@@ -264,6 +290,7 @@ def _linear_entropy_dz_kernel(
         # A -inf chosen logit (a -inf bias entry) gets no one-hot term: 0, as every -inf entry.
         chosen_here = (cols[None, :] == token[:, None]) & (z != float("-inf"))
         dz += tl.where(chosen_here, grad_chosen[:, None], 0.0)
+    inside = row_in[:, None] & col_in[None, :]
     dz = tl.where(inside, dz * inv_temperature, 0.0)
     if FILTER:  # per row of the tile: its BLOCK_V entries are kept or zeroed together; a NaN
         # keeps them (it must reach the gradients: tl.max drops NaN on the GPU)
@@ -271,34 +298,41 @@ def _linear_entropy_dz_kernel(
         kept = (tl.max(tl.abs(dz), axis=1) >= grad_filter_eps) | has_nan
         dz = tl.where(kept[:, None], dz, 0.0)
         tl.store(kept_ptr + rows * num_col_tiles + col_tile, kept.to(tl.int8), mask=row_in)
-    tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+    tl.store(dz_ptr + rows[:, None] * width + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
+             mask=inside)
 
 
-def linear_entropy_dz(logits, dz, bias, vocab_start, tokens, entropy, lse, grad_entropy,
-                      grad_lse, grad_chosen, temperature, grad_filter_eps, tile, kept):
-    """Write dz of the chunk whose logits (h @ W_c^T, no bias, contiguous [N, width]) are given
-    into dz (contiguous [N, width], the matmul operand dtype). bias is the whole [V] bias or None;
-    tokens are ids of the whole shard (the chunk starts at vocab_start). tile = (rows, columns)
-    of one program, powers of two; a row's `columns` entries of one tile are its filtering
-    segment. kept (with grad_filter_eps > 0): int8 [N, ceil(width / columns)], set to whether
-    each segment was kept."""
-    rows, width = logits.shape
+def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse,
+                      grad_entropy, grad_lse, grad_chosen, temperature, grad_filter_eps, segment,
+                      dz, kept):
+    """Write dz of one vocab chunk into dz (contiguous [N, width], the matmul operand dtype),
+    recomputing its logits from hidden [N, H] and weight_chunk [width, H] (the weight's rows
+    vocab_start .. vocab_start + width). bias is the whole [V] bias or None; tokens are ids of
+    the whole shard. segment: columns per tile, a power of two >= 16 (tl.dot's smallest tile),
+    and a row's entries of one tile are its filtering segment. kept (with grad_filter_eps > 0):
+    int8 [N, ceil(width / segment)], set to whether each segment was kept."""
+    rows, features = hidden.shape
+    width = weight_chunk.shape[0]
     if rows == 0 or width == 0:
         return
-    block_n, block_v = tile
-    # 8 warps for a full 8192-entry tile (32 entries per thread); 1 for the tests' tiny tiles.
-    num_warps = 8 if block_n * block_v >= 8192 else 1
-    grid = (triton.cdiv(rows, block_n) * triton.cdiv(width, block_v),)
+    config = backward_tile_config(hidden.device, hidden.dtype, segment)
+    hidden_operand, weight_operand, use_tma = _operands(hidden, weight_chunk, config)
+    grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(width, segment),)
     _linear_entropy_dz_kernel[grid](
-        logits, dz, bias if bias is not None else logits,
-        tokens if tokens is not None else logits,
+        hidden_operand, weight_operand,
+        bias[vocab_start:vocab_start + width] if bias is not None else dz,
+        tokens if tokens is not None else dz, dz,
         entropy, lse, grad_entropy, grad_lse,
         grad_chosen if grad_chosen is not None else grad_lse,
         kept if kept is not None else dz,
-        rows, width, vocab_start, 1.0 / temperature, grad_filter_eps,
+        rows, width, features, vocab_start,
+        hidden.stride(0), hidden.stride(1), weight_chunk.stride(0), weight_chunk.stride(1),
+        1.0 / temperature, grad_filter_eps,
         HAS_BIAS=bias is not None, HAS_TOKENS=tokens is not None,
-        FILTER=grad_filter_eps > 0, BLOCK_N=block_n, BLOCK_V=block_v,
-        num_warps=num_warps,
+        FILTER=grad_filter_eps > 0, BLOCK_N=config.block_n, BLOCK_V=segment,
+        BLOCK_H=config.block_h, GROUP_N=config.group_n,
+        DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_OPERANDS=hidden.device.type != "cuda",
+        TMA=use_tma, num_warps=config.num_warps, num_stages=config.num_stages,
     )
 
 
@@ -313,13 +347,8 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     partials = torch.empty((4, num_splits, rows), dtype=torch.float32, device=hidden.device)
     if rows == 0:
         return partials
+    hidden_operand, weight_operand, use_tma = _operands(hidden, weight, config)
     grid = (triton.cdiv(rows, config.block_n) * num_splits,)
-    use_tma = (config.tma and _tma_supported(hidden.device) and _tma_compatible(hidden)
-               and _tma_compatible(weight))
-    hidden_operand, weight_operand = hidden, weight
-    if use_tma:
-        hidden_operand = TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_h])
-        weight_operand = TensorDescriptor.from_tensor(weight, [config.block_v, config.block_h])
     _linear_entropy_fwd_kernel[grid](
         hidden_operand, weight_operand, bias if bias is not None else hidden,
         tokens if tokens is not None else hidden, partials,
@@ -333,6 +362,17 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
         TMA=use_tma, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return partials
+
+
+def _operands(hidden, weight, config):
+    """(hidden, weight, True) as TMA descriptors of [block_n, block_h] and [block_v, block_h]
+    blocks when config.tma holds and the device and operands allow it, else the tensors
+    themselves and False (per-thread loads)."""
+    if not (config.tma and _tma_supported(hidden.device) and _tma_compatible(hidden)
+            and _tma_compatible(weight)):
+        return hidden, weight, False
+    return (TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_h]),
+            TensorDescriptor.from_tensor(weight, [config.block_v, config.block_h]), True)
 
 
 @functools.lru_cache(maxsize=None)
