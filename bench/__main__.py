@@ -7,6 +7,9 @@ chunked PyTorch, peer libraries and the device's ceilings.
     em-bench --ops entropy --providers eager,triton --modes fwd --shapes N8192-V151936
     em-bench --shapes V151936         every declared shape with V = 151936
     em-bench --list                   print the cells that would run, and exit
+    em-bench --full --resume OLD.csv  measure only the cells that OLD.csv (an earlier run's
+                                      results.csv on the same device) did not, and report both:
+                                      a sweep longer than one machine lease, in several runs
 
 Writes results.csv, results.md and bandwidth.png under --out (default bench_out/); when stopped
 (Ctrl-C, SIGTERM from a timeout), writes them for the cells measured so far. Exits 1 when a cell
@@ -24,7 +27,8 @@ from pathlib import Path
 import torch
 
 from . import report
-from .harness import DTYPE_NAMES, DTYPES, MODES, Context, parse_shape_label, run_cells
+from .harness import (DTYPE_NAMES, DTYPES, MODES, Context, cell_key, parse_shape_label,
+                      run_cells, shape_label)
 from .ops import OPS
 
 # The quick CPU run stops starting cells after this long: it finishes within 3 minutes even when
@@ -60,6 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default: {CPU_DEFAULT_MAX_SECONDS:.0f} for the quick CPU run, so "
                              "that it ends within 3 minutes on a busy machine; 0: no limit)")
     parser.add_argument("--list", action="store_true", help="print the planned cells and exit")
+    parser.add_argument("--resume", type=Path, metavar="CSV",
+                        help="an earlier run's results.csv on this same device: its measured "
+                             "cells of this run's plan are kept (with their own commit and "
+                             "date), only the others are measured, and the reports cover both")
     args = parser.parse_args(argv)
     for name in ("ops", "providers", "modes", "shapes", "dtypes"):
         setattr(args, name, _split(getattr(args, name)))
@@ -115,6 +123,13 @@ def build_plan(args, device_type: str) -> list[tuple]:
     return sorted(plan, key=lambda case: case[0].input_numel(case[1]) * case[2].itemsize)
 
 
+def planned_cells(plan: list[tuple]) -> list[tuple[str, str, str, str, str]]:
+    """The `cell_key` of every cell of the plan, in the order run_cells runs them."""
+    return [(op.name, shape_label(dims), DTYPE_NAMES[dtype], mode, provider.name)
+            for op, dims, dtype, modes, providers in plan
+            for mode in modes for provider in providers]
+
+
 class _NoProgress:
     """Stands in for tqdm where it is not installed."""
 
@@ -148,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         print("em-bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     plan = build_plan(args, args.device)
-    total = sum(len(modes) * len(providers) for *_, modes, providers in plan)
+    order = {cell: index for index, cell in enumerate(planned_cells(plan))}
+    total = len(order)
     if args.list or not plan:
         for op, dims, dtype, modes, providers in plan:
             print(f"{op.name} {'-'.join(f'{k}{v}' for k, v in dims.items())} "
@@ -157,6 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{total} cells" if plan else "no cell matches the filters")
         return 0 if plan or args.list else 1
 
+    earlier = []
+    if args.resume:  # read before --out/results.csv is rewritten: it may be the same file
+        try:
+            earlier = report.read_csv(args.resume)
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"em-bench: cannot resume from {args.resume}: {exc}", file=sys.stderr)
+            return 2
     try:  # before measuring anything: a bad --out fails at once
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.csv").touch()
@@ -170,10 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     ctx = Context(device, args.full, set(args.providers) if args.providers else None, deadline)
     info = {**ctx.info, "copy_gbps": f"{ctx.copy_gbps:.1f}"}
+    other_devices = sorted({row["device"] for row in earlier} - {ctx.device_name})
+    if other_devices:
+        print(f"em-bench: {args.resume} was measured on {', '.join(other_devices)}, this run is "
+              f"on {ctx.device_name}: resume only on the same kind of device", file=sys.stderr)
+        return 2
+    resumed = {cell_key(row): row for row in earlier
+               if row["status"] == "ok" and cell_key(row) in order}
     csv_log = report.CsvLog(args.out / "results.csv", info)
-    print(f"em-bench: {total} cells on {ctx.device_name}; copy bandwidth "
-          f"{ctx.copy_gbps:.0f} GB/s; writing {args.out}/", file=sys.stderr)
-    rows = []
+    rows = list(resumed.values())
+    for row in rows:  # first, so that a run stopped early still has them
+        csv_log.append(row)
+    print(f"em-bench: {total - len(resumed)} cells on {ctx.device_name}"
+          + (f" ({len(resumed)} more resumed from {args.resume})" if args.resume else "")
+          + f"; copy bandwidth {ctx.copy_gbps:.0f} GB/s; writing {args.out}/", file=sys.stderr)
 
     def on_row(row: dict) -> None:
         rows.append(row)
@@ -182,19 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     stopped = False
     default_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
-        with _progress_bar(total) as progress:
-            run_cells(ctx, plan, on_row, progress)
+        with _progress_bar(total - len(resumed)) as progress:
+            run_cells(ctx, plan, on_row, progress, done=frozenset(resumed))
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _stop
         stopped = True
         print(f"\nem-bench: stopped after {len(rows)} of {total} cells; writing their reports",
               file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, default_sigterm)
-    rows.sort(key=lambda row: list(OPS).index(row["op"]))  # stable: one op's cells together
+    rows.sort(key=lambda row: order[cell_key(row)])  # the plan's order: one op's cells together
     report.add_speedups(rows)
     csv_log.rewrite(rows)
     matmul = ctx.matmul_ceilings()
     header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
+    if resumed:
+        commits = sorted({row.get("commit", "unknown") for row in resumed.values()})
+        header.append(f"{len(resumed)} cells resumed from {args.resume}, measured on this device "
+                      f"kind at commit {', '.join(commits)} (each CSV row has its own commit, "
+                      "date and copy bandwidth)")
     notes = {name: op.provider_notes for name, op in OPS.items()}
     (args.out / "results.md").write_text(report.markdown(rows, header, notes))
     plotted = report.plot(rows, args.out / "bandwidth.png", ctx.copy_gbps, matmul)

@@ -506,14 +506,24 @@ def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
     return None
 
 
+def cell_key(row: dict) -> tuple[str, str, str, str, str]:
+    """What names a cell: (op, shape, dtype, mode, provider)."""
+    return row["op"], row["shape"], row["dtype"], row["mode"], row["provider"]
+
+
 def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[str],
                                              list[Provider]]], on_row: Callable[[dict], None],
-              progress) -> list[dict]:
-    """Run every cell of the plan: [(op, dims, dtype, modes, providers)]. Returns the rows."""
+              progress, done: frozenset = frozenset()) -> list[dict]:
+    """Run every cell of the plan: [(op, dims, dtype, modes, providers)], but those whose
+    `cell_key` is in done (measured by an earlier run: no row for them). Returns the rows."""
     rows = []
     for case_index, (op, dims, dtype, modes, providers) in enumerate(plan):
         base = {"op": op.name, "shape": shape_label(dims), "dtype": DTYPE_NAMES[dtype],
                 **{f"dim_{k}": v for k, v in dims.items()}}
+        cells = [(mode, provider) for mode in modes for provider in providers
+                 if cell_key({**base, "mode": mode, "provider": provider.name}) not in done]
+        if not cells:
+            continue
         case = None
         case_skip = _case_fits(ctx, op, dims, dtype)
         if case_skip is None and not ctx.out_of_time():
@@ -521,41 +531,40 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                 case = make_case(ctx, op, dims, dtype, seed=case_index)
             except torch.cuda.OutOfMemoryError:
                 case_skip = "out of GPU memory allocating the inputs"
-        for mode in modes:
-            for provider in providers:
-                row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
-                       "reason": ""}
-                progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
-                                         f"{provider.name}", refresh=False)
-                reason = (case_skip or provider.modes_not_offered.get(mode)
-                          or provider.unavailable(ctx))
-                if reason is None and ctx.out_of_time():
-                    reason = "the run's time budget (--max-seconds) was spent"
-                if reason is None and case is None:
-                    reason = "inputs were not built"
-                if reason is not None:
-                    row.update(status="skipped", reason=reason)
-                else:
-                    try:
-                        row.update(measure(ctx, case, provider, mode))
-                    except Skip as exc:
-                        row.update(status="skipped", reason=str(exc))
-                    except BackendUnavailableError as exc:
-                        row.update(status="skipped", reason=str(exc))
-                    except NotImplementedError as exc:
-                        row.update(status="skipped", reason=f"not implemented yet: {exc}".strip())
-                    except torch.cuda.OutOfMemoryError:
-                        row.update(status="skipped", reason="out of GPU memory")
-                    except Exception as exc:  # report it in the table; keep measuring the rest
-                        message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                        row.update(status="error", reason=message)
-                    finally:
-                        if case is not None:
-                            _set_requires_grad(case, False)
-                        _release_memory(ctx)
-                rows.append(row)
-                on_row(row)
-                progress.update(1)
+        for mode, provider in cells:
+            row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
+                   "reason": ""}
+            progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
+                                     f"{provider.name}", refresh=False)
+            reason = (case_skip or provider.modes_not_offered.get(mode)
+                      or provider.unavailable(ctx))
+            if reason is None and ctx.out_of_time():
+                reason = "the run's time budget (--max-seconds) was spent"
+            if reason is None and case is None:
+                reason = "inputs were not built"
+            if reason is not None:
+                row.update(status="skipped", reason=reason)
+            else:
+                try:
+                    row.update(measure(ctx, case, provider, mode))
+                except Skip as exc:
+                    row.update(status="skipped", reason=str(exc))
+                except BackendUnavailableError as exc:
+                    row.update(status="skipped", reason=str(exc))
+                except NotImplementedError as exc:
+                    row.update(status="skipped", reason=f"not implemented yet: {exc}".strip())
+                except torch.cuda.OutOfMemoryError:
+                    row.update(status="skipped", reason="out of GPU memory")
+                except Exception as exc:  # report it in the table; keep measuring the rest
+                    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                    row.update(status="error", reason=message)
+                finally:
+                    if case is not None:
+                        _set_requires_grad(case, False)
+                    _release_memory(ctx)
+            rows.append(row)
+            on_row(row)
+            progress.update(1)
         del case
         _release_memory(ctx)
     return rows

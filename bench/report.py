@@ -45,6 +45,32 @@ class CsvLog:
                 writer.writerow({**self.info, **row})
 
 
+def read_csv(path: Path) -> list[dict]:
+    """The rows of an earlier run's results.csv as `measure` gives them: numbers as numbers, and
+    the fields left empty absent. ValueError if it is not em-bench's CSV."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"op", "shape", "dtype", "mode", "provider", "status", "device"} - set(
+            reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} is not an em-bench results.csv (no column "
+                             f"{', '.join(sorted(missing))})")
+        rows = []
+        for record in reader:
+            row = {}
+            for name, text in record.items():
+                if text in ("", None):
+                    continue
+                if name in DIM_COLUMNS:
+                    row[name] = int(text)
+                elif name in (*MEASURED, "speedup_vs_eager", "copy_gbps"):
+                    row[name] = float(text)
+                else:
+                    row[name] = text
+            rows.append(row)
+    return rows
+
+
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs_eager = eager's time / this time, within the same op, shape, dtype and mode."""
     eager = {(r["op"], r["shape"], r["dtype"], r["mode"]): r["time_ms"]

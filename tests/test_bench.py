@@ -5,6 +5,7 @@ peak sees every live tensor) and of the tuning sweep's plumbing (bench/tune.py).
 from __future__ import annotations
 
 import csv
+from unittest import mock
 
 import pytest
 import torch
@@ -96,6 +97,45 @@ def test_a_wrong_weight_gradient_shows_in_error_column():
     right = measure(ctx, case, eager, "fwd+bwd")["err_grad"]
     wrong = measure(ctx, case, doubled, "fwd+bwd")["err_grad"]
     assert right < 1e-6 and wrong > 100 * right, (right, wrong)
+
+
+def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
+    """--resume keeps the measured cells of an earlier run's CSV (rows unchanged), measures only
+    the others, and reports both; resuming from the CSV being rewritten works; a CSV from
+    another device or a file that is not em-bench's is refused before anything is measured."""
+    first = _run(tmp_path / "first", "--providers", "eager")
+    measured = []
+
+    def counting_measure(ctx, case, provider, mode):
+        measured.append(provider.name)
+        return measure(ctx, case, provider, mode)
+
+    earlier = str(tmp_path / "first" / "results.csv")
+    with mock.patch("bench.harness.measure", counting_measure):
+        rows = _run(tmp_path / "second", "--resume", earlier)
+        assert "eager" not in measured and "chunked" in measured
+        assert len(rows) == 12
+        eager_rows = [row for row in rows if row["provider"] == "eager"]
+        for before, after in zip(first, eager_rows):
+            assert {k: before[k] for k in ("shape", "dtype", "mode", "time_ms", "date")} == {
+                k: after[k] for k in ("shape", "dtype", "mode", "time_ms", "date")}
+        assert "4 cells resumed from" in (tmp_path / "second" / "results.md").read_text()
+        measured.clear()
+        again = _run(tmp_path / "second", "--resume", str(tmp_path / "second" / "results.csv"))
+        assert not {"eager", "chunked"} & set(measured) and len(again) == 12
+    with open(earlier) as handle:
+        text = handle.read()
+    other = tmp_path / "other.csv"
+    other.write_text(text.replace(first[0]["device"], "Some Other GPU"))
+    not_csv = tmp_path / "notes.txt"
+    not_csv.write_text("hello\n")
+    capsys.readouterr()
+    for path, message in [(other, "was measured on Some Other GPU"),
+                          (not_csv, "not an em-bench results.csv"),
+                          (tmp_path / "missing.csv", "cannot resume from")]:
+        code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager",
+                     "--device", "cpu", "--out", str(tmp_path / "third"), "--resume", str(path)])
+        assert code == 2 and message in capsys.readouterr().err
 
 
 def test_shape_filters():
