@@ -52,10 +52,10 @@ TORCH_ROW_CHUNK = 512
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
 # The backward's chunk workspace (the dz buffer, plus an fp32 logits buffer on the torch path's
-# 16-bit CUDA layout): 256 MiB bounds the extra memory while a chunk stays wide enough (16384
-# columns at N 8192 with bf16 on the Triton path) for cuBLAS to run at full speed, and few chunks
-# mean few passes over the fp32 d_hidden accumulator.
-BWD_CHUNK_BYTES = 256 << 20
+# 16-bit CUDA layout): 128 MiB, half of what the fp32 logits and dz buffers took together before
+# the Triton dz kernel fused the logits in, while a chunk stays wide enough (8192 columns at
+# N 8192 with bf16 on the Triton path, 19 chunks at V 152064) for cuBLAS to run at full speed.
+BWD_CHUNK_BYTES = 128 << 20
 # dz tile width: the Triton backward's tile is [BLOCK_N, DZ_TILE_COLS], the forward's 256-wide
 # logit tile; chunk widths are multiples of it. Gradient filtering keeps or zeroes a row's
 # DZ_TILE_COLS entries of a tile together (its segment), on both backends.
@@ -216,7 +216,7 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     <= BWD_CHUNK_BYTES, plus the fp32 d_h accumulator (N x H x 4: 112 MiB at N 8192, H 3584;
     twice that on 16-bit CUDA, where each chunk's addmm writes a fresh one), plus fp32 copies of
     h and of one weight chunk on the other path. Work at N 8192, H 3584, V 152064: three matmuls
-    (~13 ms each on an H200), one write of dz, and 10 chunks' passes over the d_h accumulator.
+    (~13 ms each on an H200), one write of dz, and 19 chunks' passes over the d_h accumulator.
 
     Gradient filtering (grad_filter_eps > 0) zeroes each row segment of dz whose entries are all
     below eps, and the dz pass says which segments it kept. A row with no kept segment in the
@@ -224,7 +224,7 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
     d_W_c, d_b_c and d_h take only the active rows (gathered; d_h's rows written back with
     index_copy_, no atomics), and the two gradient matmuls shrink in proportion: on a confident
     model most rows put all their mass in a few chunks. The logits matmul stays dense (dz decides
-    what is kept). Costs one host sync per chunk (the active count, 10 at N 8192, V 152064),
+    what is kept). Costs one host sync per chunk (the active count, 19 at N 8192, V 152064),
     inside the op, so the CPU queues the next chunk only after the GPU reaches it (not under CUDA
     graph capture: there every chunk runs dense); the gathered dz and h rows take up to about a
     chunk's dz buffer more memory. Speed unmeasured on a GPU."""
