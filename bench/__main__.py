@@ -198,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"em-bench: {args.resume} was measured on {', '.join(other_devices)}, this run is "
               f"on {ctx.device_name}: resume only on the same kind of device", file=sys.stderr)
         return 2
-    resumed = {cell_key(row): row for row in earlier
-               if row["status"] == "ok" and cell_key(row) in order}
+    # Every measured cell of the earlier run is kept, also those outside this run's filters (so
+    # that --resume and --out may name the same file without losing any).
+    resumed = {cell_key(row): row for row in earlier if row["status"] == "ok"}
+    done = frozenset(resumed) & frozenset(order)
     csv_log = report.CsvLog(args.out / "results.csv", info)
     rows = list(resumed.values())
     for row in rows:  # first, so that a run stopped early still has them
         csv_log.append(row)
-    print(f"em-bench: {total - len(resumed)} cells on {ctx.device_name}"
-          + (f" ({len(resumed)} more resumed from {args.resume})" if args.resume else "")
+    print(f"em-bench: {total - len(done)} cells on {ctx.device_name}"
+          + (f" ({len(resumed)} more resumed from {args.resume}, {len(resumed) - len(done)} of "
+             "them outside this run's filters)" if args.resume else "")
           + f"; copy bandwidth {ctx.copy_gbps:.0f} GB/s; writing {args.out}/", file=sys.stderr)
 
     def on_row(row: dict) -> None:
@@ -215,21 +218,24 @@ def main(argv: list[str] | None = None) -> int:
     stopped = False
     default_sigterm = signal.signal(signal.SIGTERM, _stop)
     try:
-        with _progress_bar(total - len(resumed)) as progress:
-            run_cells(ctx, plan, on_row, progress, done=frozenset(resumed))
+        with _progress_bar(total - len(done)) as progress:
+            run_cells(ctx, plan, on_row, progress, done=done)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through _stop
         stopped = True
-        print(f"\nem-bench: stopped after {len(rows)} of {total} cells; writing their reports",
-              file=sys.stderr)
+        print(f"\nem-bench: stopped after {len(rows) - len(resumed)} of {total - len(done)} "
+              "cells; writing their reports", file=sys.stderr)
     finally:
         signal.signal(signal.SIGTERM, default_sigterm)
-    rows.sort(key=lambda row: order[cell_key(row)])  # the plan's order: one op's cells together
+    op_order = {name: index for index, name in enumerate(OPS)}
+    # One op's cells together, in the plan's order, then (resumed) cells outside the plan.
+    rows.sort(key=lambda row: (op_order.get(row["op"], len(op_order)),
+                               order.get(cell_key(row), len(order))))
     report.add_speedups(rows)
     csv_log.rewrite(rows)
     matmul = ctx.matmul_ceilings()
     header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
     if resumed:
-        commits = sorted({row.get("commit", "unknown") for row in resumed.values()})
+        commits = sorted({row["commit"] for row in resumed.values()})
         header.append(f"{len(resumed)} cells resumed from {args.resume}, measured on this device "
                       f"kind at commit {', '.join(commits)} (each CSV row has its own commit, "
                       "date and copy bandwidth)")

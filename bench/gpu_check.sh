@@ -178,10 +178,10 @@ bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager 
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
     N16384-V151936
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
-#    (bench/tune.py: entropy, linear_entropy's forward and backward, and em_inf at the
-#    headline shapes, ~2-3 minutes).
+#    (bench/tune.py: entropy, linear_entropy's forward, em_inf, then linear_entropy's backward
+#    at the headline shapes, ~3-4 minutes; tune.json keeps every row measured before a cut).
 if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
-    step tune 240 "$PY" -m bench.tune --json "$WORK/tune.json"
+    step tune 300 "$PY" -m bench.tune --json "$WORK/tune.json"
 fi
 # 10. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
 #    sweep, every op, shape, dtype, mode and provider, for as long as the budget lasts (the

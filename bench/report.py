@@ -45,21 +45,30 @@ class CsvLog:
                 writer.writerow({**self.info, **row})
 
 
+# What a row read back must have: the cell's name and where and when it was measured.
+REQUIRED_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "device", "commit",
+                    "date")
+
+
 def read_csv(path: Path) -> list[dict]:
-    """The rows of an earlier run's results.csv as `measure` gives them: numbers as numbers, and
-    the fields left empty absent. ValueError if it is not em-bench's CSV."""
+    """The complete rows of an earlier run's results.csv as `measure` gives them: numbers as
+    numbers, the fields left empty absent. A row without one of REQUIRED_COLUMNS, or measured
+    without a time (the last line of a run killed while writing it), is left out. ValueError if
+    the file is not em-bench's CSV."""
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = {"op", "shape", "dtype", "mode", "provider", "status", "device"} - set(
-            reader.fieldnames or ())
+        missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} is not an em-bench results.csv (no column "
                              f"{', '.join(sorted(missing))})")
         rows = []
         for record in reader:
+            if any(not record.get(name) for name in REQUIRED_COLUMNS) or (
+                    record["status"] == "ok" and not record.get("time_ms")):
+                continue
             row = {}
             for name, text in record.items():
-                if text in ("", None):
+                if text in ("", None) or name is None:  # None: a surplus field's key
                     continue
                 if name in DIM_COLUMNS:
                     row[name] = int(text)

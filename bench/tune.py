@@ -2,7 +2,7 @@
 (or re-check on new hardware) the constants in em_kernels/triton/*.py, which say there why they
 are what they are.
 
-    python -m bench.tune [--ops entropy linear_entropy linear_entropy_bwd em_inf] [--json FILE]
+    python -m bench.tune [--ops entropy linear_entropy em_inf linear_entropy_bwd] [--json FILE]
 
 A candidate is a set of module constants that the launchers read at call time: the sweep sets
 them, runs the op (Triton compiles one variant per candidate), checks the result against the
@@ -227,7 +227,7 @@ def _json_safe(value):
 
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ops = ["entropy", "linear_entropy", "linear_entropy_bwd", "em_inf"]
+    ops = ["entropy", "linear_entropy", "em_inf", "linear_entropy_bwd"]  # the longest last
     parser.add_argument("--ops", nargs="+", default=ops, choices=ops)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default=None, help="also write every row to this file")

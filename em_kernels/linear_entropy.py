@@ -228,8 +228,8 @@ def linear_entropy(
         logprobs None without tokens. A row whose logits are all -inf has NaN entropy. Both are
         differentiable w.r.t. hidden, weight and bias, with any upstream gradients for both at
         once. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
-        backward (deterministic: BLAS matmuls over vocab chunks, no atomics) adds a chunk
-        workspace of at most 256 MiB and an fp32 (N, H) d_hidden accumulator.
+        backward (deterministic: a dz pass and BLAS matmuls over vocab chunks, no atomics)
+        adds a chunk workspace of at most 128 MiB and an fp32 (N, H) d_hidden accumulator.
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(

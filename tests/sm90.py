@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 
 def compile_for_sm90(kernel, constants: dict, types: dict, divisible=(), scalar="i32",
@@ -42,18 +43,22 @@ def compile_for_sm90(kernel, constants: dict, types: dict, divisible=(), scalar=
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
-def registers_per_thread(compiled, cubin_path: str) -> int:
-    """Registers a thread of the compiled kernel uses (cuobjdump -res-usage of its cubin, with
-    the cuobjdump that Triton's package carries)."""
+def resource_usage(compiled) -> tuple[int, int]:
+    """(registers a thread, spill bytes a thread) of the compiled kernel, from cuobjdump
+    -res-usage of its cubin (the cuobjdump that Triton's package carries). Spills show as the
+    stack frame (our kernels call no functions; ptxas spills never appear in the PTX)."""
     import triton
 
-    with open(cubin_path, "wb") as handle:
-        handle.write(compiled.asm["cubin"])
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                             "cuobjdump")
-    usage = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True, text=True,
-                           check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1))
+    with tempfile.TemporaryDirectory() as folder:
+        cubin_path = os.path.join(folder, "kernel.cubin")
+        with open(cubin_path, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                 "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin_path], capture_output=True,
+                               text=True, check=True).stdout
+    return (int(re.search(r"REG:(\d+)", usage).group(1)),
+            int(re.search(r"STACK:(\d+)", usage).group(1)))
 
 
 def run_lowering_script(script: str, **environment: str):

@@ -100,8 +100,9 @@ def test_a_wrong_weight_gradient_shows_in_error_column():
 
 
 def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
-    """--resume keeps the measured cells of an earlier run's CSV (rows unchanged), measures only
-    the others, and reports both; resuming from the CSV being rewritten works; a CSV from
+    """--resume keeps the measured cells of an earlier run's CSV (rows unchanged, also those
+    outside the new run's filters), measures only the others, and reports both; resuming from
+    the CSV being rewritten works; a row cut short by a killed run is measured again; a CSV from
     another device or a file that is not em-bench's is refused before anything is measured."""
     first = _run(tmp_path / "first", "--providers", "eager")
     measured = []
@@ -123,6 +124,20 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         measured.clear()
         again = _run(tmp_path / "second", "--resume", str(tmp_path / "second" / "results.csv"))
         assert not {"eager", "chunked"} & set(measured) and len(again) == 12
+        # A narrower run into the same file keeps the other cells; a cut last row is redone.
+        second = tmp_path / "second" / "results.csv"
+        header, *lines = second.read_text().splitlines(keepends=True)
+        victim = next(i for i, line in enumerate(lines) if ",fwd,chunked,ok," in line)
+        cut = ",".join(lines.pop(victim).split(",")[:8])  # up to time_ms, no device or date
+        second.write_text(header + "".join(lines) + cut)
+        measured.clear()
+        narrow = _run(tmp_path / "second", "--resume", str(second), "--modes", "fwd")
+        assert measured == ["chunked"]
+        # every cell of the plan, and the measured ones outside it
+        assert len(narrow) == sum(row["mode"] == "fwd" or row["status"] == "ok" for row in again)
+        assert {row["op"] for row in narrow} == {"entropy"}
+        modes = [row["mode"] for row in narrow]  # this run's cells first, the others after
+        assert modes == sorted(modes, key=lambda mode: mode != "fwd")
     with open(earlier) as handle:
         text = handle.read()
     other = tmp_path / "other.csv"

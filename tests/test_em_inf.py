@@ -452,7 +452,7 @@ def test_em_inf_cuda_graph(backend):
 _LOWER_SCRIPT = textwrap.dedent("""
     import json
     from em_kernels.triton import em_inf as kernels
-    from sm90 import compile_for_sm90
+    from sm90 import compile_for_sm90, resource_usage
 
     SCALARS = dict(n_rows="i32", V="i32", row_stride="i64", n_chunks="i32", step="i32",
                    total_steps="i32", max_iters="i32", lr="fp32", kl_weight="fp32",
@@ -465,7 +465,7 @@ _LOWER_SCRIPT = textwrap.dedent("""
                                            and not p.do_not_specialize})
         compiled = compile_for_sm90(kernel, constants, dict(SCALARS, logits_ptr="*bf16"),
                                     scalar=None, num_warps=4)
-        return "st.local" in compiled.asm["ptx"]
+        return resource_usage(compiled)[1]  # spill bytes a thread
 
     spills = {}
     for adam, batch_exit, output, ones in ((True, False, False, False), (True, True, True, False),

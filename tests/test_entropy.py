@@ -844,44 +844,42 @@ def test_auto_backend_matches_an_explicit_one():
 
 # ------------------------------------------------------------- compiled path, without a GPU
 
-# Run by sm90.run_lowering_script; prints {variant: [registers per thread, spills]}.
+# Run by sm90.run_lowering_script; prints {variant: [registers, spill bytes] a thread}.
 _LOWER_SCRIPT = textwrap.dedent("""
-    import json, os
+    import json
     from em_kernels.triton import entropy as kernels
-    from sm90 import compile_for_sm90, registers_per_thread
+    from sm90 import compile_for_sm90, resource_usage
 
     VOCAB = 151936
     TYPES = dict(logits_ptr="*bf16", grad_logits_ptr="*bf16", tokens_ptr="*i64", scale2="fp32",
                  inv_temperature="fp32")
 
-    def lower(kernel, constants, num_warps, name):
+    def lower(kernel, constants, num_warps):
         divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("V", "stride_row")]
         compiled = compile_for_sm90(kernel, constants, TYPES, divisible, num_warps=num_warps)
-        cubin = os.path.join(os.environ["LOWER_DIR"], name + ".cubin")
-        return [registers_per_thread(compiled, cubin), "st.local" in compiled.asm["ptx"]]
+        return resource_usage(compiled)
 
     block = kernels._block_size(VOCAB)
     results = {}
     for tokens in (False, True):
         results[f"fwd tokens={tokens}"] = lower(
             kernels._softmax_stats_fwd_kernel,
-            dict(HAS_TOKENS=tokens, SINGLE_CHUNK=False, BLOCK=block), kernels._tile_warps(block),
-            f"fwd{tokens}")
+            dict(HAS_TOKENS=tokens, SINGLE_CHUNK=False, BLOCK=block), kernels._tile_warps(block))
         results[f"bwd logprob_grad={tokens}"] = lower(
             kernels._softmax_stats_bwd_kernel,
             dict(HAS_LOGPROB_GRAD=tokens, ROUND_TO_BF16=False, BLOCK=block),
-            kernels._backward_warps(block, tokens), f"bwd{tokens}")
+            kernels._backward_warps(block, tokens))
     print(json.dumps(results))
 """)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a GPU the launches themselves compile the kernels")
-def test_tile_kernels_lower_for_hopper_without_spills(tmp_path):
+def test_tile_kernels_lower_for_hopper_without_spills():
     """The tile kernels at the launcher's block and warps for V = 151936, bf16, compiled for
     sm_90: no spills, and at most 128 registers a thread, so that at least two 256-thread (or
     four 128-thread) programs share an SM. The log-prob backward once took 167 registers (64-bit
     column indices for the one-hot) and ran 43% slower than the entropy backward on an H200."""
-    usage = run_lowering_script(_LOWER_SCRIPT, LOWER_DIR=str(tmp_path))
+    usage = run_lowering_script(_LOWER_SCRIPT)
     assert not any(spills for _, spills in usage.values()), usage
     assert all(registers <= 128 for registers, _ in usage.values()), usage

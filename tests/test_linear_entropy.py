@@ -350,30 +350,43 @@ def test_deterministic_and_batch_invariant(backend_device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, features, vocab", [(40, 24, 70), (7, 40, 33), (1, 16, 17)])
 def test_tma_operands_match_pointer_operands(backend_device, dtype, rows, features, vocab):
-    """TileConfig.tma (the forward's operands by tensor descriptors, a tuning candidate): tails
-    of N, H and V come back as zeros from the descriptors, so the tiles, and the results, are
-    those of the masked pointer loads."""
+    """TileConfig.tma (operands, and the backward's dz, by tensor descriptors: the 16-bit default
+    on Hopper): tails of N, H, V and of each vocab chunk come back as zeros from the descriptors
+    and stores past them are clipped, so the values and every gradient are those of the masked
+    pointer loads and stores."""
     backend, device = backend_device
     if backend != "triton":
         pytest.skip("a Triton tile option")
     from em_kernels.triton import linear_entropy as kernels
 
     hidden, weight, bias, tokens = random_problem(rows, features, vocab, device, dtype=dtype)
-    pointer = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
-    name = {"cpu": "_INTERPRETER", "cuda": "_GPU_FP32" if dtype == torch.float32
-            else "_FWD_GPU_16BIT"}[device]
-    tma_config = dataclasses.replace(getattr(kernels, name), tma=True)
-    with mock.patch.object(kernels, name, tma_config), \
-            mock.patch.object(kernels.TensorDescriptor, "from_tensor",
-                              wraps=kernels.TensorDescriptor.from_tensor) as descriptors:
-        tma = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
-    assert descriptors.call_count == 2  # hidden and weight: the TMA path did run
+    problem = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, temperature=0.8,
+                   upstream_entropy=torch.randn(rows).to(device),
+                   upstream_logprobs=torch.randn(rows).to(device))
+    names = {"cpu": ["_INTERPRETER"], "cuda": ["_GPU_FP32", "_BWD_GPU_FP32"]
+             if dtype == torch.float32 else ["_FWD_GPU_16BIT", "_BWD_GPU_16BIT"]}[device]
+    results = {}
+    for tma in (False, True):
+        configs = {name: dataclasses.replace(getattr(kernels, name), tma=tma) for name in names}
+        with mock.patch.multiple(kernels, **configs), small_chunks(), \
+                mock.patch.object(kernels.TensorDescriptor, "from_tensor",
+                                  wraps=kernels.TensorDescriptor.from_tensor) as descriptors:
+            results[tma] = values_and_grads(kernel_fn(problem, backend), problem)
+        # hidden and weight in the forward; hidden, the weight chunk and dz per backward chunk
+        # (but a chunk whose dz rows are not 16-byte multiples, which takes the pointer path)
+        if tma:
+            assert descriptors.call_count >= 2 + 3 and (descriptors.call_count - 2) % 3 == 0
+        else:
+            assert descriptors.call_count == 0
     # The same dot products in the same order: equal on the interpreter; on a GPU allow the
     # accumulation order of another instruction schedule.
-    compare = torch.equal if device == "cpu" else (
-        lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5))
-    assert compare(tma.entropy, pointer.entropy)
-    assert compare(tma.logprobs, pointer.logprobs)
+    for pointer, bulk in zip(results[False][:2] + tuple(results[False][2]),
+                             results[True][:2] + tuple(results[True][2])):
+        if device == "cpu":
+            assert torch.equal(pointer, bulk)
+        else:
+            torch.testing.assert_close(pointer, bulk, rtol=1e-2 if dtype != torch.float32
+                                       else 1e-5, atol=1e-5)
 
 
 def test_backward_deterministic_across_chunks(backend_device):
@@ -398,8 +411,10 @@ def test_backward_deterministic_across_chunks(backend_device):
 @pytest.mark.parametrize("eps", [0.0, 0.05])
 def test_dz_kernels_agree(eps):
     """The fused Triton dz kernel (logits recomputed from the operands) and its torch twin agree
-    with dz from the float64 formula: both in the CPU layout (fp32 operands, dz in fp32), and the
-    Triton kernel also in the 16-bit CUDA layout (bf16 operands, dz rounded to bf16)."""
+    with dz from the float64 formula: both in the CPU layout (fp32 operands, dz in fp32) and
+    with dz rounded to bf16 (the 16-bit CUDA layout; the twin's fp32 logits then come from fp32
+    operands, as torch has no CPU matmul from bf16 operands to fp32), and the Triton kernel also
+    from bf16 operands."""
     if not runnable("triton", "cpu"):
         pytest.skip(em_kernels.available_backends()["triton"])
     generator = torch.Generator().manual_seed(3)
@@ -426,6 +441,7 @@ def test_dz_kernels_agree(eps):
     exact /= temperature
     runs = [(ops._torch_dz, torch.float32, torch.float32),
             (ops._triton_dz, torch.float32, torch.float32),
+            (ops._torch_dz, torch.float32, torch.bfloat16),
             (ops._triton_dz, torch.bfloat16, torch.bfloat16)]
     for dz_fn, operand_dtype, dz_dtype in runs:
         dz = torch.full((rows, width), float("nan"), dtype=dz_dtype)
@@ -450,7 +466,7 @@ def test_dz_kernels_agree(eps):
 
 
 @given(rows=st.integers(1, 1 << 16), vocab=st.integers(1, 1 << 18),
-       entry=st.sampled_from([4, 6, 8]))
+       entry=st.sampled_from([2, 4, 6, 8]))
 def test_backward_chunk_columns(rows, vocab, entry):
     """Chunks are DZ_TILE_COLS-aligned, within the vocabulary, and within the workspace budget
     whenever more than one tile's width fits."""
@@ -482,9 +498,9 @@ def test_grad_filter_error_bound(backend_device, eps):
     |operand|, and by nothing where no segment was zeroed; a huge eps drops every segment."""
     backend, device = backend_device
     rows, features, vocab = 30, 20, 64
-    # Like a real LM head, the mass sits on a few shared ids (here the first 16), so whole
-    # segments of dz are tiny and filtering has work to do. Only the entropy has an upstream gradient (a
-    # log-prob gradient puts a large entry at the token of every row).
+    # Like a real LM head, the mass sits on a few shared ids (here the first 16: one segment),
+    # so whole segments of dz are tiny and filtering has work to do. Only the entropy has an
+    # upstream gradient (a log-prob gradient puts a large entry at the token of every row).
     hidden, weight, bias, _ = random_problem(rows, features, vocab, device)
     bias[:16] += 12.0
     problem = dict(hidden=hidden, weight=weight, bias=bias, tokens=None, temperature=1.0,
@@ -742,7 +758,7 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
     import json, torch
     from em_kernels._ops import linear_entropy as ops
     from em_kernels.triton import linear_entropy as kernels
-    from sm90 import compile_for_sm90
+    from sm90 import compile_for_sm90, resource_usage
 
     def lower(kernel, dtype, backward, tma=False):
         element = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -761,9 +777,10 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
         types = {name: "*" + element for name in ("hidden_ptr", "weight_ptr", "bias_ptr", "dz_ptr")}
         types.update(tokens_ptr="*i64", kept_ptr="*i8", inv_temperature="fp32",
                      grad_filter_eps="fp32")
-        if tma:  # operand descriptors, typed as a launch mangles them
+        if tma:  # operand (and dz) descriptors, typed as a launch mangles them
             types.update(hidden_ptr=f"tensordesc<{element}[{config.block_n}, {config.block_h}]>",
-                         weight_ptr=f"tensordesc<{element}[{config.block_v}, {config.block_h}]>")
+                         weight_ptr=f"tensordesc<{element}[{config.block_v}, {config.block_h}]>",
+                         dz_ptr=f"tensordesc<{element}[{config.block_n}, {config.block_v}]>")
         # What a real launch specialises: 16-divisible pointers, row strides, H (every LM's
         # hidden size is a multiple of 16; other H get unvectorised, unpipelined loads) and the
         # backward's chunk width (a multiple of DZ_TILE_COLS but for the last chunk).
@@ -775,7 +792,8 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
         return dict(wgmma="warp_group_dot" in ttgir,
                     pipelined="async_copy_global_to_local" in ttgir,
                     tma="cp.async.bulk.tensor" in ptx,
-                    spills="st.local" in ptx)
+                    tma_store="cp.async.bulk.tensor.2d.global.shared" in ptx,
+                    spill_bytes=resource_usage(compiled)[1])
 
     results = {}
     for dtype in (torch.bfloat16, torch.float32):
@@ -791,14 +809,21 @@ _LOWER_FOR_HOPPER_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the launches themselves compile the kernels")
 def test_kernels_lower_for_hopper():
     """The interpreter never compiles the kernels: lower the forward and the backward's fused
-    dz kernel to sm_90 PTX with the specialisations a real launch gets, and check that 16-bit
-    tiles use wgmma with software-pipelined (async-copy) loads and that no PTX spills to local
-    memory."""
+    dz kernel to sm_90 with the specialisations a real launch gets, and check that 16-bit tiles
+    use wgmma with software-pipelined (async-copy or TMA) loads, and what ptxas spills.
+
+    A 16-bit tile holds a 128-register fp32 accumulator a thread, and at 255 registers ptxas
+    spills a little around it: the forward 496 to 552 bytes a thread (Triton 3.8 here), and it
+    ran at 1.03 x cuBLAS on an H200 (bench/RESULTS.md, run E). max_spill_bytes holds every
+    kernel to that, so a change that spills more fails here before it costs time on a GPU."""
+    max_spill_bytes = 560
     results = run_lowering_script(_LOWER_FOR_HOPPER_SCRIPT)
     for name, found in results.items():
-        assert not found["spills"], name
+        assert found["spill_bytes"] <= max_spill_bytes, (name, found)
         if "bfloat16" in name:
             assert found["wgmma"] and found["pipelined"], (name, found)
-    # The TMA operands (TileConfig.tma, the 16-bit default): bulk tensor copies feeding wgmma.
+    # The TMA operands (TileConfig.tma, the 16-bit default): bulk tensor copies feeding wgmma,
+    # and the backward's dz leaving by a bulk store.
     for name in ("fwd-tma-bf16", "dz-tma-bf16"):
         assert results[name]["tma"] and results[name]["wgmma"], (name, results[name])
+    assert results["dz-tma-bf16"]["tma_store"], results["dz-tma-bf16"]

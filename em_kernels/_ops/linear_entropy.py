@@ -54,7 +54,8 @@ TORCH_CHUNK_ELEMENTS = 1 << 22
 # The backward's chunk workspace (the dz buffer, plus an fp32 logits buffer on the torch path's
 # 16-bit CUDA layout): 128 MiB, half of what the fp32 logits and dz buffers took together before
 # the Triton dz kernel fused the logits in, while a chunk stays wide enough (8192 columns at
-# N 8192 with bf16 on the Triton path, 19 chunks at V 152064) for cuBLAS to run at full speed.
+# N 8192 with bf16 on the Triton path, 19 chunks at V 152064; 2560 columns on the torch path's
+# 16-bit CUDA layout) for cuBLAS to run at full speed.
 BWD_CHUNK_BYTES = 128 << 20
 # dz tile width: the Triton backward's tile is [BLOCK_N, DZ_TILE_COLS], the forward's 256-wide
 # logit tile; chunk widths are multiples of it. Gradient filtering keeps or zeroes a row's
@@ -148,11 +149,13 @@ def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse, gra
               grad_lse, grad_chosen, temperature, grad_filter_eps, segment, dz, kept):
     """The torch twin of `linear_entropy_dz` (em_kernels/triton/linear_entropy.py; same
     arguments, math and filtering segments): the chunk's logits by BLAS, in place in dz when dz
-    has the stats dtype, else (16-bit operands on CUDA) in an fp32 buffer, then dz from them."""
+    has the stats dtype, else (16-bit dz on CUDA) in a stats-dtype buffer, then dz from them."""
     width = weight_chunk.shape[0]
     if dz.dtype == entropy.dtype:
         z = torch.mm(hidden, weight_chunk.T, out=dz)
-    else:  # fp32 logits from 16-bit operands on the tensor cores
+    elif hidden.dtype == entropy.dtype:
+        z = torch.mm(hidden, weight_chunk.T)
+    else:  # fp32 logits from 16-bit operands on the tensor cores (CUDA only: no CPU kernel)
         z = torch.mm(hidden, weight_chunk.T, out_dtype=entropy.dtype)
     if bias is not None:
         z += bias[vocab_start:vocab_start + width].to(z.dtype)

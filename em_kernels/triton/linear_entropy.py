@@ -39,9 +39,11 @@ the same tile sizes and operand path), then in the epilogue, elementwise,
 (the public function passes g_lse = -g_logprobs and g_chosen = g_logprobs, so that
 dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -inf gets dz = 0,
 also when it is the chosen token (as in the entropy ops).
-Traffic: the matmul's own plus one write of dz in the operand dtype (2 B/entry for 16-bit inputs:
-2.5 GB at N 8192, V 152064, ~0.5 ms of an H200's bandwidth). The logits never leave the chip:
-a separate cuBLAS logits matmul and dz pass would add a 4 B/entry write and read (10 GB).
+With TileConfig.tma, dz leaves by one TMA bulk store per tile (no per-entry addresses or masks:
+they took registers the accumulator needs). Traffic: the matmul's own plus one write of dz in the
+operand dtype (2 B/entry for 16-bit inputs: 2.5 GB at N 8192, V 152064, ~0.5 ms of an H200's
+bandwidth). The logits never leave the chip: a separate cuBLAS logits matmul and dz pass would
+add a 4 B/entry write and read (10 GB).
 
 Gradient filtering (FILTER): a row's BLOCK_V entries of a tile (its segment) whose every |dz| is
 below grad_filter_eps (and none NaN) are written as zeros, and `kept` records per (row, segment)
@@ -74,9 +76,10 @@ class TileConfig:
     tiles_per_split: int  # vocab tiles per forward program (fixes the split boundaries); 1 in
     # the backward, whose programs own one tile each
     group_n: int  # row tiles that walk the same vocab tiles together (L2 reuse of weight tiles)
-    # Forward operands by TMA (Hopper's tensor memory accelerator: host-built descriptors, one
-    # bulk copy per tile, bounds handled by the copy engine) instead of per-thread async copies.
-    # Needs sm_90 (the interpreter emulates it); other GPUs and unaligned operands fall back.
+    # Operands by TMA (Hopper's tensor memory accelerator: host-built descriptors, one bulk copy
+    # per tile, bounds handled by the copy engine) instead of per-thread async copies, and in the
+    # backward dz stored the same way. Needs sm_90 (the interpreter emulates it); other GPUs and
+    # unaligned tensors fall back to pointers.
     tma: bool = False
 
 
@@ -108,8 +111,9 @@ def tile_config(device: torch.device, dtype: torch.dtype) -> TileConfig:
 
 
 # Backward (one logit tile -> its dz per program): the forward's mainloop and tile, since it is
-# the same matmul; the dz epilogue stores 64 KiB per tile instead of folding statistics. block_v
-# is the dispatcher's filtering segment (256 by default; backward_tile_config sets it).
+# the same matmul; the dz epilogue stores 64 KiB per tile instead of folding statistics. Their
+# block_v is only the default: backward_tile_config sets the dispatcher's filtering segment
+# (DZ_TILE_COLS, 256), so tuning cannot vary it.
 _BWD_GPU_16BIT = replace(_FWD_GPU_16BIT, tiles_per_split=1)
 # fp32: a 256-wide tile in 64 rows keeps the accumulator at 64 registers a thread in 8 warps;
 # 3 stages of (64 + 256) x 32 x 4 B = 120 KiB of shared memory.
@@ -124,7 +128,7 @@ def backward_tile_config(device: torch.device, dtype: torch.dtype, segment: int)
         config = _BWD_GPU_FP32
     else:
         config = _BWD_GPU_16BIT
-    return replace(config, block_v=segment, tiles_per_split=1)
+    return replace(config, block_v=segment)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -298,8 +302,13 @@ def _linear_entropy_dz_kernel(
         kept = (tl.max(tl.abs(dz), axis=1) >= grad_filter_eps) | has_nan
         dz = tl.where(kept[:, None], dz, 0.0)
         tl.store(kept_ptr + rows * num_col_tiles + col_tile, kept.to(tl.int8), mask=row_in)
-    tl.store(dz_ptr + rows[:, None] * width + cols[None, :], dz.to(dz_ptr.dtype.element_ty),
-             mask=inside)
+    if TMA:  # one bulk copy from shared memory; the copy engine clips rows and columns outside
+        dz_ptr.store([first_row, first_col], dz.to(dz_ptr.dtype))
+    else:  # 32-bit offsets within the tile (64-bit ones per entry take registers the
+        # accumulator needs), the tile's first entry by a 64-bit scalar offset
+        tile_offsets = tl.arange(0, BLOCK_N)[:, None] * width + tl.arange(0, BLOCK_V)[None, :]
+        tl.store(dz_ptr + (first_row.to(tl.int64) * width + first_col) + tile_offsets,
+                 dz.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
 def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse,
@@ -316,12 +325,14 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
     if rows == 0 or width == 0:
         return
     config = backward_tile_config(hidden.device, hidden.dtype, segment)
-    hidden_operand, weight_operand, use_tma = _operands(hidden, weight_chunk, config)
-    grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(width, segment),)
+    (hidden_operand, weight_operand, dz_operand), use_tma = _operands(
+        config, (hidden, [config.block_n, config.block_h]),
+        (weight_chunk, [config.block_v, config.block_h]), (dz, [config.block_n, config.block_v]))
+    grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(width, config.block_v),)
     _linear_entropy_dz_kernel[grid](
         hidden_operand, weight_operand,
         bias[vocab_start:vocab_start + width] if bias is not None else dz,
-        tokens if tokens is not None else dz, dz,
+        tokens if tokens is not None else dz, dz_operand,
         entropy, lse, grad_entropy, grad_lse,
         grad_chosen if grad_chosen is not None else grad_lse,
         kept if kept is not None else dz,
@@ -329,7 +340,7 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
         hidden.stride(0), hidden.stride(1), weight_chunk.stride(0), weight_chunk.stride(1),
         1.0 / temperature, grad_filter_eps,
         HAS_BIAS=bias is not None, HAS_TOKENS=tokens is not None,
-        FILTER=grad_filter_eps > 0, BLOCK_N=config.block_n, BLOCK_V=segment,
+        FILTER=grad_filter_eps > 0, BLOCK_N=config.block_n, BLOCK_V=config.block_v,
         BLOCK_H=config.block_h, GROUP_N=config.group_n,
         DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST_OPERANDS=hidden.device.type != "cuda",
         TMA=use_tma, num_warps=config.num_warps, num_stages=config.num_stages,
@@ -347,7 +358,9 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     partials = torch.empty((4, num_splits, rows), dtype=torch.float32, device=hidden.device)
     if rows == 0:
         return partials
-    hidden_operand, weight_operand, use_tma = _operands(hidden, weight, config)
+    (hidden_operand, weight_operand), use_tma = _operands(
+        config, (hidden, [config.block_n, config.block_h]),
+        (weight, [config.block_v, config.block_h]))
     grid = (triton.cdiv(rows, config.block_n) * num_splits,)
     _linear_entropy_fwd_kernel[grid](
         hidden_operand, weight_operand, bias if bias is not None else hidden,
@@ -364,15 +377,16 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     return partials
 
 
-def _operands(hidden, weight, config):
-    """(hidden, weight, True) as TMA descriptors of [block_n, block_h] and [block_v, block_h]
-    blocks when config.tma holds and the device and operands allow it, else the tensors
-    themselves and False (per-thread loads)."""
-    if not (config.tma and _tma_supported(hidden.device) and _tma_compatible(hidden)
-            and _tma_compatible(weight)):
-        return hidden, weight, False
-    return (TensorDescriptor.from_tensor(hidden, [config.block_n, config.block_h]),
-            TensorDescriptor.from_tensor(weight, [config.block_v, config.block_h]), True)
+def _operands(config, *tensors_and_blocks):
+    """([tensor, ...], True) as TMA descriptors of the given block shapes, when config.tma holds
+    and the device and every tensor allow it; else the tensors themselves and False (per-thread
+    loads and stores)."""
+    tensors = [tensor for tensor, _ in tensors_and_blocks]
+    if not (config.tma and _tma_supported(tensors[0].device)
+            and all(_tma_compatible(tensor) for tensor in tensors)):
+        return tensors, False
+    return [TensorDescriptor.from_tensor(tensor, block)
+            for tensor, block in tensors_and_blocks], True
 
 
 @functools.lru_cache(maxsize=None)
