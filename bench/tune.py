@@ -66,22 +66,31 @@ def _entropy_case(rows: int, vocab: int, backward: bool, logprobs: bool = False)
     return build
 
 
-def _linear_case(rows: int, features: int, vocab: int, backward: bool = False):
-    """linear_entropy's entropy (backward: d_hidden of a forward+backward, divided by its largest
-    entry so that the sweep's absolute tolerance is a relative one) from bf16 operands."""
+def _linear_case(rows: int, features: int, vocab: int, backward: bool = False,
+                 tokens: bool = False):
+    """linear_entropy's entropy from bf16 operands; with tokens also the log-probs (EM-RL's
+    path: the one-hot in both kernels), summed into the loss. backward: d_hidden of a
+    forward+backward, divided by its largest entry so that the sweep's absolute tolerance is a
+    relative one."""
     def build(device):
         generator = torch.Generator(device).manual_seed(0)
         hidden = torch.randn(rows, features, device=device, generator=generator).bfloat16()
         weight = (torch.randn(vocab, features, device=device, generator=generator)
                   / math.sqrt(features)).bfloat16()
+        ids = (torch.randint(0, vocab, (rows,), device=device, generator=generator) if tokens
+               else None)
+
+        def loss():
+            out = em_kernels.linear_entropy(hidden, weight, tokens=ids, backend="triton")
+            return out.entropy if ids is None else out.entropy + out.logprobs
         if not backward:
-            return lambda: em_kernels.linear_entropy(hidden, weight, backend="triton").entropy
+            return loss
         hidden.requires_grad_(True)
         weight.requires_grad_(True)
 
         def run():
             hidden.grad = weight.grad = None
-            em_kernels.linear_entropy(hidden, weight, backend="triton").entropy.sum().backward()
+            loss().sum().backward()
             return hidden.grad.float() / hidden.grad.abs().amax().float()
         return run
     return build
@@ -139,13 +148,15 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
                         ("fwd M8192-H896-V151936", _linear_case(8192, 896, 151936))]
         backward_cases = [
             ("fwd+bwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064, backward=True)),
-            ("fwd+bwd M8192-H896-V151936", _linear_case(8192, 896, 151936, backward=True))]
+            ("fwd+bwd logprobs M8192-H3584-V152064",
+             _linear_case(8192, 3584, 152064, backward=True, tokens=True))]
         em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
                         for rows in (1, 16, 64)]
     else:  # the plumbing only: one tiny case each, two candidates
         entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
         linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
-        backward_cases = [("fwd+bwd M5-H16-V40", _linear_case(5, 16, 40, backward=True))]
+        backward_cases = [("fwd+bwd logprobs M5-H16-V40",
+                           _linear_case(5, 16, 40, backward=True, tokens=True))]
         em_inf_cases = [("B2-V3000", _em_inf_case(2, 3000))]
         entropy_candidates = [dict(MAX_BLOCK=triton_entropy.MAX_BLOCK), dict(MAX_BLOCK=2048)]
         linear_candidates = [dict(_INTERPRETER=triton_linear_entropy._INTERPRETER),

@@ -163,6 +163,15 @@ def _grouped_tile(pid, num_row_tiles, num_col_tiles, GROUP_N: tl.constexpr):
 
 
 @triton.jit
+def _column_in_tile(token, first_col, BLOCK_V: tl.constexpr):
+    """Each row's token as a 32-bit column of the tile that starts at first_col, -1 where it
+    lies outside: the one-hot compares 32-bit indices (64-bit ones per entry take registers the
+    accumulator needs)."""
+    column = token - first_col
+    return tl.where((column >= 0) & (column < BLOCK_V), column, -1).to(tl.int32)
+
+
+@triton.jit
 def _logit_tile(hidden_ptr, weight_ptr, bias_ptr, first_row, rows, row_in, first_col, cols,
                 col_in, H, stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
                 inv_temperature, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -244,7 +253,9 @@ def _linear_entropy_fwd_kernel(
         sum_exp = rescale * sum_exp + tl.sum(e, axis=1)
         row_max = new_max
         if HAS_TOKENS:
-            chosen += tl.sum(tl.where(cols[None, :] == token[:, None], z, 0.0), axis=1)
+            chosen += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :]
+                                      == _column_in_tile(token, first_col, BLOCK_V)[:, None],
+                                      z, 0.0), axis=1)
     out = partials_ptr + split.to(tl.int64) * N + rows
     tl.store(out, row_max, mask=row_in)
     tl.store(out + partials_plane, sum_exp, mask=row_in)
@@ -292,7 +303,9 @@ def _linear_entropy_dz_kernel(
         token = tl.load(tokens_ptr + rows, mask=row_in, other=-1) - vocab_start
         grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
         # A -inf chosen logit (a -inf bias entry) gets no one-hot term: 0, as every -inf entry.
-        chosen_here = (cols[None, :] == token[:, None]) & (z != float("-inf"))
+        chosen_here = ((tl.arange(0, BLOCK_V)[None, :]
+                        == _column_in_tile(token, first_col, BLOCK_V)[:, None])
+                       & (z != float("-inf")))
         dz += tl.where(chosen_here, grad_chosen[:, None], 0.0)
     inside = row_in[:, None] & col_in[None, :]
     dz = tl.where(inside, dz * inv_temperature, 0.0)
