@@ -150,8 +150,9 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
             ("fwd+bwd M8192-H3584-V152064", _linear_case(8192, 3584, 152064, backward=True)),
             ("fwd+bwd logprobs M8192-H3584-V152064",
              _linear_case(8192, 3584, 152064, backward=True, tokens=True))]
+        # batch 8 is where backend="auto" hands EM-INF from the CUDA kernel to Triton
         em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
-                        for rows in (1, 16, 64)]
+                        for rows in (1, 8, 16, 32, 64)]
     else:  # the plumbing only: one tiny case each, two candidates
         entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
         linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
