@@ -143,15 +143,17 @@ step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA
     "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 "$PY" -c "import em_kernels, json; print('backends:', json.dumps(em_kernels.available_backends(), indent=1))" >> "$LOG" 2>&1
 
-# 2. The GPU tests (313 ids at 29c60f5; 261 took 105 s in run C): every test whose id names cuda
-#    (the CPU ones ran in CI), on 8 workers when
-#    pytest-xdist is installed (most of their time is Triton compiling, one process each), each
-#    test capped at 60 s when pytest-timeout is (a hang shows as one failure, not a lost step).
+# 2. The GPU tests (313 ids at 29c60f5; 261 took 105 s in run C, ~110 s in run E): every test
+#    whose id names cuda (the CPU ones ran in CI), on 8 workers when pytest-xdist is installed
+#    (most of their time is Triton compiling, one process each), each test capped at 60 s when
+#    pytest-timeout is (a hang shows as one failure, not a lost step). 240 s since the
+#    linear_entropy backward became a matmul kernel (6141ba8), whose variants compile slower
+#    than the elementwise kernel's did.
 WORKERS=""
 "$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 8"
 "$PY" -c "import pytest_timeout" 2>/dev/null && WORKERS="$WORKERS --timeout 60"
 # shellcheck disable=SC2086
-step tests 170 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
+step tests 240 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
     -p no:cacheprovider tests/
 
 # 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936]. torch.compile
