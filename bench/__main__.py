@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:  # read before --out/results.csv is rewritten: it may be the same file
         try:
             earlier = report.read_csv(args.resume)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError) as exc:
             print(f"em-bench: cannot resume from {args.resume}: {exc}", file=sys.stderr)
             return 2
     try:  # before measuring anything: a bad --out fails at once
