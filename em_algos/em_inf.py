@@ -109,16 +109,28 @@ def em_inf_processors(
     Args:
         adjust: the logit adjustment that goes first; default `EMInfLogitsProcessor()` (the
             paper's defaults). An `AdaptiveTemperatureLogitsProcessor` works as well.
-        temperature: sampling temperature applied after the adjustment (1.0: none).
-        top_k: keep the k most likely tokens after the adjustment (None or 0: no top-k).
-        top_p: nucleus sampling after the adjustment (None or 1.0: no top-p).
-        min_tokens_to_keep: as in transformers' warpers.
+        temperature: sampling temperature applied after the adjustment, a finite number > 0
+            (1.0: none).
+        top_k: keep the k most likely tokens after the adjustment, an int >= 0 (None or 0: no
+            top-k).
+        top_p: nucleus sampling after the adjustment, a number in [0, 1] (None or 1.0: no
+            top-p).
+        min_tokens_to_keep: an int >= 1, as in transformers' warpers.
+
+    Bad values raise here (TypeError for a wrong type, ValueError out of range) rather than in
+    transformers' warpers, which refuse an int temperature and take top_k=True for 1.
     """
     if adjust is None:
         adjust = EMInfLogitsProcessor()
     elif not isinstance(adjust, LogitsProcessor):
         raise TypeError("adjust must be None or a transformers LogitsProcessor (e.g. "
                         f"EMInfLogitsProcessor()), got {type(adjust).__name__}")
+    temperature = _checks.check_number("temperature", temperature, low=0.0, low_open=True)
+    if top_k is not None:
+        _checks.check_int("top_k", top_k, 0)
+    if top_p is not None:
+        top_p = _checks.check_number("top_p", top_p, low=0.0, high=1.0)
+    _checks.check_int("min_tokens_to_keep", min_tokens_to_keep, 1)
     processors = LogitsProcessorList([adjust])
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))

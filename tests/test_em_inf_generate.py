@@ -157,6 +157,30 @@ def test_adjust_that_is_not_a_logits_processor_raises(adjust):
         em_inf_processors(adjust)
 
 
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(top_p=1.5), ValueError), (dict(top_p=-0.1), ValueError),
+    (dict(top_p=float("nan")), ValueError), (dict(top_p="0.9"), TypeError),
+    (dict(top_k=True), TypeError), (dict(top_k=2.5), TypeError), (dict(top_k=-3), ValueError),
+    (dict(temperature=0), ValueError), (dict(temperature=float("inf")), ValueError),
+    (dict(temperature="0.7"), TypeError), (dict(top_k=3, min_tokens_to_keep=0), ValueError),
+])
+def test_em_inf_processors_bad_options_raise(kwargs, error):
+    """Each error names the bad option (the last one given): a top_p above 1 would otherwise
+    be dropped silently, and top_k=True would be top-1."""
+    with pytest.raises(error, match=list(kwargs)[-1]):
+        em_inf_processors(**kwargs)
+
+
+def test_em_inf_processors_take_int_temperatures(model):
+    """The trainers take temperature=2; transformers' warper refuses an int, so the helper
+    hands it a float."""
+    processors = em_inf_processors(temperature=2, top_k=5, top_p=1)
+    assert [type(p).__name__ for p in processors] == [
+        "EMInfLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper"]
+    assert processors[1].temperature == 2.0
+    generate(model, prompts(2), processors, do_sample=True, **NEUTRAL_SAMPLING)
+
+
 def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
     """bench/decode.py end to end on a tiny model: every provider timed in generate() and, but
     plain, alone per call; the JSON holds both."""
