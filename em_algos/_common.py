@@ -21,6 +21,12 @@ Conventions (the same for every public function of em_algos):
   scored wrongly.
 - Sampling is pure: the model's ``generation_config`` (a Hub repetition_penalty, min_p, EOS ...)
   is set aside while the rollouts are generated.
+- Rollouts are sampled in eval mode, and the trainers, the rewards and the reference model score
+  in `scoring_mode`: the network that sampled, with no train-mode randomness (dropout, Mixtral's
+  router jitter, ...), so that scoring twice gives the same numbers. em_ft_loss alone runs in
+  the caller's mode, as a loss function should.
+- A model whose config sets ``return_dict=False`` is run with it set to True for the duration of
+  each call (transformers' own forward cannot read its decoder's tuples then).
 """
 
 from __future__ import annotations
@@ -52,10 +58,13 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
 
 
 def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
-                         vocab_size: int | None = None) -> None:
+                         vocab_size: int | None = None, prompts: bool = False) -> None:
     """Shapes, dtypes and devices of a non-empty (B, T) batch; token ids in [0, vocab_size) when
     it is given; response tokens must be attended and cannot be the first token (nothing
-    predicts it). The value checks cost one host sync."""
+    predicts it). With ``prompts``, the batch is one of prompts to generate from, which must be
+    left-padded with at least one real token per row: generate() appends after the last column,
+    so a right-padded prompt would be continued from its padding (and its response would be
+    predicted by a masked-out position). The value checks cost one host sync."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -77,21 +86,33 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
             raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got {mask.dtype}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
-    if vocab_size is None and response_mask is None:
+    if vocab_size is None and response_mask is None and not prompts:
         return
+    attended = attention_mask.bool()
     checks = [input_ids.min(), input_ids.max()]
+    if prompts:
+        checks += [(attended[:, :-1] & ~attended[:, 1:]).any(), ~attended[:, -1].all()]
     if response_mask is not None:
         response = response_mask.bool()
-        attended = attention_mask.bool()
         checks += [response[:, :1].any(), (response & ~attended).any(),
                    (response[:, 1:] & ~attended[:, :-1]).any()]
-    low, high, *response_checks = torch.stack([check.long() for check in checks]).tolist()
+    low, high, *flags = torch.stack([check.long() for check in checks]).tolist()
     if vocab_size is not None and (low < 0 or high >= vocab_size):
         raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the "
                          f"model's vocabulary [0, {vocab_size}) (its input embedding's size)")
+    if prompts:
+        padding_after_real, empty_prompt, *flags = flags
+        if padding_after_real:
+            raise ValueError("the prompts must be left-padded (padding before the real tokens, "
+                             "as generation needs), but the attention mask has padding after a "
+                             "real token; with a Hugging Face tokenizer, set "
+                             'tokenizer.padding_side = "left"')
+        if empty_prompt:
+            raise ValueError("a prompt has no real token (its attention mask is all 0): give "
+                             "every prompt at least one token")
     if response_mask is None:
         return
-    first_is_response, unattended, unattended_predictor = response_checks
+    first_is_response, unattended, unattended_predictor = flags
     if first_is_response:
         raise ValueError("response_mask marks the first token of a sequence; no position predicts "
                          "it, so every sequence must start with at least one prompt token")
@@ -104,10 +125,12 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
                          "real prompt token before it")
 
 
-def check_token_ids(name: str, value, *, allow_none: bool,
-                    allow_list: bool) -> tuple[int, ...] | None:
+def check_token_ids(name: str, value, *, allow_none: bool, allow_list: bool,
+                    vocab_size: int | None = None) -> tuple[int, ...] | None:
     """A token id, or with allow_list a non-empty list of them (EOS ids: Llama 3 and Qwen2.5
-    have several) -> a tuple of ints >= 0; None passes when allow_none."""
+    have several) -> a tuple of ints >= 0, each below ``vocab_size`` when it is given (pad and
+    EOS ids end up in the rollouts that the model embeds; an EOS the model cannot produce would
+    never end a response); None passes when allow_none."""
     if value is None and allow_none:
         return None
     ids = list(value) if allow_list and isinstance(value, (list, tuple)) else [value]
@@ -116,6 +139,9 @@ def check_token_ids(name: str, value, *, allow_none: bool,
         allowed = ("an int >= 0" + (", a non-empty list of them" if allow_list else "")
                    + (" or None" if allow_none else ""))
         raise TypeError(f"{name} must be {allowed}, got {value!r}")
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ValueError(f"{name}={value!r} is outside the model's vocabulary [0, {vocab_size}) "
+                         "(its input embedding's size): pass the id the model's tokenizer uses")
     return tuple(ids)
 
 
@@ -213,6 +239,27 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@contextlib.contextmanager
+def _returning_model_outputs(model: nn.Module):
+    """``return_dict`` set to True for the duration on every config of the model that sets it
+    False, and restored after. Passing return_dict=True to the call is not enough: the causal LM
+    calls its decoder without it, the decoder reads the shared config and returns a tuple, and
+    the causal LM (transformers 5), like our hook, reads it as a ModelOutput. Configs that
+    already return dicts are left alone (nothing changes under torch.compile's guards)."""
+    configs = {}
+    for module in unwrap_model(model).modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "return_dict", None) is False:
+            configs[id(config)] = config
+    for config in configs.values():
+        config.return_dict = True
+    try:
+        yield
+    finally:
+        for config in configs.values():
+            config.return_dict = False
+
+
 def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, H) final (normed) hidden states from a call of ``model`` itself, so that DDP's and
@@ -225,9 +272,10 @@ def _final_hidden_states(model: nn.Module, input_ids: torch.Tensor,
     handle = decoder.register_forward_hook(
         lambda module, args, output: captured.append(output.last_hidden_state))
     try:
-        output = model(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1,
-                       use_cache=False)
+        with _returning_model_outputs(model):
+            output = model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), logits_to_keep=1,
+                           use_cache=False)
     finally:
         handle.remove()
     return captured[-1], output.logits[:, -1]
@@ -337,20 +385,27 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
     The response of a row runs up to and including its first EOS (any of ``eos_token_id`` when
     it is a list; with None, generation runs to max_new_tokens); what follows is padding.
     Under torch.distributed every rank keeps stepping until all are done (``synced_gpus``), which
-    FSDP needs (each forward all-gathers) and DDP tolerates."""
+    FSDP needs (each forward all-gathers) and DDP tolerates. The model generates in eval mode.
+
+    Prompts that are not left-padded (tokenizer.padding_side = "left") are refused before
+    anything is generated."""
     from transformers import GenerationConfig
 
-    check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
-    eos_ids = check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
+    vocab_size = input_vocab_size(model)
+    check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False,
+                    vocab_size=vocab_size)
+    eos_ids = check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True,
+                              vocab_size=vocab_size)
     _check_supported_head(model)
-    check_sequence_batch(prompt_ids, prompt_mask, vocab_size=input_vocab_size(model))
+    check_sequence_batch(prompt_ids, prompt_mask, vocab_size=vocab_size, prompts=True)
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
     prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                               max_new_tokens=max_new_tokens, pad_token_id=pad_token_id,
                               eos_token_id=None if eos_ids is None else list(eos_ids))
     generator = unwrap_model(model)
-    with _generation_defaults_set_aside(generator), eval_mode(model):
+    with (_generation_defaults_set_aside(generator), eval_mode(model),
+          _returning_model_outputs(model)):
         sequences = generator.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask.long(), generation_config=config,
             logits_processor=logits_processor, synced_gpus=is_distributed())
@@ -411,9 +466,12 @@ def save_if_due(model: nn.Module, save_dir, save_every: int, global_step: int) -
 def training_loop(step, prompt_batches, num_steps: int | None, description: str,
                   progress: bool, shown: tuple[str, ...]) -> list[dict[str, float]]:
     """Call ``step(prompt_ids, prompt_mask)`` per batch (dicts with input_ids and
-    attention_mask, or pairs), at most ``num_steps`` times; a tqdm bar on rank 0 shows the
-    ``shown`` statistics. Returns every step's statistics."""
+    attention_mask, or pairs), at most ``num_steps`` times (None: every batch; else an int >= 0);
+    a tqdm bar on rank 0 shows the ``shown`` statistics. Returns every step's statistics."""
     from tqdm.auto import tqdm
+
+    if num_steps is not None:
+        check_positive("num_steps", num_steps, integer=True, allow_zero=True)
 
     total = num_steps if num_steps is not None else (
         len(prompt_batches) if hasattr(prompt_batches, "__len__") else None)
@@ -434,17 +492,17 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
 
 @contextlib.contextmanager
 def dropout_off(model: nn.Module):
-    """Every dropout probability set to 0 for the duration and restored after (nn.Dropout's p,
-    and the float attention_dropout / dropout attributes that Hugging Face attention modules
-    read in train mode), as TRL does: with dropout on, the sampling, the old log-probs, the
-    rewards and the loss would each see another random network. The modules stay in their mode,
-    so gradient checkpointing, which transformers applies in train mode only, keeps working."""
+    """Every dropout probability set to 0 for the duration and restored after: nn.Dropout's p,
+    and the float attention_dropout / dropout / layerdrop attributes that Hugging Face modules
+    read in train mode (OPT's decoder layers drop out in their own forward, its decoder skips
+    layers). The modules stay in their mode. Within `scoring_mode`, this is what turns dropout
+    off in the modules that keep train mode for gradient checkpointing."""
     saved = []
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             saved.append((module, "p", module.p))
             module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
+        for name in ("attention_dropout", "dropout", "layerdrop"):
             value = module.__dict__.get(name)
             if isinstance(value, float):
                 saved.append((module, name, value))
@@ -457,17 +515,42 @@ def dropout_off(model: nn.Module):
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    """Every module in eval mode for the duration, each one's own mode restored after: what
-    generate() wants (with gradient checkpointing in train mode, transformers would turn the
-    KV cache off and generate in quadratic time)."""
+def eval_mode(model: nn.Module, *, keep_checkpointing: bool = False):
+    """Every module in eval mode for the duration, each one's own mode restored after: no
+    dropout, no router jitter (Mixtral's router_jitter_noise), none of the randomness a module
+    adds in train mode. What generate() wants, too (with gradient checkpointing in train mode,
+    transformers 4 would turn the KV cache off and generate in quadratic time).
+
+    keep_checkpointing: the modules whose ``gradient_checkpointing`` flag is set (by
+    gradient_checkpointing_enable: the decoder layers, and the decoder that transformers 4
+    checks) keep their own mode, because transformers checkpoints only in train mode; their
+    submodules (attention, MLP, router) still go to eval mode. The flags are set directly, not
+    through eval() / train(), which in a model with use_kernels would swap its hub kernels for
+    inference-only ones (and restoring flags would not swap them back)."""
     modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    for module in model.modules():
+        if not (keep_checkpointing and getattr(module, "gradient_checkpointing", False) is True):
+            module.training = False
     try:
         yield
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def scoring_mode(model: nn.Module):
+    """How the trainers run their policy, the rewards and the reference model: as the
+    deterministic network that generate() sampled from, for every pass, with or without
+    gradient. A step compares passes (old and new log-probs: the first update's ratio is exactly
+    1; policy and reference: the KL at equal weights is exactly 0), so train-mode randomness
+    (dropout, router jitter, ...) would make them disagree, as TRL and verl avoid by turning
+    dropout off. The gradient pass is then the gradient of the function that was sampled.
+    Gradient checkpointing keeps working: the checkpointed modules keep their train mode
+    (`eval_mode` with keep_checkpointing), with their own dropout off (`dropout_off`). Every
+    module's mode and dropout rate are restored after."""
+    with eval_mode(model, keep_checkpointing=True), dropout_off(model):
+        yield
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,

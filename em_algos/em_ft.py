@@ -21,12 +21,13 @@ from ._common import (
     check_positive,
     check_token_ids,
     clip_and_step,
-    dropout_off,
     frozen_copy,
+    input_vocab_size,
     k3_kl,
     response_token_stats,
     sample_responses,
     save_if_due,
+    scoring_mode,
     training_loop,
 )
 
@@ -57,6 +58,9 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 
     Returns:
         A float32 scalar. An empty response contributes 0.
+
+    The model runs in the mode it is in, as with any loss: in train mode, its dropout (and any
+    other train-mode randomness) applies. EMFTTrainer calls it in `scoring_mode`.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
@@ -67,6 +71,11 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
 class EMFTTrainer:
     """EM-FT: for each batch of unlabelled prompts, sample responses, then one optimiser step on
     em_ft_loss (plus, optionally, kl_coef times the k3 estimate of KL(pi || pi_initial)).
+
+    A step samples in eval mode and runs every pass of the policy and of the reference model in
+    `scoring_mode` (the sampling network, without dropout or other train-mode randomness, with
+    gradient checkpointing kept), then restores each module's mode: the KL at equal weights is
+    exactly 0, and the loss is the entropy of the distribution that was sampled.
 
     Runs unchanged under torchrun with DDP or FSDP2: give it the wrapped model, each rank its own
     prompts. Under FSDP2 pass ``reference_model`` yourself when kl_coef > 0 (a deep copy of a
@@ -84,6 +93,9 @@ class EMFTTrainer:
         kl_coef: weight of the KL to the initial model (0: none, the paper's setting), estimated
             by k3 on the sampled tokens with the log-probs at temperature 1 (the distribution the
             loss acts on): unbiased for KL(pi || pi_initial) when temperature is 1.
+        reference_model: the KL reference when kl_coef > 0 (default: a frozen copy of the
+            model); it may be in train mode, with dropout: it is scored in `scoring_mode` and
+            left in its own mode after.
         normalize: em_ft_loss normalisation, "sequence" or "token".
         save_dir, save_every: save_pretrained checkpoints to save_dir/step-<k> every k steps.
         progress: show a tqdm bar (on rank 0) with loss and mean entropy.
@@ -108,8 +120,11 @@ class EMFTTrainer:
         check_choice("normalize", normalize, NORMALIZATIONS)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
-        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
-        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
+        vocab_size = input_vocab_size(model)
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False,
+                        vocab_size=vocab_size)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True,
+                        vocab_size=vocab_size)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.num_samples, self.max_new_tokens = num_samples, max_new_tokens
@@ -125,9 +140,9 @@ class EMFTTrainer:
         self.global_step = 0
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
-        """Sample, then one optimiser step, with dropout off (`dropout_off`). Returns loss, mean
-        token entropy, kl, grad_norm."""
-        with dropout_off(self.model):
+        """Sample, then one optimiser step, in `scoring_mode`. Returns loss, mean token entropy,
+        kl, grad_norm."""
+        with scoring_mode(self.model):
             return self._step(prompt_ids, prompt_mask)
 
     def _step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
@@ -141,7 +156,7 @@ class EMFTTrainer:
         loss = _reduce(tokens.entropy, tokens, self.normalize)
         kl = torch.zeros(())
         if with_kl:
-            with torch.no_grad():
+            with torch.no_grad(), scoring_mode(self.reference_model):
                 reference = response_token_stats(self.reference_model, *batch, with_logprobs=True)
             kl = _reduce(k3_kl(tokens.logprobs, reference.logprobs), tokens, self.normalize)
             loss = loss + self.kl_coef * kl
@@ -155,6 +170,7 @@ class EMFTTrainer:
 
     def train(self, prompt_batches, num_steps: int | None = None) -> list[dict[str, float]]:
         """One step per batch of prompts (dicts with input_ids and attention_mask, or pairs),
-        stopping after ``num_steps`` when given. Returns each step's statistics."""
+        stopping after ``num_steps`` (an int >= 0) when given. Returns each step's
+        statistics."""
         return training_loop(self.step, prompt_batches, num_steps, "EM-FT", self.progress,
                              ("loss", "entropy"))

@@ -25,12 +25,13 @@ from ._common import (
     check_positive,
     check_token_ids,
     clip_and_step,
-    dropout_off,
     frozen_copy,
+    input_vocab_size,
     k3_kl,
     response_token_stats,
     sample_responses,
     save_if_due,
+    scoring_mode,
     training_loop,
 )
 
@@ -58,10 +59,13 @@ def sequence_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
                     response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
     """Trajectory-level confidence of each response: its token log-probs' mean (reduce="mean",
     the released code) or sum (reduce="sum", the paper's Eq. 3). (B) float32, no gradient; an
-    empty response gets 0. Batch layout as in em_ft_loss."""
+    empty response gets 0. Batch layout as in em_ft_loss. The model is scored in `scoring_mode`
+    (no dropout or other train-mode randomness: the same batch always gets the same rewards),
+    its modules' modes restored after."""
     check_choice("reduce", reduce, REDUCTIONS)
-    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
-                                  with_logprobs=True)
+    with scoring_mode(model):
+        tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
+                                      with_logprobs=True)
     return _rewards_from(tokens, "sequence", reduce)
 
 
@@ -69,10 +73,12 @@ def sequence_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 def token_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
     """Minus the token entropy of each response: its mean (reduce="mean") or sum (reduce="sum",
-    the paper's Eq. 4). (B) float32, no gradient; an empty response gets 0."""
+    the paper's Eq. 4). (B) float32, no gradient; an empty response gets 0. Scored in
+    `scoring_mode`, as sequence_reward."""
     check_choice("reduce", reduce, REDUCTIONS)
-    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
-                                  with_logprobs=False)
+    with scoring_mode(model):
+        tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
+                                      with_logprobs=False)
     return _rewards_from(tokens, "token", reduce)
 
 
@@ -123,7 +129,11 @@ class EMRLTrainer:
 
     Every log-prob and entropy (old, new, reference, rewards) is of softmax(logits /
     temperature), the distribution the rollouts were sampled from (as verl does); at the
-    default temperature 1 the rewards are exactly sequence_reward / token_reward.
+    default temperature 1 the rewards are exactly sequence_reward / token_reward. Every pass,
+    with or without gradient, of the policy and of the reference model runs in `scoring_mode`:
+    the network that sampled (eval mode: no dropout, no router jitter, ...), gradient
+    checkpointing kept, each module's mode restored after the step. The first update's ratio is
+    then exactly 1, and the KL to a reference with the policy's weights exactly 0.
 
     Runs unchanged under torchrun with DDP or FSDP2 (give it the wrapped model, each rank its own
     prompts, the same minibatch count on every rank). Under FSDP2 pass ``reference_model``
@@ -169,8 +179,11 @@ class EMRLTrainer:
             check_positive("max_grad_norm", max_grad_norm)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
-        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False)
-        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True)
+        vocab_size = input_vocab_size(model)
+        check_token_ids("pad_token_id", pad_token_id, allow_none=False, allow_list=False,
+                        vocab_size=vocab_size)
+        check_token_ids("eos_token_id", eos_token_id, allow_none=True, allow_list=True,
+                        vocab_size=vocab_size)
         self.model = model
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.reward, self.reward_reduce, self.advantage = reward, reward_reduce, advantage
@@ -203,9 +216,9 @@ class EMRLTrainer:
         return loss, kl.detach().sum() / count, clip_fraction
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
-        """Roll out, score, then the PPO updates, with dropout off (`dropout_off`: the first
-        update's ratio is then exactly 1). Returns mean reward, loss, kl, entropy, ..."""
-        with dropout_off(self.model):
+        """Roll out, score, then the PPO updates, in `scoring_mode` (the first update's ratio is
+        then exactly 1). Returns mean reward, loss, kl, entropy, ..."""
+        with scoring_mode(self.model):
             return self._step(prompt_ids, prompt_mask)
 
     def _step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
@@ -218,9 +231,12 @@ class EMRLTrainer:
             old = response_token_stats(self.model, *batch, with_logprobs=True,
                                        temperature=self.temperature)
             rewards = _rewards_from(old, self.reward, self.reward_reduce)
-            reference = (response_token_stats(self.reference_model, *batch, with_logprobs=True,
-                                              temperature=self.temperature)
-                         if self.reference_model is not None else None)
+            reference = None
+            if self.reference_model is not None:
+                with scoring_mode(self.reference_model):
+                    reference = response_token_stats(self.reference_model, *batch,
+                                                     with_logprobs=True,
+                                                     temperature=self.temperature)
         advantage_fn = rloo_advantages if self.advantage == "rloo" else grpo_advantages
         advantages = advantage_fn(rewards, self.num_rollouts)
 
@@ -250,6 +266,7 @@ class EMRLTrainer:
 
     def train(self, prompt_batches, num_steps: int | None = None) -> list[dict[str, float]]:
         """One step per batch of prompts (dicts with input_ids and attention_mask, or pairs),
-        stopping after ``num_steps`` when given. Returns each step's statistics."""
+        stopping after ``num_steps`` (an int >= 0) when given. Returns each step's
+        statistics."""
         return training_loop(self.step, prompt_batches, num_steps, "EM-RL", self.progress,
                              ("loss", "reward", "entropy"))

@@ -1,14 +1,19 @@
 """The guards em_algos puts around a Hugging Face model (em_algos/_common.py): heads that do not
 reproduce the model's logits, rollouts that must ignore the model's own generation settings, EOS
-lists, tokenizer batches, responses without an attended predictor, and dropout during a step."""
+lists, token ids outside the vocabulary, tokenizer batches, prompts that are not left-padded,
+responses without an attended predictor, configs with return_dict=False, bad step counts, and
+the mode a step runs in: no dropout or router jitter in any pass (the policy's, the rewards',
+a user's reference model's), gradient checkpointing kept, every module's mode restored."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 from algos_support import EOS, PAD, VOCAB, random_batch, tiny_causal_lm
 
-from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss
+from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss, sequence_reward
 from em_algos._common import dropout_off, sample_responses
 
 
@@ -117,8 +122,8 @@ def test_a_response_predicted_from_padding_is_refused():
 
 def test_dropout_is_off_during_a_step_and_comes_back():
     """With dropout active, the old log-probs and the first update's would see different
-    networks: the ratio would not be 1. The modules keep their train mode (gradient
-    checkpointing runs in train mode only); the dropout rates come back afterwards."""
+    networks: the ratio would not be 1. Every module's mode (one of them its own) and the
+    dropout rates come back afterwards; dropout_off alone changes no module's mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -141,3 +146,158 @@ def test_dropout_is_off_during_a_step_and_comes_back():
     with dropout_off(model):
         assert attention.attention_dropout == 0.0 and attention.training
     assert attention.attention_dropout == 0.5
+
+
+def _tiny_llama_with_dropout(seed: int = 0, dropout: float = 0.5):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout,
+        pad_token_id=PAD, eos_token_id=EOS)).train()
+
+
+def _tiny_mixtral_with_router_jitter(seed: int = 0):
+    """A 2-layer Mixtral whose router multiplies its inputs by random noise in train mode."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, router_jitter_noise=0.5, max_position_embeddings=64,
+        pad_token_id=PAD, eos_token_id=EOS, tie_word_embeddings=False)).train()
+
+
+def test_a_users_reference_model_is_scored_without_dropout():
+    """FSDP2 users pass their own reference model, which may be in train mode with dropout:
+    at the policy's weights its KL must still be exactly 0 in the first step, and the reference
+    keeps its mode and dropout rate."""
+    prompts = _prompts(6, batch=4)
+    for make_trainer in (
+            lambda model, reference: EMRLTrainer(
+                model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5, beta=0.1,
+                reference_model=reference, progress=False),
+            lambda model, reference: EMFTTrainer(
+                model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5, kl_coef=0.1,
+                reference_model=reference, progress=False)):
+        model = _tiny_llama_with_dropout()
+        reference = copy.deepcopy(model)
+        torch.manual_seed(0)
+        stats = make_trainer(model, reference).step(*prompts)
+        assert stats["response_tokens"] > 0 and stats["kl"] == 0.0
+        attention = reference.model.layers[0].self_attn
+        assert reference.training and attention.training and attention.attention_dropout == 0.5
+
+
+def test_router_jitter_does_not_reach_any_pass():
+    """Mixtral's router jitters its inputs in train mode, which dropout_off does not touch: the
+    rewards, the old log-probs, the gradient pass and the reference must all score the network
+    that sampled. Then a clip range of 1e-6 clips nothing in the first update (its ratio is
+    exactly 1), the KL to the initial weights is exactly 0, and rewards are reproducible."""
+    model = _tiny_mixtral_with_router_jitter()
+    prompts = _prompts(7, batch=4)
+    trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
+                          beta=0.1, clip_range=1e-6, progress=False)
+    torch.manual_seed(0)
+    stats = trainer.step(*prompts)
+    assert stats["response_tokens"] > 0
+    assert stats["clip_fraction"] == 0.0 and stats["kl"] == 0.0
+    assert model.training and model.model.layers[0].mlp.gate.training
+
+    model = _tiny_mixtral_with_router_jitter()
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
+                          kl_coef=0.1, progress=False)
+    torch.manual_seed(0)
+    assert trainer.step(*prompts)["kl"] == 0.0
+
+    batch = random_batch(torch.Generator().manual_seed(0), 3, 3, 5)
+    assert torch.equal(sequence_reward(model, *batch), sequence_reward(model, *batch))
+    assert model.model.layers[0].mlp.gate.training
+
+
+def _layer_calls_in_a_step(checkpointing: bool) -> int:
+    """Calls of the first layer's attention in one EM-FT step. The attention, not the MLP: the
+    recomputation of a checkpointed layer stops once it has rebuilt the last saved tensor, the
+    input of the MLP's last projection, before the MLP's forward returns."""
+    model = tiny_causal_lm(seed=6, family="llama")
+    if checkpointing:
+        getattr(model, "activation_checkpointing_enable",
+                getattr(model, "gradient_checkpointing_enable", None))()
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *args: calls.append(1))
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=4,
+                          progress=False)
+    torch.manual_seed(0)
+    trainer.step(*_prompts(8))
+    return len(calls)
+
+
+def test_a_step_keeps_gradient_checkpointing():
+    """transformers checkpoints a layer only in train mode: the step's gradient pass must leave
+    the checkpointed layers in it, so that the backward recomputes each of them once."""
+    assert _layer_calls_in_a_step(checkpointing=True) == _layer_calls_in_a_step(False) + 1
+
+
+@pytest.mark.parametrize("num_steps, error", [(-1, ValueError), (1.5, TypeError),
+                                              ("2", TypeError), (True, TypeError)])
+def test_bad_num_steps_raise_before_any_step(num_steps, error):
+    model = tiny_causal_lm(seed=0)
+    for trainer in (EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, progress=False),
+                    EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, progress=False)):
+        with pytest.raises(error, match="num_steps"):
+            trainer.train([_prompts(0)] * 3, num_steps=num_steps)
+        assert trainer.global_step == 0
+    assert EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS,
+                       progress=False).train([_prompts(0)], num_steps=0) == []
+
+
+@pytest.mark.parametrize("name, value", [("pad_token_id", VOCAB), ("eos_token_id", VOCAB + 5),
+                                         ("eos_token_id", [EOS, VOCAB])])
+def test_token_ids_outside_the_vocabulary_raise(name, value):
+    """A pad id is embedded with the rollouts; an EOS id the model cannot produce would never
+    end a response."""
+    model = tiny_causal_lm(seed=0)
+    ids = {"pad_token_id": PAD, "eos_token_id": EOS, name: value}
+    for trainer in (EMFTTrainer, EMRLTrainer):
+        with pytest.raises(ValueError, match=f"{name}.*outside the model's vocabulary"):
+            trainer(model, progress=False, **ids)
+    with pytest.raises(ValueError, match=f"{name}.*outside the model's vocabulary"):
+        sample_responses(model, *_prompts(0), num_samples=1, max_new_tokens=2, **ids)
+
+
+@pytest.mark.parametrize("mask, message", [
+    ([[1, 1, 1, 0], [1, 1, 1, 1]], "must be left-padded.*padding_side"),
+    ([[0, 1, 0, 1], [1, 1, 1, 1]], "must be left-padded"),
+    ([[0, 0, 0, 0], [1, 1, 1, 1]], "no real token"),
+])
+def test_prompts_that_are_not_left_padded_raise_before_generation(mask, message):
+    """generate() continues every row from its last column: a right-padded prompt would be
+    continued from its padding."""
+    model = tiny_causal_lm(seed=0)
+    model.generate = None  # not to be reached
+    mask = torch.tensor(mask)
+    prompts = torch.where(mask.bool(), torch.tensor([[5, 6, 7, 8]]), PAD)
+    with pytest.raises(ValueError, match=message):
+        sample_responses(model, prompts, mask, num_samples=2, max_new_tokens=3,
+                         pad_token_id=PAD, eos_token_id=EOS)
+    trainer = EMFTTrainer(model, pad_token_id=PAD, eos_token_id=EOS, progress=False)
+    with pytest.raises(ValueError, match=message):
+        trainer.step(prompts, mask)
+
+
+def test_a_config_with_return_dict_false_is_scored_and_sampled():
+    """With config.return_dict=False the decoder hands transformers' causal LM a tuple; em_algos
+    runs such a model with the setting on for the duration of each call, and puts it back."""
+    model = tiny_causal_lm(seed=9, family="llama")
+    batch = random_batch(torch.Generator().manual_seed(0), 3, 3, 5)
+    with torch.no_grad():
+        expected = em_ft_loss(model, *batch)
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert torch.equal(em_ft_loss(model, *batch), expected)
+    rollout = sample_responses(model, *_prompts(1), num_samples=2, max_new_tokens=3,
+                               pad_token_id=PAD, eos_token_id=EOS)
+    assert rollout.input_ids.shape == (6, 7)
+    assert model.config.return_dict is False
