@@ -9,9 +9,17 @@
 // (determinism).
 //
 // Loads: each thread reads 16-byte vectors (4 fp32 or 8 bf16/fp16 values), kUnroll of them in
-// flight before any math. A chunk start that is not 16-byte aligned (odd V, strided rows) is
-// handled by a scalar head and tail of at most 2 * (16 / sizeof(T) - 1) entries, one per thread.
-// Offsets into the logits are 64-bit (N * V passes 2^31).
+// flight before any math. Offsets into the logits are 64-bit (N * V passes 2^31).
+//
+// Batch invariance also needs a row's summation order to be independent of its address: with
+// V % 8 != 0 (bf16), row r of a contiguous batch starts (r * V) % 8 entries past a 16-byte
+// boundary, so the same row moved to another position would otherwise be cut into vectors
+// differently. The forward therefore assigns entries to threads by their index in the chunk
+// (thread t: entries [8 v, 8 v + 8) of the chunk for v = t, t + 256, ..., then entry 8 * (chunk
+// / 8) + t of the tail) and, when the chunk start is misaligned, builds each such vector from the
+// two aligned 16-byte loads that straddle it (`realign`). The backward is elementwise, so its
+// bits never depend on the layout: it keeps aligned vectors and a scalar head and tail of at
+// most 2 * (16 / sizeof(T) - 1) entries, one per thread.
 //
 // Forward, _fwd_kernel: per thread, online (max, sum, weighted) in bits over its vectors; the max
 // is checked once per vector and the sums rescaled (one extra exp2) only when it grows. Per entry:
@@ -171,8 +179,8 @@ __device__ __forceinline__ uint4 pack(const float (&in)[kVecSize<T>]) {
   return make_uint4(words[0], words[1], words[2], words[3]);
 }
 
-// Where a chunk's 16-byte vectors start: `head` scalar entries, then `body` whole vectors, then
-// `tail` scalar entries.
+// Where a chunk's aligned 16-byte vectors start (the backward's split): `head` scalar entries,
+// then `body` whole vectors, then `tail` scalar entries.
 struct ChunkLayout {
   int head;
   int body;
@@ -257,6 +265,65 @@ __device__ __forceinline__ SoftmaxPartial block_merge(SoftmaxPartial p, float sc
   return p;
 }
 
+// The 16 bytes that start shift_bytes into `lo` and run on into `hi` (two consecutive aligned
+// vectors), for shift_bytes in [0, 16) and a multiple of 2: a select picks the words, a funnel
+// shift the 2-byte offset. The branches are uniform (shift_bytes is the block's).
+__device__ __forceinline__ uint4 realign(const uint4& lo, const uint4& hi, int shift_bytes) {
+  const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+  const int skip = shift_bytes / 4;                   // whole words
+  const unsigned bits = (shift_bytes % 4) * 8;        // then 0 or 16 bits
+  uint32_t picked[5];
+#pragma unroll
+  for (int i = 0; i < 5; ++i) {
+    picked[i] = skip == 0 ? words[i] : skip == 1 ? words[i + 1] : skip == 2 ? words[i + 2]
+                                                                            : words[i + 3];
+  }
+  return make_uint4(__funnelshift_r(picked[0], picked[1], bits),
+                    __funnelshift_r(picked[1], picked[2], bits),
+                    __funnelshift_r(picked[2], picked[3], bits),
+                    __funnelshift_r(picked[3], picked[4], bits));
+}
+
+// Chunk vector i (entries [kVecSize i, kVecSize (i + 1)) of the chunk). kShifted: the chunk
+// starts shift_bytes past the aligned `vectors`, and the vector is cut from two aligned loads
+// (the second is the next thread's first: the same DRAM bytes, an L1 hit).
+template <bool kShifted>
+__device__ __forceinline__ uint4 load_chunk_vector(const uint4* vectors, int i, int shift_bytes) {
+  if constexpr (kShifted) {
+    return realign(__ldg(vectors + i), __ldg(vectors + i + 1), shift_bytes);
+  } else {
+    return __ldg(vectors + i);
+  }
+}
+
+// Thread t folds chunk vectors t, t + kThreads, ... into its statistics, in that order whatever
+// the unroll (so the order depends only on t and the chunk length), with `unroll` vectors' loads
+// in flight before any math. Shifted chunks take two loads a vector, so half the unroll keeps
+// the loads in flight and the registers the same (the full unroll spilled 4 bytes for fp32,
+// sm_90a).
+template <typename T, bool kShifted>
+__device__ __forceinline__ void sum_vectors(const uint4* vectors, int shift_bytes, int count,
+                                            float scale, ThreadStats& stats) {
+  constexpr int unroll = kShifted ? kUnroll / 2 : kUnroll;
+  for (int v = threadIdx.x; v < count; v += kThreads * unroll) {
+    uint4 raw[unroll];
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      if (v + u * kThreads < count) {
+        raw[u] = load_chunk_vector<kShifted>(vectors, v + u * kThreads, shift_bytes);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < unroll; ++u) {
+      if (v + u * kThreads < count) {
+        float x[kVecSize<T>];
+        unpack<T>(raw[u], x);
+        stats.add(x, scale);
+      }
+    }
+  }
+}
+
 struct ForwardOutputs {
   float* entropy;
   float* lse;
@@ -293,28 +360,21 @@ __global__ void __launch_bounds__(kThreads)
   const int len = static_cast<int>(min(static_cast<int64_t>(split.chunk), vocab - start));
   const T* row_logits = logits_ptr + row * row_stride;
   const T* src = row_logits + start;
-  const ChunkLayout layout = chunk_layout(src, len);
-  const uint4* vectors = reinterpret_cast<const uint4*>(src + layout.head);
+  // Entries by their index in the chunk, never by address (see the top of the file): `vectors`
+  // whole vectors from the chunk start, then `tail` scalar entries (the last chunk of a row only).
+  const int vectors = len / kVecSize<T>;
+  const int tail = len - vectors * kVecSize<T>;
+  const int shift = misalignment(src);  // the same for the whole block: a uniform branch
 
   ThreadStats stats;
-  for (int v = threadIdx.x; v < layout.body; v += kThreads * kUnroll) {
-    uint4 raw[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kThreads < layout.body) raw[u] = __ldg(vectors + v + u * kThreads);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (v + u * kThreads < layout.body) {
-        float x[kVecSize<T>];
-        unpack<T>(raw[u], x);
-        stats.add(x, scale);
-      }
-    }
+  if (shift == 0) {
+    sum_vectors<T, false>(reinterpret_cast<const uint4*>(src), 0, vectors, scale, stats);
+  } else {
+    sum_vectors<T, true>(reinterpret_cast<const uint4*>(src - shift),
+                         shift * static_cast<int>(sizeof(T)), vectors, scale, stats);
   }
-  if (threadIdx.x < layout.head + layout.tail) {
-    const int j = threadIdx.x < layout.head ? threadIdx.x : threadIdx.x + layout.body * kVecSize<T>;
-    const float x[1] = {to_float(src[j])};
+  if (threadIdx.x < tail) {
+    const float x[1] = {to_float(src[vectors * kVecSize<T> + threadIdx.x])};
     stats.add(x, scale);
   }
 
