@@ -9,7 +9,7 @@ import torch
 
 from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
-from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
+from ._ops.linear_entropy import SHIFT_FLOOR, backward_from_row_grads, linear_entropy_stats
 
 
 class LinearEntropyOutput(NamedTuple):
@@ -129,9 +129,9 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
             global_max == float("-inf"), torch.zeros_like(global_max), global_max)
         empty_shard = local_lse == float("-inf")  # no finite logit in this shard for the row
         zero = torch.zeros_like(local_lse)
-        weight_r = torch.where(empty_shard, zero, torch.exp(local_lse - safe_max))
-        entropy_part = torch.where(
-            empty_shard, zero, weight_r * (local_entropy - (local_lse - safe_max)))
+        gap = (local_lse - safe_max).clamp_min(SHIFT_FLOOR)
+        weight_r = torch.where(empty_shard, zero, torch.exp(gap))
+        entropy_part = torch.where(empty_shard, zero, weight_r * (local_entropy - gap))
         sums = [weight_r, entropy_part]
         if local_tokens is not None:
             owned = (local_tokens >= 0) & (local_tokens < weight.shape[0])

@@ -565,6 +565,33 @@ def test_masking_with_the_most_negative_float(backend_device):
             torch.testing.assert_close(result[row : row + 1], alone, rtol=1e-6, atol=1e-6)
 
 
+def test_maxima_whose_difference_overflows(backend_device):
+    """Chunks whose maxima lie 4e38 apart: the shift between them overflows float32 to -inf, and
+    merging must still give the chunk's scale 0 (not 0 * -inf = NaN). Row 0 is one +2e38 among
+    a long run of -2e38 (entropy 0), row 1 its negation (uniform over the 40000 entries at +2e38:
+    entropy log 40000); every chunk size of every backend leaves a chunk of one sign only. The
+    gradient is only required finite at T = 1: from a float32 lse of 2e38 (ulp 2e31) no backward
+    can recover log p; at T = 1e-30 the lse overflows and the gradient is NaN on purpose (a
+    one-hot alone would look plausible). (The torch backend, plain float32 PyTorch, forms lse
+    first even in the forward: not held to this.)"""
+    backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("plain float32 PyTorch: its log-probs come from lse, which absorbs log s here")
+    vocab, run, peak = 70000, 40000, 60000
+    logits = torch.zeros(2, vocab)
+    logits[0, :run] = -2e38
+    logits[0, peak] = 2e38
+    logits[1] = -logits[0]
+    logits = logits.to(device)
+    tokens = torch.tensor([peak, 0], device=device)
+    expected = torch.tensor([0.0, math.log(run)], device=device)
+    for temperature in (1.0, 1e-30):
+        logprobs, result, grad = _forward_and_gradient(backend, logits, tokens, temperature)
+        torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logprobs, -expected, rtol=1e-6, atol=1e-6)
+        assert torch.isfinite(grad).all() if temperature == 1.0 else torch.isnan(grad).all()
+
+
 def test_a_masked_chosen_token_gets_no_gradient(backend_device):
     """A token whose logit is -inf has log-prob -inf and, like every -inf entry, a zero
     gradient; the other entries keep the log-prob's -p_j gL / T term. Tokens in the first and

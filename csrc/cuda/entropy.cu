@@ -217,7 +217,9 @@ struct ThreadStats {
       if (max_logit * scale > -INFINITY) {  // rescale what was summed to the new max
         const float diff = (max_logit - group_max) * scale;
         const float factor = exp2_flush(diff);
-        weighted = factor * fmaf(sum, diff, weighted);
+        // diff overflows to -inf when the maxima are ~1e38 apart: the floor keeps 0 * -inf (NaN)
+        // out, and factor is 0 there anyway.
+        weighted = factor * fmaf(sum, fmaxf(diff, kExp2Floor), weighted);
         sum *= factor;
       }
       max_logit = group_max;

@@ -66,6 +66,11 @@ DZ_TILE_COLS = 256
 # over them, which dense matmuls on mostly active rows do not repay (an estimate: unmeasured).
 SKIP_MAX_ACTIVE_FRACTION = 0.5
 
+# Where a shift between two maxima (nats) multiplies a sum it is clamped here: exp of it is 0 in
+# fp32 and float64, so the clamp changes nothing but 0 * -inf (an empty part, or maxima ~1e38
+# apart, whose difference overflows) into 0 instead of NaN.
+SHIFT_FLOOR = -1.0e4
+
 _EMPTY = (0,)
 
 
@@ -82,8 +87,8 @@ def merge_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     part_max, part_sum, part_sum_z, part_chosen = partials.unbind(0)
     row_max = part_max.amax(0)
     safe_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
-    scale = torch.exp(part_max - safe_max)
-    shift = torch.where(part_max == float("-inf"), torch.zeros_like(part_max), part_max - safe_max)
+    shift = (part_max - safe_max).clamp_min(SHIFT_FLOOR)
+    scale = torch.exp(shift)
     total = (scale * part_sum).sum(0)
     total_z = (scale * (part_sum_z + part_sum * shift)).sum(0)
     log_total = torch.log(total)

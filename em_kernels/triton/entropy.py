@@ -181,8 +181,9 @@ def _softmax_stats_merge_kernel(
     w_c = exp2(delta_c), relative to M:
         total    = sum_c w_c total_c
         weighted = sum_c w_c (weighted_c + total_c delta_c)
-    (since each d_j shifts by delta_c). An all -inf chunk has w_c = 0 and its term (0 * -inf)
-    is set to 0. Each row is reduced along its own BLOCK_CHUNKS axis; BLOCK_ROWS and
+    (since each d_j shifts by delta_c). delta_c is clamped at EXP2_FLOOR where it multiplies
+    total_c: a chunk that is all -inf, or whose max lies ~1e38 below M (delta_c overflows to
+    -inf), has w_c = 0 and adds 0 rather than 0 * -inf = NaN. Each row is reduced along its own BLOCK_CHUNKS axis; BLOCK_ROWS and
     BLOCK_CHUNKS depend only on V, so a row's bits do not depend on its neighbours.
 
     Memory: reads 12 bytes per (row, chunk), writes 8-12 bytes per row.
@@ -199,9 +200,8 @@ def _softmax_stats_merge_kernel(
     offset = (chunk_max - reference[:, None]) * scale2
     weight = tl.exp2(offset)
     total = tl.sum(weight * chunk_total, axis=1)
-    shifted = tl.where(
-        chunk_max == float("-inf"), 0.0, weight * (chunk_weighted + chunk_total * offset))
-    weighted = tl.sum(shifted, axis=1)
+    weighted = tl.sum(
+        weight * (chunk_weighted + chunk_total * tl.maximum(offset, EXP2_FLOOR)), axis=1)
     _store_row_results(
         rows, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
         inv_temperature, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
@@ -260,7 +260,10 @@ def _softmax_stats_bwd_kernel(
     no_distribution = lse == float("-inf")
     entropy = tl.where(no_distribution, 0.0, entropy)
     grad_entropy = tl.where(no_distribution, 0.0, grad_entropy)
-    lse = tl.where(no_distribution, 0.0, lse)
+    # A row whose lse overflowed (|z| / T past float32's range; the forward's values are right,
+    # being formed relative to the max) has lost every log p_j: NaN makes its gradient NaN
+    # (masked entries aside) instead of all 0 but a plausible-looking one-hot term.
+    lse = tl.where(no_distribution, 0.0, tl.where(lse == float("inf"), float("nan"), lse))
     log2_p = tl.fma(z, inv_temperature, -lse) * LOG2E
     p = tl.exp2(log2_p)
     if HAS_LOGPROB_GRAD:

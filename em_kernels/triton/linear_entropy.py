@@ -64,6 +64,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+# -127 ln 2: a shift z - m (nats) below it has exp(z - m) < 2^-127, which tl.exp2 flushes to 0 on
+# the GPU, so clamping it there changes no product e * shift except 0 * -inf (NaN) -> 0.
+_SHIFT_FLOOR = tl.constexpr(-88.02969193111305)
 
 
 @dataclass(frozen=True)
@@ -242,14 +245,16 @@ def _linear_entropy_fwd_kernel(
                         UPCAST_OPERANDS, TMA)
         new_max = tl.maximum(row_max, tl.max(z, axis=1))
         # Rows with nothing finite yet keep m = -inf; shift by 0 there so that no -inf - -inf
-        # (NaN) appears. Masked entries (z = -inf) get exp = 0 and add 0 to t.
+        # (NaN) appears. A shift multiplies a sum only clamped at _SHIFT_FLOOR: masked entries
+        # (z = -inf) and earlier tiles whose max lies ~1e38 below (the difference overflows to
+        # -inf) have exp = 0 and add 0 * floor = 0 instead of 0 * -inf = NaN.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2((row_max - safe_max) * _LOG2E)
-        old_shift = tl.where(row_max == float("-inf"), 0.0, row_max - safe_max)
+        old_shift = tl.maximum(row_max - safe_max, _SHIFT_FLOOR)
         shifted = z - safe_max[:, None]
         e = tl.exp2(shifted * _LOG2E)
         sum_exp_z = rescale * (sum_exp_z + sum_exp * old_shift) + tl.sum(
-            e * tl.where(z > float("-inf"), shifted, 0.0), axis=1)
+            e * tl.maximum(shifted, _SHIFT_FLOOR), axis=1)
         sum_exp = rescale * sum_exp + tl.sum(e, axis=1)
         row_max = new_max
         if HAS_TOKENS:

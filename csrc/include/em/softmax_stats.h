@@ -69,7 +69,11 @@ EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartia
   const float db = (b.max - m) * scale;
   const float sa = exp2f(da);
   const float sb = exp2f(db);
-  return {m, a.sum * sa + b.sum * sb, sa * (a.weighted + a.sum * da) + sb * (b.weighted + b.sum * db)};
+  // A shift that overflows to -inf (maxima ~1e38 apart, or a tiny T) has scale 0; the floor keeps
+  // its 0 * (sum * -inf) = NaN out and changes nothing else (2^kExp2Floor is below every sum's ulp).
+  return {m, a.sum * sa + b.sum * sb,
+          sa * (a.weighted + a.sum * fmaxf(da, kExp2Floor)) +
+              sb * (b.weighted + b.sum * fmaxf(db, kExp2Floor))};
 }
 
 struct RowStatistics {
@@ -117,10 +121,14 @@ inline TemperatureFactors temperature_factors(double temperature) {
 // grad_logprob must already be 0 for a row without a token or with a token outside [0, V).
 // A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
 // is exactly 0 like every masked entry's (lse 0 makes each d_j = -inf, hence p_j = 0).
+// A row whose lse overflowed float32 (|z| / T past ~3e38: the forward's values are still right,
+// being formed relative to the max) has lost log p_j, so its gradient is NaN, visibly: every
+// d_j is -inf and p_j (c0 + c1 d_j) = 0 * NaN (the one-hot term alone would look plausible).
 EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, float lse, float grad_entropy,
                                                           float grad_logprob,
                                                           const TemperatureFactors& t) {
   if (lse == -INFINITY) return {t.inv_temperature, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (lse == INFINITY) return {t.inv_temperature, lse, NAN, NAN, NAN};
   return {t.inv_temperature, lse, -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
           -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
 }
