@@ -317,9 +317,32 @@ def test_masked_token_and_all_masked_row(backend_device):
     (entropy.sum() + logprobs[[0, 2, 3]].sum() + 0.5 * logprobs[1]).backward()
     for got, want in zip(leaves, expected):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
-    everything_masked = torch.full_like(bias, float("-inf"))
-    out = em_kernels.linear_entropy(hidden, weight, bias=everything_masked, backend=backend)
-    assert bool(torch.isnan(out.entropy).all())
+    # Every entry masked: NaN entropy and log-probs, and a zero gradient (as the entropy ops
+    # give it), not NaN spread through the shared d_weight.
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    everything_masked = torch.full_like(bias, float("-inf")).requires_grad_()
+    out = em_kernels.linear_entropy(*leaves, bias=everything_masked, tokens=tokens,
+                                    backend=backend)
+    assert bool(torch.isnan(out.entropy).all()) and bool(torch.isnan(out.logprobs).all())
+    (out.entropy.nan_to_num(0.0).sum() + out.logprobs.nan_to_num(0.0).sum()).backward()
+    for leaf in (*leaves, everything_masked):
+        assert bool((leaf.grad == 0).all()), leaf.grad
+
+
+def test_maxima_whose_difference_overflows(backend_device):
+    """Logits of +-2e38: tiles and splits whose maxima lie 4e38 apart (the shift between them
+    overflows float32 to -inf) must merge with scale 0, not 0 * -inf = NaN. Row 0 has one
+    +2e38 among 60 entries at -2e38 (entropy 0), row 1 the negation (uniform over those 60).
+    Only the entropy: log p = chosen - lse, and an lse of 2e38 (ulp 2e31) absorbs log s."""
+    backend, device = backend_device
+    vocab, run, peak = 100, 60, 80
+    weight = torch.zeros(vocab, 1)
+    weight[:run] = -2e19
+    weight[peak] = 2e19
+    hidden = torch.tensor([[1e19], [-1e19]])
+    out = em_kernels.linear_entropy(hidden.to(device), weight.to(device), backend=backend)
+    expected = torch.tensor([0.0, math.log(run)], device=device)
+    torch.testing.assert_close(out.entropy, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_nan_poisons_only_its_row(backend_device):

@@ -46,8 +46,9 @@ from .. import reference
 from . import refuse_double_backward
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
-# The vocab chunk depends only on these constants, never on N, so a row's result does not depend
-# on the batch. 512 rows amortise the weight-chunk conversion to fp32 over many rows.
+# The vocab chunk depends only on these constants, never on N (the BLAS may still round a row's
+# logits differently in a batch of another size: this path is deterministic, not batch-invariant).
+# 512 rows amortise the weight-chunk conversion to fp32 over many rows.
 TORCH_ROW_CHUNK = 512
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
@@ -261,6 +262,13 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
             grad_weight.zero_()
         grad_bias.zero_()
     else:
+        # A row with no distribution (every logit -inf: lse -inf, entropy NaN) gets dz = 0, as
+        # every masked entry does and as the entropy ops give it: with lse and entropy taken as 0
+        # its p_j = exp(-inf - 0) = 0 multiplies finite numbers only (else -inf - -inf = NaN,
+        # which the shared gradient matmuls would spread to every row's d_weight).
+        no_distribution = lse == float("-inf")
+        lse = lse.masked_fill(no_distribution, 0.0)
+        entropy = entropy.masked_fill(no_distribution, 0.0)
         bias_used = bias.contiguous() if bias is not None else None
         tokens_used = tokens.contiguous() if tokens is not None else None
         dz_buffer = hidden.new_empty((rows * columns,), dtype=operand_dtype)
