@@ -173,6 +173,12 @@ def test_bad_arguments_are_reported(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_logprobs_traffic_counts_int64_tokens():
+    """O(N) bytes of logprobs_and_entropy's forward: an int64 token read, two fp32 written."""
+    nbytes, _ = OPS["logprobs_and_entropy"].traffic({"N": 8, "V": 1000}, torch.float32, "fwd")
+    assert nbytes == 8 * 1000 * 4 + 8 * 16
+
+
 def test_cpu_peak_memory_sees_every_live_tensor():
     """Eager linear+entropy fwd+bwd at M 64, H 256, V 32000 (fp32) must hold dlogits [M, V] while
     it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing

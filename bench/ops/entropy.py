@@ -1,7 +1,8 @@
 """entropy and logprobs_and_entropy on [N, V] logits.
 
 Least traffic (the model GB/s and the roofline fraction use; e = bytes per logit):
-    fwd      N V e          read the logits once (+ 4N for the entropy, + 12N with log-probs)
+    fwd      N V e          read the logits once (+ 4N for the entropy; + 16N with log-probs:
+                            the int64 tokens read, the log-probs and entropy written)
     bwd      2 N V e        read the logits, write their gradient (the O(N) statistics aside)
     fwd+bwd  3 N V e        both
 No FLOP count: at 1 exp per element these ops are memory-bound on every device here.
@@ -81,7 +82,9 @@ class _LogitsOpBench(OpBench):
     def traffic(self, dims, dtype, mode):
         n, v = dims["N"], dims["V"]
         logits = n * v * dtype.itemsize
-        per_row = 12 if self.with_tokens else 4
+        # O(N) bytes a row: the fp32 entropy; with log-probs also an int64 token and an fp32
+        # log-prob.
+        per_row = 16 if self.with_tokens else 4
         return {"fwd": logits + per_row * n, "bwd": 2 * logits + 2 * per_row * n,
                 "fwd+bwd": 3 * logits + 3 * per_row * n}[mode], None
 
