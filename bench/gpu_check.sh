@@ -3,8 +3,10 @@
 # extension, runs the GPU tests, then the headline benchmarks of the issues, and writes what it
 # found to an output folder. Each step runs under `timeout` within a total budget
 # (GPU_CHECK_SECONDS, default 470 s), so one hang or a slow build cannot eat the machine's lease;
-# a failed step is logged and the next one runs (no `set -e`), and the script exits 1 at the end
-# if any step failed (and at once if torch sees no GPU).
+# so do the probes before them (nvidia-smi, torch, the backends: PROBE_SECONDS each), so a wedged
+# GPU cannot hang an unattended run. A failed step is logged and the next one runs (no `set -e`);
+# the script exits 1 at the end if any step failed or was not run because the budget was spent
+# (both listed on the last lines of run.log), and at once if torch sees no GPU.
 #
 # A tree copied without .git cannot name its commit: set EM_KERNELS_COMMIT (every step and every
 # benchmark row records it), e.g. EM_KERNELS_COMMIT=$(git rev-parse --short=12 HEAD) before copying.
@@ -41,6 +43,9 @@ START=$(date +%s)
 LOG="$OUT_DIR/run.log"
 : > "$LOG"
 FAILED=""
+NOT_RUN=""
+# A probe answers in seconds on a healthy machine (torch's CUDA init included); longer is a hang.
+PROBE_SECONDS=60
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -85,6 +90,7 @@ step() {
     fi
     if [ "$limit" -lt 20 ]; then
         say "== $name: not run (the ${BUDGET}s budget is spent)"
+        NOT_RUN="$NOT_RUN $name"
         return
     fi
     say "== $name: start $(date -u +%H:%M:%S), limit ${limit}s"
@@ -114,15 +120,21 @@ COMMIT="${EM_KERNELS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null)$(git s
 say "# gpu_check $(date -u '+%Y-%m-%d %H:%M UTC') commit ${COMMIT:-unknown}"
 [ -n "$COMMIT" ] || say "# WARNING: no .git and no EM_KERNELS_COMMIT: results will say commit unknown"
 export EM_KERNELS_COMMIT="${COMMIT:-unknown}"
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    say "# FAILED: torch sees no CUDA device; nothing to check here"
+probe() {  # probe COMMAND...: run it for at most PROBE_SECONDS, its output into run.log
+    timeout --kill-after=10 "$PROBE_SECONDS" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && say "# probe timed out after ${PROBE_SECONDS}s: $*"
+    return "$rc"
+}
+if ! probe "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    say "# FAILED: torch sees no CUDA device (or hung looking for one); nothing to check here"
     rm -rf "$WORK"
     exit 1
 fi
-nvidia-smi >> "$LOG" 2>&1
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version \
-    --format=csv >> "$LOG" 2>&1
-"$PY" - >> "$LOG" 2>&1 <<'EOF'
+probe nvidia-smi
+probe nvidia-smi --format=csv \
+    --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,power.limit,driver_version
+probe "$PY" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
@@ -137,11 +149,12 @@ EOF
 #    item), required: a machine without nvcc fails the step instead of building the CPU part
 #    only. Without ninja, torch compiles file by file (slow): logged. If the build fails, the run
 #    goes on with the Triton kernels.
-{ command -v nvcc && nvcc --version | tail -n 1; "$PY" -m ninja --version || echo "no ninja"; } \
-    >> "$LOG" 2>&1
+probe bash -c 'command -v nvcc && nvcc --version | tail -n 1
+               "$0" -m ninja --version || echo "no ninja"' "$PY"
 step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA=1 \
     "$PY" -m pip install --no-build-isolation --no-deps -v -e .
-"$PY" -c "import em_kernels, json; print('backends:', json.dumps(em_kernels.available_backends(), indent=1))" >> "$LOG" 2>&1
+probe "$PY" -c "import em_kernels, json
+print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"
 
 # 2. The GPU tests (313 ids at 29c60f5; 261 took 105 s in run C, ~110 s in run E): every test
 #    whose id names cuda (the CPU ones ran in CI), on 8 workers when pytest-xdist is installed
@@ -150,8 +163,9 @@ step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA
 #    linear_entropy backward became a matmul kernel (6141ba8), whose variants compile slower
 #    than the elementwise kernel's did.
 WORKERS=""
-"$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 8"
-"$PY" -c "import pytest_timeout" 2>/dev/null && WORKERS="$WORKERS --timeout 60"
+timeout "$PROBE_SECONDS" "$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 8"
+timeout "$PROBE_SECONDS" "$PY" -c "import pytest_timeout" 2>/dev/null \
+    && WORKERS="$WORKERS --timeout 60"
 # shellcheck disable=SC2086
 step tests 240 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
     -p no:cacheprovider tests/
@@ -199,7 +213,8 @@ fi
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
 rm -rf "$WORK"
-if [ -n "$FAILED" ]; then
-    say "# FAILED steps:$FAILED"
+[ -z "$FAILED" ] || say "# FAILED steps:$FAILED"
+[ -z "$NOT_RUN" ] || say "# NOT RUN steps (the ${BUDGET}s budget was spent):$NOT_RUN"
+if [ -n "$FAILED$NOT_RUN" ]; then
     exit 1
 fi

@@ -5,6 +5,9 @@ peak sees every live tensor) and of the tuning sweep's plumbing (bench/tune.py).
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -14,6 +17,8 @@ import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
 from bench.harness import Context, Provider, make_case, measure
 from bench.ops import OPS
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _run(tmp_path, *extra):
@@ -177,6 +182,29 @@ def test_logprobs_traffic_counts_int64_tokens():
     """O(N) bytes of logprobs_and_entropy's forward: an int64 token read, two fp32 written."""
     nbytes, _ = OPS["logprobs_and_entropy"].traffic({"N": 8, "V": 1000}, torch.float32, "fwd")
     assert nbytes == 8 * 1000 * 4 + 8 * 16
+
+
+def test_logprobs_traffic_counts_int64_tokens():
+    """O(N) bytes of logprobs_and_entropy's forward: an int64 token read, two fp32 written."""
+    nbytes, _ = OPS["logprobs_and_entropy"].traffic({"N": 8, "V": 1000}, torch.float32, "fwd")
+    assert nbytes == 8 * 1000 * 4 + 8 * 16
+
+
+def test_gpu_check_fails_when_the_budget_leaves_steps_unrun(tmp_path):
+    """gpu_check.sh with a stand-in interpreter (torch 'sees a GPU', every step succeeds at once)
+    and a budget too small for any step: every step is listed as not run and the exit status is
+    1, not 0."""
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/bin/bash\ncase "$*" in -) cat > /dev/null;; esac\nexit 0\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "25",
+           "EM_KERNELS_COMMIT": "test"}
+    env.pop("GPU_CHECK_STEPS", None)
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert done.returncode == 1, log
+    assert "# NOT RUN steps (the 25s budget was spent): build tests bench_headline" in log
 
 
 def test_cpu_peak_memory_sees_every_live_tensor():
