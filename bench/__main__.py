@@ -82,9 +82,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     return args
 
+    _check_shape_dims(parser, args)
 
 def _check_choices(parser, flag, values, choices) -> None:
     unknown = [v for v in values or () if v not in choices]
+def _check_shape_dims(parser, args) -> None:
+    """Every --shapes entry must fit at least one selected op: a dim no op has, or a mix of
+    dims no single op has, is a typo that would otherwise drop the entry (or the dim) silently."""
+    selected = [op for name, op in OPS.items() if args.ops is None or name in args.ops]
+    valid = "; ".join(f"{op.name} {'-'.join(op.dims)}" for op in selected)
+    for label, dims in zip(args.shapes or (), args.shape_dims or ()):
+        unknown = sorted(set(dims) - {dim for op in selected for dim in op.dims})
+        if unknown:
+            parser.error(f"--shapes {label}: no selected op has dimension {', '.join(unknown)} "
+                         f"(their dims: {valid})")
+        if not any(set(dims) <= set(op.dims) for op in selected):
+            parser.error(f"--shapes {label}: no selected op has all of {', '.join(dims)} "
+                         f"(their dims: {valid})")
+
+
     if unknown:
         parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
 

@@ -164,15 +164,20 @@ def shape_label(dims: dict[str, int]) -> str:
 
 
 def parse_shape_label(label: str) -> dict[str, int]:
-    """The inverse of shape_label; ValueError on anything else."""
+    """The inverse of shape_label; ValueError on anything else, a dim named twice or a size
+    below 1 included."""
     dims = {}
     for part in label.split("-"):
-        name, digits = part[:1], part[1:]
+        name, digits = part[:1].upper(), part[1:]
         if not name.isalpha() or not digits.isdigit():
             raise ValueError(
                 f'cannot read shape "{label}": write it as dims and sizes joined by "-", '
                 'such as N8192-V151936 or V151936')
-        dims[name.upper()] = int(digits)
+        if name in dims:
+            raise ValueError(f'shape "{label}" names {name} twice')
+        if int(digits) < 1:
+            raise ValueError(f'shape "{label}": {name} must be at least 1')
+        dims[name] = int(digits)
     return dims
 
 
