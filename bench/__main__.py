@@ -12,8 +12,10 @@ chunked PyTorch, peer libraries and the device's ceilings.
                                       a sweep longer than one machine lease, in several runs
 
 Writes results.csv, results.md and bandwidth.png under --out (default bench_out/); when stopped
-(Ctrl-C, SIGTERM from a timeout), writes them for the cells measured so far. Exits 1 when a cell
-raised an error, when no cell was measured, or when stopped early.
+(Ctrl-C, SIGTERM from a timeout), writes them for the cells measured so far. Every provider's
+error against float64 is checked against eager's on the same cell (the check column). Exits 1
+when a cell raised an error, when a cell's result is wrong (check FAIL), when no cell was
+measured, or when stopped early; 2 on bad arguments or an unusable --resume file.
 """
 
 from __future__ import annotations
@@ -80,12 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.shape_dims = [parse_shape_label(s) for s in args.shapes] if args.shapes else None
     except ValueError as exc:
         parser.error(str(exc))
+    _check_shape_dims(parser, args)
     return args
 
-    _check_shape_dims(parser, args)
 
-def _check_choices(parser, flag, values, choices) -> None:
-    unknown = [v for v in values or () if v not in choices]
 def _check_shape_dims(parser, args) -> None:
     """Every --shapes entry must fit at least one selected op: a dim no op has, or a mix of
     dims no single op has, is a typo that would otherwise drop the entry (or the dim) silently."""
@@ -101,6 +101,8 @@ def _check_shape_dims(parser, args) -> None:
                          f"(their dims: {valid})")
 
 
+def _check_choices(parser, flag, values, choices) -> None:
+    unknown = [v for v in values or () if v not in choices]
     if unknown:
         parser.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(choices)}")
 
@@ -192,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     earlier = []
     if args.resume:  # read before --out/results.csv is rewritten: it may be the same file
         try:
-            earlier = report.read_csv(args.resume)
-        except (OSError, ValueError) as exc:
+            earlier, left_out = report.read_csv(args.resume, OPS)
+        except (OSError, ValueError) as exc:  # read_csv turns csv.Error into ValueError
             print(f"em-bench: cannot resume from {args.resume}: {exc}", file=sys.stderr)
             return 2
+        if left_out:  # their cells are measured again where this run's plan has them
+            print(f"em-bench: {len(left_out)} rows of {args.resume} left out:\n  "
+                  + "\n  ".join(left_out), file=sys.stderr)
     try:  # before measuring anything: a bad --out fails at once
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.csv").touch()
@@ -265,14 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     skipped = report.not_measured(rows)
     if skipped:
         print("\nNot measured:\n  " + "\n  ".join(skipped))
+    wrong = report.wrong_results(rows)
+    if wrong:
+        print("\nWRONG RESULTS (check FAIL: the error exceeds the tolerance):\n  "
+              + "\n  ".join(wrong))
     written = ["results.csv", "results.md"] + (["bandwidth.png"] if plotted else [])
     print(f"\n{len(rows)} cells in {time.monotonic() - started:.0f} s; wrote "
           + ", ".join(f"{args.out}/{name}" for name in written))
     errors = sum(row["status"] == "error" for row in rows)
     measured = sum(row["status"] == "ok" for row in rows)
-    if errors or not measured or stopped:
-        print(f"em-bench: {errors} cells raised errors, {measured} were measured"
-              + (", stopped early" if stopped else ""), file=sys.stderr)
+    if errors or wrong or not measured or stopped:
+        print(f"em-bench: {errors} cells raised errors, {len(wrong)} gave wrong results, "
+              f"{measured} were measured" + (", stopped early" if stopped else ""),
+              file=sys.stderr)
         return 1
     return 0
 

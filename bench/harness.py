@@ -19,13 +19,23 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
    matmul rate in the cell's dtype for compute-bound ones;
 5. compares the outputs (and in the backward modes the input gradients) with the op's float64
    oracle, on an evenly spaced subset of rows when the full oracle would be too big (every op
-   here is row-wise, so a row's result does not depend on the other rows).
+   here is row-wise, so a row's result does not depend on the other rows), and gives every
+   provider but eager a verdict (`check_errors`): its error must stay within what eager, the
+   fp32-upcast PyTorch every trainer runs, achieves on the same cell. A fast wrong result is a
+   "FAIL" cell, which makes em-bench exit 1.
+
+The CPU peak memory counts what torch's allocator hands out (tensors, autograd's saved
+tensors, the outputs), not what the C++ kernels allocate themselves: their per-chunk scratch
+(std::vector, a few KiB to MiB) is not in the cpu provider's column. On CUDA every kernel
+allocates through torch, so the column is complete there.
 
 Modes: "fwd" runs the forward with inputs that do not require grad; "bwd" runs the forward once
 with grad, then times only `autograd.backward` with fixed random upstream gradients
 (retain_graph); "fwd+bwd" times both. A provider that cannot run a cell (not installed, backend
-unavailable, not implemented yet, out of memory, or the time budget spent) gives a "skipped" row
-with a one-line reason; an exception gives an "error" row; neither stops the run.
+unavailable, out of memory, or the time budget spent) gives a "skipped" row with a one-line
+reason; any other exception, NotImplementedError included (torch raises it for an op with no
+kernel registered for the device: a broken build, not a choice), gives an "error" row; neither
+stops the run.
 """
 
 from __future__ import annotations
@@ -67,6 +77,21 @@ CPU_REPEAT_BUDGET_S = 0.6
 GPU_WARMUP_MS = 25
 GPU_REPEAT_MS = 100
 GPU_MIN_REPEATS = 10
+# The correctness verdict (check_errors). The baseline is eager, the fp32-upcast PyTorch every
+# trainer runs: a provider's error may be up to ERROR_FACTOR times eager's on the same cell. Not
+# 1 or 2: correct fp32 algorithms that merely sum in another order land up to 4x apart at the
+# ill-conditioned entries of EM-INF (RESULTS.md, run E: 3.8e-4 to 1.6e-3 over 24 orders), and the
+# largest ratio the recorded H200 runs show for a correct kernel is 3.8 (em_inf_adjust B16, cuda);
+# a wrong result (a lost chunk, a wrong row, a dropped term) is off by the values' own size,
+# orders of magnitude above eager's 1e-7 to 1e-4 on the outputs. Where eager happens to be
+# nearly exact (a single row, in cache-sized sums), the tolerance is at least ERROR_FLOOR_ULPS
+# units in the last place of the largest reference value, in the dtype eager returns it in:
+# 5e-6 for an fp32 entropy near 11, 3e-2 for a bf16 gradient near 1 (where ERROR_FACTOR x
+# eager's own bf16 rounding, half an ulp, is larger still).
+ERROR_FACTOR = 10
+ERROR_FLOOR_ULPS = 4
+# The provider whose error sets the other providers' tolerance.
+BASELINE = "eager"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -368,14 +393,67 @@ def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtyp
     return Case(op, dims, dtype, ctx.device, inputs, check_rows, seed)
 
 
-def _max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
-    """Largest |value - oracle| where the oracle is finite; inf if value is not finite there."""
+def _max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
+    """(largest |value - oracle| where the oracle is finite, inf if value is not finite there;
+    ERROR_FLOOR_ULPS ulps of the largest finite |oracle| in value's dtype)."""
+    eps = torch.finfo(value.dtype).eps
     value = value.detach().double()
     finite = torch.isfinite(oracle)
     if not bool(finite.any()):
-        return 0.0
+        return 0.0, 0.0
+    floor = ERROR_FLOOR_ULPS * eps * float(oracle[finite].abs().max())
     diff = (value[finite] - oracle[finite]).abs()
-    return float(diff.max()) if bool(torch.isfinite(diff).all()) else math.inf
+    return (float(diff.max()) if bool(torch.isfinite(diff).all()) else math.inf), floor
+
+
+def _errors(case: Case, mode: str, result: Sequence[torch.Tensor],
+            upstream: Sequence[torch.Tensor] | None) -> dict[str, float]:
+    """err_out (and in the backward modes err_grad): the largest error of the outputs (of the
+    input gradients) against the op's float64 oracle; floor_out and floor_grad: the largest
+    ERROR_FLOOR_ULPS floor of those tensors (check_errors uses eager's)."""
+    oracle_key = mode != "fwd"
+    if oracle_key not in case.oracle_cache:
+        case.oracle_cache[oracle_key] = case.op.oracle(case, upstream)
+    outs64, grads64 = case.oracle_cache[oracle_key]
+    found = {"out": [_max_abs_error(out.index_select(0, case.check_rows), ref)
+                     for out, ref in zip(result, outs64)]}
+    if mode != "fwd":
+        found["grad"] = []
+        for name, ref in grads64.items():
+            rows, ref = ref if isinstance(ref, tuple) else (case.check_rows, ref)
+            found["grad"].append(_max_abs_error(case.inputs[name].grad.index_select(0, rows), ref))
+    fields = {}
+    for quantity, pairs in found.items():
+        fields[f"err_{quantity}"] = max(error for error, _ in pairs)
+        fields[f"floor_{quantity}"] = max(floor for _, floor in pairs)
+    return fields
+
+
+def check_errors(errors: dict, baseline: dict | str) -> dict:
+    """The verdict on a provider's errors (err_out, err_grad) given eager's on the same cell
+    (err_ and floor_ fields) or why eager has none: check "ok" or "FAIL" with tol_out and
+    tol_grad, max(ERROR_FACTOR x eager's error, eager's floor), and for a FAIL the reason; or
+    check "unchecked" and why. A non-finite error always fails."""
+    if isinstance(baseline, str):
+        return {"check": "unchecked", "reason": f"not checked: {baseline}"}
+    fields = {"check": "ok"}
+    failures = []
+    for quantity in ("out", "grad"):
+        error = errors.get(f"err_{quantity}")
+        if error is None:
+            continue
+        base = baseline[f"err_{quantity}"]
+        if not math.isfinite(base):
+            return {"check": "unchecked",
+                    "reason": f"not checked: eager's {quantity} is not finite on this cell"}
+        tolerance = max(ERROR_FACTOR * base, baseline[f"floor_{quantity}"])
+        fields[f"tol_{quantity}"] = tolerance
+        if not error <= tolerance:  # NaN fails too
+            failures.append(f"err_{quantity} {error:.1e} > tolerance {tolerance:.1e} "
+                            f"(eager's {base:.1e})")
+    if failures:
+        fields.update(check="FAIL", reason="wrong result: " + "; ".join(failures))
+    return fields
 
 
 def _upstream_like(outputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
@@ -398,8 +476,9 @@ def _clear_grads(case: Case) -> None:
         case.inputs[name].grad = None
 
 
-def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
-    """Measure one cell. Returns the measured fields; raises Skip or any error."""
+def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool = True) -> dict:
+    """Measure one cell. Returns the measured fields, with the floors of `_errors` for a provider
+    that compares; raises Skip or any error. Untimed: only the errors and floors (run once)."""
     forward = provider.build(case)
     upstream = None
     outs = None
@@ -433,6 +512,11 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
                 torch.autograd.backward(result, upstream)
                 return result
 
+    if not timed:
+        result = step()
+        errors = _errors(case, mode, result, upstream) if provider.compares else {}
+        _clear_grads(case)
+        return errors
     if ctx.is_cuda:  # warm up apart: JIT compilation and autotuning allocate memory too
         step()
         ctx.synchronize()
@@ -442,20 +526,7 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
     if made_upstream:  # the upstream gradients stand for an input: not the provider's memory
         peak_mib -= sum(u.numel() * u.element_size() for u in upstream) / 2**20
     ctx.synchronize()
-    err_out = err_grad = None
-    if provider.compares:
-        oracle_key = mode != "fwd"
-        if oracle_key not in case.oracle_cache:
-            case.oracle_cache[oracle_key] = case.op.oracle(case, upstream)
-        outs64, grads64 = case.oracle_cache[oracle_key]
-        err_out = max(_max_abs_error(out.index_select(0, case.check_rows), ref)
-                      for out, ref in zip(result, outs64))
-        if mode != "fwd":
-            errors = []
-            for name, ref in grads64.items():
-                rows, ref = ref if isinstance(ref, tuple) else (case.check_rows, ref)
-                errors.append(_max_abs_error(case.inputs[name].grad.index_select(0, rows), ref))
-            err_grad = max(errors)
+    errors = _errors(case, mode, result, upstream) if provider.compares else {}
     del result
     ms = ctx.time_ms(step, lambda: _clear_grads(case))
     _clear_grads(case)
@@ -470,8 +541,7 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str) -> dict:
         ceiling = ctx.copy_gbps
         fraction = gbps / ceiling if gbps else None
     return {"time_ms": ms, "gbps": gbps, "tflops": tflops, "frac_ceiling": fraction,
-            "ceiling": ceiling, "peak_extra_mib": peak_mib, "err_out": err_out,
-            "err_grad": err_grad}
+            "ceiling": ceiling, "peak_extra_mib": peak_mib, **errors}
 
 
 def _release_memory(ctx: Context) -> None:
@@ -511,6 +581,27 @@ def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
     return None
 
 
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def _baseline(ctx: Context, case: Case, mode: str, baselines: dict[str, dict | str]) -> dict | str:
+    """Eager's errors and floors on this case and mode, or why there are none. Eager's own
+    cell runs before the others of its mode and fills `baselines`; where this run does not
+    measure it (filtered out by --providers, or kept from --resume, whose inputs may differ:
+    the seed is the case's place in the plan), eager runs once here, untimed."""
+    if mode not in baselines:
+        eager = next(p for p in case.op.providers() if p.name == BASELINE)
+        try:
+            baselines[mode] = measure(ctx, case, eager, mode, timed=False)
+        except Exception as exc:  # the provider's row stands; only its verdict is missing
+            baselines[mode] = f"eager failed on this cell ({_one_line(exc)})"
+        finally:
+            _clear_grads(case)
+            _release_memory(ctx)
+    return baselines[mode]
+
+
 def cell_key(row: dict) -> tuple[str, str, str, str, str]:
     """What names a cell: (op, shape, dtype, mode, provider)."""
     return row["op"], row["shape"], row["dtype"], row["mode"], row["provider"]
@@ -530,6 +621,7 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
         if not cells:
             continue
         case = None
+        baselines: dict[str, dict | str] = {}  # mode -> eager's errors and floors, or why none
         case_skip = _case_fits(ctx, op, dims, dtype)
         if case_skip is None and not ctx.out_of_time():
             try:
@@ -551,22 +643,28 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                 row.update(status="skipped", reason=reason)
             else:
                 try:
-                    row.update(measure(ctx, case, provider, mode))
+                    fields = measure(ctx, case, provider, mode)
+                    floors = {k: fields.pop(k) for k in ("floor_out", "floor_grad") if k in fields}
+                    row.update(fields)
+                    if provider.name == BASELINE:
+                        baselines[mode] = {**fields, **floors}
+                        row["check"] = "ref"
+                    elif provider.compares:
+                        row.update(check_errors(fields, _baseline(ctx, case, mode, baselines)))
                 except Skip as exc:
                     row.update(status="skipped", reason=str(exc))
                 except BackendUnavailableError as exc:
                     row.update(status="skipped", reason=str(exc))
-                except NotImplementedError as exc:
-                    row.update(status="skipped", reason=f"not implemented yet: {exc}".strip())
                 except torch.cuda.OutOfMemoryError:
                     row.update(status="skipped", reason="out of GPU memory")
                 except Exception as exc:  # report it in the table; keep measuring the rest
-                    message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                    row.update(status="error", reason=message)
+                    row.update(status="error", reason=_one_line(exc))
                 finally:
                     if case is not None:
                         _set_requires_grad(case, False)
                     _release_memory(ctx)
+            if provider.name == BASELINE and row["status"] != "ok":  # no second try per cell
+                baselines[mode] = f"eager's own cell was {row['status']} ({row['reason']})"
             rows.append(row)
             on_row(row)
             progress.update(1)

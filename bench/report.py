@@ -8,16 +8,22 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .harness import DTYPES, ERROR_FACTOR, parse_shape_label
+
 # ceiling: what frac_ceiling divides by, measured in this run (the copy bandwidth in GB/s for the
 # memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for linear_entropy).
+# check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
+# exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
+# empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
+# tol_out and tol_grad: the tolerances the verdict applied.
 MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
-            "err_grad")
+            "err_grad", "tol_out", "tol_grad")
 DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
-CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "reason", *MEASURED,
+CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "check", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
                "date", "copy_gbps")
 TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "GB/s", "TFLOP/s", "% ceil",
-                 "extra MiB", "max err", "x eager")
+                 "extra MiB", "max err", "check", "x eager")
 
 
 class CsvLog:
@@ -48,36 +54,76 @@ class CsvLog:
 # What a row read back must have: the cell's name and where and when it was measured.
 REQUIRED_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "device", "commit",
                     "date")
+STATUSES = ("ok", "skipped", "error")
 
 
-def read_csv(path: Path) -> list[dict]:
-    """The complete rows of an earlier run's results.csv as `measure` gives them: numbers as
-    numbers, the fields left empty absent. A row without one of REQUIRED_COLUMNS, or measured
-    without a time (the last line of a run killed while writing it), is left out. ValueError if
-    the file is not em-bench's CSV."""
+def read_csv(path: Path, ops: dict) -> tuple[list[dict], list[str]]:
+    """(the usable rows of an earlier run's results.csv as `measure` gives them: numbers as
+    numbers, the fields left empty absent; one line per row left out, saying why).
+
+    ops maps an op's name to its OpBench. A measured row is usable when the reports can show it
+    and this version can run its cell: a known op, mode, dtype and provider of that op, a shape
+    whose dims are the op's, with the dim_ columns agreeing, and a time; every row needs
+    REQUIRED_COLUMNS (a run killed while writing its last line leaves one without). ValueError
+    if the file is not em-bench's CSV or cannot be parsed as CSV at all."""
+    rows, left_out = [], []
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} is not an em-bench results.csv (no column "
-                             f"{', '.join(sorted(missing))})")
-        rows = []
-        for record in reader:
-            if any(not record.get(name) for name in REQUIRED_COLUMNS) or (
-                    record["status"] == "ok" and not record.get("time_ms")):
-                continue
-            row = {}
-            for name, text in record.items():
-                if text in ("", None) or name is None:  # None: a surplus field's key
-                    continue
-                if name in DIM_COLUMNS:
-                    row[name] = int(text)
-                elif name in (*MEASURED, "speedup_vs_eager", "copy_gbps"):
-                    row[name] = float(text)
-                else:
-                    row[name] = text
-            rows.append(row)
-    return rows
+        try:
+            missing = set(REQUIRED_COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path} is not an em-bench results.csv (no column "
+                                 f"{', '.join(sorted(missing))})")
+            for record in reader:
+                try:
+                    rows.append(_read_row(record, ops))
+                except ValueError as exc:
+                    left_out.append(f"line {reader.line_num}: {exc}")
+        except csv.Error as exc:
+            raise ValueError(f"{path} line {reader.line_num}: not readable as CSV: {exc}") from exc
+    return rows, left_out
+
+
+def _read_row(record: dict, ops: dict) -> dict:
+    """One CSV record as a row; ValueError saying what it lacks."""
+    absent = [name for name in REQUIRED_COLUMNS if not record.get(name)]
+    if absent:
+        raise ValueError(f"no {', '.join(absent)} (a line cut short?)")
+    if record["status"] not in STATUSES:
+        raise ValueError(f"unknown status {record['status']!r}")
+    row = {}
+    for name, text in record.items():
+        if text in ("", None) or name is None:  # None: a surplus field's key
+            continue
+        try:
+            if name in DIM_COLUMNS:
+                row[name] = int(text)
+            elif name in (*MEASURED, "speedup_vs_eager", "copy_gbps"):
+                row[name] = float(text)
+            else:
+                row[name] = text
+        except ValueError:
+            raise ValueError(f"{name} is {text!r}, not a number") from None
+    if row["status"] != "ok":
+        return row
+    op = ops.get(row["op"])
+    if op is None:
+        raise ValueError(f"unknown op {row['op']!r}")
+    providers = [provider.name for provider in op.providers()]
+    for name, value, known in (("mode", row["mode"], op.modes), ("dtype", row["dtype"], DTYPES),
+                               ("provider", row["provider"], providers)):
+        if value not in known:
+            raise ValueError(f"{row['op']} has no {name} {value!r}")
+    dims = parse_shape_label(row["shape"])
+    if sorted(dims) != sorted(op.dims):
+        raise ValueError(f"shape {row['shape']} does not give {row['op']}'s dims "
+                         f"{', '.join(op.dims)}")
+    stated = {column[4:]: row[column] for column in DIM_COLUMNS if column in row}
+    if stated != dims:
+        raise ValueError(f"the dim_ columns ({stated}) disagree with shape {row['shape']}")
+    if "time_ms" not in row:
+        raise ValueError("measured, but no time_ms (a line cut short?)")
+    return row
 
 
 def add_speedups(rows: list[dict]) -> None:
@@ -110,7 +156,14 @@ def _cells(row: dict) -> list[str]:
             _fmt(row.get("time_ms"), "num"), _fmt(row.get("gbps"), "num"),
             _fmt(row.get("tflops"), "num"), _fmt(row.get("frac_ceiling"), "pct"),
             _fmt(row.get("peak_extra_mib"), "num"), _fmt(max(errors) if errors else None, "err"),
-            _fmt(row.get("speedup_vs_eager"), "x")]
+            row.get("check") or "-", _fmt(row.get("speedup_vs_eager"), "x")]
+
+
+def wrong_results(rows: list[dict]) -> list[str]:
+    """One line per measured cell whose check failed: its name and which error was too large."""
+    return [f"{row['op']} {row['shape']} {row['dtype']} {row['mode']} {row['provider']}: "
+            f"{row['reason']}" for row in rows
+            if row["status"] == "ok" and row.get("check") == "FAIL"]
 
 
 def not_measured(rows: list[dict]) -> list[str]:
@@ -161,7 +214,15 @@ def markdown(rows: list[dict], header: list[str],
         "allocated during the call above what was allocated before it (the input gradients "
         "included); max err is the largest "
         "absolute error of the outputs and input gradients against float64 on a subset of rows; "
-        "x eager is eager's time over this provider's.", ""]
+        f"check is FAIL where that error exceeds the larger of {ERROR_FACTOR}x eager's on the "
+        "same cell and a few units in the last place of the largest reference value (ok: within "
+        "it; ref: eager, the baseline; unchecked: eager has no result there); x eager is eager's "
+        "time over this provider's.", ""]
+    wrong = wrong_results(rows)
+    if wrong:
+        out += ["## Wrong results", "",
+                "These cells were measured, but their results are wrong: their times mean "
+                "nothing.", ""] + [f"- **FAIL** {line}" for line in wrong] + [""]
     for op in dict.fromkeys(r["op"] for r in rows):
         measured = [r for r in rows if r["op"] == op and r["status"] == "ok"]
         out += [f"## {op}", ""]

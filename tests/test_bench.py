@@ -1,6 +1,7 @@
 """Smoke tests of em-bench (one op, a tiny shape, the CPU providers: the outputs exist and say
-what was measured, the error column tells a correct provider from a wrong one, the CPU memory
-peak sees every live tensor) and of the tuning sweep's plumbing (bench/tune.py)."""
+what was measured, a wrong provider fails its check and the run, a missing kernel is an error,
+--resume and --shapes refuse what they cannot use, the CPU memory peak sees every live tensor),
+of gpu_check.sh's exit status, and of the tuning sweep's plumbing (bench/tune.py)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,8 @@ import torch
 
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
-from bench.harness import Context, Provider, make_case, measure
+from bench.harness import ERROR_FACTOR, Context, Provider, check_errors, make_case, measure
 from bench.ops import OPS
-
-REPO = Path(__file__).resolve().parent.parent
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,6 +44,7 @@ def test_outputs_and_error_column(tmp_path, capsys):
         if row["status"] == "skipped":
             assert row["reason"], row
             continue
+        assert row["check"] == ("ref" if row["provider"] == "eager" else "ok"), row
         assert float(row["time_ms"]) > 0 and float(row["gbps"]) > 0
         assert float(row["peak_extra_mib"]) >= 0
         error = float(row["err_out"])
@@ -81,6 +81,75 @@ def test_wrong_provider_shows_in_error_column():
     assert abs(measure(ctx, case, off_by_one, "fwd")["err_out"] - 1.0) < 1e-4
 
 
+def _entropy_cpu_backend_returning(make):
+    """em_kernels.entropy with backend="cpu" replaced by make(logits) (or its exception)."""
+    original = em_kernels.entropy
+
+    def patched(logits, **kwargs):
+        if kwargs.get("backend") == "cpu":
+            return make(logits)
+        return original(logits, **kwargs)
+
+    return mock.patch.object(em_kernels, "entropy", patched)
+
+
+@pytest.mark.parametrize("wrong", ["zeros", "nan", "slightly off"])
+@pytest.mark.parametrize("providers", ["eager,cpu", "cpu"])
+def test_a_wrong_provider_fails_its_check_and_the_run(wrong, providers, tmp_path, capsys):
+    """A fast wrong result is flagged in the CSV, the terminal table and the markdown, and the run
+    exits 1, also when eager is not among the providers (it then runs untimed for the check)."""
+    results = {"zeros": lambda logits: torch.zeros(logits.shape[0]),
+               "nan": lambda logits: torch.full((logits.shape[0],), float("nan")),
+               "slightly off": lambda logits: em_kernels.entropy(
+                   logits.double(), backend="torch").float() + 1e-3}
+    with _entropy_cpu_backend_returning(results[wrong]):
+        code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", providers,
+                     "--modes", "fwd", "--dtypes", "fp32", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert code == 1
+    with (tmp_path / "results.csv").open() as handle:
+        cpu = next(row for row in csv.DictReader(handle) if row["provider"] == "cpu")
+    assert cpu["status"] == "ok" and cpu["check"] == "FAIL", cpu
+    assert "err_out" in cpu["reason"] and float(cpu["tol_out"]) < 1e-3, cpu
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "WRONG RESULTS" in out
+    markdown = (tmp_path / "results.md").read_text()
+    assert "## Wrong results" in markdown and "| FAIL |" in markdown
+
+
+def test_check_rule():
+    """ERROR_FACTOR x eager's error, at least eager's floor; non-finite errors always fail; no
+    baseline, no verdict."""
+    eager = {"err_out": 1e-7, "floor_out": 5e-6, "err_grad": 1e-3, "floor_grad": 2e-3}
+    assert check_errors({"err_out": 4e-6}, eager) == {"check": "ok", "tol_out": 5e-6}
+    assert check_errors({"err_out": 6e-6}, eager)["check"] == "FAIL"
+    within = {"err_out": 1e-6, "err_grad": 0.99 * ERROR_FACTOR * 1e-3}
+    assert check_errors(within, eager)["check"] == "ok"
+    assert check_errors({**within, "err_grad": 1.01 * ERROR_FACTOR * 1e-3},
+                        eager)["check"] == "FAIL"
+    for bad in (float("inf"), float("nan")):
+        assert check_errors({"err_out": bad}, eager)["check"] == "FAIL"
+    unchecked = check_errors({"err_out": 1.0}, "eager failed on this cell (RuntimeError: x)")
+    assert unchecked["check"] == "unchecked" and "eager failed" in unchecked["reason"]
+
+
+def test_a_missing_kernel_is_an_error_not_a_skip(tmp_path, capsys):
+    """torch raises NotImplementedError for an op with no kernel for the device (a broken
+    extension): that is an error cell and exit 1, not a skip."""
+    def no_kernel(logits):
+        raise NotImplementedError("Could not run 'em_C::entropy' with arguments from the 'CPU' "
+                                  "backend")
+
+    with _entropy_cpu_backend_returning(no_kernel):
+        code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager,cpu",
+                     "--modes", "fwd", "--dtypes", "fp32", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert code == 1
+    with (tmp_path / "results.csv").open() as handle:
+        cpu = next(row for row in csv.DictReader(handle) if row["provider"] == "cpu")
+    assert cpu["status"] == "error" and "NotImplementedError" in cpu["reason"], cpu
+
+
 def test_a_wrong_weight_gradient_shows_in_error_column():
     """linear_entropy's d(weight) (most of its backward's work) is checked on vocabulary rows
     against float64, not only d(hidden): a doubled d(weight) must show."""
@@ -114,15 +183,18 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
     first = _run(tmp_path / "first", "--providers", "eager")
     measured = []
 
-    def counting_measure(ctx, case, provider, mode):
-        measured.append(provider.name)
-        return measure(ctx, case, provider, mode)
+    def counting_measure(ctx, case, provider, mode, timed=True):
+        if timed:  # eager's untimed run for the other providers' checks is not a cell
+            measured.append(provider.name)
+        return measure(ctx, case, provider, mode, timed)
 
     earlier = str(tmp_path / "first" / "results.csv")
     with mock.patch("bench.harness.measure", counting_measure):
         rows = _run(tmp_path / "second", "--resume", earlier)
         assert "eager" not in measured and "chunked" in measured
         assert len(rows) == 12
+        assert {row["check"] for row in rows
+                if row["status"] == "ok" and row["provider"] != "eager"} == {"ok"}
         eager_rows = [row for row in rows if row["provider"] == "eager"]
         for before, after in zip(first, eager_rows):
             assert {k: before[k] for k in ("shape", "dtype", "mode", "time_ms", "date")} == {
@@ -158,6 +230,45 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager",
                      "--device", "cpu", "--out", str(tmp_path / "third"), "--resume", str(path)])
         assert code == 2 and message in capsys.readouterr().err
+
+
+def test_resume_leaves_out_rows_the_reports_cannot_use(tmp_path, capsys):
+    """A measured row without a dim its shape names (the plot's V), with dims that disagree with
+    its shape, or of an unknown op is left out with its line and reason, and its cell measured
+    again; a file the csv module cannot parse is refused with exit 2, not a traceback."""
+    _run(tmp_path / "first", "--providers", "eager", "--dtypes", "fp32")
+    with (tmp_path / "first" / "results.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, list(reader)
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+    rows[0]["dim_V"] = ""
+    rows[1]["dim_N"] = "9"
+    rows.append({**rows[1], "op": "softmax", "dim_N": "8"})
+    bad = tmp_path / "bad.csv"
+    with bad.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    capsys.readouterr()
+    measured = []
+
+    def counting_measure(ctx, case, provider, mode, timed=True):
+        measured.append((provider.name, mode))
+        return measure(ctx, case, provider, mode, timed)
+
+    with mock.patch("bench.harness.measure", counting_measure):
+        rows = _run(tmp_path / "second", "--providers", "eager", "--dtypes", "fp32",
+                    "--resume", str(bad))
+    err = capsys.readouterr().err
+    assert "3 rows of" in err and "line 2:" in err and "line 4: unknown op 'softmax'" in err
+    assert "disagree with shape N8-V1000" in err
+    assert sorted(measured) == [("eager", "fwd"), ("eager", "fwd+bwd")]
+    assert all(row["dim_V"] == "1000" for row in rows)
+    unreadable = tmp_path / "unreadable.csv"
+    unreadable.write_text(bad.read_text() + 'entropy,"' + "x" * (csv.field_size_limit() + 1))
+    code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager",
+                 "--device", "cpu", "--out", str(tmp_path / "third"), "--resume", str(unreadable)])
+    assert code == 2 and "cannot resume from" in capsys.readouterr().err
 
 
 def test_shape_filters():
