@@ -109,8 +109,14 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
-# The kernels scale logits by log2(e) / T in float32: below this T the factor is inf.
-MIN_TEMPERATURE = math.log2(math.e) / float(torch.finfo(torch.float32).max)
+# The largest float32: the kernels take their float parameters in float32, so a larger one would
+# become inf there.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+# The kernels scale logits by log2(e) / T and 1 / T in float32: below MIN_TEMPERATURE the first
+# is inf; above MAX_TEMPERATURE the second is no longer a normal float32 (and from ~1e45 both
+# round to 0, where a masked entry's -inf * 0 is NaN).
+MIN_TEMPERATURE = math.log2(math.e) / FLOAT32_MAX
+MAX_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).tiny)
 
 
 def check_temperature(temperature) -> float:
@@ -118,6 +124,9 @@ def check_temperature(temperature) -> float:
     if temperature < MIN_TEMPERATURE:
         raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (below it log2(e) / T "
                          f"overflows float32), got {temperature}")
+    if temperature > MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be <= {MAX_TEMPERATURE:.3g} (above it 1 / T is not a "
+                         f"normal float32), got {temperature}")
     return temperature
 
 

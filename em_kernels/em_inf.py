@@ -18,7 +18,8 @@ from ._ops.em_inf import (
 )
 
 _OPTIMIZERS = ("adam", "sgd")
-# The compiled kernels' bound on steps (em/em_inf_checks.h), checked here for every backend.
+# The compiled kernels' bound on steps and max_iters (em/em_inf_checks.h), checked here for every
+# backend.
 MAX_STEPS = 2**30
 _EARLY_EXITS = ("row", "batch")
 
@@ -135,8 +136,8 @@ def em_inf_adjust(
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"); the last
             dim is the vocabulary. Entries equal to -inf (masked tokens) stay -inf.
         steps: number of optimiser steps, >= 0 (0 returns the logits as float32).
-        lr: learning rate, finite and >= 0.
-        kl_weight: weight of KL(p0 || p), finite and >= 0.
+        lr: learning rate, >= 0 and finite in float32 (the kernels' precision).
+        kl_weight: weight of KL(p0 || p), >= 0 and finite in float32.
         threshold: entropy (nats) below which a row stops; -inf never stops, +inf never moves.
         optimizer: "adam" (the released code) or "sgd".
         early_exit: "row": every row is its own problem and stops on its own entropy (a row's
@@ -150,8 +151,8 @@ def em_inf_adjust(
         them. NaN in a row makes that row's finite entries NaN; a row that is all -inf stays so.
     """
     steps = _checks.check_int("steps", steps, 0, MAX_STEPS)
-    lr = _checks.check_number("lr", lr, low=0.0)
-    kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0)
+    lr = _checks.check_number("lr", lr, low=0.0, high=_checks.FLOAT32_MAX)
+    kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0, high=_checks.FLOAT32_MAX)
     threshold = _checks.check_number("threshold", threshold, allow_inf=True)
     optimizer = _checks.check_choice("optimizer", optimizer, _OPTIMIZERS)
     early_exit = _checks.check_choice("early_exit", early_exit, _EARLY_EXITS)
@@ -187,7 +188,7 @@ def adaptive_temperature(
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch").
         alpha: fraction of the entropy to aim for, in [0, 1].
         delta: entropy floor in nats, finite and >= 0.
-        max_iters: most bisection steps, >= 0.
+        max_iters: most bisection steps, in [0, 2^30].
         tol: tolerance in nats, finite and > 0.
         backend: "auto", "triton", "cuda", "cpu" or "torch".
 
@@ -196,7 +197,7 @@ def adaptive_temperature(
     """
     alpha = _checks.check_number("alpha", alpha, low=0.0, high=1.0)
     delta = _checks.check_number("delta", delta, low=0.0)
-    max_iters = _checks.check_int("max_iters", max_iters, 0)
+    max_iters = _checks.check_int("max_iters", max_iters, 0, MAX_STEPS)
     tol = _checks.check_number("tol", tol, low=0.0, low_open=True)
     _checks.check_logits(logits, backend)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel(

@@ -16,15 +16,21 @@ def entropy(
 
     Args:
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"), any
-            leading shape and strides. Entries equal to -inf are masked (probability 0).
-        temperature: finite positive number; every formula is on logits / temperature.
+            leading shape and strides. Entries equal to -inf are masked (probability 0). So,
+            in the compiled backends, is a finite entry whose logit * log2(e) / T overflows
+            float32 to -inf (finfo.min used as a mask): a row made only of such entries gives
+            NaN like an all -inf row, where the "torch" backend sees a uniform row.
+        temperature: finite positive number in [~4.2e-39, ~8.5e37] (the range float32 can
+            scale by); every formula is on logits / temperature.
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
         own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly
-        0 at every -inf entry); the forward keeps 8 bytes per row and the backward recomputes
-        the probabilities. The compiled backends are deterministic and batch-invariant: a row's
+        0 at every -inf entry); the forward keeps 8 bytes per row (entropy and logsumexp in
+        float32) and the backward recomputes the probabilities from them, so log p is exact to
+        about an ulp of |logsumexp| ~ |max logit| / T, and a row whose logsumexp overflows
+        float32 (|logits| / T past ~3e38) gets a NaN gradient. The compiled backends are deterministic and batch-invariant: a row's
         result has the same bits whatever the other rows and the batch size.
 
     Example:

@@ -311,7 +311,8 @@ BAD_EM_INF = [
     (dict(steps=2**30 + 1), ValueError), (dict(steps=2**63), ValueError),
     (dict(lr=-0.1), ValueError), (dict(lr=math.nan), ValueError), (dict(lr=math.inf), ValueError),
     (dict(lr="0.1"), TypeError), (dict(kl_weight=-1.0), ValueError),
-    (dict(kl_weight=math.inf), ValueError), (dict(threshold=math.nan), ValueError),
+    (dict(kl_weight=math.inf), ValueError), (dict(lr=1e39), ValueError),
+    (dict(kl_weight=1e39), ValueError), (dict(threshold=math.nan), ValueError),
     (dict(optimizer="adamw"), ValueError), (dict(optimizer=None), TypeError),
     (dict(early_exit="token"), ValueError), (dict(backend="tpu"), ValueError),
 ]
@@ -319,7 +320,8 @@ BAD_TEMPERATURE = [
     (dict(alpha=1.5), ValueError), (dict(alpha=-0.1), ValueError), (dict(alpha=math.nan), ValueError),
     (dict(delta=-1.0), ValueError), (dict(delta=math.inf), ValueError),
     (dict(tol=0.0), ValueError), (dict(tol=-1.0), ValueError), (dict(max_iters=-1), ValueError),
-    (dict(max_iters=3.5), TypeError), (dict(backend=3), TypeError),
+    (dict(max_iters=3.5), TypeError), (dict(max_iters=2**30 + 1), ValueError),
+    (dict(max_iters=2**64), ValueError), (dict(backend=3), TypeError),
 ]
 
 

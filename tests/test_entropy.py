@@ -757,10 +757,11 @@ def test_bad_temperature_value(temperature):
         assert isinstance(error, ValueError) and "finite positive" in str(error)
 
 
-@pytest.mark.parametrize("temperature", [1e-39, 4e-39, 10**400])
+@pytest.mark.parametrize("temperature", [1e-39, 4e-39, 1e38, 1e50, 10**400])
 def test_temperatures_the_kernels_cannot_scale_by(temperature):
-    """log2(e) / T must be a finite float32 (T >= ~4.2e-39), and an int beyond float64 is a
-    ValueError, not an OverflowError."""
+    """log2(e) / T must be a finite float32 (T >= ~4.2e-39) and 1 / T a normal one (T <=
+    ~8.5e37: from ~1e45 both round to 0 and masked entries gave NaN), and an int beyond float64
+    is a ValueError, not an OverflowError."""
     for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
         assert isinstance(error, ValueError) and "temperature must be" in str(error), error
 

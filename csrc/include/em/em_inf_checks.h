@@ -29,8 +29,11 @@ inline void check_em_inf_args(const at::Tensor& logits, c10::DeviceType device, 
   check_logits("em_inf_adjust", logits, device);
   TORCH_CHECK(steps >= 0, "em_inf_adjust: steps must be >= 0, got ", steps);
   TORCH_CHECK(steps <= (1 << 30), "em_inf_adjust: steps must be <= 2^30, got ", steps);
-  TORCH_CHECK(std::isfinite(lr), "em_inf_adjust: lr must be finite, got ", lr);
-  TORCH_CHECK(std::isfinite(kl_weight), "em_inf_adjust: kl_weight must be finite, got ", kl_weight);
+  // The kernels take them as float: finite means finite in float32.
+  TORCH_CHECK(std::isfinite(static_cast<float>(lr)),
+              "em_inf_adjust: lr must be finite in float32, got ", lr);
+  TORCH_CHECK(std::isfinite(static_cast<float>(kl_weight)),
+              "em_inf_adjust: kl_weight must be finite in float32, got ", kl_weight);
   TORCH_CHECK(!std::isnan(threshold), "em_inf_adjust: threshold must not be NaN");
 }
 
@@ -41,6 +44,8 @@ inline void check_adaptive_temperature_args(const at::Tensor& logits, c10::Devic
   TORCH_CHECK(std::isfinite(alpha), "adaptive_temperature: alpha must be finite, got ", alpha);
   TORCH_CHECK(std::isfinite(delta), "adaptive_temperature: delta must be finite, got ", delta);
   TORCH_CHECK(max_iters >= 0, "adaptive_temperature: max_iters must be >= 0, got ", max_iters);
+  TORCH_CHECK(max_iters <= (1 << 30), "adaptive_temperature: max_iters must be <= 2^30, got ",
+              max_iters);
   TORCH_CHECK(std::isfinite(tol) && tol >= 0,
               "adaptive_temperature: tol must be finite and >= 0, got ", tol);
 }
