@@ -220,9 +220,12 @@ def main(argv: list[str] | None = None) -> int:
               f"on {ctx.device_name}: resume only on the same kind of device", file=sys.stderr)
         return 2
     # Every measured cell of the earlier run is kept, also those outside this run's filters (so
-    # that --resume and --out may name the same file without losing any).
-    resumed = {cell_key(row): row for row in earlier if row["status"] == "ok"}
-    done = frozenset(resumed) & frozenset(order)
+    # that --resume and --out may name the same file without losing any), except that a cell of
+    # this run whose result failed its check is measured again (the kernel may be fixed now).
+    planned = frozenset(order)
+    resumed = {cell_key(row): row for row in earlier if row["status"] == "ok" and not (
+        row.get("check") == "FAIL" and cell_key(row) in planned)}
+    done = frozenset(resumed) & planned
     csv_log = report.CsvLog(args.out / "results.csv", info)
     rows = list(resumed.values())
     for row in rows:  # first, so that a run stopped early still has them

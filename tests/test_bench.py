@@ -217,6 +217,18 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         assert {row["op"] for row in narrow} == {"entropy"}
         modes = [row["mode"] for row in narrow]  # this run's cells first, the others after
         assert modes == sorted(modes, key=lambda mode: mode != "fwd")
+        # A cell of this run whose check failed is measured again.
+        with second.open(newline="") as handle:
+            records = list(csv.DictReader(handle))
+        failed = next(r for r in records if r["provider"] == "chunked" and r["mode"] == "fwd")
+        failed["check"] = "FAIL"
+        with second.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
+        measured.clear()
+        _run(tmp_path / "second", "--resume", str(second), "--modes", "fwd")
+        assert measured == ["chunked"]
     with open(earlier) as handle:
         text = handle.read()
     other = tmp_path / "other.csv"
