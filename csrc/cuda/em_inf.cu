@@ -70,7 +70,9 @@ namespace {
 
 namespace cg = cooperative_groups;
 
-constexpr int kThreads = 512;         // 16 warps per block; up to 4 co-resident blocks per SM
+// 16 warps per block; at the step kernels' 59-64 registers a thread (sm_90a), 2 blocks fit an
+// SM's register file (the launch plan asks the occupancy API, so this is not assumed anywhere).
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kEntriesPerThread = 4;  // per segment, held in registers from the update to the stats
 // The unit of partial statistics. Fixed (not derived from N or the grid) so that every row is
