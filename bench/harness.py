@@ -168,6 +168,11 @@ class OpBench:
         """Elements of the largest inputs (the [rows, V] logits by default)."""
         return math.prod(dims.values())
 
+    def eager_numel(self, dims: dict[str, int]) -> int:
+        """Elements of the largest tensor eager PyTorch forms: the logits, which are the inputs
+        by default."""
+        return self.input_numel(dims)
+
     def traffic(self, dims, dtype, mode) -> tuple[float | None, float | None]:
         """(bytes, FLOPs) the computation needs at least; None where it does not apply."""
         raise NotImplementedError
@@ -550,9 +555,10 @@ def _release_memory(ctx: Context) -> None:
         torch.cuda.empty_cache()
 
 
-# Host memory a CPU case may need, in multiples of its inputs: eager's fp32 copies of the
-# logits, softmax, log-softmax and their product, and the gradient (a CPU run out of memory is
-# killed, not skipped).
+# Host memory a CPU case may need, in multiples of the largest tensor eager forms (the logits)
+# in fp32 or its inputs, whichever is more: eager's fp32 copies of the logits, softmax,
+# log-softmax and their product, and the gradient (a CPU run out of memory is killed, not
+# skipped).
 CPU_MEMORY_FACTOR = 8
 
 
@@ -570,9 +576,11 @@ def _case_fits(ctx: Context, op: OpBench, dims, dtype) -> str | None:
     need = op.input_numel(dims) * dtype.itemsize
     if not ctx.is_cuda:
         available = _available_host_bytes()
-        if available is not None and CPU_MEMORY_FACTOR * need > available:
-            return (f"out of host memory: inputs need {need / 2**30:.1f} GiB and eager about "
-                    f"{CPU_MEMORY_FACTOR}x that, {available / 2**30:.1f} GiB available")
+        largest = max(need, op.eager_numel(dims) * 4)  # bytes: eager works in fp32
+        if available is not None and CPU_MEMORY_FACTOR * largest > available:
+            return (f"out of host memory: eager's largest tensor takes {largest / 2**30:.1f} GiB "
+                    f"and eager about {CPU_MEMORY_FACTOR}x that, {available / 2**30:.1f} GiB "
+                    "available")
         return None
     free, _ = torch.cuda.mem_get_info(ctx.device)
     # The inputs plus a gradient of the same size must fit, with a margin for the providers.

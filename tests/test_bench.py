@@ -315,6 +315,22 @@ def test_logprobs_traffic_counts_int64_tokens():
     assert nbytes == 8 * 1000 * 4 + 8 * 16
 
 
+def test_cpu_cases_eager_cannot_hold_are_skipped():
+    """On CPU a case whose eager working set would not fit is skipped, not killed: for
+    linear_entropy that is the [M, V] fp32 logits, far larger than the inputs at a small H."""
+    from bench import harness
+
+    ctx = mock.Mock(is_cuda=False)
+    dims = {"M": 8192, "H": 896, "V": 152064}  # inputs 0.6 GiB in fp32, logits 4.6 GiB
+    with mock.patch.object(harness, "_available_host_bytes", return_value=16 << 30):
+        reason = harness._case_fits(ctx, OPS["linear_entropy"], dims, torch.float32)
+        assert reason is not None and "out of host memory" in reason
+        small = {"M": 64, "H": 896, "V": 152064}
+        assert harness._case_fits(ctx, OPS["linear_entropy"], small, torch.float32) is None
+        logits = {"N": 256, "V": 151936}
+        assert harness._case_fits(ctx, OPS["entropy"], logits, torch.bfloat16) is None
+
+
 def test_gpu_check_fails_when_the_budget_leaves_steps_unrun(tmp_path):
     """gpu_check.sh with a stand-in interpreter (torch 'sees a GPU', every step succeeds at once)
     and a budget too small for any step: every step is listed as not run and the exit status is

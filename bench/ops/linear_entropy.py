@@ -83,6 +83,9 @@ class LinearEntropyBench(OpBench):
     def input_numel(self, dims):
         return (dims["M"] + dims["V"]) * dims["H"]
 
+    def eager_numel(self, dims):
+        return max(self.input_numel(dims), dims["M"] * dims["V"])  # eager's [M, V] logits
+
     def traffic(self, dims, dtype, mode):
         mhv = dims["M"] * dims["H"] * dims["V"]
         return None, {"fwd": 2 * mhv, "bwd": 4 * mhv, "fwd+bwd": 6 * mhv}[mode]
