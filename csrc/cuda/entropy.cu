@@ -15,9 +15,11 @@
 // V % 8 != 0 (bf16), row r of a contiguous batch starts (r * V) % 8 entries past a 16-byte
 // boundary, so the same row moved to another position would otherwise be cut into vectors
 // differently. The forward therefore assigns entries to threads by their index in the chunk
-// (thread t: entries [8 v, 8 v + 8) of the chunk for v = t, t + 256, ..., then entry 8 * (chunk
-// / 8) + t of the tail) and, when the chunk start is misaligned, builds each such vector from the
-// two aligned 16-byte loads that straddle it (`realign`). The backward is elementwise, so its
+// (with W = 16 / sizeof(T) entries a vector, thread t: entries [W v, W v + W) of the chunk for
+// v = t, t + 256, ..., then entry W * (len / W) + t of the tail) and, when the chunk start is
+// misaligned, builds each such vector from the two aligned 16-byte loads that straddle it
+// (`realign`; those loads reach at most 14 bytes before the chunk or past the row, always within
+// a 16-byte block that holds one of its entries, so never outside the allocation). The backward is elementwise, so its
 // bits never depend on the layout: it keeps aligned vectors and a scalar head and tail of at
 // most 2 * (16 / sizeof(T) - 1) entries, one per thread.
 //
@@ -56,6 +58,7 @@
 #include <type_traits>
 
 #include "em/op_checks.h"
+#include "em/realign.h"
 #include "em/softmax_stats.h"
 
 namespace em::cuda {
@@ -267,23 +270,13 @@ __device__ __forceinline__ SoftmaxPartial block_merge(SoftmaxPartial p, float sc
   return p;
 }
 
-// The 16 bytes that start shift_bytes into `lo` and run on into `hi` (two consecutive aligned
-// vectors), for shift_bytes in [0, 16) and a multiple of 2: a select picks the words, a funnel
-// shift the 2-byte offset. The branches are uniform (shift_bytes is the block's).
+// The 16 bytes that start shift_bytes into `lo` and run on into `hi` (em/realign.h). The branches
+// inside are uniform: shift_bytes is the block's.
 __device__ __forceinline__ uint4 realign(const uint4& lo, const uint4& hi, int shift_bytes) {
   const uint32_t words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-  const int skip = shift_bytes / 4;                   // whole words
-  const unsigned bits = (shift_bytes % 4) * 8;        // then 0 or 16 bits
-  uint32_t picked[5];
-#pragma unroll
-  for (int i = 0; i < 5; ++i) {
-    picked[i] = skip == 0 ? words[i] : skip == 1 ? words[i + 1] : skip == 2 ? words[i + 2]
-                                                                            : words[i + 3];
-  }
-  return make_uint4(__funnelshift_r(picked[0], picked[1], bits),
-                    __funnelshift_r(picked[1], picked[2], bits),
-                    __funnelshift_r(picked[2], picked[3], bits),
-                    __funnelshift_r(picked[3], picked[4], bits));
+  uint32_t out[4];
+  realign_words(words, shift_bytes, out);
+  return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
 // Chunk vector i (entries [kVecSize i, kVecSize (i + 1)) of the chunk). kShifted: the chunk
