@@ -569,7 +569,9 @@ def test_maxima_whose_difference_overflows(backend_device):
     """Chunks whose maxima lie 4e38 apart: the shift between them overflows float32 to -inf, and
     merging must still give the chunk's scale 0 (not 0 * -inf = NaN). Row 0 is one +2e38 among
     a long run of -2e38 (entropy 0), row 1 its negation (uniform over the 40000 entries at +2e38:
-    entropy log 40000); every chunk size of every backend leaves a chunk of one sign only. The
+    entropy log 40000); every chunk size of every backend leaves a chunk of one sign only. Row 2
+    puts -2e38 in the first 8 entries and +2e38 at 1024 (entropy 0): in the CUDA forward one
+    thread meets both (its vectors 0 and 256 in fp32) and rescales its own sums across them. The
     gradient is only required finite at T = 1: from a float32 lse of 2e38 (ulp 2e31) no backward
     can recover log p; at T = 1e-30 the lse overflows and the gradient is NaN on purpose (a
     one-hot alone would look plausible). (The torch backend, plain float32 PyTorch, forms lse
@@ -578,13 +580,15 @@ def test_maxima_whose_difference_overflows(backend_device):
     if backend == "torch":
         pytest.skip("plain float32 PyTorch: its log-probs come from lse, which absorbs log s here")
     vocab, run, peak = 70000, 40000, 60000
-    logits = torch.zeros(2, vocab)
+    logits = torch.zeros(3, vocab)
     logits[0, :run] = -2e38
     logits[0, peak] = 2e38
     logits[1] = -logits[0]
+    logits[2, :8] = -2e38
+    logits[2, 1024] = 2e38
     logits = logits.to(device)
-    tokens = torch.tensor([peak, 0], device=device)
-    expected = torch.tensor([0.0, math.log(run)], device=device)
+    tokens = torch.tensor([peak, 0, 1024], device=device)
+    expected = torch.tensor([0.0, math.log(run), 0.0], device=device)
     for temperature in (1.0, 1e-30):
         logprobs, result, grad = _forward_and_gradient(backend, logits, tokens, temperature)
         torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)

@@ -4,6 +4,7 @@ filtering bound with grad_filter_eps."""
 
 from __future__ import annotations
 
+import math
 import socket
 
 import pytest
@@ -100,6 +101,8 @@ def _check_case(rank, backend, dtype):
     torch.testing.assert_close(sharded.entropy, full.entropy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sharded.logprobs, full.logprobs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_hidden, full_hidden, **tolerance)
+    if dtype == torch.float32:
+        _check_maxima_apart(shard, backend)
     if backend == "torch" and dtype == torch.float32:
         _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs)
     # Out-of-range global ids are caught on CPU, on every rank.
@@ -110,6 +113,21 @@ def _check_case(rank, backend, dtype):
         assert f"[0, {VOCAB})" in str(error)
     else:
         raise AssertionError("an id outside the global vocabulary was accepted")
+
+
+def _check_maxima_apart(shard, backend):
+    """Shards whose maxima lie 4e38 apart (the gap between them overflows float32): the merge
+    across ranks gives the far shard weight 0, not 0 * inf = NaN. Row 0: rank 0's logits are
+    all -2e38, rank 1 has one at +2e38 (entropy 0); row 1 the negation (uniform over rank 0's
+    23 ids at +2e38)."""
+    weight = torch.zeros(VOCAB, 1)
+    weight[:SPLIT] = -2e19
+    weight[SPLIT + 1] = 2e19
+    hidden = torch.tensor([[1e19], [-1e19]])
+    out = em_kernels.linear_entropy(hidden, weight[shard], process_group=dist.group.WORLD,
+                                    backend=backend)
+    expected = torch.tensor([0.0, math.log(SPLIT)])
+    torch.testing.assert_close(out.entropy, expected, rtol=1e-6, atol=1e-6)
 
 
 def _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs):

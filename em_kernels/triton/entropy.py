@@ -261,8 +261,9 @@ def _softmax_stats_bwd_kernel(
     entropy = tl.where(no_distribution, 0.0, entropy)
     grad_entropy = tl.where(no_distribution, 0.0, grad_entropy)
     # A row whose lse overflowed (|z| / T past float32's range; the forward's values are right,
-    # being formed relative to the max) has lost every log p_j: NaN makes its gradient NaN
-    # (masked entries aside) instead of all 0 but a plausible-looking one-hot term.
+    # being formed relative to the max) has lost every log p_j: NaN makes its gradient NaN,
+    # whatever the upstream gradients, instead of all 0 but a plausible-looking one-hot term.
+    # (Its -inf entries stay 0 here; the C++ and CUDA kernels make them NaN too.)
     lse = tl.where(no_distribution, 0.0, tl.where(lse == float("inf"), float("nan"), lse))
     log2_p = tl.fma(z, inv_temperature, -lse) * LOG2E
     p = tl.exp2(log2_p)

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include <cmath>
+#include <limits>
 
 namespace em {
 
@@ -25,9 +26,16 @@ inline void check_logits(const char* op, const at::Tensor& logits, c10::DeviceTy
               logits.stride(1), "; call .contiguous() first");
 }
 
+// As em_kernels._checks.check_temperature: the kernels scale by log2(e) / T and 1 / T in float32,
+// which must be finite and normal.
 inline void check_temperature(const char* op, double temperature) {
   TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
               ": temperature must be a finite positive number, got ", temperature);
+  const double lowest = 1.4426950408889634 / std::numeric_limits<float>::max();
+  const double highest = 1.0 / std::numeric_limits<float>::min();
+  TORCH_CHECK(temperature >= lowest && temperature <= highest, op, ": temperature must be in [",
+              lowest, ", ", highest, "] (float32 must hold log2(e) / T and 1 / T), got ",
+              temperature);
 }
 
 // A per-row vector: 1-D of N entries of `dtype`, on the logits' device.

@@ -70,7 +70,8 @@ EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartia
   const float sa = exp2f(da);
   const float sb = exp2f(db);
   // A shift that overflows to -inf (maxima ~1e38 apart, or a tiny T) has scale 0; the floor keeps
-  // its 0 * (sum * -inf) = NaN out and changes nothing else (2^kExp2Floor is below every sum's ulp).
+  // its 0 * (sum * -inf) = NaN out. Elsewhere it only touches parts whose scale is below
+  // 2^-127 (subnormal, kept without flush-to-zero): their term moves by ~1e-36 absolute at most.
   return {m, a.sum * sa + b.sum * sb,
           sa * (a.weighted + a.sum * fmaxf(da, kExp2Floor)) +
               sb * (b.weighted + b.sum * fmaxf(db, kExp2Floor))};
@@ -122,8 +123,9 @@ inline TemperatureFactors temperature_factors(double temperature) {
 // A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
 // is exactly 0 like every masked entry's (lse 0 makes each d_j = -inf, hence p_j = 0).
 // A row whose lse overflowed float32 (|z| / T past ~3e38: the forward's values are still right,
-// being formed relative to the max) has lost log p_j, so its gradient is NaN, visibly: every
-// d_j is -inf and p_j (c0 + c1 d_j) = 0 * NaN (the one-hot term alone would look plausible).
+// being formed relative to the max) has lost log p_j, so its gradient is NaN, visibly, at every
+// entry (-inf ones too) and whatever the upstream gradients: p_j (c0 + c1 d_j) = 0 * NaN, where
+// the one-hot term alone would have looked plausible.
 EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, float lse, float grad_entropy,
                                                           float grad_logprob,
                                                           const TemperatureFactors& t) {
