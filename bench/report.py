@@ -162,7 +162,7 @@ def _cells(row: dict) -> list[str]:
 def wrong_results(rows: list[dict]) -> list[str]:
     """One line per measured cell whose check failed: its name and which error was too large."""
     return [f"{row['op']} {row['shape']} {row['dtype']} {row['mode']} {row['provider']}: "
-            f"{row['reason']}" for row in rows
+            f"{row.get('reason', 'no reason recorded')}" for row in rows
             if row["status"] == "ok" and row.get("check") == "FAIL"]
 
 
