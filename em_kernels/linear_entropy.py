@@ -195,7 +195,8 @@ def linear_entropy(
             raises ValueError; on CUDA tensors that check would need a host sync, so it is not
             made (set EM_KERNELS_CHECK_TOKENS=1 to make it) and such a row gets a NaN log-prob
             and no log-prob gradient.
-        temperature: finite positive number; every formula is on the logits / temperature.
+        temperature: finite positive number in [~4.2e-39, ~8.5e37]; every formula is on the
+            logits / temperature.
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
             unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
@@ -225,9 +226,11 @@ def linear_entropy(
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),
-        logprobs None without tokens. A row whose logits are all -inf has NaN entropy. Both are
-        differentiable w.r.t. hidden, weight and bias, with any upstream gradients for both at
-        once. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
+        logprobs None without tokens. A row whose logits are all -inf has NaN entropy and
+        log-prob and adds nothing to the gradients. Both are differentiable w.r.t. hidden,
+        weight and bias, with any upstream gradients for both at once. The Triton forward's bits
+        do not depend on the other rows (batch invariance); the chunked PyTorch path leaves
+        that to the BLAS, which may round a row's logits differently at another batch size. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
         backward (deterministic: a dz pass and BLAS matmuls over vocab chunks, no atomics)
         adds a chunk workspace of at most 128 MiB and an fp32 (N, H) d_hidden accumulator.
     """
