@@ -61,8 +61,8 @@ def logprobs_and_entropy(
         logits: (..., V) float32, bfloat16 or float16, any leading shape and strides.
         tokens: int64 of shape (...), ids in [0, V). On CPU tensors an id out of range raises
             ValueError at once. On CUDA tensors that check would need a host sync, so it is not
-            made (set EM_KERNELS_CHECK_TOKENS=1 to make it): the kernels give such a row a NaN
-            log-prob and no log-prob gradient instead.
+            made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile on any
+            device: the kernels give such a row a NaN log-prob and no log-prob gradient instead.
         temperature: finite positive number; p = softmax(logits / temperature).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
 

@@ -193,8 +193,8 @@ def linear_entropy(
             vocabulary entries (probability 0).
         tokens: optional int64 (N,) global ids in [0, V_total). On CPU tensors an id out of range
             raises ValueError; on CUDA tensors that check would need a host sync, so it is not
-            made (set EM_KERNELS_CHECK_TOKENS=1 to make it) and such a row gets a NaN log-prob
-            and no log-prob gradient.
+            made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile, and such
+            a row gets a NaN log-prob and no log-prob gradient.
         temperature: finite positive number in [~4.2e-39, ~8.5e37]; every formula is on the
             logits / temperature.
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
