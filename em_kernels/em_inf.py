@@ -182,7 +182,9 @@ def adaptive_temperature(
     target = max(delta, alpha * H(softmax(z))). A row whose entropy is at most ``delta`` is
     returned unchanged (tau = 1). Otherwise tau is bisected in [0.01, 1]: tau = (lo + hi) / 2,
     stop when |H(softmax(z / tau)) - target| < tol, else hi = tau if the entropy is too high,
-    lo = tau if too low; at most ``max_iters`` halvings (the last tau tried is kept).
+    lo = tau if too low; at most ``max_iters`` halvings (the last tau tried is kept), and none
+    once lo and hi have met in floating point (the midpoint repeats; every further halving would
+    redo the last), so a tolerance the row cannot meet costs ~30 halvings, not max_iters.
 
     Args:
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch").

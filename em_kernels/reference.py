@@ -161,7 +161,9 @@ def adaptive_temperature_ref(
 
     target = max(delta, alpha * H(z)). Rows with H(z) <= delta are returned unchanged (tau = 1).
     Otherwise bisect tau in [0.01, 1]: tau = (lo + hi) / 2, stop when |H(z / tau) - target| < tol,
-    else move hi (entropy too high) or lo (too low) to tau; at most ``max_iters`` halvings."""
+    else move hi (entropy too high) or lo (too low) to tau; at most ``max_iters`` halvings. A row
+    also stops once the midpoint repeats (lo and hi have met in floating point): every further
+    halving would try the same tau, so the result is the same and the time bounded."""
     dtype = compute_dtype(logits.dtype)
     z = logits.detach().to(dtype)
     shape = z.shape
@@ -173,9 +175,10 @@ def adaptive_temperature_ref(
     hi = torch.ones_like(h0)
     searching = h0 > delta
     for _ in range(max_iters):
+        mid = (lo + hi) / 2
+        searching = searching & (mid != tau)  # tau holds the last midpoint tried
         if not bool(searching.any()):
             break
-        mid = (lo + hi) / 2
         h = entropy_ref(z / mid.unsqueeze(-1))
         tau = torch.where(searching, mid, tau)
         done = (h - target).abs() < tol

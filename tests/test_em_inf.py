@@ -612,3 +612,24 @@ def test_em_inf_near_uniform_rows(backend_device, early_exit):
         assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
 
     check()
+
+
+def test_adaptive_temperature_stops_once_the_interval_collapses(backend_device, monkeypatch):
+    """A tolerance no row can meet (1e-30 nats): bisection stops when lo and hi have met (the
+    midpoint repeats), with the tau that max_iters = 200 gives, whatever max_iters allows (up
+    to 2^30: without the stop, hours). The reference's entropy calls are counted: a few dozen
+    for a float64 bisection, not max_iters (5000 here, so that a regression fails, not hangs)."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(3, 40, generator=generator) * 2).to(device)
+    options = dict(alpha=0.5, delta=0.1, tol=1e-30)
+    bounded = em_kernels.adaptive_temperature(logits, max_iters=200, backend=backend, **options)
+    calls = []
+    original = reference.entropy_ref
+    monkeypatch.setattr(reference, "entropy_ref",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    unbounded = em_kernels.adaptive_temperature(logits, max_iters=5000, backend=backend,
+                                                **options)
+    assert torch.equal(unbounded, bounded)
+    if backend == "torch":
+        assert 0 < len(calls) < 200, len(calls)

@@ -390,7 +390,9 @@ void adaptive_temperature_rows(const at::Tensor& logits, at::Tensor& out, float 
         const float target = std::fmax(alpha * entropy, delta);
         float lo = 0.01f, hi = 1.0f, tau = 1.0f;
         for (int64_t it = 0; it < max_iters; ++it) {
-          tau = (lo + hi) / 2.0f;
+          const float mid = (lo + hi) / 2.0f;
+          if (mid == tau) break;  // lo and hi have met: every further halving repeats this one
+          tau = mid;
           const float h = scaled_entropy(z, V, max, tau);
           if (std::fabs(h - target) < tol) break;
           if (h > target) {

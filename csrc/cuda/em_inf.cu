@@ -626,7 +626,9 @@ __global__ void __launch_bounds__(kAdaptiveThreads) adaptive_temperature_kernel(
     const float target = fmaxf(alpha * entropy, delta);
     float lo = 0.01f, hi = 1.0f;
     for (int64_t it = 0; it < max_iters; ++it) {
-      tau = (lo + hi) / 2.0f;
+      const float mid = (lo + hi) / 2.0f;
+      if (mid == tau) break;  // lo and hi have met: every further halving repeats this one
+      tau = mid;
       const float h = scaled_row_entropy(row, V, max_logit, 1.0f / tau, sum_scratch);
       if (fabsf(h - target) < tol) break;
       if (h > target) {

@@ -334,8 +334,9 @@ def _row_entropy(row_ptr, V, tau, BLOCK: tl.constexpr):
 def _adaptive_temperature_fwd_kernel(logits_ptr, out_ptr, V, row_stride, alpha, delta,
                                      max_iters, tol, BLOCK: tl.constexpr):
     """One row per program: H0 = H(z); if H0 > delta, bisect tau in [0.01, 1] until
-    |H(z / tau) - max(delta, alpha H0)| < tol (at most max_iters halvings); write z / tau.
-    Reads the row 2 + (iterations) times, writes it once in fp32."""
+    |H(z / tau) - max(delta, alpha H0)| < tol (at most max_iters halvings, and none once the
+    midpoint repeats: lo and hi have met, so every further halving would redo the last); write
+    z / tau. Reads the row 2 + (iterations) times, writes it once in fp32."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * row_stride
     h0 = _row_entropy(row_ptr, V, 1.0, BLOCK)
@@ -345,8 +346,8 @@ def _adaptive_temperature_fwd_kernel(logits_ptr, out_ptr, V, row_stride, alpha, 
     lo = tl.full([], 0.01, tl.float32)
     hi = tl.full([], 1.0, tl.float32)
     iteration = tl.zeros([], tl.int32)
-    while searching & (iteration < max_iters):
-        mid = (lo + hi) / 2
+    mid = (lo + hi) / 2
+    while searching & (iteration < max_iters) & (mid != tau):
         h = _row_entropy(row_ptr, V, mid, BLOCK)
         tau = mid
         done = tl.abs(h - target) < tol
@@ -355,6 +356,7 @@ def _adaptive_temperature_fwd_kernel(logits_ptr, out_ptr, V, row_stride, alpha, 
         lo = tl.where(~done & ~too_high, mid, lo)
         searching = ~done
         iteration += 1
+        mid = (lo + hi) / 2
     offs = tl.arange(0, BLOCK)
     for start in range(0, V, BLOCK):
         cols = start + offs
