@@ -422,10 +422,17 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
 
 # ----------------------------------------------------------------------------- training loop
 
+# Bound on |ref - lp| in k3_kl: a token whose probability drifted e^20 (5e8) times from the
+# reference's would otherwise give exp(ref - lp) = inf (from a gap of 89 in float32) and a NaN
+# loss; as verl does, the estimate is taken at the bound there (and passes no gradient).
+K3_MAX_LOG_RATIO = 20.0
+
+
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """The low-variance estimate of KL(pi || pi_ref) per sampled token (Schulman's k3):
-    exp(ref - lp) - (ref - lp) - 1, >= 0, unbiased under samples of pi."""
-    log_ratio = ref_logprobs - logprobs
+    exp(ref - lp) - (ref - lp) - 1, >= 0, unbiased under samples of pi; ref - lp is clamped to
+    +-K3_MAX_LOG_RATIO, so the estimate stays finite."""
+    log_ratio = (ref_logprobs - logprobs).clamp(-K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
     return log_ratio.exp() - log_ratio - 1
 
 

@@ -14,7 +14,7 @@ import torch
 from algos_support import EOS, PAD, VOCAB, random_batch, tiny_causal_lm
 
 from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss, sequence_reward
-from em_algos._common import dropout_off, sample_responses
+from em_algos._common import K3_MAX_LOG_RATIO, dropout_off, k3_kl, sample_responses
 
 
 def _prompts(seed: int, batch: int = 3, length: int = 4):
@@ -301,3 +301,18 @@ def test_a_config_with_return_dict_false_is_scored_and_sampled():
                                pad_token_id=PAD, eos_token_id=EOS)
     assert rollout.input_ids.shape == (6, 7)
     assert model.config.return_dict is False
+
+
+def test_k3_kl_stays_finite_far_from_the_reference():
+    """k3 = exp(r) - r - 1 with r = ref - lp: exact within the clamp, finite beyond it (a gap
+    of 100 nats would give exp(100) = inf in float32, and a NaN loss), with no gradient there."""
+    logprobs = torch.tensor([-1.0, -120.0, -0.5, -3.0], requires_grad=True)
+    ref = torch.tensor([-1.5, -0.5, -110.0, float("-inf")])
+    kl = k3_kl(logprobs, ref)
+    assert bool(torch.isfinite(kl).all()) and bool((kl >= 0).all())
+    r = torch.tensor(-0.5)
+    torch.testing.assert_close(kl[0], r.exp() - r - 1)
+    bound = torch.tensor(K3_MAX_LOG_RATIO)
+    torch.testing.assert_close(kl[1], bound.exp() - bound - 1)
+    kl.sum().backward()
+    assert bool(torch.isfinite(logprobs.grad).all()) and logprobs.grad[1] == 0
