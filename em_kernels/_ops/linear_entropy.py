@@ -124,16 +124,17 @@ def _torch_fwd(hidden, weight, bias, tokens, temperature):
             part_max = z.amax(-1)
             safe_max = torch.where(
                 part_max == float("-inf"), torch.zeros_like(part_max), part_max)
-            shifted = z - safe_max.unsqueeze(-1)
-            e = torch.exp(shifted)
-            part_sum = e.sum(-1)
-            part_sum_z = torch.linalg.vecdot(e, shifted.masked_fill_(e == 0, 0.0))
             part_chosen = torch.zeros_like(part_max)
             if tokens is not None:
                 local = tokens[row_start:row_end] - start
                 inside = (local >= 0) & (local < end - start)
                 picked = torch.gather(z, -1, local.clamp(0, end - start - 1).unsqueeze(-1))
                 part_chosen = torch.where(inside, picked.squeeze(-1), part_chosen)
+            shifted = z.sub_(safe_max.unsqueeze(-1))  # in place: z is this chunk's own buffer
+            e = torch.exp(shifted)
+            part_sum = e.sum(-1)
+            # Masked entries (-inf) have e = 0; clamped, their e * shift is 0 * floor, not NaN.
+            part_sum_z = torch.linalg.vecdot(e, shifted.clamp_(min=SHIFT_FLOOR))
             parts.append(torch.stack([part_max, part_sum, part_sum_z, part_chosen]))
         block_entropy, block_lse, block_chosen = merge_partials(torch.stack(parts, 1))
         entropy[row_start:row_end] = block_entropy
