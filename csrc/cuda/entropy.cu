@@ -19,9 +19,9 @@
 // v = t, t + 256, ..., then entry W * (len / W) + t of the tail) and, when the chunk start is
 // misaligned, builds each such vector from the two aligned 16-byte loads that straddle it
 // (`realign`; those loads reach at most 14 bytes before the chunk or past the row, always within
-// a 16-byte block that holds one of its entries, so never outside the allocation). The backward is elementwise, so its
-// bits never depend on the layout: it keeps aligned vectors and a scalar head and tail of at
-// most 2 * (16 / sizeof(T) - 1) entries, one per thread.
+// a 16-byte block that holds one of its entries, so never outside the allocation). The backward
+// is elementwise, so its bits never depend on the layout: it keeps aligned vectors and a scalar
+// head and tail of at most 2 * (16 / sizeof(T) - 1) entries, one per thread.
 //
 // Forward, _fwd_kernel: per thread, online (max, sum, weighted) in bits over its vectors; the max
 // is checked once per vector and the sums rescaled (one extra exp2) only when it grows. Per entry:
