@@ -189,10 +189,11 @@ if [ -f bench/decode.py ]; then
     step decode 70 "$PY" -m bench.decode --qwen7b --json "$WORK/decode.json"
 fi
 # 8. A V / N sweep of entropy forward for the plot (our kernels and eager; compile compiles
-#    once per shape, too slow for this budget).
+#    once per shape, too slow for this budget). V 50257 (GPT-2's) is odd: its bf16 rows start
+#    at every offset from a 16-byte boundary, which the CUDA forward reads through `realign`.
 bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager triton cuda \
-    --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V128256 N4096-V151936 N4096-V262144 \
-    N16384-V151936
+    --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V50257 N4096-V128256 N4096-V151936 \
+    N4096-V262144 N16384-V151936
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
 #    (bench/tune.py: entropy, linear_entropy's forward, em_inf, then linear_entropy's backward
 #    at the headline shapes, ~3-4 minutes; tune.json keeps every row measured before a cut).
