@@ -10,6 +10,8 @@ those cases draw fewer examples and vocabularies of at most a few chunks.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -614,22 +616,51 @@ def test_em_inf_near_uniform_rows(backend_device, early_exit):
     check()
 
 
-def test_adaptive_temperature_stops_once_the_interval_collapses(backend_device, monkeypatch):
-    """A tolerance no row can meet (1e-30 nats): bisection stops when lo and hi have met (the
-    midpoint repeats), with the tau that max_iters = 200 gives, whatever max_iters allows (up
-    to 2^30: without the stop, hours). The reference's entropy calls are counted: a few dozen
-    for a float64 bisection, not max_iters (5000 here, so that a regression fails, not hangs)."""
-    backend, device = backend_device
+_UNMEETABLE_TOLERANCE = dict(alpha=0.5, delta=0.1, tol=1e-30)  # no row gets within 1e-30 nats
+
+
+def _bisection_rows(device):
     generator = torch.Generator().manual_seed(5)
-    logits = (torch.randn(3, 40, generator=generator) * 2).to(device)
-    options = dict(alpha=0.5, delta=0.1, tol=1e-30)
-    bounded = em_kernels.adaptive_temperature(logits, max_iters=200, backend=backend, **options)
+    return (torch.randn(3, 40, generator=generator) * 2).to(device)
+
+
+def test_adaptive_temperature_stops_once_the_interval_collapses(backend_device, monkeypatch):
+    """The reference: with a tolerance no row can meet, bisection stops once lo and hi have met
+    (the midpoint repeats), with the tau that max_iters = 200 gives; its entropy passes are
+    counted: a few dozen for a float64 bisection, not max_iters (5000 here, so that a
+    regression fails rather than hangs)."""
+    backend, device = backend_device
+    if backend != "torch":
+        pytest.skip("the kernels: test_adaptive_temperature_kernels_stop_at_any_max_iters")
+    logits = _bisection_rows(device)
+    bounded = em_kernels.adaptive_temperature(logits, max_iters=200, backend=backend,
+                                              **_UNMEETABLE_TOLERANCE)
     calls = []
     original = reference.entropy_ref
     monkeypatch.setattr(reference, "entropy_ref",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     unbounded = em_kernels.adaptive_temperature(logits, max_iters=5000, backend=backend,
-                                                **options)
+                                                **_UNMEETABLE_TOLERANCE)
     assert torch.equal(unbounded, bounded)
+    assert 0 < len(calls) < 200, len(calls)
+
+
+def test_adaptive_temperature_kernels_stop_at_any_max_iters(backend_device):
+    """The kernels, at max_iters = 2^30 with a tolerance no row can meet: they stop once lo and
+    hi have met, with the result of max_iters = 200. One that kept halving would take hours: it
+    runs in a subprocess, so that such a regression fails at the timeout instead of hanging
+    the test run."""
+    backend, device = backend_device
     if backend == "torch":
-        assert 0 < len(calls) < 200, len(calls)
+        pytest.skip("the reference: test_adaptive_temperature_stops_once_the_interval_collapses")
+    timeout = 120  # seconds: importing torch and Triton, then two calls, fit many times over
+    script = textwrap.dedent(f"""
+        import torch, em_kernels
+        generator = torch.Generator().manual_seed(5)
+        logits = (torch.randn(3, 40, generator=generator) * 2).to({device!r})
+        results = [em_kernels.adaptive_temperature(logits, max_iters=n, backend={backend!r},
+                                                   **{_UNMEETABLE_TOLERANCE!r})
+                   for n in (200, 2**30)]
+        assert torch.equal(*results)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=timeout)
