@@ -133,7 +133,7 @@ def test_dropout_is_off_during_a_step_and_comes_back():
         pad_token_id=PAD, eos_token_id=EOS)).train()
     model.model.layers[0].eval()  # a mode of its own, to be restored as it was
     trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
-                          lr=1e-2, beta=0.0, progress=False)
+                          lr=1e-2, beta=0.0, clip_range=1e-6, progress=False)
     enable = getattr(model, "activation_checkpointing_enable",
                      getattr(model, "gradient_checkpointing_enable", None))
     enable()  # checkpointing only happens in train mode: the step must keep it
@@ -146,6 +146,35 @@ def test_dropout_is_off_during_a_step_and_comes_back():
     with dropout_off(model):
         assert attention.attention_dropout == 0.0 and attention.training
     assert attention.attention_dropout == 0.5
+
+
+def test_scoring_mode_turns_off_dropout_in_modules_that_keep_train_mode():
+    """A checkpointed module keeps train mode under scoring_mode (transformers checkpoints only
+    in train mode), so eval mode cannot stop the dropout it applies in its own forward, as
+    OPT's decoder layers do with their float `dropout`: dropout_off must. The output is then
+    the input, every call; modes and rates come back after."""
+    from em_algos._common import scoring_mode
+
+    class CheckpointedLayer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gradient_checkpointing = True
+            self.dropout = 0.5
+            self.inner = torch.nn.Dropout(0.5)
+
+        def forward(self, x):
+            x = torch.nn.functional.dropout(x, p=self.dropout, training=self.training)
+            return self.inner(x)
+
+    model = torch.nn.Sequential(CheckpointedLayer()).train()
+    layer = model[0]
+    x = torch.ones(64, 64)
+    with scoring_mode(model):
+        assert layer.training and not layer.inner.training
+        for _ in range(3):
+            assert torch.equal(model(x), x)
+    assert layer.training and layer.inner.training
+    assert layer.dropout == 0.5 and layer.inner.p == 0.5
 
 
 def _tiny_llama_with_dropout(seed: int = 0, dropout: float = 0.5):

@@ -129,6 +129,21 @@ def test_adaptive_temperature_in_generate(model):
         assert bool((h_scaled <= h_raw + 1e-6).all())
 
 
+@pytest.mark.parametrize("cls, options, op", [
+    (EMInfLogitsProcessor, dict(steps=3, lr=0.3, kl_weight=0.05, threshold=0.1,
+                                optimizer="sgd", early_exit="batch"), em_kernels.em_inf_adjust),
+    (AdaptiveTemperatureLogitsProcessor, dict(alpha=0.3, delta=0.5, max_iters=7, tol=1e-3),
+     em_kernels.adaptive_temperature),
+])
+def test_processors_pass_their_options_on(cls, options, op):
+    """Every option reaches the op: the processor built with non-default values gives exactly
+    the op called with them, which differs from the op at its defaults on these scores."""
+    scores = torch.randn(3, 40, generator=torch.Generator().manual_seed(4)) * 3
+    expected = op(scores, **options)
+    assert torch.equal(cls(**options)(None, scores.clone()), expected)
+    assert not torch.equal(expected, op(scores))
+
+
 def test_scores_keep_their_dtype():
     scores = torch.randn(2, 30, dtype=torch.bfloat16)
     for processor in (EMInfLogitsProcessor(), AdaptiveTemperatureLogitsProcessor()):

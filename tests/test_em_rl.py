@@ -160,10 +160,11 @@ def test_trainer_lowers_entropy(reward, advantage):
 
 def test_first_update_is_on_policy_with_zero_kl():
     """Rollouts scored by the policy that sampled them: the first minibatch's ratio is exactly 1
-    (nothing clipped) and the k3 KL to the reference (the initial model) is 0."""
+    (nothing clipped even with a clip range of 1e-6) and the k3 KL to the reference (the initial
+    model) is 0."""
     model = tiny_causal_lm(seed=5, family="llama")
     trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
-                          lr=1e-2, beta=0.1, progress=False)
+                          lr=1e-2, beta=0.1, clip_range=1e-6, progress=False)
     stats = trainer.step(**{"prompt_ids": _prompts(0)["input_ids"],
                             "prompt_mask": _prompts(0)["attention_mask"]})
     assert stats["clip_fraction"] == 0.0 and stats["kl"] == 0.0

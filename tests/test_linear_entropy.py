@@ -502,12 +502,17 @@ def test_backward_chunk_columns(rows, vocab, entry):
 
 
 def test_only_requested_grads(backend_device):
-    """A frozen LM head gets no gradient; hidden still gets the exact one."""
+    """A frozen LM head gets no gradient, and none is computed (autograd would discard one, so
+    the backward's arguments are checked: no [V, H] matmul for a head that does not train);
+    hidden still gets the exact one."""
     backend, device = backend_device
     hidden, weight, bias, tokens = random_problem(9, 20, 33, device)
     hidden.requires_grad_()
     out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens, backend=backend)
-    (grad_hidden,) = torch.autograd.grad(out.entropy.sum() + out.logprobs.sum(), (hidden,))
+    with mock.patch.object(ops, "chunked_backward", wraps=ops.chunked_backward) as backward:
+        (grad_hidden,) = torch.autograd.grad(out.entropy.sum() + out.logprobs.sum(), (hidden,))
+    need_grad_hidden, need_grad_weight = backward.call_args.args[11:13]
+    assert need_grad_hidden is True and need_grad_weight is False
     exact_hidden = hidden.detach().double().requires_grad_()
     entropy, logprobs = reference.linear_entropy_ref(
         exact_hidden, weight.double(), bias.double(), tokens)
