@@ -531,12 +531,14 @@ def test_em_inf_masked_with_float_min(backend_device, early_exit):
     """Masking with finfo(float32).min (as some logits processors do) instead of -inf: whole
     chunks/segments of it sit ~3e38 below the rest, where a merge once made NaN of 0 * -inf. The
     other entries come out exactly as with -inf masking (the masked ones weigh exactly 0 either
-    way); the masked ones stay finfo.min."""
+    way); the masked ones stay finfo.min. With -inf, [4096, 8192) is a whole CPU chunk with
+    nothing in it, which its merge must skip."""
     backend, device = backend_device
     lowest = torch.finfo(torch.float32).min
-    logits = torch.randn(2, 4500, generator=torch.Generator().manual_seed(11)) * 2.0
+    logits = torch.randn(2, 9000, generator=torch.Generator().manual_seed(11)) * 2.0
     masked = torch.zeros_like(logits, dtype=torch.bool)
     masked[:, 2048:4096] = True  # a whole 2048-entry CUDA segment, two whole Triton chunks
+    masked[:, 4096:8192] = True  # a whole 4096-entry CPU chunk
     masked[1, :1024] = True
     options = dict(threshold=-math.inf, early_exit=early_exit, backend=backend)
     out = em_kernels.em_inf_adjust(logits.masked_fill(masked, lowest).to(device), **options)
@@ -614,6 +616,15 @@ def test_em_inf_near_uniform_rows(backend_device, early_exit):
         assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
 
     check()
+
+
+def test_adaptive_temperature_leaves_rows_at_delta_unchanged(backend_device):
+    """A row whose entropy is at most delta is returned as it is (tau = 1), equality included:
+    a one-entry row has entropy exactly 0, so with delta = 0 it must not be rescaled."""
+    backend, device = backend_device
+    logits = torch.tensor([[2.5], [-1.0]], device=device)
+    out = em_kernels.adaptive_temperature(logits, delta=0.0, backend=backend)
+    assert torch.equal(out, logits)
 
 
 _UNMEETABLE_TOLERANCE = dict(alpha=0.5, delta=0.1, tol=1e-30)  # no row gets within 1e-30 nats

@@ -10,6 +10,7 @@ boundaries and multi-chunk rows are still drawn; one test covers a real vocabula
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import textwrap
 from typing import Callable
@@ -473,6 +474,31 @@ def _assert_row_matches_oracle(logits, tokens, outputs):
                           grad_floor(logits, 1.0, ones, 0.25 * ones), "gradient")
 
 
+@pytest.mark.parametrize("loss", ["logprobs", "entropy"])
+def test_one_output_in_the_loss(backend_device, loss):
+    """A loss of one output only: the gradient is that output's alone, against the oracle
+    (torch hands the backward zeros for the unused output; every other gradient test puts
+    both outputs in the loss)."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(11)
+    logits = (torch.randn(4, 5000, generator=generator) * 3).to(device)
+    tokens = torch.randint(0, 5000, (4,), generator=generator).to(device)
+    grads = []
+    for dtype in (None, torch.float64, torch.float32):
+        leaf = logits.detach().clone() if dtype is None else logits.detach().to(dtype)
+        leaf.requires_grad_()
+        if dtype is None:
+            logprobs, entropy = em_kernels.logprobs_and_entropy(leaf, tokens, backend=backend)
+        else:
+            logprobs, entropy = reference.logprobs_and_entropy_ref(leaf, tokens)
+        (logprobs if loss == "logprobs" else entropy).sum().backward()
+        grads.append(leaf.grad)
+    ones, zeros = torch.ones(4, device=device), torch.zeros(4, device=device)
+    g_entropy, g_logprobs = (zeros, ones) if loss == "logprobs" else (ones, zeros)
+    assert_matches_oracle(grads[0], grads[1], grads[2],
+                          grad_floor(logits, 1.0, g_entropy, g_logprobs), "gradient")
+
+
 def test_bitwise_determinism(backend_device):
     backend, device = backend_device
     generator = torch.Generator().manual_seed(1)
@@ -516,18 +542,24 @@ def test_batch_invariance(backend_device, vocab, dtype):
 
 def test_masking_nan_and_empty_rows(backend_device):
     """-inf entries drop out of the distribution; an all -inf row gives NaN, a NaN entry poisons
-    its own row only; gradients are finite wherever the entropy is, and exactly 0 at -inf."""
+    its own row only, also one alone among -inf entries (row 4: from 4096 on, a whole CPU chunk
+    and more, every entry is -inf but one NaN); gradients are finite wherever the entropy is,
+    and exactly 0 at -inf."""
     backend, device = backend_device
     for vocab in (6, 4100, 9000):
         generator = torch.Generator().manual_seed(vocab)
-        logits = torch.randn(4, vocab, generator=generator).to(device)
+        logits = torch.randn(5, vocab, generator=generator).to(device)
         keep = torch.arange(vocab, device=device) % 3 != 1
         logits[0, ~keep] = float("-inf")
         logits[1] = float("-inf")
         logits[2, vocab // 2] = float("nan")
-        tokens = torch.tensor([0, 0, 0, vocab - 1], device=device)
+        masked_from = 4096 if vocab > 4096 else vocab // 2
+        logits[4, masked_from:] = float("-inf")
+        logits[4, -1] = float("nan")
+        tokens = torch.tensor([0, 0, 0, vocab - 1, 0], device=device)
         logprobs, result, grad = _forward_and_gradient(backend, logits, tokens)
-        assert torch.isnan(result[1:3]).all() and torch.isnan(logprobs[1:3]).all()
+        poisoned = [1, 2, 4]
+        assert torch.isnan(result[poisoned]).all() and torch.isnan(logprobs[poisoned]).all()
         assert torch.isfinite(result[[0, 3]]).all() and torch.isfinite(logprobs[[0, 3]]).all()
         assert torch.isfinite(grad[[0, 3]]).all()
         assert bool((grad[0, ~keep] == 0).all()) and bool((grad[1] == 0).all())
@@ -618,12 +650,14 @@ def test_a_masked_chosen_token_gets_no_gradient(backend_device):
 def test_a_row_of_the_most_negative_float_has_no_distribution(backend_device):
     """All of a row masked with finfo.min: NaN entropy and NaN log-prob, as an all -inf row
     (the kernels take finfo.min for a mask once it overflows when scaled), never a log-prob of
-    +inf; its gradient is 0. The torch backend computes softmax of equal numbers instead."""
+    +inf; its gradient is 0. V 9000 spans several chunks on every backend, so the merge of
+    empty partials is covered too. The torch backend computes softmax of equal numbers
+    instead."""
     backend, device = backend_device
     if backend == "torch":
         pytest.skip("the reference treats finfo.min as a number: a uniform row")
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = torch.randn(2, 300, dtype=dtype)
+    for dtype, vocab in itertools.product((torch.float32, torch.bfloat16), (300, 9000)):
+        logits = torch.randn(2, vocab, dtype=dtype)
         logits[0] = torch.finfo(dtype).min
         logits = logits.to(device)
         tokens = torch.tensor([1, 1], device=device)
@@ -790,6 +824,33 @@ def test_autograd_modes_other_than_torch_autograd_are_refused(mode):
             else:
                 with forward_ad.dual_level():
                     call(forward_ad.make_dual(logits, tangent))
+
+
+def test_vmap_of_the_backward_op(backend_device):
+    """The backward op's own vmap rule (what torch.func transforms of the gradient reach; torch
+    2.14's is_grads_batched loops over the samples instead, so test_vmap never calls it): over a
+    batch of upstream gradients it gives each sample's backward, without the per-sample
+    fallback's warning."""
+    import warnings
+
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(3, 300, generator=generator).to(device)
+    tokens = torch.randint(0, 300, (3,), generator=generator).to(device)
+    entropy, lse, _ = softmax_stats(logits, tokens, 0.8, backend)
+    grad_entropy, grad_logprobs = torch.randn(2, 4, 3, generator=generator).to(device)
+
+    def backward(g_entropy, g_logprobs):
+        return softmax_stats_backward(logits, tokens, entropy, lse, g_entropy, g_logprobs, 0.8,
+                                      backend)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batched = torch.vmap(backward)(grad_entropy, grad_logprobs)
+        only_entropy = torch.vmap(backward, in_dims=(0, None))(grad_entropy, grad_logprobs[0])
+    for k in range(4):
+        torch.testing.assert_close(batched[k], backward(grad_entropy[k], grad_logprobs[k]))
+        torch.testing.assert_close(only_entropy[k], backward(grad_entropy[k], grad_logprobs[0]))
 
 
 def test_vmap(backend_device):

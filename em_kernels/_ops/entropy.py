@@ -133,7 +133,7 @@ def _backward(ctx, grad_entropy, grad_lse, grad_logprobs):
     logits, tokens, entropy, lse = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    if grad_entropy is None:
+    if grad_entropy is None:  # if torch stops passing zeros for an unused output (2.14 does)
         grad_entropy = torch.zeros_like(entropy)
     if tokens is None or grad_logprobs is None or grad_logprobs.numel() == 0:
         grad_logprobs = None
