@@ -412,11 +412,14 @@ def test_tma_operands_match_pointer_operands(backend_device, dtype, rows, featur
                                        else 1e-5, atol=1e-5)
 
 
-def test_backward_deterministic_across_chunks(backend_device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_deterministic_across_chunks(backend_device, dtype):
     """The backward has no atomics: two runs give the same bits, with the vocab cut into many
-    chunks and tiles, and the result is the unchunked one up to d_hidden's summation order."""
+    chunks and tiles, and the result is the unchunked one up to d_hidden's summation order.
+    With float32 inputs the gradients come back in fp32, unrounded, so the bit comparison also
+    sees the order in which d_hidden sums the chunks (a bf16 rounding can hide it)."""
     backend, device = backend_device
-    hidden, weight, bias, tokens = random_problem(13, 24, 70, device, dtype=torch.bfloat16)
+    hidden, weight, bias, tokens = random_problem(13, 24, 70, device, dtype=dtype)
     problem = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, temperature=0.7,
                    upstream_entropy=torch.randn(13).to(device),
                    upstream_logprobs=torch.randn(13).to(device))
@@ -424,11 +427,13 @@ def test_backward_deterministic_across_chunks(backend_device):
         _, _, first = values_and_grads(kernel_fn(problem, backend), problem)
         _, _, second = values_and_grads(kernel_fn(problem, backend), problem)
     _, _, whole = values_and_grads(kernel_fn(problem, backend), problem)
+    # Chunking only changes the fp32 summation order of d_hidden (then, for bf16, one rounding).
+    tolerance = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2,
+                                                                               atol=1e-3)
     for a, b, c in zip(first, second, whole):
-        assert a.dtype == torch.bfloat16
+        assert a.dtype == dtype
         assert torch.equal(a, b)
-        # Chunking only changes the fp32 summation order of d_hidden (then one bf16 rounding).
-        torch.testing.assert_close(a.double(), c.double(), rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(a.double(), c.double(), **tolerance)
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.05])
@@ -556,15 +561,20 @@ def test_grad_filter_error_bound(backend_device, eps):
 def test_grad_filter_skips_quiet_rows_exactly(backend_device, dtype):
     """Rows whose dz a chunk zeroes entirely drop out of that chunk's gradient matmuls: the
     gradients equal those of the same filtered dz with every row kept (dense matmuls), and the
-    skip path really runs. Row r's logits peak at id 4 (r mod 12) (p ~ 0.998), so with
-    16-column chunks each row is active in one chunk of three."""
+    skip path really runs. Row r's logits peak twice, at ids 4k and 4k + 50 (k = r mod 12,
+    p ~ 0.5 each), and the chunks are 32 columns (two 16-column segments) wide, so each row is
+    active in two chunks of three, through either segment of a chunk: choosing the active rows
+    by one segment or by all of them, or adding a chunk's d_hidden rows onto the accumulator
+    instead of writing the accumulated rows back, changes the gradients."""
     backend, device = backend_device
-    rows, features, vocab = 24, 12, 48
+    rows, features, vocab = 24, 12, 96
     generator = torch.Generator().manual_seed(5)
     hidden = 10.0 * torch.eye(features).repeat(2, 1) + 0.01 * torch.randn(
         rows, features, generator=generator)
     weight = 0.01 * torch.randn(vocab, features, generator=generator)
-    weight[torch.arange(features) * 4] += torch.eye(features)
+    peaks = torch.arange(features) * 4
+    weight[peaks] += torch.eye(features)  # in chunk 0 (k < 8) or 1
+    weight[peaks + 50] += torch.eye(features)  # in chunk 1 (k < 4) or 2
     hidden, weight = hidden.to(device, dtype), weight.to(device, dtype)
     upstream = torch.randn(rows, generator=generator).to(device)
     selected = []
@@ -579,7 +589,9 @@ def test_grad_filter_skips_quiet_rows_exactly(backend_device, dtype):
         out = em_kernels.linear_entropy(h, w, backend=backend, grad_filter_eps=1e-3)
         return torch.autograd.grad((upstream * out.entropy).sum(), (h, w))
 
-    with small_chunks():
+    # Chunks of two segments (32 columns), whatever the bytes a dz entry takes on this path.
+    with small_chunks(), mock.patch.object(ops, "backward_chunk_columns",
+                                           lambda rows, entry, vocab: min(32, vocab)):
         with mock.patch.object(ops, "SKIP_MAX_ACTIVE_FRACTION", 1.0), \
                 mock.patch.object(torch.Tensor, "index_select", recording_select):
             skipping = grads()
@@ -643,6 +655,11 @@ def _bad_inputs():
         (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
         (dict(bias=bias.double()), TypeError, "cast bias"),
         (dict(bias=[0.0] * 10), TypeError, "bias must be a torch.Tensor"),
+        # Meta tensors: the device checks, runnable without a GPU.
+        (dict(weight=weight.to("meta")), ValueError, "hidden is on cpu but weight is on meta"),
+        (dict(bias=bias.to("meta")), ValueError, "bias is on meta but weight is on cpu"),
+        (dict(tokens=tokens.to("meta")), ValueError,
+         "tokens are on meta but the logits are on cpu"),
         (dict(tokens=tokens.int()), TypeError, "int64"),
         (dict(tokens=tokens[:3]), ValueError, "shape"),
         (dict(tokens=tokens + 10), ValueError, r"outside \[0, 10\)"),
