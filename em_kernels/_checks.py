@@ -130,18 +130,20 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device) -> None:
-    """tokens: int64, shape ``leading_shape``, same device, values in [0, vocab)."""
+def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device,
+                 rows_of: str = "logits") -> None:
+    """tokens: int64, shape ``leading_shape``, same device, values in [0, vocab); ``rows_of``
+    names the tensor whose rows they label in the messages."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype != torch.int64:
         raise TypeError(f"tokens must be int64 (torch.long), got {tokens.dtype}")
     if tokens.shape != leading_shape:
         raise ValueError(
-            f"tokens must have the logits' leading shape {tuple(leading_shape)}, "
+            f"tokens must have the {rows_of}' leading shape {tuple(leading_shape)}, "
             f"got {tuple(tokens.shape)}")
     if tokens.device != device:
-        raise ValueError(f"tokens are on {tokens.device} but the logits are on {device}")
+        raise ValueError(f"tokens are on {tokens.device} but the {rows_of} are on {device}")
     check_token_range(tokens, vocab)
 
 

@@ -248,14 +248,16 @@ def linear_entropy(
         tokens = tokens.contiguous()
     if process_group is None:
         if tokens is not None:
-            _checks.check_tokens(tokens, hidden.shape[:1], local_vocab, hidden.device)
+            _checks.check_tokens(tokens, hidden.shape[:1], local_vocab, hidden.device,
+                                 rows_of="hidden states")
         entropy, lse, chosen = linear_entropy_stats(
             hidden, weight, bias, tokens, temperature, grad_filter_eps, implementation)
         return LinearEntropyOutput(entropy, None if tokens is None else chosen - lse)
     vocab_start, total_vocab = _vocab_range(process_group, local_vocab, hidden.device)
     local_tokens = tokens_valid = None
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1], total_vocab, hidden.device)
+        _checks.check_tokens(tokens, hidden.shape[:1], total_vocab, hidden.device,
+                             rows_of="hidden states")
         local_tokens = tokens - vocab_start
         tokens_valid = (tokens >= 0) & (tokens < total_vocab)
     entropy, logprobs = _VocabParallelLinearEntropy.apply(

@@ -659,7 +659,7 @@ def _bad_inputs():
         (dict(weight=weight.to("meta")), ValueError, "hidden is on cpu but weight is on meta"),
         (dict(bias=bias.to("meta")), ValueError, "bias is on meta but weight is on cpu"),
         (dict(tokens=tokens.to("meta")), ValueError,
-         "tokens are on meta but the logits are on cpu"),
+         "tokens are on meta but the hidden states are on cpu"),
         (dict(tokens=tokens.int()), TypeError, "int64"),
         (dict(tokens=tokens[:3]), ValueError, "shape"),
         (dict(tokens=tokens + 10), ValueError, r"outside \[0, 10\)"),
