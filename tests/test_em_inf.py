@@ -630,11 +630,6 @@ def test_adaptive_temperature_leaves_rows_at_delta_unchanged(backend_device):
 _UNMEETABLE_TOLERANCE = dict(alpha=0.5, delta=0.1, tol=1e-30)  # no row gets within 1e-30 nats
 
 
-def _bisection_rows(device):
-    generator = torch.Generator().manual_seed(5)
-    return (torch.randn(3, 40, generator=generator) * 2).to(device)
-
-
 def test_adaptive_temperature_stops_once_the_interval_collapses(backend_device, monkeypatch):
     """The reference: with a tolerance no row can meet, bisection stops once lo and hi have met
     (the midpoint repeats), with the tau that max_iters = 200 gives; its entropy passes are
@@ -643,7 +638,7 @@ def test_adaptive_temperature_stops_once_the_interval_collapses(backend_device, 
     backend, device = backend_device
     if backend != "torch":
         pytest.skip("the kernels: test_adaptive_temperature_kernels_stop_at_any_max_iters")
-    logits = _bisection_rows(device)
+    logits = (torch.randn(3, 40, generator=torch.Generator().manual_seed(5)) * 2).to(device)
     bounded = em_kernels.adaptive_temperature(logits, max_iters=200, backend=backend,
                                               **_UNMEETABLE_TOLERANCE)
     calls = []
