@@ -26,13 +26,14 @@ def entropy(
 
     Returns:
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
-        own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly
-        0 at every -inf entry); the forward keeps 8 bytes per row (entropy and logsumexp in
-        float32) and the backward recomputes the probabilities from them, so log p is exact to
-        about an ulp of |logsumexp| ~ |max logit| / T, and a row whose logsumexp overflows
-        float32 (|logits| / T past ~3e38) gets a NaN gradient whatever its upstream gradient
-        (at its -inf entries too, except on the "triton" backend). The compiled backends are deterministic and batch-invariant: a row's
-        result has the same bits whatever the other rows and the batch size.
+        own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
+        at every -inf entry); the forward keeps 8 bytes per row (entropy and logsumexp in float32)
+        and the backward recomputes the probabilities from them, so log p is exact to about an ulp
+        of |logsumexp| ~ |max logit| / T, and a row whose logsumexp overflows float32 (|logits| / T
+        past ~3e38) gets a NaN gradient whatever its upstream gradient (at its -inf entries too,
+        except on the "triton" backend). The compiled backends are deterministic and
+        batch-invariant: a row's result has the same bits whatever the other rows and the batch
+        size.
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, float("-inf"), 3.0]])

@@ -226,13 +226,14 @@ def linear_entropy(
 
     Returns:
         LinearEntropyOutput(entropy, logprobs): float32 (N,) each (float64 for float64 inputs),
-        logprobs None without tokens. A row whose logits are all -inf has NaN entropy and
-        log-prob and adds nothing to the gradients. Both are differentiable w.r.t. hidden,
-        weight and bias, with any upstream gradients for both at once. The Triton forward's bits
-        do not depend on the other rows (batch invariance); the chunked PyTorch path leaves
-        that to the BLAS, which may round a row's logits differently at another batch size. Extra memory: O(N) statistics plus a fixed tile workspace in the forward; the
-        backward (deterministic: a dz pass and BLAS matmuls over vocab chunks, no atomics)
-        adds a chunk workspace of at most 128 MiB and an fp32 (N, H) d_hidden accumulator.
+        logprobs None without tokens. A row whose logits are all -inf has NaN entropy and log-prob
+        and adds nothing to the gradients. Both are differentiable w.r.t. hidden, weight and bias,
+        with any upstream gradients for both at once. The Triton forward's bits do not depend on the
+        other rows (batch invariance); the chunked PyTorch path leaves that to the BLAS, which may
+        round a row's logits differently at another batch size. Extra memory: O(N) statistics plus a
+        fixed tile workspace in the forward; the backward (deterministic: a dz pass and BLAS matmuls
+        over vocab chunks, no atomics) adds a chunk workspace of at most 128 MiB and an fp32 (N, H)
+        d_hidden accumulator.
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(

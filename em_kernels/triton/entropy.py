@@ -182,9 +182,10 @@ def _softmax_stats_merge_kernel(
         total    = sum_c w_c total_c
         weighted = sum_c w_c (weighted_c + total_c delta_c)
     (since each d_j shifts by delta_c). delta_c is clamped at EXP2_FLOOR where it multiplies
-    total_c: a chunk that is all -inf, or whose max lies ~1e38 below M (delta_c overflows to
-    -inf), has w_c = 0 and adds 0 rather than 0 * -inf = NaN. Each row is reduced along its own BLOCK_CHUNKS axis; BLOCK_ROWS and
-    BLOCK_CHUNKS depend only on V, so a row's bits do not depend on its neighbours.
+    total_c: a chunk that is all -inf, or whose max lies ~1e38 below M (delta_c overflows to -inf),
+    has w_c = 0 and adds 0 rather than 0 * -inf = NaN. Each row is reduced along its own
+    BLOCK_CHUNKS axis; BLOCK_ROWS and BLOCK_CHUNKS depend only on V, so a row's bits do not depend
+    on its neighbours.
 
     Memory: reads 12 bytes per (row, chunk), writes 8-12 bytes per row.
     """
