@@ -197,8 +197,11 @@ bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager 
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
 #    (bench/tune.py: entropy, linear_entropy's forward, em_inf, then linear_entropy's backward
 #    at the headline shapes, ~3-4 minutes; tune.json keeps every row measured before a cut).
+#    GPU_CHECK_TUNE_OPS picks its sweeps (bench.tune's --ops), e.g. "em_inf linear_entropy_bwd".
 if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
-    step tune 300 "$PY" -m bench.tune --json "$WORK/tune.json"
+    # shellcheck disable=SC2086
+    step tune 300 "$PY" -m bench.tune --json "$WORK/tune.json" \
+        ${GPU_CHECK_TUNE_OPS:+--ops $GPU_CHECK_TUNE_OPS}
 fi
 # 10. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
 #    sweep, every op, shape, dtype, mode and provider, for as long as the budget lasts (the
