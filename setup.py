@@ -77,6 +77,25 @@ def _want_cuda() -> bool:
     return True
 
 
+def _torchs_libstdcxx() -> list[str]:
+    """The libstdc++ shared library this process (torch) loaded, as a link input, or [] if none.
+
+    Some toolchains link libstdc++ statically into a shared object: the H200 machine's g++
+    (a wrapper that points -B at its own gcc folder, 2026-11-28) did. The extension then carries
+    a second copy of the C++ runtime beside the one torch uses, and c10::str's ostringstream
+    formats numbers with facets the two copies do not share: a TORCH_CHECK message with a number
+    in it crashed the process there (and here, with -static-libstdc++, lost the number). Naming
+    torch's own libstdc++.so ahead of the compiler's implicit -lstdc++ makes the linker resolve
+    every C++ runtime symbol to it, dynamically, whatever the toolchain's default.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(path for path in paths if os.path.isfile(path))[:1]
+
+
 def extensions():
     cpu_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
@@ -87,7 +106,7 @@ def extensions():
     # -Wno-psabi: the always-inlined vector helpers never cross an ABI boundary.
     # -fno-math-errno: no kernel reads errno, and it lets sqrt compile to one vector instruction.
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wno-psabi"]
-    extra_link = ["-fopenmp"]
+    extra_link = ["-fopenmp"] + _torchs_libstdcxx()
     if cuda_sources and _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         # No --use_fast_math: it implies -ftz=true, which flushes subnormal inputs, products and

@@ -137,12 +137,12 @@ LOGITS = torch.zeros(4, 10)
 MISUSE = [
     ("float64 logits", lambda: _fwd(LOGITS.double()), "float32, bfloat16 or float16"),
     ("integer logits", lambda: _fwd(LOGITS.long()), "float32, bfloat16 or float16"),
-    ("1-D logits", lambda: _fwd(LOGITS[0]), r"2-D \[N, V\]"),
+    ("1-D logits", lambda: _fwd(LOGITS[0]), r"2-D \[N, V\], got 1-D"),
     ("3-D logits", lambda: _fwd(LOGITS[None]), r"2-D \[N, V\]"),
     ("V = 0", lambda: _fwd(LOGITS[:, :0]), "V = 0"),
     ("strided last dim", lambda: _fwd(LOGITS[:, ::2]), "contiguous"),
     ("zero temperature", lambda: _fwd(LOGITS, None, 0.0), "finite positive"),
-    ("negative temperature", lambda: _fwd(LOGITS, None, -1.0), "finite positive"),
+    ("negative temperature", lambda: _fwd(LOGITS, None, -1.0), "finite positive number, got -1"),
     ("nan temperature", lambda: _fwd(LOGITS, None, float("nan")), "finite positive"),
     ("inf temperature", lambda: _fwd(LOGITS, None, float("inf")), "finite positive"),
     ("int32 tokens", lambda: _fwd(LOGITS, torch.zeros(4, dtype=torch.int32)), "tokens must be Long"),
@@ -167,6 +167,22 @@ MISUSE = [
 def test_misuse_raises_runtime_error(call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+def test_extension_shares_torchs_cpp_runtime(extension):
+    """The extension holds no C++ runtime of its own: its libstdc++ symbols resolve to the one
+    torch's libc10 uses. A toolchain that links libstdc++ statically gave it a second copy (the
+    H200 machine's g++, 2026-11-28), whose stream facets the first never set up: every C++ check
+    message with a number in it crashed the process there, and lost the number here (built with
+    -static-libstdc++). setup.py links torch's libstdc++.so to prevent it (_torchs_libstdcxx)."""
+    import ctypes
+
+    ours = ctypes.CDLL(extension.__file__)  # already loaded: this is its handle
+    c10 = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    for symbol in ("__cxa_throw", "_ZNSo9_M_insertIlEERSoT_"):  # std::ostream << long
+        assert (ctypes.cast(getattr(ours, symbol), ctypes.c_void_p).value
+                == ctypes.cast(getattr(c10, symbol), ctypes.c_void_p).value), (
+            f"em_kernels._C defines its own {symbol}: it was linked with a static libstdc++")
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

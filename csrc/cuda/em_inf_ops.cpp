@@ -2,8 +2,7 @@
 // device guard, output, then the launchers of em_inf.cu (em_inf_launch.h).
 //
 // They live in a host-compiled translation unit, apart from the kernels in em_inf.cu, like the CPU
-// entry points. (Moving them here was a first guess at the crash on a bad argument on the H200,
-// and did not remove it: see em/em_inf_checks.h for the second.)
+// entry points.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

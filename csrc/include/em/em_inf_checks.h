@@ -3,13 +3,12 @@
 // Python functions check first and raise TypeError/ValueError; these guard direct torch.ops calls
 // and raise RuntimeError, as every em_C check does.
 //
-// TORCH_CHECK, not TORCH_CHECK_VALUE: TORCH_CHECK throws inside libc10 (torchCheckFail), while
-// TORCH_CHECK_VALUE compiles the throw of c10::ValueError into this extension, with its own copy of
-// the type's vtable and typeinfo. On the H200 machine (torch 2.11, 2026-11-27, runs C and E) a
-// ValueError from these checks on a CUDA tensor crashed the process, in either file layout, while
-// the entropy ops' TORCH_CHECK errors were raised normally; these were the extension's only
-// throw sites of its own. Not yet confirmed on a GPU that this removes the crash.
-// Both entry points are host-compiled (csrc/cpu/em_inf.cpp, csrc/cuda/em_inf_ops.cpp: see there).
+// On the H200 machine (bench/RESULTS.md, runs C, E and F) these checks crashed the process instead
+// of raising. The checks were not the cause: that machine's g++ linked a second, static libstdc++
+// into the extension, and every check message with a number in it crashed while being formatted
+// (cuda-gdb, 2026-11-28: in std::ostream::_M_insert<long>, inside _C.so). setup.py now links
+// torch's own libstdc++ (_torchs_libstdcxx).
+// Both entry points are host-compiled (csrc/cpu/em_inf.cpp, csrc/cuda/em_inf_ops.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
