@@ -965,10 +965,11 @@ _LOWER_SCRIPT = textwrap.dedent("""
         results[f"fwd tokens={tokens}"] = lower(
             kernels._softmax_stats_fwd_kernel,
             dict(HAS_TOKENS=tokens, SINGLE_CHUNK=False, BLOCK=block), kernels._tile_warps(block))
+        backward_block, backward_warps = kernels._backward_tile(VOCAB, tokens)
         results[f"bwd logprob_grad={tokens}"] = lower(
             kernels._softmax_stats_bwd_kernel,
-            dict(HAS_LOGPROB_GRAD=tokens, ROUND_TO_BF16=False, BLOCK=block),
-            kernels._backward_warps(block, tokens))
+            dict(HAS_LOGPROB_GRAD=tokens, ROUND_TO_BF16=False, BLOCK=backward_block),
+            backward_warps)
     print(json.dumps(results))
 """)
 

@@ -61,6 +61,11 @@ ELEMENTS_PER_THREAD = 64
 # registers on sm_90a, at 64 it needs 167 (2 programs an SM; run E of bench/RESULTS.md timed the
 # older 201-register form 43% slower than the entropy backward).
 LOGPROB_BWD_ELEMENTS_PER_THREAD = 32
+# The log-prob backward's widest tile (4 warps at 32 entries a thread), narrower than MAX_BLOCK:
+# bench/tune.py on an H200 (run G of bench/RESULTS.md, 2026-11-28) timed logprobs_and_entropy
+# forward+backward at [8192, 151936] bf16 at 1.956 ms with 4096-entry tiles against 2.022 ms with
+# 8192 (the entropy-only backward: 1.872 against 1.866 ms, so it keeps MAX_BLOCK).
+LOGPROB_BWD_MAX_BLOCK = 4096
 # (rows x chunks) entries merged per program of the merge kernel: 1024 partials is 12 KiB, one
 # short program; the merge reads N * V / BLOCK * 12 bytes, under 0.1% of the logits.
 MERGE_TILE = 1024
@@ -301,9 +306,14 @@ def _tile_warps(block: int, elements_per_thread: int = ELEMENTS_PER_THREAD) -> i
     return max(1, block // (32 * elements_per_thread))
 
 
-def _backward_warps(block: int, has_logprob_grad: bool) -> int:
-    return _tile_warps(
-        block, LOGPROB_BWD_ELEMENTS_PER_THREAD if has_logprob_grad else ELEMENTS_PER_THREAD)
+def _backward_tile(vocab: int, has_logprob_grad: bool) -> tuple[int, int]:
+    """Tile width and warps of the backward, which has no partials to merge: each entry's gradient
+    is computed alone, so the tile changes the schedule, never the bits."""
+    if has_logprob_grad:
+        block = min(_block_size(vocab), LOGPROB_BWD_MAX_BLOCK)
+        return block, _tile_warps(block, LOGPROB_BWD_ELEMENTS_PER_THREAD)
+    block = _block_size(vocab)
+    return block, _tile_warps(block)
 
 
 def _grid_size(rows: int, num_chunks: int) -> int:
@@ -394,7 +404,7 @@ def softmax_stats_bwd(
         return grad_logits
     _check_layout(logits)
     has_logprob_grad = tokens is not None and grad_logprobs is not None
-    block = _block_size(vocab)
+    block, num_warps = _backward_tile(vocab, has_logprob_grad)
     num_chunks = triton.cdiv(vocab, block)
     programs = _grid_size(rows, num_chunks)
     grad_entropy = grad_entropy.contiguous()
@@ -407,5 +417,5 @@ def softmax_stats_bwd(
             vocab, num_chunks, logits.stride(0), 1.0 / temperature,
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
-            BLOCK=block, num_warps=_backward_warps(block, has_logprob_grad))
+            BLOCK=block, num_warps=num_warps)
     return grad_logits
