@@ -57,9 +57,9 @@ MIN_BLOCK = 1024
 # Elements each thread holds: 64 bf16 values are eight 16-byte vector loads in flight per thread
 # (bench/tune.py, H200, 2026-11-27: 0.667 ms at [8192, 151936] bf16 against 0.715 ms for 32).
 ELEMENTS_PER_THREAD = 64
-# The log-prob backward holds more per entry (the one-hot term): at 32 entries a thread it needs 80
-# registers on sm_90a, at 64 it needs 167 (2 programs an SM; run E of bench/RESULTS.md timed the
-# older 201-register form 43% slower than the entropy backward).
+# The log-prob backward holds more per entry (the one-hot term): at 32 entries a thread it needs
+# 80-95 registers on sm_90a (8 or 4 warps), at 64 it needs 167 (2 programs an SM; run E of
+# bench/RESULTS.md timed the older 201-register form 43% slower than the entropy backward).
 LOGPROB_BWD_ELEMENTS_PER_THREAD = 32
 # The log-prob backward's widest tile (4 warps at 32 entries a thread), narrower than MAX_BLOCK:
 # bench/tune.py on an H200 (run G of bench/RESULTS.md, 2026-11-28) timed logprobs_and_entropy
