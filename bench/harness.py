@@ -634,62 +634,66 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
     `cell_key` is in done (measured by an earlier run: no row for them). Returns the rows."""
     rows = []
     _collect_all_and_freeze()
-    for case_index, (op, dims, dtype, modes, providers) in enumerate(plan):
-        base = {"op": op.name, "shape": shape_label(dims), "dtype": DTYPE_NAMES[dtype],
-                **{f"dim_{k}": v for k, v in dims.items()}}
-        cells = [(mode, provider) for mode in modes for provider in providers
-                 if cell_key({**base, "mode": mode, "provider": provider.name}) not in done]
-        if not cells:
-            continue
-        case = None
-        baselines: dict[str, dict | str] = {}  # mode -> eager's errors and floors, or why none
-        case_skip = _case_fits(ctx, op, dims, dtype)
-        if case_skip is None and not ctx.out_of_time():
-            try:
-                case = make_case(ctx, op, dims, dtype, seed=case_index)
-            except torch.cuda.OutOfMemoryError:
-                case_skip = "out of GPU memory allocating the inputs"
-        for mode, provider in cells:
-            row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
-                   "reason": ""}
-            progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
-                                     f"{provider.name}", refresh=False)
-            reason = (case_skip or provider.modes_not_offered.get(mode)
-                      or provider.unavailable(ctx))
-            if reason is None and ctx.out_of_time():
-                reason = "the run's time budget (--max-seconds) was spent"
-            if reason is None and case is None:
-                reason = "inputs were not built"
-            if reason is not None:
-                row.update(status="skipped", reason=reason)
-            else:
+    try:
+        for case_index, (op, dims, dtype, modes, providers) in enumerate(plan):
+            base = {"op": op.name, "shape": shape_label(dims), "dtype": DTYPE_NAMES[dtype],
+                    **{f"dim_{k}": v for k, v in dims.items()}}
+            cells = [(mode, provider) for mode in modes for provider in providers
+                     if cell_key({**base, "mode": mode, "provider": provider.name}) not in done]
+            if not cells:
+                continue
+            case = None
+            baselines: dict[str, dict | str] = {}  # mode -> eager's errors and floors, or why none
+            case_skip = _case_fits(ctx, op, dims, dtype)
+            if case_skip is None and not ctx.out_of_time():
                 try:
-                    fields = measure(ctx, case, provider, mode)
-                    floors = {k: fields.pop(k) for k in ("floor_out", "floor_grad") if k in fields}
-                    row.update(fields)
-                    if provider.name == BASELINE:
-                        baselines[mode] = {**fields, **floors}
-                        row["check"] = "ref"
-                    elif provider.compares:
-                        row.update(check_errors(fields, _baseline(ctx, case, mode, baselines)))
-                except Skip as exc:
-                    row.update(status="skipped", reason=str(exc))
-                except BackendUnavailableError as exc:
-                    row.update(status="skipped", reason=str(exc))
+                    case = make_case(ctx, op, dims, dtype, seed=case_index)
                 except torch.cuda.OutOfMemoryError:
-                    row.update(status="skipped", reason="out of GPU memory")
-                except Exception as exc:  # report it in the table; keep measuring the rest
-                    row.update(status="error", reason=_one_line(exc))
-                finally:
-                    if case is not None:
-                        _set_requires_grad(case, False)
-                    _release_memory(ctx)
-            if provider.name == BASELINE and row["status"] != "ok":  # no second try per cell
-                baselines[mode] = f"eager's own cell was {row['status']} ({row['reason']})"
-            rows.append(row)
-            on_row(row)
-            progress.update(1)
-        del case
-        _collect_all_and_freeze()
-        _release_memory(ctx)
+                    case_skip = "out of GPU memory allocating the inputs"
+            for mode, provider in cells:
+                row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
+                       "reason": ""}
+                progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
+                                         f"{provider.name}", refresh=False)
+                reason = (case_skip or provider.modes_not_offered.get(mode)
+                          or provider.unavailable(ctx))
+                if reason is None and ctx.out_of_time():
+                    reason = "the run's time budget (--max-seconds) was spent"
+                if reason is None and case is None:
+                    reason = "inputs were not built"
+                if reason is not None:
+                    row.update(status="skipped", reason=reason)
+                else:
+                    try:
+                        fields = measure(ctx, case, provider, mode)
+                        floors = {k: fields.pop(k) for k in ("floor_out", "floor_grad")
+                                  if k in fields}
+                        row.update(fields)
+                        if provider.name == BASELINE:
+                            baselines[mode] = {**fields, **floors}
+                            row["check"] = "ref"
+                        elif provider.compares:
+                            row.update(check_errors(fields, _baseline(ctx, case, mode, baselines)))
+                    except Skip as exc:
+                        row.update(status="skipped", reason=str(exc))
+                    except BackendUnavailableError as exc:
+                        row.update(status="skipped", reason=str(exc))
+                    except torch.cuda.OutOfMemoryError:
+                        row.update(status="skipped", reason="out of GPU memory")
+                    except Exception as exc:  # report it in the table; keep measuring the rest
+                        row.update(status="error", reason=_one_line(exc))
+                    finally:
+                        if case is not None:
+                            _set_requires_grad(case, False)
+                        _release_memory(ctx)
+                if provider.name == BASELINE and row["status"] != "ok":  # no second try per cell
+                    baselines[mode] = f"eager's own cell was {row['status']} ({row['reason']})"
+                rows.append(row)
+                on_row(row)
+                progress.update(1)
+            del case
+            _collect_all_and_freeze()
+            _release_memory(ctx)
+    finally:  # leave the process as it was (run_cells also runs inside the tests)
+        gc.unfreeze()
     return rows

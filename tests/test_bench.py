@@ -6,6 +6,7 @@ of gpu_check.sh's exit status, and of the tuning sweep's plumbing (bench/tune.py
 from __future__ import annotations
 
 import csv
+import gc
 import os
 import subprocess
 from pathlib import Path
@@ -27,6 +28,9 @@ def _run(tmp_path, *extra):
                  "--modes", "fwd", "fwd+bwd", "--dtypes", "fp32,bf16", "--device", "cpu",
                  "--out", str(tmp_path), *extra])
     assert code == 0
+    # run_cells freezes the garbage collector's survivors per case (harness.py); it must thaw
+    # them on the way out, or the calling process would never collect them again
+    assert gc.get_freeze_count() == 0
     with (tmp_path / "results.csv").open() as handle:
         return list(csv.DictReader(handle))
 
