@@ -7,12 +7,19 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks
+from . import _checks, reference
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
+from ._ops import linear_entropy_loss as loss_ops
 from ._ops.linear_entropy import SHIFT_FLOOR, backward_from_row_grads, linear_entropy_stats
 
 
 class LinearEntropyOutput(NamedTuple):
+    entropy: torch.Tensor
+    logprobs: torch.Tensor | None
+
+
+class LinearEntropyLoss(NamedTuple):
+    loss: torch.Tensor
     entropy: torch.Tensor
     logprobs: torch.Tensor | None
 
@@ -43,7 +50,7 @@ def _resolve(backend: str, device: torch.device) -> str:
     return resolve_backend(backend, device)  # "triton", "torch", or a clear error
 
 
-def _check_matrices(hidden, weight, bias, backend: str) -> None:
+def _check_matrices(hidden, weight, bias, backend: str, op: str = "linear_entropy") -> None:
     _checks.check_float_tensor(hidden, backend, "hidden")
     _checks.check_float_tensor(weight, backend, "weight")
     if hidden.dim() != 2:
@@ -72,7 +79,7 @@ def _check_matrices(hidden, weight, bias, backend: str) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
     for operand in (hidden, weight):
-        _checks.check_autograd_mode(operand, "linear_entropy")
+        _checks.check_autograd_mode(operand, op)
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor):
@@ -84,7 +91,7 @@ def _check_matrices(hidden, weight, bias, backend: str) -> None:
         raise TypeError(f"bias is {bias.dtype} but weight is {weight.dtype}: cast bias to it")
     if bias.device != weight.device:
         raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    _checks.check_autograd_mode(bias, "linear_entropy")
+    _checks.check_autograd_mode(bias, op)
 
 
 def _vocab_range(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
@@ -265,3 +272,100 @@ def linear_entropy(
         hidden, weight, bias, local_tokens, tokens_valid, temperature, grad_filter_eps,
         implementation, process_group)
     return LinearEntropyOutput(entropy, logprobs)
+
+
+def _row_weight(name: str, value, hidden: torch.Tensor) -> torch.Tensor | None:
+    """None, a Python number for every row, or a float tensor (N,) on hidden's device; returned
+    as a contiguous (N,) tensor of the statistics' dtype (differentiable if ``value`` is)."""
+    if value is None:
+        return None
+    rows = hidden.shape[0]
+    dtype = reference.compute_dtype(hidden.dtype)
+    if not isinstance(value, torch.Tensor):
+        value = _checks.check_number(f"{name} (a number, a tensor (N,) or None)", value)
+        return torch.full((rows,), value, dtype=dtype, device=hidden.device)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.shape != (rows,):
+        raise ValueError(f"{name} must have shape (N,) = ({rows},), one weight per row of hidden, "
+                         f"got {tuple(value.shape)}")
+    if value.device != hidden.device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+    _checks.check_autograd_mode(value, "linear_entropy_loss")
+    return value.to(dtype).contiguous()
+
+
+def linear_entropy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
+    entropy_weight: torch.Tensor | float | None = None,
+    logprob_weight: torch.Tensor | float | None = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> LinearEntropyLoss:
+    """The loss sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r]) over the rows
+    of softmax((hidden @ weight^T + bias) / temperature), with its gradients computed in the
+    forward: three matmuls where `linear_entropy` (any upstream gradients, so it recomputes the
+    logits in its backward) needs four. Use it when the loss is such a weighted sum with weights
+    known before the forward: EM-FT's mean entropy (entropy_weight = 1 / number of tokens), a
+    policy gradient's advantage-weighted log-probs (logprob_weight = -advantage / count).
+
+    Args:
+        hidden, weight, bias, tokens, temperature: as in `linear_entropy` (no vocab-parallel
+            mode: with a sharded head use `linear_entropy`).
+        entropy_weight, logprob_weight: per-row weights, each a float tensor (N,) on hidden's
+            device, a Python number for every row, or None (no such term); at least one of them
+            is needed, and logprob_weight needs tokens. Tensors may require grad: d loss / d
+            weight is the row's entropy (log-prob).
+        backend: "auto", "triton", "cuda", "cpu" or "torch", as for `logprobs_and_entropy`:
+            the kernels that compute each row chunk's statistics and dz; the matmuls are BLAS.
+
+    Returns:
+        LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
+        float64 inputs), differentiable w.r.t. hidden, weight, bias and the row weights; entropy
+        and logprobs (N,) float32, detached (nothing flows back through them), logprobs None
+        without tokens. The loss is the plain weighted sum: a NaN entropy or log-prob (an
+        all -inf row, an id outside [0, V) on CUDA) makes it NaN even where its weight is 0.
+
+    Compared with linear_entropy: the logits are rounded to the input dtype (bf16 logits from
+    bf16 inputs, as the model's own LM head gives them; linear_entropy keeps fp32 logits), and
+    with 16-bit inputs d_weight takes one rounding per row chunk. The gradients are computed
+    only for the inputs that require grad while grad mode is on (a frozen LM head skips its
+    d_weight matmul; under torch.no_grad only the statistics are computed), and they live from
+    the forward until the backward, which multiplies them by the loss's upstream gradient.
+    Extra memory: a row-chunk buffer of at most 256 MiB (LOSS_CHUNK_BYTES) plus O(N)
+    statistics. Differentiable once (a backward with create_graph=True raises). Deterministic;
+    torch.compile(fullgraph=True) traces it.
+    """
+    temperature = _checks.check_temperature(temperature)
+    _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto",
+                    op="linear_entropy_loss")
+    implementation = resolve_backend(backend, hidden.device)
+    if hidden.dtype == torch.float64 and implementation != "torch":
+        raise TypeError('float64 inputs run only with backend="torch"')
+    if entropy_weight is None and logprob_weight is None:
+        raise ValueError("give entropy_weight, logprob_weight or both: the loss is their "
+                         "weighted sum of the rows' entropies and log-probs")
+    if logprob_weight is not None and tokens is None:
+        raise ValueError("logprob_weight weighs the log-probs of tokens: pass tokens too")
+    if tokens is not None:
+        _checks.check_tokens(tokens, hidden.shape[:1], weight.shape[0], hidden.device,
+                             rows_of="hidden states")
+        tokens = tokens.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    entropy_weight = _row_weight("entropy_weight", entropy_weight, hidden)
+    if entropy_weight is None:
+        entropy_weight = hidden.new_zeros(hidden.shape[:1],
+                                          dtype=reference.compute_dtype(hidden.dtype))
+    logprob_weight = _row_weight("logprob_weight", logprob_weight, hidden)
+    grad_mode = torch.is_grad_enabled()
+    loss, entropy, logprobs, _, _, _ = loss_ops.linear_entropy_loss(
+        hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+        grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
+        grad_mode and bias is not None and bias.requires_grad, implementation)
+    return LinearEntropyLoss(loss, entropy.detach(),
+                             None if tokens is None else logprobs.detach())

@@ -140,13 +140,18 @@ def oracle_fn(problem):
     return run
 
 
-def eager_fn(problem):
+def eager_fn(problem, fused_bias=False):
     """Plain PyTorch in the input dtype: the logits in the input dtype, the statistics in fp32
-    (what trainers write today): the yardstick of the tolerance rule."""
+    (what trainers write today): the yardstick of the tolerance rule. fused_bias: the logits as
+    nn.Linear makes them (one addmm, the bias added before the one rounding), not matmul + bias
+    (two roundings)."""
     def run(hidden, weight, bias):
-        logits = hidden @ weight.T
-        if bias is not None:
-            logits = logits + bias
+        if fused_bias:
+            logits = torch.nn.functional.linear(hidden, weight, bias)
+        else:
+            logits = hidden @ weight.T
+            if bias is not None:
+                logits = logits + bias
         if problem["tokens"] is None:
             return reference.entropy_ref(logits, problem["temperature"]), None
         logprobs, entropy = reference.logprobs_and_entropy_ref(

@@ -5,16 +5,21 @@ from __future__ import annotations
 import torch
 
 
+def double_backward_error(public: str) -> NotImplementedError:
+    """The error of a second differentiation through ``public``."""
+    return NotImplementedError(
+        f"{public} is differentiable once: its gradient has no backward of its own (double "
+        "backward, Hessian-vector products); differentiate the plain PyTorch functions of "
+        "em_kernels.reference, which hold the same math in autograd, instead")
+
+
 def refuse_double_backward(backward_op: str, public: str) -> None:
     """Give a backward op an autograd formula that raises a clear error: without one, a second
     differentiation (create_graph=True, Hessian-vector products) fails with torch's advice to
     call register_autograd, or silently skips the op."""
 
     def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"{public} is differentiable once: its gradient has no backward of its own (double "
-            "backward, Hessian-vector products); differentiate the reference implementation "
-            "(backend=\"torch\" materialises the same math with autograd) instead")
+        raise double_backward_error(public)
 
     torch.library.register_autograd(backward_op, backward,
                                     setup_context=lambda ctx, inputs, output: None)

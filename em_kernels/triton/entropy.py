@@ -395,11 +395,21 @@ def softmax_stats_bwd(
     grad_entropy: torch.Tensor,
     grad_logprobs: torch.Tensor | None,
     temperature: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """d/dlogits of sum(grad_entropy * entropy + grad_logprobs * logprobs): one launch, one read
-    of the logits and one write of the gradient ([N, V] contiguous, logits.dtype)."""
+    of the logits and one write of the gradient ([N, V] contiguous, logits.dtype).
+
+    ``out``: where to write the gradient instead of a new tensor; it may be ``logits`` itself
+    when those are contiguous (each tile is read whole before its gradient is stored, and no
+    program reads another's tile), which linear_entropy_loss uses to hold one buffer, not two."""
     rows, vocab = logits.shape
-    grad_logits = torch.empty((rows, vocab), dtype=logits.dtype, device=logits.device)
+    if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {logits.dtype} tensor of shape "
+                         f"{tuple(logits.shape)}, got {out.dtype} {tuple(out.shape)}")
+    grad_logits = out if out is not None else torch.empty(
+        (rows, vocab), dtype=logits.dtype, device=logits.device)
     if rows == 0:
         return grad_logits
     _check_layout(logits)

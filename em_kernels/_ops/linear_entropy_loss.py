@@ -1,0 +1,182 @@
+"""The dispatcher op behind `linear_entropy_loss`: a weighted sum of the rows' entropies and
+log-probs, fused with the LM head, whose gradients are computed in its forward.
+
+    em_kernels::linear_entropy_loss(hidden[N, H], weight[V, H], bias[V]?, tokens[N]?,
+                                    entropy_weight[N], logprob_weight[N]?, temperature,
+                                    need_grad_hidden, need_grad_weight, need_grad_bias, backend)
+        -> (loss[], entropy[N], logprobs[N] or [0], grad_hidden or [0], grad_weight or [0],
+            grad_bias or [0])
+
+    loss = sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r])
+
+Why a second op: `linear_entropy` takes any upstream gradients, which autograd hands over only in
+the backward, so its backward must recompute the logits: four matmuls of N x H x V in all, at
+best 1.33x the three of a linear layer. A loss whose upstream gradients are known in the forward
+(EM-FT's mean entropy, a policy-gradient sum of advantage-weighted log-probs) needs no
+recomputation. For each chunk of R rows (`loss_chunk_rows`):
+
+    z_c      = h_c @ W^T + b                 (BLAS, R x V logits in the input dtype)
+    H, lse   = softmax statistics of z_c / T (the entropy kernels of `backend`)
+    dz_c     = d loss / d z_c                (the entropy backward kernel; in place over z_c on
+                                              the Triton backend, a second buffer elsewhere)
+    d_h_c    = dz_c @ W                      (BLAS, complete for these rows)
+    d_W     += dz_c^T @ h_c                  (BLAS, accumulated in the weight's dtype)
+    d_b     += sum_rows dz_c                 (fp32)
+
+Three matmuls plus, per chunk, one write and one read of the logits for the statistics and one
+read and one write for dz (in bf16 at N 8192, V 152064: ~2.5 GB each over all chunks, ~0.5 ms at
+an H200's bandwidth), and N / R read+write passes of d_W by the accumulating matmul. The backward
+only scales the saved gradients by the upstream gradient of the loss.
+
+Precision: the logits are rounded to the input dtype, as a model's own LM head rounds them
+(`linear_entropy` keeps them in fp32); with 16-bit inputs the statistics are in fp32, dz is
+rounded to the input dtype for the tensor cores, and d_W takes one rounding per row chunk. Extra
+memory: the chunk buffer (LOSS_CHUNK_BYTES) and O(N) statistics; the gradients themselves live
+from the forward to the backward. Deterministic: no atomics, a fixed chunk order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import double_backward_error
+from .entropy import _bwd_impl, _fwd_impl
+
+# The row chunk's logits buffer, plus its gradient buffer off the Triton backend: 256 MiB, so
+# that with the gradient the op stays under 0.5 GiB of extra memory while a chunk keeps ~880
+# rows at V 152064 in bf16, and d_W's accumulating matmul (K = rows) stays compute-bound.
+LOSS_CHUNK_BYTES = 256 << 20
+# Chunk rows are a multiple of this when at least that many fit: the M tile of the BLAS kernels.
+ROW_ALIGN = 128
+
+_EMPTY = (0,)
+
+
+def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
+    """Rows per chunk: the most whose [rows, V] buffers fit in LOSS_CHUNK_BYTES (at least 1)."""
+    fit = LOSS_CHUNK_BYTES // max(1, vocab * bytes_per_entry)
+    if fit >= ROW_ALIGN:
+        fit -= fit % ROW_ALIGN
+    return max(1, min(fit, rows))
+
+
+def _chunk_logits(hidden_rows, weight, bias, out):
+    if bias is None:
+        return torch.mm(hidden_rows, weight.T, out=out)
+    return torch.addmm(bias, hidden_rows, weight.T, out=out)
+
+
+def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+                   need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+    """The op's implementation (see the module docstring); every backend of the entropy ops."""
+    rows, features = hidden.shape
+    vocab = weight.shape[0]
+    stats_dtype = reference.compute_dtype(hidden.dtype)
+    entropy = hidden.new_empty((rows,), dtype=stats_dtype)
+    has_tokens = tokens is not None
+    logprobs = hidden.new_empty((rows,) if has_tokens else _EMPTY, dtype=stats_dtype)
+    grad_hidden = hidden.new_empty((rows, features) if need_grad_hidden else _EMPTY)
+    grad_weight = (weight.new_zeros((vocab, features)) if need_grad_weight
+                   else weight.new_empty(_EMPTY))
+    grad_bias = hidden.new_zeros((vocab,) if need_grad_bias else _EMPTY, dtype=stats_dtype)
+    any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+    in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
+    buffers = 1 if in_place or not any_grad else 2
+    chunk = loss_chunk_rows(rows, vocab, hidden.element_size() * buffers)
+    logits_buffer = hidden.new_empty((min(chunk, rows) * vocab,))
+    forward_stats, backward_dz = _fwd_impl(backend), _bwd_impl(backend)
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        hidden_rows = hidden[start:end]
+        logits = _chunk_logits(hidden_rows, weight, bias,
+                               logits_buffer[:(end - start) * vocab].view(end - start, vocab))
+        chunk_tokens = tokens[start:end] if has_tokens else None
+        chunk_entropy, chunk_lse, chunk_logprobs = forward_stats(logits, chunk_tokens, temperature)
+        entropy[start:end] = chunk_entropy
+        if has_tokens:
+            logprobs[start:end] = chunk_logprobs
+        if not any_grad:
+            continue
+        row_grads = (logits, chunk_tokens, chunk_entropy, chunk_lse, entropy_weight[start:end],
+                     logprob_weight[start:end] if logprob_weight is not None else None,
+                     temperature)
+        grad_logits = (backward_dz(*row_grads, out=logits) if in_place
+                       else backward_dz(*row_grads))
+        if need_grad_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[start:end])
+        if need_grad_weight:
+            grad_weight.addmm_(grad_logits.T, hidden_rows)
+        if need_grad_bias:
+            grad_bias += grad_logits.sum(0, dtype=stats_dtype)
+    loss = torch.linalg.vecdot(entropy_weight.to(stats_dtype), entropy)
+    if logprob_weight is not None:
+        loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype), logprobs)
+    return (loss, entropy, logprobs, grad_hidden, grad_weight,
+            grad_bias.to(bias.dtype) if need_grad_bias else grad_bias)
+
+
+@torch.library.custom_op("em_kernels::linear_entropy_loss", mutates_args=())
+def linear_entropy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tokens: torch.Tensor | None,
+    entropy_weight: torch.Tensor,
+    logprob_weight: torch.Tensor | None,
+    temperature: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
+                          temperature, need_grad_hidden, need_grad_weight, need_grad_bias,
+                          backend)
+
+
+@linear_entropy_loss.register_fake
+def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+      need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+    rows = hidden.shape[0]
+    stats_dtype = reference.compute_dtype(hidden.dtype)
+    return (
+        hidden.new_empty((), dtype=stats_dtype),
+        hidden.new_empty((rows,), dtype=stats_dtype),
+        hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=stats_dtype),
+        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(_EMPTY),
+        torch.empty_like(weight) if need_grad_weight else weight.new_empty(_EMPTY),
+        torch.empty_like(bias) if need_grad_bias else hidden.new_empty(
+            _EMPTY, dtype=stats_dtype),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, entropy, logprobs, grad_hidden, grad_weight, grad_bias = output
+    ctx.save_for_backward(entropy, logprobs, grad_hidden, grad_weight, grad_bias)
+    ctx.computed = inputs[7:10]  # need_grad_hidden, need_grad_weight, need_grad_bias
+
+
+def _backward(ctx, grad_loss, *_):
+    """Every gradient is the saved one times the loss's upstream gradient; d loss / d weights
+    are the entropies and log-probs themselves."""
+    if torch.is_grad_enabled():
+        raise double_backward_error("linear_entropy_loss")
+    entropy, logprobs, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+    grads = []
+    for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
+                                       (grad_hidden, grad_weight, grad_bias)):
+        if needed and not computed:
+            raise RuntimeError(
+                "em_kernels::linear_entropy_loss was called with a need_grad_* flag off for an "
+                "input that requires grad: call em_kernels.linear_entropy_loss, which sets them")
+        grads.append(saved * grad_loss if needed else None)
+    needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
+    return (*grads, None,
+            entropy * grad_loss if needs_entropy_weight else None,
+            logprobs * grad_loss if needs_logprob_weight else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "em_kernels::linear_entropy_loss", _backward, setup_context=_setup_context)

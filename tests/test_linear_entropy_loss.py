@@ -1,0 +1,402 @@
+"""linear_entropy_loss (the weighted entropy / log-prob loss with its gradients computed in the
+forward) against the float64 oracle, against linear_entropy, and on bad input."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import em_kernels
+from em_kernels import reference
+from em_kernels._ops import linear_entropy_loss as loss_ops
+
+from conftest import HAS_CUDA, runnable
+from oracle import assert_matches_oracle, max_abs_error
+from test_linear_entropy import (eager_fn, grad_floor, leaves, loss_of, oracle_fn, problems,
+                                 random_problem, recompute_floors, to_device, values_and_grads)
+
+
+def chunks_of(rows: int, problem) -> mock._patch:
+    """A chunk budget that gives ``rows`` rows per chunk with two buffers (2 * rows with the
+    Triton backend's one), so that small problems cross several chunks."""
+    vocab = problem["weight"].shape[0]
+    entry = problem["hidden"].element_size()
+    return mock.patch.object(loss_ops, "LOSS_CHUNK_BYTES", rows * vocab * entry * 2)
+
+
+def run_loss(problem, backend, leaves_=None, **kwargs):
+    """(loss, entropy, logprobs, [grads of those of hidden, weight, bias that require grad]) with
+    the problem's upstream gradients as the row weights."""
+    hidden, weight, bias = leaves_ if leaves_ is not None else leaves(problem)
+    out = em_kernels.linear_entropy_loss(
+        hidden, weight, bias=bias, tokens=problem["tokens"],
+        entropy_weight=problem["upstream_entropy"], logprob_weight=problem["upstream_logprobs"],
+        temperature=problem["temperature"], backend=backend, **kwargs)
+    inputs = [x for x in (hidden, weight, bias) if x is not None and x.requires_grad]
+    grads = torch.autograd.grad(out.loss, inputs)
+    return out.loss, out.entropy, out.logprobs, list(grads)
+
+
+def chunk_rounding_floor(problem, chunks: int) -> float:
+    """16-bit d_weight is accumulated over the row chunks in its dtype: each of the `chunks`
+    additions rounds a partial sum bounded by sum_r |dz_rj| |h_rk| (dz from float64)."""
+    if chunks <= 1 or problem["weight"].dtype == torch.float32:
+        return 0.0
+    hidden = problem["hidden"].detach().double().cpu()
+    logits = hidden @ problem["weight"].detach().double().cpu().T
+    if problem["bias"] is not None:
+        logits = logits + problem["bias"].detach().double().cpu()
+    logits.requires_grad_()
+    tokens = problem["tokens"].cpu() if problem["tokens"] is not None else None
+    if tokens is None:
+        entropy, logprobs = reference.entropy_ref(logits, problem["temperature"]), None
+    else:
+        logprobs, entropy = reference.logprobs_and_entropy_ref(
+            logits, tokens, problem["temperature"])
+    (grad_logits,) = torch.autograd.grad(loss_of(entropy, logprobs, problem), logits)
+    partial = grad_logits.abs().T @ hidden.abs()
+    return chunks * torch.finfo(problem["weight"].dtype).eps * float(partial.max())
+
+
+def check_loss_against_oracle(problem, backend, rows_per_chunk=5):
+    with chunks_of(rows_per_chunk, problem):
+        loss, entropy, logprobs, grads = run_loss(problem, backend)
+    ref_entropy, ref_logprobs, ref_grads = values_and_grads(
+        oracle_fn(problem), problem, torch.float64)
+    # The yardstick rounds its logits as the loss does: once, bias included (nn.Linear's way).
+    eager_entropy, eager_logprobs, eager_grads = values_and_grads(
+        eager_fn(problem, fused_bias=True), problem)
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert not entropy.requires_grad and entropy.dtype == torch.float32
+    assert_matches_oracle(entropy, ref_entropy, eager_entropy, 1e-5, "entropy")
+    if problem["tokens"] is None:
+        assert logprobs is None
+    else:
+        assert_matches_oracle(logprobs, ref_logprobs, eager_logprobs, 1e-5, "logprobs")
+    # The loss is a weighted sum of the rows' values, each held to the rule above: its bound is
+    # the same sum of their bounds (eager's one scalar error may cancel by luck).
+    loss_bound = 0.0
+    for weights, eager, ref in ((problem["upstream_entropy"], eager_entropy, ref_entropy),
+                                (problem["upstream_logprobs"], eager_logprobs, ref_logprobs)):
+        if weights is not None:
+            row_bound = 2 * max_abs_error(eager, ref) + 1e-5
+            loss_bound += float(weights.double().abs().sum()) * row_bound
+    ref_loss = loss_of(ref_entropy, ref_logprobs, problem)
+    assert_matches_oracle(loss, ref_loss, ref_loss, loss_bound, "loss")
+    chunks = math.ceil(problem["hidden"].shape[0] / rows_per_chunk)
+    # dz comes from p = exp(z / T - lse) with the saved fp32 lse, whose rounding (~4 eps |z|max)
+    # eager autograd does not pay: the same floors as linear_entropy's recomputed logits.
+    hidden_floor, weight_floor, bias_floor = recompute_floors(problem)
+    weight_floor += chunk_rounding_floor(problem, chunks)
+    operands = [x for x in (problem["hidden"], problem["weight"], problem["bias"])
+                if x is not None]
+    for name, grad, ref, eager, leaf, extra in zip(
+            ("d_hidden", "d_weight", "d_bias"), grads, ref_grads, eager_grads, operands,
+            (hidden_floor, weight_floor, bias_floor)):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
+        assert_matches_oracle(grad, ref, eager, grad_floor(ref, leaf.dtype) + extra, name)
+
+
+@settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_matches_oracle(backend_device, data):
+    backend, device = backend_device
+    implementation = "triton" if backend == "triton" else "torch"  # the shape limits' key
+    problem = to_device(data.draw(problems(implementation, device)), device)
+    check_loss_against_oracle(problem, backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_linear_entropy(backend_device, dtype):
+    """The same loss and gradients as the weighted sum of linear_entropy's outputs, across
+    chunks, with masked entries, tokens, a bias and a temperature."""
+    backend, device = backend_device
+    problem = _problem(23, 35, 53, device, dtype)
+    with chunks_of(4, problem):
+        loss, entropy, logprobs, grads = run_loss(problem, backend)
+    hidden, weight, bias = leaves(problem)
+    out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=problem["tokens"],
+                                    temperature=problem["temperature"])
+    expected = loss_of(out.entropy, out.logprobs, problem)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight, bias))
+    # bf16: the loss rounds its logits to bf16, linear_entropy keeps them in fp32.
+    tolerance = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=0.05,
+                                                                               atol=0.05)
+    torch.testing.assert_close(loss, expected, **tolerance)
+    torch.testing.assert_close(entropy, out.entropy, **tolerance)
+    torch.testing.assert_close(logprobs, out.logprobs, **tolerance)
+    for got, want in zip(grads, expected_grads):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, **tolerance)
+
+
+def _problem(rows, features, vocab, device, dtype, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    hidden, weight, bias, _ = random_problem(rows, features, vocab, "cpu", seed=seed)
+    bias[::6] = float("-inf")
+    finite = torch.nonzero(bias > float("-inf")).squeeze(-1)
+    problem = dict(
+        hidden=hidden.to(dtype), weight=weight.to(dtype), bias=bias.to(dtype),
+        tokens=finite[torch.randint(0, len(finite), (rows,), generator=generator)],
+        temperature=0.8, upstream_entropy=torch.randn(rows, generator=generator),
+        upstream_logprobs=torch.randn(rows, generator=generator))
+    return to_device(problem, device)
+
+
+def test_only_requested_grads_are_computed(backend_device):
+    """A frozen LM head skips d_weight; under no_grad nothing but the statistics is computed."""
+    backend, device = backend_device
+    problem = _problem(9, 16, 20, device, torch.float32)
+    hidden, weight, bias = leaves(problem)
+    weight.requires_grad_(False)
+    flags = []
+    unpatched = loss_ops.loss_and_grads
+
+    def recording(*args):
+        flags.append(args[7:10])
+        return unpatched(*args)
+
+    with mock.patch.object(loss_ops, "loss_and_grads", side_effect=recording):
+        _, _, _, (grad_hidden, grad_bias) = run_loss(problem, backend, (hidden, weight, bias))
+        with torch.no_grad():
+            out = em_kernels.linear_entropy_loss(
+                hidden, weight, bias=bias, entropy_weight=1.0, backend=backend)
+    assert flags == [(True, False, True), (False, False, False)]
+    assert not out.loss.requires_grad
+    _, _, _, (full_hidden, _, full_bias) = run_loss(problem, backend)
+    torch.testing.assert_close(grad_hidden, full_hidden)
+    torch.testing.assert_close(grad_bias, full_bias)
+
+
+def test_upstream_gradient_scales_and_row_weights_differentiate(backend_device):
+    """backward(g) gives g times the gradients, twice over with retain_graph (the saved
+    gradients are not scaled in place); d loss / d row weight is the row's statistic."""
+    backend, device = backend_device
+    problem = _problem(7, 12, 15, device, torch.float32)
+    hidden, weight, bias = leaves(problem)
+    entropy_weight = problem["upstream_entropy"].clone().requires_grad_()
+    logprob_weight = problem["upstream_logprobs"].clone().requires_grad_()
+    out = em_kernels.linear_entropy_loss(
+        hidden, weight, bias=bias, tokens=problem["tokens"], entropy_weight=entropy_weight,
+        logprob_weight=logprob_weight, backend=backend)
+    (once,) = torch.autograd.grad(out.loss, hidden, retain_graph=True)
+    for _ in range(2):
+        (scaled, d_entropy_weight, d_logprob_weight) = torch.autograd.grad(
+            out.loss * -2.5, (hidden, entropy_weight, logprob_weight), retain_graph=True)
+        torch.testing.assert_close(scaled, once * -2.5)
+    torch.testing.assert_close(d_entropy_weight, out.entropy * -2.5)
+    torch.testing.assert_close(d_logprob_weight, out.logprobs * -2.5)
+
+
+def test_scalar_weights_and_entropy_only(backend_device):
+    backend, device = backend_device
+    problem = _problem(6, 10, 13, device, torch.float32)
+    hidden, weight, bias = leaves(problem)
+    out = em_kernels.linear_entropy_loss(hidden, weight, bias=bias, entropy_weight=0.25,
+                                         backend=backend)
+    assert out.logprobs is None
+    expected = em_kernels.linear_entropy(hidden, weight, bias=bias).entropy
+    torch.testing.assert_close(out.loss, expected.sum() * 0.25)
+    torch.testing.assert_close(out.entropy, expected.detach())
+
+
+def test_deterministic(backend_device):
+    backend, device = backend_device
+    problem = _problem(21, 24, 40, device, torch.bfloat16)
+    with chunks_of(4, problem):
+        first = run_loss(problem, backend)
+        second = run_loss(problem, backend)
+    for a, b in zip(first[:2] + tuple(first[3]), second[:2] + tuple(second[3])):
+        assert torch.equal(a, b)
+
+
+def test_zero_rows(backend_device):
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(0, 16, 20, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    out = em_kernels.linear_entropy_loss(hidden, weight, bias=bias, tokens=tokens,
+                                         entropy_weight=1.0, logprob_weight=1.0, backend=backend)
+    assert out.loss.item() == 0.0 and out.entropy.shape == (0,) and out.logprobs.shape == (0,)
+    grad_hidden, grad_weight = torch.autograd.grad(out.loss, (hidden, weight))
+    assert grad_hidden.shape == (0, 16) and bool((grad_weight == 0).all())
+
+
+def test_all_masked_rows_add_no_gradient(backend_device):
+    """Rows whose every logit is -inf have NaN entropies, so a NaN loss (the plain weighted sum,
+    even where a weight is 0), and add nothing to the gradients."""
+    backend, device = backend_device
+    hidden, weight, bias, _ = random_problem(5, 8, 11, device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    out = em_kernels.linear_entropy_loss(
+        hidden, weight, bias=torch.full_like(bias, float("-inf")),
+        entropy_weight=torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0], device=device), backend=backend)
+    assert bool(torch.isnan(out.entropy).all()) and bool(torch.isnan(out.loss))
+    grad_hidden, grad_weight = torch.autograd.grad(out.loss, (hidden, weight))
+    assert bool((grad_hidden == 0).all()) and bool((grad_weight == 0).all())
+
+
+_PEAK_MEMORY_SCRIPT = textwrap.dedent("""
+    import resource, torch, em_kernels
+    from em_kernels._ops import linear_entropy_loss as loss_ops
+    loss_ops.LOSS_CHUNK_BYTES = 1 << 20
+    rows, features, vocab = 2048, 8, 32768
+    hidden = torch.randn(rows, features, requires_grad=True)
+    weight = torch.randn(vocab, features, requires_grad=True)
+    tokens = torch.randint(0, vocab, (rows,))
+    def step(count):
+        out = em_kernels.linear_entropy_loss(
+            hidden[:count], weight, tokens=tokens[:count], entropy_weight=1.0,
+            logprob_weight=-1.0, backend="{backend}")
+        out.loss.backward()
+    step(2)  # warm-up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(rows)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(after - before)
+""")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_never_holds_n_by_v(backend):
+    """fp32 logits of this shape take 256 MiB; with 1 MiB chunks the peak resident memory over
+    forward+backward must stay far below that (the gradients take 1 MiB). Measured in a fresh
+    process as the growth of the peak RSS, so an [N, V] temporary would show in full."""
+    if not runnable(backend, "cpu"):
+        pytest.skip(em_kernels.available_backends()[backend])
+    environment = dict(os.environ, OMP_NUM_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT.replace("{backend}", backend)],
+        capture_output=True, text=True, env=environment, timeout=300, check=True)
+    growth = int(result.stdout.strip().splitlines()[-1])
+    logits_bytes = 2048 * 32768 * 4
+    assert growth < logits_bytes / 8, f"peak memory grew by {growth / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_extra_memory_on_cuda(backend):
+    """The gradients, the chunk buffer(s) and O(N): at this shape bf16 logits would take 1 GiB."""
+    if not runnable(backend, "cuda"):
+        pytest.skip(em_kernels.available_backends()[backend])
+    rows, features, vocab = 4096, 256, 131072
+    hidden = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, features, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
+    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = em_kernels.linear_entropy_loss(hidden, weight, tokens=tokens, entropy_weight=1.0,
+                                         logprob_weight=1.0, backend=backend)
+    out.loss.backward()
+    peak = torch.cuda.max_memory_allocated() - base
+    # The saved gradients, their scaled copies for .grad, and the chunk buffer(s).
+    gradients = 2 * (rows + vocab) * features * 2
+    assert peak < gradients + loss_ops.LOSS_CHUNK_BYTES + 16 * 2**20 < rows * vocab * 2
+
+
+def test_double_backward_is_refused():
+    """The saved gradients have no graph of their own: a backward that would build one
+    (create_graph=True) raises rather than return gradients blind to second order."""
+    hidden, weight, bias, _ = random_problem(4, 6, 9, "cpu")
+    hidden.requires_grad_()
+    out = em_kernels.linear_entropy_loss(hidden, weight, entropy_weight=1.0)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        torch.autograd.grad(out.loss, hidden, create_graph=True)
+
+
+@pytest.mark.parametrize("rows,vocab,entry", [(8192, 152064, 2), (8192, 152064, 4),
+                                              (8192, 32000, 2), (3, 152064, 2),
+                                              (5, 1 << 30, 4)])
+def test_loss_chunk_rows(rows, vocab, entry):
+    chunk = loss_ops.loss_chunk_rows(rows, vocab, entry)
+    assert 1 <= chunk <= rows
+    assert chunk == 1 or chunk * vocab * entry <= loss_ops.LOSS_CHUNK_BYTES
+    if chunk >= loss_ops.ROW_ALIGN:
+        assert chunk % loss_ops.ROW_ALIGN == 0
+
+
+def _bad_inputs():
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu")
+    return [
+        (dict(entropy_weight=None), ValueError, "entropy_weight, logprob_weight or both"),
+        (dict(logprob_weight=1.0, tokens=None), ValueError, "pass tokens too"),
+        (dict(entropy_weight=torch.ones(3)), ValueError, r"shape \(N,\) = \(4,\)"),
+        (dict(entropy_weight=torch.ones(4, dtype=torch.long)), TypeError, "floating-point"),
+        (dict(entropy_weight=torch.ones(4, device="meta")), ValueError, "is on meta"),
+        (dict(entropy_weight=True), TypeError, "entropy_weight"),
+        (dict(entropy_weight=float("nan")), ValueError, "entropy_weight"),
+        (dict(logprob_weight="1"), TypeError, "logprob_weight"),
+        (dict(tokens=tokens + 10), ValueError, r"outside \[0, 10\)"),
+        (dict(weight=weight.T.contiguous()), ValueError, "H must match"),
+        (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
+        (dict(temperature=0.0), ValueError, "finite positive"),
+        (dict(backend="nope"), ValueError, "unknown backend"),
+        (dict(hidden=hidden.double(), weight=weight.double(), bias=bias.double(),
+              backend="auto"), TypeError, "float64"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_inputs())))
+def test_bad_input(index):
+    override, error, message = _bad_inputs()[index]
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu")
+    kwargs = dict(hidden=hidden, weight=weight, bias=bias, tokens=tokens, entropy_weight=1.0,
+                  temperature=1.0)
+    kwargs.update(override)
+    hidden, weight = kwargs.pop("hidden"), kwargs.pop("weight")
+    with pytest.raises(error, match=message):
+        em_kernels.linear_entropy_loss(hidden, weight, **kwargs)
+
+
+def test_float64_with_the_torch_backend():
+    hidden, weight, bias, tokens = random_problem(4, 8, 10, "cpu", dtype=torch.float64)
+    out = em_kernels.linear_entropy_loss(hidden, weight, bias=bias, tokens=tokens,
+                                         logprob_weight=1.0, backend="torch")
+    assert out.loss.dtype == torch.float64
+    expected = reference.linear_entropy_ref(hidden, weight, bias, tokens, 1.0)[1].sum()
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_opcheck():
+    hidden, weight, bias, tokens = random_problem(7, 16, 20, "cpu")
+    weights = torch.randn(7)
+    for backend in ("torch", "cpu", "triton"):
+        if not runnable(backend, "cpu"):
+            continue
+        torch.library.opcheck(loss_ops.linear_entropy_loss, (
+            hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), tokens,
+            weights.requires_grad_(), -weights.detach(), 1.3, True, True, True, backend))
+
+
+def test_torch_compile_fullgraph():
+    hidden, weight, bias, tokens = random_problem(11, 16, 20, "cpu")
+    weights = torch.linspace(-1.0, 1.0, 11)
+
+    def step(hidden, weight, bias, tokens):
+        out = em_kernels.linear_entropy_loss(
+            hidden, weight, bias=bias, tokens=tokens, entropy_weight=weights * 0.5,
+            logprob_weight=weights, temperature=0.9, backend="torch")
+        return out.loss * 3.0 + out.entropy.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    compiled_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    expected = step(*eager_inputs, tokens)
+    expected.backward()
+    actual = compiled(*compiled_inputs, tokens)
+    actual.backward()
+    torch.testing.assert_close(actual, expected)
+    for got, want in zip(compiled_inputs, eager_inputs):
+        torch.testing.assert_close(got.grad, want.grad)
