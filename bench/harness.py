@@ -461,7 +461,7 @@ def check_errors(errors: dict, baseline: dict | str) -> dict:
     return fields
 
 
-def _upstream_like(outputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
+def upstream_like(outputs: Sequence[torch.Tensor], seed: int) -> list[torch.Tensor]:
     """Random upstream gradients, the same for every provider whose outputs have these shapes."""
     grads = []
     for index, out in enumerate(outputs):
@@ -498,7 +498,7 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
         if mode == "bwd":
             outs = forward()
             if provider.name not in case.upstream_cache:
-                case.upstream_cache[provider.name] = _upstream_like(outs, case.seed)
+                case.upstream_cache[provider.name] = upstream_like(outs, case.seed)
             upstream = case.upstream_cache[provider.name]
 
             def step():
@@ -512,7 +512,7 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
                 nonlocal upstream
                 result = forward()
                 if upstream is None:
-                    upstream = _upstream_like(result, case.seed)
+                    upstream = upstream_like(result, case.seed)
                     case.upstream_cache[provider.name] = upstream
                 torch.autograd.backward(result, upstream)
                 return result

@@ -363,9 +363,8 @@ def linear_entropy_loss(
                                           dtype=reference.compute_dtype(hidden.dtype))
     logprob_weight = _row_weight("logprob_weight", logprob_weight, hidden)
     grad_mode = torch.is_grad_enabled()
-    loss, entropy, logprobs, _, _, _ = loss_ops.linear_entropy_loss(
+    loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(
         hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
         grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
         grad_mode and bias is not None and bias.requires_grad, implementation)
-    return LinearEntropyLoss(loss, entropy.detach(),
-                             None if tokens is None else logprobs.detach())
+    return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)

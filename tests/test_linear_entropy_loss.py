@@ -178,23 +178,46 @@ def test_only_requested_grads_are_computed(backend_device):
 
 
 def test_upstream_gradient_scales_and_row_weights_differentiate(backend_device):
-    """backward(g) gives g times the gradients, twice over with retain_graph (the saved
-    gradients are not scaled in place); d loss / d row weight is the row's statistic."""
+    """backward(g) gives g times the gradients; d loss / d row weight is the row's statistic.
+    The saved gradients are handed over, scaled in place: a second backward through the same
+    call raises instead of scaling them twice."""
     backend, device = backend_device
     problem = _problem(7, 12, 15, device, torch.float32)
     hidden, weight, bias = leaves(problem)
     entropy_weight = problem["upstream_entropy"].clone().requires_grad_()
     logprob_weight = problem["upstream_logprobs"].clone().requires_grad_()
-    out = em_kernels.linear_entropy_loss(
-        hidden, weight, bias=bias, tokens=problem["tokens"], entropy_weight=entropy_weight,
-        logprob_weight=logprob_weight, backend=backend)
-    (once,) = torch.autograd.grad(out.loss, hidden, retain_graph=True)
-    for _ in range(2):
-        (scaled, d_entropy_weight, d_logprob_weight) = torch.autograd.grad(
-            out.loss * -2.5, (hidden, entropy_weight, logprob_weight), retain_graph=True)
-        torch.testing.assert_close(scaled, once * -2.5)
+
+    def loss():
+        return em_kernels.linear_entropy_loss(
+            hidden, weight, bias=bias, tokens=problem["tokens"], entropy_weight=entropy_weight,
+            logprob_weight=logprob_weight, backend=backend)
+
+    (once,) = torch.autograd.grad(loss().loss, hidden)
+    out = loss()
+    scaled, d_weight, d_entropy_weight, d_logprob_weight = torch.autograd.grad(
+        out.loss * -2.5, (hidden, weight, entropy_weight, logprob_weight), retain_graph=True)
+    torch.testing.assert_close(scaled, once * -2.5)
     torch.testing.assert_close(d_entropy_weight, out.entropy * -2.5)
     torch.testing.assert_close(d_logprob_weight, out.logprobs * -2.5)
+    with pytest.raises(RuntimeError, match="second one"):
+        torch.autograd.grad(out.loss, weight)
+
+
+def test_weight_gradient_is_handed_over_without_a_copy():
+    """Without retain_graph the saved d_weight becomes weight.grad itself (no V x H copy)."""
+    hidden, weight, bias, _ = random_problem(6, 8, 12, "cpu")
+    weight.requires_grad_()
+    computed = []
+    unpatched = loss_ops.loss_and_grads
+
+    def recording(*args):
+        outputs = unpatched(*args)
+        computed.append(outputs[4].data_ptr())  # not the tensor: a reference blocks the steal
+        return outputs
+
+    with mock.patch.object(loss_ops, "loss_and_grads", side_effect=recording):
+        em_kernels.linear_entropy_loss(hidden, weight, entropy_weight=1.0).loss.backward()
+    assert weight.grad.data_ptr() == computed[0]
 
 
 def test_scalar_weights_and_entropy_only(backend_device):
@@ -301,9 +324,11 @@ def test_extra_memory_on_cuda(backend):
                                          logprob_weight=1.0, backend=backend)
     out.loss.backward()
     peak = torch.cuda.max_memory_allocated() - base
-    # The saved gradients, their scaled copies for .grad, and the chunk buffer(s).
-    gradients = 2 * (rows + vocab) * features * 2
-    assert peak < gradients + loss_ops.LOSS_CHUNK_BYTES + 16 * 2**20 < rows * vocab * 2
+    # The gradients (handed over as .grad, not copied), the chunk buffer(s) within their budget,
+    # and room for O(N) statistics and cuBLAS's workspace.
+    gradients = (rows + vocab) * features * 2
+    assert peak < gradients + loss_ops.LOSS_CHUNK_BYTES + 64 * 2**20 < rows * vocab * 2
+    assert weight.grad is not None and hidden.grad is not None
 
 
 def test_double_backward_is_refused():
@@ -376,8 +401,7 @@ def test_opcheck():
         if not runnable(backend, "cpu"):
             continue
         torch.library.opcheck(loss_ops.linear_entropy_loss, (
-            hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), tokens,
-            weights.requires_grad_(), -weights.detach(), 1.3, True, True, True, backend))
+            hidden, weight, bias, tokens, weights, -weights, 1.3, True, True, True, backend))
 
 
 def test_torch_compile_fullgraph():

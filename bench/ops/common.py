@@ -89,8 +89,10 @@ def never_built(case) -> Callable:
     raise Skip("this provider does not offer the op")
 
 
-def em_providers(call: Callable[[object, str], Callable]) -> list[Provider]:
-    """One provider per em-kernels backend: call(case, backend) builds the forward callable."""
-    return [Provider(backend, (lambda case, b=backend: call(case, b)),
-                     unavailable=em_backend_unavailable(backend))
+def em_providers(call: Callable[[object, str], Callable], suffix: str = "",
+                 **provider_fields) -> list[Provider]:
+    """One provider per em-kernels backend, named backend + suffix: call(case, backend) builds
+    the forward callable; provider_fields go to each Provider."""
+    return [Provider(backend + suffix, (lambda case, b=backend: call(case, b)),
+                     unavailable=em_backend_unavailable(backend), **provider_fields)
             for backend in EM_BACKENDS]

@@ -10,7 +10,10 @@ holding [M, V], and the roofline fraction shows what it costs.
 Providers: matmul (the bare LM-head matmul, the floor; its backward takes a random [M, V]
 upstream gradient), eager (matmul, then eager entropy in fp32), compile (torch.compile of eager:
 the strongest unfused baseline), chunked (eager over checkpointed row chunks, verl's fallback),
-em-kernels' backends, and, when installed on CUDA,
+em-kernels' backends, the same backends' linear_entropy_loss ("<backend>-loss": the loss
+sum_r u_r H_r with u the upstream gradient the others get, its gradients computed in the
+forward; no bwd row, as there is nothing left for its backward to do), and, when installed on
+CUDA,
 Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not
 entropy, so they show the speed of the nearest fused peer and have no error column.
 
@@ -27,7 +30,7 @@ import torch
 
 from em_kernels import reference
 
-from ..harness import OpBench, Provider
+from ..harness import OpBench, Provider, upstream_like
 from .common import (chunked, compile_unavailable, compiled, em_providers, never_built,
                      not_offered, package_unavailable)
 from .entropy import LOGIT_SCALE, eager_entropy, random_logits
@@ -50,6 +53,10 @@ class LinearEntropyBench(OpBench):
     provider_notes = {
         "cpu": 'em-kernels\' path for CPU tensors (backend="cpu"): chunked PyTorch that never '
                "holds [M, V]; this op has no C++ kernel",
+        "triton-loss": "linear_entropy_loss with the Triton entropy kernels: logits by cuBLAS "
+                       "in bf16 per row chunk, gradients in the forward (three matmuls)",
+        "cuda-loss": "linear_entropy_loss with the CUDA entropy kernels",
+        "cpu-loss": "linear_entropy_loss with the C++ entropy kernels",
         "liger": "Liger-Kernel's fused linear cross-entropy: cross-entropy, not entropy",
         "cce": "Cut Cross-Entropy: cross-entropy, not entropy, with its default gradient "
                'filtering (filter_eps="auto"; our backward is exact unless asked)',
@@ -125,6 +132,18 @@ class LinearEntropyBench(OpBench):
             return lambda: (em_kernels.linear_entropy(
                 case.inputs["hidden"], case.inputs["weight"], backend=backend).entropy,)
 
+        def ours_loss(case, backend):
+            hidden = case.inputs["hidden"]
+            # The upstream gradient the harness gives every provider's (M,) entropy output.
+            (weights,) = upstream_like([hidden.new_empty(hidden.shape[:1], dtype=torch.float32)],
+                                       case.seed)
+
+            def run():
+                out = em_kernels.linear_entropy_loss(
+                    hidden, case.inputs["weight"], entropy_weight=weights, backend=backend)
+                return (_LossSeenAsEntropy.apply(out.loss, out.entropy, weights),)
+            return run
+
         def liger(case):
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -140,6 +159,9 @@ class LinearEntropyBench(OpBench):
                 case.inputs["hidden"], case.inputs["weight"], targets),)
 
         triton_, _, cpu = em_providers(ours)
+        loss_providers = em_providers(ours_loss, "-loss", modes_not_offered={
+            "bwd": "linear_entropy_loss computes its gradients in the forward: its fwd+bwd row "
+                   "is the comparable one"})
         return [
             Provider("matmul", matmul, compares=False),
             Provider("eager", eager),
@@ -148,7 +170,7 @@ class LinearEntropyBench(OpBench):
             Provider("cuda", never_built, unavailable=not_offered(
                 'linear_entropy has no CUDA kernel: backend="cuda" runs the Triton kernels, '
                 "the triton row")),
-            cpu,
+            cpu, *loss_providers,
             Provider("liger", liger, compares=False,
                      unavailable=package_unavailable("liger_kernel", "liger-kernel"),
                      modes_not_offered={"bwd": "Liger computes its gradients in the forward: "
@@ -156,6 +178,24 @@ class LinearEntropyBench(OpBench):
             Provider("cce", cce, compares=False,
                      unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
         ]
+
+
+class _LossSeenAsEntropy(torch.autograd.Function):
+    """linear_entropy_loss shown to the harness as the op's entropy output, so that its errors
+    are checked like the other providers': the forward passes the entropies through; the
+    backward, handed the upstream gradient g of that output, gives the loss the upstream
+    gradient (g . u) / (u . u), which is 1 when g is the u the loss was weighted with (the
+    harness's fixed upstream gradient): the gradients are then those of sum_r u_r H_r."""
+
+    @staticmethod
+    def forward(ctx, loss, entropy, weights):
+        ctx.save_for_backward(weights)
+        return entropy.clone()
+
+    @staticmethod
+    def backward(ctx, grad_entropy):
+        (weights,) = ctx.saved_tensors
+        return torch.dot(grad_entropy, weights) / torch.dot(weights, weights), None, None
 
 
 def _weight_grad_rows(case, grad_entropy: torch.Tensor, count: int):

@@ -9,6 +9,9 @@ log-probs, fused with the LM head, whose gradients are computed in its forward.
 
     loss = sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r])
 
+The op has no autograd formula of its own: `LinearEntropyLossFunction` wraps it, keeps the
+gradients it returns, and hands them to autograd in the backward (torch.compile traces both).
+
 Why a second op: `linear_entropy` takes any upstream gradients, which autograd hands over only in
 the backward, so its backward must recompute the logits: four matmuls of N x H x V in all, at
 best 1.33x the three of a linear layer. A loss whose upstream gradients are known in the forward
@@ -26,7 +29,8 @@ recomputation. For each chunk of R rows (`loss_chunk_rows`):
 Three matmuls plus, per chunk, one write and one read of the logits for the statistics and one
 read and one write for dz (in bf16 at N 8192, V 152064: ~2.5 GB each over all chunks, ~0.5 ms at
 an H200's bandwidth), and N / R read+write passes of d_W by the accumulating matmul. The backward
-only scales the saved gradients by the upstream gradient of the loss.
+only scales the saved gradients, in place, by the upstream gradient of the loss (one pass over
+them).
 
 Precision: the logits are rounded to the input dtype, as a model's own LM head rounds them
 (`linear_entropy` keeps them in fp32); with 16-bit inputs the statistics are in fp32, dz is
@@ -151,32 +155,57 @@ def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
     )
 
 
-def _setup_context(ctx, inputs, output):
-    _, entropy, logprobs, grad_hidden, grad_weight, grad_bias = output
-    ctx.save_for_backward(entropy, logprobs, grad_hidden, grad_weight, grad_bias)
-    ctx.computed = inputs[7:10]  # need_grad_hidden, need_grad_weight, need_grad_bias
+class LinearEntropyLossFunction(torch.autograd.Function):
+    """Autograd around the op: the forward returns (loss, entropy, logprobs), the last two not
+    differentiable, and keeps the op's gradients, which no caller ever sees; the backward scales
+    them by the loss's upstream gradient. d loss / d row weights are the entropies and log-probs
+    themselves.
 
+    Eagerly the kept gradients are scaled in place and handed over: autograd releases them from
+    ctx when the backward returns (without retain_graph), so d_weight becomes weight.grad with no
+    copy, where an out-of-place product would hold a second V x H tensor. A second backward
+    through the same call (retain_graph=True) therefore raises. Traced by torch.compile the
+    product is out of place: the compiler plans the memory."""
 
-def _backward(ctx, grad_loss, *_):
-    """Every gradient is the saved one times the loss's upstream gradient; d loss / d weights
-    are the entropies and log-probs themselves."""
-    if torch.is_grad_enabled():
-        raise double_backward_error("linear_entropy_loss")
-    entropy, logprobs, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-    grads = []
-    for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
-                                       (grad_hidden, grad_weight, grad_bias)):
-        if needed and not computed:
-            raise RuntimeError(
-                "em_kernels::linear_entropy_loss was called with a need_grad_* flag off for an "
-                "input that requires grad: call em_kernels.linear_entropy_loss, which sets them")
-        grads.append(saved * grad_loss if needed else None)
-    needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
-    return (*grads, None,
-            entropy * grad_loss if needs_entropy_weight else None,
-            logprobs * grad_loss if needs_logprob_weight else None,
-            None, None, None, None, None)
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+                need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+        loss, entropy, logprobs, grad_hidden, grad_weight, grad_bias = linear_entropy_loss(
+            hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+            need_grad_hidden, need_grad_weight, need_grad_bias, backend)
+        ctx.save_for_backward(entropy, logprobs, grad_hidden, grad_weight, grad_bias)
+        ctx.computed = (need_grad_hidden, need_grad_weight, need_grad_bias)
+        ctx.handed_over = False
+        ctx.mark_non_differentiable(entropy, logprobs)
+        return loss, entropy, logprobs
 
-
-torch.library.register_autograd(
-    "em_kernels::linear_entropy_loss", _backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_entropy, _grad_logprobs):
+        if torch.is_grad_enabled():
+            raise double_backward_error("linear_entropy_loss")
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            if ctx.handed_over:
+                raise RuntimeError(
+                    "linear_entropy_loss handed its saved gradients to the first backward "
+                    "through this call; a second one (retain_graph=True) is not supported: call "
+                    "it again instead")
+            ctx.handed_over = True
+        entropy, logprobs, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads = []
+        for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
+                                           (grad_hidden, grad_weight, grad_bias)):
+            if needed and not computed:
+                raise RuntimeError(
+                    "LinearEntropyLossFunction was applied with a need_grad_* flag off for an "
+                    "input that requires grad: call em_kernels.linear_entropy_loss, which sets "
+                    "them")
+            if not needed:
+                grads.append(None)
+            else:
+                grads.append(saved * grad_loss if compiling else saved.mul_(grad_loss))
+        needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
+        return (*grads, None,
+                entropy * grad_loss if needs_entropy_weight else None,
+                logprobs * grad_loss if needs_logprob_weight else None,
+                None, None, None, None, None)
