@@ -10,8 +10,9 @@ Conventions (the same for every public function of em_algos):
   the sampling distribution's).
 - The distribution that predicted token t sits at position t - 1: the response tokens' entropies
   and log-probs are read from the hidden states at the positions one to the left of the mask.
-- Only those positions go through the LM head, and through `em_kernels.linear_entropy`: the
-  (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
+- Only those positions go through the LM head, inside `em_kernels.linear_entropy` (or, for
+  EM-FT's plain entropy loss, `em_kernels.linear_entropy_loss`): the (B, T, V) logits are never
+  formed. The model runs with ``logits_to_keep=1``, a hook on its
   decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
   ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
   when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
@@ -309,15 +310,36 @@ class ResponseTokens:
         return self.per_sequence_sum(values) / self.tokens_per_sequence().clamp(min=1)
 
 
-def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
-                         attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
-                         with_logprobs: bool, temperature: float = 1.0) -> ResponseTokens:
-    """Entropy (and log-prob) of every response token from one forward pass of ``model``.
+@dataclass
+class ResponseRows:
+    """The N response tokens of a batch, ready for the LM head.
+
+    hidden: (N, H) final hidden states at the positions that predicted the tokens.
+    tokens: (N) int64, the response tokens, in row-major order of the (B, T) batch.
+    sequence: (N) int64, the sequence (batch row) each token belongs to.
+    head: the LM head (an nn.Linear-like module with weight (V, H) and maybe a bias).
+    batch_size: B.
+    """
+
+    hidden: torch.Tensor
+    tokens: torch.Tensor
+    sequence: torch.Tensor
+    head: nn.Module
+    batch_size: int
+
+    @property
+    def head_bias(self) -> torch.Tensor | None:
+        return getattr(self.head, "bias", None)
+
+
+def response_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  response_mask: torch.Tensor) -> ResponseRows:
+    """One forward pass of ``model``, and the final hidden states of its response tokens.
 
     The model (plain, DDP-wrapped or FSDP2-sharded: it is called, never bypassed, so the wrapper's
     hooks run) yields its final hidden states (B, T, H) and logits for the last position only.
-    The N response positions (shifted one to the left) are gathered into (N, H) and fed with the
-    LM head to `em_kernels.linear_entropy`. Gradients flow to the model unless the caller runs
+    The N response positions (shifted one to the left) are gathered into (N, H), for the
+    em_kernels op that applies the LM head. Gradients flow to the model unless the caller runs
     this under torch.no_grad().
     """
     if response_mask is None:
@@ -329,13 +351,21 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
     hidden, last_logits = _final_hidden_states(model, input_ids, attention_mask)
     check_head_reproduces_logits(head, hidden[:, -1].detach(), last_logits.detach())
     predicting = response_mask[:, 1:].bool()
-    rows = hidden[:, :-1][predicting]
-    tokens = input_ids[:, 1:][predicting]
-    sequence = predicting.nonzero()[:, 0]
+    return ResponseRows(hidden[:, :-1][predicting], input_ids[:, 1:][predicting],
+                        predicting.nonzero()[:, 0], head, input_ids.shape[0])
+
+
+def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
+                         with_logprobs: bool, temperature: float = 1.0) -> ResponseTokens:
+    """Entropy (and log-prob) of every response token from one forward pass of ``model``
+    (`response_rows`), through `em_kernels.linear_entropy`: differentiable, with any upstream
+    gradients."""
+    rows = response_rows(model, input_ids, attention_mask, response_mask)
     result = em_kernels.linear_entropy(
-        rows, head.weight, bias=getattr(head, "bias", None),
-        tokens=tokens if with_logprobs else None, temperature=temperature)
-    return ResponseTokens(result.entropy, result.logprobs, sequence, input_ids.shape[0])
+        rows.hidden, rows.head.weight, bias=rows.head_bias,
+        tokens=rows.tokens if with_logprobs else None, temperature=temperature)
+    return ResponseTokens(result.entropy, result.logprobs, rows.sequence, rows.batch_size)
 
 
 # ----------------------------------------------------------------------------- rollouts

@@ -5,8 +5,13 @@ The loss (the paper's Eq. 2) over a batch D of sampled responses y:
     L = 1/|D| * sum_{y in D} sum_t H(pi(. | x, y_<t))                 normalize="sequence"
     L = sum_{y in D} sum_t H(pi(. | x, y_<t)) / (number of tokens)    normalize="token" (as verl)
 
-Each entropy comes from `em_kernels.linear_entropy` on the final hidden state and the LM head, so
-the (B, T, V) logits never exist: the extra memory is O(response tokens), not O(B * T * V).
+The loss is a weighted sum of the response tokens' entropies with weights known before the
+forward (1/B or 1/N), so it comes from `em_kernels.linear_entropy_loss` on the final hidden states
+and the LM head, which computes its gradients in the forward: three N x H x V matmuls, not the
+four of `linear_entropy`, whose backward recomputes the logits. The (B, T, V) logits never
+exist: the extra memory is a row chunk of logits (at most 256 MiB) and O(response tokens). With
+a KL term (kl_coef > 0) the loss is no longer such a sum, and the trainer takes the entropies and
+log-probs from `em_kernels.linear_entropy`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import os
 import torch
 from torch import nn
 
+import em_kernels
+
 from ._common import (
     check_choice,
     check_positive,
@@ -24,6 +31,7 @@ from ._common import (
     frozen_copy,
     input_vocab_size,
     k3_kl,
+    response_rows,
     response_token_stats,
     sample_responses,
     save_if_due,
@@ -36,11 +44,21 @@ __all__ = ["EMFTTrainer", "em_ft_loss"]
 NORMALIZATIONS = ("sequence", "token")
 
 
+def _divisor(normalize: str, batch_size: int, token_count: int) -> int:
+    """Sum per sequence then mean over the B sequences, or mean over all N response tokens."""
+    return batch_size if normalize == "sequence" else max(token_count, 1)
+
+
 def _reduce(values: torch.Tensor, tokens, normalize: str) -> torch.Tensor:
-    """Sum per sequence then mean over sequences, or mean over all response tokens."""
-    if normalize == "sequence":
-        return values.sum() / tokens.batch_size
-    return values.sum() / max(values.numel(), 1)
+    return values.sum() / _divisor(normalize, tokens.batch_size, values.numel())
+
+
+def _entropy_loss(model: nn.Module, batch, normalize: str) -> em_kernels.LinearEntropyLoss:
+    """The loss without a KL term, from linear_entropy_loss (gradients in its forward)."""
+    rows = response_rows(model, *batch)
+    weight = 1.0 / _divisor(normalize, rows.batch_size, rows.hidden.shape[0])
+    return em_kernels.linear_entropy_loss(rows.hidden, rows.head.weight, bias=rows.head_bias,
+                                          entropy_weight=weight)
 
 
 def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -63,9 +81,7 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     other train-mode randomness) applies. EMFTTrainer calls it in `scoring_mode`.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
-    tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
-                                  with_logprobs=False)
-    return _reduce(tokens.entropy, tokens, normalize)
+    return _entropy_loss(model, (input_ids, attention_mask, response_mask), normalize).loss
 
 
 class EMFTTrainer:
@@ -151,19 +167,19 @@ class EMFTTrainer:
             max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id, temperature=self.temperature)
         batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
-        with_kl = self.reference_model is not None
-        tokens = response_token_stats(self.model, *batch, with_logprobs=with_kl)
-        loss = _reduce(tokens.entropy, tokens, self.normalize)
         kl = torch.zeros(())
-        if with_kl:
+        if self.reference_model is None:
+            loss, entropy, _ = _entropy_loss(self.model, batch, self.normalize)
+        else:
+            tokens = response_token_stats(self.model, *batch, with_logprobs=True)
             with torch.no_grad(), scoring_mode(self.reference_model):
                 reference = response_token_stats(self.reference_model, *batch, with_logprobs=True)
             kl = _reduce(k3_kl(tokens.logprobs, reference.logprobs), tokens, self.normalize)
-            loss = loss + self.kl_coef * kl
+            loss = _reduce(tokens.entropy, tokens, self.normalize) + self.kl_coef * kl
+            entropy = tokens.entropy.detach()
         grad_norm = clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm)
         self.global_step += 1
         save_if_due(self.model, self.save_dir, self.save_every, self.global_step)
-        entropy = tokens.entropy.detach()
         return {"loss": float(loss.detach()), "kl": float(kl.detach()),
                 "entropy": float(entropy.mean()) if entropy.numel() else 0.0,
                 "grad_norm": float(grad_norm), "response_tokens": entropy.numel()}

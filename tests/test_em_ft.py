@@ -1,6 +1,8 @@
 """EM-FT: em_ft_loss against full-logit float64 references (values and gradients), bad input,
 and EMFTTrainer lowering the entropy of a tiny model, with its KL and checkpoint options."""
 
+from unittest import mock
+
 import pytest
 import torch
 from algos_support import EOS, PAD, per_token_reference, random_batch, tiny_causal_lm
@@ -167,7 +169,7 @@ def test_trainer_bad_arguments_raise(qwen, options, error):
 
 def test_full_logits_are_never_formed(qwen):
     """The LM head module itself only ever sees the last position (logits_to_keep=1); the
-    response positions go through linear_entropy instead."""
+    response positions go through linear_entropy_loss instead."""
     seen = []
     handle = qwen.get_output_embeddings().register_forward_hook(
         lambda module, args, output: seen.append(tuple(output.shape)))
@@ -178,6 +180,18 @@ def test_full_logits_are_never_formed(qwen):
         handle.remove()
         qwen.zero_grad(set_to_none=True)
     assert seen == [(3, 1, qwen.config.vocab_size)]
+
+
+def test_loss_takes_its_gradients_from_the_forward(qwen):
+    """em_ft_loss is linear_entropy_loss's weighted sum (three matmuls), never linear_entropy
+    (whose backward recomputes the logits); with a KL term the trainer needs the latter."""
+    inputs = random_batch(torch.Generator().manual_seed(23), 3, 4, 5)
+    expected = em_ft_loss(qwen, *inputs)
+    with mock.patch("em_kernels.linear_entropy", side_effect=AssertionError("not this op")):
+        loss = em_ft_loss(qwen, *inputs)
+        loss.backward()
+    qwen.zero_grad(set_to_none=True)
+    torch.testing.assert_close(loss, expected)
 
 
 def test_bfloat16_model():
