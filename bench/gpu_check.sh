@@ -179,9 +179,10 @@ HEADLINE=(--ops entropy logprobs_and_entropy --shapes N8192-V151936 --dtypes bf1
           --modes fwd fwd+bwd)
 bench headline 60 "${HEADLINE[@]}" --providers triton cuda eager chunked
 # 4. The fused LM head at the issue's two shapes (H 3584 and H 896), every provider but
-#    torch.compile (its compiles would take the step's budget; bench_full has it).
-bench linear 70 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
-    --providers matmul eager chunked triton liger cce
+#    torch.compile (its compiles would take the step's budget; bench_full has it), with
+#    linear_entropy_loss on both entropy backends (8 cells more: +25 s).
+bench linear 95 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
+    --providers matmul eager chunked triton triton-loss cuda-loss liger cce
 # 5. EM-INF (5 steps, never exiting early) and adaptive temperature at B 1, 16, 64 (V 151936).
 bench decode_ops 35 --ops em_inf_adjust adaptive_temperature --shapes V151936
 # 6. torch.compile at the headline cells: the yardstick of issue 2's goals, from the same device.
