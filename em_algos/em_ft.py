@@ -75,7 +75,9 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
             paper's Eq. 2) or "token" (mean over all response tokens of the batch).
 
     Returns:
-        A float32 scalar. An empty response contributes 0.
+        A float32 scalar. An empty response contributes 0. Its gradients are computed in the
+        forward (`em_kernels.linear_entropy_loss`) while grad mode is on, for one backward (call
+        it under torch.no_grad() for the value alone).
 
     The model runs in the mode it is in, as with any loss: in train mode, its dropout (and any
     other train-mode randomness) applies. EMFTTrainer calls it in `scoring_mode`.

@@ -334,15 +334,24 @@ def linear_entropy_loss(
     bf16 inputs, as the model's own LM head gives them; linear_entropy keeps fp32 logits), and
     with 16-bit inputs d_weight takes one rounding per row chunk. The gradients are computed
     only for the inputs that require grad while grad mode is on (a frozen LM head skips its
-    d_weight matmul; under torch.no_grad only the statistics are computed), and they live from
-    the forward until the backward, which multiplies them by the loss's upstream gradient.
-    Extra memory: a row-chunk buffer of at most 256 MiB (LOSS_CHUNK_BYTES) plus O(N)
-    statistics. Differentiable once (a backward with create_graph=True raises). Deterministic;
-    torch.compile(fullgraph=True) traces it.
+    d_weight matmul; under torch.no_grad only the statistics are computed: call it there for a
+    value alone), and they live from the forward until the backward, which multiplies them by
+    the loss's upstream gradient in place and hands them over (d_weight becomes weight.grad
+    without a copy). Hence one backward per call: a second one through the same call
+    (retain_graph=True) raises, and so does a backward with create_graph=True (differentiable
+    once). autograd.grad's is_grads_batched works; torch.vmap raises (flatten into N instead).
+    Extra memory: a row-chunk buffer of at most 256 MiB (LOSS_CHUNK_BYTES; the "torch" backend's
+    reference statistics add fp32 temporaries of a few chunk sizes) plus O(N) statistics.
+    Deterministic; torch.compile(fullgraph=True) traces it.
     """
     temperature = _checks.check_temperature(temperature)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto",
                     op="linear_entropy_loss")
+    for operand in (hidden, weight, bias, entropy_weight, logprob_weight):
+        if isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand):
+            raise NotImplementedError(
+                "linear_entropy_loss does not run under torch.vmap: its rows are a batch "
+                "already (flatten the vmapped dim into N), or use linear_entropy")
     implementation = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":
         raise TypeError('float64 inputs run only with backend="torch"')

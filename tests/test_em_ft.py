@@ -195,8 +195,8 @@ def test_loss_takes_its_gradients_from_the_forward(qwen):
 
 
 def test_bfloat16_model():
-    """A bf16 model goes through linear_entropy in bf16: the loss stays within the error of the
-    same computation done by plain PyTorch in bf16, against the float64 oracle."""
+    """A bf16 model goes through linear_entropy_loss in bf16: the loss stays within the error of
+    the same computation done by plain PyTorch in bf16, against the float64 oracle."""
     model = tiny_causal_lm(seed=6, family="llama").to(torch.bfloat16)
     inputs = random_batch(torch.Generator().manual_seed(19), 4, 4, 6)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_bfloat16_model():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_on_cuda(dtype):
-    """The GPU path (linear_entropy's CUDA backends inside a real model): the loss and the
+    """The GPU path (linear_entropy_loss and linear_entropy inside a real model): the loss and the
     rewards against the float64 oracle, then one trainer step that lowers nothing to NaN."""
     from em_algos import sequence_reward
 

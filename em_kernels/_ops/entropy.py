@@ -30,7 +30,9 @@ from . import refuse_double_backward
 _EMPTY_SHAPE = (0,)
 
 
-def _torch_fwd(logits, tokens, temperature):
+def _torch_fwd(logits, tokens, temperature, stats_dtype=torch.float32):
+    """The reference statistics, returned in ``stats_dtype`` (the op's float32; float64 keeps
+    float64 logits exact for linear_entropy_loss)."""
     z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
     lse = torch.logsumexp(z, dim=-1)
     entropy = reference.entropy_ref(z)
@@ -41,7 +43,7 @@ def _torch_fwd(logits, tokens, temperature):
         in_range = (tokens >= 0) & (tokens < z.shape[-1])
         chosen = torch.gather(z, -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         logprobs = torch.where(in_range, chosen - lse, torch.full_like(lse, float("nan")))
-    return entropy.float(), lse.float(), logprobs.float()
+    return entropy.to(stats_dtype), lse.to(stats_dtype), logprobs.to(stats_dtype)
 
 
 def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature):

@@ -5,9 +5,12 @@ log-probs, fused with the LM head, whose gradients are computed in its forward.
                                     entropy_weight[N], logprob_weight[N]?, temperature,
                                     need_grad_hidden, need_grad_weight, need_grad_bias, backend)
         -> (loss[], entropy[N], logprobs[N] or [0], grad_hidden or [0], grad_weight or [0],
-            grad_bias or [0])
+            grad_bias or [0], grad_scale[])
 
     loss = sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r])
+
+where the gradients are those of the loss divided by grad_scale, the largest row weight's
+magnitude (so that dz, which carries the weights, stays O(p) in a 16-bit dtype).
 
 The op has no autograd formula of its own: `LinearEntropyLossFunction` wraps it, keeps the
 gradients it returns, and hands them to autograd in the backward (torch.compile traces both).
@@ -41,20 +44,22 @@ from the forward to the backward. Deterministic: no atomics, a fixed chunk order
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import reference
 from . import double_backward_error
-from .entropy import _bwd_impl, _fwd_impl
+from .entropy import _EMPTY_SHAPE, _bwd_impl, _fwd_impl, _torch_fwd
 
 # The row chunk's logits buffer, plus its gradient buffer off the Triton backend: 256 MiB, so
-# that with the gradient the op stays under 0.5 GiB of extra memory while a chunk keeps ~880
-# rows at V 152064 in bf16, and d_W's accumulating matmul (K = rows) stays compute-bound.
+# that the op stays under 0.5 GiB of extra memory while a chunk keeps 768 rows at V 152064 in
+# bf16 (882 fit, rounded down to ROW_ALIGN), and d_W's accumulating matmul (K = rows) stays
+# compute-bound. The "torch" backend's reference statistics add fp32 temporaries of a few
+# chunk sizes on top.
 LOSS_CHUNK_BYTES = 256 << 20
 # Chunk rows are a multiple of this when at least that many fit: the M tile of the BLAS kernels.
 ROW_ALIGN = 128
-
-_EMPTY = (0,)
 
 
 def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
@@ -74,22 +79,35 @@ def _chunk_logits(hidden_rows, weight, bias, out):
 def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
                    need_grad_hidden, need_grad_weight, need_grad_bias, backend):
     """The op's implementation (see the module docstring); every backend of the entropy ops."""
+    if need_grad_bias and bias is None:
+        raise ValueError("need_grad_bias is set but there is no bias")
     rows, features = hidden.shape
     vocab = weight.shape[0]
     stats_dtype = reference.compute_dtype(hidden.dtype)
     entropy = hidden.new_empty((rows,), dtype=stats_dtype)
     has_tokens = tokens is not None
-    logprobs = hidden.new_empty((rows,) if has_tokens else _EMPTY, dtype=stats_dtype)
-    grad_hidden = hidden.new_empty((rows, features) if need_grad_hidden else _EMPTY)
+    logprobs = hidden.new_empty((rows,) if has_tokens else _EMPTY_SHAPE, dtype=stats_dtype)
+    grad_hidden = hidden.new_empty((rows, features) if need_grad_hidden else _EMPTY_SHAPE)
     grad_weight = (weight.new_zeros((vocab, features)) if need_grad_weight
-                   else weight.new_empty(_EMPTY))
-    grad_bias = hidden.new_zeros((vocab,) if need_grad_bias else _EMPTY, dtype=stats_dtype)
+                   else weight.new_empty(_EMPTY_SHAPE))
+    grad_bias = hidden.new_zeros((vocab,) if need_grad_bias else _EMPTY_SHAPE, dtype=stats_dtype)
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
     buffers = 1 if in_place or not any_grad else 2
     chunk = loss_chunk_rows(rows, vocab, hidden.element_size() * buffers)
     logits_buffer = hidden.new_empty((min(chunk, rows) * vocab,))
     forward_stats, backward_dz = _fwd_impl(backend), _bwd_impl(backend)
+    if backend == "torch":  # statistics in float64 for float64 inputs
+        forward_stats = functools.partial(_torch_fwd, stats_dtype=stats_dtype)
+    # dz carries the row weights (1 / N for a mean): divided by their largest magnitude it
+    # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
+    # pass that applies the upstream gradient anyway.
+    magnitudes = [entropy_weight.abs()] + (
+        [logprob_weight.abs()] if logprob_weight is not None else [])
+    grad_scale = torch.stack([m.amax() if rows else m.new_zeros(()) for m in magnitudes]).amax()
+    grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
+    unit_entropy_weight = entropy_weight / grad_scale
+    unit_logprob_weight = logprob_weight / grad_scale if logprob_weight is not None else None
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         hidden_rows = hidden[start:end]
@@ -102,8 +120,9 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
             logprobs[start:end] = chunk_logprobs
         if not any_grad:
             continue
-        row_grads = (logits, chunk_tokens, chunk_entropy, chunk_lse, entropy_weight[start:end],
-                     logprob_weight[start:end] if logprob_weight is not None else None,
+        row_grads = (logits, chunk_tokens, chunk_entropy, chunk_lse,
+                     unit_entropy_weight[start:end],
+                     unit_logprob_weight[start:end] if logprob_weight is not None else None,
                      temperature)
         grad_logits = (backward_dz(*row_grads, out=logits) if in_place
                        else backward_dz(*row_grads))
@@ -117,7 +136,7 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     if logprob_weight is not None:
         loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype), logprobs)
     return (loss, entropy, logprobs, grad_hidden, grad_weight,
-            grad_bias.to(bias.dtype) if need_grad_bias else grad_bias)
+            grad_bias.to(bias.dtype) if need_grad_bias else grad_bias, grad_scale)
 
 
 @torch.library.custom_op("em_kernels::linear_entropy_loss", mutates_args=())
@@ -133,7 +152,8 @@ def linear_entropy_loss(
     need_grad_weight: bool,
     need_grad_bias: bool,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
     return loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                           temperature, need_grad_hidden, need_grad_weight, need_grad_bias,
                           backend)
@@ -147,33 +167,46 @@ def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
     return (
         hidden.new_empty((), dtype=stats_dtype),
         hidden.new_empty((rows,), dtype=stats_dtype),
-        hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=stats_dtype),
-        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(_EMPTY),
-        torch.empty_like(weight) if need_grad_weight else weight.new_empty(_EMPTY),
-        torch.empty_like(bias) if need_grad_bias else hidden.new_empty(
-            _EMPTY, dtype=stats_dtype),
+        hidden.new_empty((rows,) if tokens is not None else _EMPTY_SHAPE, dtype=stats_dtype),
+        hidden.new_empty(hidden.shape if need_grad_hidden else _EMPTY_SHAPE),  # contiguous
+        weight.new_empty(weight.shape if need_grad_weight else _EMPTY_SHAPE),
+        bias.new_empty(bias.shape) if need_grad_bias else hidden.new_empty(
+            _EMPTY_SHAPE, dtype=stats_dtype),
+        hidden.new_empty((), dtype=stats_dtype),
     )
+
+
+def _batched(tensor: torch.Tensor) -> bool:
+    """A vmapped tensor: functorch's, or the legacy kind autograd.grad's is_grads_batched makes
+    (not to be asked while Dynamo traces: it cannot trace these probes)."""
+    functorch = torch._C._functorch
+    return (functorch.is_functorch_wrapped_tensor(tensor)
+            or functorch.is_legacy_batchedtensor(tensor))
 
 
 class LinearEntropyLossFunction(torch.autograd.Function):
     """Autograd around the op: the forward returns (loss, entropy, logprobs), the last two not
     differentiable, and keeps the op's gradients, which no caller ever sees; the backward scales
-    them by the loss's upstream gradient. d loss / d row weights are the entropies and log-probs
-    themselves.
+    them by the loss's upstream gradient times grad_scale. d loss / d row weights are the
+    entropies and log-probs themselves (kept only when a row-weight tensor requires grad).
 
     Eagerly the kept gradients are scaled in place and handed over: autograd releases them from
     ctx when the backward returns (without retain_graph), so d_weight becomes weight.grad with no
     copy, where an out-of-place product would hold a second V x H tensor. A second backward
-    through the same call (retain_graph=True) therefore raises. Traced by torch.compile the
-    product is out of place: the compiler plans the memory."""
+    through the same call (retain_graph=True) therefore raises. Traced by torch.compile, or with
+    batched upstream gradients (autograd.grad's is_grads_batched), the product is out of place."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
                 need_grad_hidden, need_grad_weight, need_grad_bias, backend):
-        loss, entropy, logprobs, grad_hidden, grad_weight, grad_bias = linear_entropy_loss(
+        (loss, entropy, logprobs, grad_hidden, grad_weight, grad_bias,
+         grad_scale) = linear_entropy_loss(
             hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
             need_grad_hidden, need_grad_weight, need_grad_bias, backend)
-        ctx.save_for_backward(entropy, logprobs, grad_hidden, grad_weight, grad_bias)
+        needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
+        ctx.save_for_backward(entropy if needs_entropy_weight else None,
+                              logprobs if needs_logprob_weight else None,
+                              grad_hidden, grad_weight, grad_bias, grad_scale)
         ctx.computed = (need_grad_hidden, need_grad_weight, need_grad_bias)
         ctx.handed_over = False
         ctx.mark_non_differentiable(entropy, logprobs)
@@ -183,15 +216,16 @@ class LinearEntropyLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_entropy, _grad_logprobs):
         if torch.is_grad_enabled():
             raise double_backward_error("linear_entropy_loss")
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
+        hand_over = not torch.compiler.is_compiling() and not _batched(grad_loss)
+        if hand_over:
             if ctx.handed_over:
                 raise RuntimeError(
                     "linear_entropy_loss handed its saved gradients to the first backward "
                     "through this call; a second one (retain_graph=True) is not supported: call "
                     "it again instead")
             ctx.handed_over = True
-        entropy, logprobs, grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        entropy, logprobs, grad_hidden, grad_weight, grad_bias, grad_scale = ctx.saved_tensors
+        factor = grad_loss * grad_scale
         grads = []
         for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
                                            (grad_hidden, grad_weight, grad_bias)):
@@ -203,7 +237,7 @@ class LinearEntropyLossFunction(torch.autograd.Function):
             if not needed:
                 grads.append(None)
             else:
-                grads.append(saved * grad_loss if compiling else saved.mul_(grad_loss))
+                grads.append(saved.mul_(factor) if hand_over else saved * factor)
         needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
         return (*grads, None,
                 entropy * grad_loss if needs_entropy_weight else None,
