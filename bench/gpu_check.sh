@@ -199,8 +199,9 @@ bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager 
     --shapes N1-V151936 N64-V151936 N4096-V32000 N4096-V50257 N4096-V128256 N4096-V151936 \
     N4096-V262144 N16384-V151936
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
-#    (bench/tune.py: entropy, linear_entropy's forward, em_inf, then linear_entropy's backward
-#    at the headline shapes, ~3-4 minutes; tune.json keeps every row measured before a cut).
+#    (bench/tune.py: entropy, linear_entropy's forward, em_inf, linear_entropy_loss's row
+#    chunk, then linear_entropy's backward at the headline shapes, ~4-5 minutes; tune.json keeps
+#    every row measured before a cut).
 #    GPU_CHECK_TUNE_OPS picks its sweeps (bench.tune's --ops), e.g. "em_inf linear_entropy_bwd".
 if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
     # shellcheck disable=SC2086

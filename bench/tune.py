@@ -1,8 +1,10 @@
-"""Sweeps the tuning constants of the Triton kernels and prints each candidate's time, to choose
-(or re-check on new hardware) the constants in em_kernels/triton/*.py, which say there why they
-are what they are.
+"""Sweeps the tuning constants of the Triton kernels (and linear_entropy_loss's row chunk) and
+prints each candidate's time, to choose (or re-check on new hardware) the constants in
+em_kernels/triton/*.py and em_kernels/_ops/linear_entropy_loss.py, which say there why they are
+what they are.
 
-    python -m bench.tune [--ops entropy linear_entropy em_inf linear_entropy_bwd] [--json FILE]
+    python -m bench.tune [--ops entropy linear_entropy em_inf linear_entropy_bwd
+                                linear_entropy_loss] [--json FILE]
 
 A candidate is a set of module constants that the launchers read at call time: the sweep sets
 them, runs the op (Triton compiles one variant per candidate), checks the result against the
@@ -26,6 +28,7 @@ from typing import Callable
 import torch
 
 import em_kernels
+from em_kernels._ops import linear_entropy_loss as loss_ops
 from em_kernels.triton import em_inf as triton_em_inf
 from em_kernels.triton import entropy as triton_entropy
 from em_kernels.triton import linear_entropy as triton_linear_entropy
@@ -96,6 +99,30 @@ def _linear_case(rows: int, features: int, vocab: int, backward: bool = False,
     return build
 
 
+def _loss_case(rows: int, features: int, vocab: int, backend: str):
+    """linear_entropy_loss forward+backward (its gradients come from the forward) of the mean
+    entropy and log-prob from bf16 operands on the entropy kernels of ``backend``; d_hidden,
+    divided by its largest entry, is the result compared."""
+    def build(device):
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        generator = torch.Generator(device).manual_seed(0)
+        hidden = torch.randn(rows, features, device=device, generator=generator).to(dtype)
+        weight = (torch.randn(vocab, features, device=device, generator=generator)
+                  / math.sqrt(features)).to(dtype)
+        ids = torch.randint(0, vocab, (rows,), device=device, generator=generator)
+        hidden.requires_grad_(True)
+        weight.requires_grad_(True)
+
+        def run():
+            hidden.grad = weight.grad = None
+            em_kernels.linear_entropy_loss(
+                hidden, weight, tokens=ids, entropy_weight=1.0 / rows,
+                logprob_weight=-1.0 / rows, backend=backend).loss.backward()
+            return hidden.grad.float() / hidden.grad.abs().amax().float()
+        return run
+    return build
+
+
 def _em_inf_case(rows: int, vocab: int):
     def build(device):
         generator = torch.Generator(device).manual_seed(0)
@@ -140,6 +167,11 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         if config != backward_current]
     em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
         (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
+    # The loss's chunk trades its buffer for d_weight's accumulation passes (one per chunk).
+    loss_candidates = [dict(LOSS_CHUNK_BYTES=size, ROW_ALIGN=align) for size, align in
+                       dict.fromkeys([(loss_ops.LOSS_CHUNK_BYTES, loss_ops.ROW_ALIGN),
+                                      (128 << 20, 128), (512 << 20, 128), (1 << 30, 128),
+                                      (256 << 20, 256), (256 << 20, 1)])]
     if gpu:
         entropy_cases = [("fwd N8192-V151936", _entropy_case(8192, 151936, False)),
                          ("fwd N64-V151936", _entropy_case(64, 151936, False)),
@@ -155,6 +187,11 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         # batch 8 is where backend="auto" hands EM-INF from the CUDA kernel to Triton
         em_inf_cases = [(f"B{rows}-V151936", _em_inf_case(rows, 151936))
                         for rows in (1, 8, 16, 32, 64)]
+        loss_cases = [(f"{backend} fwd+bwd M8192-H{features}-V{vocab}",
+                       _loss_case(8192, features, vocab, backend))
+                      for backend in ("triton", "cuda")
+                      if em_kernels.available_backends()[backend] == "available"
+                      for features, vocab in ((3584, 152064), (896, 151936))]
     else:  # the plumbing only: one tiny case each, two candidates
         entropy_cases = [("fwd N3-V3000", _entropy_case(3, 3000, False))]
         linear_cases = [("fwd M5-H16-V40", _linear_case(5, 16, 40))]
@@ -168,12 +205,16 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
                                                           tma=True))]
         backward_candidates = linear_candidates  # the interpreter's tiles serve both passes
         em_inf_candidates = em_inf_candidates[:2]
+        loss_cases = [("triton fwd+bwd M5-H16-V40", _loss_case(5, 16, 40, "triton"))]
+        loss_candidates = [loss_candidates[0], dict(LOSS_CHUNK_BYTES=2 * 40 * 4, ROW_ALIGN=1)]
     return {
         "entropy": Sweep(triton_entropy, entropy_candidates, entropy_cases, 1e-3),
         "linear_entropy": Sweep(triton_linear_entropy, linear_candidates, linear_cases, 1e-3),
         "linear_entropy_bwd": Sweep(triton_linear_entropy, backward_candidates, backward_cases,
                                     1e-2),
         "em_inf": Sweep(triton_em_inf, em_inf_candidates, em_inf_cases, 1e-3),
+        # 16-bit d_weight takes one rounding per chunk, but d_hidden is complete per chunk
+        "linear_entropy_loss": Sweep(loss_ops, loss_candidates, loss_cases, 1e-3),
     }
 
 
@@ -241,7 +282,8 @@ def _json_safe(value):
 
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ops = ["entropy", "linear_entropy", "em_inf", "linear_entropy_bwd"]  # the longest last
+    ops = ["entropy", "linear_entropy", "em_inf", "linear_entropy_loss",
+           "linear_entropy_bwd"]  # the longest last
     parser.add_argument("--ops", nargs="+", default=ops, choices=ops)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default=None, help="also write every row to this file")
