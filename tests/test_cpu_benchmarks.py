@@ -107,6 +107,36 @@ def test_linear_entropy_fwd(benchmark, provider):
     _close_to_eager(result, eager_linear_entropy(hidden, weight)[0])
 
 
+@pytest.mark.parametrize("provider", ("eager", "linear_entropy", "linear_entropy_loss"))
+def test_linear_entropy_mean_fwd_bwd(benchmark, provider):
+    """EM-FT's mean entropy, forward+backward on the cpu backend: linear_entropy recomputes the
+    logits in its backward, linear_entropy_loss computes the gradients in its forward."""
+    _needs("cpu")
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(128, 512, generator=gen).requires_grad_()
+    weight = (torch.randn(32000, 512, generator=gen) / 512**0.5).requires_grad_()
+
+    def loss():
+        if provider == "eager":
+            return eager_linear_entropy(hidden, weight)[0].mean()
+        if provider == "linear_entropy":
+            return em_kernels.linear_entropy(hidden, weight, backend="cpu").entropy.mean()
+        return em_kernels.linear_entropy_loss(hidden, weight, entropy_weight=1 / 128,
+                                              backend="cpu").loss
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss().backward()
+        return hidden.grad, weight.grad
+
+    benchmark.group = "linear_entropy mean fwd+bwd M128-H512-V32000 fp32"
+    grads = [g.clone() for g in benchmark(step)]
+    hidden.grad = weight.grad = None
+    eager_linear_entropy(hidden, weight)[0].mean().backward()
+    for got, want in zip(grads, (hidden.grad, weight.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("batch", [1, 16])
 def test_em_inf_adjust(benchmark, provider, batch):
