@@ -790,12 +790,18 @@ def test_torch_compile_fullgraph():
                                         temperature=0.9, backend="torch")
         return (out.entropy * 0.5 + out.logprobs).sum()
 
+    assert_compiles_like_eager(step, (hidden, weight, bias), tokens)
+
+
+def assert_compiles_like_eager(step, differentiable, *constants):
+    """torch.compile(step, fullgraph=True) gives eager's scalar and its gradients w.r.t. the
+    ``differentiable`` inputs (fresh leaf copies for each run); ``constants`` follow them."""
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    compiled_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    expected = step(*eager_inputs, tokens)
+    eager_inputs = [x.clone().requires_grad_() for x in differentiable]
+    compiled_inputs = [x.clone().requires_grad_() for x in differentiable]
+    expected = step(*eager_inputs, *constants)
     expected.backward()
-    actual = compiled(*compiled_inputs, tokens)
+    actual = compiled(*compiled_inputs, *constants)
     actual.backward()
     torch.testing.assert_close(actual, expected)
     for got, want in zip(compiled_inputs, eager_inputs):

@@ -21,8 +21,9 @@ from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import HAS_CUDA, runnable
 from oracle import assert_matches_oracle, max_abs_error
-from test_linear_entropy import (eager_fn, grad_floor, leaves, loss_of, oracle_fn, problems,
-                                 random_problem, recompute_floors, to_device, values_and_grads)
+from test_linear_entropy import (assert_compiles_like_eager, eager_fn, grad_floor, leaves, loss_of,
+                                 oracle_fn, problems, random_problem, recompute_floors, to_device,
+                                 values_and_grads)
 
 
 def chunks_of(rows: int, problem) -> mock._patch:
@@ -472,13 +473,4 @@ def test_torch_compile_fullgraph():
             logprob_weight=weights, temperature=0.9, backend="torch")
         return out.loss * 3.0 + out.entropy.sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    eager_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    compiled_inputs = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
-    expected = step(*eager_inputs, tokens)
-    expected.backward()
-    actual = compiled(*compiled_inputs, tokens)
-    actual.backward()
-    torch.testing.assert_close(actual, expected)
-    for got, want in zip(compiled_inputs, eager_inputs):
-        torch.testing.assert_close(got.grad, want.grad)
+    assert_compiles_like_eager(step, (hidden, weight, bias), tokens)
