@@ -9,8 +9,9 @@ log-probs, fused with the LM head, whose gradients are computed in its forward.
 
     loss = sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r])
 
-where the gradients are those of the loss divided by grad_scale, the largest row weight's
-magnitude (so that dz, which carries the weights, stays O(p) in a 16-bit dtype).
+where the gradients are those of the loss divided by grad_scale, the power of two at or below
+the largest row weight's magnitude (so that dz, which carries the weights, stays O(p) in a
+16-bit dtype, and rounds as it would unscaled).
 
 The op has no autograd formula of its own: `LinearEntropyLossFunction` wraps it, keeps the
 gradients it returns, and hands them to autograd in the backward (torch.compile traces both).
@@ -70,6 +71,17 @@ def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
     return max(1, min(fit, rows))
 
 
+_EXPONENT_BITS = {torch.float32: (torch.int32, 0x7F800000),
+                  torch.float64: (torch.int64, 0x7FF0000000000000)}
+
+
+def _power_of_two_floor(value: torch.Tensor) -> torch.Tensor:
+    """2^floor(log2(value)) for a positive normal float32/float64 tensor, exactly: its exponent
+    bits alone (0 for 0 and subnormals)."""
+    int_dtype, mask = _EXPONENT_BITS[value.dtype]
+    return (value.view(int_dtype) & mask).view(value.dtype)
+
+
 def _chunk_logits(hidden_rows, weight, bias, out):
     if bias is None:
         return torch.mm(hidden_rows, weight.T, out=out)
@@ -101,10 +113,11 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         forward_stats = functools.partial(_torch_fwd, stats_dtype=stats_dtype)
     # dz carries the row weights (1 / N for a mean): divided by their largest magnitude it
     # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
-    # pass that applies the upstream gradient anyway.
-    magnitudes = [entropy_weight.abs()] + (
-        [logprob_weight.abs()] if logprob_weight is not None else [])
-    grad_scale = torch.stack([m.amax() if rows else m.new_zeros(()) for m in magnitudes]).amax()
+    # pass that applies the upstream gradient anyway. A power of two, so that neither division
+    # nor product rounds: dz rounds to the input dtype exactly as it would unscaled.
+    weights = [entropy_weight] + ([logprob_weight] if logprob_weight is not None else [])
+    largest = torch.cat(weights + [entropy_weight.new_zeros(1)]).abs().amax()  # 0 if no rows
+    grad_scale = _power_of_two_floor(largest)
     grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
     unit_entropy_weight = entropy_weight / grad_scale
     unit_logprob_weight = logprob_weight / grad_scale if logprob_weight is not None else None
