@@ -200,8 +200,8 @@ bench sweep 30 --full --ops entropy --dtypes bf16 --modes fwd --providers eager 
     N4096-V262144 N16384-V151936
 # 9. Only when named in GPU_CHECK_STEPS: the tuning sweep of the Triton kernels' constants
 #    (bench/tune.py: entropy, linear_entropy's forward, em_inf, linear_entropy_loss's row
-#    chunk, then linear_entropy's backward at the headline shapes, ~4-5 minutes; tune.json keeps
-#    every row measured before a cut).
+#    chunk, linear_entropy's backward chunk, then its backward tiles at the headline shapes,
+#    ~5 minutes; tune.json keeps every row measured before a cut).
 #    GPU_CHECK_TUNE_OPS picks its sweeps (bench.tune's --ops), e.g. "em_inf linear_entropy_bwd".
 if [[ " ${GPU_CHECK_STEPS:-} " == *" tune "* ]]; then
     # shellcheck disable=SC2086

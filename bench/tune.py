@@ -1,10 +1,10 @@
-"""Sweeps the tuning constants of the Triton kernels (and linear_entropy_loss's row chunk) and
+"""Sweeps the tuning constants of the Triton kernels (and the linear-entropy ops' chunks) and
 prints each candidate's time, to choose (or re-check on new hardware) the constants in
-em_kernels/triton/*.py and em_kernels/_ops/linear_entropy_loss.py, which say there why they are
-what they are.
+em_kernels/triton/*.py and em_kernels/_ops/linear_entropy*.py, which say there why they are what
+they are.
 
-    python -m bench.tune [--ops entropy linear_entropy em_inf linear_entropy_bwd
-                                linear_entropy_loss] [--json FILE]
+    python -m bench.tune [--ops entropy linear_entropy em_inf linear_entropy_loss
+                                linear_entropy_bwd_chunk linear_entropy_bwd] [--json FILE]
 
 A candidate is a set of module constants that the launchers read at call time: the sweep sets
 them, runs the op (Triton compiles one variant per candidate), checks the result against the
@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 import em_kernels
+from em_kernels._ops import linear_entropy as linear_ops
 from em_kernels._ops import linear_entropy_loss as loss_ops
 from em_kernels.triton import em_inf as triton_em_inf
 from em_kernels.triton import entropy as triton_entropy
@@ -167,6 +168,10 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         if config != backward_current]
     em_inf_candidates = [dict(BLOCK=block) for block in dict.fromkeys(
         (triton_em_inf.BLOCK, 512, 1024, 2048, 4096))]
+    # The backward's vocab chunk: wider halves the fp32 d_hidden accumulator's passes (about
+    # 1.1 ms at 19 chunks by estimate) for twice the workspace.
+    chunk_candidates = [dict(BWD_CHUNK_BYTES=size) for size in dict.fromkeys(
+        (linear_ops.BWD_CHUNK_BYTES, 64 << 20, 256 << 20))]
     # The loss's chunk trades its buffer for d_weight's accumulation passes (one per chunk).
     loss_candidates = [dict(LOSS_CHUNK_BYTES=size, ROW_ALIGN=align) for size, align in
                        dict.fromkeys([(loss_ops.LOSS_CHUNK_BYTES, loss_ops.ROW_ALIGN),
@@ -206,6 +211,7 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         backward_candidates = linear_candidates  # the interpreter's tiles serve both passes
         em_inf_candidates = em_inf_candidates[:2]
         loss_cases = [("triton fwd+bwd M5-H16-V40", _loss_case(5, 16, 40, "triton"))]
+        chunk_candidates = [chunk_candidates[0], dict(BWD_CHUNK_BYTES=1)]  # the narrowest chunks
         loss_candidates = [loss_candidates[0], dict(LOSS_CHUNK_BYTES=2 * 40 * 4, ROW_ALIGN=1)]
     return {
         "entropy": Sweep(triton_entropy, entropy_candidates, entropy_cases, 1e-3),
@@ -213,6 +219,7 @@ def sweeps(device: torch.device) -> dict[str, Sweep]:
         "linear_entropy_bwd": Sweep(triton_linear_entropy, backward_candidates, backward_cases,
                                     1e-2),
         "em_inf": Sweep(triton_em_inf, em_inf_candidates, em_inf_cases, 1e-3),
+        "linear_entropy_bwd_chunk": Sweep(linear_ops, chunk_candidates, backward_cases, 1e-2),
         # bf16 d_hidden: another chunk's M may take another cuBLAS kernel, so an entry may round
         # one bf16 ulp (2^-8 of the largest) apart, as in linear_entropy_bwd
         "linear_entropy_loss": Sweep(loss_ops, loss_candidates, loss_cases, 1e-2),
@@ -284,7 +291,7 @@ def _json_safe(value):
 def main(argv=None) -> dict[str, list[dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ops = ["entropy", "linear_entropy", "em_inf", "linear_entropy_loss",
-           "linear_entropy_bwd"]  # the longest last
+           "linear_entropy_bwd_chunk", "linear_entropy_bwd"]  # the longest last
     parser.add_argument("--ops", nargs="+", default=ops, choices=ops)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--json", default=None, help="also write every row to this file")

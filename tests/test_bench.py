@@ -381,7 +381,8 @@ def test_tuning_sweep_plumbing(capsys):
         pytest.skip(em_kernels.available_backends()["triton"])
     before = triton_entropy.MAX_BLOCK
     results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy",
-                         "linear_entropy_bwd", "linear_entropy_loss"])
+                         "linear_entropy_bwd", "linear_entropy_bwd_chunk",
+                         "linear_entropy_loss"])
     assert triton_entropy.MAX_BLOCK == before
     for op, rows in results.items():
         assert len(rows) == 2 and sum(row["current"] for row in rows) == 1, op
