@@ -326,8 +326,8 @@ def linear_entropy_loss(
     Returns:
         LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
         float64 inputs), differentiable w.r.t. hidden, weight, bias and the row weights; entropy
-        and logprobs (N,) float32, detached (nothing flows back through them), logprobs None
-        without tokens. The loss is the plain weighted sum: a NaN entropy or log-prob (an
+        and logprobs (N,) of the loss's dtype, detached (nothing flows back through them),
+        logprobs None without tokens. The loss is the plain weighted sum: a NaN entropy or log-prob (an
         all -inf row, an id outside [0, V) on CUDA) makes it NaN even where its weight is 0.
 
     Compared with linear_entropy: the logits are rounded to the input dtype (bf16 logits from
