@@ -164,13 +164,13 @@ print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"
 #    (most of their time is Triton compiling, one process each), each test capped at 60 s when
 #    pytest-timeout is (a hang shows as one failure, not a lost step). 240 s since the
 #    linear_entropy backward became a matmul kernel (6141ba8), whose variants compile slower
-#    than the elementwise kernel's did.
+#    than the elementwise kernel's did; 270 s since linear_entropy_loss's tests (~25 ids).
 WORKERS=""
 timeout "$PROBE_SECONDS" "$PY" -c "import xdist" 2>/dev/null && WORKERS="-n 8"
 timeout "$PROBE_SECONDS" "$PY" -c "import pytest_timeout" 2>/dev/null \
     && WORKERS="$WORKERS --timeout 60"
 # shellcheck disable=SC2086
-step tests 240 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
+step tests 270 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
     -p no:cacheprovider tests/
 
 # 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936]. torch.compile
