@@ -217,12 +217,18 @@ def check_against_oracle(problem, backend, **kwargs):
     else:
         assert logprobs.dtype == torch.float32
         assert_matches_oracle(logprobs, ref_logprobs, eager_logprobs, 1e-5, "logprobs")
-    for name, grad, ref, eager, leaf, recompute in zip(
+    assert_grads_match_oracle(grads, ref_grads, eager_grads, problem, recompute_floors(problem))
+
+
+def assert_grads_match_oracle(grads, ref_grads, eager_grads, problem, extra_floors):
+    """d_hidden, d_weight (and d_bias) against the oracle's by the tolerance rule, each with one
+    ulp of its dtype plus its entry of ``extra_floors`` as the floor; dtypes and shapes match."""
+    for name, grad, ref, eager, leaf, extra in zip(
             ("d_hidden", "d_weight", "d_bias"), grads, ref_grads, eager_grads,
             [x for x in (problem["hidden"], problem["weight"], problem["bias"]) if x is not None],
-            recompute_floors(problem)):
+            extra_floors):
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
-        assert_matches_oracle(grad, ref, eager, grad_floor(ref, leaf.dtype) + recompute, name)
+        assert_matches_oracle(grad, ref, eager, grad_floor(ref, leaf.dtype) + extra, name)
 
 
 # backend_device only names the backend: nothing to reset between examples.

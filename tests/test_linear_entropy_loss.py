@@ -21,9 +21,9 @@ from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import HAS_CUDA, runnable
 from oracle import assert_matches_oracle, max_abs_error
-from test_linear_entropy import (assert_compiles_like_eager, eager_fn, grad_floor, leaves, loss_of,
-                                 oracle_fn, problems, random_problem, recompute_floors, to_device,
-                                 values_and_grads)
+from test_linear_entropy import (assert_compiles_like_eager, assert_grads_match_oracle, eager_fn,
+                                 leaves, loss_of, oracle_fn, problems, random_problem,
+                                 recompute_floors, to_device, values_and_grads)
 
 
 def chunks_of(rows: int, problem) -> mock._patch:
@@ -100,13 +100,8 @@ def check_loss_against_oracle(problem, backend, rows_per_chunk=5):
     # eager autograd does not pay: the same floors as linear_entropy's recomputed logits.
     hidden_floor, weight_floor, bias_floor = recompute_floors(problem)
     weight_floor += chunk_rounding_floor(problem, chunks)
-    operands = [x for x in (problem["hidden"], problem["weight"], problem["bias"])
-                if x is not None]
-    for name, grad, ref, eager, leaf, extra in zip(
-            ("d_hidden", "d_weight", "d_bias"), grads, ref_grads, eager_grads, operands,
-            (hidden_floor, weight_floor, bias_floor)):
-        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape, name
-        assert_matches_oracle(grad, ref, eager, grad_floor(ref, leaf.dtype) + extra, name)
+    assert_grads_match_oracle(grads, ref_grads, eager_grads, problem,
+                              (hidden_floor, weight_floor, bias_floor))
 
 
 @settings(max_examples=12, suppress_health_check=[HealthCheck.function_scoped_fixture])
