@@ -736,28 +736,39 @@ _PEAK_MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+def peak_rss_growth(script: str) -> int:
+    """Run ``script`` in a fresh process (2 threads); the last line it prints, as an int: the
+    growth of its peak RSS around the step it measures."""
+    environment = dict(os.environ, OMP_NUM_THREADS="2")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=environment, timeout=300, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def cuda_head_operands(rows=4096, features=256, vocab=131072):
+    """bf16 hidden and weight requiring grad, and tokens, on CUDA: bf16 logits of this shape
+    would take 1 GiB."""
+    hidden = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(vocab, features, device="cuda", dtype=torch.bfloat16,
+                         requires_grad=True)
+    return hidden, weight, torch.randint(0, vocab, (rows,), device="cuda")
+
+
 def test_chunked_path_never_holds_n_by_v():
     """fp32 logits of this shape take 256 MiB; the chunked path's peak resident memory over
     forward+backward must stay far below that (its blocks are shrunk to 1 MiB here, so that a
     shape cheap to compute still separates the two; a few blocks are alive at once and the C
     allocator keeps some freed ones resident). Measured in a fresh process as the growth of the
     peak RSS, so any [N, V] temporary would show in full."""
-    environment = dict(os.environ, OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT], capture_output=True, text=True,
-        env=environment, timeout=300, check=True)
-    growth = int(result.stdout.strip().splitlines()[-1])
+    growth = peak_rss_growth(_PEAK_MEMORY_SCRIPT)
     logits_bytes = 2048 * 32768 * 4
     assert growth < logits_bytes / 8, f"peak memory grew by {growth / 2**20:.0f} MiB"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_triton_never_holds_n_by_v_on_cuda():
-    rows, features, vocab = 4096, 256, 131072
-    hidden = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(vocab, features, device="cuda", dtype=torch.bfloat16,
-                         requires_grad=True)
-    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    hidden, weight, tokens = cuda_head_operands()
+    (rows, features), vocab = hidden.shape, weight.shape[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

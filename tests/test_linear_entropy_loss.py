@@ -4,9 +4,6 @@ forward) against the float64 oracle, against linear_entropy, and on bad input.""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from unittest import mock
 
@@ -21,9 +18,10 @@ from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import HAS_CUDA, runnable
 from oracle import assert_matches_oracle, max_abs_error
-from test_linear_entropy import (assert_compiles_like_eager, assert_grads_match_oracle, eager_fn,
-                                 leaves, loss_of, oracle_fn, problems, random_problem,
-                                 recompute_floors, to_device, values_and_grads)
+from test_linear_entropy import (assert_compiles_like_eager, assert_grads_match_oracle,
+                                 cuda_head_operands, eager_fn, leaves, loss_of, oracle_fn,
+                                 peak_rss_growth, problems, random_problem, recompute_floors,
+                                 to_device, values_and_grads)
 
 
 def chunks_of(rows: int, problem) -> mock._patch:
@@ -295,11 +293,7 @@ def test_never_holds_n_by_v(backend):
     process as the growth of the peak RSS, so an [N, V] temporary would show in full."""
     if not runnable(backend, "cpu"):
         pytest.skip(em_kernels.available_backends()[backend])
-    environment = dict(os.environ, OMP_NUM_THREADS="2")
-    result = subprocess.run(
-        [sys.executable, "-c", _PEAK_MEMORY_SCRIPT.replace("{backend}", backend)],
-        capture_output=True, text=True, env=environment, timeout=300, check=True)
-    growth = int(result.stdout.strip().splitlines()[-1])
+    growth = peak_rss_growth(_PEAK_MEMORY_SCRIPT.replace("{backend}", backend))
     logits_bytes = 2048 * 32768 * 4
     assert growth < logits_bytes / 8, f"peak memory grew by {growth / 2**20:.0f} MiB"
 
@@ -310,11 +304,8 @@ def test_extra_memory_on_cuda(backend):
     """The gradients, the chunk buffer(s) and O(N): at this shape bf16 logits would take 1 GiB."""
     if not runnable(backend, "cuda"):
         pytest.skip(em_kernels.available_backends()[backend])
-    rows, features, vocab = 4096, 256, 131072
-    hidden = torch.randn(rows, features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(vocab, features, device="cuda", dtype=torch.bfloat16,
-                         requires_grad=True)
-    tokens = torch.randint(0, vocab, (rows,), device="cuda")
+    hidden, weight, tokens = cuda_head_operands()
+    (rows, features), vocab = hidden.shape, weight.shape[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
