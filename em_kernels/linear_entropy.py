@@ -10,7 +10,8 @@ import torch
 from . import _checks, reference
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
 from ._ops import linear_entropy_loss as loss_ops
-from ._ops.linear_entropy import SHIFT_FLOOR, backward_from_row_grads, linear_entropy_stats
+from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
+from ._vocab_parallel import VocabShard
 
 
 class LinearEntropyOutput(NamedTuple):
@@ -94,73 +95,32 @@ def _check_matrices(hidden, weight, bias, backend: str, op: str = "linear_entrop
     _checks.check_autograd_mode(bias, op)
 
 
-def _vocab_range(process_group, local_vocab: int, device: torch.device) -> tuple[int, int]:
-    """(first global id of this rank's shard, global V): one all-gather of the shard sizes.
-    It reads the sizes back to the host (one sync per call in vocab-parallel mode)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("process_group is given but torch.distributed is not initialised")
-    sizes = torch.tensor([local_vocab], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, sizes, group=process_group)
-    sizes = [int(size) for size in torch.cat(gathered).tolist()]
-    rank = dist.get_rank(process_group)
-    return sum(sizes[:rank]), sum(sizes)
-
-
 class _VocabParallelLinearEntropy(torch.autograd.Function):
-    """Each rank holds a contiguous vocab shard of weight/bias. The forward all-reduces the
-    shards' (lse, entropy, chosen logit) into the full-vocabulary ones:
-
-        lse = M + log S,  S = sum_r exp(lse_r - M),  M = max_r lse_r
-        entropy = sum_r w_r (entropy_r + lse - lse_r) = B / S + log S,  w_r = exp(lse_r - lse),
-            B = sum_r exp(lse_r - M) (entropy_r - (lse_r - M))
-        logprob = chosen_owner - lse
-
-    (one MAX and one SUM all-reduce of N-vectors). The backward computes each shard's dz with the
-    full-vocabulary (lse, entropy), so d_weight/d_bias are exactly the shard's slices of the
-    unsharded gradients; d_hidden is all-reduced (summed) across ranks. Upstream gradients are
-    assumed to be the same on every rank (a replicated loss)."""
+    """Each rank holds a contiguous vocab shard of weight/bias (em_kernels/_vocab_parallel.py).
+    The forward merges the shards' (lse, entropy, chosen logit) into the full-vocabulary ones.
+    The backward computes each shard's dz with the full-vocabulary (lse, entropy), so
+    d_weight/d_bias are exactly the shard's slices of the unsharded gradients; d_hidden is
+    all-reduced (summed) across ranks. Upstream gradients are assumed to be the same on every
+    rank (a replicated loss)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, local_tokens, tokens_valid, temperature,
-                grad_filter_eps, backend, process_group):
-        import torch.distributed as dist
-
+    def forward(ctx, hidden, weight, bias, local_tokens, owned, tokens_valid, temperature,
+                grad_filter_eps, backend, shard):
         local_entropy, local_lse, local_chosen = linear_entropy_stats(
             hidden, weight, bias, local_tokens, temperature, grad_filter_eps, backend)
-        global_max = local_lse.clone()
-        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=process_group)
-        safe_max = torch.where(
-            global_max == float("-inf"), torch.zeros_like(global_max), global_max)
-        empty_shard = local_lse == float("-inf")  # no finite logit in this shard for the row
-        zero = torch.zeros_like(local_lse)
-        gap = (local_lse - safe_max).clamp_min(SHIFT_FLOOR)
-        weight_r = torch.where(empty_shard, zero, torch.exp(gap))
-        entropy_part = torch.where(empty_shard, zero, weight_r * (local_entropy - gap))
-        sums = [weight_r, entropy_part]
-        if local_tokens is not None:
-            owned = (local_tokens >= 0) & (local_tokens < weight.shape[0])
-            sums.append(torch.where(owned, local_chosen, zero))
-        sums = torch.stack(sums)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
-        log_total = torch.log(sums[0])
-        lse = safe_max + log_total
-        entropy = sums[1] / sums[0] + log_total
+        entropy, lse, chosen = shard.merge(local_entropy, local_lse,
+                                           None if local_tokens is None else local_chosen, owned)
         logprobs = None
         if local_tokens is not None:
             logprobs = torch.where(
-                tokens_valid, sums[2] - lse, torch.full_like(lse, float("nan")))
+                tokens_valid, chosen - lse, torch.full_like(lse, float("nan")))
         ctx.save_for_backward(hidden, weight, bias, local_tokens, tokens_valid, entropy, lse)
         ctx.temperature, ctx.grad_filter_eps = temperature, grad_filter_eps
-        ctx.backend, ctx.process_group = backend, process_group
+        ctx.backend, ctx.shard = backend, shard
         return entropy, logprobs
 
     @staticmethod
     def backward(ctx, grad_entropy, grad_logprobs):
-        import torch.distributed as dist
-
         hidden, weight, bias, local_tokens, tokens_valid, entropy, lse = ctx.saved_tensors
         grad_lse = grad_chosen = None
         if local_tokens is not None and grad_logprobs is not None:
@@ -172,8 +132,8 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
             grad_chosen, ctx.temperature, ctx.grad_filter_eps,
             tuple(ctx.needs_input_grad[:3]), ctx.backend)
         if grad_hidden is not None:
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
+            ctx.shard.all_reduce_sum_(grad_hidden)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def linear_entropy(
@@ -261,16 +221,15 @@ def linear_entropy(
         entropy, lse, chosen = linear_entropy_stats(
             hidden, weight, bias, tokens, temperature, grad_filter_eps, implementation)
         return LinearEntropyOutput(entropy, None if tokens is None else chosen - lse)
-    vocab_start, total_vocab = _vocab_range(process_group, local_vocab, hidden.device)
-    local_tokens = tokens_valid = None
+    shard = VocabShard.of(process_group, local_vocab, hidden.device)
+    local_tokens = owned = tokens_valid = None
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1], total_vocab, hidden.device,
+        _checks.check_tokens(tokens, hidden.shape[:1], shard.total, hidden.device,
                              rows_of="hidden states")
-        local_tokens = tokens - vocab_start
-        tokens_valid = (tokens >= 0) & (tokens < total_vocab)
+        local_tokens, owned, tokens_valid = shard.local_ids(tokens)
     entropy, logprobs = _VocabParallelLinearEntropy.apply(
-        hidden, weight, bias, local_tokens, tokens_valid, temperature, grad_filter_eps,
-        implementation, process_group)
+        hidden, weight, bias, local_tokens, owned, tokens_valid, temperature, grad_filter_eps,
+        implementation, shard)
     return LinearEntropyOutput(entropy, logprobs)
 
 

@@ -1,0 +1,89 @@
+"""Vocab-parallel mode of `linear_entropy` and `linear_entropy_loss`: each rank of a process
+group holds a contiguous shard of the LM head's vocabulary, rank r the ids after those of ranks
+0..r-1, and the rows' statistics are merged across the ranks into the full-vocabulary ones.
+
+The merge of per-shard (lse_r, H_r, chosen logit) into the full vocabulary's, one MAX and one SUM
+all-reduce of N-vectors:
+
+    M = max_r lse_r,  S = sum_r exp(lse_r - M),  lse = M + log S
+    H = sum_r w_r (H_r + lse - lse_r) = B / S + log S,   w_r = exp(lse_r - lse),
+        B = sum_r exp(lse_r - M) (H_r - (lse_r - M))
+    chosen = the owner's chosen logit (a sum in which the other ranks add 0)
+
+Upstream gradients and row weights are assumed to be the same on every rank (a replicated loss).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._ops.linear_entropy import SHIFT_FLOOR
+
+
+def _require_distributed():
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("process_group is given but torch.distributed is not initialised")
+    return dist
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """This rank's place in the vocabulary: ids [start, start + local) of ``total``; ``widest``
+    is the largest shard, which fixes chunk sizes that must agree on every rank."""
+
+    group: object
+    start: int
+    local: int
+    total: int
+    widest: int
+
+    @classmethod
+    def of(cls, group, local_vocab: int, device: torch.device) -> VocabShard:
+        """One all-gather of the shard sizes, read back to the host (one sync per call)."""
+        dist = _require_distributed()
+        sizes = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, sizes, group=group)
+        sizes = [int(size) for size in torch.cat(gathered).tolist()]
+        rank = dist.get_rank(group)
+        return cls(group, sum(sizes[:rank]), local_vocab, sum(sizes), max(sizes))
+
+    def local_ids(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens - start, owned: the id lies in this shard, valid: it lies in [0, total))."""
+        local = tokens - self.start
+        owned = (local >= 0) & (local < self.local)
+        valid = (tokens >= 0) & (tokens < self.total)
+        return local, owned, valid
+
+    def merge(self, local_entropy: torch.Tensor, local_lse: torch.Tensor,
+              local_chosen: torch.Tensor | None, owned: torch.Tensor | None):
+        """(entropy, lse, chosen) over the full vocabulary from this shard's (see the module
+        docstring); chosen is None without local_chosen. A row with no finite logit in a shard
+        (lse_r = -inf) takes weight 0 there; one with none anywhere gets lse -inf, entropy NaN."""
+        dist = _require_distributed()
+        global_max = local_lse.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=self.group)
+        safe_max = torch.where(global_max == float("-inf"), torch.zeros_like(global_max),
+                               global_max)
+        empty_shard = local_lse == float("-inf")
+        zero = torch.zeros_like(local_lse)
+        gap = (local_lse - safe_max).clamp_min(SHIFT_FLOOR)
+        shard_weight = torch.where(empty_shard, zero, torch.exp(gap))
+        entropy_part = torch.where(empty_shard, zero, shard_weight * (local_entropy - gap))
+        sums = [shard_weight, entropy_part]
+        if local_chosen is not None:
+            sums.append(torch.where(owned, local_chosen, zero))
+        sums = torch.stack(sums)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
+        log_total = torch.log(sums[0])
+        return (sums[1] / sums[0] + log_total, safe_max + log_total,
+                sums[2] if local_chosen is not None else None)
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist = _require_distributed()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        return tensor
