@@ -263,6 +263,7 @@ def linear_entropy_loss(
     entropy_weight: torch.Tensor | float | None = None,
     logprob_weight: torch.Tensor | float | None = None,
     temperature: float = 1.0,
+    process_group=None,
     backend: str = "auto",
 ) -> LinearEntropyLoss:
     """The loss sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r]) over the rows
@@ -273,14 +274,21 @@ def linear_entropy_loss(
     policy gradient's advantage-weighted log-probs (logprob_weight = -advantage / count).
 
     Args:
-        hidden, weight, bias, tokens, temperature: as in `linear_entropy` (no vocab-parallel
-            mode: with a sharded head use `linear_entropy`).
+        hidden, weight, bias, tokens, temperature: as in `linear_entropy`.
         entropy_weight, logprob_weight: per-row weights, each a float tensor (N,) on hidden's
             device, a Python number for every row, or None (no such term); at least one of them
             is needed, and logprob_weight needs tokens. Tensors may require grad: d loss / d
             weight is the row's entropy (log-prob).
         backend: "auto", "triton", "cuda", "cpu" or "torch", as for `logprobs_and_entropy`:
             the kernels that compute each row chunk's statistics and dz; the matmuls are BLAS.
+        process_group: a torch.distributed group for vocab-parallel mode, as in
+            `linear_entropy`: weight and bias are this rank's contiguous shard, tokens global
+            ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
+            gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
+            and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights
+            and requires_grad flags. Costs an all-gather of the shard sizes (one host sync), two
+            all-reduces of chunk-sized row vectors per row chunk and one of d_hidden (N x H).
+            Runs eagerly (the collectives stay out of the dispatcher op).
 
     Returns:
         LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
@@ -301,7 +309,7 @@ def linear_entropy_loss(
     once). autograd.grad's is_grads_batched works; torch.vmap raises (flatten into N instead).
     Extra memory: a row-chunk buffer of at most 256 MiB (LOSS_CHUNK_BYTES; the "torch" backend's
     reference statistics add fp32 temporaries of a few chunk sizes) plus O(N) statistics.
-    Deterministic; torch.compile(fullgraph=True) traces it.
+    Deterministic; torch.compile(fullgraph=True) traces it (without a process_group).
     """
     temperature = _checks.check_temperature(temperature)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto",
@@ -319,8 +327,12 @@ def linear_entropy_loss(
                          "weighted sum of the rows' entropies and log-probs")
     if logprob_weight is not None and tokens is None:
         raise ValueError("logprob_weight weighs the log-probs of tokens: pass tokens too")
+    shard = None
+    if process_group is not None:
+        shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1], weight.shape[0], hidden.device,
+        _checks.check_tokens(tokens, hidden.shape[:1],
+                             weight.shape[0] if shard is None else shard.total, hidden.device,
                              rows_of="hidden states")
         tokens = tokens.contiguous()
     if bias is not None:
@@ -334,5 +346,5 @@ def linear_entropy_loss(
     loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(
         hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
         grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
-        grad_mode and bias is not None and bias.requires_grad, implementation)
+        grad_mode and bias is not None and bias.requires_grad, implementation, shard)
     return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)

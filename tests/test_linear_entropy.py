@@ -682,6 +682,7 @@ def _bad_inputs():
         (dict(grad_filter_eps=-1.0), ValueError, "grad_filter_eps"),
         (dict(grad_filter_eps="x"), TypeError, "grad_filter_eps"),
         (dict(backend=3), TypeError, "backend must be a string"),
+        (dict(process_group=object()), ValueError, "torch.distributed is not initialised"),
         (dict(hidden=hidden.double(), weight=weight.double(), backend="auto"), TypeError,
          "float64"),
     ]

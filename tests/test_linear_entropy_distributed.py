@@ -1,6 +1,6 @@
-"""Vocab-parallel linear_entropy: 2 CPU processes on gloo, each holding a contiguous shard of the
-LM head, must reproduce the unsharded entropy, log-probs and gradients, and stay within the
-filtering bound with grad_filter_eps."""
+"""Vocab-parallel linear_entropy and linear_entropy_loss: 2 CPU processes on gloo, each holding
+a contiguous shard of the LM head, must reproduce the unsharded entropy, log-probs, loss and
+gradients, and linear_entropy stay within the filtering bound with grad_filter_eps."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import em_kernels
+from em_kernels._ops import linear_entropy_loss as loss_ops
 
 WORLD_SIZE = 2
 # Uneven shards (rank 0 holds 23 ids, rank 1 holds 18) and a masked id on each side; several
@@ -62,6 +63,7 @@ def _worker(rank, port, cases):
         torch.set_num_threads(1)
         for backend, dtype in cases:
             _check_case(rank, backend, dtype)
+            _check_loss_case(rank, backend, dtype)
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +71,7 @@ def _worker(rank, port, cases):
 def _check_case(rank, backend, dtype):
     hidden, weight, bias, tokens, grad_entropy, grad_logprobs = _problem(dtype)
     shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(
         rtol=2e-2, atol=2e-2)
     for use_tokens in (True, False):
         full, full_hidden, full_weight, full_bias = _run(
@@ -115,6 +117,72 @@ def _check_case(rank, backend, dtype):
         raise AssertionError("an id outside the global vocabulary was accepted")
 
 
+def _loss(hidden, weight, bias, tokens, entropy_weight, logprob_weight, backend, group):
+    """linear_entropy_loss's outputs and the gradients of 1.5 x its loss w.r.t. hidden, weight,
+    bias and both row weights."""
+    leaves = [x.clone().requires_grad_() if x is not None else None
+              for x in (hidden, weight, bias, entropy_weight, logprob_weight)]
+    hidden, weight, bias, entropy_weight, logprob_weight = leaves
+    out = em_kernels.linear_entropy_loss(
+        hidden, weight, bias=bias, tokens=tokens, entropy_weight=entropy_weight,
+        logprob_weight=logprob_weight, temperature=0.9, process_group=group, backend=backend)
+    (1.5 * out.loss).backward()
+    return out, [x.grad if x is not None else None for x in leaves]
+
+
+def _assert_loss_matches(rank, split, hidden, weight, bias, tokens, entropy_weight,
+                         logprob_weight, backend, dtype):
+    shard = slice(0, split) if rank == 0 else slice(split, weight.shape[0])
+    stats_tolerance = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(
+        rtol=1e-2, atol=1e-2)  # bf16 logits: the merge re-rounds nothing, the sums differ
+    grad_tolerance = dict(rtol=1e-5, atol=1e-5) if dtype != torch.bfloat16 else dict(
+        rtol=2e-2, atol=2e-2)
+    full, full_grads = _loss(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
+                             backend, None)
+    sharded, grads = _loss(hidden, weight[shard], bias[shard], tokens, entropy_weight,
+                           logprob_weight, backend, dist.group.WORLD)
+    torch.testing.assert_close(sharded.loss, full.loss, **stats_tolerance)
+    torch.testing.assert_close(sharded.entropy, full.entropy, **stats_tolerance)
+    if tokens is None:
+        assert sharded.logprobs is None
+    else:
+        torch.testing.assert_close(sharded.logprobs, full.logprobs, **stats_tolerance)
+    for name, got, expected in zip(("hidden", "weight", "bias", "entropy_weight",
+                                    "logprob_weight"), grads, full_grads):
+        if name in ("weight", "bias"):
+            expected = expected[shard]
+        if expected is None:
+            assert got is None, name
+        else:
+            torch.testing.assert_close(got, expected, **grad_tolerance, msg=name)
+
+
+def _check_loss_case(rank, backend, dtype):
+    hidden, weight, bias, tokens, grad_entropy, grad_logprobs = _problem(dtype)
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    entropy_weight, logprob_weight = grad_entropy.to(stats_dtype), grad_logprobs.to(stats_dtype)
+    # Both terms; entropy alone; log-probs alone (every row's -p term on the non-owner rank).
+    for row_weights in ((entropy_weight, logprob_weight), (entropy_weight, None),
+                        (None, logprob_weight)):
+        _assert_loss_matches(rank, SPLIT, hidden, weight, bias,
+                             tokens if row_weights[1] is not None else None, *row_weights,
+                             backend, dtype)
+    # A shard with no finite logit (rank 1 masked whole), tokens all on rank 0.
+    masked_bias = bias.clone()
+    masked_bias[SPLIT:] = float("-inf")
+    _assert_loss_matches(rank, SPLIT, hidden, weight, masked_bias, tokens % SPLIT,
+                         entropy_weight, logprob_weight, backend, dtype)
+    # Uneven shards (33 and 8 ids, chunk rows 40 and 16 wide) cut into chunks of 3 rows: both
+    # ranks must cut the widest shard's chunks, or their per-chunk merges would not pair up.
+    saved = loss_ops.LOSS_CHUNK_BYTES
+    loss_ops.LOSS_CHUNK_BYTES = 3 * loss_ops.shard_row_width(33) * hidden.element_size() * 2
+    try:
+        _assert_loss_matches(rank, 33, hidden, weight, bias, tokens, entropy_weight,
+                             logprob_weight, backend, dtype)
+    finally:
+        loss_ops.LOSS_CHUNK_BYTES = saved
+
+
 def _check_maxima_apart(shard, backend):
     """Shards whose maxima lie 4e38 apart (the gap between them overflows float32): the merge
     across ranks gives the far shard weight 0, not 0 * inf = NaN. Row 0: rank 0's logits are
@@ -149,11 +217,15 @@ def _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logp
 
 @pytest.mark.distributed
 def test_vocab_parallel_matches_unsharded():
-    """One spawn (process start-up dominates) runs every case: chunked torch in fp32 and bf16,
-    and the Triton kernels (interpreter here, GPU where present) in fp32."""
+    """One spawn (process start-up dominates) runs every case of both ops: the "torch" backend
+    in fp32, bf16 and float64, the C++ kernels in fp32 and bf16 (linear_entropy_loss's
+    statistics; linear_entropy runs chunked torch there), and the Triton kernels (interpreter
+    here, GPU where present) in fp32."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    cases = [("torch", torch.float32), ("torch", torch.bfloat16)]
+    cases = [("torch", torch.float32), ("torch", torch.bfloat16), ("torch", torch.float64)]
+    if em_kernels.available_backends()["cpu"] == "available":
+        cases += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
     if em_kernels.available_backends()["triton"] == "available" and not torch.cuda.is_available():
         cases.append(("triton", torch.float32))
     mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD_SIZE, join=True)

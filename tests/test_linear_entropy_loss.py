@@ -357,6 +357,7 @@ def _bad_inputs():
         (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
         (dict(temperature=0.0), ValueError, "finite positive"),
         (dict(backend="nope"), ValueError, "unknown backend"),
+        (dict(process_group=object()), ValueError, "torch.distributed is not initialised"),
         (dict(hidden=hidden.double(), weight=weight.double(), bias=bias.double(),
               backend="auto"), TypeError, "float64"),
     ]

@@ -41,6 +41,10 @@ Precision: the logits are rounded to the input dtype, as a model's own LM head r
 rounded to the input dtype for the tensor cores, and d_W takes one rounding per row chunk. Extra
 memory: the chunk buffer (LOSS_CHUNK_BYTES) and O(N) statistics; the gradients themselves live
 from the forward to the backward. Deterministic: no atomics, a fixed chunk order.
+
+Vocab-parallel mode (`linear_entropy_loss(process_group=...)`) runs the same loop eagerly, outside
+the op: each chunk's shard statistics are merged across the ranks (two all-reduces of R-vectors)
+before dz, and d_h is summed across the ranks once at the end (see `loss_and_grads`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ from .entropy import _EMPTY_SHAPE, _bwd_impl, _fwd_impl, _torch_fwd
 LOSS_CHUNK_BYTES = 256 << 20
 # Chunk rows are a multiple of this when at least that many fit: the M tile of the BLAS kernels.
 ROW_ALIGN = 128
+# Vocab-parallel chunk rows are padded with -inf sentinel columns to a multiple of this many
+# entries, so that each row starts 16-byte aligned in 16-bit dtypes (cuBLAS's vectorised kernels
+# want an aligned leading dimension; the entropy kernels' vector loads, aligned rows).
+SENTINEL_ALIGN = 8
 
 
 def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
@@ -88,9 +96,23 @@ def _chunk_logits(hidden_rows, weight, bias, out):
     return torch.addmm(bias, hidden_rows, weight.T, out=out)
 
 
+def shard_row_width(vocab: int) -> int:
+    """Columns of a vocab-parallel chunk row: the shard's V, then at least one -inf sentinel,
+    padded to a multiple of SENTINEL_ALIGN."""
+    return -(-(vocab + 1) // SENTINEL_ALIGN) * SENTINEL_ALIGN
+
+
 def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
-                   need_grad_hidden, need_grad_weight, need_grad_bias, backend):
-    """The op's implementation (see the module docstring); every backend of the entropy ops."""
+                   need_grad_hidden, need_grad_weight, need_grad_bias, backend, shard=None):
+    """The op's implementation (see the module docstring); every backend of the entropy ops.
+
+    ``shard`` (an em_kernels._vocab_parallel.VocabShard, eager only: not through the op) runs
+    vocab-parallel mode, where weight and bias are this rank's shard and tokens are global ids.
+    Each chunk's shard statistics are merged across the ranks before dz, so dz is this shard's
+    slice of the full-vocabulary one, and d_hidden is summed across the ranks at the end. A row
+    whose token another rank owns still needs its log-prob gradient's -p term here but no
+    one-hot: the entropy kernels give exactly that to a token on a -inf logit, so the chunk rows
+    end in -inf sentinel columns (`shard_row_width`) and such rows point at the first."""
     if need_grad_bias and bias is None:
         raise ValueError("need_grad_bias is set but there is no bias")
     rows, features = hidden.shape
@@ -106,11 +128,18 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
     buffers = 1 if in_place or not any_grad else 2
-    chunk = loss_chunk_rows(rows, vocab, hidden.element_size() * buffers)
-    logits_buffer = hidden.new_empty((min(chunk, rows) * vocab,))
+    width = vocab if shard is None else shard_row_width(vocab)
+    # Every rank must cut the same row chunks (each chunk's merge is a collective).
+    chunk = loss_chunk_rows(rows, width if shard is None else shard_row_width(shard.widest),
+                            hidden.element_size() * buffers)
+    logits_buffer = hidden.new_empty((min(chunk, rows) * width,))
     forward_stats, backward_dz = _fwd_impl(backend), _bwd_impl(backend)
     if backend == "torch":  # statistics in float64 for float64 inputs
         forward_stats = functools.partial(_torch_fwd, stats_dtype=stats_dtype)
+    kernel_tokens = tokens
+    if shard is not None and has_tokens:
+        local_tokens, owned, tokens_valid = shard.local_ids(tokens)
+        kernel_tokens = torch.where(owned, local_tokens, vocab)  # others: the first sentinel
     # dz carries the row weights (1 / N for a mean): divided by their largest magnitude it
     # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
     # pass that applies the upstream gradient anyway. A power of two, so that neither division
@@ -124,32 +153,56 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         hidden_rows = hidden[start:end]
-        logits = _chunk_logits(hidden_rows, weight, bias,
-                               logits_buffer[:(end - start) * vocab].view(end - start, vocab))
-        chunk_tokens = tokens[start:end] if has_tokens else None
-        chunk_entropy, chunk_lse, chunk_logprobs = forward_stats(logits, chunk_tokens, temperature)
+        chunk_logits = logits_buffer[:(end - start) * width].view(end - start, width)
+        if shard is not None:
+            chunk_logits[:, vocab:] = float("-inf")  # dz overwrote them in the last chunk
+        _chunk_logits(hidden_rows, weight, bias, chunk_logits[:, :vocab])
+        chunk_tokens = kernel_tokens[start:end] if has_tokens else None
+        chunk_entropy, chunk_lse, chunk_logprobs = forward_stats(
+            chunk_logits, chunk_tokens, temperature)
+        if shard is not None:
+            chunk_entropy, chunk_lse, chunk_logprobs = _merge_chunk(
+                shard, chunk_entropy, chunk_lse, chunk_logprobs,
+                owned[start:end] if has_tokens else None,
+                tokens_valid[start:end] if has_tokens else None)
         entropy[start:end] = chunk_entropy
         if has_tokens:
             logprobs[start:end] = chunk_logprobs
         if not any_grad:
             continue
-        row_grads = (logits, chunk_tokens, chunk_entropy, chunk_lse,
+        row_grads = (chunk_logits, chunk_tokens, chunk_entropy, chunk_lse,
                      unit_entropy_weight[start:end],
                      unit_logprob_weight[start:end] if logprob_weight is not None else None,
                      temperature)
-        grad_logits = (backward_dz(*row_grads, out=logits) if in_place
-                       else backward_dz(*row_grads))
+        grad_logits = (backward_dz(*row_grads, out=chunk_logits) if in_place
+                       else backward_dz(*row_grads))[:, :vocab]
         if need_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if need_grad_weight:
             grad_weight.addmm_(grad_logits.T, hidden_rows)
         if need_grad_bias:
             grad_bias += grad_logits.sum(0, dtype=stats_dtype)
+    if shard is not None and need_grad_hidden:
+        shard.all_reduce_sum_(grad_hidden)
     loss = torch.linalg.vecdot(entropy_weight.to(stats_dtype), entropy)
     if logprob_weight is not None:
         loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype), logprobs)
     return (loss, entropy, logprobs, grad_hidden, grad_weight,
             grad_bias.to(bias.dtype) if need_grad_bias else grad_bias, grad_scale)
+
+
+def _merge_chunk(shard, local_entropy, local_lse, local_logprobs, owned, tokens_valid):
+    """A chunk's full-vocabulary (entropy, lse, log-probs) from this shard's (log-probs only
+    with tokens: NaN for an id outside the whole vocabulary)."""
+    local_chosen = None
+    if owned is not None:  # the owner's chosen logit / T, back from its shard log-prob
+        local_chosen = torch.where(local_lse == float("-inf"), local_lse,
+                                   local_logprobs + local_lse)
+    entropy, lse, chosen = shard.merge(local_entropy, local_lse, local_chosen, owned)
+    if owned is None:
+        return entropy, lse, local_logprobs
+    return entropy, lse, torch.where(tokens_valid, chosen - lse,
+                                     torch.full_like(lse, float("nan")))
 
 
 @torch.library.custom_op("em_kernels::linear_entropy_loss", mutates_args=())
@@ -211,9 +264,12 @@ class LinearEntropyLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
-                need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+                need_grad_hidden, need_grad_weight, need_grad_bias, backend, shard):
+        # Vocab-parallel mode's collectives stay out of the dispatcher op: eager Python.
+        compute = linear_entropy_loss if shard is None else functools.partial(
+            loss_and_grads, shard=shard)
         (loss, entropy, logprobs, grad_hidden, grad_weight, grad_bias,
-         grad_scale) = linear_entropy_loss(
+         grad_scale) = compute(
             hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
             need_grad_hidden, need_grad_weight, need_grad_bias, backend)
         needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
@@ -255,4 +311,4 @@ class LinearEntropyLossFunction(torch.autograd.Function):
         return (*grads, None,
                 entropy * grad_loss if needs_entropy_weight else None,
                 logprobs * grad_loss if needs_logprob_weight else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
