@@ -288,7 +288,8 @@ def linear_entropy_loss(
             and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights
             and requires_grad flags. Costs an all-gather of the shard sizes (one host sync), two
             all-reduces of chunk-sized row vectors per row chunk and one of d_hidden (N x H).
-            Runs eagerly (the collectives stay out of the dispatcher op).
+            Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
+            fullgraph=True raises there).
 
     Returns:
         LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
@@ -327,13 +328,10 @@ def linear_entropy_loss(
                          "weighted sum of the rows' entropies and log-probs")
     if logprob_weight is not None and tokens is None:
         raise ValueError("logprob_weight weighs the log-probs of tokens: pass tokens too")
-    shard = None
-    if process_group is not None:
-        shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1],
-                             weight.shape[0] if shard is None else shard.total, hidden.device,
-                             rows_of="hidden states")
+        if process_group is None:  # else checked against the whole vocabulary, once it is known
+            _checks.check_tokens(tokens, hidden.shape[:1], weight.shape[0], hidden.device,
+                                 rows_of="hidden states")
         tokens = tokens.contiguous()
     if bias is not None:
         bias = bias.contiguous()
@@ -343,8 +341,25 @@ def linear_entropy_loss(
                                           dtype=reference.compute_dtype(hidden.dtype))
     logprob_weight = _row_weight("logprob_weight", logprob_weight, hidden)
     grad_mode = torch.is_grad_enabled()
-    loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(
-        hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
-        grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
-        grad_mode and bias is not None and bias.requires_grad, implementation, shard)
+    arguments = (hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+                 grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
+                 grad_mode and bias is not None and bias.requires_grad, implementation)
+    if process_group is None:
+        loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(*arguments, None)
+    else:
+        loss, entropy, logprobs = _vocab_parallel_loss(process_group, *arguments)
     return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)
+
+
+@torch.compiler.disable
+def _vocab_parallel_loss(process_group, hidden, weight, bias, tokens, *arguments):
+    """linear_entropy_loss on a vocabulary shard, always eager: torch.compile would trace the
+    all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
+    into a functional collective whose result the backward does not see (wrong gradients in a
+    check by hand, torch 2.14), so Dynamo breaks the graph here instead."""
+    shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
+    if tokens is not None:
+        _checks.check_tokens(tokens, hidden.shape[:1], shard.total, hidden.device,
+                             rows_of="hidden states")
+    return loss_ops.LinearEntropyLossFunction.apply(hidden, weight, bias, tokens, *arguments,
+                                                    shard)

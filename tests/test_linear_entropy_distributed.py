@@ -181,6 +181,29 @@ def _check_loss_case(rank, backend, dtype):
                              logprob_weight, backend, dtype)
     finally:
         loss_ops.LOSS_CHUNK_BYTES = saved
+    if backend == "torch" and dtype == torch.float32:
+        _check_loss_compiled(rank, hidden, weight, bias, tokens, entropy_weight, logprob_weight)
+
+
+def _check_loss_compiled(rank, hidden, weight, bias, tokens, entropy_weight, logprob_weight):
+    """Inside torch.compile the vocab-parallel loss still runs eagerly (a graph break) and gives
+    the eager gradients: traced, the all-reduce of d_hidden in the forward was lost."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+
+    def loss_of(hidden, weight):
+        out = em_kernels.linear_entropy_loss(
+            hidden, weight, bias=bias[shard], tokens=tokens, entropy_weight=entropy_weight,
+            logprob_weight=logprob_weight, process_group=dist.group.WORLD, backend="torch")
+        return 2.0 * out.loss
+
+    results = []
+    for function in (loss_of, torch.compile(loss_of)):
+        leaves = [hidden.clone().requires_grad_(), weight[shard].clone().requires_grad_()]
+        loss = function(*leaves)
+        loss.backward()
+        results.append((loss, *(leaf.grad for leaf in leaves)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
 
 
 def _check_maxima_apart(shard, backend):
