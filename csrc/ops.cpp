@@ -16,7 +16,8 @@ TORCH_LIBRARY(em_C, m) {
   m.def(
       "softmax_stats_fwd(Tensor logits, Tensor? tokens, float temperature)"
       " -> (Tensor, Tensor, Tensor)");
-  // d/dlogits of sum(grad_entropy * entropy + grad_logprobs * logprobs), in the logits' dtype.
+  // d/dlogits of sum(grad_entropy * entropy + grad_logprobs * logprobs), in the logits' dtype. A
+  // token id outside [0, V) has its logit elsewhere (a vocabulary shard): -p, no one-hot.
   m.def(
       "softmax_stats_bwd(Tensor logits, Tensor? tokens, Tensor entropy, Tensor lse,"
       " Tensor grad_entropy, Tensor? grad_logprobs, float temperature) -> Tensor");

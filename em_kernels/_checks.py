@@ -150,8 +150,8 @@ def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.de
 def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
     """Raise ValueError for ids outside [0, vocab) where that costs no device sync: on CPU
     tensors, or on CUDA when EM_KERNELS_CHECK_TOKENS=1. Elsewhere (CUDA, or inside
-    torch.compile) the kernels themselves give such a row a NaN log-prob and no log-prob
-    gradient, so a bad id is visible without stalling the stream."""
+    torch.compile) the kernels themselves give such a row a NaN log-prob (and no one-hot in its
+    gradient), so a bad id is visible without stalling the stream."""
     if tokens.numel() == 0 or torch.compiler.is_compiling():
         return
     if tokens.device.type not in ("cpu", "cuda") or isinstance(

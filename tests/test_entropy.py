@@ -698,21 +698,30 @@ def test_zero_rows(backend_device, shape):
 
 
 def test_out_of_range_tokens_in_the_op(backend_device):
-    """The op itself (the path without a host sync) gives a NaN log-prob and no log-prob
-    gradient for an id outside [0, V); the other rows are unaffected."""
+    """The op itself (the path without a host sync) gives a NaN log-prob for an id outside
+    [0, V), and treats its logit as lying outside the row (a vocabulary shard's rule): its
+    log-prob gradient is lse's alone, -p / T, with no one-hot anywhere, also for an int64 id
+    whose low 32 bits fall inside the row. The other rows are unaffected."""
     backend, device = backend_device
     generator = torch.Generator().manual_seed(4)
-    logits = torch.randn(3, 40, generator=generator).to(device)
-    tokens = torch.tensor([-1, 5, 40], device=device)
-    entropy_, lse, logprobs = softmax_stats(logits, tokens, 1.0, backend)
-    assert torch.isnan(logprobs[[0, 2]]).all() and torch.isfinite(logprobs[1])
-    ones = torch.ones(3, device=device)
-    with_lp = softmax_stats_backward(logits, tokens, entropy_, lse, ones, ones, 1.0, backend)
-    without = softmax_stats_backward(logits, tokens, entropy_, lse, ones, None, 1.0, backend)
-    torch.testing.assert_close(with_lp[[0, 2]], without[[0, 2]], rtol=0, atol=0)
-    assert not torch.equal(with_lp[1], without[1])
+    logits = torch.randn(4, 40, generator=generator).to(device)
+    tokens = torch.tensor([-1, 5, 40, (1 << 32) + 3], device=device)
+    entropy_, lse, logprobs = softmax_stats(logits, tokens, 0.5, backend)
+    outside = [0, 2, 3]
+    assert torch.isnan(logprobs[outside]).all() and torch.isfinite(logprobs[1])
+    ones = torch.ones(4, device=device)
+    with_lp = softmax_stats_backward(logits, tokens, entropy_, lse, ones, ones, 0.5, backend)
+    without = softmax_stats_backward(logits, tokens, entropy_, lse, ones, None, 0.5, backend)
+    p = torch.softmax(logits.double() / 0.5, -1)
+    torch.testing.assert_close((with_lp - without)[outside].double(), -p[outside] / 0.5,
+                               rtol=1e-5, atol=1e-6)
+    onehot = torch.zeros_like(p[1])
+    onehot[5] = 1.0
+    torch.testing.assert_close((with_lp - without)[1].double(), (onehot - p[1]) / 0.5,
+                               rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
-        lse.cpu(), torch.logsumexp(logits.double(), -1).float().cpu(), rtol=1e-6, atol=1e-6)
+        lse.cpu(), torch.logsumexp(logits.double() / 0.5, -1).float().cpu(), rtol=1e-6,
+        atol=1e-6)
 
 
 @pytest.mark.parametrize("with_tokens", [False, True])

@@ -156,9 +156,9 @@ EM_SIMD_INLINE void backward_items(const BackwardTask<T>& task, int64_t begin, i
     const int64_t len = std::min(kChunk, task.vocab - start);
     const int64_t token = task.tokens != nullptr ? task.tokens[row] : -1;
     const bool in_vocab = token >= 0 && token < task.vocab;
-    // An id outside [0, V) has a NaN log-prob and gets no log-prob gradient.
-    const float grad_logprob =
-        (task.grad_logprobs != nullptr && in_vocab) ? task.grad_logprobs[row] : 0.0f;
+    // An id outside [0, V) (a NaN log-prob) has its logit elsewhere, as on a vocabulary shard:
+    // its log-prob gradient here is lse's alone, -p_j, with no one-hot.
+    const float grad_logprob = task.grad_logprobs != nullptr ? task.grad_logprobs[row] : 0.0f;
     const GradientCoefficients k = gradient_coefficients(
         task.entropy[row], task.lse[row], task.grad_entropy[row], grad_logprob, task.temperature);
     const T* src = task.logits + row * task.row_stride + start;

@@ -425,8 +425,9 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t token = in.tokens != nullptr ? in.tokens[row] : -1;
   const bool in_vocab = token >= 0 && token < vocab;
-  // An id outside [0, V) has a NaN log-prob and gets no log-prob gradient.
-  const float grad_logprob = (in.grad_logprobs != nullptr && in_vocab) ? in.grad_logprobs[row] : 0.0f;
+  // An id outside [0, V) (a NaN log-prob) has its logit elsewhere, as on a vocabulary shard: its
+  // log-prob gradient here is lse's alone, -p_j, with no one-hot.
+  const float grad_logprob = in.grad_logprobs != nullptr ? in.grad_logprobs[row] : 0.0f;
   const GradientCoefficients k = gradient_coefficients(in.entropy[row], in.lse[row],
                                                        in.grad_entropy[row], grad_logprob,
                                                        in.temperature);

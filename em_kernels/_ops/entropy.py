@@ -12,7 +12,7 @@ lse is logsumexp(logits / T) (natural log). The forward saves only (entropy, lse
 row; the backward recomputes p from the logits and those two numbers:
 
     dH/dz_j  = -(1/T) p_j (z_j / T - lse + H)
-    dlp/dz_j =  (1/T) (onehot(y)_j - p_j)
+    dlp/dz_j =  (1/T) (onehot(y)_j - p_j)     (no one-hot for an id outside [0, V))
 
 Both ops take 2-D logits whose last dim is contiguous (stride 1) and any row stride; the public
 functions in em_kernels/entropy.py reshape and validate. ``backend`` is already resolved (never
@@ -54,12 +54,13 @@ def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temper
     safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
     grad = -grad_entropy.unsqueeze(-1) * p * (safe_logp + entropy.unsqueeze(-1))
     if grad_logprobs is not None:
-        in_range = (tokens >= 0) & (tokens < z.shape[-1])
-        grad_logprobs = torch.where(in_range, grad_logprobs, torch.zeros_like(grad_logprobs))
         grad = grad - grad_logprobs.unsqueeze(-1) * p
+        # The one-hot only at an id inside the row: one outside has its logit elsewhere (a
+        # vocabulary shard), so its log-prob gradient here is lse's alone.
+        in_range = (tokens >= 0) & (tokens < z.shape[-1])
         grad.scatter_add_(
             -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1),
-            grad_logprobs.unsqueeze(-1).to(grad.dtype))
+            torch.where(in_range, grad_logprobs, 0.0).unsqueeze(-1).to(grad.dtype))
     # A -inf logit gets exactly 0 (the contract of every backend), even as the chosen token.
     grad = torch.where(z == float("-inf"), torch.zeros_like(grad), grad)
     return (grad / temperature).to(logits.dtype)

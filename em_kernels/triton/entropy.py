@@ -239,7 +239,8 @@ def _softmax_stats_bwd_kernel(
     saved row state, that error is inherent. The former z_j k - lse log2(e) added a second such
     error (lse log2(e) rounded).
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
-        dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (0 for the whole row if y is outside [0, V))
+        dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (no one-hot if y is outside [0, V): its logit
+                                                   lies elsewhere, as on a vocabulary shard)
     A -inf logit gets exactly 0 (p_j = 0 but ln p_j = -inf: the product is set to 0), also when
     it is the chosen token; so does the entropy term of a finite logit whose log2 p_j overflows
     to -inf (finfo.min scaled by 1 / T).
@@ -276,12 +277,14 @@ def _softmax_stats_bwd_kernel(
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
         grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
-        grad_logprob = tl.where((token >= 0) & (token < V) & ~no_distribution, grad_logprob, 0.0)
+        grad_logprob = tl.where(no_distribution, 0.0, grad_logprob)
         # Both terms as one product, p_j (-gH (ln p_j + H) - gL), and the one-hot by a 32-bit
         # offset into the tile, to save registers (see LOGPROB_BWD_ELEMENTS_PER_THREAD): the
         # two-term form with int64 column indices held 201 a thread at 64 entries. A token outside
-        # this tile matches nothing; one outside the vocabulary has grad_logprob 0.
-        chosen_offset = (token - chunk * BLOCK).to(tl.int32)
+        # this tile matches nothing; one outside the vocabulary gets offset -1 before the
+        # narrowing (an int64 id that wraps into the tile must not match).
+        chosen_offset = tl.where((token >= 0) & (token < V), token - chunk * BLOCK, -1).to(
+            tl.int32)
         grad = p * (-grad_entropy * tl.fma(log2_p, LN2, entropy) - grad_logprob)
         grad = tl.where(log2_p == float("-inf"), 0.0, grad) + tl.where(
             tl.arange(0, BLOCK) == chosen_offset, grad_logprob, 0.0)

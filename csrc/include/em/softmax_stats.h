@@ -119,7 +119,8 @@ inline TemperatureFactors temperature_factors(double temperature) {
           static_cast<float>(1.0 / temperature)};
 }
 
-// grad_logprob must already be 0 for a row without a token or with a token outside [0, V).
+// grad_logprob must already be 0 for a row without a token; a token outside [0, V) keeps it (its
+// -p_j term) and gets no one-hot, which the caller adds only at a token inside the row.
 // A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
 // is exactly 0 like every masked entry's (lse 0 makes each d_j = -inf, hence p_j = 0).
 // A row whose lse overflowed float32 (|z| / T past ~3e38: the forward's values are still right,
