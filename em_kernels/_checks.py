@@ -130,10 +130,11 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
-def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.device,
+def check_tokens(tokens, leading_shape: torch.Size, vocab: int | None, device: torch.device,
                  rows_of: str = "logits") -> None:
-    """tokens: int64, shape ``leading_shape``, same device, values in [0, vocab); ``rows_of``
-    names the tensor whose rows they label in the messages."""
+    """tokens: int64, shape ``leading_shape``, same device, values in [0, vocab) (vocab None:
+    the caller checks the range once it knows the vocabulary, as in vocab-parallel mode);
+    ``rows_of`` names the tensor whose rows they label in the messages."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dtype != torch.int64:
@@ -144,7 +145,8 @@ def check_tokens(tokens, leading_shape: torch.Size, vocab: int, device: torch.de
             f"got {tuple(tokens.shape)}")
     if tokens.device != device:
         raise ValueError(f"tokens are on {tokens.device} but the {rows_of} are on {device}")
-    check_token_range(tokens, vocab)
+    if vocab is not None:
+        check_token_range(tokens, vocab)
 
 
 def check_token_range(tokens: torch.Tensor, vocab: int) -> None:

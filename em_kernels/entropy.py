@@ -6,11 +6,75 @@ import torch
 
 from . import _checks
 from ._backend import resolve_backend
-from ._ops.entropy import softmax_stats
+from ._ops.entropy import softmax_stats, softmax_stats_backward
+from ._vocab_parallel import VocabShard
+
+
+class _VocabParallelSoftmaxStats(torch.autograd.Function):
+    """Entropy and log-probs of logits sharded by vocabulary: each rank's (N, V_r) rows are its
+    contiguous slice of the full (N, V) logits. The forward merges the shards' (entropy, lse,
+    chosen logit) into the full-vocabulary ones (em_kernels/_vocab_parallel.py); the backward
+    runs the entropy backward on this shard with the full-vocabulary (entropy, lse), so each
+    rank gets exactly its slice of the unsharded gradient (a row whose token another rank owns
+    gets the log-prob's -p term and no one-hot, the kernels' rule for an id outside the row)."""
+
+    @staticmethod
+    def forward(ctx, rows, local_tokens, owned, tokens_valid, temperature, backend, shard):
+        local_entropy, local_lse, local_logprobs = softmax_stats(
+            rows, local_tokens, temperature, backend)
+        local_chosen = None
+        if local_tokens is not None:  # the owner's chosen logit / T, back from its log-prob
+            local_chosen = torch.where(local_lse == float("-inf"), local_lse,
+                                       local_logprobs + local_lse)
+        entropy, lse, chosen = shard.merge(local_entropy, local_lse, local_chosen, owned)
+        logprobs = local_logprobs  # the empty placeholder without tokens
+        if local_tokens is not None:
+            logprobs = torch.where(tokens_valid, chosen - lse, torch.full_like(lse, float("nan")))
+        ctx.save_for_backward(rows, local_tokens, entropy, lse)
+        ctx.temperature, ctx.backend = temperature, backend
+        return entropy, logprobs
+
+    @staticmethod
+    def backward(ctx, grad_entropy, grad_logprobs):
+        rows, local_tokens, entropy, lse = ctx.saved_tensors
+        if local_tokens is None or grad_logprobs is None:
+            local_tokens = grad_logprobs = None
+        else:
+            grad_logprobs = grad_logprobs.float().contiguous()
+        if grad_entropy is None:
+            grad_entropy = torch.zeros_like(entropy)
+        grad_rows = softmax_stats_backward(
+            rows, local_tokens, entropy, lse, grad_entropy.float().contiguous(), grad_logprobs,
+            ctx.temperature, ctx.backend)
+        return grad_rows, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
+    """(entropy, logprobs or None) of vocab-sharded logits, shaped like logits' leading dims;
+    always eager (a graph break under torch.compile: the merge's collectives stay out of the
+    graph)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+        raise NotImplementedError(
+            "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
+            "transforms: flatten the batch into the logits' leading dims instead")
+    shard = VocabShard.of(process_group, logits.shape[-1], logits.device)
+    local_tokens = owned = tokens_valid = None
+    if tokens is not None:
+        _checks.check_token_range(tokens, shard.total)
+        local_tokens, owned, tokens_valid = shard.local_ids(tokens.reshape(-1).contiguous())
+    entropy, logprobs = _VocabParallelSoftmaxStats.apply(
+        _checks.as_rows(logits), local_tokens, owned, tokens_valid, temperature, backend, shard)
+    leading = logits.shape[:-1]
+    return entropy.reshape(leading), None if tokens is None else logprobs.reshape(leading)
 
 
 def entropy(
-    logits: torch.Tensor, *, temperature: float = 1.0, backend: str = "auto"
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    process_group=None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) over the last dim, in float32.
 
@@ -22,6 +86,13 @@ def entropy(
             NaN like an all -inf row, where the "torch" backend sees a uniform row.
         temperature: finite positive number in [~4.2e-39, ~8.5e37] (the range float32 can
             scale by); every formula is on logits / temperature.
+        process_group: a torch.distributed group for vocab-parallel logits (as a tensor-parallel
+            LM head gives them): each rank passes its contiguous slice of the vocabulary, rank r
+            the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
+            and every rank gets the full-vocabulary entropy; the gradient is this rank's slice
+            of the unsharded one. Upstream gradients must be the same on every rank (a
+            replicated loss). Costs an all-gather of the slice sizes (one host sync) and two
+            all-reduces of N-vectors; runs eagerly, also inside torch.compile (a graph break).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:
@@ -44,6 +115,8 @@ def entropy(
     _checks.check_logits(logits, backend)
     _checks.check_autograd_mode(logits, "entropy")
     backend = resolve_backend(backend, logits.device)
+    if process_group is not None:
+        return _vocab_parallel_stats(logits, None, temperature, backend, process_group)[0]
     rows = _checks.as_rows(logits)
     result, _, _ = softmax_stats(rows, None, temperature, backend)
     return result.reshape(logits.shape[:-1])
@@ -54,6 +127,7 @@ def logprobs_and_entropy(
     tokens: torch.Tensor,
     *,
     temperature: float = 1.0,
+    process_group=None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(tokens) and the entropy per row, from one read of the logits (the RL path).
@@ -63,8 +137,13 @@ def logprobs_and_entropy(
         tokens: int64 of shape (...), ids in [0, V). On CPU tensors an id out of range raises
             ValueError at once. On CUDA tensors that check would need a host sync, so it is not
             made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile on any
-            device: the kernels give such a row a NaN log-prob and no log-prob gradient instead.
+            device: the kernels give such a row a NaN log-prob instead, and treat its logit as
+            lying outside these logits (its log-prob gradient is the -p term alone, no one-hot).
+            With a process_group: global ids in [0, V_total).
         temperature: finite positive number; p = softmax(logits / temperature).
+        process_group: vocab-parallel logits, as in `entropy`; every rank gets the full
+            vocabulary's log-probs and entropies (the owner rank's chosen logit, shared by the
+            same all-reduce).
         backend: "auto", "triton", "cuda", "cpu" or "torch".
 
     Returns:
@@ -76,6 +155,11 @@ def logprobs_and_entropy(
     _checks.check_logits(logits, backend)
     _checks.check_autograd_mode(logits, "logprobs_and_entropy")
     backend = resolve_backend(backend, logits.device)
+    if process_group is not None:  # the range checked once the whole vocabulary is known
+        _checks.check_tokens(tokens, logits.shape[:-1], None, logits.device)
+        entropy_, logprobs = _vocab_parallel_stats(logits, tokens, temperature, backend,
+                                                   process_group)
+        return logprobs, entropy_
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
     rows = _checks.as_rows(logits)
     result, _, logprobs = softmax_stats(

@@ -295,8 +295,9 @@ def linear_entropy_loss(
         LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
         float64 inputs), differentiable w.r.t. hidden, weight, bias and the row weights; entropy
         and logprobs (N,) of the loss's dtype, detached (nothing flows back through them),
-        logprobs None without tokens. The loss is the plain weighted sum: a NaN entropy or log-prob (an
-        all -inf row, an id outside [0, V) on CUDA) makes it NaN even where its weight is 0.
+        logprobs None without tokens. The loss is the plain weighted sum: a NaN entropy or
+        log-prob (an all -inf row, an id outside [0, V) on CUDA) or a -inf log-prob (a token on
+        a -inf logit) makes it NaN even where its weight is 0; the gradients stay finite.
 
     Compared with linear_entropy: the logits are rounded to the input dtype (bf16 logits from
     bf16 inputs, as the model's own LM head gives them; linear_entropy keeps fp32 logits), and
@@ -328,10 +329,10 @@ def linear_entropy_loss(
                          "weighted sum of the rows' entropies and log-probs")
     if logprob_weight is not None and tokens is None:
         raise ValueError("logprob_weight weighs the log-probs of tokens: pass tokens too")
-    if tokens is not None:
-        if process_group is None:  # else checked against the whole vocabulary, once it is known
-            _checks.check_tokens(tokens, hidden.shape[:1], weight.shape[0], hidden.device,
-                                 rows_of="hidden states")
+    if tokens is not None:  # with a process_group, the range once the whole vocabulary is known
+        _checks.check_tokens(tokens, hidden.shape[:1],
+                             weight.shape[0] if process_group is None else None, hidden.device,
+                             rows_of="hidden states")
         tokens = tokens.contiguous()
     if bias is not None:
         bias = bias.contiguous()
@@ -359,7 +360,6 @@ def _vocab_parallel_loss(process_group, hidden, weight, bias, tokens, *arguments
     check by hand, torch 2.14), so Dynamo breaks the graph here instead."""
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1], shard.total, hidden.device,
-                             rows_of="hidden states")
+        _checks.check_token_range(tokens, shard.total)
     return loss_ops.LinearEntropyLossFunction.apply(hidden, weight, bias, tokens, *arguments,
                                                     shard)

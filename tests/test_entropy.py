@@ -770,6 +770,8 @@ def test_bad_logits(backend):
     if backend != "torch":
         for error in _both(torch.zeros(3, 4, dtype=torch.float64), backend=backend):
             assert isinstance(error, TypeError) and 'backend="torch"' in str(error)
+    for error in _both(torch.zeros(3, 4), backend=backend, process_group=object()):
+        assert isinstance(error, ValueError) and "not initialised" in str(error)
 
 
 def test_float64_runs_with_the_torch_backend():
@@ -796,6 +798,11 @@ def test_bad_tokens(backend):
         with pytest.raises(error) as info:
             em_kernels.logprobs_and_entropy(logits, bad, backend=backend)
         assert message in str(info.value), str(info.value)
+        if not message.startswith("token id"):  # vocab-parallel: checked before any collective
+            with pytest.raises(error) as info:
+                em_kernels.logprobs_and_entropy(logits, bad, backend=backend,
+                                                process_group=object())
+            assert message in str(info.value), str(info.value)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), -float("inf")])

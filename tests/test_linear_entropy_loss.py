@@ -358,6 +358,7 @@ def _bad_inputs():
         (dict(temperature=0.0), ValueError, "finite positive"),
         (dict(backend="nope"), ValueError, "unknown backend"),
         (dict(process_group=object()), ValueError, "torch.distributed is not initialised"),
+        (dict(tokens=[0, 1, 2, 3], process_group=object()), TypeError, "torch.Tensor"),
         (dict(hidden=hidden.double(), weight=weight.double(), bias=bias.double(),
               backend="auto"), TypeError, "float64"),
     ]
