@@ -65,13 +65,14 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
     except OverflowError:  # an int beyond float64
         raise ValueError(f"{name} must be {_describe_range(low, high, low_open, allow_inf)}, "
                          f"got an int of {value.bit_length()} bits") from None
-    too_low = low is not None and (value <= low if low_open else value < low)
-    too_high = high is not None and value > high
     # Comparisons rather than math.isnan / math.isinf: under torch.compile(dynamic=True) the
-    # value is symbolic, and Dynamo traces comparisons but not the math module's tests.
+    # value is symbolic, and Dynamo traces comparisons but not the math module's tests. NaN
+    # first: an order comparison of a symbolic NaN raises inside the tracer.
     is_nan = value != value
-    is_inf = value == math.inf or value == -math.inf
-    if is_nan or (is_inf and not allow_inf) or too_low or too_high:
+    is_inf = not is_nan and (value == math.inf or value == -math.inf)
+    if is_nan or (is_inf and not allow_inf) or (
+            low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and value > high):
         raise ValueError(f"{name} must be {_describe_range(low, high, low_open, allow_inf)}, "
                          f"got {value}")
     return value

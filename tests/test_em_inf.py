@@ -395,6 +395,19 @@ def test_compile_fullgraph(backend_device):
         assert torch.equal(got, want)
 
 
+def test_bad_numbers_fail_clearly_under_dynamic_compile():
+    """torch.compile(dynamic=True) makes the float arguments symbolic: a NaN lr must still get
+    the ValueError of eager mode (an order comparison of a symbolic NaN fails in the tracer)."""
+    adjust = torch.compile(lambda z, lr: em_kernels.em_inf_adjust(z, lr=lr, backend="torch"),
+                           dynamic=True, backend="aot_eager")
+    logits = torch.randn(4, 33)
+    adjust(logits, 0.1)
+    adjust(logits, 0.2)  # the second value makes lr symbolic
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(Exception, match="lr must be a finite number"):
+            adjust(logits, bad)
+
+
 # ------------------------------------------------------------------- GPU only: real vocabularies
 
 GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.cuda) for b in ("triton", "cuda")]
