@@ -109,9 +109,11 @@ def _has_cuda_kernel_cached(op_name: str) -> bool:
 
 
 def _eager(logits: torch.Tensor) -> bool:
-    """Call the op's body directly: not tracing, and a real tensor (not fake or meta)."""
+    """Call the op's body directly: not tracing, and a real tensor (not fake, meta or vmapped:
+    the op's vmap rule unwraps those)."""
     return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
-            and not isinstance(logits, torch._subclasses.FakeTensor))
+            and not isinstance(logits, torch._subclasses.FakeTensor)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(logits))
 
 
 def em_inf_adjust(

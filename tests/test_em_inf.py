@@ -395,6 +395,23 @@ def test_compile_fullgraph(backend_device):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_vmap_is_a_loop_over_the_samples(backend_device, early_exit):
+    """torch.vmap runs through the ops' vmap rules on every backend: one call on the flattened
+    rows where rows are independent, and each sample its own batch with early_exit="batch"."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(8)
+    logits = (3 * torch.randn(3, 2, 50, generator=generator)).to(device)
+    adjusted = torch.vmap(lambda z: em_kernels.em_inf_adjust(
+        z, threshold=1.5, early_exit=early_exit, backend=backend))(logits)
+    expected = torch.stack([em_kernels.em_inf_adjust(
+        sample, threshold=1.5, early_exit=early_exit, backend=backend) for sample in logits])
+    assert torch.equal(adjusted, expected)
+    tempered = torch.vmap(lambda z: em_kernels.adaptive_temperature(z, backend=backend))(logits)
+    assert torch.equal(tempered, torch.stack(
+        [em_kernels.adaptive_temperature(sample, backend=backend) for sample in logits]))
+
+
 def test_bad_numbers_fail_clearly_under_dynamic_compile():
     """torch.compile(dynamic=True) makes the float arguments symbolic: a NaN lr must still get
     the ValueError of eager mode (an order comparison of a symbolic NaN fails in the tracer)."""

@@ -23,3 +23,10 @@ def refuse_double_backward(backward_op: str, public: str) -> None:
 
     torch.library.register_autograd(backward_op, backward,
                                     setup_context=lambda ctx, inputs, output: None)
+
+
+def batch_first(x: torch.Tensor | None, in_dim: int | None, size: int) -> torch.Tensor | None:
+    """A vmap rule's argument with its batch dim first (expanded to ``size`` if it has none)."""
+    if x is None:
+        return None
+    return x.movedim(in_dim, 0) if in_dim is not None else x.expand(size, *x.shape)

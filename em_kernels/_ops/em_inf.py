@@ -13,8 +13,10 @@ em_kernels/em_inf.py validate and reshape. ``backend`` is already resolved (neve
 
 The ops' bodies are also plain functions (`*_impl`): in eager mode the public functions call
 them directly, skipping the custom-op dispatch (tens of microseconds of Python per call, which
-EM-INF pays once per generated token); under torch.compile, or on fake/meta tensors, they go
-through the ops.
+EM-INF pays once per generated token); under torch.compile, torch.vmap, or on fake/meta
+tensors, they go through the ops. Under torch.vmap a row-wise call (adaptive_temperature,
+em_inf_adjust with per-row exit) is one call on the flattened rows; em_inf_adjust with the
+batch-wide exit keeps each vmapped sample its own batch (one call per sample).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
+from . import batch_first
 
 
 def _result_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -82,3 +85,25 @@ def adaptive_temperature_op(
 @adaptive_temperature_op.register_fake
 def _(logits, alpha, delta, max_iters, tol, backend):
     return logits.new_empty(logits.shape, dtype=_result_dtype(logits))
+
+
+def _em_inf_adjust_vmap(info, in_dims, logits, steps, lr, kl_weight, threshold, adam,
+                        batch_exit, backend):
+    logits = batch_first(logits, in_dims[0], info.batch_size)
+    if batch_exit:  # each sample's rows decide together, apart from the other samples'
+        return torch.stack([em_inf_adjust_op(sample, steps, lr, kl_weight, threshold, adam,
+                                             batch_exit, backend) for sample in logits]), 0
+    flat = em_inf_adjust_op(logits.reshape(-1, logits.shape[-1]), steps, lr, kl_weight,
+                            threshold, adam, batch_exit, backend)
+    return flat.reshape(logits.shape), 0
+
+
+def _adaptive_temperature_vmap(info, in_dims, logits, alpha, delta, max_iters, tol, backend):
+    logits = batch_first(logits, in_dims[0], info.batch_size)
+    flat = adaptive_temperature_op(logits.reshape(-1, logits.shape[-1]), alpha, delta,
+                                   max_iters, tol, backend)
+    return flat.reshape(logits.shape), 0
+
+
+torch.library.register_vmap("em_kernels::em_inf_adjust", _em_inf_adjust_vmap)
+torch.library.register_vmap("em_kernels::adaptive_temperature", _adaptive_temperature_vmap)

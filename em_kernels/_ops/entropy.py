@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, reference
-from . import refuse_double_backward
+from . import batch_first, refuse_double_backward
 
 _EMPTY_SHAPE = (0,)
 
@@ -156,16 +156,10 @@ refuse_double_backward("em_kernels::softmax_stats_backward", "entropy / logprobs
 # torch.vmap: both ops take a batch of rows already, so a vmapped call is one call on the
 # flattened (B * N) rows rather than torch's fallback, a loop over the B samples.
 
-def _batch_first(x: torch.Tensor | None, in_dim: int | None, size: int) -> torch.Tensor | None:
-    if x is None:
-        return None
-    return x.movedim(in_dim, 0) if in_dim is not None else x.expand(size, *x.shape)
-
-
 def _softmax_stats_vmap(info, in_dims, logits, tokens, temperature, backend):
-    logits = _batch_first(logits, in_dims[0], info.batch_size)
+    logits = batch_first(logits, in_dims[0], info.batch_size)
     batch, rows, _ = logits.shape
-    tokens = _batch_first(tokens, in_dims[1], info.batch_size)
+    tokens = batch_first(tokens, in_dims[1], info.batch_size)
     entropy, lse, logprobs = softmax_stats(
         _checks.as_rows(logits), None if tokens is None else tokens.reshape(-1), temperature,
         backend)
@@ -176,8 +170,8 @@ def _softmax_stats_vmap(info, in_dims, logits, tokens, temperature, backend):
 
 def _softmax_stats_backward_vmap(info, in_dims, logits, tokens, entropy, lse, grad_entropy,
                                  grad_logprobs, temperature, backend):
-    logits = _batch_first(logits, in_dims[0], info.batch_size)
-    per_row = [_batch_first(x, dim, info.batch_size)
+    logits = batch_first(logits, in_dims[0], info.batch_size)
+    per_row = [batch_first(x, dim, info.batch_size)
                for x, dim in zip((tokens, entropy, lse, grad_entropy, grad_logprobs), in_dims[1:6])]
     per_row = [None if x is None else x.reshape(-1) for x in per_row]
     grad = softmax_stats_backward(_checks.as_rows(logits), *per_row, temperature, backend)
