@@ -500,6 +500,19 @@ def save_if_due(model: nn.Module, save_dir, save_every: int, global_step: int) -
         save_checkpoint(model, os.path.join(save_dir, f"step-{global_step}"))
 
 
+def trainer_optimizer(model: nn.Module, optimizer, lr: float,
+                      weight_decay: float) -> torch.optim.Optimizer:
+    """``optimizer`` if given (a torch.optim.Optimizer, checked before any rollout is spent on
+    it), else AdamW(lr, weight_decay) over the model's trainable parameters."""
+    if optimizer is None:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                 weight_decay=weight_decay)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters "
+                        f"(or None for AdamW), got {type(optimizer).__name__}")
+    return optimizer
+
+
 def training_loop(step, prompt_batches, num_steps: int | None, description: str,
                   progress: bool, shown: tuple[str, ...]) -> list[dict[str, float]]:
     """Call ``step(prompt_ids, prompt_mask)`` per batch (dicts with input_ids and
@@ -518,13 +531,29 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
         for batch in prompt_batches:
             if num_steps is not None and len(history) >= num_steps:
                 break
-            if isinstance(batch, collections.abc.Mapping):  # dicts, tokenizers' BatchEncoding
-                batch = batch["input_ids"], batch["attention_mask"]
-            stats = step(*batch)
+            stats = step(*_prompt_pair(batch, len(history)))
             history.append(stats)
             bar.update(1)
             bar.set_postfix({key: f"{stats[key]:.4f}" for key in shown})
     return history
+
+
+def _prompt_pair(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of one element of a trainer's prompt batches: a mapping with
+    those keys (a dict, a tokenizer's BatchEncoding) or a pair; anything else is a TypeError that
+    says so (not a KeyError or an argument-count error from deep inside)."""
+    if isinstance(batch, collections.abc.Mapping):
+        missing = [key for key in ("input_ids", "attention_mask") if key not in batch]
+        if missing:
+            raise TypeError(f"prompt batch {index} is a mapping without {', '.join(missing)} "
+                            f"(it has {', '.join(map(str, batch)) or 'no keys'})")
+        return batch["input_ids"], batch["attention_mask"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TypeError(
+        f"prompt batch {index} is a {type(batch).__name__}: each element of prompt_batches must "
+        "be a dict with input_ids and attention_mask (as a tokenizer returns) or an "
+        "(input_ids, attention_mask) pair; pass a list of batches, not one batch")
 
 
 @contextlib.contextmanager

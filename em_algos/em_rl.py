@@ -32,6 +32,7 @@ from ._common import (
     sample_responses,
     save_if_due,
     scoring_mode,
+    trainer_optimizer,
     training_loop,
 )
 
@@ -195,8 +196,7 @@ class EMRLTrainer:
         if beta > 0:
             self.reference_model = reference_model if reference_model is not None else (
                 frozen_copy(model))
-        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+        self.optimizer = trainer_optimizer(model, optimizer, lr, weight_decay)
         self.save_dir, self.save_every, self.progress = save_dir, save_every, progress
         self.global_step = 0
 

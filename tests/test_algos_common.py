@@ -14,7 +14,8 @@ import torch
 from algos_support import EOS, PAD, VOCAB, random_batch, tiny_causal_lm
 
 from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss, sequence_reward
-from em_algos._common import K3_MAX_LOG_RATIO, dropout_off, k3_kl, sample_responses
+from em_algos._common import (K3_MAX_LOG_RATIO, dropout_off, k3_kl, sample_responses,
+                               training_loop)
 
 
 def _prompts(seed: int, batch: int = 3, length: int = 4):
@@ -345,3 +346,24 @@ def test_k3_kl_stays_finite_far_from_the_reference():
     torch.testing.assert_close(kl[1], bound.exp() - bound - 1)
     kl.sum().backward()
     assert bool(torch.isfinite(logprobs.grad).all()) and logprobs.grad[1] == 0
+
+
+def test_training_loop_says_what_a_prompt_batch_must_be():
+    """A mapping without the keys, or one batch passed where a sequence of batches belongs,
+    is a TypeError that names the expected form, raised before any step runs."""
+    steps = []
+    ids = torch.ones(2, 3, dtype=torch.long)
+
+    def step(prompt_ids, prompt_mask):
+        steps.append(prompt_ids)
+        return {"loss": 0.0}
+
+    for batches, message in (([{"ids": ids}], "without input_ids, attention_mask"),
+                             (ids, "pass a list of batches"),
+                             ([(ids,)], "an \\(input_ids, attention_mask\\) pair")):
+        with pytest.raises(TypeError, match=message):
+            training_loop(step, batches, None, "test", False, ("loss",))
+    assert not steps
+    history = training_loop(step, [{"input_ids": ids, "attention_mask": ids}, (ids, ids)], None,
+                            "test", False, ("loss",))
+    assert len(history) == 2 and len(steps) == 2

@@ -161,6 +161,7 @@ def test_trainer_kl_starts_at_zero_and_checkpoints(tmp_path):
     (dict(normalize="mean"), ValueError), (dict(save_every=5), ValueError),
     (dict(max_new_tokens=2.5), TypeError), (dict(kl_coef=-0.1), ValueError),
     (dict(temperature=float("inf")), ValueError), (dict(lr=float("nan")), ValueError),
+    (dict(optimizer="adam"), TypeError),
 ])
 def test_trainer_bad_arguments_raise(qwen, options, error):
     with pytest.raises(error):

@@ -177,6 +177,7 @@ def test_first_update_is_on_policy_with_zero_kl():
     (dict(clip_range=0), ValueError), (dict(beta=-1.0), ValueError),
     (dict(minibatch_size=0), ValueError), (dict(ppo_epochs=1.5), TypeError),
     (dict(temperature=float("inf")), ValueError), (dict(clip_range=float("inf")), ValueError),
+    (dict(optimizer="adam"), TypeError),
 ])
 def test_trainer_bad_arguments_raise(llama, options, error):
     with pytest.raises(error):
