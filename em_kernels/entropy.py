@@ -136,8 +136,9 @@ def logprobs_and_entropy(
         logits: (..., V) float32, bfloat16 or float16, any leading shape and strides.
         tokens: int64 of shape (...), ids in [0, V). On CPU tensors an id out of range raises
             ValueError at once. On CUDA tensors that check would need a host sync, so it is not
-            made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile on any
-            device: the kernels give such a row a NaN log-prob instead, and treat its logit as
+            made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile or
+            torch.vmap on any device (no values to read there): the kernels give such a row a
+            NaN log-prob instead, and treat its logit as
             lying outside these logits (its log-prob gradient is the -p term alone, no one-hot).
             With a process_group: global ids in [0, V_total).
         temperature: finite positive number; p = softmax(logits / temperature).
