@@ -150,7 +150,7 @@ def check_tokens(tokens, leading_shape: torch.Size, vocab: int | None, device: t
         check_token_range(tokens, vocab)
 
 
-def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
+def check_token_range(tokens: torch.Tensor, vocab: int | torch.Tensor) -> None:
     """Raise ValueError for ids outside [0, vocab) where that costs no device sync: on CPU
     tensors, or on CUDA when EM_KERNELS_CHECK_TOKENS=1. Elsewhere (CUDA, or inside
     torch.compile) the kernels themselves give such a row a NaN log-prob (and no one-hot in its
@@ -164,7 +164,7 @@ def check_token_range(tokens: torch.Tensor, vocab: int) -> None:
         return
     if tokens.device.type == "cuda" and not _CHECK_CUDA_TOKENS:
         return
-    low, high = int(tokens.min()), int(tokens.max())
+    low, high, vocab = int(tokens.min()), int(tokens.max()), int(vocab)  # vocab: or a 0-d tensor
     if low < 0 or high >= vocab:
         bad = low if low < 0 else high
         raise ValueError(f"token id {bad} is outside [0, {vocab}) (the vocabulary size V)")

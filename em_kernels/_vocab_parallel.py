@@ -32,25 +32,33 @@ def _require_distributed():
 
 @dataclass(frozen=True)
 class VocabShard:
-    """This rank's place in the vocabulary: ids [start, start + local) of ``total``; ``widest``
-    is the largest shard, which fixes chunk sizes that must agree on every rank."""
+    """This rank's place in the vocabulary: ids [start, start + local) of ``total``, from the
+    shard sizes of every rank (``sizes``, on the tensors' device). start and total stay 0-d
+    tensors there, so that nothing here reads the device: only `widest` (the largest shard, which
+    fixes chunk sizes that must agree on every rank) and an eager token-range check (on CPU
+    tensors, or with EM_KERNELS_CHECK_TOKENS=1) read the sizes on the host."""
 
     group: object
-    start: int
     local: int
-    total: int
-    widest: int
+    sizes: torch.Tensor
+    start: torch.Tensor
+    total: torch.Tensor
 
     @classmethod
     def of(cls, group, local_vocab: int, device: torch.device) -> VocabShard:
-        """One all-gather of the shard sizes, read back to the host (one sync per call)."""
+        """One all-gather of the shard sizes (asynchronous on CUDA: no host sync)."""
         dist = _require_distributed()
-        sizes = torch.tensor([local_vocab], dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(sizes) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, sizes, group=group)
-        sizes = [int(size) for size in torch.cat(gathered).tolist()]
+        size = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+        gathered = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, size, group=group)
+        sizes = torch.cat(gathered)
         rank = dist.get_rank(group)
-        return cls(group, sum(sizes[:rank]), local_vocab, sum(sizes), max(sizes))
+        return cls(group, local_vocab, sizes, sizes[:rank].sum(), sizes.sum())
+
+    @property
+    def widest(self) -> int:
+        """The largest shard's size, on the host (one sync on CUDA)."""
+        return int(self.sizes.max())
 
     def local_ids(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(tokens - start, owned: the id lies in this shard, valid: it lies in [0, total))."""

@@ -91,8 +91,9 @@ def entropy(
             the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
             and every rank gets the full-vocabulary entropy; the gradient is this rank's slice
             of the unsharded one. Upstream gradients must be the same on every rank (a
-            replicated loss). Costs an all-gather of the slice sizes (one host sync) and two
-            all-reduces of N-vectors; runs eagerly, also inside torch.compile (a graph break).
+            replicated loss). Costs an all-gather of the slice sizes (not read on the host:
+            no sync on CUDA) and two all-reduces of N-vectors; runs eagerly, also inside
+            torch.compile (a graph break).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:

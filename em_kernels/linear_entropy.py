@@ -167,8 +167,8 @@ def linear_entropy(
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
             unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
-            all-gather of the shard sizes (one host sync) and two N-vector all-reduces in the
-            forward, one (N, H) all-reduce in the backward. torch.compile traced it with
+            all-gather of the shard sizes (not read on the host: no sync on CUDA) and two
+            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. torch.compile traced it with
             fullgraph=True, forward and backward, in a check by hand (torch 2.14, 2 gloo
             processes, same results as eager), but torch then warns of an unwaited collective
             at exit, which now and then ended in an abort: not part of the tests.
@@ -286,8 +286,9 @@ def linear_entropy_loss(
             ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
             gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
             and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights
-            and requires_grad flags. Costs an all-gather of the shard sizes (one host sync), two
-            all-reduces of chunk-sized row vectors per row chunk and one of d_hidden (N x H).
+            and requires_grad flags. Costs an all-gather of the shard sizes, read on the host
+            to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
+            chunk-sized row vectors per row chunk and one of d_hidden (N x H).
             Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
             fullgraph=True raises there).
 
