@@ -265,10 +265,10 @@ def _check_loss_case(rank, backend, dtype):
             torch.testing.assert_close(grad, full_grad[own], **tolerance)
         else:
             assert grad is None and full_grad is None
-    # Uneven shards (33 and 8 ids, chunk rows 40 and 16 wide) cut into chunks of 3 rows: both
-    # ranks must cut the widest shard's chunks, or their per-chunk merges would not pair up.
+    # Uneven shards (33 and 8 ids) cut into chunks of 3 rows: both ranks must cut the widest
+    # shard's chunks, or their per-chunk merges would not pair up.
     saved = loss_ops.LOSS_CHUNK_BYTES
-    loss_ops.LOSS_CHUNK_BYTES = 3 * loss_ops.shard_row_width(33) * hidden.element_size() * 2
+    loss_ops.LOSS_CHUNK_BYTES = 3 * 33 * hidden.element_size() * 2
     try:
         _assert_loss_matches(rank, 33, hidden, weight, bias, tokens, entropy_weight,
                              logprob_weight, backend, dtype)

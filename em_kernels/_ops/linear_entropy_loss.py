@@ -65,10 +65,6 @@ from .entropy import _EMPTY_SHAPE, _bwd_impl, _fwd_impl, _torch_fwd
 LOSS_CHUNK_BYTES = 256 << 20
 # Chunk rows are a multiple of this when at least that many fit: the M tile of the BLAS kernels.
 ROW_ALIGN = 128
-# Vocab-parallel chunk rows are padded with -inf sentinel columns to a multiple of this many
-# entries, so that each row starts 16-byte aligned in 16-bit dtypes (cuBLAS's vectorised kernels
-# want an aligned leading dimension; the entropy kernels' vector loads, aligned rows).
-SENTINEL_ALIGN = 8
 
 
 def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
@@ -96,12 +92,6 @@ def _chunk_logits(hidden_rows, weight, bias, out):
     return torch.addmm(bias, hidden_rows, weight.T, out=out)
 
 
-def shard_row_width(vocab: int) -> int:
-    """Columns of a vocab-parallel chunk row: the shard's V, then at least one -inf sentinel,
-    padded to a multiple of SENTINEL_ALIGN."""
-    return -(-(vocab + 1) // SENTINEL_ALIGN) * SENTINEL_ALIGN
-
-
 def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
                    need_grad_hidden, need_grad_weight, need_grad_bias, backend, shard=None):
     """The op's implementation (see the module docstring); every backend of the entropy ops.
@@ -110,9 +100,8 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     vocab-parallel mode, where weight and bias are this rank's shard and tokens are global ids.
     Each chunk's shard statistics are merged across the ranks before dz, so dz is this shard's
     slice of the full-vocabulary one, and d_hidden is summed across the ranks at the end. A row
-    whose token another rank owns still needs its log-prob gradient's -p term here but no
-    one-hot: the entropy kernels give exactly that to a token on a -inf logit, so the chunk rows
-    end in -inf sentinel columns (`shard_row_width`) and such rows point at the first."""
+    whose token another rank owns has a local id outside [0, V_r), which the entropy backward
+    kernels give exactly the log-prob's -p term and no one-hot."""
     if need_grad_bias and bias is None:
         raise ValueError("need_grad_bias is set but there is no bias")
     rows, features = hidden.shape
@@ -128,18 +117,16 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
     buffers = 1 if in_place or not any_grad else 2
-    width = vocab if shard is None else shard_row_width(vocab)
     # Every rank must cut the same row chunks (each chunk's merge is a collective).
-    chunk = loss_chunk_rows(rows, width if shard is None else shard_row_width(shard.widest),
+    chunk = loss_chunk_rows(rows, vocab if shard is None else shard.widest,
                             hidden.element_size() * buffers)
-    logits_buffer = hidden.new_empty((min(chunk, rows) * width,))
+    logits_buffer = hidden.new_empty((min(chunk, rows) * vocab,))
     forward_stats, backward_dz = _fwd_impl(backend), _bwd_impl(backend)
     if backend == "torch":  # statistics in float64 for float64 inputs
         forward_stats = functools.partial(_torch_fwd, stats_dtype=stats_dtype)
     kernel_tokens = tokens
     if shard is not None and has_tokens:
-        local_tokens, owned, tokens_valid = shard.local_ids(tokens)
-        kernel_tokens = torch.where(owned, local_tokens, vocab)  # others: the first sentinel
+        kernel_tokens, owned, tokens_valid = shard.local_ids(tokens)
     # dz carries the row weights (1 / N for a mean): divided by their largest magnitude it
     # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
     # pass that applies the upstream gradient anyway. A power of two, so that neither division
@@ -153,10 +140,9 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         hidden_rows = hidden[start:end]
-        chunk_logits = logits_buffer[:(end - start) * width].view(end - start, width)
-        if shard is not None:
-            chunk_logits[:, vocab:] = float("-inf")  # dz overwrote them in the last chunk
-        _chunk_logits(hidden_rows, weight, bias, chunk_logits[:, :vocab])
+        chunk_logits = _chunk_logits(
+            hidden_rows, weight, bias,
+            logits_buffer[:(end - start) * vocab].view(end - start, vocab))
         chunk_tokens = kernel_tokens[start:end] if has_tokens else None
         chunk_entropy, chunk_lse, chunk_logprobs = forward_stats(
             chunk_logits, chunk_tokens, temperature)
@@ -175,7 +161,7 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                      unit_logprob_weight[start:end] if logprob_weight is not None else None,
                      temperature)
         grad_logits = (backward_dz(*row_grads, out=chunk_logits) if in_place
-                       else backward_dz(*row_grads))[:, :vocab]
+                       else backward_dz(*row_grads))
         if need_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if need_grad_weight:
