@@ -502,14 +502,16 @@ def save_if_due(model: nn.Module, save_dir, save_every: int, global_step: int) -
 
 def trainer_optimizer(model: nn.Module, optimizer, lr: float,
                       weight_decay: float) -> torch.optim.Optimizer:
-    """``optimizer`` if given (a torch.optim.Optimizer, checked before any rollout is spent on
-    it), else AdamW(lr, weight_decay) over the model's trainable parameters."""
+    """``optimizer`` if given (anything with step() and zero_grad(), such as a
+    torch.optim.Optimizer or a wrapper of one; checked before any rollout is spent on it), else
+    AdamW(lr, weight_decay) over the model's trainable parameters."""
     if optimizer is None:
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
                                  weight_decay=weight_decay)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters "
-                        f"(or None for AdamW), got {type(optimizer).__name__}")
+    if not all(callable(getattr(optimizer, name, None)) for name in ("step", "zero_grad")):
+        raise TypeError(f"optimizer must be an optimizer over the model's parameters, with step() "
+                        f"and zero_grad() (a torch.optim.Optimizer or a wrapper of one), or None "
+                        f"for AdamW; got {type(optimizer).__name__}")
     return optimizer
 
 
@@ -548,7 +550,8 @@ def _prompt_pair(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
             raise TypeError(f"prompt batch {index} is a mapping without {', '.join(missing)} "
                             f"(it has {', '.join(map(str, batch)) or 'no keys'})")
         return batch["input_ids"], batch["attention_mask"]
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    stacked = isinstance(batch, torch.Tensor) and batch.dim() == 3  # (2, B, L): a pair too
+    if (isinstance(batch, (tuple, list)) or stacked) and len(batch) == 2:
         return batch[0], batch[1]
     raise TypeError(
         f"prompt batch {index} is a {type(batch).__name__}: each element of prompt_batches must "

@@ -48,7 +48,9 @@ class VocabShard:
     def of(cls, group, local_vocab: int, device: torch.device) -> VocabShard:
         """One all-gather of the shard sizes (asynchronous on CUDA: no host sync)."""
         dist = _require_distributed()
-        size = torch.tensor([local_vocab], dtype=torch.int64, device=device)
+        # torch.full, not torch.tensor: a host-to-device copy of a Python list waits for the
+        # stream on CUDA, a fill does not.
+        size = torch.full((1,), local_vocab, dtype=torch.int64, device=device)
         gathered = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, size, group=group)
         sizes = torch.cat(gathered)

@@ -54,7 +54,8 @@ def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
     """(entropy, logprobs or None) of vocab-sharded logits, shaped like logits' leading dims;
     always eager (a graph break under torch.compile: the merge's collectives stay out of the
     graph)."""
-    if torch._C._functorch.is_functorch_wrapped_tensor(logits):
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (logits, tokens)
+           if x is not None):
         raise NotImplementedError(
             "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
             "transforms: flatten the batch into the logits' leading dims instead")

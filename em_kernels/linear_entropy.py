@@ -161,7 +161,8 @@ def linear_entropy(
         tokens: optional int64 (N,) global ids in [0, V_total). On CPU tensors an id out of range
             raises ValueError; on CUDA tensors that check would need a host sync, so it is not
             made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile, and such
-            a row gets a NaN log-prob and no log-prob gradient.
+            a row gets a NaN log-prob, whose gradient is the -p term alone (no one-hot), as in
+            logprobs_and_entropy.
         temperature: finite positive number in [~4.2e-39, ~8.5e37]; every formula is on the
             logits / temperature.
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
@@ -221,11 +222,13 @@ def linear_entropy(
         entropy, lse, chosen = linear_entropy_stats(
             hidden, weight, bias, tokens, temperature, grad_filter_eps, implementation)
         return LinearEntropyOutput(entropy, None if tokens is None else chosen - lse)
+    if tokens is not None:  # the range once the whole vocabulary is known
+        _checks.check_tokens(tokens, hidden.shape[:1], None, hidden.device,
+                             rows_of="hidden states")
     shard = VocabShard.of(process_group, local_vocab, hidden.device)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
-        _checks.check_tokens(tokens, hidden.shape[:1], shard.total, hidden.device,
-                             rows_of="hidden states")
+        _checks.check_token_range(tokens, shard.total)
         local_tokens, owned, tokens_valid = shard.local_ids(tokens)
     entropy, logprobs = _VocabParallelLinearEntropy.apply(
         hidden, weight, bias, local_tokens, owned, tokens_valid, temperature, grad_filter_eps,

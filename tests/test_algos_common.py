@@ -364,6 +364,6 @@ def test_training_loop_says_what_a_prompt_batch_must_be():
         with pytest.raises(TypeError, match=message):
             training_loop(step, batches, None, "test", False, ("loss",))
     assert not steps
-    history = training_loop(step, [{"input_ids": ids, "attention_mask": ids}, (ids, ids)], None,
-                            "test", False, ("loss",))
-    assert len(history) == 2 and len(steps) == 2
+    history = training_loop(step, [{"input_ids": ids, "attention_mask": ids}, (ids, ids),
+                                   torch.stack([ids, ids])], None, "test", False, ("loss",))
+    assert len(history) == 3 and len(steps) == 3

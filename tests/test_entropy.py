@@ -780,6 +780,18 @@ def test_float64_runs_with_the_torch_backend():
                                reference.entropy_ref(logits).float())
 
 
+def test_vocab_parallel_refuses_vmap():
+    """Vocab-parallel mode under torch.vmap, over the logits or the tokens alone: a clear error
+    on every rank, before any collective."""
+    logits = torch.randn(2, 3, 10)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda z: em_kernels.entropy(z, process_group=object()))(logits)
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda t: em_kernels.logprobs_and_entropy(
+            logits[0], t, process_group=object()))(tokens)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_tokens(backend):
     logits = torch.randn(2, 3, 10)

@@ -683,6 +683,7 @@ def _bad_inputs():
         (dict(grad_filter_eps="x"), TypeError, "grad_filter_eps"),
         (dict(backend=3), TypeError, "backend must be a string"),
         (dict(process_group=object()), ValueError, "torch.distributed is not initialised"),
+        (dict(tokens=[0, 1, 2, 3], process_group=object()), TypeError, "torch.Tensor"),
         (dict(hidden=hidden.double(), weight=weight.double(), backend="auto"), TypeError,
          "float64"),
     ]
