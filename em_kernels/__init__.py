@@ -6,6 +6,7 @@ Public API (re-exports only; each function's docstring has the details):
 - logprobs_and_entropy(logits, tokens) log p(token) and entropy per row, one read of the logits
 - linear_entropy(hidden, weight, ...)  the same straight from hidden states and the LM head
 - linear_entropy_loss(hidden, weight, ...)  a weighted sum of those, gradients in its forward
+- linear_policy_loss(hidden, weight, ...)   PPO's clipped policy loss (+ k3 KL), the same way
 - em_inf_adjust(logits, ...)           EM-INF's logit adjustment at decode time
 - adaptive_temperature(logits, ...)    the paper's adaptive-temperature baseline
 - available_backends()                 which backends can run here, or why not
@@ -14,8 +15,8 @@ Public API (re-exports only; each function's docstring has the details):
 from ._backend import BackendUnavailableError, available_backends
 from .em_inf import adaptive_temperature, em_inf_adjust
 from .entropy import entropy, logprobs_and_entropy
-from .linear_entropy import (LinearEntropyLoss, LinearEntropyOutput, linear_entropy,
-                             linear_entropy_loss)
+from .linear_entropy import LinearEntropyOutput, linear_entropy
+from .linear_loss import LinearEntropyLoss, linear_entropy_loss, linear_policy_loss
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,6 @@ __all__ = [
     "entropy",
     "linear_entropy",
     "linear_entropy_loss",
+    "linear_policy_loss",
     "logprobs_and_entropy",
 ]

@@ -1,5 +1,6 @@
 """Public `linear_entropy`: entropy and log-probs straight from hidden states and the LM head,
-never holding the [N, V] logits (see em_kernels/_ops/linear_entropy.py for the ops)."""
+never holding the [N, V] logits (see em_kernels/_ops/linear_entropy.py for the ops). The fused
+losses built on the same head are in em_kernels/linear_loss.py."""
 
 from __future__ import annotations
 
@@ -7,20 +8,13 @@ from typing import NamedTuple
 
 import torch
 
-from . import _checks, reference
+from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
-from ._ops import linear_entropy_loss as loss_ops
 from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
 from ._vocab_parallel import VocabShard
 
 
 class LinearEntropyOutput(NamedTuple):
-    entropy: torch.Tensor
-    logprobs: torch.Tensor | None
-
-
-class LinearEntropyLoss(NamedTuple):
-    loss: torch.Tensor
     entropy: torch.Tensor
     logprobs: torch.Tensor | None
 
@@ -234,136 +228,3 @@ def linear_entropy(
         hidden, weight, bias, local_tokens, owned, tokens_valid, temperature, grad_filter_eps,
         implementation, shard)
     return LinearEntropyOutput(entropy, logprobs)
-
-
-def _row_weight(name: str, value, hidden: torch.Tensor) -> torch.Tensor | None:
-    """None, a Python number for every row, or a float tensor (N,) on hidden's device; returned
-    as a contiguous (N,) tensor of the statistics' dtype (differentiable if ``value`` is)."""
-    if value is None:
-        return None
-    rows = hidden.shape[0]
-    dtype = reference.compute_dtype(hidden.dtype)
-    if not isinstance(value, torch.Tensor):
-        value = _checks.check_number(f"{name} (a number, a tensor (N,) or None)", value)
-        return torch.full((rows,), value, dtype=dtype, device=hidden.device)
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.shape != (rows,):
-        raise ValueError(f"{name} must have shape (N,) = ({rows},), one weight per row of hidden, "
-                         f"got {tuple(value.shape)}")
-    if value.device != hidden.device:
-        raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
-    _checks.check_autograd_mode(value, "linear_entropy_loss")
-    return value.to(dtype).contiguous()
-
-
-def linear_entropy_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    tokens: torch.Tensor | None = None,
-    entropy_weight: torch.Tensor | float | None = None,
-    logprob_weight: torch.Tensor | float | None = None,
-    temperature: float = 1.0,
-    process_group=None,
-    backend: str = "auto",
-) -> LinearEntropyLoss:
-    """The loss sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r]) over the rows
-    of softmax((hidden @ weight^T + bias) / temperature), with its gradients computed in the
-    forward: three matmuls where `linear_entropy` (any upstream gradients, so it recomputes the
-    logits in its backward) needs four. Use it when the loss is such a weighted sum with weights
-    known before the forward: EM-FT's mean entropy (entropy_weight = 1 / number of tokens), a
-    policy gradient's advantage-weighted log-probs (logprob_weight = -advantage / count).
-
-    Args:
-        hidden, weight, bias, tokens, temperature: as in `linear_entropy`.
-        entropy_weight, logprob_weight: per-row weights, each a float tensor (N,) on hidden's
-            device, a Python number for every row, or None (no such term); at least one of them
-            is needed, and logprob_weight needs tokens. Tensors may require grad: d loss / d
-            weight is the row's entropy (log-prob).
-        backend: "auto", "triton", "cuda", "cpu" or "torch", as for `logprobs_and_entropy`:
-            the kernels that compute each row chunk's statistics and dz; the matmuls are BLAS.
-        process_group: a torch.distributed group for vocab-parallel mode, as in
-            `linear_entropy`: weight and bias are this rank's contiguous shard, tokens global
-            ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
-            gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
-            and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights
-            and requires_grad flags. Costs an all-gather of the shard sizes, read on the host
-            to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
-            chunk-sized row vectors per row chunk and one of d_hidden (N x H).
-            Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
-            fullgraph=True raises there).
-
-    Returns:
-        LinearEntropyLoss(loss, entropy, logprobs): loss a 0-d float32 tensor (float64 for
-        float64 inputs), differentiable w.r.t. hidden, weight, bias and the row weights; entropy
-        and logprobs (N,) of the loss's dtype, detached (nothing flows back through them),
-        logprobs None without tokens. The loss is the plain weighted sum: a NaN entropy or
-        log-prob (an all -inf row, an id outside [0, V) on CUDA) or a -inf log-prob (a token on
-        a -inf logit) makes it NaN even where its weight is 0; the gradients stay finite.
-
-    Compared with linear_entropy: the logits are rounded to the input dtype (bf16 logits from
-    bf16 inputs, as the model's own LM head gives them; linear_entropy keeps fp32 logits), and
-    with 16-bit inputs d_weight takes one rounding per row chunk. The gradients are computed
-    only for the inputs that require grad while grad mode is on (a frozen LM head skips its
-    d_weight matmul; under torch.no_grad only the statistics are computed: call it there for a
-    value alone), and they live from the forward until the backward, which multiplies them by
-    the loss's upstream gradient in place and hands them over (d_weight becomes weight.grad
-    without a copy). Hence one backward per call: a second one through the same call
-    (retain_graph=True) raises, and so does a backward with create_graph=True (differentiable
-    once). autograd.grad's is_grads_batched works; torch.vmap raises (flatten into N instead).
-    Extra memory: a row-chunk buffer of at most 256 MiB (LOSS_CHUNK_BYTES; the "torch" backend's
-    reference statistics add fp32 temporaries of a few chunk sizes) plus O(N) statistics.
-    Deterministic; torch.compile(fullgraph=True) traces it (without a process_group).
-    """
-    temperature = _checks.check_temperature(temperature)
-    _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto",
-                    op="linear_entropy_loss")
-    for operand in (hidden, weight, bias, entropy_weight, logprob_weight):
-        if isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand):
-            raise NotImplementedError(
-                "linear_entropy_loss does not run under torch.vmap: its rows are a batch "
-                "already (flatten the vmapped dim into N), or use linear_entropy")
-    implementation = resolve_backend(backend, hidden.device)
-    if hidden.dtype == torch.float64 and implementation != "torch":
-        raise TypeError('float64 inputs run only with backend="torch"')
-    if entropy_weight is None and logprob_weight is None:
-        raise ValueError("give entropy_weight, logprob_weight or both: the loss is their "
-                         "weighted sum of the rows' entropies and log-probs")
-    if logprob_weight is not None and tokens is None:
-        raise ValueError("logprob_weight weighs the log-probs of tokens: pass tokens too")
-    if tokens is not None:  # with a process_group, the range once the whole vocabulary is known
-        _checks.check_tokens(tokens, hidden.shape[:1],
-                             weight.shape[0] if process_group is None else None, hidden.device,
-                             rows_of="hidden states")
-        tokens = tokens.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    entropy_weight = _row_weight("entropy_weight", entropy_weight, hidden)
-    if entropy_weight is None:
-        entropy_weight = hidden.new_zeros(hidden.shape[:1],
-                                          dtype=reference.compute_dtype(hidden.dtype))
-    logprob_weight = _row_weight("logprob_weight", logprob_weight, hidden)
-    grad_mode = torch.is_grad_enabled()
-    arguments = (hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
-                 grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad,
-                 grad_mode and bias is not None and bias.requires_grad, implementation)
-    if process_group is None:
-        loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(*arguments, None)
-    else:
-        loss, entropy, logprobs = _vocab_parallel_loss(process_group, *arguments)
-    return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)
-
-
-@torch.compiler.disable
-def _vocab_parallel_loss(process_group, hidden, weight, bias, tokens, *arguments):
-    """linear_entropy_loss on a vocabulary shard, always eager: torch.compile would trace the
-    all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
-    into a functional collective whose result the backward does not see (wrong gradients in a
-    check by hand, torch 2.14), so Dynamo breaks the graph here instead."""
-    shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
-    if tokens is not None:
-        _checks.check_token_range(tokens, shard.total)
-    return loss_ops.LinearEntropyLossFunction.apply(hidden, weight, bias, tokens, *arguments,
-                                                    shard)

@@ -158,7 +158,7 @@ def test_only_requested_grads_are_computed(backend_device):
     unpatched = loss_ops.loss_and_grads
 
     def recording(*args):
-        flags.append(args[7:10])
+        flags.append(args[13:16])  # need_grad_hidden, need_grad_weight, need_grad_bias
         return unpatched(*args)
 
     with mock.patch.object(loss_ops, "loss_and_grads", side_effect=recording):
@@ -443,12 +443,15 @@ def test_opcheck():
     the fake kernel must say so."""
     hidden, weight, bias, tokens = random_problem(7, 16, 20, "cpu")
     weights = torch.randn(7)
+    policy = (torch.randn(7), torch.randn(7) - 3, torch.randn(7) - 3, 0.2, 0.3, 0.05)
     for backend in ("torch", "cpu", "triton"):
         if not runnable(backend, "cpu"):
             continue
         for h, w in ((hidden, weight), (hidden.T.contiguous().T, weight.T.contiguous().T)):
-            torch.library.opcheck(loss_ops.linear_entropy_loss, (
-                h, w, bias, tokens, weights, -weights, 1.3, True, True, True, backend))
+            for mode in ((None, None, None, 0.0, 0.0, 0.0), policy):  # weighted sum, policy
+                torch.library.opcheck(loss_ops.linear_entropy_loss, (
+                    h, w, bias, tokens, weights, -weights, *mode, 1.3, True, True, True,
+                    backend))
 
 
 def test_torch_compile_fullgraph():

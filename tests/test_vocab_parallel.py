@@ -276,6 +276,30 @@ def _check_loss_case(rank, backend, dtype):
         loss_ops.LOSS_CHUNK_BYTES = saved
     if backend == "torch" and dtype == torch.float32:
         _check_loss_compiled(rank, hidden, weight, bias, tokens, entropy_weight, logprob_weight)
+    _check_policy_loss(rank, backend, dtype, hidden, weight, bias, tokens, logprob_weight)
+
+
+def _check_policy_loss(rank, backend, dtype, hidden, weight, bias, tokens, advantages):
+    """linear_policy_loss on the shards: each row's policy gradient comes from the merged
+    (full-vocabulary) log-prob, so the loss and gradients are the unsharded ones."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    generator = torch.Generator().manual_seed(9)
+    old = (torch.randn(ROWS, generator=generator) * 0.5 - 3).to(advantages.dtype)
+    ref = (torch.randn(ROWS, generator=generator) * 0.5 - 3).to(advantages.dtype)
+    results = []
+    for group, rows in ((None, slice(None)), (dist.group.WORLD, shard)):
+        leaves = [hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()]
+        out = em_kernels.linear_policy_loss(
+            *leaves, bias=bias[rows], tokens=tokens, advantages=advantages, old_logprobs=old,
+            ref_logprobs=ref, kl_weight=0.1, clip_range=(0.2, 0.3), process_group=group,
+            backend=backend)
+        out.loss.backward()
+        results.append((out.loss, out.logprobs, leaves[0].grad, leaves[1].grad))
+    (full_loss, full_logprobs, full_hidden, full_weight), sharded = results
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(
+        rtol=1e-5, atol=1e-5)
+    for got, want in zip(sharded, (full_loss, full_logprobs, full_hidden, full_weight[shard])):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 def _check_loss_compiled(rank, hidden, weight, bias, tokens, entropy_weight, logprob_weight):

@@ -2,16 +2,29 @@
 log-probs, fused with the LM head, whose gradients are computed in its forward.
 
     em_kernels::linear_entropy_loss(hidden[N, H], weight[V, H], bias[V]?, tokens[N]?,
-                                    entropy_weight[N], logprob_weight[N]?, temperature,
-                                    need_grad_hidden, need_grad_weight, need_grad_bias, backend)
+                                    entropy_weight[N], logprob_weight[N]?, advantages[N]?,
+                                    old_logprobs[N]?, ref_logprobs[N]?, clip_low, clip_high,
+                                    kl_weight, temperature, need_grad_hidden, need_grad_weight,
+                                    need_grad_bias, backend)
         -> (loss[], entropy[N], logprobs[N] or [0], grad_hidden or [0], grad_weight or [0],
             grad_bias or [0], grad_scale[])
 
-    loss = sum_r entropy_weight[r] H_r + logprob_weight[r] log p_r(tokens[r])
+    loss = sum_r entropy_weight[r] H_r + logprob_weight[r] f_r(log p_r(tokens[r]))
 
-where the gradients are those of the loss divided by grad_scale, the power of two at or below
-the largest row weight's magnitude (so that dz, which carries the weights, stays O(p) in a
-16-bit dtype, and rounds as it would unscaled).
+with f_r(lp) = lp, or, given advantages (policy mode, `policy_terms`), PPO's clipped surrogate
+plus kl_weight times the k3 estimate of KL(pi || pi_ref):
+
+    f_r(lp) = -min(rho A_r, clip(rho, 1 - clip_low, 1 + clip_high) A_r) + kl_weight k3,
+    rho = exp(lp - old_r),  k3 = exp(c) - c - 1,  c = clamp(ref_r - lp, -K3_MAX_LOG_RATIO, +...)
+
+(old_logprobs None: rho = 1, on-policy; ref_logprobs None: no KL term). Each row's f depends on
+its own log-prob only, which the chunk's statistics give before dz, so its derivative is the
+row's upstream log-prob gradient there: three matmuls for a PPO/GRPO loss too.
+
+The gradients returned are those of the loss divided by grad_scale, the power of two at or
+below the largest row weight's magnitude (times |A| (1 + clip_high) + kl_weight in policy
+mode), so that dz, which carries the weights, stays O(p) in a 16-bit dtype and rounds as it
+would unscaled.
 
 The op has no autograd formula of its own: `LinearEntropyLossFunction` wraps it, keeps the
 gradients it returns, and hands them to autograd in the backward (torch.compile traces both).
@@ -65,6 +78,8 @@ from .entropy import _EMPTY_SHAPE, _bwd_impl, _fwd_impl, _torch_fwd
 LOSS_CHUNK_BYTES = 256 << 20
 # Chunk rows are a multiple of this when at least that many fit: the M tile of the BLAS kernels.
 ROW_ALIGN = 128
+# k3's log ratio ref - lp is clamped to +-this (as em_algos.k3_kl), so that the KL stays finite.
+K3_MAX_LOG_RATIO = 20.0
 
 
 def loss_chunk_rows(rows: int, vocab: int, bytes_per_entry: int) -> int:
@@ -92,7 +107,35 @@ def _chunk_logits(hidden_rows, weight, bias, out):
     return torch.addmm(bias, hidden_rows, weight.T, out=out)
 
 
-def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs, clip_low: float,
+                 clip_high: float, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the policy loss f(lp) of the module docstring and its derivative f'(lp), as
+    autograd differentiates the plain PyTorch form (torch.minimum splits a tie, clamp passes the
+    gradient on its bounds). A NaN log-prob (an id outside the vocabulary) gets f' = 0, so that
+    its NaN stays in the loss and out of the shared d_weight."""
+    ratio = torch.ones_like(logprobs) if old_logprobs is None else torch.exp(
+        logprobs - old_logprobs)
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
+    unclipped_term, clipped_term = ratio * advantages, clipped * advantages
+    loss = -torch.minimum(unclipped_term, clipped_term)
+    inside = (ratio >= 1 - clip_low) & (ratio <= 1 + clip_high)
+    # d(-min)/dlp = -A rho (the unclipped branch's share + the clipped one's, which has rho's
+    # derivative only inside the clip range); a tie splits the gradient between the two
+    share = torch.where(unclipped_term < clipped_term, 1.0,
+                        torch.where(unclipped_term == clipped_term, 0.5, 0.0))
+    clipped_share = torch.where(inside, 1.0 - share, 0.0)
+    grad = -advantages * ratio * (share + clipped_share)
+    if ref_logprobs is not None and kl_weight != 0:
+        gap = ref_logprobs - logprobs
+        log_ratio = gap.clamp(-K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
+        loss = loss + kl_weight * (torch.exp(log_ratio) - log_ratio - 1)
+        within = (gap >= -K3_MAX_LOG_RATIO) & (gap <= K3_MAX_LOG_RATIO)
+        grad = grad + kl_weight * torch.where(within, 1 - torch.exp(log_ratio), 0.0)
+    return loss, torch.where(torch.isnan(logprobs), 0.0, grad)
+
+
+def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages,
+                   old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight, temperature,
                    need_grad_hidden, need_grad_weight, need_grad_bias, backend, shard=None):
     """The op's implementation (see the module docstring); every backend of the entropy ops.
 
@@ -131,12 +174,20 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
     # pass that applies the upstream gradient anyway. A power of two, so that neither division
     # nor product rounds: dz rounds to the input dtype exactly as it would unscaled.
-    weights = [entropy_weight] + ([logprob_weight] if logprob_weight is not None else [])
+    # In policy mode the log-prob gradient is logprob_weight f'(lp): bounded by |A| (1 +
+    # clip_high) + kl_weight unless a ratio or the KL's exp(ref - lp) is large, which fp16's dz
+    # holds up to 65504 times over.
+    weights = [entropy_weight]
+    if logprob_weight is not None:
+        weights.append(logprob_weight if advantages is None else logprob_weight * (
+            advantages.abs() * (1 + clip_high) + kl_weight))
     largest = torch.cat(weights + [entropy_weight.new_zeros(1)]).abs().amax()  # 0 if no rows
     grad_scale = _power_of_two_floor(largest)
     grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
     unit_entropy_weight = entropy_weight / grad_scale
     unit_logprob_weight = logprob_weight / grad_scale if logprob_weight is not None else None
+    policy_loss = hidden.new_empty((rows,) if advantages is not None else _EMPTY_SHAPE,
+                                   dtype=stats_dtype)
     for start in range(0, rows, chunk):
         end = min(start + chunk, rows)
         hidden_rows = hidden[start:end]
@@ -152,14 +203,24 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                 owned[start:end] if has_tokens else None,
                 tokens_valid[start:end] if has_tokens else None)
         entropy[start:end] = chunk_entropy
+        chunk_logprob_weight = None
         if has_tokens:
             logprobs[start:end] = chunk_logprobs
+        if logprob_weight is not None:
+            chunk_logprob_weight = unit_logprob_weight[start:end]
+        if advantages is not None:
+            rows_here = slice(start, end)
+            chunk_policy_loss, policy_grad = policy_terms(
+                chunk_logprobs, advantages[rows_here],
+                None if old_logprobs is None else old_logprobs[rows_here],
+                None if ref_logprobs is None else ref_logprobs[rows_here],
+                clip_low, clip_high, kl_weight)
+            policy_loss[rows_here] = chunk_policy_loss
+            chunk_logprob_weight = chunk_logprob_weight * policy_grad
         if not any_grad:
             continue
         row_grads = (chunk_logits, chunk_tokens, chunk_entropy, chunk_lse,
-                     unit_entropy_weight[start:end],
-                     unit_logprob_weight[start:end] if logprob_weight is not None else None,
-                     temperature)
+                     unit_entropy_weight[start:end], chunk_logprob_weight, temperature)
         grad_logits = (backward_dz(*row_grads, out=chunk_logits) if in_place
                        else backward_dz(*row_grads))
         if need_grad_hidden:
@@ -172,7 +233,8 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         shard.all_reduce_sum_(grad_hidden)
     loss = torch.linalg.vecdot(entropy_weight.to(stats_dtype), entropy)
     if logprob_weight is not None:
-        loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype), logprobs)
+        loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype),
+                                          logprobs if advantages is None else policy_loss)
     return (loss, entropy, logprobs, grad_hidden, grad_weight,
             grad_bias.to(bias.dtype) if need_grad_bias else grad_bias, grad_scale)
 
@@ -199,6 +261,12 @@ def linear_entropy_loss(
     tokens: torch.Tensor | None,
     entropy_weight: torch.Tensor,
     logprob_weight: torch.Tensor | None,
+    advantages: torch.Tensor | None,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    clip_low: float,
+    clip_high: float,
+    kl_weight: float,
     temperature: float,
     need_grad_hidden: bool,
     need_grad_weight: bool,
@@ -207,13 +275,15 @@ def linear_entropy_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     return loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
+                          advantages, old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight,
                           temperature, need_grad_hidden, need_grad_weight, need_grad_bias,
                           backend)
 
 
 @linear_entropy_loss.register_fake
-def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
-      need_grad_hidden, need_grad_weight, need_grad_bias, backend):
+def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages, old_logprobs,
+      ref_logprobs, clip_low, clip_high, kl_weight, temperature, need_grad_hidden,
+      need_grad_weight, need_grad_bias, backend):
     rows = hidden.shape[0]
     stats_dtype = reference.compute_dtype(hidden.dtype)
     return (
@@ -240,7 +310,8 @@ class LinearEntropyLossFunction(torch.autograd.Function):
     """Autograd around the op: the forward returns (loss, entropy, logprobs), the last two not
     differentiable, and keeps the op's gradients, which no caller ever sees; the backward scales
     them by the loss's upstream gradient times grad_scale. d loss / d row weights are the
-    entropies and log-probs themselves (kept only when a row-weight tensor requires grad).
+    entropies and the log-probs' terms (lp, or the policy loss f(lp)) themselves (kept only when
+    a row-weight tensor requires grad); advantages, old and reference log-probs are constants.
 
     Eagerly the kept gradients are scaled in place and handed over: autograd releases them from
     ctx when the backward returns (without retain_graph), so d_weight becomes weight.grad with no
@@ -249,18 +320,24 @@ class LinearEntropyLossFunction(torch.autograd.Function):
     batched upstream gradients (autograd.grad's is_grads_batched), the product is out of place."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+    def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages,
+                old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight, temperature,
                 need_grad_hidden, need_grad_weight, need_grad_bias, backend, shard):
         # Vocab-parallel mode's collectives stay out of the dispatcher op: eager Python.
         compute = linear_entropy_loss if shard is None else functools.partial(
             loss_and_grads, shard=shard)
         (loss, entropy, logprobs, grad_hidden, grad_weight, grad_bias,
          grad_scale) = compute(
-            hidden, weight, bias, tokens, entropy_weight, logprob_weight, temperature,
+            hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages,
+            old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight, temperature,
             need_grad_hidden, need_grad_weight, need_grad_bias, backend)
         needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
-        ctx.save_for_backward(entropy if needs_entropy_weight else None,
-                              logprobs if needs_logprob_weight else None,
+        logprob_terms = None
+        if needs_logprob_weight:  # d loss / d logprob_weight
+            logprob_terms = logprobs if advantages is None else policy_terms(
+                logprobs, advantages, old_logprobs, ref_logprobs, clip_low, clip_high,
+                kl_weight)[0]
+        ctx.save_for_backward(entropy if needs_entropy_weight else None, logprob_terms,
                               grad_hidden, grad_weight, grad_bias, grad_scale)
         ctx.computed = (need_grad_hidden, need_grad_weight, need_grad_bias)
         ctx.handed_over = False
@@ -279,7 +356,8 @@ class LinearEntropyLossFunction(torch.autograd.Function):
                     "through this call; a second one (retain_graph=True) is not supported: call "
                     "it again instead")
             ctx.handed_over = True
-        entropy, logprobs, grad_hidden, grad_weight, grad_bias, grad_scale = ctx.saved_tensors
+        entropy, logprob_terms, grad_hidden, grad_weight, grad_bias, grad_scale = (
+            ctx.saved_tensors)
         factor = grad_loss * grad_scale
         grads = []
         for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
@@ -296,5 +374,5 @@ class LinearEntropyLossFunction(torch.autograd.Function):
         needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
         return (*grads, None,
                 entropy * grad_loss if needs_entropy_weight else None,
-                logprobs * grad_loss if needs_logprob_weight else None,
-                None, None, None, None, None, None)
+                logprob_terms * grad_loss if needs_logprob_weight else None,
+                *(None,) * 12)
