@@ -10,7 +10,10 @@ Rewards of a sampled response y to prompt x (no labels anywhere), from one pass 
 
 Advantages over the n responses of a prompt (consecutive rows): RLOO, r_i - mean_{j != i} r_j;
 GRPO, (r_i - mean_j r_j) / (std_j r_j + eps). The policy loss is PPO's clipped surrogate on every
-response token plus beta times the k3 estimate of KL(pi || pi_ref), averaged over the tokens.
+response token plus beta times the k3 estimate of KL(pi || pi_ref), averaged over the tokens,
+from `em_kernels.linear_policy_loss` on the final hidden states and the LM head: its gradients
+come from its forward, three N x H x V matmuls where linear_entropy and the loss in PyTorch take
+four.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import os
 import torch
 from torch import nn
 
+import em_kernels
+
 from ._common import (
     check_choice,
     check_positive,
@@ -28,6 +33,7 @@ from ._common import (
     frozen_copy,
     input_vocab_size,
     k3_kl,
+    response_rows,
     response_token_stats,
     sample_responses,
     save_if_due,
@@ -201,19 +207,23 @@ class EMRLTrainer:
         self.global_step = 0
 
     def _policy_loss(self, batch, old_logprobs, ref_logprobs, advantages):
-        """PPO-clip + beta * k3 over the response tokens of one minibatch, token-mean."""
-        tokens = response_token_stats(self.model, *batch, with_logprobs=True,
-                                      temperature=self.temperature)
-        ratio = (tokens.logprobs - old_logprobs).exp()
-        token_advantages = advantages[tokens.sequence]
+        """PPO-clip + beta * k3 over the response tokens of one minibatch, token-mean, from
+        `em_kernels.linear_policy_loss` (gradients in its forward: three matmuls on the LM
+        head). Returns the loss, and the mean k3 and clip fraction for the log."""
+        rows = response_rows(self.model, *batch)
+        count = max(rows.hidden.shape[0], 1)
+        out = em_kernels.linear_policy_loss(
+            rows.hidden, rows.head.weight, bias=rows.head_bias, tokens=rows.tokens,
+            advantages=advantages[rows.sequence], old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs, clip_range=self.clip_range,
+            kl_weight=self.beta if ref_logprobs is not None else 0.0, token_weight=1.0 / count,
+            temperature=self.temperature)
+        ratio = (out.logprobs - old_logprobs).exp()
         clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
-        surrogate = -torch.minimum(ratio * token_advantages, clipped * token_advantages)
-        kl = (k3_kl(tokens.logprobs, ref_logprobs) if ref_logprobs is not None
-              else torch.zeros_like(surrogate))
-        count = max(surrogate.numel(), 1)
-        loss = (surrogate + self.beta * kl).sum() / count
+        kl = (k3_kl(out.logprobs, ref_logprobs) if ref_logprobs is not None
+              else torch.zeros_like(ratio))
         clip_fraction = ((ratio - clipped).abs() > 0).float().sum() / count
-        return loss, kl.detach().sum() / count, clip_fraction
+        return out.loss, kl.sum() / count, clip_fraction
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
         """Roll out, score, then the PPO updates, in `scoring_mode` (the first update's ratio is

@@ -158,6 +158,48 @@ def test_trainer_lowers_entropy(reward, advantage):
     assert after < before - 0.1, (before, after)
 
 
+def test_policy_loss_matches_full_logit_pytorch():
+    """The trainer's fused policy loss (PPO-clip + beta k3 through linear_policy_loss) has the
+    value and parameter gradients of the same loss on full logits in PyTorch, off-policy (some
+    tokens clipped) and with a temperature."""
+    from algos_support import full_logits
+
+    model = tiny_causal_lm(seed=6, family="llama")
+    trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5, beta=0.1,
+                          clip_range=0.1, temperature=0.7, progress=False)
+    generator = torch.Generator().manual_seed(3)
+    batch = random_batch(generator, 3, 4, 6)
+    predicts = batch[2][:, 1:].bool()
+
+    def response_logprobs():
+        logits = full_logits(model, batch[0], batch[1], torch.float32)[:, :-1] / 0.7
+        logprobs = torch.log_softmax(logits, -1).gather(-1, batch[0][:, 1:, None]).squeeze(-1)
+        return logprobs[predicts]
+
+    with torch.no_grad():  # old and reference policies near the current one
+        current = response_logprobs()
+    old = current + torch.randn(current.shape, generator=generator) * 0.1
+    ref = current + torch.randn(current.shape, generator=generator) * 0.3
+    advantages = torch.randn(3, generator=generator)
+    loss, kl, clip_fraction = trainer._policy_loss(batch, old, ref, advantages)
+    loss.backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    logprobs = response_logprobs()
+    ratio = torch.exp(logprobs - old)
+    clipped = ratio.clamp(0.9, 1.1)
+    token_advantages = advantages[:, None].expand_as(predicts)[predicts]
+    surrogate = -torch.minimum(ratio * token_advantages, clipped * token_advantages)
+    log_ratio = (ref - logprobs).clamp(-20, 20)
+    expected = (surrogate + 0.1 * (log_ratio.exp() - log_ratio - 1)).mean()
+    expected.backward()
+    assert 0 < float(clip_fraction) < 1
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(fused[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_first_update_is_on_policy_with_zero_kl():
     """Rollouts scored by the policy that sampled them: the first minibatch's ratio is exactly 1
     (nothing clipped even with a clip range of 1e-6) and the k3 KL to the reference (the initial
