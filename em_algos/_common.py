@@ -11,8 +11,8 @@ Conventions (the same for every public function of em_algos):
 - The distribution that predicted token t sits at position t - 1: the response tokens' entropies
   and log-probs are read from the hidden states at the positions one to the left of the mask.
 - Only those positions go through the LM head, inside `em_kernels.linear_entropy` (or, for
-  EM-FT's plain entropy loss, `em_kernels.linear_entropy_loss`): the (B, T, V) logits are never
-  formed. The model runs with ``logits_to_keep=1``, a hook on its
+  EM-FT's plain entropy loss, `em_kernels.linear_entropy_loss`, and for EM-RL's policy loss,
+  `em_kernels.linear_policy_loss`): the (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
   decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
   ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
   when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
