@@ -10,8 +10,8 @@ forward (1/B or 1/N), so it comes from `em_kernels.linear_entropy_loss` on the f
 and the LM head, which computes its gradients in the forward: three N x H x V matmuls, not the
 four of `linear_entropy`, whose backward recomputes the logits. The (B, T, V) logits never
 exist: the extra memory is a row chunk of logits (at most 256 MiB) and O(response tokens). With
-a KL term (kl_coef > 0) the loss is no longer such a sum, and the trainer takes the entropies and
-log-probs from `em_kernels.linear_entropy`.
+a KL term (kl_coef > 0) each token adds kl_coef times the k3 estimate, a function of its own
+log-prob: `em_kernels.linear_policy_loss` with zero advantages computes that sum the same way.
 """
 
 from __future__ import annotations
@@ -50,16 +50,19 @@ def _divisor(normalize: str, batch_size: int, token_count: int) -> int:
     return batch_size if normalize == "sequence" else max(token_count, 1)
 
 
-def _reduce(values: torch.Tensor, tokens, normalize: str) -> torch.Tensor:
-    return values.sum() / _divisor(normalize, tokens.batch_size, values.numel())
-
-
-def _entropy_loss(model: nn.Module, batch, normalize: str) -> em_kernels.LinearEntropyLoss:
-    """The loss without a KL term, from linear_entropy_loss (gradients in its forward)."""
+def _entropy_loss(model: nn.Module, batch, normalize: str, reference_logprobs=None,
+                  kl_coef: float = 0.0) -> em_kernels.LinearEntropyLoss:
+    """The loss, gradients in its forward: linear_entropy_loss without a KL term; with one,
+    linear_policy_loss with zero advantages, which leaves the entropy plus kl_coef times k3."""
     rows = response_rows(model, *batch)
     weight = 1.0 / _divisor(normalize, rows.batch_size, rows.hidden.shape[0])
-    return em_kernels.linear_entropy_loss(rows.hidden, rows.head.weight, bias=rows.head_bias,
-                                          entropy_weight=weight)
+    if reference_logprobs is None:
+        return em_kernels.linear_entropy_loss(rows.hidden, rows.head.weight, bias=rows.head_bias,
+                                              entropy_weight=weight)
+    return em_kernels.linear_policy_loss(
+        rows.hidden, rows.head.weight, bias=rows.head_bias, tokens=rows.tokens, advantages=0.0,
+        ref_logprobs=reference_logprobs, kl_weight=kl_coef, token_weight=weight,
+        entropy_weight=weight)
 
 
 def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -173,12 +176,12 @@ class EMFTTrainer:
         if self.reference_model is None:
             loss, entropy, _ = _entropy_loss(self.model, batch, self.normalize)
         else:
-            tokens = response_token_stats(self.model, *batch, with_logprobs=True)
             with torch.no_grad(), scoring_mode(self.reference_model):
                 reference = response_token_stats(self.reference_model, *batch, with_logprobs=True)
-            kl = _reduce(k3_kl(tokens.logprobs, reference.logprobs), tokens, self.normalize)
-            loss = _reduce(tokens.entropy, tokens, self.normalize) + self.kl_coef * kl
-            entropy = tokens.entropy.detach()
+            loss, entropy, logprobs = _entropy_loss(self.model, batch, self.normalize,
+                                                    reference.logprobs, self.kl_coef)
+            weight = 1.0 / _divisor(self.normalize, reference.batch_size, logprobs.numel())
+            kl = k3_kl(logprobs, reference.logprobs).sum() * weight
         grad_norm = clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm)
         self.global_step += 1
         save_if_due(self.model, self.save_dir, self.save_every, self.global_step)

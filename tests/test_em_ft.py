@@ -156,6 +156,34 @@ def test_trainer_kl_starts_at_zero_and_checkpoints(tmp_path):
     assert reloaded.config.vocab_size == model.config.vocab_size
 
 
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_kl_loss_matches_full_logit_pytorch(normalize):
+    """The trainer's loss with a KL term (entropy + kl_coef k3, through linear_policy_loss with
+    zero advantages) has the value and parameter gradients of the same loss on full logits."""
+    from em_algos.em_ft import _entropy_loss
+
+    model = tiny_causal_lm(seed=8, family="llama")
+    generator = torch.Generator().manual_seed(4)
+    batch = random_batch(generator, 3, 4, 6)
+    with torch.no_grad():
+        _, current, predicts = per_token_reference(model, *batch, dtype=torch.float32)
+    reference = current[predicts] + torch.randn(int(predicts.sum()), generator=generator) * 0.3
+    out = _entropy_loss(model, batch, normalize, reference, 0.5)
+    out.loss.backward()
+    fused = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    entropy, logprob, predicts = per_token_reference(model, *batch, dtype=torch.float32)
+    log_ratio = (reference - logprob[predicts]).clamp(-20, 20)
+    per_token = entropy[predicts] + 0.5 * (log_ratio.exp() - log_ratio - 1)
+    divisor = 3 if normalize == "sequence" else int(predicts.sum())
+    expected = per_token.sum() / divisor
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(fused[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("options, error", [
     (dict(num_samples=0), ValueError), (dict(lr=-1.0), ValueError),
     (dict(normalize="mean"), ValueError), (dict(save_every=5), ValueError),
