@@ -10,9 +10,9 @@ Conventions (the same for every public function of em_algos):
   the sampling distribution's).
 - The distribution that predicted token t sits at position t - 1: the response tokens' entropies
   and log-probs are read from the hidden states at the positions one to the left of the mask.
-- Only those positions go through the LM head, inside `em_kernels.linear_entropy` (or, for
-  EM-FT's plain entropy loss, `em_kernels.linear_entropy_loss`, and for EM-RL's policy loss,
-  `em_kernels.linear_policy_loss`): the (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
+- Only those positions go through the LM head, inside the fused ops of em_kernels
+  (`linear_entropy_loss` for EM-FT's loss and for scoring, `linear_policy_loss` for EM-RL's
+  policy loss and EM-FT's KL term): the (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
   decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
   ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
   when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
@@ -176,7 +176,7 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
                       "logits_scaling", "lm_head_multiplier"):
         if getattr(config, attribute, None) not in (None, 1, 1.0):
             raise ValueError(f"the model's config sets {attribute}: its logits are not a plain "
-                             "linear function of the hidden states, which linear_entropy assumes")
+                             "linear function of the hidden states, which the fused ops assume")
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
@@ -223,7 +223,7 @@ def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
     if bool(mismatch):
         raise ValueError("the model's logits are not its LM head applied to its final hidden "
                          "states (it scales, caps or otherwise transforms them), which "
-                         "linear_entropy assumes; em_algos cannot score this model")
+                         "the fused ops assume; em_algos cannot score this model")
     _verified_heads.add(head)
 
 
@@ -359,12 +359,16 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
                          attention_mask: torch.Tensor, response_mask: torch.Tensor, *,
                          with_logprobs: bool, temperature: float = 1.0) -> ResponseTokens:
     """Entropy (and log-prob) of every response token from one forward pass of ``model``
-    (`response_rows`), through `em_kernels.linear_entropy`: differentiable, with any upstream
-    gradients."""
-    rows = response_rows(model, input_ids, attention_mask, response_mask)
-    result = em_kernels.linear_entropy(
-        rows.hidden, rows.head.weight, bias=rows.head_bias,
-        tokens=rows.tokens if with_logprobs else None, temperature=temperature)
+    (`response_rows`), without gradients: the statistics of `em_kernels.linear_entropy_loss`
+    under no_grad (one matmul per row chunk). Its logits are rounded as the trainers' losses
+    round them (in the model's dtype, as its own LM head does), so that old and reference
+    log-probs scored here equal the loss's at equal weights, in bf16 too."""
+    with torch.no_grad():
+        rows = response_rows(model, input_ids, attention_mask, response_mask)
+        result = em_kernels.linear_entropy_loss(
+            rows.hidden, rows.head.weight, bias=rows.head_bias,
+            tokens=rows.tokens if with_logprobs else None, entropy_weight=0.0,
+            temperature=temperature)
     return ResponseTokens(result.entropy, result.logprobs, rows.sequence, rows.batch_size)
 
 

@@ -1,7 +1,8 @@
 """EM-RL: reinforcement learning whose only reward is the model's own confidence.
 
-Rewards of a sampled response y to prompt x (no labels anywhere), from one pass of
-`em_kernels.linear_entropy` (log-probs and entropies of the response tokens, no (B, T, V) logits):
+Rewards of a sampled response y to prompt x (no labels anywhere), from one no-grad pass of
+`em_kernels.linear_entropy_loss` (log-probs and entropies of the response tokens, no (B, T, V)
+logits):
 
     sequence_reward:  mean_t log pi(y_t | x, y_<t)       reduce="mean" (the released code)
                       sum_t  log pi(y_t | x, y_<t)       reduce="sum"  (the paper's Eq. 3)

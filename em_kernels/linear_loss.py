@@ -176,11 +176,19 @@ def linear_policy_loss(
     Returns:
         LinearEntropyLoss(loss, entropy, logprobs), as `linear_entropy_loss`: the loss
         differentiable w.r.t. hidden, weight, bias and the row weights; entropy and logprobs
-        detached (the ratio, the clip fraction and the KL follow from logprobs in O(N)). Memory,
-        precision, the one-backward rule and torch.compile as in `linear_entropy_loss`. With
-        16-bit inputs dz is scaled by the largest |token_weight| (|A| (1 + eps_high) +
-        kl_weight), so a row whose ratio or exp(ref - lp) exceeds that bound thousands of times
-        over could overflow float16 (not bfloat16) there.
+        detached (the ratio, the clip fraction and the KL follow from logprobs in O(N)). A NaN
+        log-prob (an id outside the vocabulary, unchecked on CUDA) makes the loss NaN; a token
+        on a -inf logit has ratio 0 given old_logprobs (a finite term), NaN without. Memory,
+        precision, the one-backward rule and torch.compile as in `linear_entropy_loss`.
+
+    Gradient conventions at the measure-zero points where the loss has no derivative: the
+    unclipped ratio's derivative on the clip bounds themselves (and k3's at a log ratio of
+    exactly +-20), half from each branch where the two terms of the min tie. Autograd's choice
+    there depends on the torch version.
+
+    float16 (not bfloat16): dz is scaled by the largest |token_weight| (|A| + kl_weight), the
+    size of a row's gradient at ratios near 1, and the gradient matmuls write float16; a row
+    whose ratio or exp(ref - lp) is thousands of times larger can overflow them to inf.
     """
     name = "clip_range (eps or (eps_low, eps_high))"
     if isinstance(clip_range, (tuple, list)):
@@ -197,6 +205,8 @@ def linear_policy_loss(
                          "reference policy")
     if tokens is None:
         raise ValueError("tokens are required: the policy loss is on their log-probs")
+    if advantages is None:
+        raise TypeError("advantages are required: a tensor (N,) or one number for every row")
     policy = _Policy(advantages, old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight)
     return _fused_loss("linear_policy_loss", hidden, weight, bias, tokens, entropy_weight,
                        token_weight, policy, temperature, process_group, backend)

@@ -200,11 +200,12 @@ def test_policy_loss_matches_full_logit_pytorch():
         torch.testing.assert_close(fused[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_first_update_is_on_policy_with_zero_kl():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_update_is_on_policy_with_zero_kl(dtype):
     """Rollouts scored by the policy that sampled them: the first minibatch's ratio is exactly 1
     (nothing clipped even with a clip range of 1e-6) and the k3 KL to the reference (the initial
-    model) is 0."""
-    model = tiny_causal_lm(seed=5, family="llama")
+    model) is 0, in bf16 too (old log-probs and loss round the logits alike)."""
+    model = tiny_causal_lm(seed=5, family="llama").to(dtype)
     trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5,
                           lr=1e-2, beta=0.1, clip_range=1e-6, progress=False)
     stats = trainer.step(**{"prompt_ids": _prompts(0)["input_ids"],

@@ -162,15 +162,18 @@ def test_small_token_weights_survive_fp16():
     for backend in ("torch", "cpu", "triton"):
         if not runnable(backend, "cpu"):
             continue
-        ours = [x.clone().requires_grad_() for x in (hidden, weight)]
-        em_kernels.linear_policy_loss(*ours, tokens=tokens, advantages=advantages,
-                                      token_weight=1e-4, backend=backend).loss.backward()
         exact = [x.float().requires_grad_() for x in (hidden, weight)]
         logprobs = em_kernels.linear_entropy(*exact, tokens=tokens, backend="torch").logprobs
         (-(advantages * logprobs).sum() * 1e-4).backward()
-        for got, want in zip(ours, exact):
-            error = float((got.grad.float() - want.grad).abs().max() / want.grad.abs().max())
-            assert error < 1e-2, (backend, error)
+        # A huge clip_high (the upper clip switched off) must not scale dz into underflow.
+        for clip_range in (0.2, (0.2, 1e9)):
+            ours = [x.clone().requires_grad_() for x in (hidden, weight)]
+            em_kernels.linear_policy_loss(*ours, tokens=tokens, advantages=advantages,
+                                          token_weight=1e-4, clip_range=clip_range,
+                                          backend=backend).loss.backward()
+            for got, want in zip(ours, exact):
+                error = float((got.grad.float() - want.grad).abs().max() / want.grad.abs().max())
+                assert error < 1e-2, (backend, clip_range, error)
 
 
 def test_nan_logprob_rows_stay_out_of_the_gradients():
@@ -185,7 +188,7 @@ def test_nan_logprob_rows_stay_out_of_the_gradients():
     rows = torch.ones(9)
     keep = torch.arange(9) != 4
 
-    def op(tokens, rows):
+    def op(tokens, rows, old=old):
         return loss_ops.loss_and_grads(
             hidden, weight, bias, tokens, torch.zeros(9), rows, advantages, old, ref, 0.2, 0.2,
             0.1, 0.8, True, True, True, "torch")
@@ -196,6 +199,26 @@ def test_nan_logprob_rows_stay_out_of_the_gradients():
     clean = op(problem["tokens"], rows * keep)
     torch.testing.assert_close(grad_weight, clean[4])
     torch.testing.assert_close(grad_hidden[keep], clean[3][keep])
+    # On-policy too: the ratio exp(lp - lp) of a NaN log-prob is NaN, not 1.
+    assert math.isnan(float(op(tokens, rows, old=None)[0]))
+
+
+def test_a_non_finite_advantage_poisons_only_what_it_touches():
+    """An inf advantage makes its own row's gradient (and, through it, d_weight) non-finite,
+    but the scaling of dz ignores it: the other rows' d_hidden stay right."""
+    problem = _problem(9, 16, 20, "cpu", torch.float32)
+    hidden, weight, bias = (x.detach() for x in leaves(problem))
+    advantages, old, _ = _constants(problem, 0.1)
+    poisoned = advantages.clone()
+    poisoned[3] = math.inf
+    results = []
+    for row_advantages in (advantages, poisoned):
+        results.append(loss_ops.loss_and_grads(
+            hidden, weight, bias, problem["tokens"], torch.zeros(9), torch.full((9,), 0.1),
+            row_advantages, old, None, 0.2, 0.2, 0.0, 0.8, True, False, False, "torch"))
+    keep = torch.arange(9) != 3
+    scale = results[0][6] / results[1][6]  # the returned gradients are divided by grad_scale
+    torch.testing.assert_close(results[1][3][keep] / scale, results[0][3][keep])
 
 
 def test_torch_compile_fullgraph():
@@ -216,6 +239,7 @@ def _bad_inputs():
     rows = 4
     return [
         (dict(tokens=None), ValueError, "tokens are required"),
+        (dict(advantages=None), TypeError, "advantages are required"),
         (dict(kl_weight=0.1), ValueError, "needs ref_logprobs"),
         (dict(kl_weight=-0.1, ref_logprobs=torch.zeros(rows)), ValueError, "kl_weight"),
         (dict(clip_range=-0.1), ValueError, "clip_range"),

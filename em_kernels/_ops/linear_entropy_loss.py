@@ -22,9 +22,8 @@ its own log-prob only, which the chunk's statistics give before dz, so its deriv
 row's upstream log-prob gradient there: three matmuls for a PPO/GRPO loss too.
 
 The gradients returned are those of the loss divided by grad_scale, the power of two at or
-below the largest row weight's magnitude (times |A| (1 + clip_high) + kl_weight in policy
-mode), so that dz, which carries the weights, stays O(p) in a 16-bit dtype and rounds as it
-would unscaled.
+below the largest finite row weight's magnitude (times |A| + kl_weight in policy mode), so that
+dz, which carries the weights, stays O(p) in a 16-bit dtype and rounds as it would unscaled.
 
 The op has no autograd formula of its own: `LinearEntropyLossFunction` wraps it, keeps the
 gradients it returns, and hands them to autograd in the backward (torch.compile traces both).
@@ -109,12 +108,16 @@ def _chunk_logits(hidden_rows, weight, bias, out):
 
 def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs, clip_low: float,
                  clip_high: float, kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the policy loss f(lp) of the module docstring and its derivative f'(lp), as
-    autograd differentiates the plain PyTorch form (torch.minimum splits a tie, clamp passes the
-    gradient on its bounds). A NaN log-prob (an id outside the vocabulary) gets f' = 0, so that
-    its NaN stays in the loss and out of the shared d_weight."""
-    ratio = torch.ones_like(logprobs) if old_logprobs is None else torch.exp(
-        logprobs - old_logprobs)
+    """Per row, the policy loss f(lp) of the module docstring and its derivative f'(lp): the
+    derivative of the unclipped ratio (and of the unclamped k3 log ratio) wherever it lies in
+    its clip range, bounds included, else 0; where the two branches of the min tie, half from
+    each (torch.minimum's rule). Away from those measure-zero points this is what autograd
+    gives the plain PyTorch form; on them torch versions differ (2.14's clamp passes nothing on
+    its bounds). On-policy (old_logprobs None) the ratio is exp(lp - lp), 1 for a finite
+    log-prob and NaN otherwise, as exp(lp - lp.detach()) gives. A NaN log-prob (an id outside
+    the vocabulary) gets f' = 0, so that its NaN stays in the loss and out of the shared
+    d_weight."""
+    ratio = torch.exp(logprobs - (logprobs if old_logprobs is None else old_logprobs))
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high)
     unclipped_term, clipped_term = ratio * advantages, clipped * advantages
     loss = -torch.minimum(unclipped_term, clipped_term)
@@ -123,8 +126,9 @@ def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs, clip_low: flo
     # derivative only inside the clip range); a tie splits the gradient between the two
     share = torch.where(unclipped_term < clipped_term, 1.0,
                         torch.where(unclipped_term == clipped_term, 0.5, 0.0))
-    clipped_share = torch.where(inside, 1.0 - share, 0.0)
-    grad = -advantages * ratio * (share + clipped_share)
+    total_share = share + torch.where(inside, 1.0 - share, 0.0)
+    # a share of 0 gives 0 even where A rho overflows (not 0 * inf)
+    grad = torch.where(total_share > 0, -advantages * ratio * total_share, 0.0)
     if ref_logprobs is not None and kl_weight != 0:
         gap = ref_logprobs - logprobs
         log_ratio = gap.clamp(-K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
@@ -147,6 +151,8 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     kernels give exactly the log-prob's -p term and no one-hot."""
     if need_grad_bias and bias is None:
         raise ValueError("need_grad_bias is set but there is no bias")
+    if advantages is not None and (logprob_weight is None or tokens is None):
+        raise ValueError("policy mode (advantages) needs tokens and logprob_weight")
     rows, features = hidden.shape
     vocab = weight.shape[0]
     stats_dtype = reference.compute_dtype(hidden.dtype)
@@ -174,14 +180,16 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     # stays O(p), clear of fp16's underflow; the backward multiplies grad_scale back in, in the
     # pass that applies the upstream gradient anyway. A power of two, so that neither division
     # nor product rounds: dz rounds to the input dtype exactly as it would unscaled.
-    # In policy mode the log-prob gradient is logprob_weight f'(lp): bounded by |A| (1 +
-    # clip_high) + kl_weight unless a ratio or the KL's exp(ref - lp) is large, which fp16's dz
-    # holds up to 65504 times over.
+    # In policy mode the log-prob gradient is logprob_weight f'(lp), of size |A| + kl_weight
+    # where the ratio and exp(ref - lp) are near 1 (not |A| (1 + clip_high): a huge clip_high,
+    # which switches the upper clip off, would scale every dz into fp16's underflow). Weights
+    # that are not finite are left out: their rows' gradients are, but not everyone's.
     weights = [entropy_weight]
     if logprob_weight is not None:
         weights.append(logprob_weight if advantages is None else logprob_weight * (
-            advantages.abs() * (1 + clip_high) + kl_weight))
-    largest = torch.cat(weights + [entropy_weight.new_zeros(1)]).abs().amax()  # 0 if no rows
+            advantages.abs() + kl_weight))
+    magnitudes = torch.cat(weights + [entropy_weight.new_zeros(1)]).abs()
+    largest = torch.where(torch.isfinite(magnitudes), magnitudes, 0.0).amax()  # 0 if no rows
     grad_scale = _power_of_two_floor(largest)
     grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
     unit_entropy_weight = entropy_weight / grad_scale
