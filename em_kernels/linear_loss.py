@@ -111,7 +111,7 @@ def linear_entropy_loss(
     float16 (not bfloat16): dz is scaled to the largest row weight to stay clear of underflow,
     so the gradient matmuls write float16 sums over up to N rows of unit-weight terms before the
     backward multiplies the weight back in; at large N with large hidden states those sums can
-    reach float16's 65504 and come back inf (a GradScaler then skips the step).
+    reach float16's 65504 and come back inf (a GradScaler cannot lower this scale: use bf16).
     """
     if entropy_weight is None and logprob_weight is None:
         raise ValueError("give entropy_weight, logprob_weight or both: the loss is their "
