@@ -17,9 +17,9 @@ plus kl_weight times the k3 estimate of KL(pi || pi_ref):
     f_r(lp) = -min(rho A_r, clip(rho, 1 - clip_low, 1 + clip_high) A_r) + kl_weight k3,
     rho = exp(lp - old_r),  k3 = exp(c) - c - 1,  c = clamp(ref_r - lp, -K3_MAX_LOG_RATIO, +...)
 
-(old_logprobs None: rho = 1, on-policy; ref_logprobs None: no KL term). Each row's f depends on
-its own log-prob only, which the chunk's statistics give before dz, so its derivative is the
-row's upstream log-prob gradient there: three matmuls for a PPO/GRPO loss too.
+(old_logprobs None: rho = exp(lp - lp), on-policy; ref_logprobs None: no KL term). Each row's
+f depends on its own log-prob only, which the chunk's statistics give before dz, so its
+derivative is the row's upstream log-prob gradient there: three matmuls for a PPO/GRPO loss too.
 
 The gradients returned are those of the loss divided by grad_scale, the power of two at or
 below the largest finite row weight's magnitude (times |A| + kl_weight in policy mode), so that
