@@ -172,7 +172,9 @@ def check_token_range(tokens: torch.Tensor, vocab: int | torch.Tensor) -> None:
 
 def as_rows(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (N, V) with a contiguous last dim: a view when the strides allow it."""
-    rows = logits.reshape(-1, logits.shape[-1])
+    # The row count spelled out, not -1: under torch.vmap with a batch of 0 the -1 of a
+    # zero-element tensor is ambiguous.
+    rows = logits.reshape(math.prod(logits.shape[:-1]), logits.shape[-1])
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
     return rows

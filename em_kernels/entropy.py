@@ -63,7 +63,8 @@ def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
-        local_tokens, owned, tokens_valid = shard.local_ids(tokens.reshape(-1).contiguous())
+        local_tokens, owned, tokens_valid = shard.local_ids(
+            tokens.reshape(tokens.numel()).contiguous())
     entropy, logprobs = _VocabParallelSoftmaxStats.apply(
         _checks.as_rows(logits), local_tokens, owned, tokens_valid, temperature, backend, shard)
     leading = logits.shape[:-1]
@@ -166,6 +167,6 @@ def logprobs_and_entropy(
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
     rows = _checks.as_rows(logits)
     result, _, logprobs = softmax_stats(
-        rows, tokens.reshape(-1).contiguous(), temperature, backend)
+        rows, tokens.reshape(rows.shape[0]).contiguous(), temperature, backend)
     leading = logits.shape[:-1]
     return logprobs.reshape(leading), result.reshape(leading)

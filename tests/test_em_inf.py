@@ -410,6 +410,9 @@ def test_vmap_is_a_loop_over_the_samples(backend_device, early_exit):
     tempered = torch.vmap(lambda z: em_kernels.adaptive_temperature(z, backend=backend))(logits)
     assert torch.equal(tempered, torch.stack(
         [em_kernels.adaptive_temperature(sample, backend=backend) for sample in logits]))
+    empty = torch.vmap(lambda z: em_kernels.em_inf_adjust(
+        z, early_exit=early_exit, backend=backend))(logits[:0])  # a batch of 0 samples
+    assert empty.shape == (0, 2, 50)
 
 
 def test_bad_numbers_fail_clearly_under_dynamic_compile():

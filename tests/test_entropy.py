@@ -910,6 +910,10 @@ def test_vmap(backend_device):
     for k in range(4):
         (row,) = torch.autograd.grad(h + 0.5 * lp, leaf, upstream[k], retain_graph=True)
         torch.testing.assert_close(jacobian_rows[k], row)
+    # A vmapped batch of 0 samples (the rows' count spelled out, never an ambiguous -1).
+    empty = torch.vmap(lambda z, t: em_kernels.logprobs_and_entropy(z, t, backend=backend))(
+        logits[:0], tokens[:0])
+    assert [tuple(x.shape) for x in empty] == [(0, 3), (0, 3)]
 
 
 def test_double_backward_is_refused(backend_device):

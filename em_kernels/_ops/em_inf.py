@@ -90,7 +90,7 @@ def _(logits, alpha, delta, max_iters, tol, backend):
 def _em_inf_adjust_vmap(info, in_dims, logits, steps, lr, kl_weight, threshold, adam,
                         batch_exit, backend):
     logits = batch_first(logits, in_dims[0], info.batch_size)
-    if batch_exit:  # each sample's rows decide together, apart from the other samples'
+    if batch_exit and logits.shape[0] > 0:  # each sample's rows decide together, apart
         return torch.stack([em_inf_adjust_op(sample, steps, lr, kl_weight, threshold, adam,
                                              batch_exit, backend) for sample in logits]), 0
     flat = em_inf_adjust_op(logits.reshape(-1, logits.shape[-1]), steps, lr, kl_weight,
