@@ -1,6 +1,7 @@
-"""Vocab-parallel mode of `linear_entropy` and `linear_entropy_loss`: each rank of a process
-group holds a contiguous shard of the LM head's vocabulary, rank r the ids after those of ranks
-0..r-1, and the rows' statistics are merged across the ranks into the full-vocabulary ones.
+"""Vocab-parallel mode of the entropy ops, `linear_entropy` and the fused losses: each rank of a
+process group holds a contiguous shard of the vocabulary (of the logits, or of the LM head), rank
+r the ids after those of ranks 0..r-1, and the rows' statistics are merged across the ranks into
+the full-vocabulary ones.
 
 The merge of per-shard (lse_r, H_r, chosen logit) into the full vocabulary's, one MAX and one SUM
 all-reduce of N-vectors:
@@ -92,6 +93,15 @@ class VocabShard:
         log_total = torch.log(sums[0])
         return (sums[1] / sums[0] + log_total, safe_max + log_total,
                 sums[2] if local_chosen is not None else None)
+
+    def merge_logprobs(self, local_entropy, local_lse, local_logprobs, owned, valid):
+        """`merge` for the kernels that give shard log-probs (log p_r = chosen - lse_r) rather
+        than chosen logits: (entropy, lse, log-probs) over the full vocabulary, NaN log-probs
+        for ids outside it (``valid`` False)."""
+        local_chosen = torch.where(local_lse == float("-inf"), local_lse,
+                                   local_logprobs + local_lse)  # the owner's chosen logit / T
+        entropy, lse, chosen = self.merge(local_entropy, local_lse, local_chosen, owned)
+        return entropy, lse, torch.where(valid, chosen - lse, torch.full_like(lse, float("nan")))
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         dist = _require_distributed()

@@ -22,14 +22,12 @@ class _VocabParallelSoftmaxStats(torch.autograd.Function):
     def forward(ctx, rows, local_tokens, owned, tokens_valid, temperature, backend, shard):
         local_entropy, local_lse, local_logprobs = softmax_stats(
             rows, local_tokens, temperature, backend)
-        local_chosen = None
-        if local_tokens is not None:  # the owner's chosen logit / T, back from its log-prob
-            local_chosen = torch.where(local_lse == float("-inf"), local_lse,
-                                       local_logprobs + local_lse)
-        entropy, lse, chosen = shard.merge(local_entropy, local_lse, local_chosen, owned)
-        logprobs = local_logprobs  # the empty placeholder without tokens
-        if local_tokens is not None:
-            logprobs = torch.where(tokens_valid, chosen - lse, torch.full_like(lse, float("nan")))
+        if local_tokens is None:  # logprobs: the empty placeholder
+            entropy, lse, _ = shard.merge(local_entropy, local_lse, None, None)
+            logprobs = local_logprobs
+        else:
+            entropy, lse, logprobs = shard.merge_logprobs(
+                local_entropy, local_lse, local_logprobs, owned, tokens_valid)
         ctx.save_for_backward(rows, local_tokens, entropy, lse)
         ctx.temperature, ctx.backend = temperature, backend
         return entropy, logprobs

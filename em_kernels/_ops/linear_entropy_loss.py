@@ -205,11 +205,12 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         chunk_tokens = kernel_tokens[start:end] if has_tokens else None
         chunk_entropy, chunk_lse, chunk_logprobs = forward_stats(
             chunk_logits, chunk_tokens, temperature)
-        if shard is not None:
-            chunk_entropy, chunk_lse, chunk_logprobs = _merge_chunk(
-                shard, chunk_entropy, chunk_lse, chunk_logprobs,
-                owned[start:end] if has_tokens else None,
-                tokens_valid[start:end] if has_tokens else None)
+        if shard is not None and has_tokens:
+            chunk_entropy, chunk_lse, chunk_logprobs = shard.merge_logprobs(
+                chunk_entropy, chunk_lse, chunk_logprobs, owned[start:end],
+                tokens_valid[start:end])
+        elif shard is not None:
+            chunk_entropy, chunk_lse, _ = shard.merge(chunk_entropy, chunk_lse, None, None)
         entropy[start:end] = chunk_entropy
         chunk_logprob_weight = None
         if has_tokens:
@@ -245,20 +246,6 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                                           logprobs if advantages is None else policy_loss)
     return (loss, entropy, logprobs, grad_hidden, grad_weight,
             grad_bias.to(bias.dtype) if need_grad_bias else grad_bias, grad_scale)
-
-
-def _merge_chunk(shard, local_entropy, local_lse, local_logprobs, owned, tokens_valid):
-    """A chunk's full-vocabulary (entropy, lse, log-probs) from this shard's (log-probs only
-    with tokens: NaN for an id outside the whole vocabulary)."""
-    local_chosen = None
-    if owned is not None:  # the owner's chosen logit / T, back from its shard log-prob
-        local_chosen = torch.where(local_lse == float("-inf"), local_lse,
-                                   local_logprobs + local_lse)
-    entropy, lse, chosen = shard.merge(local_entropy, local_lse, local_chosen, owned)
-    if owned is None:
-        return entropy, lse, local_logprobs
-    return entropy, lse, torch.where(tokens_valid, chosen - lse,
-                                     torch.full_like(lse, float("nan")))
 
 
 @torch.library.custom_op("em_kernels::linear_entropy_loss", mutates_args=())
