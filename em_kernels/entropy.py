@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from ._backend import resolve_backend
-from ._ops.entropy import softmax_stats, softmax_stats_backward
+from ._ops.entropy import backward_from_stats, softmax_stats
 from ._vocab_parallel import VocabShard
 
 
@@ -35,15 +35,8 @@ class _VocabParallelSoftmaxStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_entropy, grad_logprobs):
         rows, local_tokens, entropy, lse = ctx.saved_tensors
-        if local_tokens is None or grad_logprobs is None:
-            local_tokens = grad_logprobs = None
-        else:
-            grad_logprobs = grad_logprobs.float().contiguous()
-        if grad_entropy is None:
-            grad_entropy = torch.zeros_like(entropy)
-        grad_rows = softmax_stats_backward(
-            rows, local_tokens, entropy, lse, grad_entropy.float().contiguous(), grad_logprobs,
-            ctx.temperature, ctx.backend)
+        grad_rows = backward_from_stats(rows, local_tokens, entropy, lse, grad_entropy,
+                                        grad_logprobs, ctx.temperature, ctx.backend)
         return grad_rows, None, None, None, None, None, None
 
 
@@ -139,8 +132,8 @@ def logprobs_and_entropy(
             ValueError at once. On CUDA tensors that check would need a host sync, so it is not
             made (set EM_KERNELS_CHECK_TOKENS=1 to make it), nor inside torch.compile or
             torch.vmap on any device (no values to read there): the kernels give such a row a
-            NaN log-prob instead, and treat its logit as
-            lying outside these logits (its log-prob gradient is the -p term alone, no one-hot).
+            NaN log-prob instead, and treat its logit as lying outside these logits (its
+            log-prob gradient is the -p term alone, no one-hot).
             With a process_group: global ids in [0, V_total).
         temperature: finite positive number; p = softmax(logits / temperature).
         process_group: vocab-parallel logits, as in `entropy`; every rank gets the full

@@ -132,19 +132,28 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+def backward_from_stats(logits, tokens, entropy, lse, grad_entropy, grad_logprobs,
+                        temperature, backend):
+    """The backward op on upstream row gradients as autograd hands them over (None: zero; an
+    empty grad_logprobs: none), from the saved (entropy, lse): the registered autograd's and the
+    vocab-parallel one's (em_kernels/entropy.py), which saves full-vocabulary statistics."""
+    if grad_entropy is None:  # if torch stops passing zeros for an unused output (2.14 does)
+        grad_entropy = torch.zeros_like(entropy)
+    if tokens is None or grad_logprobs is None or grad_logprobs.numel() == 0:
+        tokens = grad_logprobs = None
+    else:
+        grad_logprobs = grad_logprobs.float().contiguous()
+    return softmax_stats_backward(
+        logits, tokens, entropy, lse, grad_entropy.float().contiguous(), grad_logprobs,
+        temperature, backend)
+
+
 def _backward(ctx, grad_entropy, grad_lse, grad_logprobs):
     logits, tokens, entropy, lse = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
-    if grad_entropy is None:  # if torch stops passing zeros for an unused output (2.14 does)
-        grad_entropy = torch.zeros_like(entropy)
-    if tokens is None or grad_logprobs is None or grad_logprobs.numel() == 0:
-        grad_logprobs = None
-    else:
-        grad_logprobs = grad_logprobs.float().contiguous()
-    grad_logits = softmax_stats_backward(
-        logits, tokens, entropy, lse, grad_entropy.float().contiguous(), grad_logprobs,
-        ctx.temperature, ctx.backend)
+    grad_logits = backward_from_stats(logits, tokens, entropy, lse, grad_entropy, grad_logprobs,
+                                      ctx.temperature, ctx.backend)
     return grad_logits, None, None, None
 
 
