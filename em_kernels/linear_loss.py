@@ -265,10 +265,10 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
 
 @torch.compiler.disable
 def _vocab_parallel_loss(process_group, hidden, weight, bias, tokens, *arguments):
-    """linear_entropy_loss on a vocabulary shard, always eager: torch.compile would trace the
+    """Either fused loss on a vocabulary shard, always eager: inductor would trace the
     all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
-    into a functional collective whose result the backward does not see (wrong gradients in a
-    check by hand, torch 2.14), so Dynamo breaks the graph here instead."""
+    into a functional collective whose result the backward does not see (a wrong loss and
+    gradients, torch 2.14: tests/test_vocab_parallel.py), so Dynamo breaks the graph here."""
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
