@@ -528,6 +528,9 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
 
     if num_steps is not None:
         check_positive("num_steps", num_steps, integer=True, allow_zero=True)
+    if isinstance(prompt_batches, (list, tuple)):  # a sequence: every batch checked up front,
+        for index, batch in enumerate(prompt_batches[:num_steps]):  # before any rollout
+            _prompt_pair(batch, index)
 
     total = num_steps if num_steps is not None else (
         len(prompt_batches) if hasattr(prompt_batches, "__len__") else None)

@@ -364,6 +364,9 @@ def test_training_loop_says_what_a_prompt_batch_must_be():
         with pytest.raises(TypeError, match=message):
             training_loop(step, batches, None, "test", False, ("loss",))
     assert not steps
+    with pytest.raises(TypeError, match="prompt batch 1"):  # a list is checked before step 0
+        training_loop(step, [(ids, ids), {"ids": ids}], None, "test", False, ("loss",))
+    assert not steps
     history = training_loop(step, [{"input_ids": ids, "attention_mask": ids}, (ids, ids),
                                    torch.stack([ids, ids])], None, "test", False, ("loss",))
     assert len(history) == 3 and len(steps) == 3
