@@ -1,7 +1,8 @@
-"""Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, and
-the list of backends each op test runs on."""
+"""Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, the
+list of backends each op test runs on, and a free port for the gloo tests."""
 
 import os
+import socket
 
 import torch
 
@@ -55,3 +56,10 @@ def skip_unless_runnable(backend: str, device: str) -> tuple[str, str]:
 @pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
 def backend_device(request):
     return skip_unless_runnable(*request.param)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a spawned process group to rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

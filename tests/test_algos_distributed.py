@@ -8,24 +8,18 @@ checkpoint, the full unsharded weights in both cases. An LM head sharded as an F
 own is refused with a clear error."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from algos_support import EOS, PAD, tiny_causal_lm
+from conftest import free_port
 
 pytestmark = pytest.mark.distributed
 
 WORLD_SIZE = 2
 MODES = ("ddp", "fsdp2")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _flat_parameters(state_dict) -> torch.Tensor:
@@ -91,7 +85,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
     return out_dir
 
 

@@ -1,12 +1,12 @@
 """Vocab-parallel mode of every op that has one: 2 CPU processes on gloo, each holding a
 contiguous vocabulary shard of the logits (entropy, logprobs_and_entropy) or of the LM head
-(linear_entropy, linear_entropy_loss), must reproduce the unsharded entropies, log-probs, loss
-and gradients, and linear_entropy stay within the filtering bound with grad_filter_eps."""
+(linear_entropy, linear_entropy_loss, linear_policy_loss), must reproduce the unsharded
+entropies, log-probs, losses and gradients, and linear_entropy stay within the filtering bound
+with grad_filter_eps."""
 
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -16,16 +16,12 @@ import torch.multiprocessing as mp
 import em_kernels
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
+from conftest import free_port
+
 WORLD_SIZE = 2
 # Uneven shards (rank 0 holds 23 ids, rank 1 holds 18) and a masked id on each side; several
 # rows pick tokens from rank 1's shard, so the owner logic is exercised on both ranks.
 ROWS, FEATURES, VOCAB, SPLIT = 13, 24, 41, 23
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _problem(dtype):
@@ -374,4 +370,4 @@ def test_vocab_parallel_matches_unsharded():
         cases += [("cpu", torch.float32), ("cpu", torch.bfloat16)]
     if em_kernels.available_backends()["triton"] == "available" and not torch.cuda.is_available():
         cases.append(("triton", torch.float32))
-    mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD_SIZE, join=True)
+    mp.spawn(_worker, args=(free_port(), cases), nprocs=WORLD_SIZE, join=True)
