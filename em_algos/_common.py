@@ -12,9 +12,9 @@ Conventions (the same for every public function of em_algos):
   and log-probs are read from the hidden states at the positions one to the left of the mask.
 - Only those positions go through the LM head, inside the fused ops of em_kernels
   (`linear_entropy_loss` for EM-FT's loss and for scoring, `linear_policy_loss` for EM-RL's
-  policy loss and EM-FT's KL term): the (B, T, V) logits are never formed. The model runs with ``logits_to_keep=1``, a hook on its
-  decoder keeps the final (normed) hidden states; the LM head's weight and bias come from
-  ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
+  policy loss and EM-FT's KL term): the (B, T, V) logits are never formed. The model runs with
+  ``logits_to_keep=1``, a hook on its decoder keeps the final (normed) hidden states; the LM
+  head's weight and bias come from ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
   when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
   backward; an LM head sharded as its own unit is refused with a ValueError. The first call
   with each LM head checks that the model's own logits at the last position are the head applied

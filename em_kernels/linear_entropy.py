@@ -163,10 +163,11 @@ def linear_entropy(
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
             unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
             all-gather of the shard sizes (not read on the host: no sync on CUDA) and two
-            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. torch.compile traced it with
-            fullgraph=True, forward and backward, in a check by hand (torch 2.14, 2 gloo
-            processes, same results as eager), but torch then warns of an unwaited collective
-            at exit, which now and then ended in an abort: not part of the tests.
+            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward.
+            torch.compile traced it with fullgraph=True, forward and backward, in a check by
+            hand (torch 2.14, 2 gloo processes, same results as eager), but torch then warns of
+            an unwaited collective at exit, which now and then ended in an abort: not part of
+            the tests.
         backend: "auto" (Triton on CUDA tensors, chunked PyTorch elsewhere), "triton" (CUDA
             tensors; CPU tensors under TRITON_INTERPRET=1), "cuda" (CUDA tensors, run by the
             Triton kernels: there is no separate CUDA C++ kernel for this op; raises
