@@ -5,7 +5,8 @@
 // autograd formulas live in Python (em_kernels/_extension.py, em_kernels/_ops/).
 //
 // Conventions shared by every op: logits are 2-D [N, V] with a contiguous last dim and any row
-// stride, in float32, bfloat16 or float16; statistics and results are float32; temperature > 0.
+// stride, in float32, bfloat16 or float16; statistics and results are float32 but lse, which is
+// float64 (em/softmax_stats.h says why); temperature > 0.
 
 #include <Python.h>
 #include <torch/library.h>

@@ -26,7 +26,7 @@ def _register_fakes() -> None:
         rows = logits.shape[0]
         return (
             logits.new_empty((rows,), dtype=torch.float32),
-            logits.new_empty((rows,), dtype=torch.float32),
+            logits.new_empty((rows,), dtype=torch.float64),  # lse
             logits.new_empty((rows,) if tokens is not None else (0,), dtype=torch.float32),
         )
 

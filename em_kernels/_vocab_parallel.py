@@ -11,6 +11,9 @@ all-reduce of N-vectors:
         B = sum_r exp(lse_r - M) (H_r - (lse_r - M))
     chosen = the owner's chosen logit (a sum in which the other ranks add 0)
 
+computed in float64, the dtype of lse (csrc/include/em/softmax_stats.h says why); entropy and
+chosen come back in their own dtypes.
+
 Upstream gradients and row weights are assumed to be the same on every rank (a replicated loss).
 """
 
@@ -76,6 +79,7 @@ class VocabShard:
         docstring); chosen is None without local_chosen. A row with no finite logit in a shard
         (lse_r = -inf) takes weight 0 there; one with none anywhere gets lse -inf, entropy NaN."""
         dist = _require_distributed()
+        local_lse = local_lse.double()
         global_max = local_lse.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=self.group)
         safe_max = torch.where(global_max == float("-inf"), torch.zeros_like(global_max),
@@ -87,12 +91,12 @@ class VocabShard:
         entropy_part = torch.where(empty_shard, zero, shard_weight * (local_entropy - gap))
         sums = [shard_weight, entropy_part]
         if local_chosen is not None:
-            sums.append(torch.where(owned, local_chosen, zero))
+            sums.append(torch.where(owned, local_chosen.double(), zero))
         sums = torch.stack(sums)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
         log_total = torch.log(sums[0])
-        return (sums[1] / sums[0] + log_total, safe_max + log_total,
-                sums[2] if local_chosen is not None else None)
+        return ((sums[1] / sums[0] + log_total).to(local_entropy.dtype), safe_max + log_total,
+                sums[2].to(local_chosen.dtype) if local_chosen is not None else None)
 
     def merge_logprobs(self, local_entropy, local_lse, local_logprobs, owned, valid):
         """`merge` for the kernels that give shard log-probs (log p_r = chosen - lse_r) rather
@@ -101,7 +105,8 @@ class VocabShard:
         local_chosen = torch.where(local_lse == float("-inf"), local_lse,
                                    local_logprobs + local_lse)  # the owner's chosen logit / T
         entropy, lse, chosen = self.merge(local_entropy, local_lse, local_chosen, owned)
-        return entropy, lse, torch.where(valid, chosen - lse, torch.full_like(lse, float("nan")))
+        logprobs = (chosen - lse).to(local_logprobs.dtype)
+        return entropy, lse, torch.where(valid, logprobs, torch.full_like(logprobs, float("nan")))
 
     def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         dist = _require_distributed()

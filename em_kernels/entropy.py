@@ -92,11 +92,13 @@ def entropy(
     Returns:
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
         own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
-        at every -inf entry); the forward keeps 8 bytes per row (entropy and logsumexp in float32)
-        and the backward recomputes the probabilities from them, so log p is exact to about an ulp
-        of |logsumexp| ~ |max logit| / T, and a row whose logsumexp overflows float32 (|logits| / T
-        past ~3e38) gets a NaN gradient whatever its upstream gradient (at its -inf entries too,
-        except on the "triton" backend). The compiled backends are deterministic and
+        at every -inf entry); the forward keeps 12 bytes per row (the entropy in float32, the
+        logsumexp in float64) and the backward recomputes the probabilities from them relative
+        to the row max, so log p rounds relative to its own size (on the compiled and Triton
+        backends: "torch" is plain float32 PyTorch, z / T rounded first) and a confident row's
+        gradient is exact relative to its size. A row whose |logsumexp| exceeds 2^40 (|logits| /
+        T past ~1e12), where even the float64 has lost log p, gets a NaN gradient whatever its
+        upstream gradient (at its -inf entries too, except on the "triton" backend). The compiled backends are deterministic and
         batch-invariant: a row's result has the same bits whatever the other rows and the batch
         size.
 

@@ -106,8 +106,8 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
                                            None if local_tokens is None else local_chosen, owned)
         logprobs = None
         if local_tokens is not None:
-            logprobs = torch.where(
-                tokens_valid, chosen - lse, torch.full_like(lse, float("nan")))
+            logprobs = torch.where(tokens_valid, (chosen - lse).to(entropy.dtype),
+                                   torch.full_like(entropy, float("nan")))
         ctx.save_for_backward(hidden, weight, bias, local_tokens, tokens_valid, entropy, lse)
         ctx.temperature, ctx.grad_filter_eps = temperature, grad_filter_eps
         ctx.backend, ctx.shard = backend, shard
@@ -216,7 +216,8 @@ def linear_entropy(
                                  rows_of="hidden states")
         entropy, lse, chosen = linear_entropy_stats(
             hidden, weight, bias, tokens, temperature, grad_filter_eps, implementation)
-        return LinearEntropyOutput(entropy, None if tokens is None else chosen - lse)
+        return LinearEntropyOutput(
+            entropy, None if tokens is None else (chosen - lse).to(entropy.dtype))
     if tokens is not None:  # the range once the whole vocabulary is known
         _checks.check_tokens(tokens, hidden.shape[:1], None, hidden.device,
                              rows_of="hidden states")

@@ -129,7 +129,8 @@ def _bwd(logits, tokens=None, entropy=None, lse=None, grad_entropy=None, grad_lo
     rows = logits.shape[0] if logits.dim() else 1
     zeros = torch.zeros(rows, device=logits.device)
     return torch.ops.em_C.softmax_stats_bwd(
-        logits, tokens, zeros if entropy is None else entropy, zeros if lse is None else lse,
+        logits, tokens, zeros if entropy is None else entropy,
+        zeros.double() if lse is None else lse,
         zeros if grad_entropy is None else grad_entropy, grad_logprobs, temperature)
 
 
@@ -152,7 +153,9 @@ MISUSE = [
      r"tokens must have shape"),
     ("float64 entropy", lambda: _bwd(LOGITS, entropy=torch.zeros(4, dtype=torch.float64)),
      "entropy must be Float"),
-    ("short lse", lambda: _bwd(LOGITS, lse=torch.zeros(3)), r"lse must have shape \[N\]"),
+    ("short lse", lambda: _bwd(LOGITS, lse=torch.zeros(3, dtype=torch.float64)),
+     r"lse must have shape \[N\]"),
+    ("float32 lse", lambda: _bwd(LOGITS, lse=torch.zeros(4)), "lse must be Double"),
     ("bf16 grad_entropy", lambda: _bwd(LOGITS, grad_entropy=torch.zeros(4, dtype=torch.bfloat16)),
      "grad_entropy must be Float"),
     ("grad_logprobs without tokens", lambda: _bwd(LOGITS, grad_logprobs=torch.zeros(4)),
@@ -277,7 +280,8 @@ def test_gradients_round_like_torch(device, dtype):
     logits = torch.zeros(rows, vocab, dtype=dtype, device=device)
     tokens = torch.zeros(rows, dtype=torch.long, device=device)
     zeros = torch.zeros(rows, device=device)
-    grad = torch.ops.em_C.softmax_stats_bwd(logits, tokens, zeros, zeros, zeros, -values, 1.0)
+    grad = torch.ops.em_C.softmax_stats_bwd(logits, tokens, zeros, zeros.double(), zeros, -values,
+                                            1.0)
     expected = values.to(dtype)[:, None].expand(rows, vocab - 1)
     got = grad[:, 1:]
     assert torch.equal(torch.isnan(got), torch.isnan(expected))

@@ -19,6 +19,7 @@ from em_kernels._ops import linear_entropy_loss as loss_ops
 from conftest import HAS_CUDA, runnable
 from oracle import assert_matches_oracle, max_abs_error
 from test_linear_entropy import (assert_compiles_like_eager, assert_grads_match_oracle,
+                                 assert_row_relative, confident_head, confident_head_oracle,
                                  cuda_head_operands, eager_fn, leaves, loss_of, oracle_fn,
                                  peak_rss_growth, problems, random_problem, recompute_floors,
                                  to_device, values_and_grads)
@@ -226,6 +227,21 @@ def test_scalar_weights_and_entropy_only(backend_device):
     expected = em_kernels.linear_entropy(hidden, weight, bias=bias).entropy
     torch.testing.assert_close(out.loss, expected.sum() * 0.25)
     torch.testing.assert_close(out.entropy, expected.detach())
+
+
+def test_confident_rows_have_relatively_exact_gradients(backend_device):
+    """test_linear_entropy's test of the same name for the loss: the entropy kernels' float64
+    lse keeps confident rows' gradients exact relative to their own size. (The torch backend
+    computes the float32 entropy as plain PyTorch does: not held to this.)"""
+    backend, device = backend_device
+    if backend == "torch":
+        pytest.skip("plain float32 PyTorch statistics")
+    hidden, weight = (x.to(device).requires_grad_() for x in confident_head())
+    out = em_kernels.linear_entropy_loss(hidden, weight, entropy_weight=1.0, backend=backend)
+    out.loss.backward()
+    exact_hidden, exact_weight = confident_head_oracle(hidden, weight)
+    assert_row_relative(hidden.grad, exact_hidden, 1e-4, "d(hidden)")
+    assert_row_relative(weight.grad, exact_weight, 1e-4, "d(weight)")
 
 
 def test_deterministic(backend_device):

@@ -11,11 +11,11 @@
 //   pass 2: d = (z - max) * log2(e)/T (exact difference, one rounding), e = 2^d (one vectorised
 //   exp2), s += e, w += e * d.
 // The per-chunk partials (12 bytes per 4096 entries) are then merged in chunk order per row.
-// Traffic: N * V * sizeof(logits) read, 12 bytes per row written.
+// Traffic: N * V * sizeof(logits) read, 12 bytes per row written (16 with tokens).
 //
-// Backward, per chunk: d = z * log2(e)/T - lse * log2(e), p = 2^d, dz = p (c0 + c1 d) (+ gL/T at
-// the chosen token), converted to the logits' dtype. Traffic: one read of the logits, one write
-// of the gradient.
+// Backward, per chunk: d = (z - c) * log2(e)/T - r with the row's c and r from the saved double
+// lse, p = 2^d, dz = p (c0 + c1 d) (+ gL/T at the chosen token), converted to the logits' dtype.
+// Traffic: one read of the logits, one write of the gradient.
 //
 // The inner loops are GCC/Clang vector code compiled three times (baseline x86-64, AVX2+FMA,
 // AVX-512) and chosen at run time by torch's own CPU capability (isa.h).
@@ -72,7 +72,7 @@ struct BackwardTask {
   TemperatureFactors temperature;
   const int64_t* tokens;         // nullptr without tokens
   const float* entropy;
-  const float* lse;
+  const double* lse;
   const float* grad_entropy;
   const float* grad_logprobs;    // nullptr without a log-prob gradient
   T* grad;                       // [N, V], contiguous
@@ -143,7 +143,7 @@ EM_SIMD_INLINE float logit_at(const T* src) {
 // dz for kLanes entries whose chunk-relative indices are first + lane.
 EM_SIMD_INLINE VecF gradient(VecF x, const GradientCoefficients& k, int32_t first,
                              int32_t token_in_chunk) {
-  const VecF d = clamp_exponent((x * k.inv_temperature - k.lse) * kLog2e, kExp2Floor);
+  const VecF d = clamp_exponent((x - k.center) * k.scale - k.offset, kExp2Floor);
   const VecF g = exp2_clamped(d) * (k.c0 + k.c1 * d);
   return (iota() + first == token_in_chunk) ? g + k.onehot : g;
 }
@@ -216,7 +216,6 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
   const int64_t chunks = chunks_per_row(vocab);
   std::vector<SoftmaxPartial> partials(static_cast<size_t>(rows * chunks));
   const TemperatureFactors factors = temperature_factors(temperature);
-  const float inv_temperature = factors.inv_temperature;
   const ForwardTask<T> task{static_cast<const T*>(logits.const_data_ptr()), logits.stride(0), vocab,
                             chunks, factors.scale, partials.data()};
   at::parallel_for(0, rows * chunks, item_grain(vocab), [&](int64_t begin, int64_t end) {
@@ -224,7 +223,7 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
   });
 
   float* entropy_out = entropy.data_ptr<float>();
-  float* lse_out = lse.data_ptr<float>();
+  double* lse_out = lse.data_ptr<double>();
   float* logprobs_out = tokens != nullptr ? logprobs.data_ptr<float>() : nullptr;
   at::parallel_for(0, rows, std::max<int64_t>(1, kParallelGrain / chunks), [&](int64_t begin,
                                                                                int64_t end) {
@@ -232,7 +231,7 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
       const SoftmaxPartial* row_partials = partials.data() + row * chunks;
       SoftmaxPartial stats = row_partials[0];
       for (int64_t c = 1; c < chunks; ++c) stats = merge(stats, row_partials[c], task.scale);
-      const RowStatistics result = finalize(stats, inv_temperature);
+      const RowStatistics result = finalize(stats, factors.inv_temperature);
       entropy_out[row] = result.entropy;
       lse_out[row] = result.lse;
       if (logprobs_out != nullptr) {
@@ -272,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cpu(
   const int64_t rows = logits.size(0);
   const auto options = logits.options().dtype(at::kFloat);
   at::Tensor entropy = at::empty({rows}, options);
-  at::Tensor lse = at::empty({rows}, options);
+  at::Tensor lse = at::empty({rows}, options.dtype(at::kDouble));
   at::Tensor logprobs = at::empty({tokens.has_value() ? rows : 0}, options);
   if (rows == 0) return {entropy, lse, logprobs};
   const at::Tensor token_ids = tokens.has_value() ? tokens->contiguous() : at::Tensor();
@@ -310,7 +309,7 @@ at::Tensor softmax_stats_bwd_cpu(const at::Tensor& logits, const std::optional<a
         temperature_factors(temperature),
         tokens.has_value() ? token_ids.const_data_ptr<int64_t>() : nullptr,
         entropy_c.const_data_ptr<float>(),
-        lse_c.const_data_ptr<float>(),
+        lse_c.const_data_ptr<double>(),
         grad_entropy_c.const_data_ptr<float>(),
         grad_logprobs.has_value() ? grad_lp.const_data_ptr<float>() : nullptr,
         static_cast<T*>(grad.data_ptr())};

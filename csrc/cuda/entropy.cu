@@ -30,11 +30,12 @@
 // Threads merge by warp shuffles, warps through shared memory. With one chunk per row the block
 // writes the row's results; otherwise it writes its partial (12 bytes) and _merge_kernel, one
 // thread per row, merges the row's partials in chunk order.
-// Traffic: N * V * sizeof(T) read; 12 bytes per item + 8 (12 with tokens) bytes per row written.
+// Traffic: N * V * sizeof(T) read; 12 bytes per item + 12 (16 with tokens) bytes per row written.
 //
 // Backward, _bwd_kernel: dz_j = p_j (c0 + c1 d_j) + [j == y] gL / T with d_j = log2 p_j, from
-// the saved (entropy, lse). Per entry: one FMA and one multiply ((z / T - lse) log2(e)), one exp2,
-// one max, one FMA, one multiply and the conversion. Traffic: one read of the logits, one write
+// the saved (entropy, lse), lse in double: per row, a center c and an offset r in double (see
+// em/softmax_stats.h); per entry: one subtract and one FMA ((z - c) log2(e)/T - r), one exp2, one
+// max, one FMA, one multiply and the conversion. Traffic: one read of the logits, one write
 // of the gradient (vectorised when the logits and gradient rows share their 16-byte misalignment,
 // as contiguous inputs do; otherwise a coalesced scalar loop).
 //
@@ -321,7 +322,7 @@ __device__ __forceinline__ void sum_vectors(const uint4* vectors, int shift_byte
 
 struct ForwardOutputs {
   float* entropy;
-  float* lse;
+  double* lse;
   float* logprobs;  // nullptr without tokens
 };
 
@@ -401,14 +402,14 @@ __global__ void __launch_bounds__(kMergeThreads)
 // ---- backward ---------------------------------------------------------------------------------
 
 __device__ __forceinline__ float gradient(float x, const GradientCoefficients& k) {
-  const float d = fmaf(x, k.inv_temperature, -k.lse) * kLog2e;  // log2 p
+  const float d = fmaf(x - k.center, k.scale, -k.offset);  // log2 p
   return exp2_approx(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0);  // -inf: 0 * finite
 }
 
 struct BackwardRowInputs {
   const int64_t* tokens;         // nullptr without tokens
   const float* entropy;
-  const float* lse;
+  const double* lse;
   const float* grad_entropy;
   const float* grad_logprobs;    // nullptr without a log-prob gradient
   TemperatureFactors temperature;
@@ -510,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
   const int64_t vocab = logits.size(1);
   const auto options = logits.options().dtype(at::kFloat);
   at::Tensor entropy = at::empty({rows}, options);
-  at::Tensor lse = at::empty({rows}, options);
+  at::Tensor lse = at::empty({rows}, options.dtype(at::kDouble));
   at::Tensor logprobs = at::empty({tokens.has_value() ? rows : 0}, options);
   if (rows == 0) return {entropy, lse, logprobs};
 
@@ -522,7 +523,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_stats_fwd_cuda(
       split.splits > 1 ? at::empty({blocks * 3}, options) : at::Tensor();
   SoftmaxPartial* partials_ptr =
       split.splits > 1 ? reinterpret_cast<SoftmaxPartial*>(partials.data_ptr<float>()) : nullptr;
-  const ForwardOutputs out{entropy.data_ptr<float>(), lse.data_ptr<float>(),
+  const ForwardOutputs out{entropy.data_ptr<float>(), lse.data_ptr<double>(),
                            tokens.has_value() ? logprobs.data_ptr<float>() : nullptr};
   const TemperatureFactors factors = temperature_factors(temperature);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -567,7 +568,7 @@ at::Tensor softmax_stats_bwd_cuda(const at::Tensor& logits, const std::optional<
   const at::Tensor grad_entropy_c = grad_entropy.contiguous();
   const BackwardRowInputs in{tokens.has_value() ? token_ids.const_data_ptr<int64_t>() : nullptr,
                              entropy_c.const_data_ptr<float>(),
-                             lse_c.const_data_ptr<float>(),
+                             lse_c.const_data_ptr<double>(),
                              grad_entropy_c.const_data_ptr<float>(),
                              grad_logprobs.has_value() ? grad_lp.const_data_ptr<float>() : nullptr,
                              temperature_factors(temperature)};

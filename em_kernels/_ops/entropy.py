@@ -4,12 +4,13 @@ Two dispatcher ops, registered with torch.library so that torch.compile(fullgrap
 through them (fake kernels give the output shapes; no host sync happens on this path):
 
     em_kernels::softmax_stats(logits[N, V], tokens[N]?, temperature, backend)
-        -> (entropy[N], lse[N], logprobs[N] or [0])                     all float32
+        -> (entropy[N], lse[N], logprobs[N] or [0])        lse float64, the others float32
     em_kernels::softmax_stats_backward(logits, tokens?, entropy, lse, grad_entropy[N],
                                        grad_logprobs[N]?, temperature, backend) -> grad_logits
 
-lse is logsumexp(logits / T) (natural log). The forward saves only (entropy, lse): 8 bytes per
-row; the backward recomputes p from the logits and those two numbers:
+lse is logsumexp(logits / T) (natural log), in float64: a float32 lse rounds log s away on a
+confident row (csrc/include/em/softmax_stats.h). The forward saves only (entropy, lse): 12 bytes
+per row; the backward recomputes p from the logits and those two numbers:
 
     dH/dz_j  = -(1/T) p_j (z_j / T - lse + H)
     dlp/dz_j =  (1/T) (onehot(y)_j - p_j)     (no one-hot for an id outside [0, V))
@@ -31,10 +32,14 @@ _EMPTY_SHAPE = (0,)
 
 
 def _torch_fwd(logits, tokens, temperature, stats_dtype=torch.float32):
-    """The reference statistics, returned in ``stats_dtype`` (the op's float32; float64 keeps
-    float64 logits exact for linear_entropy_loss)."""
+    """The reference statistics: entropy and logprobs in ``stats_dtype`` (the op's float32;
+    float64 keeps float64 logits exact for linear_entropy_loss), lse in float64 as max + log s,
+    the log of the sum relative to the max (the float32 logsumexp would round it to |lse|)."""
     z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
-    lse = torch.logsumexp(z, dim=-1)
+    row_max = z.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    lse = (row_max.squeeze(-1).double()
+           + torch.log(torch.exp(z - row_max).sum(-1)).double())
     entropy = reference.entropy_ref(z)
     if tokens is None:
         logprobs = z.new_empty(_EMPTY_SHAPE)
@@ -43,12 +48,21 @@ def _torch_fwd(logits, tokens, temperature, stats_dtype=torch.float32):
         in_range = (tokens >= 0) & (tokens < z.shape[-1])
         chosen = torch.gather(z, -1, tokens.clamp(0, z.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         logprobs = torch.where(in_range, chosen - lse, torch.full_like(lse, float("nan")))
-    return entropy.to(stats_dtype), lse.to(stats_dtype), logprobs.to(stats_dtype)
+    return entropy.to(stats_dtype), lse, logprobs.to(stats_dtype)
+
+
+def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(center, offset) in ``dtype`` with center + offset = the float64 lse to dtype's rounding
+    of the small offset: z - center - offset is then log p exact near the row max, where center
+    is close to z (for float64, offset is 0)."""
+    center = lse.to(dtype)
+    return center, (lse - center.double()).to(dtype)
 
 
 def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature):
     z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
-    logp = z - lse.unsqueeze(-1)
+    center, offset = split_lse(lse, z.dtype)
+    logp = z - center.unsqueeze(-1) - offset.unsqueeze(-1)
     p = logp.exp()
     # p == 0 where z == -inf: guard 0 * -inf.
     safe_logp = torch.where(p > 0, logp, torch.zeros_like(logp))
@@ -99,7 +113,7 @@ def _(logits, tokens, temperature, backend):
     logprobs_shape = (rows,) if tokens is not None else _EMPTY_SHAPE
     return (
         logits.new_empty((rows,), dtype=torch.float32),
-        logits.new_empty((rows,), dtype=torch.float32),
+        logits.new_empty((rows,), dtype=torch.float64),
         logits.new_empty(logprobs_shape, dtype=torch.float32),
     )
 

@@ -14,7 +14,9 @@ filtering, which reads one count per vocab chunk):
         -> (grad_hidden or [0], grad_weight or [0], grad_bias or [0])
 
 with z = (hidden @ weight^T + bias) / T over this weight's rows (the whole vocabulary, or one
-rank's shard), lse = logsumexp(z), entropy = lse - sum_j p_j z_j, and chosen = z[token] for
+rank's shard), lse = logsumexp(z) (always float64: max + log s, where a float32 sum would round
+log s to an ulp of |lse|, all of it on a confident row), entropy = lse - sum_j p_j z_j, and
+chosen = z[token] for
 tokens in [0, V) (NaN for the others: the caller turns it into log p = chosen - lse). The backward
 takes the row's final (entropy, lse), which in vocab-parallel mode are the full-vocabulary ones,
 and computes
@@ -44,6 +46,7 @@ import torch
 
 from .. import reference
 from . import refuse_double_backward
+from .entropy import split_lse
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
 # The vocab chunk depends only on these constants, never on N (the BLAS may still round a row's
@@ -83,8 +86,8 @@ def merge_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     """Merge per-chunk row statistics [4, chunks, N] = (max m_k, s_k = sum exp(z - m_k),
     t_k = sum exp(z - m_k)(z - m_k), chosen_k) over the chunk dim, in a fixed order.
 
-    Returns (entropy, lse, chosen) with lse = m + log s and entropy = log s - t / s. A row with no
-    finite logit has lse = -inf and entropy NaN; a NaN stays in its row."""
+    Returns (entropy, lse, chosen) with lse = m + log s (float64) and entropy = log s - t / s. A
+    row with no finite logit has lse = -inf and entropy NaN; a NaN stays in its row."""
     part_max, part_sum, part_sum_z, part_chosen = partials.unbind(0)
     row_max = part_max.amax(0)
     safe_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
@@ -93,7 +96,8 @@ def merge_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     total = (scale * part_sum).sum(0)
     total_z = (scale * (part_sum_z + part_sum * shift)).sum(0)
     log_total = torch.log(total)
-    return log_total - total_z / total, safe_max + log_total, part_chosen.sum(0)
+    return (log_total - total_z / total, safe_max.double() + log_total.double(),
+            part_chosen.sum(0))
 
 
 def _torch_logits(hidden_rows, weight, bias, start, end, temperature, dtype):
@@ -112,7 +116,7 @@ def _torch_fwd(hidden, weight, bias, tokens, temperature):
     rows, vocab = hidden.shape[0], weight.shape[0]
     vocab_chunk = _torch_vocab_chunk(vocab)
     entropy = hidden.new_empty((rows,), dtype=dtype)
-    lse = torch.empty_like(entropy)
+    lse = hidden.new_empty((rows,), dtype=torch.float64)
     chosen = hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=dtype)
     for row_start in range(0, rows, TORCH_ROW_CHUNK):
         row_end = min(row_start + TORCH_ROW_CHUNK, rows)
@@ -152,8 +156,9 @@ def _nan_outside(chosen, tokens, vocab):
     return torch.where(in_range, chosen, torch.full_like(chosen, float("nan")))
 
 
-def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse, grad_entropy,
-              grad_lse, grad_chosen, temperature, grad_filter_eps, segment, dz, kept):
+def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse_center, lse_offset,
+              grad_entropy, grad_lse, grad_chosen, temperature, grad_filter_eps, segment, dz,
+              kept):
     """The torch twin of `linear_entropy_dz` (em_kernels/triton/linear_entropy.py; same
     arguments, math and filtering segments): the chunk's logits by BLAS, in place in dz when dz
     has the stats dtype, else (16-bit dz on CUDA) in a stats-dtype buffer, then dz from them."""
@@ -166,8 +171,9 @@ def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse, gra
         z = torch.mm(hidden, weight_chunk.T, out_dtype=entropy.dtype)
     if bias is not None:
         z += bias[vocab_start:vocab_start + width].to(z.dtype)
-    # dz = p (g_lse - g_E (log p + E)): the blocks alive at once are z and p only.
-    log_p = z.div_(temperature).sub_(lse.unsqueeze(-1))
+    # dz = p (g_lse - g_E (log p + E)): the blocks alive at once are z and p only. log p is
+    # z - lse with the float64 lse split in two (exact near the row max).
+    log_p = z.div_(temperature).sub_(lse_center.unsqueeze(-1)).sub_(lse_offset.unsqueeze(-1))
     if tokens is not None:
         local = tokens - vocab_start
         index = local.clamp(0, width - 1).unsqueeze(-1)
@@ -268,7 +274,9 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
         # its p_j = exp(-inf - 0) = 0 multiplies finite numbers only (else -inf - -inf = NaN,
         # which the shared gradient matmuls would spread to every row's d_weight).
         no_distribution = lse == float("-inf")
-        lse = lse.masked_fill(no_distribution, 0.0)
+        # The float64 lse as center + offset in the stats dtype: z - center - offset is log p
+        # exact near the row max, where a float32 lse would round it to an ulp of |lse|.
+        lse_center, lse_offset = split_lse(lse.masked_fill(no_distribution, 0.0), stats_dtype)
         entropy = entropy.masked_fill(no_distribution, 0.0)
         bias_used = bias.contiguous() if bias is not None else None
         tokens_used = tokens.contiguous() if tokens is not None else None
@@ -287,9 +295,9 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
             kept = (kept_buffer[:rows * -(-width // DZ_TILE_COLS)].view(rows, -1) if filtering
                     else None)
             weight_chunk = weight[start:end].to(operand_dtype)
-            dz_fn(operand_hidden, weight_chunk, bias_used, start, tokens_used, entropy, lse,
-                  grad_entropy, grad_lse, grad_chosen, temperature, grad_filter_eps,
-                  DZ_TILE_COLS, dz, kept)
+            dz_fn(operand_hidden, weight_chunk, bias_used, start, tokens_used, entropy,
+                  lse_center, lse_offset, grad_entropy, grad_lse, grad_chosen, temperature,
+                  grad_filter_eps, DZ_TILE_COLS, dz, kept)
             active = None  # every row
             if skipping:
                 active_rows = kept.any(1).nonzero().squeeze(1)  # one host sync per chunk
@@ -359,7 +367,7 @@ def _(hidden, weight, bias, tokens, temperature, grad_filter_eps, backend):
     dtype = _stats_dtype(hidden.dtype)
     return (
         hidden.new_empty((rows,), dtype=dtype),
-        hidden.new_empty((rows,), dtype=dtype),
+        hidden.new_empty((rows,), dtype=torch.float64),
         hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=dtype),
     )
 

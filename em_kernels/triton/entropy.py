@@ -3,7 +3,8 @@
 Launchers (the contract that em_kernels/_ops/entropy.py calls, shared with torch.ops.em_C):
 
     softmax_stats_fwd(logits[N, V], tokens[N] | None, temperature)
-        -> (entropy[N], lse[N], logprobs[N] or an empty [0] tensor), all float32
+        -> (entropy[N], lse[N], logprobs[N] or an empty [0] tensor), lse float64, the others
+           float32 (why: em/softmax_stats.h in csrc/include, shared by all three backends)
     softmax_stats_bwd(logits, tokens | None, entropy, lse, grad_entropy[N], grad_logprobs[N] | None,
                       temperature) -> grad_logits[N, V], contiguous, in logits.dtype
 
@@ -43,6 +44,11 @@ import triton.language as tl
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+# The backward's trust limit on |lse| (nats, csrc/include/em/softmax_stats.h's kExactLseLimit):
+# there a double's ulp is 2^-12; past it the row's gradient is NaN.
+EXACT_LSE_LIMIT: tl.constexpr = tl.constexpr(2.0**40)
+# float32's largest finite value, where the backward clamps its per-row center.
+FLOAT32_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).max)
 # Exponents (bits) are clamped here where they multiply p: below -126, tl.exp2's result is already
 # flushed to 0 on the GPU, so the clamp only turns the 0 * -inf of a masked entry into 0.
 EXP2_FLOOR: tl.constexpr = tl.constexpr(-127.0)
@@ -89,16 +95,18 @@ def _store_row_results(
     weighted = sum_j exp2(d_j) d_j. With log2 p_j = d_j - log2 total,
 
         H   = ln2 (log2 total - weighted / total)
-        lse = reference / T + ln2 log2 total      (one FMA: one rounding of size ulp(lse))
+        lse = reference / T + ln2 log2 total      (float64: the product exact, ln s kept)
         log p(y) = ln2 ((z_y - reference) k - log2 total)    (NaN when y is outside [0, V))
 
     A row with no distribution (all -inf, or finfo.min logits that overflow when scaled) has
     total = 0: H = NaN (0 / 0), lse = -inf and log p(y) = NaN.
-    Memory: 8 or 12 bytes written per row, plus one token id and one logit read per row."""
+    Memory: 12 or 16 bytes written per row, plus one token id and one logit read per row."""
     row_mask = rows < N
     log2_total = tl.log2(total)
     tl.store(entropy_ptr + rows, (log2_total - weighted / total) * LN2, mask=row_mask)
-    tl.store(lse_ptr + rows, tl.fma(reference, inv_temperature, log2_total * LN2), mask=row_mask)
+    lse = (reference.to(tl.float64) * tl.cast(inv_temperature, tl.float64)
+           + (log2_total * LN2).to(tl.float64))
+    tl.store(lse_ptr + rows, lse, mask=row_mask)
     if HAS_TOKENS:
         token = tl.load(tokens_ptr + rows, mask=row_mask, other=0)
         in_vocab = (token >= 0) & (token < V)
@@ -226,18 +234,20 @@ def _round_to_bf16(x):
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
-    V, num_chunks, stride_row, inv_temperature,
+    V, num_chunks, stride_row, scale2, inv_temperature, temperature,
     HAS_LOGPROB_GRAD: tl.constexpr, ROUND_TO_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradient of sum(gH * H + gL * logp) w.r.t. the logits, for one (row, chunk) tile.
 
-    With p_j = softmax(z / T)_j recomputed from the saved lse, ln p_j = ln2 log2 p_j:
-        log2 p_j = fma(z_j, 1/T, -lse) log2(e)   (one FMA, one multiply, one exp2)
-    The FMA subtracts the saved lse from the unrounded z_j / T, so ln p_j rounds once relative to
-    |ln p_j| (plus the 1/T factor's rounding, which plain PyTorch's z / T has too). The saved
-    float32 lse itself is off by up to half an ulp of |lse| ~ |max z| / T; with (lse, H) the only
-    saved row state, that error is inherent. The former z_j k - lse log2(e) added a second such
-    error (lse log2(e) rounded).
+    With p_j = softmax(z / T)_j recomputed from the saved float64 lse, ln p_j = ln2 log2 p_j:
+        c = float(lse) T,  r = float(lse - c / T) log2(e)     (per row; r in float64)
+        log2 p_j = (z_j - c) k - r                            (a subtract, an FMA, one exp2)
+    c lies within a few ulps and T ln s of the row max (it only has to be near: r is exact
+    against it, so c costs no float64 division, whose registers this kernel cannot spare), so
+    z_j - c is exact near the max and, on a confident row,
+    both terms are small: log2 p of the argmax rounds relative to log s, not to |lse| as the
+    former float32 lse made it (5-10% off in the gradient of a row with H ~ 1e-4 at |lse| ~ 100).
+    Elsewhere log2 p_j rounds relative to its own size. See csrc/include/em/softmax_stats.h.
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
         dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (no one-hot if y is outside [0, V): its logit
                                                    lies elsewhere, as on a vocabulary shard)
@@ -245,7 +255,7 @@ def _softmax_stats_bwd_kernel(
     it is the chosen token; so does the entropy term of a finite logit whose log2 p_j overflows
     to -inf (finfo.min scaled by 1 / T).
 
-    Memory: reads the tile once (evict-first) and 16-20 bytes of row statistics; writes the
+    Memory: reads the tile once (evict-first) and 20-28 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
     ROUND_TO_BF16 (interpreter only): round float32 to the nearest bfloat16 before the store.
     """
@@ -259,7 +269,7 @@ def _softmax_stats_bwd_kernel(
         eviction_policy="evict_first",
     ).to(tl.float32)
     entropy = tl.load(entropy_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    lse = tl.load(lse_ptr + row)  # float64
     grad_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
     # A row with no distribution (lse = -inf: all -inf, or all finfo.min once scaled) gets a zero
     # gradient, like every masked entry: with lse and H taken as 0 and no upstream gradient, no
@@ -267,12 +277,19 @@ def _softmax_stats_bwd_kernel(
     no_distribution = lse == float("-inf")
     entropy = tl.where(no_distribution, 0.0, entropy)
     grad_entropy = tl.where(no_distribution, 0.0, grad_entropy)
-    # A row whose lse overflowed (|z| / T past float32's range; the forward's values are right,
-    # being formed relative to the max) has lost every log p_j: NaN makes its gradient NaN,
-    # whatever the upstream gradients, instead of all 0 but a plausible-looking one-hot term.
-    # (Its -inf entries stay 0 here; the C++ and CUDA kernels make them NaN too.)
-    lse = tl.where(no_distribution, 0.0, tl.where(lse == float("inf"), float("nan"), lse))
-    log2_p = tl.fma(z, inv_temperature, -lse) * LOG2E
+    lse = tl.where(no_distribution, 0.0, lse)
+    # A row whose |lse| is past EXACT_LSE_LIMIT (|z| / T past ~1e12, or +inf logits; the
+    # forward's values are right, being formed relative to the max) has lost every log p_j: a NaN
+    # offset makes its gradient NaN, whatever the upstream gradients, instead of all 0 but a
+    # plausible-looking one-hot term. (Its -inf entries stay 0 here; the C++ and CUDA kernels
+    # make them NaN too.)
+    trusted = tl.abs(lse) <= EXACT_LSE_LIMIT
+    # lse T overflows float32 only for T past ~1e37 on a flat row (c ~ T ln s): clamped, its
+    # z_j - c lose z_j, but such a row is uniform to float32 precision anyway.
+    center = tl.minimum(tl.maximum(lse.to(tl.float32) * temperature, -FLOAT32_MAX), FLOAT32_MAX)
+    offset = (lse - center.to(tl.float64) * tl.cast(inv_temperature, tl.float64)).to(tl.float32)
+    offset = tl.where(trusted, offset * LOG2E, float("nan"))
+    log2_p = (z - center) * scale2 - offset
     p = tl.exp2(log2_p)
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
@@ -351,7 +368,7 @@ def softmax_stats_fwd(
     12 bytes per (row, chunk) of partials. No host sync (a token id outside [0, V) gives NaN)."""
     rows, vocab = logits.shape
     entropy = torch.empty((rows,), dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(entropy)
+    lse = torch.empty((rows,), dtype=torch.float64, device=logits.device)
     has_tokens = tokens is not None
     logprobs = torch.empty((rows if has_tokens else 0,), dtype=torch.float32, device=logits.device)
     if rows == 0:
@@ -427,7 +444,8 @@ def softmax_stats_bwd(
         _softmax_stats_bwd_kernel[(programs,)](
             logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
             grad_logprobs_arg, grad_logits,
-            vocab, num_chunks, logits.stride(0), 1.0 / temperature,
+            vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
+            1.0 / temperature, temperature,
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
             BLOCK=block, num_warps=num_warps)

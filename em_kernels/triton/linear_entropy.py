@@ -36,6 +36,9 @@ the same tile sizes and operand path), then in the epilogue, elementwise,
 
     p = exp2((z - lse) log2 e),   dz = (1/T) [ p (g_lse - g_E (z - lse + E)) + g_chosen onehot(y) ]
 
+(with the float64 lse handed over as c = float(lse), r = float(lse - c), z - lse is taken as
+(z - c) - r: exact near the row max, where a float32 lse would round log p to an ulp of |lse|)
+
 (the public function passes g_lse = -g_logprobs and g_chosen = g_logprobs, so that
 dz = (1/T) [ -g_E p (log p + E) + g_lp (onehot(y) - p) ]); an entry with z = -inf gets dz = 0,
 also when it is the chosen token (as in the entropy ops).
@@ -271,7 +274,8 @@ def _linear_entropy_fwd_kernel(
 @triton.jit
 def _linear_entropy_dz_kernel(
     hidden_ptr, weight_ptr, bias_ptr, tokens_ptr, dz_ptr,
-    entropy_ptr, lse_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr, kept_ptr,
+    entropy_ptr, lse_center_ptr, lse_offset_ptr, grad_entropy_ptr, grad_lse_ptr, grad_chosen_ptr,
+    kept_ptr,
     N, width, H, vocab_start,
     stride_hidden_n, stride_hidden_h, stride_weight_v, stride_weight_h,
     inv_temperature, grad_filter_eps,
@@ -296,14 +300,19 @@ def _linear_entropy_dz_kernel(
                     col_in, H, stride_hidden_n, stride_hidden_h, stride_weight_v,
                     stride_weight_h, inv_temperature, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H,
                     DOT_PRECISION, UPCAST_OPERANDS, TMA)
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-    entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
-    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_in, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + rows, mask=row_in, other=0.0)
-    log_p = z - lse[:, None]
-    p = tl.exp2(log_p * _LOG2E)
-    safe_log_p = tl.where(p > 0.0, log_p, 0.0)  # p log p -> 0 where z = -inf
-    dz = p * (grad_lse[:, None] - grad_entropy[:, None] * (safe_log_p + entropy[:, None]))
+    # The float64 lse comes as float32 center c + offset r (exact near the row max). The offset
+    # goes into per-row factors, so that the tile sees as many row vectors as with one lse:
+    # p = e w with e = exp(z - c), w = exp(-r), and log p + E = (z - c) + (E - r).
+    lse_center = tl.load(lse_center_ptr + rows, mask=row_in, other=0.0)
+    lse_offset = tl.load(lse_offset_ptr + rows, mask=row_in, other=0.0)
+    offset_weight = tl.exp2(-lse_offset * _LOG2E)
+    entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0) - lse_offset
+    grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_in, other=0.0) * offset_weight
+    grad_lse = tl.load(grad_lse_ptr + rows, mask=row_in, other=0.0) * offset_weight
+    shifted = z - lse_center[:, None]
+    e = tl.exp2(shifted * _LOG2E)
+    safe_shifted = tl.where(e > 0.0, shifted, 0.0)  # p log p -> 0 where z = -inf
+    dz = e * (grad_lse[:, None] - grad_entropy[:, None] * (safe_shifted + entropy[:, None]))
     if HAS_TOKENS:
         token = tl.load(tokens_ptr + rows, mask=row_in, other=-1) - vocab_start
         grad_chosen = tl.load(grad_chosen_ptr + rows, mask=row_in, other=0.0)
@@ -329,13 +338,15 @@ def _linear_entropy_dz_kernel(
                  dz.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
-def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse,
-                      grad_entropy, grad_lse, grad_chosen, temperature, grad_filter_eps, segment,
-                      dz, kept):
+def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse_center,
+                      lse_offset, grad_entropy, grad_lse, grad_chosen, temperature,
+                      grad_filter_eps, segment, dz, kept):
     """Write dz of one vocab chunk into dz (contiguous [N, width], the matmul operand dtype),
     recomputing its logits from hidden [N, H] and weight_chunk [width, H] (the weight's rows
     vocab_start .. vocab_start + width). bias is the whole [V] bias or None; tokens are ids of
-    the whole shard. segment: columns per tile, a power of two >= 16 (tl.dot's smallest tile),
+    the whole shard. lse_center + lse_offset: each row's float64 lse split into two float32s
+    (`split_lse`), the rows' statistics being entropy, lse and the upstream gradients. segment:
+    columns per tile, a power of two >= 16 (tl.dot's smallest tile),
     and a row's entries of one tile are its filtering segment. kept (with grad_filter_eps > 0):
     int8 [N, ceil(width / segment)], set to whether each segment was kept."""
     rows, features = hidden.shape
@@ -351,7 +362,7 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
         hidden_operand, weight_operand,
         bias[vocab_start:vocab_start + width] if bias is not None else dz,
         tokens if tokens is not None else dz, dz_operand,
-        entropy, lse, grad_entropy, grad_lse,
+        entropy, lse_center, lse_offset, grad_entropy, grad_lse,
         grad_chosen if grad_chosen is not None else grad_lse,
         kept if kept is not None else dz,
         rows, width, features, vocab_start,

@@ -64,7 +64,7 @@ inline void check_bwd_args(const char* op, const at::Tensor& logits,
                            c10::DeviceType device) {
   check_fwd_args(op, logits, tokens, temperature, device);
   check_row_vector(op, "entropy", entropy, logits, at::kFloat);
-  check_row_vector(op, "lse", lse, logits, at::kFloat);
+  check_row_vector(op, "lse", lse, logits, at::kDouble);
   check_row_vector(op, "grad_entropy", grad_entropy, logits, at::kFloat);
   if (grad_logprobs.has_value()) {
     TORCH_CHECK(tokens.has_value(), op, ": grad_logprobs needs tokens");

@@ -20,15 +20,31 @@
 //
 // and a whole row gives, in nats,
 //
-//     lse = m / T + ln2 log2 s          H = ln2 (log2 s - w / s)
+//     lse = m / T + ln2 log2 s         H = ln2 (log2 s - w / s)
 //     log p(y) = ln2 ((z_y - m) k - log2 s)
 //
-// The backward sees only the saved float32 lse (half an ulp of |lse| ~ |m| / T is lost there and
-// cannot be recovered). It forms log2 p_j = (z_j / T - lse) log2(e) with z_j / T - lse as one FMA
-// of the exact product z_j (1/T) and the saved lse (one rounding relative to |log p_j|, then the
-// log2(e) multiply), instead of z_j k - (lse log2(e)), whose rounded lse log2(e) added another
-// ulp of |lse|. The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j
-// and p_j = 2^d_j, is
+// lse is saved in double, with m / T the exact product of m and the float 1 / T, so it still
+// holds ln s to ~2^-52 |lse| (ln s itself is a float: it only has to be right relative to its
+// own size, which is small on a confident row, and rounds once). A
+// float32 lse would round it to half an ulp of |lse| ~ |m| / T, which on a confident row is the
+// size of log s itself: at |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and
+// plain float32 PyTorch, z / T - logsumexp(z / T), is off the same way).
+//
+// The backward recovers the exponents relative to a center c near m, both per-row numbers
+// formed from the saved lse in double (no double constant is needed, so every backend, Triton
+// included, computes them alike):
+//
+//     c = float(lse) T  (in float),   r = float(lse - c / T) log2(e),
+//     d_j = (z_j - c) k - r  ~=  (z_j - m) k - log2 s = log2 p_j
+//
+// c is only a center: any float within a few ulps of m + T ln s serves, since r is formed
+// exactly against it (c / T is exact in double), which is why c needs no double division (a
+// long sequence on the GPU, whose registers the Triton backward could not spare). z_j - c is
+// exact near the max (Sterbenz), so on a confident row both terms are small and d_j of the
+// argmax rounds relative to log2 s; elsewhere d_j rounds relative to its own size, as in the
+// forward, FMA or not (k and log2(e) / T differ by a float rounding, which moves d_j relative to
+// |z_j - c| k only). The gradient of
+// sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j and p_j = 2^d_j, is
 //
 //     dz_j = (1/T) [-gH p_j (d_j ln2 + H) + gL (onehot(y)_j - p_j)]
 //          = p_j (c0 + c1 d_j) + [j == y] gL / T,
@@ -37,9 +53,12 @@
 // Special values: a masked entry (z = -inf) has p = 0 and contributes exactly 0 (the exponent is
 // clamped at kExp2Floor before it multiplies anything). A part that is all -inf is empty:
 // {-inf, 0, 0}; a row that is all -inf ends with s = 0, so lse = -inf and H = NaN (0 / 0), and its
-// gradient is 0. A NaN entry makes s NaN, which poisons that row only.
+// gradient is 0. A NaN entry makes s NaN, which poisons that row only. A row with |lse| beyond
+// kExactLseLimit (|max z| / T past ~1e12, or +inf logits) has lost log2 s in the double too: its
+// gradient is NaN, visibly.
 #pragma once
 
+#include <float.h>
 #include <math.h>
 
 #include "em/common.h"
@@ -78,14 +97,19 @@ EM_HOST_DEVICE SoftmaxPartial merge(const SoftmaxPartial& a, const SoftmaxPartia
 }
 
 struct RowStatistics {
-  float lse;      // logsumexp(z / T), nats
+  double lse;     // logsumexp(z / T), nats, in double (see the top of this file)
   float entropy;  // H, nats
 };
 
-// inv_temperature = 1 / T; lse = m / T + ln s is one FMA (one rounding of a number of size |lse|).
+// Largest |lse| (nats) the backward trusts: there a double's ulp is 2^-12, so ln s and every
+// log p_j are still held to about bf16's rounding; past it the gradient is NaN.
+constexpr double kExactLseLimit = 1099511627776.0;  // 2^40
+
+// inv_temperature = 1 / T; lse = m / T + ln s in double.
 EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, float inv_temperature) {
   const float log2_sum = log2f(p.sum);
-  return {fmaf(p.max, inv_temperature, log2_sum * kLn2), (log2_sum - p.weighted / p.sum) * kLn2};
+  return {static_cast<double>(p.max) * static_cast<double>(inv_temperature) + log2_sum * kLn2,
+          (log2_sum - p.weighted / p.sum) * kLn2};
 }
 
 // log p(y) from the row's statistics and the chosen logit z_y: z_y - m first (exact near the max),
@@ -98,41 +122,48 @@ EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float logit, float s
 }
 
 // Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) + [j == y] onehot with
-// d_j = fma(z_j, inv_temperature, -lse) * log2(e) and p_j = 2^d_j.
+// d_j = (z_j - center) scale - offset and p_j = 2^d_j (see the top of this file).
 struct GradientCoefficients {
-  float inv_temperature;  // 1 / T
-  float lse;              // the saved lse, nats (0 for an all -inf row)
+  float center;  // c = float(lse) T, near the row max (logit units)
+  float scale;   // k = log2(e) / T, the forward's
+  float offset;  // r = float(lse - c / T) log2(e), bits
   float c0;      // -(gH H + gL) / T
   float c1;      // -gH ln2 / T
   float onehot;  // gL / T, added at the chosen token
 };
 
 // The factors of the temperature, computed once on the host in double (one rounding each, on every
-// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T.
+// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T; temperature is T
+// as a float, for the backward's centers.
 struct TemperatureFactors {
   float scale;
   float inv_temperature;
+  float temperature;
 };
 
 inline TemperatureFactors temperature_factors(double temperature) {
   return {static_cast<float>(static_cast<double>(kLog2e) / temperature),
-          static_cast<float>(1.0 / temperature)};
+          static_cast<float>(1.0 / temperature), static_cast<float>(temperature)};
 }
 
 // grad_logprob must already be 0 for a row without a token; a token outside [0, V) keeps it (its
 // -p_j term) and gets no one-hot, which the caller adds only at a token inside the row.
 // A row that is all -inf (lse = -inf) has no distribution; every entry is masked, so its gradient
-// is exactly 0 like every masked entry's (lse 0 makes each d_j = -inf, hence p_j = 0).
-// A row whose lse overflowed float32 (|z| / T past ~3e38: the forward's values are still right,
-// being formed relative to the max) has lost log p_j, so its gradient is NaN, visibly, at every
-// entry (-inf ones too) and whatever the upstream gradients: p_j (c0 + c1 d_j) = 0 * NaN, where
-// the one-hot term alone would have looked plausible.
-EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, float lse, float grad_entropy,
-                                                          float grad_logprob,
+// is exactly 0 like every masked entry's (center 0 and offset 0 make each d_j = -inf, p_j = 0).
+// A row with |lse| past kExactLseLimit (or NaN) has lost log p_j, so its gradient is NaN,
+// visibly, at every entry (-inf ones too) and whatever the upstream gradients: p_j (c0 + c1 d_j)
+// = 0 * NaN, where the one-hot term alone would have looked plausible.
+EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, double lse,
+                                                          float grad_entropy, float grad_logprob,
                                                           const TemperatureFactors& t) {
-  if (lse == -INFINITY) return {t.inv_temperature, 0.0f, 0.0f, 0.0f, 0.0f};
-  if (lse == INFINITY) return {t.inv_temperature, lse, NAN, NAN, NAN};
-  return {t.inv_temperature, lse, -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
+  if (lse == -INFINITY) return {0.0f, t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (!(fabs(lse) <= kExactLseLimit)) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN};
+  // lse T overflows float only for T past ~1e37 on a flat row (c ~ T ln s): clamped, its
+  // z_j - c lose z_j, but such a row is uniform to float32 precision anyway.
+  const float center = fminf(fmaxf(static_cast<float>(lse) * t.temperature, -FLT_MAX), FLT_MAX);
+  return {center, t.scale,
+          static_cast<float>(lse - static_cast<double>(center) * t.inv_temperature) * kLog2e,
+          -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
           -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
 }
 
