@@ -11,7 +11,7 @@ from pathlib import Path
 from .harness import DTYPES, ERROR_FACTOR, parse_shape_label
 
 # ceiling: what frac_ceiling divides by, measured in this run (the copy bandwidth in GB/s for the
-# memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for linear_entropy).
+# memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for the LM-head ops).
 # check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
 # exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
@@ -210,7 +210,7 @@ def markdown(rows: list[dict], header: list[str],
         "",
         "Time is the median; GB/s and TFLOP/s count the least traffic and work the op needs; "
         "% ceil is the fraction of the copy bandwidth (memory-bound ops) or of the matmul rate in "
-        "the same dtype (linear_entropy) measured in this run; extra MiB is the peak memory "
+        "the same dtype (the LM-head ops) measured in this run; extra MiB is the peak memory "
         "allocated during the call above what was allocated before it (the input gradients "
         "included; on CPU only what torch's allocator hands out, not the C++ kernels' own "
         "scratch); max err is the largest "

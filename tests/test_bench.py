@@ -183,6 +183,70 @@ def test_a_wrong_weight_gradient_shows_in_error_column():
     assert right < 1e-6 and wrong > 100 * right, (right, wrong)
 
 
+def _policy_loss_run(tmp_path, providers, *modes):
+    """em-bench on linear_policy_loss at a tiny CPU shape with more rows than the oracle checks;
+    (exit status, {(mode, provider): CSV row})."""
+    code = main(["--ops", "linear_policy_loss", "--shapes", "M80-H32-V3000", "--providers",
+                 providers, "--modes", *modes, "--dtypes", "fp32", "--device", "cpu",
+                 "--out", str(tmp_path)])
+    with (tmp_path / "results.csv").open() as handle:
+        return code, {(row["mode"], row["provider"]): row for row in csv.DictReader(handle)}
+
+
+def test_policy_loss_cells_are_measured_and_checked(tmp_path):
+    code, rows = _policy_loss_run(tmp_path, "eager,chunked,cpu", "fwd+bwd")
+    assert code == 0 and len(rows) == 3
+    for (_, provider), row in rows.items():
+        assert row["status"] == "ok", row
+        assert row["check"] == ("ref" if provider == "eager" else "ok"), row
+        assert float(row["time_ms"]) > 0 and float(row["tflops"]) > 0
+        # the loss and log-probs (~10 in size), the gradients, against float64 in fp32
+        assert 0 <= float(row["err_out"]) < 1e-4 and 0 <= float(row["err_grad"]) < 1e-5, row
+
+
+def test_policy_loss_inputs_clip_on_both_sides():
+    """The old log-probs put some rows' ratios past each clip bound, on the side where the clip
+    takes effect (a zero policy gradient), so that a provider without the clip fails."""
+    from bench.ops.linear_policy_loss import CLIP_RANGE, eager_logprobs
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    case = make_case(ctx, OPS["linear_policy_loss"], {"M": 80, "H": 32, "V": 3000},
+                     torch.float32, seed=0)
+    inputs = case.inputs
+    (logprobs,) = eager_logprobs(inputs["hidden"], inputs["tokens"], inputs["weight"])
+    ratio, advantages = torch.exp(logprobs - inputs["old_logprobs"]), inputs["advantages"]
+    assert bool(((ratio < 1 - CLIP_RANGE[0]) & (advantages < 0)).any())
+    assert bool(((ratio > 1 + CLIP_RANGE[1]) & (advantages > 0)).any())
+
+
+@pytest.mark.parametrize("wrong, failing", [("no clip", {"fwd": "err_out", "fwd+bwd": "err_out"}),
+                                            ("gradient negated", {"fwd+bwd": "err_grad"})])
+def test_a_wrong_policy_loss_fails_its_check(wrong, failing, tmp_path):
+    """linear_policy_loss's cpu provider without the clip fails on its loss (and log-probs)
+    output; one whose loss is right but whose gradient has the wrong sign passes fwd and fails
+    fwd+bwd on its gradients."""
+    original = em_kernels.linear_policy_loss
+
+    def patched(hidden, weight, **kwargs):
+        if kwargs["backend"] != "cpu":
+            return original(hidden, weight, **kwargs)
+        if wrong == "no clip":  # a ratio in (0, 1e6] is never clipped
+            return original(hidden, weight, **{**kwargs, "clip_range": (1.0, 1e6)})
+        out = original(hidden, weight, **kwargs)
+        return out._replace(loss=2 * out.loss.detach() - out.loss)
+
+    with mock.patch.object(em_kernels, "linear_policy_loss", patched):
+        code, rows = _policy_loss_run(tmp_path, "eager,cpu", "fwd", "fwd+bwd")
+    assert code == 1
+    for mode in ("fwd", "fwd+bwd"):
+        cpu = rows[(mode, "cpu")]
+        assert cpu["status"] == "ok", cpu
+        if mode in failing:
+            assert cpu["check"] == "FAIL" and failing[mode] in cpu["reason"], cpu
+        else:
+            assert cpu["check"] == "ok", cpu
+
+
 def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
     """--resume keeps the measured cells of an earlier run's CSV (rows unchanged, also those
     outside the new run's filters), measures only the others, and reports both; resuming from

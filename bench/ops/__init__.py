@@ -3,6 +3,8 @@
 from .em_inf import AdaptiveTemperatureBench, EmInfAdjustBench
 from .entropy import EntropyBench, LogprobsAndEntropyBench
 from .linear_entropy import LinearEntropyBench
+from .linear_policy_loss import LinearPolicyLossBench
 
 OPS = {op.name: op for op in (EntropyBench(), LogprobsAndEntropyBench(), LinearEntropyBench(),
-                              EmInfAdjustBench(), AdaptiveTemperatureBench())}
+                              LinearPolicyLossBench(), EmInfAdjustBench(),
+                              AdaptiveTemperatureBench())}

@@ -26,6 +26,8 @@ vocabulary chunks, without holding [M, V]).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from em_kernels import reference
@@ -39,6 +41,12 @@ from .entropy import LOGIT_SCALE, eager_entropy, random_logits
 WEIGHT_SCALE_POWER = -0.5
 # Vocab rows per float64 matmul of the oracle: bounds its [V, H] float64 temporary.
 ORACLE_VOCAB_CHUNK = 16384
+
+
+def lm_head_matmul(case):
+    """The bare LM-head matmul (the floor of every op on the logits): the build of a "matmul"
+    provider."""
+    return lambda: (case.inputs["hidden"] @ case.inputs["weight"].T,)
 
 
 def eager_linear_entropy(hidden, weight) -> tuple[torch.Tensor]:
@@ -101,21 +109,18 @@ class LinearEntropyBench(OpBench):
         hidden = case.inputs["hidden"].detach().index_select(0, case.check_rows).double()
         hidden.requires_grad_(upstream is not None)
         weight = case.inputs["weight"].detach()
-        logits = torch.cat([hidden @ weight[start:start + ORACLE_VOCAB_CHUNK].double().T
-                            for start in range(0, weight.shape[0], ORACLE_VOCAB_CHUNK)], dim=-1)
-        entropy = reference.entropy_ref(logits)
+        entropy = reference.entropy_ref(torch.cat(list(float64_logit_chunks(hidden, weight)), -1))
         grads = {}
         if upstream is not None:
             entropy.backward(upstream[0].index_select(0, case.check_rows).double())
             grads["hidden"] = hidden.grad
-            grads["weight"] = _weight_grad_rows(case, upstream[0], case.check_rows.numel())
+            vocab_rows = spread_rows(weight.shape[0], case.check_rows.numel(), weight.device)
+            grads["weight"] = weight_grad_rows(float64_rows(case.inputs["hidden"], weight),
+                                               weight, vocab_rows, grad_entropy=upstream[0])
         return [entropy.detach()], grads
 
     def providers(self):
         import em_kernels
-
-        def matmul(case):
-            return lambda: (case.inputs["hidden"] @ case.inputs["weight"].T,)
 
         def eager(case):
             return lambda: eager_linear_entropy(case.inputs["hidden"], case.inputs["weight"])
@@ -163,7 +168,7 @@ class LinearEntropyBench(OpBench):
             "bwd": "linear_entropy_loss computes its gradients in the forward: its fwd+bwd row "
                    "is the comparable one"})
         return [
-            Provider("matmul", matmul, compares=False),
+            Provider("matmul", lm_head_matmul, compares=False),
             Provider("eager", eager),
             Provider("compile", compile_, unavailable=compile_unavailable),
             Provider("chunked", chunked_), triton_,
@@ -198,18 +203,34 @@ class _LossSeenAsEntropy(torch.autograd.Function):
         return torch.dot(grad_entropy, weights) / torch.dot(weights, weights), None, None
 
 
-def _weight_grad_rows(case, grad_entropy: torch.Tensor, count: int):
-    """(vocab rows j, d(weight)[j] in float64) of sum_r grad_entropy[r] H_r: with every row's
-    lse and H in float64 (online over vocabulary chunks), dlogits[:, j] = g (-p (log p + H)) for
-    the `count` rows j spread over the vocabulary, then dlogits[:, j]^T hidden."""
-    hidden = case.inputs["hidden"].detach().double()
-    weight = case.inputs["weight"].detach()
+def spread_rows(size: int, count: int, device) -> torch.Tensor:
+    """`count` indices spread evenly over range(size), both ends included."""
+    return torch.linspace(0, size - 1, count, device=device).round().long()
+
+
+def float64_logit_chunks(hidden64: torch.Tensor, weight: torch.Tensor):
+    """hidden64 @ weight^T in float64, one vocabulary chunk at a time."""
+    for start in range(0, weight.shape[0], ORACLE_VOCAB_CHUNK):
+        yield hidden64 @ weight[start:start + ORACLE_VOCAB_CHUNK].double().T
+
+
+class Float64Rows(NamedTuple):
+    """Every row's hidden state, lse and entropy in float64: what an oracle of d(weight), whose
+    rows sum over every row, needs."""
+    hidden: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+
+
+def float64_rows(hidden: torch.Tensor, weight: torch.Tensor) -> Float64Rows:
+    """Float64Rows of softmax(hidden @ weight^T), online over vocabulary chunks (a float64 pass
+    over the whole M x H x V matmul without holding [M, V])."""
+    hidden = hidden.detach().double()
     row_max = torch.full((hidden.shape[0],), float("-inf"), dtype=torch.float64,
                          device=hidden.device)
     total = torch.zeros_like(row_max)  # sum exp(z - row_max)
     weighted = torch.zeros_like(row_max)  # sum exp(z - row_max) z
-    for start in range(0, weight.shape[0], ORACLE_VOCAB_CHUNK):
-        z = hidden @ weight[start:start + ORACLE_VOCAB_CHUNK].double().T
+    for z in float64_logit_chunks(hidden, weight.detach()):
         new_max = torch.maximum(row_max, z.amax(-1))
         rescale = torch.exp(row_max - new_max)
         e = torch.exp(z - new_max[:, None])
@@ -217,11 +238,25 @@ def _weight_grad_rows(case, grad_entropy: torch.Tensor, count: int):
         weighted = weighted * rescale + (e * z).sum(-1)
         row_max = new_max
     lse = row_max + torch.log(total)
-    entropy = lse - weighted / total
-    vocab_rows = torch.linspace(0, weight.shape[0] - 1, count, device=hidden.device).round().long()
-    log_p = hidden @ weight.index_select(0, vocab_rows).double().T - lse[:, None]
-    dlogits = grad_entropy.double()[:, None] * (-log_p.exp() * (log_p + entropy[:, None]))
-    return vocab_rows, dlogits.T @ hidden
+    return Float64Rows(hidden, lse, lse - weighted / total)
+
+
+def weight_grad_rows(rows: Float64Rows, weight: torch.Tensor, vocab_rows: torch.Tensor, *,
+                     grad_entropy: torch.Tensor | None = None,
+                     grad_logprob: torch.Tensor | None = None,
+                     tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vocab_rows, d(weight)[vocab_rows] in float64) of the loss sum_r grad_entropy[r] H_r +
+    grad_logprob[r] log p_r(tokens[r]) (either term may be absent): dlogits[:, j] =
+    g_H (-p (log p + H)) + g_lp (onehot(tokens) - p) for those vocabulary rows j, then
+    dlogits[:, j]^T hidden."""
+    log_p = rows.hidden @ weight.detach().index_select(0, vocab_rows).double().T - rows.lse[:, None]
+    p = log_p.exp()
+    dlogits = torch.zeros_like(log_p)
+    if grad_entropy is not None:
+        dlogits -= grad_entropy.double()[:, None] * p * (log_p + rows.entropy[:, None])
+    if grad_logprob is not None:
+        dlogits += grad_logprob.double()[:, None] * ((tokens[:, None] == vocab_rows).double() - p)
+    return vocab_rows, dlogits.T @ rows.hidden
 
 
 def _targets(case) -> torch.Tensor:
