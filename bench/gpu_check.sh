@@ -15,8 +15,8 @@
 #
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
-# Steps: build tests bench_headline bench_linear bench_decode_ops bench_headline_compile decode
-# bench_sweep, and only when named: tune (bench/tune.py) and bench_full (the whole --full sweep).
+# Steps: build tests bench_headline bench_linear bench_policy bench_decode_ops
+# bench_headline_compile decode bench_sweep, and only when named: tune (bench/tune.py) and bench_full (the whole --full sweep).
 # PYTHON overrides the interpreter (default python3).
 #
 # Writes at most 8 files, flat, into OUT_DIR (rewritten after every step, so a run killed
@@ -183,6 +183,11 @@ bench headline 60 "${HEADLINE[@]}" --providers triton cuda eager chunked
 #    linear_entropy_loss on both entropy backends (8 cells more: +25 s).
 bench linear 95 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
     --providers matmul eager chunked triton triton-loss cuda-loss liger cce
+# 4b. The fused PPO/GRPO loss (linear_policy_loss) at the same shapes beside eager, chunked and
+#    Liger's fused linear GRPO loss: fwd+bwd only (the loss computes its gradients in the
+#    forward; 2 shapes x 6 providers, ~40 s with eager's two [M, V] passes).
+bench policy 45 --ops linear_policy_loss --dtypes bf16 --modes fwd+bwd \
+    --providers matmul eager chunked triton cuda liger
 # 5. EM-INF (5 steps, never exiting early) and adaptive temperature at B 1, 16, 64 (V 151936).
 bench decode_ops 35 --ops em_inf_adjust adaptive_temperature --shapes V151936
 # 6. torch.compile at the headline cells: the yardstick of issue 2's goals, from the same device.
