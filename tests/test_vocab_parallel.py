@@ -17,6 +17,7 @@ import em_kernels
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import free_port
+from test_linear_entropy import assert_row_relative, confident_head, confident_head_oracle
 
 WORLD_SIZE = 2
 # Uneven shards (rank 0 holds 23 ids, rank 1 holds 18) and a masked id on each side; several
@@ -62,6 +63,8 @@ def _worker(rank, port, cases):
             _check_logits_case(rank, backend, dtype)
             _check_case(rank, backend, dtype)
             _check_loss_case(rank, backend, dtype)
+            if dtype == torch.float32 and backend != "torch":  # torch: plain float32 PyTorch
+                _check_confident_rows(rank, backend)
     finally:
         dist.destroy_process_group()
 
@@ -329,6 +332,26 @@ def _check_maxima_apart(shard, backend):
                                     backend=backend)
     expected = torch.tensor([0.0, math.log(SPLIT)])
     torch.testing.assert_close(out.entropy, expected, rtol=1e-6, atol=1e-6)
+
+
+def _check_confident_rows(rank, backend):
+    """The float64 lse survives the merge across ranks: on confident rows with |lse| ~ 100
+    (test_linear_entropy's `confident_head`, token 7 on rank 0), each rank's slice of the
+    gradient, of the LM head and of its logits, matches float64 relative to each row's size."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    hidden, weight = confident_head(rows=ROWS, features=FEATURES, vocab=VOCAB)
+    exact_hidden, exact_weight = confident_head_oracle(hidden, weight)
+    hidden.requires_grad_()
+    shard_weight = weight[shard].clone().requires_grad_()
+    em_kernels.linear_entropy(hidden, shard_weight, process_group=dist.group.WORLD,
+                              backend=backend).entropy.sum().backward()
+    assert_row_relative(hidden.grad, exact_hidden, 1e-4, "d(hidden)")
+    assert_row_relative(shard_weight.grad, exact_weight[shard], 1e-4, "d(weight)")
+    logits = (hidden.detach() @ weight.T)[:, shard].requires_grad_()
+    em_kernels.entropy(logits, process_group=dist.group.WORLD, backend=backend).sum().backward()
+    exact = (hidden.detach().double() @ weight.double().T).requires_grad_()
+    em_kernels.reference.entropy_ref(exact).sum().backward()
+    assert_row_relative(logits.grad, exact.grad[:, shard], 1e-4, "d(logits)")
 
 
 def _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs):
