@@ -16,7 +16,8 @@
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
 # Steps: build tests bench_headline bench_linear bench_policy bench_decode_ops
-# bench_headline_compile decode bench_sweep, and only when named: tune (bench/tune.py) and bench_full (the whole --full sweep).
+# bench_headline_compile decode bench_sweep, and only when named: tune (bench/tune.py) and
+# bench_full (the whole --full sweep).
 # PYTHON overrides the interpreter (default python3).
 #
 # Writes at most 8 files, flat, into OUT_DIR (rewritten after every step, so a run killed

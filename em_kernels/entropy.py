@@ -93,14 +93,15 @@ def entropy(
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
         own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
         at every -inf entry); the forward keeps 12 bytes per row (the entropy in float32, the
-        logsumexp in float64) and the backward recomputes the probabilities from them relative
-        to the row max, so log p rounds relative to its own size (on the compiled and Triton
-        backends: "torch" is plain float32 PyTorch, z / T rounded first) and a confident row's
-        gradient is exact relative to its size. A row whose |logsumexp| exceeds 2^40 (|logits| /
-        T past ~1e12), where even the float64 has lost log p, gets a NaN gradient whatever its
-        upstream gradient (at its -inf entries too, except on the "triton" backend). The compiled backends are deterministic and
-        batch-invariant: a row's result has the same bits whatever the other rows and the batch
-        size.
+        logsumexp in float64; float32 on MPS, which lacks float64) and the backward recomputes
+        the probabilities from them relative to the row max. On the compiled and Triton backends
+        log p thus rounds relative to its own size and a confident row's gradient is exact to
+        float32 rounding relative to the row's largest entry ("torch" is plain float32 PyTorch,
+        with z / T rounded first). There, a row whose |logsumexp| exceeds 2^40 (|logits| / T
+        past ~1e12), where even the float64 no longer holds log p, gets a NaN gradient whatever
+        its upstream gradient (at its -inf entries too, except on the "triton" backend). The
+        compiled backends are deterministic and batch-invariant: a row's result has the same bits
+        whatever the other rows and the batch size.
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, float("-inf"), 3.0]])

@@ -24,6 +24,7 @@ from sm90 import run_lowering_script
 
 import em_kernels
 from em_kernels import reference
+from em_kernels._checks import MAX_TEMPERATURE
 from em_kernels._ops.entropy import softmax_stats, softmax_stats_backward
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -631,10 +632,10 @@ def test_maxima_whose_difference_overflows(backend_device):
 
 
 def _confident_rows(temperature: float, generator: torch.Generator) -> torch.Tensor:
-    """32 x 512 float32 logits whose rows are confident (entropy 0.1 down to ~1e-7) with |lse|
-    ~ 100 / T. At T >= 0.1: rows 60-100 + N(0, 1), the argmax 12-26 nats (of z / T) above them.
-    At smaller T: 100 + a few dozen float32 ulps (7.6e-6), so 0.076 nats apart per ulp at
-    T = 1e-4 and |lse| ~ 1e6."""
+    """32 x 512 float32 logits whose rows are confident (entropy 0.1 down to ~1e-7). At T >= 0.1
+    (|lse| ~ 100 / T): rows 60-100 + N(0, 1), the argmax 12-26 nats (of z / T) above them. At
+    smaller T (|lse| up to ~8e7 at T = 1e-4): the argmax 4100-8100 and the rest 4 or 5 float32
+    ulps below it, 20 to 25 nats at T = 1e-4 (where a center an ulp off the max cost 2%)."""
     rows, vocab = 32, 512
     if temperature >= 0.1:
         base = 60 + 40 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)
@@ -642,9 +643,11 @@ def _confident_rows(temperature: float, generator: torch.Generator) -> torch.Ten
         gaps = torch.linspace(12, 26, rows, dtype=torch.float64)
         logits[:, 7] = base[:, 0] + gaps * temperature
         return logits.float()
-    ulps = torch.randint(0, 40, (rows, vocab), generator=generator)
-    ulps[:, 7] = 40 + torch.arange(rows) * 4  # the argmax, 0.076 * (4 .. 128) nats clear
-    return 100 + ulps.float() * (torch.finfo(torch.float32).eps * 64)
+    peak = (4100 + 4000 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)).float()
+    ulp = peak - torch.nextafter(peak, torch.zeros_like(peak))
+    logits = peak - torch.randint(4, 6, (rows, vocab), generator=generator).float() * ulp
+    logits[:, 7] = peak[:, 0]
+    return logits
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 1e-4])
@@ -682,6 +685,59 @@ def test_confident_rows_have_relatively_exact_gradients(backend_device, temperat
     off_chosen = torch.where(chosen, 0.0, exact.grad).abs().amax(-1)
     assert (torch.where(chosen, 0.0, error).amax(-1) / off_chosen).max() < 1e-4, "off the token"
     assert error[chosen].max() < 2 * EPS32 * 0.25 / temperature + 1e-4 * off_chosen.max()
+
+
+@pytest.mark.parametrize("temperature", [MAX_TEMPERATURE, 3e37])
+def test_huge_temperatures_keep_far_entries(backend_device, temperature):
+    """At T near MAX_TEMPERATURE a -FLT_MAX logit among zeros is only -4 (or -11) nats away:
+    the largest entry of the row's gradient. The backward's center must not push z - c past
+    float32's range there (it is 0 from T = FLT_MAX / 1024 on: softmax_stats.h)."""
+    backend, device = backend_device
+    logits = torch.zeros(2, 16)
+    logits[0, 5] = logits[1, 9] = -torch.finfo(torch.float32).max
+    leaf = logits.clone().to(device).requires_grad_()
+    em_kernels.entropy(leaf, temperature=temperature, backend=backend).sum().backward()
+    exact = logits.double().requires_grad_()
+    reference.entropy_ref(exact / temperature).sum().backward()
+    # The gradient is subnormal here (~1e-41 at MAX_TEMPERATURE, ~3e-43 at 3e37): a few of its
+    # spacings (2^-149) on top of the relative bound.
+    bound = 1e-3 * exact.grad.abs().amax(-1, keepdim=True) + 4 * 2.0**-149
+    assert ((leaf.grad.cpu().double() - exact.grad).abs() <= bound).all(), (leaf.grad, exact.grad)
+
+
+def test_float32_lse_where_float64_is_missing(monkeypatch):
+    """On Apple's MPS, which has no float64, the saved lse is float32 (`lse_dtype`): the torch
+    backend's paths (the entropy ops and chunked linear_entropy, also vocab-parallel merges) must
+    run with it. Simulated on CPU by making lse_dtype answer float32."""
+    from em_kernels import _vocab_parallel
+    from em_kernels._ops import entropy as entropy_ops
+    from em_kernels._ops import linear_entropy as linear_ops
+
+    for module in (entropy_ops, linear_ops, _vocab_parallel):
+        monkeypatch.setattr(module, "lse_dtype", lambda device: torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 300, generator=generator)
+    tokens = torch.randint(0, 300, (6,), generator=generator)
+    assert softmax_stats(logits, tokens, 0.7, "torch")[1].dtype == torch.float32
+    leaf = logits.clone().requires_grad_()
+    logprobs, result = em_kernels.logprobs_and_entropy(leaf, tokens, temperature=0.7,
+                                                       backend="torch")
+    (result.sum() + logprobs.sum()).backward()
+    exact = logits.double().requires_grad_()
+    exact_lp, exact_h = reference.logprobs_and_entropy_ref(exact / 0.7, tokens)
+    (exact_h.sum() + exact_lp.sum()).backward()
+    torch.testing.assert_close(result.double(), exact_h.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.double(), exact.grad, rtol=1e-4, atol=1e-6)
+    hidden = torch.randn(6, 8, generator=generator).requires_grad_()
+    weight = torch.randn(300, 8, generator=generator)
+    out = em_kernels.linear_entropy(hidden, weight, tokens=tokens, backend="torch")
+    assert out.logprobs.dtype == torch.float32
+    (out.entropy.sum() + out.logprobs.sum()).backward()
+    exact_hidden = hidden.detach().double().requires_grad_()
+    exact_lp, exact_h = reference.logprobs_and_entropy_ref(exact_hidden @ weight.double().T,
+                                                           tokens)
+    (exact_h.sum() + exact_lp.sum()).backward()
+    torch.testing.assert_close(hidden.grad.double(), exact_hidden.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_a_masked_chosen_token_gets_no_gradient(backend_device):

@@ -31,15 +31,22 @@ from . import batch_first, refuse_double_backward
 _EMPTY_SHAPE = (0,)
 
 
+def lse_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the saved lse: float64 (see the module docstring), but float32 on Apple's MPS,
+    which has no float64 (there confident rows keep float32's rounding of log s)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _torch_fwd(logits, tokens, temperature, stats_dtype=torch.float32):
     """The reference statistics: entropy and logprobs in ``stats_dtype`` (the op's float32;
     float64 keeps float64 logits exact for linear_entropy_loss), lse in float64 as max + log s,
-    the log of the sum relative to the max (the float32 logsumexp would round it to |lse|)."""
+    the log of the sum relative to the max (the float32 logsumexp would round it to |lse|);
+    float32 on MPS (`lse_dtype`)."""
     z = logits.to(reference.compute_dtype(logits.dtype)) / temperature
     row_max = z.amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    lse = (row_max.squeeze(-1).double()
-           + torch.log(torch.exp(z - row_max).sum(-1)).double())
+    wide = lse_dtype(z.device)
+    lse = row_max.squeeze(-1).to(wide) + torch.log(torch.exp(z - row_max).sum(-1)).to(wide)
     entropy = reference.entropy_ref(z)
     if tokens is None:
         logprobs = z.new_empty(_EMPTY_SHAPE)
@@ -54,9 +61,9 @@ def _torch_fwd(logits, tokens, temperature, stats_dtype=torch.float32):
 def split_lse(lse: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(center, offset) in ``dtype`` with center + offset = the float64 lse to dtype's rounding
     of the small offset: z - center - offset is then log p exact near the row max, where center
-    is close to z (for float64, offset is 0)."""
+    is close to z (offset 0 when dtype is lse's own)."""
     center = lse.to(dtype)
-    return center, (lse - center.double()).to(dtype)
+    return center, (lse - center.to(lse.dtype)).to(dtype)
 
 
 def _torch_bwd(logits, tokens, entropy, lse, grad_entropy, grad_logprobs, temperature):
@@ -113,7 +120,7 @@ def _(logits, tokens, temperature, backend):
     logprobs_shape = (rows,) if tokens is not None else _EMPTY_SHAPE
     return (
         logits.new_empty((rows,), dtype=torch.float32),
-        logits.new_empty((rows,), dtype=torch.float64),
+        logits.new_empty((rows,), dtype=lse_dtype(logits.device)),
         logits.new_empty(logprobs_shape, dtype=torch.float32),
     )
 

@@ -14,12 +14,11 @@ filtering, which reads one count per vocab chunk):
         -> (grad_hidden or [0], grad_weight or [0], grad_bias or [0])
 
 with z = (hidden @ weight^T + bias) / T over this weight's rows (the whole vocabulary, or one
-rank's shard), lse = logsumexp(z) (always float64: max + log s, where a float32 sum would round
-log s to an ulp of |lse|, all of it on a confident row), entropy = lse - sum_j p_j z_j, and
-chosen = z[token] for
-tokens in [0, V) (NaN for the others: the caller turns it into log p = chosen - lse). The backward
-takes the row's final (entropy, lse), which in vocab-parallel mode are the full-vocabulary ones,
-and computes
+rank's shard), lse = logsumexp(z) (float64 but on MPS, `lse_dtype`: max + log s, where a float32
+sum would round log s to an ulp of |lse|, all of it on a confident row), entropy = lse - sum_j p_j
+z_j, and chosen = z[token] for tokens in [0, V) (NaN for the others: the caller turns it into
+log p = chosen - lse). The backward takes the row's final (entropy, lse), which in vocab-parallel
+mode are the full-vocabulary ones, and computes
 
     dz_j = (1/T) [ p_j (grad_lse - grad_entropy (z_j - lse + entropy)) + grad_chosen [j = token] ]
 
@@ -46,7 +45,7 @@ import torch
 
 from .. import reference
 from . import refuse_double_backward
-from .entropy import split_lse
+from .entropy import lse_dtype, split_lse
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
 # The vocab chunk depends only on these constants, never on N (the BLAS may still round a row's
@@ -96,8 +95,8 @@ def merge_partials(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
     total = (scale * part_sum).sum(0)
     total_z = (scale * (part_sum_z + part_sum * shift)).sum(0)
     log_total = torch.log(total)
-    return (log_total - total_z / total, safe_max.double() + log_total.double(),
-            part_chosen.sum(0))
+    wide = lse_dtype(partials.device)
+    return log_total - total_z / total, safe_max.to(wide) + log_total.to(wide), part_chosen.sum(0)
 
 
 def _torch_logits(hidden_rows, weight, bias, start, end, temperature, dtype):
@@ -116,7 +115,7 @@ def _torch_fwd(hidden, weight, bias, tokens, temperature):
     rows, vocab = hidden.shape[0], weight.shape[0]
     vocab_chunk = _torch_vocab_chunk(vocab)
     entropy = hidden.new_empty((rows,), dtype=dtype)
-    lse = hidden.new_empty((rows,), dtype=torch.float64)
+    lse = hidden.new_empty((rows,), dtype=lse_dtype(hidden.device))
     chosen = hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=dtype)
     for row_start in range(0, rows, TORCH_ROW_CHUNK):
         row_end = min(row_start + TORCH_ROW_CHUNK, rows)
@@ -367,7 +366,7 @@ def _(hidden, weight, bias, tokens, temperature, grad_filter_eps, backend):
     dtype = _stats_dtype(hidden.dtype)
     return (
         hidden.new_empty((rows,), dtype=dtype),
-        hidden.new_empty((rows,), dtype=torch.float64),
+        hidden.new_empty((rows,), dtype=lse_dtype(hidden.device)),
         hidden.new_empty((rows,) if tokens is not None else _EMPTY, dtype=dtype),
     )
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import struct
 
 import torch
 import triton
@@ -49,6 +50,9 @@ LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 EXACT_LSE_LIMIT: tl.constexpr = tl.constexpr(2.0**40)
 # float32's largest finite value, where the backward clamps its per-row center.
 FLOAT32_MAX: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).max)
+# Temperatures from which the backward's center is 0 (softmax_stats.h's kCenterlessTemperature):
+# below, z - c overflows only where p < e^-1000 = 0; above, lse T could reach float32's max.
+CENTERLESS_TEMPERATURE = torch.finfo(torch.float32).max / 1024
 # Exponents (bits) are clamped here where they multiply p: below -126, tl.exp2's result is already
 # flushed to 0 on the GPU, so the clamp only turns the 0 * -inf of a masked entry into 0.
 EXP2_FLOOR: tl.constexpr = tl.constexpr(-127.0)
@@ -200,7 +204,7 @@ def _softmax_stats_merge_kernel(
     BLOCK_CHUNKS axis; BLOCK_ROWS and BLOCK_CHUNKS depend only on V, so a row's bits do not depend
     on its neighbours.
 
-    Memory: reads 12 bytes per (row, chunk), writes 8-12 bytes per row.
+    Memory: reads 12 bytes per (row, chunk), writes 12-16 bytes per row.
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     chunks = tl.arange(0, BLOCK_CHUNKS)
@@ -234,20 +238,21 @@ def _round_to_bf16(x):
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
-    V, num_chunks, stride_row, scale2, inv_temperature, temperature,
+    V, num_chunks, stride_row, scale2, inv_temperature, center_temperature_hi,
+    center_temperature_lo,
     HAS_LOGPROB_GRAD: tl.constexpr, ROUND_TO_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Gradient of sum(gH * H + gL * logp) w.r.t. the logits, for one (row, chunk) tile.
 
     With p_j = softmax(z / T)_j recomputed from the saved float64 lse, ln p_j = ln2 log2 p_j:
-        c = float(lse) T,  r = float(lse - c / T) log2(e)     (per row; r in float64)
+        c = float(lse T),  r = float(lse - c / T) log2(e)     (per row, in float64)
         log2 p_j = (z_j - c) k - r                            (a subtract, an FMA, one exp2)
-    c lies within a few ulps and T ln s of the row max (it only has to be near: r is exact
-    against it, so c costs no float64 division, whose registers this kernel cannot spare), so
-    z_j - c is exact near the max and, on a confident row,
-    both terms are small: log2 p of the argmax rounds relative to log s, not to |lse| as the
-    former float32 lse made it (5-10% off in the gradient of a row with H ~ 1e-4 at |lse| ~ 100).
-    Elsewhere log2 p_j rounds relative to its own size. See csrc/include/em/softmax_stats.h.
+    T comes as two floats, center_temperature_hi + _lo (0 past CENTERLESS_TEMPERATURE), so that
+    lse T is formed in float64 without a division (whose registers this kernel cannot spare). On
+    a confident row c is the row max itself: log2 p of the argmax is -r, which rounds relative
+    to log s, not to |lse| as the former float32 lse made it (5-10% off in the gradient of a row
+    with H ~ 1e-4 at |lse| ~ 100); elsewhere log2 p_j rounds relative to its own size. The math:
+    csrc/include/em/softmax_stats.h.
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
         dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (no one-hot if y is outside [0, V): its logit
                                                    lies elsewhere, as on a vocabulary shard)
@@ -255,7 +260,7 @@ def _softmax_stats_bwd_kernel(
     it is the chosen token; so does the entropy term of a finite logit whose log2 p_j overflows
     to -inf (finfo.min scaled by 1 / T).
 
-    Memory: reads the tile once (evict-first) and 20-28 bytes of row statistics; writes the
+    Memory: reads the tile once (evict-first) and 16-28 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
     ROUND_TO_BF16 (interpreter only): round float32 to the nearest bfloat16 before the store.
     """
@@ -284,9 +289,11 @@ def _softmax_stats_bwd_kernel(
     # plausible-looking one-hot term. (Its -inf entries stay 0 here; the C++ and CUDA kernels
     # make them NaN too.)
     trusted = tl.abs(lse) <= EXACT_LSE_LIMIT
-    # lse T overflows float32 only for T past ~1e37 on a flat row (c ~ T ln s): clamped, its
-    # z_j - c lose z_j, but such a row is uniform to float32 precision anyway.
-    center = tl.minimum(tl.maximum(lse.to(tl.float32) * temperature, -FLOAT32_MAX), FLOAT32_MAX)
+    # lse T = m (1 + delta) + T ln s may pass float32's max by T ln s (T < FLOAT32_MAX / 1024):
+    # clamped.
+    center = lse * tl.cast(center_temperature_hi, tl.float64) + lse * tl.cast(
+        center_temperature_lo, tl.float64)
+    center = tl.minimum(tl.maximum(center, -FLOAT32_MAX), FLOAT32_MAX).to(tl.float32)
     offset = (lse - center.to(tl.float64) * tl.cast(inv_temperature, tl.float64)).to(tl.float32)
     offset = tl.where(trusted, offset * LOG2E, float("nan"))
     log2_p = (z - center) * scale2 - offset
@@ -314,6 +321,19 @@ def _softmax_stats_bwd_kernel(
     tl.store(
         grad_logits_ptr + row * V + cols, grad.to(grad_logits_ptr.dtype.element_ty),
         mask=in_vocab)
+
+
+def _center_temperature(temperature: float) -> tuple[float, float]:
+    """T as two float32s, hi + lo (Triton passes float arguments as float32), for the backward's
+    centers; (0, 0) past CENTERLESS_TEMPERATURE."""
+    if temperature >= CENTERLESS_TEMPERATURE:
+        return 0.0, 0.0
+    high = _to_float32(temperature)
+    return high, _to_float32(temperature - high)
+
+
+def _to_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _block_size(vocab: int) -> int:
@@ -445,7 +465,7 @@ def softmax_stats_bwd(
             logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
             grad_logprobs_arg, grad_logits,
             vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
-            1.0 / temperature, temperature,
+            1.0 / temperature, *_center_temperature(temperature),
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
             BLOCK=block, num_warps=num_warps)

@@ -25,26 +25,28 @@
 //
 // lse is saved in double, with m / T the exact product of m and the float 1 / T, so it still
 // holds ln s to ~2^-52 |lse| (ln s itself is a float: it only has to be right relative to its
-// own size, which is small on a confident row, and rounds once). A
-// float32 lse would round it to half an ulp of |lse| ~ |m| / T, which on a confident row is the
-// size of log s itself: at |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and
-// plain float32 PyTorch, z / T - logsumexp(z / T), is off the same way).
+// own size, which is small on a confident row, and rounds once). A float32 lse would round it to
+// half an ulp of |lse| ~ |m| / T, which on a confident row is the size of log s itself: at
+// |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and plain float32 PyTorch,
+// z / T - logsumexp(z / T), is off the same way).
 //
 // The backward recovers the exponents relative to a center c near m, both per-row numbers
-// formed from the saved lse in double (no double constant is needed, so every backend, Triton
-// included, computes them alike):
+// formed from the saved lse in double:
 //
-//     c = float(lse) T  (in float),   r = float(lse - c / T) log2(e),
+//     c = float(lse T),   r = float(lse - c / T) log2(e),
 //     d_j = (z_j - c) k - r  ~=  (z_j - m) k - log2 s = log2 p_j
 //
-// c is only a center: any float within a few ulps of m + T ln s serves, since r is formed
-// exactly against it (c / T is exact in double), which is why c needs no double division (a
-// long sequence on the GPU, whose registers the Triton backward could not spare). z_j - c is
-// exact near the max (Sterbenz), so on a confident row both terms are small and d_j of the
-// argmax rounds relative to log2 s; elsewhere d_j rounds relative to its own size, as in the
-// forward, FMA or not (k and log2(e) / T differ by a float rounding, which moves d_j relative to
-// |z_j - c| k only). The gradient of
-// sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j and p_j = 2^d_j, is
+// lse T = m (1 + delta) + T ln s with |delta| <= 2^-24 (1 / T as a float, times T), so on a
+// confident row (T ln s below half an ulp of m) c is m itself: d_j of the argmax is -r = -log2 s
+// to a float rounding, and every other d_j is (z_j - m) k, exact difference and one rounding, as
+// in the forward. On a flat row c lies within T ln s of m and both terms round relative to log s.
+// T comes in double (in Triton as two floats, T = hi + lo): with T rounded to a float, c would
+// miss m by an ulp or two, and (m - c) (k - log2(e) / T) would leave an error of ~2^-48 |lse|
+// in log p (2% of a confident row's gradient at |lse| ~ 1e8). Past T = FLT_MAX / 1024 the center
+// is 0 instead (lse T could reach FLT_MAX there and z_j - c overflow; |lse| <= FLT_MAX / T +
+// ln V is small then). Below it, z_j - c overflows only for entries whose p_j < e^-1000 = 0.
+// The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j and
+// p_j = 2^d_j, is
 //
 //     dz_j = (1/T) [-gH p_j (d_j ln2 + H) + gL (onehot(y)_j - p_j)]
 //          = p_j (c0 + c1 d_j) + [j == y] gL / T,
@@ -124,7 +126,7 @@ EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float logit, float s
 // Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) + [j == y] onehot with
 // d_j = (z_j - center) scale - offset and p_j = 2^d_j (see the top of this file).
 struct GradientCoefficients {
-  float center;  // c = float(lse) T, near the row max (logit units)
+  float center;  // c = float(lse T), near the row max (logit units)
   float scale;   // k = log2(e) / T, the forward's
   float offset;  // r = float(lse - c / T) log2(e), bits
   float c0;      // -(gH H + gL) / T
@@ -132,18 +134,22 @@ struct GradientCoefficients {
   float onehot;  // gL / T, added at the chosen token
 };
 
+// Temperatures above which the backward's center is 0 (see the top of this file).
+constexpr double kCenterlessTemperature = FLT_MAX / 1024.0;
+
 // The factors of the temperature, computed once on the host in double (one rounding each, on every
-// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T; temperature is T
-// as a float, for the backward's centers.
+// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T; center_temperature
+// is T itself (0 past kCenterlessTemperature), what the backward multiplies lse by for its center.
 struct TemperatureFactors {
   float scale;
   float inv_temperature;
-  float temperature;
+  double center_temperature;
 };
 
 inline TemperatureFactors temperature_factors(double temperature) {
   return {static_cast<float>(static_cast<double>(kLog2e) / temperature),
-          static_cast<float>(1.0 / temperature), static_cast<float>(temperature)};
+          static_cast<float>(1.0 / temperature),
+          temperature < kCenterlessTemperature ? temperature : 0.0};
 }
 
 // grad_logprob must already be 0 for a row without a token; a token outside [0, V) keeps it (its
@@ -158,9 +164,9 @@ EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, double 
                                                           const TemperatureFactors& t) {
   if (lse == -INFINITY) return {0.0f, t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
   if (!(fabs(lse) <= kExactLseLimit)) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN};
-  // lse T overflows float only for T past ~1e37 on a flat row (c ~ T ln s): clamped, its
-  // z_j - c lose z_j, but such a row is uniform to float32 precision anyway.
-  const float center = fminf(fmaxf(static_cast<float>(lse) * t.temperature, -FLT_MAX), FLT_MAX);
+  // lse T = m (1 + delta) + T ln s may pass FLT_MAX by T ln s <= FLT_MAX 22 / 1024: clamped.
+  const float center =
+      static_cast<float>(fmin(fmax(lse * t.center_temperature, -FLT_MAX), FLT_MAX));
   return {center, t.scale,
           static_cast<float>(lse - static_cast<double>(center) * t.inv_temperature) * kLog2e,
           -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
