@@ -11,7 +11,7 @@ all-reduce of N-vectors:
         B = sum_r exp(lse_r - M) (H_r - (lse_r - M))
     chosen = the owner's chosen logit (a sum in which the other ranks add 0)
 
-computed in lse's dtype, float64 but on MPS (csrc/include/em/softmax_stats.h says why); entropy
+computed in lse's dtype (float64 but on MPS: csrc/include/em/softmax_stats.h says why); entropy
 and chosen come back in their own dtypes.
 
 Upstream gradients and row weights are assumed to be the same on every rank (a replicated loss).
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ._ops.entropy import lse_dtype
 from ._ops.linear_entropy import SHIFT_FLOOR
 
 
@@ -80,7 +79,6 @@ class VocabShard:
         docstring); chosen is None without local_chosen. A row with no finite logit in a shard
         (lse_r = -inf) takes weight 0 there; one with none anywhere gets lse -inf, entropy NaN."""
         dist = _require_distributed()
-        local_lse = local_lse.to(lse_dtype(local_lse.device))
         global_max = local_lse.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=self.group)
         safe_max = torch.where(global_max == float("-inf"), torch.zeros_like(global_max),

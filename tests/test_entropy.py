@@ -707,13 +707,12 @@ def test_huge_temperatures_keep_far_entries(backend_device, temperature):
 
 def test_float32_lse_where_float64_is_missing(monkeypatch):
     """On Apple's MPS, which has no float64, the saved lse is float32 (`lse_dtype`): the torch
-    backend's paths (the entropy ops and chunked linear_entropy, also vocab-parallel merges) must
-    run with it. Simulated on CPU by making lse_dtype answer float32."""
-    from em_kernels import _vocab_parallel
+    backend's paths (the entropy ops and chunked linear_entropy) must run with it. Simulated on
+    CPU by making lse_dtype answer float32."""
     from em_kernels._ops import entropy as entropy_ops
     from em_kernels._ops import linear_entropy as linear_ops
 
-    for module in (entropy_ops, linear_ops, _vocab_parallel):
+    for module in (entropy_ops, linear_ops):
         monkeypatch.setattr(module, "lse_dtype", lambda device: torch.float32)
     generator = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 300, generator=generator)

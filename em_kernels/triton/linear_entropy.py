@@ -345,9 +345,8 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
     recomputing its logits from hidden [N, H] and weight_chunk [width, H] (the weight's rows
     vocab_start .. vocab_start + width). bias is the whole [V] bias or None; tokens are ids of
     the whole shard. lse_center + lse_offset: each row's float64 lse split into two float32s
-    (`split_lse`), the rows' statistics being entropy, lse and the upstream gradients. segment:
-    columns per tile, a power of two >= 16 (tl.dot's smallest tile),
-    and a row's entries of one tile are its filtering segment. kept (with grad_filter_eps > 0):
+    (`split_lse`). segment: columns per tile, a power of two >= 16 (tl.dot's smallest tile), and a
+    row's entries of one tile are its filtering segment. kept (with grad_filter_eps > 0):
     int8 [N, ceil(width / segment)], set to whether each segment was kept."""
     rows, features = hidden.shape
     width = weight_chunk.shape[0]
