@@ -634,8 +634,8 @@ def test_maxima_whose_difference_overflows(backend_device):
 def _confident_rows(temperature: float, generator: torch.Generator) -> torch.Tensor:
     """32 x 512 float32 logits whose rows are confident (entropy 0.1 down to ~1e-7). At T >= 0.1
     (|lse| ~ 100 / T): rows 60-100 + N(0, 1), the argmax 12-26 nats (of z / T) above them. At
-    smaller T (|lse| up to ~8e7 at T = 1e-4): the argmax 4100-8100 and the rest 4 or 5 float32
-    ulps below it, 20 to 25 nats at T = 1e-4 (where a center an ulp off the max cost 2%)."""
+    smaller T (|lse| ~ 7e7 at T ~ 1e-4): the argmax 6500-8100 and the rest 4 or 5 float32 ulps
+    below it, 20 to 25 nats (where a backward center an ulp off the max cost 1-2%)."""
     rows, vocab = 32, 512
     if temperature >= 0.1:
         base = 60 + 40 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)
@@ -643,14 +643,16 @@ def _confident_rows(temperature: float, generator: torch.Generator) -> torch.Ten
         gaps = torch.linspace(12, 26, rows, dtype=torch.float64)
         logits[:, 7] = base[:, 0] + gaps * temperature
         return logits.float()
-    peak = (4100 + 4000 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)).float()
+    peak = (6500 + 1600 * torch.rand(rows, 1, generator=generator, dtype=torch.float64)).float()
     ulp = peak - torch.nextafter(peak, torch.zeros_like(peak))
     logits = peak - torch.randint(4, 6, (rows, vocab), generator=generator).float() * ulp
     logits[:, 7] = peak[:, 0]
     return logits
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6, 1e-4])
+# 1.0000522e-4: a T whose float 1 / T is off by 0.8 of its ulp, so that m / T rounded through
+# floats lands an ulp away from m for the upper half of a binade (the rows' maxima here).
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.0000522e-4])
 def test_confident_rows_have_relatively_exact_gradients(backend_device, temperature):
     """On confident rows with large |lse| (`_confident_rows`), each row's gradient matches
     float64 relative to that row's own largest entry: that of H alone, and that of H + 0.25 log p
@@ -658,8 +660,9 @@ def test_confident_rows_have_relatively_exact_gradients(backend_device, temperat
     is formed in float32 and holds to an ulp of 1 (times gL / T). On these rows log p of the
     argmax is ~ -H, far below an ulp of |lse|: with the float32 lse saved before (what plain
     float32 PyTorch's z / T - logsumexp(z / T) does too) they were 5-10% off at T = 1, 4x at
-    T = 0.6 and far worse at T = 1e-4. The float64 lse keeps them to float32 rounding. (The
-    torch backend is plain float32 PyTorch, which rounds z / T itself: not held to this.)"""
+    T = 0.6 and far worse at T ~ 1e-4. The float64 lse, with T and 1 / T carried in double,
+    keeps them to float32 rounding. (The torch backend is plain float32 PyTorch, which rounds
+    z / T itself: not held to this.)"""
     backend, device = backend_device
     if backend == "torch":
         pytest.skip("plain float32 PyTorch: z / T is rounded to an ulp of |lse| before anything")
@@ -1095,7 +1098,9 @@ _LOWER_SCRIPT = textwrap.dedent("""
 
     VOCAB = 151936
     TYPES = dict(logits_ptr="*bf16", grad_logits_ptr="*bf16", tokens_ptr="*i64", lse_ptr="*fp64",
-                 scale2="fp32", inv_temperature="fp32", temperature="fp32")
+                 scale2="fp32", inv_temperature="fp32", inv_temperature_hi="fp32",
+                 inv_temperature_lo="fp32", center_temperature_hi="fp32",
+                 center_temperature_lo="fp32")
 
     def lower(kernel, constants, num_warps):
         divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("V", "stride_row")]

@@ -231,7 +231,7 @@ void forward(const at::Tensor& logits, const int64_t* tokens, double temperature
       const SoftmaxPartial* row_partials = partials.data() + row * chunks;
       SoftmaxPartial stats = row_partials[0];
       for (int64_t c = 1; c < chunks; ++c) stats = merge(stats, row_partials[c], task.scale);
-      const RowStatistics result = finalize(stats, factors.inv_temperature);
+      const RowStatistics result = finalize(stats, factors);
       entropy_out[row] = result.entropy;
       lse_out[row] = result.lse;
       if (logprobs_out != nullptr) {

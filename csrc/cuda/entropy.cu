@@ -332,7 +332,7 @@ __device__ __forceinline__ void store_row_results(int64_t row, const SoftmaxPart
                                                   const TemperatureFactors& factors,
                                                   const int64_t* tokens,
                                                   const ForwardOutputs& out) {
-  const RowStatistics result = finalize(stats, factors.inv_temperature);
+  const RowStatistics result = finalize(stats, factors);
   out.entropy[row] = result.entropy;
   out.lse[row] = result.lse;
   if (tokens != nullptr) {

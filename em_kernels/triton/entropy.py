@@ -86,9 +86,17 @@ MAX_GRID = 2**31 - 1
 
 
 @triton.jit
+def _times_pair(x, hi, lo):
+    """x (float64) times the float pair hi + lo, in float64; an infinite x keeps its sign (lo may
+    be 0 or negative, and inf * lo would add a NaN), as in csrc/include/em/softmax_stats.h."""
+    rest = tl.where(tl.abs(x) < float("inf"), x * tl.cast(lo, tl.float64), 0.0)
+    return x * tl.cast(hi, tl.float64) + rest
+
+
+@triton.jit
 def _store_row_results(
     rows, N, reference, total, weighted,
-    logits_ptr, stride_row, tokens_ptr, V, scale2, inv_temperature,
+    logits_ptr, stride_row, tokens_ptr, V, scale2, inv_temperature_hi, inv_temperature_lo,
     entropy_ptr, lse_ptr, logprobs_ptr,
     HAS_TOKENS: tl.constexpr,
 ):
@@ -99,7 +107,7 @@ def _store_row_results(
     weighted = sum_j exp2(d_j) d_j. With log2 p_j = d_j - log2 total,
 
         H   = ln2 (log2 total - weighted / total)
-        lse = reference / T + ln2 log2 total      (float64: the product exact, ln s kept)
+        lse = reference / T + ln2 log2 total      (float64, 1 / T = inv_temperature_hi + _lo)
         log p(y) = ln2 ((z_y - reference) k - log2 total)    (NaN when y is outside [0, V))
 
     A row with no distribution (all -inf, or finfo.min logits that overflow when scaled) has
@@ -108,7 +116,7 @@ def _store_row_results(
     row_mask = rows < N
     log2_total = tl.log2(total)
     tl.store(entropy_ptr + rows, (log2_total - weighted / total) * LN2, mask=row_mask)
-    lse = (reference.to(tl.float64) * tl.cast(inv_temperature, tl.float64)
+    lse = (_times_pair(reference.to(tl.float64), inv_temperature_hi, inv_temperature_lo)
            + (log2_total * LN2).to(tl.float64))
     tl.store(lse_ptr + rows, lse, mask=row_mask)
     if HAS_TOKENS:
@@ -130,7 +138,7 @@ def _softmax_stats_fwd_kernel(
     logits_ptr, tokens_ptr,
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
     entropy_ptr, lse_ptr, logprobs_ptr,
-    N, V, num_chunks, stride_row, scale2, inv_temperature,
+    N, V, num_chunks, stride_row, scale2, inv_temperature_hi, inv_temperature_lo,
     HAS_TOKENS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Softmax statistics of one (row, chunk) tile: program id = row * num_chunks + chunk.
@@ -177,7 +185,7 @@ def _softmax_stats_fwd_kernel(
     if SINGLE_CHUNK:
         _store_row_results(
             row, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
-            inv_temperature, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+            inv_temperature_hi, inv_temperature_lo, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
     else:
         tl.store(partial_max_ptr + pid, tl.where(empty, float("-inf"), tile_max))
         tl.store(partial_total_ptr + pid, total)
@@ -188,7 +196,7 @@ def _softmax_stats_fwd_kernel(
 def _softmax_stats_merge_kernel(
     partial_max_ptr, partial_total_ptr, partial_weighted_ptr,
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, logprobs_ptr,
-    N, V, num_chunks, stride_row, scale2, inv_temperature,
+    N, V, num_chunks, stride_row, scale2, inv_temperature_hi, inv_temperature_lo,
     HAS_TOKENS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr,
 ):
     """Merge the per-chunk partials of BLOCK_ROWS rows, then write their results.
@@ -222,7 +230,7 @@ def _softmax_stats_merge_kernel(
         weight * (chunk_weighted + chunk_total * tl.maximum(offset, EXP2_FLOOR)), axis=1)
     _store_row_results(
         rows, N, reference, total, weighted, logits_ptr, stride_row, tokens_ptr, V, scale2,
-        inv_temperature, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
+        inv_temperature_hi, inv_temperature_lo, entropy_ptr, lse_ptr, logprobs_ptr, HAS_TOKENS)
 
 
 @triton.jit
@@ -238,7 +246,7 @@ def _round_to_bf16(x):
 def _softmax_stats_bwd_kernel(
     logits_ptr, tokens_ptr, entropy_ptr, lse_ptr, grad_entropy_ptr, grad_logprobs_ptr,
     grad_logits_ptr,
-    V, num_chunks, stride_row, scale2, inv_temperature, center_temperature_hi,
+    V, num_chunks, stride_row, scale2, inv_temperature, inv_temperature_lo, center_temperature_hi,
     center_temperature_lo,
     HAS_LOGPROB_GRAD: tl.constexpr, ROUND_TO_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -247,9 +255,11 @@ def _softmax_stats_bwd_kernel(
     With p_j = softmax(z / T)_j recomputed from the saved float64 lse, ln p_j = ln2 log2 p_j:
         c = float(lse T),  r = float(lse - c / T) log2(e)     (per row, in float64)
         log2 p_j = (z_j - c) k - r                            (a subtract, an FMA, one exp2)
-    T comes as two floats, center_temperature_hi + _lo (0 past CENTERLESS_TEMPERATURE), so that
-    lse T is formed in float64 without a division (whose registers this kernel cannot spare). On
-    a confident row c is the row max itself: log2 p of the argmax is -r, which rounds relative
+    T and 1 / T come as float pairs, center_temperature_hi + _lo (0 past CENTERLESS_TEMPERATURE)
+    and inv_temperature + inv_temperature_lo (the forward's, so that c / T is bitwise its m / T
+    when c = m), both products in float64 without a division (whose registers this kernel cannot
+    spare). On a confident row
+    c is the row max itself: log2 p of the argmax is -r, which rounds relative
     to log s, not to |lse| as the former float32 lse made it (5-10% off in the gradient of a row
     with H ~ 1e-4 at |lse| ~ 100); elsewhere log2 p_j rounds relative to its own size. The math:
     csrc/include/em/softmax_stats.h.
@@ -291,10 +301,10 @@ def _softmax_stats_bwd_kernel(
     trusted = tl.abs(lse) <= EXACT_LSE_LIMIT
     # lse T = m (1 + delta) + T ln s may pass float32's max by T ln s (T < FLOAT32_MAX / 1024):
     # clamped.
-    center = lse * tl.cast(center_temperature_hi, tl.float64) + lse * tl.cast(
-        center_temperature_lo, tl.float64)
+    center = _times_pair(lse, center_temperature_hi, center_temperature_lo)
     center = tl.minimum(tl.maximum(center, -FLOAT32_MAX), FLOAT32_MAX).to(tl.float32)
-    offset = (lse - center.to(tl.float64) * tl.cast(inv_temperature, tl.float64)).to(tl.float32)
+    offset = (lse - _times_pair(center.to(tl.float64), inv_temperature, inv_temperature_lo)).to(
+        tl.float32)
     offset = tl.where(trusted, offset * LOG2E, float("nan"))
     log2_p = (z - center) * scale2 - offset
     p = tl.exp2(log2_p)
@@ -324,12 +334,15 @@ def _softmax_stats_bwd_kernel(
 
 
 def _center_temperature(temperature: float) -> tuple[float, float]:
-    """T as two float32s, hi + lo (Triton passes float arguments as float32), for the backward's
-    centers; (0, 0) past CENTERLESS_TEMPERATURE."""
-    if temperature >= CENTERLESS_TEMPERATURE:
-        return 0.0, 0.0
-    high = _to_float32(temperature)
-    return high, _to_float32(temperature - high)
+    """T for the backward's centers as a float pair; (0, 0) past CENTERLESS_TEMPERATURE."""
+    return (0.0, 0.0) if temperature >= CENTERLESS_TEMPERATURE else _float32_pair(temperature)
+
+
+def _float32_pair(value: float) -> tuple[float, float]:
+    """value as two float32s hi + lo (Triton passes float arguments as float32), good to ~2^-48
+    relative: hi is value rounded, lo the rest rounded."""
+    high = _to_float32(value)
+    return high, _to_float32(value - high)
 
 
 def _to_float32(value: float) -> float:
@@ -398,13 +411,13 @@ def softmax_stats_fwd(
     block = _block_size(vocab)
     num_chunks = triton.cdiv(vocab, block)
     scale2 = math.log2(math.e) / temperature
-    inv_temperature = 1.0 / temperature
+    inv_temperature = _float32_pair(1.0 / temperature)
     stride_row = logits.stride(0)
     with _on_device(logits):
         if num_chunks == 1:
             _softmax_stats_fwd_kernel[(rows,)](
                 logits, tokens_arg, entropy, entropy, entropy, entropy, lse, logprobs,
-                rows, vocab, 1, stride_row, scale2, inv_temperature,
+                rows, vocab, 1, stride_row, scale2, *inv_temperature,
                 HAS_TOKENS=has_tokens, SINGLE_CHUNK=True, BLOCK=block,
                 num_warps=_tile_warps(block))
             return entropy, lse, logprobs
@@ -413,7 +426,7 @@ def softmax_stats_fwd(
             (3, programs), dtype=torch.float32, device=logits.device).unbind(0)
         _softmax_stats_fwd_kernel[(programs,)](
             logits, tokens_arg, partial_max, partial_total, partial_weighted,
-            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, inv_temperature,
+            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
             HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
             num_warps=_tile_warps(block))
         block_chunks = triton.next_power_of_2(num_chunks)
@@ -421,7 +434,7 @@ def softmax_stats_fwd(
         _softmax_stats_merge_kernel[(triton.cdiv(rows, block_rows),)](
             partial_max, partial_total, partial_weighted,
             logits, tokens_arg, entropy, lse, logprobs,
-            rows, vocab, num_chunks, stride_row, scale2, inv_temperature,
+            rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
             HAS_TOKENS=has_tokens, BLOCK_ROWS=block_rows, BLOCK_CHUNKS=block_chunks,
             num_warps=MERGE_WARPS)
     return entropy, lse, logprobs
@@ -465,7 +478,7 @@ def softmax_stats_bwd(
             logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
             grad_logprobs_arg, grad_logits,
             vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
-            1.0 / temperature, *_center_temperature(temperature),
+            *_float32_pair(1.0 / temperature), *_center_temperature(temperature),
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
             BLOCK=block, num_warps=num_warps)

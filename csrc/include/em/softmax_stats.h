@@ -23,9 +23,9 @@
 //     lse = m / T + ln2 log2 s         H = ln2 (log2 s - w / s)
 //     log p(y) = ln2 ((z_y - m) k - log2 s)
 //
-// lse is saved in double, with m / T the exact product of m and the float 1 / T, so it still
-// holds ln s to ~2^-52 |lse| (ln s itself is a float: it only has to be right relative to its
-// own size, which is small on a confident row, and rounds once). A float32 lse would round it to
+// lse is saved in double, m / T formed exactly from 1 / T as a float pair (hi + lo, both products
+// exact), so it still holds ln s to ~2^-52 |lse| (ln s itself is a float: it only has to be right
+// relative to its own size, which is small on a confident row, and rounds once). A float32 lse would round it to
 // half an ulp of |lse| ~ |m| / T, which on a confident row is the size of log s itself: at
 // |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and plain float32 PyTorch,
 // z / T - logsumexp(z / T), is off the same way).
@@ -36,13 +36,17 @@
 //     c = float(lse T),   r = float(lse - c / T) log2(e),
 //     d_j = (z_j - c) k - r  ~=  (z_j - m) k - log2 s = log2 p_j
 //
-// lse T = m (1 + delta) + T ln s with |delta| <= 2^-24 (1 / T as a float, times T), so on a
-// confident row (T ln s below half an ulp of m) c is m itself: d_j of the argmax is -r = -log2 s
-// to a float rounding, and every other d_j is (z_j - m) k, exact difference and one rounding, as
-// in the forward. On a flat row c lies within T ln s of m and both terms round relative to log s.
-// T comes in double (in Triton as two floats, T = hi + lo): with T rounded to a float, c would
-// miss m by an ulp or two, and (m - c) (k - log2(e) / T) would leave an error of ~2^-48 |lse|
-// in log p (2% of a confident row's gradient at |lse| ~ 1e8). Past T = FLT_MAX / 1024 the center
+// with T in double (in Triton a float pair) and c / T formed as the forward formed m / T. Then
+// lse T = m (1 + delta) + T ln s with |delta| ~ 2^-47, so on a confident row (T ln s below half an
+// ulp of m) c is m itself, c / T is bitwise the forward's m / T, and r is the forward's ln s up to
+// the rounding of m / T + ln s (tiny in practice: ln s is within ~(s - 1)^2 of a multiple of
+// 2^-23, which m / T's ulp holds for |lse| < 2^30): d_j of the argmax is -log2 s to a float
+// rounding, every other d_j (z_j - m) k, exact difference and one rounding, as in the forward. On a flat row c lies within T ln s of m and both terms
+// round relative to log s. With 1 / T or T as a float, c missed m by an ulp whenever
+// m (1 + delta) rounded away from m (a third of all m for some T), and then (m - c) k, a number
+// of ~2^-23 |lse|, left its own rounding, ~2^-47 |lse|, in log p: 1-2% of a confident row's
+// gradient at |lse| ~ 7e7 and T = 1.0000522e-4; with 1 / T in double, m / T rounded differently
+// in the forward and the backward (FMA contraction), 1e-4 there. Past T = FLT_MAX / 1024 the center
 // is 0 instead (lse T could reach FLT_MAX there and z_j - c overflow; |lse| <= FLT_MAX / T +
 // ln V is small then). Below it, z_j - c overflows only for entries whose p_j < e^-1000 = 0.
 // The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j and
@@ -107,13 +111,6 @@ struct RowStatistics {
 // log p_j are still held to about bf16's rounding; past it the gradient is NaN.
 constexpr double kExactLseLimit = 1099511627776.0;  // 2^40
 
-// inv_temperature = 1 / T; lse = m / T + ln s in double.
-EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, float inv_temperature) {
-  const float log2_sum = log2f(p.sum);
-  return {static_cast<double>(p.max) * static_cast<double>(inv_temperature) + log2_sum * kLn2,
-          (log2_sum - p.weighted / p.sum) * kLn2};
-}
-
 // log p(y) from the row's statistics and the chosen logit z_y: z_y - m first (exact near the max),
 // then scaled by k = log2(e) / T. A row with no distribution (max -inf: all -inf, or finite
 // logits such as finfo.min whose scaled values overflow to -inf) gives NaN, as its entropy does;
@@ -138,18 +135,38 @@ struct GradientCoefficients {
 constexpr double kCenterlessTemperature = FLT_MAX / 1024.0;
 
 // The factors of the temperature, computed once on the host in double (one rounding each, on every
-// backend): scale = log2(e) / T multiplies every logit, inv_temperature = 1 / T; center_temperature
-// is T itself (0 past kCenterlessTemperature), what the backward multiplies lse by for its center.
+// backend): scale = log2(e) / T multiplies every logit; inv_temperature = 1 / T scales gradients
+// and, with inv_temperature_lo (1 / T - inv_temperature, rounded), is 1 / T as a float pair, as
+// Triton gets it; center_temperature (T, or 0 past kCenterlessTemperature) gives the backward's
+// center.
 struct TemperatureFactors {
   float scale;
   float inv_temperature;
+  float inv_temperature_lo;
   double center_temperature;
 };
 
 inline TemperatureFactors temperature_factors(double temperature) {
-  return {static_cast<float>(static_cast<double>(kLog2e) / temperature),
-          static_cast<float>(1.0 / temperature),
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  return {static_cast<float>(static_cast<double>(kLog2e) / temperature), inv_temperature,
+          static_cast<float>(1.0 / temperature - inv_temperature),
           temperature < kCenterlessTemperature ? temperature : 0.0};
+}
+
+// x / T in double for a float x, from the pair: both products are exact, so the forward's m / T
+// and the backward's c / T (c = m) come out bitwise equal on every backend. An infinite x (an
+// empty row's max) keeps its sign: lo may be 0 or negative, and inf * lo would add a NaN.
+EM_HOST_DEVICE double over_temperature(float x, const TemperatureFactors& t) {
+  const double rest =
+      isfinite(x) ? static_cast<double>(x) * static_cast<double>(t.inv_temperature_lo) : 0.0;
+  return static_cast<double>(x) * static_cast<double>(t.inv_temperature) + rest;
+}
+
+// A whole row's statistics: lse = m / T + ln s in double.
+EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, const TemperatureFactors& t) {
+  const float log2_sum = log2f(p.sum);
+  return {over_temperature(p.max, t) + static_cast<double>(log2_sum * kLn2),
+          (log2_sum - p.weighted / p.sum) * kLn2};
 }
 
 // grad_logprob must already be 0 for a row without a token; a token outside [0, V) keeps it (its
@@ -168,7 +185,7 @@ EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, double 
   const float center =
       static_cast<float>(fmin(fmax(lse * t.center_temperature, -FLT_MAX), FLT_MAX));
   return {center, t.scale,
-          static_cast<float>(lse - static_cast<double>(center) * t.inv_temperature) * kLog2e,
+          static_cast<float>(lse - over_temperature(center, t)) * kLog2e,
           -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
           -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
 }
