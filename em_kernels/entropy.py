@@ -99,7 +99,9 @@ def entropy(
         float32 rounding relative to the row's largest entry ("torch" is plain float32 PyTorch,
         with z / T rounded first). There, a row whose |logsumexp| exceeds 2^40 (|logits| / T
         past ~1e12), where even the float64 no longer holds log p, gets a NaN gradient whatever
-        its upstream gradient (at its -inf entries too, except on the "triton" backend). The
+        its upstream gradient (at its -inf entries too, except on the "triton" backend), unless
+        it is one-hot (entropy exactly 0, as a token forced by a huge logit): that one's
+        gradient is exact. The
         compiled backends are deterministic and batch-invariant: a row's result has the same bits
         whatever the other rows and the batch size.
 

@@ -298,7 +298,8 @@ def _softmax_stats_bwd_kernel(
     # offset makes its gradient NaN, whatever the upstream gradients, instead of all 0 but a
     # plausible-looking one-hot term. (Its -inf entries stay 0 here; the C++ and CUDA kernels
     # make them NaN too.)
-    trusted = tl.abs(lse) <= EXACT_LSE_LIMIT
+    # A one-hot row (H exactly 0: s = 1, lse = m / T exactly) is exempt: its ln s = 0 is not lost.
+    trusted = (tl.abs(lse) <= EXACT_LSE_LIMIT) | ((entropy == 0.0) & (tl.abs(lse) < float("inf")))
     # lse T = m (1 + delta) + T ln s may pass float32's max by T ln s (T < FLOAT32_MAX / 1024):
     # clamped.
     center = _times_pair(lse, center_temperature_hi, center_temperature_lo)

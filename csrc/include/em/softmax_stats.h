@@ -25,10 +25,10 @@
 //
 // lse is saved in double, m / T formed exactly from 1 / T as a float pair (hi + lo, both products
 // exact), so it still holds ln s to ~2^-52 |lse| (ln s itself is a float: it only has to be right
-// relative to its own size, which is small on a confident row, and rounds once). A float32 lse would round it to
-// half an ulp of |lse| ~ |m| / T, which on a confident row is the size of log s itself: at
-// |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and plain float32 PyTorch,
-// z / T - logsumexp(z / T), is off the same way).
+// relative to its own size, which is small on a confident row, and rounds once). A float32 lse
+// would round it to half an ulp of |lse| ~ |m| / T, which on a confident row is the size of log s
+// itself: at |lse| ~ 100 the gradient of a row with H ~ 1e-4 was off by 5-10% (and plain float32
+// PyTorch, z / T - logsumexp(z / T), is off the same way).
 //
 // The backward recovers the exponents relative to a center c near m, both per-row numbers
 // formed from the saved lse in double:
@@ -41,14 +41,15 @@
 // ulp of m) c is m itself, c / T is bitwise the forward's m / T, and r is the forward's ln s up to
 // the rounding of m / T + ln s (tiny in practice: ln s is within ~(s - 1)^2 of a multiple of
 // 2^-23, which m / T's ulp holds for |lse| < 2^30): d_j of the argmax is -log2 s to a float
-// rounding, every other d_j (z_j - m) k, exact difference and one rounding, as in the forward. On a flat row c lies within T ln s of m and both terms
-// round relative to log s. With 1 / T or T as a float, c missed m by an ulp whenever
-// m (1 + delta) rounded away from m (a third of all m for some T), and then (m - c) k, a number
-// of ~2^-23 |lse|, left its own rounding, ~2^-47 |lse|, in log p: 1-2% of a confident row's
-// gradient at |lse| ~ 7e7 and T = 1.0000522e-4; with 1 / T in double, m / T rounded differently
-// in the forward and the backward (FMA contraction), 1e-4 there. Past T = FLT_MAX / 1024 the center
-// is 0 instead (lse T could reach FLT_MAX there and z_j - c overflow; |lse| <= FLT_MAX / T +
-// ln V is small then). Below it, z_j - c overflows only for entries whose p_j < e^-1000 = 0.
+// rounding, every other d_j (z_j - m) k, exact difference and one rounding, as in the forward.
+// On a flat row c lies within T ln s of m and both terms round relative to log s. With 1 / T or
+// T as a float, c missed m by an ulp whenever m (1 + delta) rounded away from m (a third of all m
+// for some T), and then (m - c) k, a number of ~2^-23 |lse|, left its own rounding, ~2^-47 |lse|,
+// in log p: 1-2% of a confident row's gradient at |lse| ~ 7e7 and T = 1.0000522e-4; with 1 / T
+// in double, m / T rounded differently in the forward and the backward (FMA contraction), 1e-4
+// there. Past T = FLT_MAX / 1024 the center is 0 instead (lse T could reach FLT_MAX there and
+// z_j - c overflow; |lse| <= FLT_MAX / T + ln V is small then). Below it, z_j - c overflows only
+// for entries whose p_j < e^-1000 = 0.
 // The gradient of sum_rows(gH * H + gL * log p(y)) w.r.t. z_j, with d_j = log2 p_j and
 // p_j = 2^d_j, is
 //
@@ -61,7 +62,8 @@
 // {-inf, 0, 0}; a row that is all -inf ends with s = 0, so lse = -inf and H = NaN (0 / 0), and its
 // gradient is 0. A NaN entry makes s NaN, which poisons that row only. A row with |lse| beyond
 // kExactLseLimit (|max z| / T past ~1e12, or +inf logits) has lost log2 s in the double too: its
-// gradient is NaN, visibly.
+// gradient is NaN, visibly; unless its entropy is exactly 0 (a one-hot row, s = 1, such as a
+// token forced by a huge logit), whose ln s = 0 nothing can lose: its gradient stays exact.
 #pragma once
 
 #include <float.h>
@@ -175,12 +177,14 @@ EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, const Temperature
 // is exactly 0 like every masked entry's (center 0 and offset 0 make each d_j = -inf, p_j = 0).
 // A row with |lse| past kExactLseLimit (or NaN) has lost log p_j, so its gradient is NaN,
 // visibly, at every entry (-inf ones too) and whatever the upstream gradients: p_j (c0 + c1 d_j)
-// = 0 * NaN, where the one-hot term alone would have looked plausible.
+// = 0 * NaN, where the one-hot term alone would have looked plausible. A finite lse with H = 0 is
+// exempt: s = 1 there, lse = m / T exactly, and c / T gives it back bitwise.
 EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, double lse,
                                                           float grad_entropy, float grad_logprob,
                                                           const TemperatureFactors& t) {
   if (lse == -INFINITY) return {0.0f, t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
-  if (!(fabs(lse) <= kExactLseLimit)) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN};
+  const bool one_hot = entropy == 0.0f && fabs(lse) < INFINITY;
+  if (!(fabs(lse) <= kExactLseLimit) && !one_hot) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN};
   // lse T = m (1 + delta) + T ln s may pass FLT_MAX by T ln s <= FLT_MAX 22 / 1024: clamped.
   const float center =
       static_cast<float>(fmin(fmax(lse * t.center_temperature, -FLT_MAX), FLT_MAX));
