@@ -18,6 +18,13 @@ def max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
     return float((value[finite] - oracle[finite]).abs().max())
 
 
+def assert_row_relative(grad: torch.Tensor, exact: torch.Tensor, bound: float, what: str):
+    """Each row of grad within ``bound`` of float64's ``exact``, relative to that row's largest
+    entry (for rows whose gradients are far below the absolute floors: confident rows)."""
+    relative = (grad.detach().cpu().double() - exact).abs().amax(-1) / exact.abs().amax(-1)
+    assert relative.max() < bound, f"{what}: {relative}"
+
+
 def assert_matches_oracle(
     actual: torch.Tensor, oracle: torch.Tensor, baseline: torch.Tensor, floor: float, what: str
 ) -> None:

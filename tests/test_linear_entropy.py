@@ -22,7 +22,7 @@ from em_kernels._ops import linear_entropy as ops
 from em_kernels._ops.entropy import split_lse
 
 from conftest import HAS_CUDA, runnable, skip_unless_runnable
-from oracle import assert_matches_oracle
+from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
 # "cpu" and "cuda" map onto these two implementations (test_backend_names checks the mapping).
@@ -371,12 +371,6 @@ def confident_head(rows: int = 8, features: int = 16, vocab: int = 40):
     weight[:, 1] = 0.0
     weight[7, 1] = 1.0
     return hidden.float(), weight.float()
-
-
-def assert_row_relative(grad: torch.Tensor, exact: torch.Tensor, bound: float, what: str):
-    """Each row of grad within ``bound`` of float64's, relative to that row's largest entry."""
-    relative = (grad.cpu().double() - exact).abs().amax(-1) / exact.abs().amax(-1)
-    assert relative.max() < bound, f"{what}: {relative}"
 
 
 def confident_head_oracle(hidden: torch.Tensor, weight: torch.Tensor):

@@ -17,9 +17,9 @@ from em_kernels import reference
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import HAS_CUDA, runnable
-from oracle import assert_matches_oracle, max_abs_error
+from oracle import assert_matches_oracle, assert_row_relative, max_abs_error
 from test_linear_entropy import (assert_compiles_like_eager, assert_grads_match_oracle,
-                                 assert_row_relative, confident_head, confident_head_oracle,
+                                 confident_head, confident_head_oracle,
                                  cuda_head_operands, eager_fn, leaves, loss_of, oracle_fn,
                                  peak_rss_growth, problems, random_problem, recompute_floors,
                                  to_device, values_and_grads)
