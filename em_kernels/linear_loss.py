@@ -108,10 +108,12 @@ def linear_entropy_loss(
     reference statistics add fp32 temporaries of a few chunk sizes) plus O(N) statistics.
     Deterministic; torch.compile(fullgraph=True) traces it (without a process_group).
 
-    float16 (not bfloat16): dz is scaled to the largest row weight to stay clear of underflow,
-    so the gradient matmuls write float16 sums over up to N rows of unit-weight terms before the
-    backward multiplies the weight back in; at large N with large hidden states those sums can
-    reach float16's 65504 and come back inf (a GradScaler cannot lower this scale: use bf16).
+    float16: dz is scaled to the largest row weight to stay clear of underflow, so d_weight and
+    d_bias are sums over all N rows of unit-weight terms until the backward multiplies the
+    weight back in; such sums pass float16's 65504 at large N with large hidden states, so they
+    are kept in float32 (V x H x 4 bytes from the forward to the backward instead of 2, plus
+    the float16 result at the end) and rounded once, after the upstream gradient (a
+    GradScaler's scale) is applied: they overflow only where the true gradient does.
     """
     if entropy_weight is None and logprob_weight is None:
         raise ValueError("give entropy_weight, logprob_weight or both: the loss is their "
@@ -191,9 +193,11 @@ def linear_policy_loss(
     exactly +-20), half from each branch where the two terms of the min tie. Autograd's choice
     there depends on the torch version.
 
-    float16 (not bfloat16): dz is scaled by the largest |token_weight| (|A| + kl_weight), the
-    size of a row's gradient at ratios near 1, and the gradient matmuls write float16; a row
-    whose ratio or exp(ref - lp) is thousands of times larger can overflow them to inf.
+    float16 (not bfloat16): dz, the float16 operand of the gradient matmuls, is scaled by the
+    largest |token_weight| (|A| + kl_weight), the size of a row's gradient at ratios near 1; a
+    row whose ratio or exp(ref - lp) is thousands of times larger can overflow its dz, and so
+    its d_hidden and d_weight, to inf. d_weight and d_bias are summed in float32, as in
+    `linear_entropy_loss`.
     """
     name = "clip_range (eps or (eps_low, eps_high))"
     if isinstance(clip_range, (tuple, list)):

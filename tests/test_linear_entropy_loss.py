@@ -47,9 +47,11 @@ def run_loss(problem, backend, leaves_=None, **kwargs):
 
 
 def chunk_rounding_floor(problem, chunks: int) -> float:
-    """16-bit d_weight is accumulated over the row chunks in its dtype: each of the `chunks`
-    additions rounds a partial sum bounded by sum_r |dz_rj| |h_rk| (dz from float64)."""
-    if chunks <= 1 or problem["weight"].dtype == torch.float32:
+    """bf16 d_weight is accumulated over the row chunks in its dtype (float16's in float32):
+    each of the `chunks` additions rounds a partial sum bounded by sum_r |dz_rj| |h_rk| (dz from
+    float64)."""
+    accumulation_dtype = loss_ops.gradient_accumulation_dtype(problem["weight"].dtype)
+    if chunks <= 1 or accumulation_dtype == torch.float32:
         return 0.0
     hidden = problem["hidden"].detach().double().cpu()
     logits = hidden @ problem["weight"].detach().double().cpu().T
@@ -64,7 +66,7 @@ def chunk_rounding_floor(problem, chunks: int) -> float:
             logits, tokens, problem["temperature"])
     (grad_logits,) = torch.autograd.grad(loss_of(entropy, logprobs, problem), logits)
     partial = grad_logits.abs().T @ hidden.abs()
-    return chunks * torch.finfo(problem["weight"].dtype).eps * float(partial.max())
+    return chunks * torch.finfo(accumulation_dtype).eps * float(partial.max())
 
 
 def check_loss_against_oracle(problem, backend, rows_per_chunk=5):
@@ -427,6 +429,42 @@ def test_small_row_weights_survive_fp16():
             assert error < 1e-2, (backend, error)
 
 
+def test_float16_parameter_gradients_are_summed_in_float32(backend_device):
+    """The unit-scaled d_weight is a sum over all rows: 256 rows of a frequent token with a
+    feature of 400 pass float16's 65504 (the old float16 accumulator gave inf), while the true
+    gradient of their mean entropy is ~4e2. Summed in float32 over several chunks and rounded
+    once, each gradient is within twice the error of float32 math on the float16-rounded logits
+    (what rounding the logits costs: 1% in d_hidden here) plus float16's last rounding, and
+    comes back in its parameter's dtype."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(5)
+    rows, features, vocab = 256, 16, 64
+    hidden = torch.randn(rows, features, generator=generator)
+    hidden[:, 0] = 400.0
+    weight = torch.randn(vocab, features, generator=generator) * 0.02
+    weight[:, 0] = 0.0
+    weight[3, 0] = 0.01  # a logit of 4: token 3 takes ~45% of every row, dz_3 ~ -1
+    bias = torch.randn(vocab, generator=generator) * 0.1
+    params = [x.half().to(device).requires_grad_() for x in (hidden, weight, bias)]
+    with chunks_of(48, {"hidden": params[0], "weight": params[1]}):
+        out = em_kernels.linear_entropy_loss(*params[:2], bias=params[2], entropy_weight=1 / rows,
+                                             backend=backend)
+        out.loss.backward()
+    exact = [x.detach().double().cpu().requires_grad_() for x in params]
+    reference.entropy_ref(exact[0] @ exact[1].T + exact[2]).mean().backward()
+    yardstick = [x.detach().float().cpu().requires_grad_() for x in params]
+    rounded_logits = (yardstick[0] @ yardstick[1].T + yardstick[2]).half().float()
+    reference.entropy_ref(rounded_logits).mean().backward()
+    for name, got, want, rounded in zip(("hidden", "weight", "bias"), params, exact, yardstick):
+        assert got.grad.dtype == torch.float16, name
+        scale = float(want.grad.abs().max())
+        bound = (2 * float((rounded.grad.double() - want.grad).abs().max())
+                 + torch.finfo(torch.float16).eps * scale)
+        error = float((got.grad.double().cpu() - want.grad).abs().max())
+        assert error <= bound, (name, error, bound)
+    assert float(exact[1].grad.abs().max()) < 1e3  # the true gradient is far from overflowing
+
+
 def test_is_grads_batched_and_vmap():
     """Batched upstream gradients work (out of place); vmap raises with what to do instead."""
     hidden, weight, bias, _ = random_problem(5, 6, 9, "cpu")
@@ -456,17 +494,20 @@ def test_returned_statistics_can_be_edited():
 
 def test_opcheck():
     """Also with transposed (non-contiguous) operands: the gradients come back contiguous, and
-    the fake kernel must say so."""
+    the fake kernel must say so; and with float16 ones, whose d_weight and d_bias come back in
+    float32 (gradient_accumulation_dtype)."""
     hidden, weight, bias, tokens = random_problem(7, 16, 20, "cpu")
     weights = torch.randn(7)
     policy = (torch.randn(7), torch.randn(7) - 3, torch.randn(7) - 3, 0.2, 0.3, 0.05)
     for backend in ("torch", "cpu", "triton"):
         if not runnable(backend, "cpu"):
             continue
-        for h, w in ((hidden, weight), (hidden.T.contiguous().T, weight.T.contiguous().T)):
+        for h, w, b in ((hidden, weight, bias),
+                        (hidden.T.contiguous().T, weight.T.contiguous().T, bias),
+                        (hidden.half(), weight.half(), bias.half())):
             for mode in ((None, None, None, 0.0, 0.0, 0.0), policy):  # weighted sum, policy
                 torch.library.opcheck(loss_ops.linear_entropy_loss, (
-                    h, w, bias, tokens, weights, -weights, *mode, 1.3, True, True, True,
+                    h, w, b, tokens, weights, -weights, *mode, 1.3, True, True, True,
                     backend))
 
 

@@ -39,7 +39,8 @@ recomputation. For each chunk of R rows (`loss_chunk_rows`):
     dz_c     = d loss / d z_c                (the entropy backward kernel; in place over z_c on
                                               the Triton backend, a second buffer elsewhere)
     d_h_c    = dz_c @ W                      (BLAS, complete for these rows)
-    d_W     += dz_c^T @ h_c                  (BLAS, accumulated in the weight's dtype)
+    d_W     += dz_c^T @ h_c                  (BLAS, accumulated in the weight's dtype; float32
+                                              for float16, see gradient_accumulation_dtype)
     d_b     += sum_rows dz_c                 (fp32)
 
 Three matmuls plus, per chunk, one write and one read of the logits for the statistics and one
@@ -50,9 +51,11 @@ them).
 
 Precision: the logits are rounded to the input dtype, as a model's own LM head rounds them
 (`linear_entropy` keeps them in fp32); with 16-bit inputs the statistics are in fp32, dz is
-rounded to the input dtype for the tensor cores, and d_W takes one rounding per row chunk. Extra
-memory: the chunk buffer (LOSS_CHUNK_BYTES) and O(N) statistics; the gradients themselves live
-from the forward to the backward. Deterministic: no atomics, a fixed chunk order.
+rounded to the input dtype for the tensor cores, and a bf16 d_W takes one rounding per row chunk
+(a float16 one sums in float32 and rounds once, in the backward). Extra memory: the chunk buffer
+(LOSS_CHUNK_BYTES) and O(N) statistics; the gradients themselves live from the forward to the
+backward (float16's d_W and d_b in float32 there, twice their size, plus their float16 copy at
+the end of the backward). Deterministic: no atomics, a fixed chunk order.
 
 Vocab-parallel mode (`linear_entropy_loss(process_group=...)`) runs the same loop eagerly, outside
 the op: each chunk's shard statistics are merged across the ranks (two all-reduces of R-vectors)
@@ -104,6 +107,47 @@ def _chunk_logits(hidden_rows, weight, bias, out):
     if bias is None:
         return torch.mm(hidden_rows, weight.T, out=out)
     return torch.addmm(bias, hidden_rows, weight.T, out=out)
+
+
+def gradient_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the op sums d_weight and d_bias in over the row chunks, and returns them in:
+    the parameter's own, except float16's, whose 65504 the unit-scaled sums can pass (each is
+    a sum over all N rows of dz ~ p times h, before the backward applies the row weights'
+    scale: 8192 rows of a frequent token with a feature of 40 passed it in a mean-entropy loss
+    whose true d_weight was 12), where the true gradient is far inside the range: float32
+    there. The backward rounds to float16 once, after the upstream gradient (a loss scaler's,
+    say) is applied."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+# Whether torch has cuBLAS's GEMM from 16-bit operands into a float32 output (torch >= 2.8).
+_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+# Elsewhere a float16 dz chunk is converted to float32 in vocab blocks of this many bytes: an
+# O(1) temporary, where the whole chunk would double the chunk buffer.
+CONVERT_BLOCK_BYTES = 16 << 20
+
+
+def add_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
+                        hidden_rows: torch.Tensor, first: bool) -> None:
+    """grad_weight += grad_logits^T @ hidden_rows; the first chunk writes over the buffer
+    instead (beta 0: neither a zero fill nor a read of it, one V x H pass saved). A float32
+    accumulator with float16 operands (`gradient_accumulation_dtype`) takes cuBLAS's
+    float32-output GEMM on CUDA, at the 16-bit tensor-core rate; on CPU and older torch, the
+    operands in float32, in vocab blocks."""
+    beta = 0.0 if first else 1.0
+    if grad_weight.dtype == grad_logits.dtype:
+        torch.addmm(grad_weight, grad_logits.T, hidden_rows, beta=beta, out=grad_weight)
+    elif grad_logits.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+        torch.addmm(grad_weight, grad_logits.T, hidden_rows, beta=beta,
+                    out_dtype=grad_weight.dtype, out=grad_weight)
+    else:
+        hidden_rows = hidden_rows.to(grad_weight.dtype)
+        rows, vocab = grad_logits.shape
+        block = max(1, CONVERT_BLOCK_BYTES // max(1, rows * grad_weight.element_size()))
+        for start in range(0, vocab, block):
+            target = grad_weight[start:start + block]
+            torch.addmm(target, grad_logits[:, start:start + block].T.to(grad_weight.dtype),
+                        hidden_rows, beta=beta, out=target)
 
 
 def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs, clip_low: float,
@@ -160,8 +204,11 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     has_tokens = tokens is not None
     logprobs = hidden.new_empty((rows,) if has_tokens else _EMPTY_SHAPE, dtype=stats_dtype)
     grad_hidden = hidden.new_empty((rows, features) if need_grad_hidden else _EMPTY_SHAPE)
-    grad_weight = (weight.new_zeros((vocab, features)) if need_grad_weight
-                   else weight.new_empty(_EMPTY_SHAPE))
+    # Written over by the first chunk's matmul (zeroed here only when there is none).
+    grad_weight = weight.new_empty((vocab, features) if need_grad_weight else _EMPTY_SHAPE,
+                                   dtype=gradient_accumulation_dtype(weight.dtype))
+    if rows == 0:
+        grad_weight.zero_()
     grad_bias = hidden.new_zeros((vocab,) if need_grad_bias else _EMPTY_SHAPE, dtype=stats_dtype)
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
@@ -235,7 +282,7 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         if need_grad_hidden:
             torch.mm(grad_logits, weight, out=grad_hidden[start:end])
         if need_grad_weight:
-            grad_weight.addmm_(grad_logits.T, hidden_rows)
+            add_weight_gradient(grad_weight, grad_logits, hidden_rows, first=start == 0)
         if need_grad_bias:
             grad_bias += grad_logits.sum(0, dtype=stats_dtype)
     if shard is not None and need_grad_hidden:
@@ -245,7 +292,8 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         loss = loss + torch.linalg.vecdot(logprob_weight.to(stats_dtype),
                                           logprobs if advantages is None else policy_loss)
     return (loss, entropy, logprobs, grad_hidden, grad_weight,
-            grad_bias.to(bias.dtype) if need_grad_bias else grad_bias, grad_scale)
+            grad_bias.to(gradient_accumulation_dtype(bias.dtype)) if need_grad_bias else grad_bias,
+            grad_scale)
 
 
 @torch.library.custom_op("em_kernels::linear_entropy_loss", mutates_args=())
@@ -286,9 +334,10 @@ def _(hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages, 
         hidden.new_empty((rows,), dtype=stats_dtype),
         hidden.new_empty((rows,) if tokens is not None else _EMPTY_SHAPE, dtype=stats_dtype),
         hidden.new_empty(hidden.shape if need_grad_hidden else _EMPTY_SHAPE),  # contiguous
-        weight.new_empty(weight.shape if need_grad_weight else _EMPTY_SHAPE),
-        bias.new_empty(bias.shape) if need_grad_bias else hidden.new_empty(
-            _EMPTY_SHAPE, dtype=stats_dtype),
+        weight.new_empty(weight.shape if need_grad_weight else _EMPTY_SHAPE,
+                         dtype=gradient_accumulation_dtype(weight.dtype)),
+        bias.new_empty(bias.shape, dtype=gradient_accumulation_dtype(bias.dtype))
+        if need_grad_bias else hidden.new_empty(_EMPTY_SHAPE, dtype=stats_dtype),
         hidden.new_empty((), dtype=stats_dtype),
     )
 
@@ -310,9 +359,11 @@ class LinearEntropyLossFunction(torch.autograd.Function):
 
     Eagerly the kept gradients are scaled in place and handed over: autograd releases them from
     ctx when the backward returns (without retain_graph), so d_weight becomes weight.grad with no
-    copy, where an out-of-place product would hold a second V x H tensor. A second backward
-    through the same call (retain_graph=True) therefore raises. Traced by torch.compile, or with
-    batched upstream gradients (autograd.grad's is_grads_batched), the product is out of place."""
+    copy, where an out-of-place product would hold a second V x H tensor (a float16
+    parameter's float32 accumulator is rounded into a new one: a copy at half its size). A
+    second backward through the same call (retain_graph=True) therefore raises. Traced by
+    torch.compile, or with batched upstream gradients (autograd.grad's is_grads_batched), the
+    product is out of place."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages,
@@ -335,6 +386,7 @@ class LinearEntropyLossFunction(torch.autograd.Function):
         ctx.save_for_backward(entropy if needs_entropy_weight else None, logprob_terms,
                               grad_hidden, grad_weight, grad_bias, grad_scale)
         ctx.computed = (need_grad_hidden, need_grad_weight, need_grad_bias)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.handed_over = False
         ctx.mark_non_differentiable(entropy, logprobs)
         return loss, entropy, logprobs
@@ -355,8 +407,9 @@ class LinearEntropyLossFunction(torch.autograd.Function):
             ctx.saved_tensors)
         factor = grad_loss * grad_scale
         grads = []
-        for needed, computed, saved in zip(ctx.needs_input_grad[:3], ctx.computed,
-                                           (grad_hidden, grad_weight, grad_bias)):
+        for needed, computed, saved, dtype in zip(ctx.needs_input_grad[:3], ctx.computed,
+                                                  (grad_hidden, grad_weight, grad_bias),
+                                                  ctx.input_dtypes):
             if needed and not computed:
                 raise RuntimeError(
                     "LinearEntropyLossFunction was applied with a need_grad_* flag off for an "
@@ -365,7 +418,9 @@ class LinearEntropyLossFunction(torch.autograd.Function):
             if not needed:
                 grads.append(None)
             else:
-                grads.append(saved.mul_(factor) if hand_over else saved * factor)
+                # A float32 accumulator of a float16 parameter rounds once, here.
+                scaled = saved.mul_(factor) if hand_over else saved * factor
+                grads.append(scaled.to(dtype))
         needs_entropy_weight, needs_logprob_weight = ctx.needs_input_grad[4:6]
         return (*grads, None,
                 entropy * grad_loss if needs_entropy_weight else None,
