@@ -465,6 +465,25 @@ def test_float16_parameter_gradients_are_summed_in_float32(backend_device):
     assert float(exact[1].grad.abs().max()) < 1e3  # the true gradient is far from overflowing
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_add_weight_gradient_overwrites_then_accumulates(dtype):
+    """The first chunk writes over whatever the buffer holds (NaN here), later ones add; a
+    float16 product goes to its float32 accumulator in vocab blocks (a partial last one too)."""
+    generator = torch.Generator().manual_seed(2)
+    chunks = [(torch.randn(7, 45, generator=generator).to(dtype),
+               torch.randn(7, 5, generator=generator).to(dtype)) for _ in range(3)]
+    accumulator = torch.full((45, 5), float("nan"),
+                             dtype=loss_ops.gradient_accumulation_dtype(dtype))
+    with mock.patch.object(loss_ops, "PRODUCT_BLOCK_BYTES", 4 * (7 + 5) * 10):  # 10-row blocks
+        for index, (grad_logits, hidden_rows) in enumerate(chunks):
+            loss_ops.add_weight_gradient(accumulator, grad_logits, hidden_rows,
+                                         first=index == 0)
+    expected = sum(g.double().T @ h.double() for g, h in chunks)
+    rounding = 3 * torch.finfo(accumulator.dtype).eps * float(
+        sum(g.double().abs().T @ h.double().abs() for g, h in chunks).max())
+    assert float((accumulator.double() - expected).abs().max()) <= rounding
+
+
 def test_is_grads_batched_and_vmap():
     """Batched upstream gradients work (out of place); vmap raises with what to do instead."""
     hidden, weight, bias, _ = random_problem(5, 6, 9, "cpu")

@@ -4,6 +4,21 @@ from __future__ import annotations
 
 import torch
 
+# cuBLAS hands out a 16-bit GEMM's float32 accumulator in float32 through torch's out_dtype
+# forms on CUDA: torch.mm's since torch 2.8; torch.addmm's takes a float32 matrix to add to since
+# 2.10 (pytorch#167931; before, it had to have the operands' dtype).
+_TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
+MM_HAS_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
+ADDMM_HAS_FLOAT32_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
+
+
+def mm_to_float32(mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    """mat1 @ mat2 of 16-bit CUDA matrices, in float32: unrounded on torch >= 2.8; before, the
+    product is rounded to the 16-bit dtype first (an extra rounding, as a model's own head)."""
+    if MM_HAS_OUT_DTYPE:
+        return torch.mm(mat1, mat2, out_dtype=torch.float32)
+    return torch.mm(mat1, mat2).float()
+
 
 def double_backward_error(public: str) -> NotImplementedError:
     """The error of a second differentiation through ``public``."""

@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import refuse_double_backward
+from . import ADDMM_HAS_FLOAT32_OUT_DTYPE, mm_to_float32, refuse_double_backward
 from .entropy import lse_dtype, split_lse
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
@@ -167,7 +167,7 @@ def _torch_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse_cent
     elif hidden.dtype == entropy.dtype:
         z = torch.mm(hidden, weight_chunk.T)
     else:  # fp32 logits from 16-bit operands on the tensor cores (CUDA only: no CPU kernel)
-        z = torch.mm(hidden, weight_chunk.T, out_dtype=entropy.dtype)
+        z = mm_to_float32(hidden, weight_chunk.T)
     if bias is not None:
         z += bias[vocab_start:vocab_start + width].to(z.dtype)
     # dz = p (g_lse - g_E (log p + E)): the blocks alive at once are z and p only. log p is
@@ -325,10 +325,12 @@ def _accumulate_grad_hidden(grad_hidden, dz, weight_chunk, active, tensor_cores)
     """grad_hidden (fp32 or float64) += dz @ W_c, on the rows `active` (an index tensor; None:
     every row, dz then [N, width]). Returns the accumulator (a new tensor on 16-bit CUDA)."""
     target = grad_hidden if active is None else grad_hidden.index_select(0, active)
-    if tensor_cores:
+    if tensor_cores and ADDMM_HAS_FLOAT32_OUT_DTYPE:
         # Not out=: addmm's out_dtype form with out= has had cuBLAS bugs (pytorch#154086); the
         # new buffer alternates with the old one (+N x H x 4).
         target = torch.addmm(target, dz, weight_chunk, out_dtype=grad_hidden.dtype)
+    elif tensor_cores:  # torch < 2.10: the chunk's product is rounded to the 16-bit dtype first
+        target.add_(torch.mm(dz, weight_chunk))
     else:
         target.addmm_(dz, weight_chunk)
     if active is None:

@@ -69,7 +69,7 @@ import functools
 import torch
 
 from .. import reference
-from . import double_backward_error
+from . import ADDMM_HAS_FLOAT32_OUT_DTYPE, double_backward_error
 from .entropy import _EMPTY_SHAPE, _bwd_impl, _fwd_impl, _torch_fwd
 
 # The row chunk's logits buffer, plus its gradient buffer off the Triton backend: 256 MiB, so
@@ -120,11 +120,10 @@ def gradient_accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-# Whether torch has cuBLAS's GEMM from 16-bit operands into a float32 output (torch >= 2.8).
-_HAS_ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
-# Elsewhere a float16 dz chunk is converted to float32 in vocab blocks of this many bytes: an
-# O(1) temporary, where the whole chunk would double the chunk buffer.
-CONVERT_BLOCK_BYTES = 16 << 20
+# Without cuBLAS's float32-output form, a float16 chunk's d_W product is formed in vocab
+# blocks whose temporaries take at most this many bytes: O(1) memory, where the whole product
+# would be a second V x H.
+PRODUCT_BLOCK_BYTES = 16 << 20
 
 
 def add_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
@@ -132,22 +131,29 @@ def add_weight_gradient(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
     """grad_weight += grad_logits^T @ hidden_rows; the first chunk writes over the buffer
     instead (beta 0: neither a zero fill nor a read of it, one V x H pass saved). A float32
     accumulator with float16 operands (`gradient_accumulation_dtype`) takes cuBLAS's
-    float32-output GEMM on CUDA, at the 16-bit tensor-core rate; on CPU and older torch, the
-    operands in float32, in vocab blocks."""
+    float32-output GEMM on CUDA, at the 16-bit tensor-core rate. Without it, vocab blocks:
+    on CUDA (torch < 2.10) a block's product stays on the tensor cores and is rounded to float16
+    before it is added (so one chunk's sum over its rows must fit float16); elsewhere the
+    operands are converted to float32 first (exact)."""
     beta = 0.0 if first else 1.0
     if grad_weight.dtype == grad_logits.dtype:
         torch.addmm(grad_weight, grad_logits.T, hidden_rows, beta=beta, out=grad_weight)
-    elif grad_logits.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+        return
+    if grad_logits.is_cuda and ADDMM_HAS_FLOAT32_OUT_DTYPE:
         torch.addmm(grad_weight, grad_logits.T, hidden_rows, beta=beta,
                     out_dtype=grad_weight.dtype, out=grad_weight)
-    else:
-        hidden_rows = hidden_rows.to(grad_weight.dtype)
-        rows, vocab = grad_logits.shape
-        block = max(1, CONVERT_BLOCK_BYTES // max(1, rows * grad_weight.element_size()))
-        for start in range(0, vocab, block):
-            target = grad_weight[start:start + block]
-            torch.addmm(target, grad_logits[:, start:start + block].T.to(grad_weight.dtype),
-                        hidden_rows, beta=beta, out=target)
+        return
+    product_dtype = grad_logits.dtype if grad_logits.is_cuda else grad_weight.dtype
+    hidden_rows = hidden_rows.to(product_dtype)
+    rows, features = hidden_rows.shape
+    block = max(1, PRODUCT_BLOCK_BYTES // (grad_weight.element_size() * (rows + features)))
+    for start in range(0, grad_logits.shape[1], block):
+        product = torch.mm(grad_logits[:, start:start + block].T.to(product_dtype), hidden_rows)
+        target = grad_weight[start:start + block]
+        if first:
+            target.copy_(product)
+        else:
+            target.add_(product)
 
 
 def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs, clip_low: float,
