@@ -4,12 +4,14 @@ losses built on the same head are in em_kernels/linear_loss.py."""
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
+from ._ops import autocast_off
 from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
 from ._vocab_parallel import VocabShard
 
@@ -43,6 +45,34 @@ def _resolve(backend: str, device: torch.device) -> str:
                 f"unavailable: {status}")
         return "triton"
     return resolve_backend(backend, device)  # "triton", "torch", or a clear error
+
+
+def autocast_like_linear(head_op):
+    """Give ``head_op`` (hidden, weight, *, bias, ...) nn.Linear's rule inside torch.autocast on
+    hidden's device: each floating-point operand but a float64 one is cast to the autocast
+    dtype, differentiably (its gradient comes back in its own dtype), so that an fp32 model
+    under autocast runs the head's matmuls on the tensor cores as its own head would; the op
+    then runs with autocast off, so that its statistics keep their own precision (autocast
+    would otherwise recast the matmuls and reductions inside). Outside autocast: as given."""
+
+    @functools.wraps(head_op)
+    def under_autocast(hidden, weight, *args, bias=None, **kwargs):
+        device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
+        if device_type is None or not (torch.amp.is_autocast_available(device_type)
+                                       and torch.is_autocast_enabled(device_type)):
+            return head_op(hidden, weight, *args, bias=bias, **kwargs)
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(operand):
+            if (isinstance(operand, torch.Tensor) and operand.is_floating_point()
+                    and operand.dtype != torch.float64 and operand.device.type == device_type):
+                return operand.to(dtype)
+            return operand
+
+        with autocast_off(device_type):
+            return head_op(cast(hidden), cast(weight), *args, bias=cast(bias), **kwargs)
+
+    return under_autocast
 
 
 def _check_matrices(hidden, weight, bias, backend: str, op: str = "linear_entropy") -> None:
@@ -130,6 +160,7 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+@autocast_like_linear
 def linear_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -145,7 +176,10 @@ def linear_entropy(
     per row, fused with the LM head: the [N, V] logits are never allocated.
 
     Args:
-        hidden: (N, H) float32, bfloat16 or float16 (float64 with backend="torch").
+        hidden: (N, H) float32, bfloat16 or float16 (float64 with backend="torch"). Inside
+            torch.autocast (on hidden's device), hidden, weight and bias are cast to its dtype
+            first, as nn.Linear's operands are (float64 excepted; the gradients come back in
+            the operands' own dtypes).
         weight: (V, H), same dtype and device (the LM head's weight, not its transpose). With a
             process_group: this rank's contiguous shard of the vocabulary, rank r holding the ids
             after those of ranks 0..r-1 (shards may differ in size, but none may be empty:

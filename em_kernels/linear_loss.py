@@ -13,7 +13,7 @@ from . import _checks, reference
 from ._backend import resolve_backend
 from ._ops import linear_entropy_loss as loss_ops
 from ._vocab_parallel import VocabShard
-from .linear_entropy import _check_matrices
+from .linear_entropy import _check_matrices, autocast_like_linear
 
 
 class LinearEntropyLoss(NamedTuple):
@@ -48,6 +48,7 @@ def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
     return value.to(dtype).contiguous()
 
 
+@autocast_like_linear
 def linear_entropy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -134,6 +135,7 @@ class _Policy(NamedTuple):
     kl_weight: float
 
 
+@autocast_like_linear
 def linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

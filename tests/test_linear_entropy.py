@@ -276,6 +276,34 @@ def random_problem(rows, features, vocab, device, dtype=torch.float32, seed=0, s
             tokens.to(device))
 
 
+def test_autocast_casts_operands_like_linear(backend_device):
+    """Inside torch.autocast, fp32 hidden, weight and bias are cast to its dtype as nn.Linear's
+    are, and the op runs with autocast off: the values are bitwise those of bf16 operands cast
+    by hand outside it (with autocast leaking in, the torch path's fp32 logits matmul ran in
+    bf16), and the gradients, with the backward run inside the region too, are theirs, in
+    fp32."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(9, 16, 40, device)
+    generator = torch.Generator().manual_seed(4)
+    upstream = [torch.randn(9, generator=generator).to(device) for _ in range(2)]
+
+    def run(operands, cast):
+        leaves_ = [x.clone().requires_grad_() for x in operands]
+        used = [x.to(torch.bfloat16) for x in leaves_] if cast else leaves_
+        out = em_kernels.linear_entropy(used[0], used[1], bias=used[2], tokens=tokens,
+                                        backend=backend)
+        loss = (out.entropy * upstream[0] + out.logprobs * upstream[1]).sum()
+        return out, torch.autograd.grad(loss, leaves_)
+
+    with torch.autocast(device, dtype=torch.bfloat16):
+        under_autocast, autocast_grads = run((hidden, weight, bias), cast=False)
+    by_hand, by_hand_grads = run((hidden, weight, bias), cast=True)
+    assert torch.equal(under_autocast.entropy, by_hand.entropy)
+    assert torch.equal(under_autocast.logprobs, by_hand.logprobs)
+    for got, want in zip(autocast_grads, by_hand_grads):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_strided_inputs(backend_device):
     """Views with any strides (a column slice of hidden, a transposed weight, every other bias
     entry and token) give the same results as their contiguous copies."""

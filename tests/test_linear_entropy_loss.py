@@ -484,6 +484,47 @@ def test_add_weight_gradient_overwrites_then_accumulates(dtype):
     assert float((accumulator.double() - expected).abs().max()) <= rounding
 
 
+def test_autocast_casts_operands_like_linear(backend_device):
+    """Both fused losses inside torch.autocast: the head's fp32 operands are cast to its dtype
+    (nn.Linear's rule) and the op runs with autocast off, so loss, statistics and gradients
+    are bitwise those of bf16 operands cast by hand (with autocast leaking in, the loss came
+    back in bf16), the gradients in fp32."""
+    backend, device = backend_device
+    hidden, weight, bias, tokens = random_problem(9, 16, 40, device)
+    generator = torch.Generator().manual_seed(6)
+    advantages = torch.randn(9, generator=generator).to(device)
+
+    def run(loss_fn, cast, **kwargs):
+        leaves_ = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+        used = [x.to(torch.bfloat16) for x in leaves_] if cast else leaves_
+        out = loss_fn(used[0], used[1], bias=used[2], tokens=tokens, backend=backend, **kwargs)
+        return out, torch.autograd.grad(out.loss, leaves_)
+
+    for loss_fn, kwargs in ((em_kernels.linear_entropy_loss,
+                             dict(entropy_weight=0.5, logprob_weight=-0.25)),
+                            (em_kernels.linear_policy_loss, dict(advantages=advantages))):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            under_autocast, autocast_grads = run(loss_fn, False, **kwargs)
+        by_hand, by_hand_grads = run(loss_fn, True, **kwargs)
+        for got, want in zip(under_autocast, by_hand):
+            assert got.dtype == torch.float32 and torch.equal(got, want), loss_fn.__name__
+        for got, want in zip(autocast_grads, by_hand_grads):
+            assert got.dtype == torch.float32 and torch.equal(got, want), loss_fn.__name__
+
+
+def test_torch_compile_fullgraph_under_autocast():
+    hidden, weight, bias, tokens = random_problem(11, 16, 20, "cpu")
+
+    def step(hidden, weight, bias, tokens):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = em_kernels.linear_entropy_loss(hidden, weight, bias=bias, tokens=tokens,
+                                                 entropy_weight=0.5, logprob_weight=1.0,
+                                                 backend="torch")
+        return out.loss * 3.0
+
+    assert_compiles_like_eager(step, (hidden, weight, bias), tokens)
+
+
 def test_is_grads_batched_and_vmap():
     """Batched upstream gradients work (out of place); vmap raises with what to do instead."""
     hidden, weight, bias, _ = random_problem(5, 6, 9, "cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # cuBLAS hands out a 16-bit GEMM's float32 accumulator in float32 through torch's out_dtype
@@ -10,6 +12,15 @@ import torch
 _TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
 MM_HAS_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
 ADDMM_HAS_FLOAT32_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
+
+
+def autocast_off(device_type: str):
+    """A context with torch.autocast off on ``device_type``: our ops choose the precision of
+    their own matmuls and reductions, which autocast would recast (when a backward runs inside
+    an autocast region, for one)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def mm_to_float32(mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:

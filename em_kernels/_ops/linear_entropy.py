@@ -44,7 +44,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import ADDMM_HAS_FLOAT32_OUT_DTYPE, mm_to_float32, refuse_double_backward
+from . import ADDMM_HAS_FLOAT32_OUT_DTYPE, autocast_off, mm_to_float32, refuse_double_backward
 from .entropy import lse_dtype, split_lse
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
@@ -390,9 +390,11 @@ def linear_entropy_backward(
     need_grad_weight: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return chunked_backward(
-        hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse, grad_chosen,
-        temperature, grad_filter_eps, need_grad_hidden, need_grad_weight, backend)
+    # A backward run inside an autocast region would have its fp32 matmuls recast.
+    with autocast_off(hidden.device.type):
+        return chunked_backward(
+            hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse, grad_chosen,
+            temperature, grad_filter_eps, need_grad_hidden, need_grad_weight, backend)
 
 
 @linear_entropy_backward.register_fake
