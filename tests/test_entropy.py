@@ -600,6 +600,28 @@ def test_masking_with_the_most_negative_float(backend_device):
             torch.testing.assert_close(result[row : row + 1], alone, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature, grad_entropy", [(1.0, 4.0), (0.5, 2.0), (1e-20, 1.0)])
+def test_zero_probability_entries_get_zero_gradients(backend_device, temperature, grad_entropy):
+    """Entries whose p is 0 while their logit is finite: a -1e38 "mask" (code that masks with a
+    large negative number), and at T = 1e-20 every entry but the max. With a chosen token their
+    ln p_j, huge but finite, times gH / T overflowed in the Triton backward and 0 * inf made
+    them NaN (found by a review; in a fused loss the NaN then spread through d_hidden and
+    d_weight). Their gradient is 0, and the row's is the float64 one."""
+    backend, device = backend_device
+    logits = torch.tensor([[0.5, 1.0, 2.0, -1e38, 0.25], [0.0, 0.0, 1.0, 0.0, -1e38]])
+    tokens = torch.tensor([2, 2])
+    exact = logits.double().requires_grad_()
+    exact_logprobs, exact_entropy = reference.logprobs_and_entropy_ref(exact, tokens, temperature)
+    (grad_entropy * exact_entropy - exact_logprobs).sum().backward()
+    ours = logits.to(device).requires_grad_()
+    logprobs, entropy = em_kernels.logprobs_and_entropy(
+        ours, tokens.to(device), temperature=temperature, backend=backend)
+    (grad_entropy * entropy - logprobs).sum().backward()
+    assert bool(torch.isfinite(ours.grad).all()), ours.grad
+    assert bool((ours.grad[0, 3] == 0) & (ours.grad[1, 4] == 0))
+    torch.testing.assert_close(ours.grad.double().cpu(), exact.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_maxima_whose_difference_overflows(backend_device):
     """Chunks whose maxima lie 4e38 apart: the shift between them overflows float32 to -inf, and
     merging must still give the chunk's scale 0 (not 0 * -inf = NaN). Row 0 is one +2e38 among

@@ -266,9 +266,9 @@ def _softmax_stats_bwd_kernel(
         dH/dz_j   = -(1/T) p_j (ln p_j + H)
         dlp/dz_j  =  (1/T) (onehot(y)_j - p_j)     (no one-hot if y is outside [0, V): its logit
                                                    lies elsewhere, as on a vocabulary shard)
-    A -inf logit gets exactly 0 (p_j = 0 but ln p_j = -inf: the product is set to 0), also when
-    it is the chosen token; so does the entropy term of a finite logit whose log2 p_j overflows
-    to -inf (finfo.min scaled by 1 / T).
+    A -inf logit gets exactly 0 (p_j = 0 times a clamped ln p_j, and no one-hot), also when it
+    is the chosen token; so does the entropy term of every entry whose p_j is 0 (a finite logit
+    far below the max: a -1e38 mask, or any gap at T ~ 1e-20).
 
     Memory: reads the tile once (evict-first) and 16-28 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
@@ -309,6 +309,11 @@ def _softmax_stats_bwd_kernel(
     offset = tl.where(trusted, offset * LOG2E, float("nan"))
     log2_p = (z - center) * scale2 - offset
     p = tl.exp2(log2_p)
+    # ln p_j + H with log2 p_j clamped at EXP2_FLOOR, as the C++ and CUDA kernels clamp it: where
+    # p_j is 0 (z = -inf, or log2 p_j below the range: -1e38 masks, T ~ 1e-20) it stays finite
+    # times gH / T, so that p_j times it is exactly 0 (unclamped, a huge finite log2 p_j times
+    # gH / T overflowed and 0 * inf gave NaN); where 2^d is nonzero on the GPU it changes nothing.
+    log_factor = tl.fma(tl.maximum(log2_p, EXP2_FLOOR), LN2, entropy)
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
         grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
@@ -320,12 +325,10 @@ def _softmax_stats_bwd_kernel(
         # narrowing (an int64 id that wraps into the tile must not match).
         chosen_offset = tl.where((token >= 0) & (token < V), token - chunk * BLOCK, -1).to(
             tl.int32)
-        grad = p * (-grad_entropy * tl.fma(log2_p, LN2, entropy) - grad_logprob)
-        grad = tl.where(log2_p == float("-inf"), 0.0, grad) + tl.where(
+        grad = p * (-grad_entropy * log_factor - grad_logprob) + tl.where(
             tl.arange(0, BLOCK) == chosen_offset, grad_logprob, 0.0)
     else:
-        grad = -grad_entropy * p * tl.fma(log2_p, LN2, entropy)
-        grad = tl.where(log2_p == float("-inf"), 0.0, grad)
+        grad = -grad_entropy * p * log_factor
     grad = tl.where(z == float("-inf"), 0.0, grad)
     if ROUND_TO_BF16:
         grad = _round_to_bf16(grad)
