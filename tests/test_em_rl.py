@@ -46,7 +46,11 @@ def test_rewards_match_full_logit_reference(llama, seed, batch, prompt, response
     with torch.no_grad():
         oracle = reference_rewards(llama, inputs, kind, reduce, torch.float64)
         baseline = reference_rewards(llama, inputs, kind, reduce, torch.float32)
-    assert_matches_oracle(rewards, oracle, baseline, 1e-6, f"{kind}_reward ({reduce})")
+    # A few fp32 ulps of the reward itself, as in test_em_ft: summed over a response it reaches
+    # ~19 (ulp 1.9e-6), and a summation order other than plain PyTorch's may round it one ulp
+    # away (seed 32000, batch 1, prompt 1, response 6, token sum: 2.0e-6, 2026-11-28).
+    floor = 1e-6 + 4 * torch.finfo(torch.float32).eps * float(oracle.abs().max())
+    assert_matches_oracle(rewards, oracle, baseline, floor, f"{kind}_reward ({reduce})")
 
 
 def test_rewards_signs_and_empty_responses(llama):
