@@ -822,6 +822,31 @@ def cuda_head_operands(rows=4096, features=256, vocab=131072):
     return hidden, weight, torch.randint(0, vocab, (rows,), device="cuda")
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_16bit_gemms_on_cuda_without_float32_output_forms(backend):
+    """torch < 2.8 has no out_dtype GEMMs and torch < 2.10 no addmm adding to float32: there
+    the 16-bit products are rounded to bf16 before they are added in float32. Simulated on this
+    torch by switching the version flags off: the values and gradients stay within bf16
+    rounding of the float32-output forms'."""
+    if not runnable(backend, "cuda"):
+        pytest.skip(em_kernels.available_backends()[backend])
+    hidden, weight, tokens = cuda_head_operands(rows=256, features=64, vocab=40000)
+
+    def run():
+        leaves_ = [x.detach().clone().requires_grad_() for x in (hidden, weight)]
+        out = em_kernels.linear_entropy(*leaves_, tokens=tokens, backend=backend)
+        (out.entropy.sum() - out.logprobs.sum()).backward()
+        return [out.entropy, out.logprobs] + [x.grad.float() for x in leaves_]
+
+    expected = run()
+    with mock.patch.object(em_kernels._ops, "MM_HAS_OUT_DTYPE", False), \
+            mock.patch.object(ops, "ADDMM_HAS_FLOAT32_OUT_DTYPE", False):
+        fallback = run()
+    for got, want in zip(fallback, expected):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
 def test_chunked_path_never_holds_n_by_v():
     """fp32 logits of this shape take 256 MiB; the chunked path's peak resident memory over
     forward+backward must stay far below that (its blocks are shrunk to 1 MiB here, so that a

@@ -465,6 +465,29 @@ def test_float16_parameter_gradients_are_summed_in_float32(backend_device):
     assert float(exact[1].grad.abs().max()) < 1e3  # the true gradient is far from overflowing
 
 
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_float16_weight_gradient_on_cuda_without_addmm_float32_output():
+    """torch < 2.10 cannot add a float16 GEMM to a float32 matrix: there each row chunk's
+    product is formed in float16 vocab blocks and added in float32. Simulated on this torch by
+    switching the version flag off: d_weight within float16 rounding of the fast path's."""
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(700, 64, generator=generator).half().cuda()
+    weight = (torch.randn(3000, 64, generator=generator) * 0.1).half().cuda()
+
+    def run():
+        leaves_ = [x.clone().requires_grad_() for x in (hidden, weight)]
+        with chunks_of(128, {"hidden": leaves_[0], "weight": leaves_[1]}):
+            em_kernels.linear_entropy_loss(*leaves_, entropy_weight=1 / 700).loss.backward()
+        return leaves_[1].grad.float()
+
+    expected = run()
+    with mock.patch.object(loss_ops, "ADDMM_HAS_FLOAT32_OUT_DTYPE", False), \
+            mock.patch.object(loss_ops, "PRODUCT_BLOCK_BYTES", 1 << 16):
+        fallback = run()
+    torch.testing.assert_close(fallback, expected, rtol=1e-2,
+                               atol=1e-2 * float(expected.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_add_weight_gradient_overwrites_then_accumulates(dtype):
     """The first chunk writes over whatever the buffer holds (NaN here), later ones add; a
