@@ -56,8 +56,11 @@ def check_logits(logits, backend: str, name: str = "logits") -> None:
 
 def check_number(name: str, value, *, low: float | None = None, high: float | None = None,
                  low_open: bool = False, allow_inf: bool = False) -> float:
-    """A Python int or float (not bool), never NaN, finite unless allow_inf, within [low, high]
-    ((low, high] with low_open; either bound may be None); returned as a float."""
+    """A Python int or float (not bool), or a NumPy one (np.float32(0.7) from a config), never
+    NaN, finite unless allow_inf, within [low, high] ((low, high] with low_open; either bound
+    may be None); returned as a float."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()  # a NumPy scalar as the Python number it holds (bool stays bool)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     try:

@@ -1085,6 +1085,20 @@ def test_integer_temperature_is_accepted():
                                em_kernels.entropy(logits, temperature=2.0, backend="torch"))
 
 
+def test_numpy_scalar_temperatures_are_accepted():
+    """A NumPy scalar (a sweep's np.float32, say) counts as the number it holds; np.bool_ and
+    arrays with a dim do not."""
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(2, 5)
+    for temperature in (np.float32(0.75), np.float64(0.75), np.int64(2)):
+        torch.testing.assert_close(
+            em_kernels.entropy(logits, temperature=temperature, backend="torch"),
+            em_kernels.entropy(logits, temperature=float(temperature), backend="torch"))
+    for temperature in (np.bool_(True), np.array([0.5])):
+        for error in _both(logits, temperature=temperature, backend="torch"):
+            assert isinstance(error, TypeError), error
+
+
 def test_unknown_and_unavailable_backends():
     logits = torch.randn(2, 5)
     for name in ("tritonn", "CUDA", ""):
