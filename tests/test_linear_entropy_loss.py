@@ -317,12 +317,16 @@ def test_never_holds_n_by_v(backend):
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_extra_memory_on_cuda(backend):
-    """The gradients, the chunk buffer(s) and O(N): at this shape bf16 logits would take 1 GiB."""
+def test_extra_memory_on_cuda(backend, dtype):
+    """The gradients, the chunk buffer(s) and O(N): at this shape bf16 logits would take 1 GiB.
+    float16's d_weight is summed in float32 and rounded into a float16 copy at the end: 6 bytes
+    an entry at the peak."""
     if not runnable(backend, "cuda"):
         pytest.skip(em_kernels.available_backends()[backend])
-    hidden, weight, tokens = cuda_head_operands()
+    hidden, weight, tokens = (x.detach().to(dtype).requires_grad_() if x.is_floating_point()
+                              else x for x in cuda_head_operands())
     (rows, features), vocab = hidden.shape, weight.shape[0]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -331,9 +335,10 @@ def test_extra_memory_on_cuda(backend):
                                          logprob_weight=1.0, backend=backend)
     out.loss.backward()
     peak = torch.cuda.max_memory_allocated() - base
-    # The gradients (handed over as .grad, not copied), the chunk buffer(s) within their budget,
-    # and room for O(N) statistics and cuBLAS's workspace.
-    gradients = (rows + vocab) * features * 2
+    # The gradients (bf16's handed over as .grad, not copied), the chunk buffer(s) within their
+    # budget, and room for O(N) statistics and cuBLAS's workspace.
+    weight_gradient_bytes = 2 if dtype == torch.bfloat16 else 4 + 2
+    gradients = (rows * 2 + vocab * weight_gradient_bytes) * features
     assert peak < gradients + loss_ops.LOSS_CHUNK_BYTES + 64 * 2**20 < rows * vocab * 2
     assert weight.grad is not None and hidden.grad is not None
 
