@@ -16,7 +16,12 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
 4. reports bytes / time and FLOPs / time from the op's counts of the least traffic and work the
    computation needs (not what the provider happens to move), and the fraction of the device's
    ceiling measured at the start of the same run: the copy bandwidth for memory-bound ops, the
-   matmul rate in the cell's dtype for compute-bound ones;
+   matmul rate in the cell's dtype for compute-bound ones. The flush precedes the call only:
+   within one call (fwd+bwd's backward re-reading the logits, EM-INF's later steps) inputs
+   smaller than the L2 (50-60 MB on an H100 / H200) come from L2, so such cells can pass 100%
+   of the copy ceiling, and their fraction does not count passes. On CPU nothing is flushed:
+   a cell that fits in cache (N 1, or N 64 in bf16) runs cache-warm against a DRAM copy
+   ceiling, and that ceiling moves by 2x between runs on a shared machine;
 5. compares the outputs (and in the backward modes the input gradients) with the op's float64
    oracle, on an evenly spaced subset of rows when the full oracle would be too big (every op
    here is row-wise, so a row's result does not depend on the other rows), and gives every

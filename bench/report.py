@@ -127,11 +127,17 @@ def _read_row(record: dict, ops: dict) -> dict:
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs_eager = eager's time / this time, within the same op, shape, dtype and mode."""
-    eager = {(r["op"], r["shape"], r["dtype"], r["mode"]): r["time_ms"]
-             for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
+    """speedup_vs_eager = eager's time / this time, within the same op, shape, dtype and mode,
+    and the same run (commit and start time): rows resumed from another run are compared only
+    with that run's eager (another lease's clocks, driver or commit would make the ratio
+    meaningless)."""
+    def key(row):
+        return (row["op"], row["shape"], row["dtype"], row["mode"], row.get("commit"),
+                row.get("date"))
+
+    eager = {key(r): r["time_ms"] for r in rows if r["provider"] == "eager" and r["status"] == "ok"}
     for row in rows:
-        base = eager.get((row["op"], row["shape"], row["dtype"], row["mode"]))
+        base = eager.get(key(row))
         if row["status"] == "ok" and base:
             row["speedup_vs_eager"] = base / row["time_ms"]
 

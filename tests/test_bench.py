@@ -355,6 +355,21 @@ def test_resume_leaves_out_rows_the_reports_cannot_use(tmp_path, capsys):
     assert code == 2 and "cannot resume from" in capsys.readouterr().err
 
 
+def test_speedups_pair_rows_of_one_run_only():
+    """A resumed sweep mixes runs: a provider's row is compared with the eager row of its own
+    run (commit and start time), never with another run's."""
+    from bench.report import add_speedups
+
+    def row(provider, time_ms, run):
+        return dict(op="entropy", shape="N8-V32000", dtype="bf16", mode="fwd",
+                    provider=provider, status="ok", time_ms=time_ms, commit=run[0], date=run[1])
+
+    first, second = ("abc", "2026-11-27 10:00 UTC"), ("def", "2026-11-28 09:00 UTC")
+    rows = [row("eager", 2.0, first), row("triton", 1.0, first), row("cuda", 0.5, second)]
+    add_speedups(rows)
+    assert rows[1]["speedup_vs_eager"] == 2.0 and "speedup_vs_eager" not in rows[2]
+
+
 def test_shape_filters():
     op = OPS["entropy"]
     assert select_shapes(op, [{"N": 3, "V": 5}], "cpu", False) == [{"N": 3, "V": 5}]
