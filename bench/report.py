@@ -15,9 +15,12 @@ from .harness import DTYPES, ERROR_FACTOR, parse_shape_label
 # check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
 # exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
-# tol_out and tol_grad: the tolerances the verdict applied.
+# tol_out and tol_grad: the tolerances the verdict applied to the largest errors; rel_out and
+# rel_grad: the normwise errors ||value - oracle|| / ||oracle||, with tol_rel_out and
+# tol_rel_grad (absent from runs before 2026-11-28).
 MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
-            "err_grad", "tol_out", "tol_grad")
+            "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
+            "tol_rel_grad")
 DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
 CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "check", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",

@@ -17,7 +17,8 @@ import torch
 
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
-from bench.harness import ERROR_FACTOR, Context, Provider, check_errors, make_case, measure
+from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, check_errors,
+                           make_case, measure)
 from bench.ops import OPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,9 +127,15 @@ def test_a_wrong_provider_fails_its_check_and_the_run(wrong, providers, tmp_path
 
 
 def test_check_rule():
-    """ERROR_FACTOR x eager's error, at least eager's floor; non-finite errors always fail; no
-    baseline, no verdict."""
+    """ERROR_FACTOR x eager's error, at least eager's floor; NORM_ERROR_FACTOR x its normwise
+    error, at least that floor; non-finite errors always fail; no baseline, no verdict."""
     eager = {"err_out": 1e-7, "floor_out": 5e-6, "err_grad": 1e-3, "floor_grad": 2e-3}
+    normwise = {**eager, "rel_out": 1e-6, "rel_floor_out": 5e-7}
+    assert check_errors({"err_out": 4e-6, "rel_out": 0.99 * NORM_ERROR_FACTOR * 1e-6},
+                        normwise)["check"] == "ok"
+    failed = check_errors({"err_out": 4e-6, "rel_out": 1.01 * NORM_ERROR_FACTOR * 1e-6}, normwise)
+    assert failed["check"] == "FAIL" and "normwise rel_out" in failed["reason"]
+    assert check_errors({"err_out": 4e-6, "rel_out": float("nan")}, normwise)["check"] == "FAIL"
     assert check_errors({"err_out": 4e-6}, eager) == {"check": "ok", "tol_out": 5e-6}
     assert check_errors({"err_out": 6e-6}, eager)["check"] == "FAIL"
     within = {"err_out": 1e-6, "err_grad": 0.99 * ERROR_FACTOR * 1e-3}
@@ -181,6 +188,39 @@ def test_a_wrong_weight_gradient_shows_in_error_column():
     right = measure(ctx, case, eager, "fwd+bwd")["err_grad"]
     wrong = measure(ctx, case, doubled, "fwd+bwd")["err_grad"]
     assert right < 1e-6 and wrong > 100 * right, (right, wrong)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_slightly_wrong_gradient_fails_the_normwise_check(dtype):
+    """An entropy backward with its H term 2% off hides, in bf16, under the rounding of the
+    largest gradient entry (the largest-error check passed it); normwise it is ~10x eager's
+    error and fails, in fp32 too."""
+    from bench.ops.entropy import eager_entropy
+
+    class HTermOff(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits):
+            z = logits.float()
+            log_p = torch.log_softmax(z, -1)
+            entropy = -(log_p.exp() * log_p).sum(-1)
+            ctx.save_for_backward(log_p, entropy)
+            return entropy
+
+        @staticmethod
+        def backward(ctx, grad):
+            log_p, entropy = ctx.saved_tensors
+            wrong = -grad[:, None] * log_p.exp() * (log_p + 0.98 * entropy[:, None])
+            return wrong.to(dtype)
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    op = OPS["entropy"]
+    case = make_case(ctx, op, {"N": 8, "V": 4096}, dtype, seed=0)
+    eager = measure(ctx, case, Provider("eager", lambda c: lambda: eager_entropy(
+        c.inputs["logits"])), "fwd+bwd", timed=False)
+    wrong = measure(ctx, case, Provider("wrong", lambda c: lambda: (
+        HTermOff.apply(c.inputs["logits"]),)), "fwd+bwd", timed=False)
+    verdict = check_errors(wrong, eager)
+    assert verdict["check"] == "FAIL" and "normwise rel_grad" in verdict["reason"], verdict
 
 
 def _policy_loss_run(tmp_path, providers, *modes):
