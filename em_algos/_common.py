@@ -458,7 +458,10 @@ def sample_responses(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: to
 
 # Bound on |ref - lp| in k3_kl: a token whose probability drifted e^20 (5e8) times from the
 # reference's would otherwise give exp(ref - lp) = inf (from a gap of 89 in float32) and a NaN
-# loss; as verl does, the estimate is taken at the bound there (and passes no gradient).
+# loss; the estimate is taken at the bound there (and passes no gradient), as recent verl does.
+# verl's low_var_kl also clamps the estimate itself to [-10, 10] (the only clamp in the verl of
+# the paper's released code), which stops the KL gradient where ref - lp passes about 2.6 (or
+# falls below -11); here the estimate is not clamped, as in TRL's GRPO.
 K3_MAX_LOG_RATIO = 20.0
 
 

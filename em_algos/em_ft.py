@@ -109,7 +109,8 @@ class EMFTTrainer:
             a list of ids, or None to always generate max_new_tokens).
         num_samples: responses sampled per prompt (the paper: 1).
         max_new_tokens: response length limit.
-        temperature: sampling temperature (the paper: 1.0).
+        temperature: sampling temperature (1.0: the model's own distribution; the paper
+            states none for EM-FT, and no EM-FT training code was released).
         lr, weight_decay: AdamW settings, used when no ``optimizer`` is given.
         max_grad_norm: global gradient-norm clip (None: no clipping).
         kl_coef: weight of the KL to the initial model (0: none, the paper's setting), estimated

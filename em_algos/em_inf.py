@@ -56,8 +56,12 @@ _PROBE = torch.zeros(1, 2)
 class EMInfLogitsProcessor(LogitsProcessor):
     """EM-INF on the next-token scores (see `em_kernels.em_inf_adjust` for the options).
 
-    Defaults are the paper's released code. early_exit="row" (default) lets every sequence of
-    a batch stop on its own entropy; "batch" reproduces the released code's batch-wide loss.
+    Defaults are those of the released code's EM-INF function (5 Adam steps, lr 0.1, KL weight
+    0.001, entropy threshold 0.3). Its evaluation script (EM-INF/em_inf_eval.sh) runs 3 steps
+    with KL weight 0.05 and samples at temperature 0.1 after the adjustment: to reproduce it,
+    `em_inf_processors(EMInfLogitsProcessor(steps=3, kl_weight=0.05), temperature=0.1)`.
+    early_exit="row" (default) lets every sequence of a batch stop on its own entropy; "batch"
+    reproduces the released code's batch-wide loss (the same at batch size 1, as it generates).
     """
 
     def __init__(self, steps: int = 5, lr: float = 0.1, kl_weight: float = 0.001,
@@ -79,7 +83,10 @@ class EMInfLogitsProcessor(LogitsProcessor):
 
 class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
     """The paper's adaptive-temperature baseline on the next-token scores, per row (see
-    `em_kernels.adaptive_temperature`)."""
+    `em_kernels.adaptive_temperature`). alpha 0.5 follows the paper's text ("alpha in (0.4,
+    0.6) works best"), which gives no delta or tol; the released processor's defaults are
+    alpha 0.2, delta 1e-6, tol 0.1, and its evaluation script (EM-INF/adaptive_temp_eval.sh)
+    runs alpha 0.85, delta 1e-5, tol 0.1: pass those to reproduce it."""
 
     def __init__(self, alpha: float = 0.5, delta: float = 0.1, max_iters: int = 100,
                  tol: float = 0.01, backend: str = "auto"):
@@ -108,9 +115,10 @@ def em_inf_processors(
 
     Args:
         adjust: the logit adjustment that goes first; default `EMInfLogitsProcessor()` (the
-            paper's defaults). An `AdaptiveTemperatureLogitsProcessor` works as well.
+            released EM-INF function's defaults). An `AdaptiveTemperatureLogitsProcessor` works
+            as well.
         temperature: sampling temperature applied after the adjustment, a finite number > 0
-            (1.0: none).
+            (1.0: none; the released evaluation samples EM-INF at 0.1).
         top_k: keep the k most likely tokens after the adjustment, an int >= 0 (None or 0: no
             top-k).
         top_p: nucleus sampling after the adjustment, a number in [0, 1] (None or 1.0: no

@@ -11,7 +11,8 @@ logits):
 
 Advantages over the n responses of a prompt (consecutive rows): RLOO, r_i - mean_{j != i} r_j;
 GRPO, (r_i - mean_j r_j) / (std_j r_j + eps). The policy loss is PPO's clipped surrogate on every
-response token plus beta times the k3 estimate of KL(pi || pi_ref), averaged over the tokens,
+response token plus beta times the k3 estimate of KL(pi || pi_ref) (and, optionally, verl's
+entropy bonus, which the released runs kept at 0.001), averaged over the tokens,
 from `em_kernels.linear_policy_loss` on the final hidden states and the LM head: its gradients
 come from its forward, three N x H x V matmuls where linear_entropy and the loss in PyTorch take
 four.
@@ -132,7 +133,8 @@ class EMRLTrainer:
     every response token; then ``ppo_epochs`` passes over minibatches of ``minibatch_size``
     sequences, each one optimiser step on
 
-        loss = token-mean( -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A) + beta * k3 ),
+        loss = token-mean( -min(rho * A, clip(rho, 1 - clip, 1 + clip) * A) + beta * k3
+                           - entropy_coeff * H ),
         rho = exp(logp - logp_old),  k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1.
 
     Every log-prob and entropy (old, new, reference, rewards) is of softmax(logits /
@@ -152,7 +154,12 @@ class EMRLTrainer:
         advantage: "rloo" or "grpo".
         num_rollouts: responses per prompt (>= 2), the advantage group size.
         clip_range: PPO ratio clip; beta: KL weight (0 disables the reference model).
-        minibatch_size: sequences per optimiser step (None: the whole rollout batch).
+        entropy_coeff: weight of verl's entropy bonus, a number >= 0 subtracted times each
+            token's entropy H (0: none, as in the paper). The released EM-RL runs kept verl's
+            default of 0.001 (their ppo_trainer.yaml): pass 0.001 to reproduce them.
+        minibatch_size: sequences per optimiser step (None: the whole rollout batch). The
+            released runs took 4 optimiser steps per rollout batch (ppo_mini_batch_size 128 of
+            train_batch_size 512 prompts).
         The rest as in EMFTTrainer.
     """
 
@@ -160,7 +167,7 @@ class EMRLTrainer:
                  eos_token_id: int | list[int] | None,
                  reward: str = "sequence", reward_reduce: str = "mean", advantage: str = "rloo",
                  num_rollouts: int = 4, max_new_tokens: int = 256, temperature: float = 1.0,
-                 clip_range: float = 0.2, beta: float = 0.001,
+                 clip_range: float = 0.2, beta: float = 0.001, entropy_coeff: float = 0.0,
                  reference_model: nn.Module | None = None, ppo_epochs: int = 1,
                  minibatch_size: int | None = None, lr: float = 1e-6, weight_decay: float = 0.0,
                  max_grad_norm: float | None = 1.0,
@@ -178,6 +185,7 @@ class EMRLTrainer:
         check_positive("temperature", temperature)
         check_positive("clip_range", clip_range)
         check_positive("beta", beta, allow_zero=True)
+        check_positive("entropy_coeff", entropy_coeff, allow_zero=True)
         check_positive("ppo_epochs", ppo_epochs, integer=True)
         if minibatch_size is not None:
             check_positive("minibatch_size", minibatch_size, integer=True)
@@ -197,6 +205,7 @@ class EMRLTrainer:
         self.reward, self.reward_reduce, self.advantage = reward, reward_reduce, advantage
         self.num_rollouts, self.max_new_tokens = num_rollouts, max_new_tokens
         self.temperature, self.clip_range, self.beta = temperature, clip_range, beta
+        self.entropy_coeff = entropy_coeff
         self.ppo_epochs, self.minibatch_size = ppo_epochs, minibatch_size
         self.max_grad_norm = max_grad_norm
         self.reference_model = None
@@ -208,9 +217,10 @@ class EMRLTrainer:
         self.global_step = 0
 
     def _policy_loss(self, batch, old_logprobs, ref_logprobs, advantages):
-        """PPO-clip + beta * k3 over the response tokens of one minibatch, token-mean, from
-        `em_kernels.linear_policy_loss` (gradients in its forward: three matmuls on the LM
-        head). Returns the loss, and the mean k3 and clip fraction for the log."""
+        """PPO-clip + beta * k3 - entropy_coeff * H over the response tokens of one minibatch,
+        token-mean, from `em_kernels.linear_policy_loss` (gradients in its forward: three
+        matmuls on the LM head). Returns the loss, and the mean k3 and clip fraction for the
+        log."""
         rows = response_rows(self.model, *batch)
         count = max(rows.hidden.shape[0], 1)
         out = em_kernels.linear_policy_loss(
@@ -218,6 +228,7 @@ class EMRLTrainer:
             advantages=advantages[rows.sequence], old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, clip_range=self.clip_range,
             kl_weight=self.beta if ref_logprobs is not None else 0.0, token_weight=1.0 / count,
+            entropy_weight=-self.entropy_coeff / count if self.entropy_coeff else None,
             temperature=self.temperature)
         ratio = (out.logprobs - old_logprobs).exp()
         clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)

@@ -162,23 +162,28 @@ def test_trainer_lowers_entropy(reward, advantage):
     assert after < before - 0.1, (before, after)
 
 
-def test_policy_loss_matches_full_logit_pytorch():
-    """The trainer's fused policy loss (PPO-clip + beta k3 through linear_policy_loss) has the
-    value and parameter gradients of the same loss on full logits in PyTorch, off-policy (some
-    tokens clipped) and with a temperature."""
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.3])
+def test_policy_loss_matches_full_logit_pytorch(entropy_coeff):
+    """The trainer's fused policy loss (PPO-clip + beta k3 - entropy_coeff H through
+    linear_policy_loss) has the value and parameter gradients of the same loss on full logits
+    in PyTorch, off-policy (some tokens clipped) and with a temperature."""
     from algos_support import full_logits
 
     model = tiny_causal_lm(seed=6, family="llama")
     trainer = EMRLTrainer(model, pad_token_id=PAD, eos_token_id=EOS, max_new_tokens=5, beta=0.1,
-                          clip_range=0.1, temperature=0.7, progress=False)
+                          clip_range=0.1, temperature=0.7, entropy_coeff=entropy_coeff,
+                          progress=False)
     generator = torch.Generator().manual_seed(3)
     batch = random_batch(generator, 3, 4, 6)
     predicts = batch[2][:, 1:].bool()
 
-    def response_logprobs():
+    def response_logprobs(with_entropy=False):
         logits = full_logits(model, batch[0], batch[1], torch.float32)[:, :-1] / 0.7
-        logprobs = torch.log_softmax(logits, -1).gather(-1, batch[0][:, 1:, None]).squeeze(-1)
-        return logprobs[predicts]
+        log_softmax = torch.log_softmax(logits, -1)
+        logprobs = log_softmax.gather(-1, batch[0][:, 1:, None]).squeeze(-1)[predicts]
+        if not with_entropy:
+            return logprobs
+        return logprobs, -(log_softmax.exp() * log_softmax).sum(-1)[predicts]
 
     with torch.no_grad():  # old and reference policies near the current one
         current = response_logprobs()
@@ -190,13 +195,14 @@ def test_policy_loss_matches_full_logit_pytorch():
     fused = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
 
-    logprobs = response_logprobs()
+    logprobs, entropy = response_logprobs(with_entropy=True)
     ratio = torch.exp(logprobs - old)
     clipped = ratio.clamp(0.9, 1.1)
     token_advantages = advantages[:, None].expand_as(predicts)[predicts]
     surrogate = -torch.minimum(ratio * token_advantages, clipped * token_advantages)
     log_ratio = (ref - logprobs).clamp(-20, 20)
-    expected = (surrogate + 0.1 * (log_ratio.exp() - log_ratio - 1)).mean()
+    expected = (surrogate + 0.1 * (log_ratio.exp() - log_ratio - 1)
+                - entropy_coeff * entropy).mean()
     expected.backward()
     assert 0 < float(clip_fraction) < 1
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
@@ -223,6 +229,7 @@ def test_first_update_is_on_policy_with_zero_kl(dtype):
     (dict(reward_reduce="max"), ValueError), (dict(advantage="ppo"), ValueError),
     (dict(clip_range=0), ValueError), (dict(beta=-1.0), ValueError),
     (dict(minibatch_size=0), ValueError), (dict(ppo_epochs=1.5), TypeError),
+    (dict(entropy_coeff=-0.001), ValueError),
     (dict(temperature=float("inf")), ValueError), (dict(clip_range=float("inf")), ValueError),
     (dict(optimizer="adam"), TypeError),
 ])
