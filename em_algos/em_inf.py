@@ -15,6 +15,11 @@ and top-p warpers that it builds from the generation config, so passing just
 `[EMInfLogitsProcessor()]` already puts EM-INF ahead of sampling. `em_inf_processors` makes that
 order explicit in one list; pass `NEUTRAL_SAMPLING` with it so that generate() does not apply a
 second temperature / top-k / top-p of its own (a model's generation_config often sets them).
+The paper's released evaluation kept the model's generation_config (for Qwen2.5-Instruct a
+top-k, a top-p and a repetition penalty) after EM-INF: to reproduce it, give its top_k and
+top_p to `em_inf_processors`. generate() applies its own processors (repetition penalty, bad
+words, min length) before a user's list, so EM-INF sees their output, where the released code
+adjusted the raw logits first.
 
 Both processors return the adjusted scores in the dtype of the scores they get (generate() hands
 processors float32 scores, so that is what they return); -inf entries set by earlier processors

@@ -160,7 +160,8 @@ class EMRLTrainer:
         minibatch_size: sequences per optimiser step (None: the whole rollout batch). The
             released runs took 4 optimiser steps per rollout batch (ppo_mini_batch_size 128 of
             train_batch_size 512 prompts).
-        The rest as in EMFTTrainer.
+        The rest as in EMFTTrainer. The released runs used responses of up to 3072 tokens
+        (max_new_tokens), lr 1e-6 and verl's AdamW weight decay of 0.01 (weight_decay).
     """
 
     def __init__(self, model: nn.Module, *, pad_token_id: int,
