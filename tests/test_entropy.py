@@ -600,16 +600,19 @@ def test_masking_with_the_most_negative_float(backend_device):
             torch.testing.assert_close(result[row : row + 1], alone, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("temperature, grad_entropy", [(1.0, 4.0), (0.5, 2.0), (1e-20, 1.0)])
+@pytest.mark.parametrize("temperature, grad_entropy",
+                         [(1.0, 4.0), (0.5, 2.0), (1e-20, 1.0), (1e-38, 1.0)])
 def test_zero_probability_entries_get_zero_gradients(backend_device, temperature, grad_entropy):
     """Entries whose p is 0 while their logit is finite: a -1e38 "mask" (code that masks with a
     large negative number), and at T = 1e-20 every entry but the max. With a chosen token their
     ln p_j, huge but finite, times gH / T overflowed in the Triton backward and 0 * inf made
     them NaN (found by a review; in a fused loss the NaN then spread through d_hidden and
-    d_weight). Their gradient is 0, and the row's is the float64 one."""
+    d_weight). At T = 1e-38 even the clamped log2 p_j (-127) times gH ln2 / T overflowed, on every
+    kernel, until 1 / T was applied last. Their gradient is 0, and the row's is the float64 one
+    (row 1's token is not its argmax: +-gL / T there, 1e38 at the smallest T)."""
     backend, device = backend_device
     logits = torch.tensor([[0.5, 1.0, 2.0, -1e38, 0.25], [0.0, 0.0, 1.0, 0.0, -1e38]])
-    tokens = torch.tensor([2, 2])
+    tokens = torch.tensor([2, 0])
     exact = logits.double().requires_grad_()
     exact_logprobs, exact_entropy = reference.logprobs_and_entropy_ref(exact, tokens, temperature)
     (grad_entropy * exact_entropy - exact_logprobs).sum().backward()

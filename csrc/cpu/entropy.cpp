@@ -14,7 +14,7 @@
 // Traffic: N * V * sizeof(logits) read, 12 bytes per row written (16 with tokens).
 //
 // Backward, per chunk: d = (z - c) * log2(e)/T - r with the row's c and r from the saved double
-// lse, p = 2^d, dz = p (c0 + c1 d) (+ gL/T at the chosen token), converted to the logits' dtype.
+// lse, p = 2^d, dz = p (c0 + c1 d) / T (+ gL/T at the chosen token), in the logits' dtype.
 // Traffic: one read of the logits, one write of the gradient.
 //
 // The inner loops are GCC/Clang vector code compiled three times (baseline x86-64, AVX2+FMA,
@@ -144,7 +144,7 @@ EM_SIMD_INLINE float logit_at(const T* src) {
 EM_SIMD_INLINE VecF gradient(VecF x, const GradientCoefficients& k, int32_t first,
                              int32_t token_in_chunk) {
   const VecF d = clamp_exponent((x - k.center) * k.scale - k.offset, kExp2Floor);
-  const VecF g = exp2_clamped(d) * (k.c0 + k.c1 * d);
+  const VecF g = exp2_clamped(d) * (k.c0 + k.c1 * d) * k.inv_temperature;
   return (iota() + first == token_in_chunk) ? g + k.onehot : g;
 }
 

@@ -32,10 +32,10 @@
 // thread per row, merges the row's partials in chunk order.
 // Traffic: N * V * sizeof(T) read; 12 bytes per item + 12 (16 with tokens) bytes per row written.
 //
-// Backward, _bwd_kernel: dz_j = p_j (c0 + c1 d_j) + [j == y] gL / T with d_j = log2 p_j, from
+// Backward, _bwd_kernel: dz_j = p_j (c0 + c1 d_j) / T + [j == y] gL / T with d_j = log2 p_j, from
 // the saved (entropy, lse), lse in double: per row, a center c and an offset r in double (see
 // em/softmax_stats.h); per entry: one subtract and one FMA ((z - c) log2(e)/T - r), one exp2, one
-// max, one FMA, one multiply and the conversion. Traffic: one read of the logits, one write
+// max, one FMA, two multiplies and the conversion. Traffic: one read of the logits, one write
 // of the gradient (vectorised when the logits and gradient rows share their 16-byte misalignment,
 // as contiguous inputs do; otherwise a coalesced scalar loop).
 //
@@ -403,7 +403,8 @@ __global__ void __launch_bounds__(kMergeThreads)
 
 __device__ __forceinline__ float gradient(float x, const GradientCoefficients& k) {
   const float d = fmaf(x - k.center, k.scale, -k.offset);  // log2 p
-  return exp2_approx(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0);  // -inf: 0 * finite
+  // -inf: 0 * finite; 1 / T last, so that it is 0 * finite at any T
+  return exp2_approx(d) * fmaf(k.c1, fmaxf(d, kExp2Floor), k.c0) * k.inv_temperature;
 }
 
 struct BackwardRowInputs {

@@ -285,7 +285,7 @@ def _softmax_stats_bwd_kernel(
     ).to(tl.float32)
     entropy = tl.load(entropy_ptr + row)
     lse = tl.load(lse_ptr + row)  # float64
-    grad_entropy = tl.load(grad_entropy_ptr + row) * inv_temperature
+    grad_entropy = tl.load(grad_entropy_ptr + row)
     # A row with no distribution (lse = -inf: all -inf, or all finfo.min once scaled) gets a zero
     # gradient, like every masked entry: with lse and H taken as 0 and no upstream gradient, no
     # inf - inf or 0 * NaN is formed.
@@ -311,12 +311,14 @@ def _softmax_stats_bwd_kernel(
     p = tl.exp2(log2_p)
     # ln p_j + H with log2 p_j clamped at EXP2_FLOOR, as the C++ and CUDA kernels clamp it: where
     # p_j is 0 (z = -inf, or log2 p_j below the range: -1e38 masks, T ~ 1e-20) it stays finite
-    # times gH / T, so that p_j times it is exactly 0 (unclamped, a huge finite log2 p_j times
-    # gH / T overflowed and 0 * inf gave NaN); where 2^d is nonzero on the GPU it changes nothing.
+    # times gH, so that p_j times it is exactly 0 (unclamped, a huge finite log2 p_j times gH / T
+    # overflowed and 0 * inf gave NaN); where 2^d is nonzero on the GPU it changes nothing. 1 / T
+    # multiplies last, after p_j, for the same reason: at T ~ 1e-38 even EXP2_FLOOR gH / T
+    # overflowed.
     log_factor = tl.fma(tl.maximum(log2_p, EXP2_FLOOR), LN2, entropy)
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
-        grad_logprob = tl.load(grad_logprobs_ptr + row) * inv_temperature
+        grad_logprob = tl.load(grad_logprobs_ptr + row)
         grad_logprob = tl.where(no_distribution, 0.0, grad_logprob)
         # Both terms as one product, p_j (-gH (ln p_j + H) - gL), and the one-hot by a 32-bit
         # offset into the tile, to save registers (see LOGPROB_BWD_ELEMENTS_PER_THREAD): the
@@ -325,10 +327,10 @@ def _softmax_stats_bwd_kernel(
         # narrowing (an int64 id that wraps into the tile must not match).
         chosen_offset = tl.where((token >= 0) & (token < V), token - chunk * BLOCK, -1).to(
             tl.int32)
-        grad = p * (-grad_entropy * log_factor - grad_logprob) + tl.where(
-            tl.arange(0, BLOCK) == chosen_offset, grad_logprob, 0.0)
+        grad = (p * (-grad_entropy * log_factor - grad_logprob) + tl.where(
+            tl.arange(0, BLOCK) == chosen_offset, grad_logprob, 0.0)) * inv_temperature
     else:
-        grad = -grad_entropy * p * log_factor
+        grad = -grad_entropy * p * log_factor * inv_temperature
     grad = tl.where(z == float("-inf"), 0.0, grad)
     if ROUND_TO_BF16:
         grad = _round_to_bf16(grad)

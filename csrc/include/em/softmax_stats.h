@@ -54,8 +54,11 @@
 // p_j = 2^d_j, is
 //
 //     dz_j = (1/T) [-gH p_j (d_j ln2 + H) + gL (onehot(y)_j - p_j)]
-//          = p_j (c0 + c1 d_j) + [j == y] gL / T,
-//     c0 = -(gH H + gL) / T,   c1 = -gH ln2 / T.
+//          = p_j (c0 + c1 d_j) / T + [j == y] gL / T,
+//     c0 = -(gH H + gL),   c1 = -gH ln2.
+//
+// 1 / T multiplies last: folded into c0 and c1, c1 d_j with d_j at the floor overflowed for
+// T <= ~1e-37 and made every p_j = 0 entry 0 * inf = NaN.
 //
 // Special values: a masked entry (z = -inf) has p = 0 and contributes exactly 0 (the exponent is
 // clamped at kExp2Floor before it multiplies anything). A part that is all -inf is empty:
@@ -122,15 +125,16 @@ EM_HOST_DEVICE float token_logprob(const SoftmaxPartial& p, float logit, float s
   return ((logit - p.max) * scale - log2f(p.sum)) * kLn2;
 }
 
-// Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) + [j == y] onehot with
-// d_j = (z_j - center) scale - offset and p_j = 2^d_j (see the top of this file).
+// Per-row constants of the backward: dz_j = p_j (c0 + c1 d_j) inv_temperature + [j == y] onehot
+// with d_j = (z_j - center) scale - offset and p_j = 2^d_j (see the top of this file).
 struct GradientCoefficients {
-  float center;  // c = float(lse T), near the row max (logit units)
-  float scale;   // k = log2(e) / T, the forward's
-  float offset;  // r = float(lse - c / T) log2(e), bits
-  float c0;      // -(gH H + gL) / T
-  float c1;      // -gH ln2 / T
-  float onehot;  // gL / T, added at the chosen token
+  float center;           // c = float(lse T), near the row max (logit units)
+  float scale;            // k = log2(e) / T, the forward's
+  float offset;           // r = float(lse - c / T) log2(e), bits
+  float c0;               // -(gH H + gL)
+  float c1;               // -gH ln2
+  float inv_temperature;  // 1 / T, applied after p_j (so that p_j = 0 gives 0 at any T)
+  float onehot;           // gL / T, added at the chosen token
 };
 
 // Temperatures above which the backward's center is 0 (see the top of this file).
@@ -182,16 +186,16 @@ EM_HOST_DEVICE RowStatistics finalize(const SoftmaxPartial& p, const Temperature
 EM_HOST_DEVICE GradientCoefficients gradient_coefficients(float entropy, double lse,
                                                           float grad_entropy, float grad_logprob,
                                                           const TemperatureFactors& t) {
-  if (lse == -INFINITY) return {0.0f, t.scale, 0.0f, 0.0f, 0.0f, 0.0f};
+  if (lse == -INFINITY) return {0.0f, t.scale, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
   const bool one_hot = entropy == 0.0f && fabs(lse) < INFINITY;
-  if (!(fabs(lse) <= kExactLseLimit) && !one_hot) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN};
+  if (!(fabs(lse) <= kExactLseLimit) && !one_hot) return {0.0f, t.scale, 0.0f, NAN, NAN, NAN, NAN};
   // lse T = m (1 + delta) + T ln s may pass FLT_MAX by T ln s <= FLT_MAX 22 / 1024: clamped.
   const float center =
       static_cast<float>(fmin(fmax(lse * t.center_temperature, -FLT_MAX), FLT_MAX));
   return {center, t.scale,
           static_cast<float>(lse - over_temperature(center, t)) * kLog2e,
-          -(grad_entropy * entropy + grad_logprob) * t.inv_temperature,
-          -grad_entropy * kLn2 * t.inv_temperature, grad_logprob * t.inv_temperature};
+          -(grad_entropy * entropy + grad_logprob), -grad_entropy * kLn2, t.inv_temperature,
+          grad_logprob * t.inv_temperature};
 }
 
 }  // namespace em
