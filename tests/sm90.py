@@ -4,6 +4,12 @@ compiler makes of them (wgmma, TMA, spills, registers): the interpreter never co
 `run_lowering_script` runs a script in a fresh process without TRITON_INTERPRET (under it,
 triton.jit gives interpreted functions that the compiler cannot lower); the script imports this
 module and calls `compile_for_sm90`, and prints its findings as JSON on its last line.
+
+The lent GPU machines run an older Triton (3.6) than this one may. To lower with that version
+before a lease: `python -m venv --system-site-packages V && V/bin/pip install --no-deps
+triton==3.6.0`, then `V/bin/python -m pytest tests -k lower_for_hopper` (the script runs in
+sys.executable). On 2026-11-28 they passed there; the linear forward's pointer-operand tiles
+spilled 24 bytes a thread (0 bf16 / 8 fp32 under 3.8), its default TMA tiles nothing.
 """
 
 from __future__ import annotations
