@@ -11,7 +11,7 @@ import torch
 
 from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
-from ._ops import autocast_off
+from ._ops import autocast_available, autocast_off
 from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
 from ._vocab_parallel import VocabShard
 
@@ -58,7 +58,7 @@ def autocast_like_linear(head_op):
     @functools.wraps(head_op)
     def under_autocast(hidden, weight, *args, bias=None, **kwargs):
         device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else None
-        if device_type is None or not (torch.amp.is_autocast_available(device_type)
+        if device_type is None or not (autocast_available(device_type)
                                        and torch.is_autocast_enabled(device_type)):
             return head_op(hidden, weight, *args, bias=bias, **kwargs)
         dtype = torch.get_autocast_dtype(device_type)

@@ -14,11 +14,18 @@ MM_HAS_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
 ADDMM_HAS_FLOAT32_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
 
 
+@torch.compiler.assume_constant_result
+def autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available, as a constant to torch.compile: torch 2.11's dynamo
+    cannot trace the C function behind it (2.14's can), and fullgraph tracing failed on it."""
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_off(device_type: str):
     """A context with torch.autocast off on ``device_type``: our ops choose the precision of
     their own matmuls and reductions, which autocast would recast (when a backward runs inside
     an autocast region, for one)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
