@@ -38,12 +38,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The oldest Triton the kernels run on: 3.4 brought triton.tools.tensor_descriptor (the linear
+# kernels' TMA operands). Checked 2026-11-28: 3.4.0, 3.5.1, 3.6.0 and 3.8.0 pass the Triton
+# tests under the interpreter and lower every kernel for sm_90 (3.6.0 also ran them on an H200
+# before); 3.3.1 cannot import the linear kernels and 3.2.0's interpreter cannot run the EM-INF
+# ones. torch 2.8 is the first to bring 3.4; with older, "auto" takes the CUDA kernels.
+MIN_TRITON_VERSION = (3, 4)
+
+
 @functools.cache
 def _triton_status() -> str:
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install raising anything
         return f"triton is not importable ({exc})"
+    version = triton.__version__
+    if torch.torch_version.TorchVersion(version) < MIN_TRITON_VERSION:
+        oldest = ".".join(map(str, MIN_TRITON_VERSION))
+        return (f"triton {version} is older than {oldest}, the oldest the kernels run on "
+                f"(torch >= 2.8 comes with a newer one)")
     if not torch.cuda.is_available() and not triton_interpret():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
     return "available"

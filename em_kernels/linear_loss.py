@@ -228,11 +228,14 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
     """The checks and the call shared by both losses (policy None: the plain weighted sum)."""
     temperature = _checks.check_temperature(temperature)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto", op=op)
-    for operand in (hidden, weight, bias, entropy_weight, logprob_weight, *(policy or ())):
-        if isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand):
-            raise NotImplementedError(
-                f"{op} does not run under torch.vmap: its rows are a batch already (flatten "
-                "the vmapped dim into N), or use linear_entropy")
+    operands = (hidden, weight, bias, entropy_weight, logprob_weight, *(policy or ()))
+    # Checked in eager only: torch 2.6's dynamo cannot trace is_batchedtensor.
+    if not torch.compiler.is_compiling() and any(
+            isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand)
+            for operand in operands):
+        raise NotImplementedError(
+            f"{op} does not run under torch.vmap: its rows are a batch already (flatten the "
+            "vmapped dim into N), or use linear_entropy")
     implementation = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":
         raise TypeError('float64 inputs run only with backend="torch"')
@@ -254,9 +257,10 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
         if logprob_weight is None:
             logprob_weight = 1.0 / max(hidden.shape[0], 1)  # the token mean
         logprob_weight = _row_weight("token_weight", logprob_weight, hidden, op)
-        policy = policy._replace(**{
-            name: _row_weight(name, getattr(policy, name), hidden, op, constant=True)
-            for name in ("advantages", "old_logprobs", "ref_logprobs")})
+        # (Not NamedTuple._replace, which torch 2.6's dynamo cannot trace.)
+        policy = (*(_row_weight(name, getattr(policy, name), hidden, op, constant=True)
+                    for name in ("advantages", "old_logprobs", "ref_logprobs")),
+                  policy.clip_low, policy.clip_high, policy.kl_weight)
     grad_mode = torch.is_grad_enabled()
     arguments = (hidden, weight, bias, tokens, entropy_weight, logprob_weight, *policy,
                  temperature, grad_mode and hidden.requires_grad,

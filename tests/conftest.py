@@ -27,6 +27,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 HAS_CUDA = torch.cuda.is_available()
 
 
+def triton_older_than(version: tuple[int, int]) -> bool:
+    """Whether the installed Triton predates ``version`` (False without Triton)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return torch.torch_version.TorchVersion(triton.__version__) < version
+
+
 def runnable(backend: str, device: str) -> bool:
     """Whether ``backend`` can run tensors on ``device`` here."""
     if device == "cuda" and not HAS_CUDA:

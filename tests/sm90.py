@@ -69,7 +69,15 @@ def resource_usage(compiled) -> tuple[int, int]:
 
 def run_lowering_script(script: str, **environment: str):
     """Run ``script`` in a fresh Python without TRITON_INTERPRET (this folder importable, plus
-    ``environment``), and return the JSON of its last printed line."""
+    ``environment``), and return the JSON of its last printed line. Skips the calling test
+    beside a Triton older than the kernels need."""
+    import pytest
+
+    from conftest import triton_older_than
+    from em_kernels._backend import MIN_TRITON_VERSION
+
+    if triton_older_than(MIN_TRITON_VERSION):
+        pytest.skip(f"the kernels need triton >= {'.'.join(map(str, MIN_TRITON_VERSION))}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     tests = os.path.dirname(os.path.abspath(__file__))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [tests, env.get("PYTHONPATH")]))

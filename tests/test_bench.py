@@ -492,12 +492,12 @@ def test_cpu_peak_memory_sees_every_live_tensor():
 def test_tuning_sweep_plumbing(capsys):
     """bench/tune.py on CPU (Triton's interpreter, tiny shapes): every candidate runs, matches the
     current constants' result, and the module constants are restored afterwards."""
+    if em_kernels.available_backends()["triton"] != "available":
+        pytest.skip(em_kernels.available_backends()["triton"])
     from em_kernels.triton import entropy as triton_entropy
 
     from bench import tune
 
-    if em_kernels.available_backends()["triton"] != "available":
-        pytest.skip(em_kernels.available_backends()["triton"])
     before = triton_entropy.MAX_BLOCK
     results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy",
                          "linear_entropy_bwd", "linear_entropy_bwd_chunk",

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from conftest import skip_unless_runnable
 from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
@@ -897,6 +898,8 @@ def _both(logits, tokens=None, **kwargs):
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
 def test_bad_logits(backend):
+    if backend == "triton":  # some errors come from the backend, once it is resolved
+        skip_unless_runnable("triton", "cpu")
     for bad in (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 4, dtype=torch.bool),
                 torch.zeros(3, 4, dtype=torch.complex64)):
         for error in _both(bad, backend=backend):
@@ -934,6 +937,8 @@ def test_vocab_parallel_refuses_vmap():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_tokens(backend):
+    if backend == "triton":
+        skip_unless_runnable("triton", "cpu")
     logits = torch.randn(2, 3, 10)
     tokens = torch.zeros(2, 3, dtype=torch.long)
     cases_ = [

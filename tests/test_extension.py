@@ -75,6 +75,33 @@ def test_available_backends_reports_the_extension(extension):
         assert status["cuda"] == "available"
 
 
+def test_a_triton_older_than_the_kernels_need_is_unavailable(monkeypatch):
+    """Beside Triton < 3.4 (torch < 2.8) the Triton backend is unavailable, with the reason, and
+    "auto" runs the other backends (the kernels fail there: no tensor descriptors in 3.3, an
+    interpreter without int1 in 3.2)."""
+    triton = pytest.importorskip("triton")
+    from em_kernels import _backend
+
+    def forget():  # the statuses and resolutions cached from either version
+        _backend._triton_status.cache_clear()
+        _backend._resolve_cached.cache_clear()
+
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    forget()
+    try:
+        status = em_kernels.available_backends()["triton"]
+        assert status == ("triton 3.3.1 is older than 3.4, the oldest the kernels run on "
+                          "(torch >= 2.8 comes with a newer one)")
+        with pytest.raises(em_kernels.BackendUnavailableError, match="older than 3.4"):
+            em_kernels.entropy(torch.zeros(2, 3), backend="triton")
+        monkeypatch.setattr(_backend, "_extension_status", lambda: ("available", "available"))
+        _backend._resolve_cached.cache_clear()
+        assert _backend._resolve_cached("auto", "cuda", 0) == "cuda"
+    finally:
+        monkeypatch.undo()
+        forget()
+
+
 def test_auto_uses_the_cpu_kernels_for_cpu_tensors():
     from em_kernels._backend import resolve_backend
 
@@ -298,7 +325,8 @@ import json, sys, torch
 import em_kernels._C
 logits = torch.load(sys.argv[1])
 tokens = torch.arange(logits.shape[0]) % logits.shape[1]
-out = {"capability": torch.backends.cpu.get_cpu_capability()}
+# torch 2.6 names the baseline "NO AVX"
+out = {"capability": torch.backends.cpu.get_cpu_capability().replace("NO AVX", "DEFAULT")}
 for dtype in ("float32", "bfloat16", "float16"):
     z = logits.to(getattr(torch, dtype))
     entropy, lse, logprobs = torch.ops.em_C.softmax_stats_fwd(z, tokens, 0.8)
@@ -312,7 +340,7 @@ _CAPABILITY_ORDER = ["DEFAULT", "AVX2", "AVX512"]
 
 
 def _supported_capabilities() -> list[str]:
-    here = torch.backends.cpu.get_cpu_capability()
+    here = torch.backends.cpu.get_cpu_capability().replace("NO AVX", "DEFAULT")
     if here not in _CAPABILITY_ORDER:  # not x86-64: one variant only
         return []
     return _CAPABILITY_ORDER[: _CAPABILITY_ORDER.index(here) + 1]

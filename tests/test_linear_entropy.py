@@ -21,7 +21,7 @@ from em_kernels import reference
 from em_kernels._ops import linear_entropy as ops
 from em_kernels._ops.entropy import split_lse
 
-from conftest import HAS_CUDA, runnable, skip_unless_runnable
+from conftest import HAS_CUDA, runnable, skip_unless_runnable, triton_older_than
 from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
@@ -456,6 +456,8 @@ def test_tma_operands_match_pointer_operands(backend_device, dtype, rows, featur
     backend, device = backend_device
     if backend != "triton":
         pytest.skip("a Triton tile option")
+    if device == "cpu" and triton_older_than((3, 6)):
+        pytest.skip("Triton 3.4-3.5's interpreter checks descriptor strides in elements, not bytes")
     from em_kernels.triton import linear_entropy as kernels
 
     hidden, weight, bias, tokens = random_problem(rows, features, vocab, device, dtype=dtype)
@@ -983,8 +985,9 @@ def test_kernels_lower_for_hopper():
     to 552 bytes a thread and the dz kernel 104 (Triton 3.8 here); with 32-bit tile columns
     and the statistics' shifts clamped by a max (not a compare and a select) the 16-bit kernels
     spill nothing and the fp32 ones 8 bytes. max_spill_bytes keeps it so: a change that spills
-    more fails here before it costs time on a GPU."""
-    max_spill_bytes = 64
+    more fails here before it costs time on a GPU. (Triton 3.4-3.5 spill 72-168 bytes in the
+    pointer-operand 16-bit tiles, which Hopper's default TMA tiles do not use.)"""
+    max_spill_bytes = 64 if not triton_older_than((3, 6)) else 192
     results = run_lowering_script(_LOWER_FOR_HOPPER_SCRIPT)
     for name, found in results.items():
         assert found["spill_bytes"] <= max_spill_bytes, (name, found)
