@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import triton_older_than
 
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
@@ -494,6 +495,8 @@ def test_tuning_sweep_plumbing(capsys):
     current constants' result, and the module constants are restored afterwards."""
     if em_kernels.available_backends()["triton"] != "available":
         pytest.skip(em_kernels.available_backends()["triton"])
+    if triton_older_than((3, 6)):  # the sweep has TMA candidates
+        pytest.skip("Triton 3.4-3.5's interpreter checks descriptor strides in elements, not bytes")
     from em_kernels.triton import entropy as triton_entropy
 
     from bench import tune
