@@ -1,6 +1,7 @@
 """Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, the
 list of backends each op test runs on, and a free port for the gloo tests."""
 
+import datetime
 import os
 import socket
 
@@ -65,6 +66,11 @@ def skip_unless_runnable(backend: str, device: str) -> tuple[str, str]:
 @pytest.fixture(params=BACKEND_DEVICES, ids=lambda bd: f"{bd[0]}-{bd[1]}")
 def backend_device(request):
     return skip_unless_runnable(*request.param)
+
+
+# A rank left waiting in a collective (its peer failed or hung) raises after this, instead of
+# holding the run until CI's limit; a healthy collective here waits seconds at most.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from algos_support import EOS, PAD, tiny_causal_lm
-from conftest import free_port
+from conftest import COLLECTIVE_TIMEOUT, free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -55,7 +55,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
     try:
         full = StateDictOptions(full_state_dict=True)
         for mode in MODES:

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 import em_kernels
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
-from conftest import free_port
+from conftest import COLLECTIVE_TIMEOUT, free_port
 from oracle import assert_row_relative
 from test_linear_entropy import confident_head, confident_head_oracle
 
@@ -57,7 +57,8 @@ def _run(hidden, weight, bias, tokens, grad_entropy, grad_logprobs, backend, gro
 
 def _worker(rank, port, cases):
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        timeout=COLLECTIVE_TIMEOUT)
     try:
         torch.set_num_threads(1)
         for backend, dtype in cases:
