@@ -50,13 +50,15 @@ MIN_TRITON_VERSION = (3, 4)
 def _triton_status() -> str:
     try:
         import triton
-    except Exception as exc:  # ImportError, or a broken install raising anything
+
+        version = triton.__version__
+        too_old = torch.torch_version.TorchVersion(version) < MIN_TRITON_VERSION
+    except Exception as exc:  # ImportError, a broken install or a version that does not parse
         return f"triton is not importable ({exc})"
-    version = triton.__version__
-    if torch.torch_version.TorchVersion(version) < MIN_TRITON_VERSION:
+    if too_old:
         oldest = ".".join(map(str, MIN_TRITON_VERSION))
         return (f"triton {version} is older than {oldest}, the oldest the kernels run on "
-                f"(torch >= 2.8 comes with a newer one)")
+                f"(torch >= 2.8 comes with a new enough one)")
     if not torch.cuda.is_available() and not triton_interpret():
         return "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on CPU tensors)"
     return "available"

@@ -192,9 +192,11 @@ def linear_entropy(
             a row gets a NaN log-prob, whose gradient is the -p term alone (no one-hot), as in
             logprobs_and_entropy.
         temperature: finite positive number in [~4.2e-39, ~8.5e37]; every formula is on the
-            logits / temperature, formed in float32 in the matmul's epilogue: a row whose
-            largest logit / T overflows float32 (above 3.4 at T = 1e-38, or all below -3.4)
-            gets NaN results and gradients, as with the torch backend's logits / T.
+            logits / temperature, formed in float32 in the matmul's epilogue, as the torch
+            backend forms them: a row whose logits / T overflow float32 has lost its
+            distribution. At T = 1e-38, a logit above 3.4 gives the row NaN results and
+            gradients; every logit below -3.4 makes it all -inf (masked): NaN results and a
+            zero gradient.
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
             unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an

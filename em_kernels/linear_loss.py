@@ -11,6 +11,7 @@ import torch
 
 from . import _checks, reference
 from ._backend import resolve_backend
+from ._ops import DYNAMO_TRACES_IS_BATCHEDTENSOR
 from ._ops import linear_entropy_loss as loss_ops
 from ._vocab_parallel import VocabShard
 from .linear_entropy import _check_matrices, autocast_like_linear
@@ -229,8 +230,8 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
     temperature = _checks.check_temperature(temperature)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto", op=op)
     operands = (hidden, weight, bias, entropy_weight, logprob_weight, *(policy or ()))
-    # Checked in eager only: torch 2.6's dynamo cannot trace is_batchedtensor.
-    if not torch.compiler.is_compiling() and any(
+    # (Eagerly only before torch 2.8, whose dynamo cannot trace is_batchedtensor.)
+    if (DYNAMO_TRACES_IS_BATCHEDTENSOR or not torch.compiler.is_compiling()) and any(
             isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand)
             for operand in operands):
         raise NotImplementedError(
@@ -257,7 +258,7 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
         if logprob_weight is None:
             logprob_weight = 1.0 / max(hidden.shape[0], 1)  # the token mean
         logprob_weight = _row_weight("token_weight", logprob_weight, hidden, op)
-        # (Not NamedTuple._replace, which torch 2.6's dynamo cannot trace.)
+        # (Not NamedTuple._replace, which dynamo cannot trace before torch 2.9.)
         policy = (*(_row_weight(name, getattr(policy, name), hidden, op, constant=True)
                     for name in ("advantages", "old_logprobs", "ref_logprobs")),
                   policy.clip_low, policy.clip_high, policy.kl_weight)

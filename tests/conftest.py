@@ -32,7 +32,7 @@ def triton_older_than(version: tuple[int, int]) -> bool:
     """Whether the installed Triton predates ``version`` (False without Triton)."""
     try:
         import triton
-    except ImportError:
+    except Exception:  # as em_kernels treats a broken install: no Triton
         return False
     return torch.torch_version.TorchVersion(triton.__version__) < version
 

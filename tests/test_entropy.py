@@ -361,11 +361,12 @@ def test_bounds(backend_device):
         finite = torch.isfinite(result)
         # The kernels sum terms relative to the row max and stay within 1e-6 of the bound; the
         # torch backend's plain fp32 -(p * log p).sum() carries the float32 summation error of
-        # V terms, a few eps32 * log2(V) relative (up to 3.8e-5 nats past log V seen at V =
-        # 128256, i.e. 2 eps32 * log2(V)): allow 4 eps32 * log2(V) there.
+        # V terms, some eps32 * log2(V) relative: 2 of them past log V seen at V = 128256, over
+        # 4 (1.1e-4 nats) on a near-uniform row at V = 151936 (logits within +-0.003, T = 5,
+        # found by a random hypothesis run): allow 16 eps32 * log2(V) there.
         slack = 1e-6
         if backend == "torch":
-            slack = max(slack, 4 * 2.0**-23 * math.log2(max(logits.shape[-1], 2)))
+            slack = max(slack, 16 * 2.0**-23 * math.log2(max(logits.shape[-1], 2)))
         assert bool((result[finite] >= -slack).all())
         assert bool((result[finite] <= support[finite].log() * (1 + slack) + slack).all())
 

@@ -91,7 +91,7 @@ def test_a_triton_older_than_the_kernels_need_is_unavailable(monkeypatch):
     try:
         status = em_kernels.available_backends()["triton"]
         assert status == ("triton 3.3.1 is older than 3.4, the oldest the kernels run on "
-                          "(torch >= 2.8 comes with a newer one)")
+                          "(torch >= 2.8 comes with a new enough one)")
         with pytest.raises(em_kernels.BackendUnavailableError, match="older than 3.4"):
             em_kernels.entropy(torch.zeros(2, 3), backend="triton")
         monkeypatch.setattr(_backend, "_extension_status", lambda: ("available", "available"))

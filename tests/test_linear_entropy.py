@@ -986,8 +986,8 @@ def test_kernels_lower_for_hopper():
     and the statistics' shifts clamped by a max (not a compare and a select) the 16-bit kernels
     spill nothing and the fp32 ones 8 bytes. max_spill_bytes keeps it so: a change that spills
     more fails here before it costs time on a GPU. The tiles are tuned with Triton >= 3.6: 3.4
-    and 3.5 spill up to 272 bytes a thread in them (checked, not bounded here)."""
-    max_spill_bytes = 64 if not triton_older_than((3, 6)) else float("inf")
+    spills up to 272 bytes a thread in them (the default TMA dz tile included), 3.5 168."""
+    max_spill_bytes = 64 if not triton_older_than((3, 6)) else 288
     results = run_lowering_script(_LOWER_FOR_HOPPER_SCRIPT)
     for name, found in results.items():
         assert found["spill_bytes"] <= max_spill_bytes, (name, found)

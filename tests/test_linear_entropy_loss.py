@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import em_kernels
 from em_kernels import reference
+from em_kernels._ops import DYNAMO_TRACES_IS_BATCHEDTENSOR
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import HAS_CUDA, runnable
@@ -562,9 +563,16 @@ def test_is_grads_batched_and_vmap():
                                      is_grads_batched=True, retain_graph=True)
     (single,) = torch.autograd.grad(out.loss, hidden)  # batched did not hand the gradients over
     torch.testing.assert_close(batched, torch.stack([single, -2 * single]))
+    def loss(h):
+        return em_kernels.linear_entropy_loss(h, weight, entropy_weight=1.0).loss
+
+    batch = hidden.detach()[None].expand(2, -1, -1)
     with pytest.raises(NotImplementedError, match="torch.vmap"):
-        torch.vmap(lambda h: em_kernels.linear_entropy_loss(h, weight, entropy_weight=1.0).loss)(
-            hidden.detach()[None].expand(2, -1, -1))
+        torch.vmap(loss)(batch)
+    if DYNAMO_TRACES_IS_BATCHEDTENSOR:  # also when torch.compile traces the vmapped call
+        torch._dynamo.reset()
+        with pytest.raises(NotImplementedError, match="torch.vmap"):
+            torch.compile(torch.vmap(loss), backend="eager")(batch)
 
 
 def test_returned_statistics_can_be_edited():

@@ -12,12 +12,15 @@ import torch
 _TORCH_VERSION = torch.torch_version.TorchVersion(torch.__version__)
 MM_HAS_OUT_DTYPE = _TORCH_VERSION >= (2, 8)
 ADDMM_HAS_FLOAT32_OUT_DTYPE = _TORCH_VERSION >= (2, 10)
+# Dynamo traces torch._C._functorch.is_batchedtensor from torch 2.8 (2.6 and 2.7 cannot).
+DYNAMO_TRACES_IS_BATCHEDTENSOR = _TORCH_VERSION >= (2, 8)
 
 
 @torch.compiler.assume_constant_result
 def autocast_available(device_type: str) -> bool:
-    """torch.amp.is_autocast_available, as a constant to torch.compile: torch 2.11's dynamo
-    cannot trace the C function behind it (2.14's can), and fullgraph tracing failed on it."""
+    """torch.amp.is_autocast_available, as a constant to torch.compile: dynamo cannot trace
+    the C function behind it before torch 2.14 (2.6 to 2.11 checked), and fullgraph tracing
+    failed on it."""
     return torch.amp.is_autocast_available(device_type)
 
 
