@@ -69,7 +69,8 @@ def backend_device(request):
 
 
 # A rank left waiting in a collective (its peer failed or hung) raises after this, instead of
-# holding the run until CI's limit; a healthy collective here waits seconds at most.
+# holding the run until CI's limit; far longer than a healthy wait here (a peer compiling a
+# graph or running the interpreter: seconds).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
 
 
