@@ -135,13 +135,10 @@ def _em_inf_case(rows: int, vocab: int):
 def sweeps(device: torch.device) -> dict[str, Sweep]:
     """The candidates per op, and its cases at the headline shapes (tiny ones on CPU)."""
     gpu = device.type == "cuda"
-    entropy_names = ("MAX_BLOCK", "ELEMENTS_PER_THREAD", "LOGPROB_BWD_ELEMENTS_PER_THREAD",
-                     "LOGPROB_BWD_MAX_BLOCK")
+    entropy_names = ("MAX_BLOCK", "ELEMENTS_PER_THREAD")
     entropy_current = tuple(getattr(triton_entropy, name) for name in entropy_names)
     entropy_candidates = [dict(zip(entropy_names, values)) for values in [entropy_current] + [
-        values for values in [(8192, 64, 32, 8192), (8192, 64, 32, 2048), (8192, 64, 64, 4096),
-                              (8192, 64, 16, 4096), (8192, 64, 64, 8192), (8192, 32, 32, 8192),
-                              (4096, 32, 32, 4096), (16384, 64, 32, 4096)]
+        values for values in [(8192, 32), (4096, 32), (4096, 64), (16384, 64)]
         if values != entropy_current]]
     current = triton_linear_entropy._FWD_GPU_16BIT
     linear_candidates = [dict(_FWD_GPU_16BIT=current)] + [

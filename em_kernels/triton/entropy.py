@@ -67,15 +67,6 @@ MIN_BLOCK = 1024
 # Elements each thread holds: 64 bf16 values are eight 16-byte vector loads in flight per thread
 # (bench/tune.py, H200, 2026-11-27: 0.667 ms at [8192, 151936] bf16 against 0.715 ms for 32).
 ELEMENTS_PER_THREAD = 64
-# The log-prob backward holds more per entry (the one-hot term): at 32 entries a thread it needs
-# 80-95 registers on sm_90a (8 or 4 warps), at 64 it needs 167 (2 programs an SM; run E of
-# bench/RESULTS.md timed the older 201-register form 43% slower than the entropy backward).
-LOGPROB_BWD_ELEMENTS_PER_THREAD = 32
-# The log-prob backward's widest tile (4 warps at 32 entries a thread), narrower than MAX_BLOCK:
-# bench/tune.py on an H200 (run G of bench/RESULTS.md, 2026-11-28) timed logprobs_and_entropy
-# forward+backward at [8192, 151936] bf16 at 1.956 ms with 4096-entry tiles against 2.022 ms with
-# 8192 (the entropy-only backward: 1.872 against 1.866 ms, so it keeps MAX_BLOCK).
-LOGPROB_BWD_MAX_BLOCK = 4096
 # (rows x chunks) entries merged per program of the merge kernel: 1024 partials is 12 KiB, one
 # short program; the merge reads N * V / BLOCK * 12 bytes, under 0.1% of the logits.
 MERGE_TILE = 1024
@@ -270,8 +261,13 @@ def _softmax_stats_bwd_kernel(
     is the chosen token; so does the entropy term of every entry whose p_j is 0 (a finite logit
     far below the max: a -1e38 mask, or any gap at T ~ 1e-20).
 
+    With a log-prob gradient, every entry gets -gL p_j / T as the entropy term's twin, and the one
+    tile holding y then overwrites that entry with its one-hot form (two barriers, one scalar
+    load and store): the per-entry work is the entropy backward's.
+
     Memory: reads the tile once (evict-first) and 16-28 bytes of row statistics; writes the
-    tile's gradient once, in the logits' dtype. Tiles are independent: fully parallel.
+    tile's gradient once, in the logits' dtype (with a log-prob gradient, the chosen entry's logit
+    is read and its gradient written once more). Tiles are independent: fully parallel.
     ROUND_TO_BF16 (interpreter only): round float32 to the nearest bfloat16 before the store.
     """
     pid = tl.program_id(0)
@@ -307,36 +303,61 @@ def _softmax_stats_bwd_kernel(
     offset = (lse - _times_pair(center.to(tl.float64), inv_temperature, inv_temperature_lo)).to(
         tl.float32)
     offset = tl.where(trusted, offset * LOG2E, float("nan"))
-    log2_p = (z - center) * scale2 - offset
-    p = tl.exp2(log2_p)
-    # ln p_j + H with log2 p_j clamped at EXP2_FLOOR, as the C++ and CUDA kernels clamp it: where
-    # p_j is 0 (z = -inf, or log2 p_j below the range: -1e38 masks, T ~ 1e-20) it stays finite
-    # times gH, so that p_j times it is exactly 0 (unclamped, a huge finite log2 p_j times gH / T
-    # overflowed and 0 * inf gave NaN); where 2^d is nonzero on the GPU it changes nothing. 1 / T
-    # multiplies last, after p_j, for the same reason: at T ~ 1e-38 even EXP2_FLOOR gH / T
-    # overflowed.
-    log_factor = tl.fma(tl.maximum(log2_p, EXP2_FLOOR), LN2, entropy)
     if HAS_LOGPROB_GRAD:
         token = tl.load(tokens_ptr + row)
-        grad_logprob = tl.load(grad_logprobs_ptr + row)
-        grad_logprob = tl.where(no_distribution, 0.0, grad_logprob)
-        # Both terms as one product, p_j (-gH (ln p_j + H) - gL), and the one-hot by a 32-bit
-        # offset into the tile, to save registers (see LOGPROB_BWD_ELEMENTS_PER_THREAD): the
-        # two-term form with int64 column indices held 201 a thread at 64 entries. A token outside
-        # this tile matches nothing; one outside the vocabulary gets offset -1 before the
-        # narrowing (an int64 id that wraps into the tile must not match).
-        chosen_offset = tl.where((token >= 0) & (token < V), token - chunk * BLOCK, -1).to(
-            tl.int32)
-        grad = (p * (-grad_entropy * log_factor - grad_logprob) + tl.where(
-            tl.arange(0, BLOCK) == chosen_offset, grad_logprob, 0.0)) * inv_temperature
+        grad_logprob = tl.where(no_distribution, 0.0, tl.load(grad_logprobs_ptr + row))
+        # The chosen token's one-hot term, +gL / T, is written by a scalar store after the tile
+        # (a per-entry compare and select held 96 registers a thread at 64 entries a thread,
+        # against 63 without them on sm_90a). Its logit is read now, before the tile's store: the
+        # gradient may overwrite the logits in place. A token outside [0, V) (its logit lies
+        # elsewhere, as on a vocabulary shard) or outside this tile gets no one-hot here.
+        chosen_here = (token >= 0) & (token < V) & (token // BLOCK == chunk)
+        z_chosen = tl.load(logits_ptr + row * stride_row + token, mask=chosen_here,
+                           other=float("-inf")).to(tl.float32)
     else:
-        grad = -grad_entropy * p * log_factor * inv_temperature
+        grad_logprob = 0.0
+    grad = _grad_without_one_hot(z, center, offset, scale2, entropy, grad_entropy, grad_logprob,
+                                 HAS_LOGPROB_GRAD) * inv_temperature
     grad = tl.where(z == float("-inf"), 0.0, grad)
     if ROUND_TO_BF16:
         grad = _round_to_bf16(grad)
+    if HAS_LOGPROB_GRAD:
+        tl.debug_barrier()  # every thread has read z_chosen before any stores over the logits
     tl.store(
         grad_logits_ptr + row * V + cols, grad.to(grad_logits_ptr.dtype.element_ty),
         mask=in_vocab)
+    if HAS_LOGPROB_GRAD:
+        # The same arithmetic as the tile's entry, plus gL before the 1 / T, so the bits are
+        # those of the entry's one-hot form. A -inf chosen logit keeps the tile's 0.
+        grad_chosen = (_grad_without_one_hot(z_chosen, center, offset, scale2, entropy,
+                                             grad_entropy, grad_logprob, HAS_LOGPROB_GRAD)
+                       + grad_logprob) * inv_temperature
+        if ROUND_TO_BF16:
+            grad_chosen = _round_to_bf16(grad_chosen)
+        tl.debug_barrier()  # the tile's store of this entry lands first, then this one
+        tl.store(grad_logits_ptr + row * V + token,
+                 grad_chosen.to(grad_logits_ptr.dtype.element_ty),
+                 mask=chosen_here & (z_chosen != float("-inf")))
+
+
+@triton.jit
+def _grad_without_one_hot(z, center, offset, scale2, entropy, grad_entropy, grad_logprob,
+                          HAS_LOGPROB_GRAD: tl.constexpr):
+    """T dz_j but the one-hot term: -gH p_j (ln p_j + H), minus gL p_j with a log-prob gradient,
+    for a tile or for one entry (the same arithmetic, so the same bits).
+
+    log2 p_j = (z_j - center) k - offset. ln p_j + H is formed with log2 p_j clamped at EXP2_FLOOR,
+    as the C++ and CUDA kernels clamp it: where p_j is 0 (z = -inf, or log2 p_j below the range:
+    -1e38 masks, T ~ 1e-20) it stays finite times gH, so that p_j times it is exactly 0
+    (unclamped, a huge finite log2 p_j times gH / T overflowed and 0 * inf gave NaN); where 2^d is
+    nonzero on the GPU it changes nothing. The caller multiplies by 1 / T last, after p_j, for the
+    same reason: at T ~ 1e-38 even EXP2_FLOOR gH / T overflowed."""
+    log2_p = (z - center) * scale2 - offset
+    p = tl.exp2(log2_p)
+    log_factor = tl.fma(tl.maximum(log2_p, EXP2_FLOOR), LN2, entropy)
+    if HAS_LOGPROB_GRAD:
+        return p * (-grad_entropy * log_factor - grad_logprob)
+    return -grad_entropy * p * log_factor
 
 
 def _center_temperature(temperature: float) -> tuple[float, float]:
@@ -360,19 +381,10 @@ def _block_size(vocab: int) -> int:
     return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(vocab)))
 
 
-def _tile_warps(block: int, elements_per_thread: int = ELEMENTS_PER_THREAD) -> int:
-    """Warps of a tile program: elements_per_thread entries per thread (fewer for a small tile)."""
-    return max(1, block // (32 * elements_per_thread))
-
-
-def _backward_tile(vocab: int, has_logprob_grad: bool) -> tuple[int, int]:
-    """Tile width and warps of the backward, which has no partials to merge: each entry's gradient
-    is computed alone, so the tile changes the schedule, never the bits."""
-    if has_logprob_grad:
-        block = min(_block_size(vocab), LOGPROB_BWD_MAX_BLOCK)
-        return block, _tile_warps(block, LOGPROB_BWD_ELEMENTS_PER_THREAD)
-    block = _block_size(vocab)
-    return block, _tile_warps(block)
+def _tile_warps(block: int) -> int:
+    """Warps of a tile program: ELEMENTS_PER_THREAD entries per thread (fewer for a small tile).
+    The constant is read at each call, so that bench/tune.py's candidates take effect."""
+    return max(1, block // (32 * ELEMENTS_PER_THREAD))
 
 
 def _grid_size(rows: int, num_chunks: int) -> int:
@@ -473,7 +485,9 @@ def softmax_stats_bwd(
         return grad_logits
     _check_layout(logits)
     has_logprob_grad = tokens is not None and grad_logprobs is not None
-    block, num_warps = _backward_tile(vocab, has_logprob_grad)
+    # The forward's tiles: each entry's gradient is computed alone, so the tile changes the
+    # schedule, never the bits.
+    block = _block_size(vocab)
     num_chunks = triton.cdiv(vocab, block)
     programs = _grid_size(rows, num_chunks)
     grad_entropy = grad_entropy.contiguous()
@@ -487,5 +501,5 @@ def softmax_stats_bwd(
             *_float32_pair(1.0 / temperature), *_center_temperature(temperature),
             HAS_LOGPROB_GRAD=has_logprob_grad,
             ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
-            BLOCK=block, num_warps=num_warps)
+            BLOCK=block, num_warps=_tile_warps(block))
     return grad_logits
