@@ -545,6 +545,51 @@ def test_batch_invariance(backend_device, vocab, dtype):
                 assert torch.equal(_bits(a[lead + i - rows.start]), _bits(b[0]))
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_triton_log_prob_backward_one_hot_entry(device):
+    """The Triton backward writes a row's one-hot entry as a scalar store after its tile's
+    (_softmax_stats_bwd_kernel): it must land in its own row whatever the row stride, read its
+    logit before any program overwrites it in place (out=logits, as linear_entropy_loss runs it;
+    rows 0 and 1 choose a token in the first of three tiles, so a later tile's program that
+    wrongly read it would see a gradient), and a token id of V or more, which has no one-hot
+    term, must write nothing (the last row's id V would land one entry past the buffer, in a
+    guard region here). Padded rows and the in-place run give the plain run's bits."""
+    skip_unless_runnable("triton", device)
+    from em_kernels.triton import entropy as kernels
+
+    rows, vocab, temperature = 4, 2 * kernels.MAX_BLOCK + 100, 0.7  # the third tile is partial
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(rows, vocab, generator=generator) * 3
+    tokens = torch.tensor([5, kernels.MAX_BLOCK - 1, vocab - 1, vocab])
+    # Chosen tokens well above the rest (p ~ 0.9): a gradient read back as their logit would
+    # change their entries far beyond a bf16 ulp.
+    logits[:3].scatter_(1, tokens[:3, None], 20.0)
+    logits, tokens = logits.to(torch.bfloat16).to(device), tokens.to(device)
+    grad_entropy = torch.randn(rows, generator=generator).to(device)
+    grad_logprobs = torch.randn(rows, generator=generator).to(device)
+    entropy, lse, _ = kernels.softmax_stats_fwd(logits, tokens, temperature)
+
+    def backward(values, tokens=tokens, out=None):
+        return kernels.softmax_stats_bwd(values, tokens, entropy, lse, grad_entropy,
+                                         grad_logprobs, temperature, out=out)
+
+    plain = backward(logits)
+    padded = torch.zeros(rows, vocab + 40, dtype=logits.dtype, device=device)[:, :vocab]
+    padded.copy_(logits)
+    assert torch.equal(_bits(backward(padded)), _bits(plain))
+
+    guard = 64
+    storage = torch.full((rows * vocab + guard,), 7.0, dtype=logits.dtype, device=device)
+    in_place = storage[: rows * vocab].view(rows, vocab)
+    in_place.copy_(logits)
+    backward(in_place, out=in_place)
+    assert torch.equal(_bits(in_place), _bits(plain))
+    assert bool((storage[rows * vocab:] == 7.0).all()), "a one-hot store left its row"
+
+    no_one_hot = backward(logits, tokens=torch.tensor([5, 6, 7, -1], device=device))
+    assert torch.equal(_bits(plain[3]), _bits(no_one_hot[3]))
+
+
 def test_masking_nan_and_empty_rows(backend_device):
     """-inf entries drop out of the distribution; an all -inf row gives NaN, a NaN entry poisons
     its own row only, also one alone among -inf entries (row 4: from 4096 on, a whole CPU chunk
@@ -1136,9 +1181,13 @@ def test_auto_backend_matches_an_explicit_one():
 
 # ------------------------------------------------------------- compiled path, without a GPU
 
-# Run by sm90.run_lowering_script; prints {variant: [registers, spill bytes a thread, barriers]}.
+# Run by sm90.run_lowering_script; prints {variant: [registers, spill bytes a thread, memory
+# trace]}: the trace is the PTX's order of scalar 16-bit loads (L), barriers (B), 16-byte
+# stores (S) and scalar 16-bit stores (s), repeats collapsed.
 _LOWER_SCRIPT = textwrap.dedent("""
+    import itertools
     import json
+    import re
     import triton
     from em_kernels.triton import entropy as kernels
     from sm90 import compile_for_sm90, resource_usage
@@ -1149,10 +1198,19 @@ _LOWER_SCRIPT = textwrap.dedent("""
                  inv_temperature_lo="fp32", center_temperature_hi="fp32",
                  center_temperature_lo="fp32")
 
+    EVENTS = [("L", r"ld\\.global(\\.[\\w:]+)*\\.b16 "), ("B", r"bar\\.sync "),
+              ("S", r"st\\.global(\\.[\\w:]+)*\\.v4\\."), ("s", r"st\\.global(\\.[\\w:]+)*\\.b16 ")]
+
     def lower(kernel, constants, num_warps):
         divisible = [n for n in kernel.arg_names if n.endswith("_ptr") or n in ("V", "stride_row")]
         compiled = compile_for_sm90(kernel, constants, TYPES, divisible, num_warps=num_warps)
-        return [*resource_usage(compiled), compiled.asm["ptx"].count("bar.sync")]
+        events = []
+        for line in compiled.asm["ptx"].splitlines():
+            for mark, pattern in EVENTS:
+                if re.search(pattern, line):
+                    events.append(mark)
+        trace = "".join(mark for mark, _ in itertools.groupby(events))
+        return [*resource_usage(compiled), trace]
 
     block = kernels._block_size(VOCAB)
     results = {}
@@ -1181,11 +1239,13 @@ def test_tile_kernels_lower_for_hopper_without_spills():
     four 128-thread) programs share an SM. The log-prob backward once took 167 registers (64-bit
     column indices for the one-hot) and ran 43% slower than the entropy backward on an H200; it
     now does the entropy backward's work per entry, so it may take only a few registers more.
-    Its scalar one-hot store after the tile's is ordered by two barriers (without them another
-    warp's store of that entry could land last, or overwrite the logit before it is read)."""
+    Its one-hot entry is a scalar store ordered by two barriers: the chosen logit is read (L)
+    before the first, the tile stored (S) between them, the entry (s) after the second; else
+    another warp's store of that entry could land last, or overwrite the logit in place before
+    it is read."""
     usage = run_lowering_script(_LOWER_SCRIPT)
     assert not any(spills for _, spills, _ in usage.values()), usage
     assert all(registers <= 128 for registers, _, _ in usage.values()), usage
     entropy_registers = usage["bwd logprob_grad=False"][0]
     assert usage["bwd logprob_grad=True"][0] <= entropy_registers + 8, usage
-    assert usage["bwd logprob_grad=True"][2] >= 2, usage
+    assert usage["bwd logprob_grad=True"][2] == "LBSBs", usage

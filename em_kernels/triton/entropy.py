@@ -261,9 +261,11 @@ def _softmax_stats_bwd_kernel(
     is the chosen token; so does the entropy term of every entry whose p_j is 0 (a finite logit
     far below the max: a -1e38 mask, or any gap at T ~ 1e-20).
 
-    With a log-prob gradient, every entry gets -gL p_j / T as the entropy term's twin, and the one
-    tile holding y then overwrites that entry with its one-hot form (two barriers, one scalar
-    load and store): the per-entry work is the entropy backward's.
+    With a log-prob gradient, every entry gets -gL p_j / T as the entropy term's twin, and the
+    program whose tile holds y then overwrites that entry with its one-hot form (a scalar load
+    and store, ordered by two barriers that every program of this variant passes): the per-entry
+    work is the entropy backward's. Values are the former per-entry form's; a zero may now be
+    -0.0 where it was +0.0 (where p_j = 0 and the factor is negative), as in the C++ kernel.
 
     Memory: reads the tile once (evict-first) and 16-28 bytes of row statistics; writes the
     tile's gradient once, in the logits' dtype (with a log-prob gradient, the chosen entry's logit
@@ -473,7 +475,9 @@ def softmax_stats_bwd(
 
     ``out``: where to write the gradient instead of a new tensor; it may be ``logits`` itself
     when those are contiguous (each tile is read whole before its gradient is stored, and no
-    program reads another's tile), which linear_entropy_loss uses to hold one buffer, not two."""
+    program reads another's tile: the chosen token's logit, read once more for its one-hot
+    entry, is read by the program that owns it, before its first barrier), which
+    linear_entropy_loss uses to hold one buffer, not two."""
     rows, vocab = logits.shape
     if out is not None and (out.shape != logits.shape or out.dtype != logits.dtype
                             or not out.is_contiguous()):
