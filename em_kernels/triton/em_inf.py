@@ -62,6 +62,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from . import cdiv, next_power_of_2
+
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU op
 # Shifts (nats) between two parts' maxima are floored here where they multiply a sum: e^-100 is
 # below every float32, so the part's weight is 0 either way, and 0 * floor stays 0.
@@ -274,7 +276,7 @@ def _em_inf_batch_entropy_kernel(part_ptr, batch_entropy_ptr, n_rows, n_chunks, 
 
 
 def _block_for(vocab: int) -> int:
-    return min(BLOCK, max(16, triton.next_power_of_2(vocab)))
+    return min(BLOCK, max(16, next_power_of_2(vocab)))
 
 
 def em_inf_adjust_fwd(logits: torch.Tensor, steps: int, lr: float, kl_weight: float,
@@ -285,9 +287,9 @@ def em_inf_adjust_fwd(logits: torch.Tensor, steps: int, lr: float, kl_weight: fl
     if n_rows == 0:
         return out
     block = _block_for(vocab)
-    n_chunks = triton.cdiv(vocab, block)
-    merge_block = min(MAX_MERGE_BLOCK, max(16, triton.next_power_of_2(n_chunks)))
-    hist_block = max(16, triton.next_power_of_2(max(steps, 1)))
+    n_chunks = cdiv(vocab, block)
+    merge_block = min(MAX_MERGE_BLOCK, max(16, next_power_of_2(n_chunks)))
+    hist_block = max(16, next_power_of_2(max(steps, 1)))
     # One allocation for all scratch: partials [steps, 3, N, n_chunks], history [4, N, steps],
     # batch entropies [steps]. Its size depends on shapes only (CUDA-graph friendly).
     partial_numel = steps * 3 * n_rows * n_chunks
@@ -371,7 +373,7 @@ def adaptive_temperature_fwd(logits: torch.Tensor, alpha: float, delta: float, m
     out = torch.empty((n_rows, vocab), dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return out
-    block = min(TEMPERATURE_BLOCK, max(16, triton.next_power_of_2(vocab)))
+    block = min(TEMPERATURE_BLOCK, max(16, next_power_of_2(vocab)))
     _adaptive_temperature_fwd_kernel[(n_rows,)](
         logits, out, vocab, logits.stride(0), alpha, delta, max_iters, tol,
         BLOCK=block, num_warps=4)

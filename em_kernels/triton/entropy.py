@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import cdiv, next_power_of_2
+
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 # The backward's trust limit on |lse| (nats, csrc/include/em/softmax_stats.h's kExactLseLimit):
@@ -381,7 +383,7 @@ def _to_float32(value: float) -> float:
 
 def _block_size(vocab: int) -> int:
     """Tile width along the vocabulary: a function of V only (batch invariance)."""
-    return min(MAX_BLOCK, max(MIN_BLOCK, triton.next_power_of_2(vocab)))
+    return min(MAX_BLOCK, max(MIN_BLOCK, next_power_of_2(vocab)))
 
 
 def _tile_warps(block: int) -> int:
@@ -430,7 +432,7 @@ def softmax_stats_fwd(
     _check_layout(logits)
     tokens_arg = tokens.contiguous() if has_tokens else entropy  # not read without tokens
     block = _block_size(vocab)
-    num_chunks = triton.cdiv(vocab, block)
+    num_chunks = cdiv(vocab, block)
     scale2 = math.log2(math.e) / temperature
     inv_temperature = _float32_pair(1.0 / temperature)
     stride_row = logits.stride(0)
@@ -450,9 +452,9 @@ def softmax_stats_fwd(
             entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
             HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
             num_warps=_tile_warps(block))
-        block_chunks = triton.next_power_of_2(num_chunks)
+        block_chunks = next_power_of_2(num_chunks)
         block_rows = max(1, MERGE_TILE // block_chunks)
-        _softmax_stats_merge_kernel[(triton.cdiv(rows, block_rows),)](
+        _softmax_stats_merge_kernel[(cdiv(rows, block_rows),)](
             partial_max, partial_total, partial_weighted,
             logits, tokens_arg, entropy, lse, logprobs,
             rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
@@ -493,7 +495,7 @@ def softmax_stats_bwd(
     # The forward's tiles: each entry's gradient is computed alone, so the tile changes the
     # schedule, never the bits.
     block = _block_size(vocab)
-    num_chunks = triton.cdiv(vocab, block)
+    num_chunks = cdiv(vocab, block)
     programs = _grid_size(rows, num_chunks)
     grad_entropy = grad_entropy.contiguous()
     tokens_arg = tokens.contiguous() if has_logprob_grad else grad_entropy  # unread then

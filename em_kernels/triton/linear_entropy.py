@@ -66,6 +66,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import cdiv
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 # -127 ln 2: a shift z - m (nats) below it has exp(z - m) < 2^-127, which tl.exp2 flushes to 0 on
 # the GPU, so clamping it there changes no product e * shift except 0 * -inf (NaN) -> 0.
@@ -142,7 +144,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def num_vocab_splits(vocab: int, config: TileConfig) -> int:
-    return triton.cdiv(triton.cdiv(vocab, config.block_v), config.tiles_per_split)
+    return cdiv(cdiv(vocab, config.block_v), config.tiles_per_split)
 
 
 @triton.jit
@@ -356,7 +358,7 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
     (hidden_operand, weight_operand, dz_operand), use_tma = _operands(
         config, (hidden, [config.block_n, config.block_h]),
         (weight_chunk, [config.block_v, config.block_h]), (dz, [config.block_n, config.block_v]))
-    grid = (triton.cdiv(rows, config.block_n) * triton.cdiv(width, config.block_v),)
+    grid = (cdiv(rows, config.block_n) * cdiv(width, config.block_v),)
     _linear_entropy_dz_kernel[grid](
         hidden_operand, weight_operand,
         bias[vocab_start:vocab_start + width] if bias is not None else dz,
@@ -389,7 +391,7 @@ def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     (hidden_operand, weight_operand), use_tma = _operands(
         config, (hidden, [config.block_n, config.block_h]),
         (weight, [config.block_v, config.block_h]))
-    grid = (triton.cdiv(rows, config.block_n) * num_splits,)
+    grid = (cdiv(rows, config.block_n) * num_splits,)
     _linear_entropy_fwd_kernel[grid](
         hidden_operand, weight_operand, bias if bias is not None else hidden,
         tokens if tokens is not None else hidden, partials,
