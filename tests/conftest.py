@@ -79,3 +79,30 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+
+def assert_cuda_graph_replays_eager(step, static: torch.Tensor, fresh_inputs) -> None:
+    """step(static) captured in a CUDA graph, after one warm-up call on a side stream (Triton
+    compiles, cuBLAS and the allocator set up outside the capture, as torch.cuda.graph
+    requires); then, for each tensor of fresh_inputs copied into static, the replay's outputs
+    must have the bits of an eager step(fresh). step returns a tensor or a tuple of them."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(static)
+
+    def bits(outputs):
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+        return [output.view(ints[output.element_size()]) for output in outputs]
+
+    for fresh in fresh_inputs:
+        static.copy_(fresh)
+        graph.replay()
+        for replayed, eager in zip(bits(captured), bits(step(fresh)), strict=True):
+            assert torch.equal(replayed, eager)

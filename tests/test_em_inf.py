@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from conftest import assert_cuda_graph_replays_eager
 from oracle import assert_matches_oracle, max_abs_error
 from sm90 import run_lowering_script
 
@@ -492,20 +493,10 @@ def test_em_inf_cuda_graph(backend):
     static = torch.randn(4, 151936, device="cuda", dtype=torch.bfloat16)
     for early_exit in ("row", "batch"):
         options = dict(threshold=0.3, early_exit=early_exit, backend=backend)
-        em_kernels.em_inf_adjust(static, **options)  # compile / warm up outside the capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            em_kernels.em_inf_adjust(static, **options)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = em_kernels.em_inf_adjust(static, **options)
-        for scale in (0.5, 3.0):
-            fresh = torch.randn_like(static, dtype=torch.float32).mul_(scale).to(torch.bfloat16)
-            static.copy_(fresh)
-            graph.replay()
-            assert torch.equal(captured, em_kernels.em_inf_adjust(fresh, **options))
+        assert_cuda_graph_replays_eager(
+            lambda logits: em_kernels.em_inf_adjust(logits, **options), static, [
+                torch.randn_like(static, dtype=torch.float32).mul_(scale).to(torch.bfloat16)
+                for scale in (0.5, 3.0)])
 
 
 # ------------------------------------------------------------- compiled path, without a GPU

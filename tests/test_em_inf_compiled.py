@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import assert_cuda_graph_replays_eager
 from oracle import assert_matches_oracle
 
 import em_kernels
@@ -237,15 +238,4 @@ def test_cuda_graph_capture(rows):
     """One cooperative launch and a workspace from the caching allocator, no host sync: the call
     can be captured in a CUDA graph (how decoding loops remove per-launch CPU cost)."""
     logits = random_logits(rows, QWEN_VOCAB, 2.0, torch.bfloat16, "cuda", seed=9)
-    expected = em_inf(logits)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        em_inf(logits)  # warm-up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = em_inf(logits)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(captured, expected)
+    assert_cuda_graph_replays_eager(em_inf, logits, [logits.clone()])

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from conftest import skip_unless_runnable
+from conftest import assert_cuda_graph_replays_eager, skip_unless_runnable
 from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
@@ -612,21 +612,9 @@ def test_cuda_graph_capture_of_forward_and_backward(backend):
         (grad,) = torch.autograd.grad(loss, logits)
         return logprobs.detach(), entropy.detach(), alone.detach(), grad
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(static)  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step(static)
-    for scale in (0.5, 4.0):
-        fresh = (torch.randn(rows, vocab, device="cuda", generator=generator) * scale).to(
-            torch.bfloat16)
-        static.copy_(fresh)
-        graph.replay()
-        for replayed, eager in zip(captured, step(fresh)):
-            assert torch.equal(_bits(replayed), _bits(eager))
+    assert_cuda_graph_replays_eager(step, static, [
+        (torch.randn(rows, vocab, device="cuda", generator=generator) * scale).to(torch.bfloat16)
+        for scale in (0.5, 4.0)])
 
 
 def test_masking_nan_and_empty_rows(backend_device):

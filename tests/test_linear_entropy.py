@@ -21,7 +21,8 @@ from em_kernels import reference
 from em_kernels._ops import linear_entropy as ops
 from em_kernels._ops.entropy import split_lse
 
-from conftest import HAS_CUDA, runnable, skip_unless_runnable, triton_older_than
+from conftest import (HAS_CUDA, assert_cuda_graph_replays_eager, runnable,
+                      skip_unless_runnable, triton_older_than)
 from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
@@ -909,21 +910,9 @@ def test_cuda_graph_capture_of_forward_and_backward(op):
         grads = torch.autograd.grad(loss, (hidden, head))
         return (out.entropy.detach(), out.logprobs.detach(), *grads)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step(static)  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step(static)
-    for scale in (0.5, 2.0):
-        fresh = (torch.randn(rows, features, device="cuda", generator=generator) * scale).to(
-            torch.bfloat16)
-        static.copy_(fresh)
-        graph.replay()
-        for replayed, eager in zip(captured, step(fresh)):  # all finite: equal values, equal bits
-            assert torch.equal(replayed, eager)
+    assert_cuda_graph_replays_eager(step, static, [
+        (torch.randn(rows, features, device="cuda", generator=generator) * scale).to(
+            torch.bfloat16) for scale in (0.5, 2.0)])
 
 
 def test_opcheck():
