@@ -1,5 +1,6 @@
 """Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, the
-list of backends each op test runs on, and a free port for the gloo tests."""
+list of backends each op test runs on, a free port for the gloo tests, bitwise comparison and
+CUDA-graph replay checks."""
 
 import datetime
 import os
@@ -81,6 +82,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Integer view of a float tensor: equal bits compare equal, NaN and -0.0 included."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return tensor.detach().contiguous().view(ints[tensor.element_size()])
+
 
 def assert_cuda_graph_replays_eager(step, static: torch.Tensor, fresh_inputs) -> None:
     """step(static) captured in a CUDA graph, after one warm-up call on a side stream (Triton
@@ -96,13 +102,11 @@ def assert_cuda_graph_replays_eager(step, static: torch.Tensor, fresh_inputs) ->
     with torch.cuda.graph(graph):
         captured = step(static)
 
-    def bits(outputs):
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-        return [output.view(ints[output.element_size()]) for output in outputs]
+    def as_tuple(outputs):
+        return outputs if isinstance(outputs, tuple) else (outputs,)
 
     for fresh in fresh_inputs:
         static.copy_(fresh)
         graph.replay()
-        for replayed, eager in zip(bits(captured), bits(step(fresh)), strict=True):
-            assert torch.equal(replayed, eager)
+        for replayed, eager in zip(as_tuple(captured), as_tuple(step(fresh)), strict=True):
+            assert torch.equal(bits(replayed), bits(eager))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from conftest import assert_cuda_graph_replays_eager, skip_unless_runnable
+from conftest import assert_cuda_graph_replays_eager, bits, skip_unless_runnable
 from oracle import assert_matches_oracle, assert_row_relative
 from sm90 import run_lowering_script
 
@@ -445,12 +445,6 @@ def test_gradient_rows_sum_to_zero(backend_device, vocab):
     assert bool((grad.sum(-1).abs() <= tolerance).all()), grad.sum(-1)
 
 
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    """Integer view of a float tensor: equal bits compare equal, NaN included."""
-    ints = {4: torch.int32, 2: torch.int16}[tensor.element_size()]
-    return tensor.detach().contiguous().view(ints)
-
-
 def _forward_and_gradient(backend, logits, tokens, temperature=1.0):
     logits = logits.detach().requires_grad_()
     logprobs, result = em_kernels.logprobs_and_entropy(
@@ -513,7 +507,7 @@ def test_bitwise_determinism(backend_device):
         first = _forward_and_gradient(backend, logits, tokens, 0.7)
         second = _forward_and_gradient(backend, logits, tokens, 0.7)
         for a, b in zip(first, second):
-            assert torch.equal(_bits(a), _bits(b))
+            assert torch.equal(bits(a), bits(b))
 
 
 @pytest.mark.parametrize("vocab", [50, 4097, 20011])
@@ -542,7 +536,7 @@ def test_batch_invariance(backend_device, vocab, dtype):
             if not rows.start <= i < rows.stop:
                 continue
             for a, b in zip(together, single):
-                assert torch.equal(_bits(a[lead + i - rows.start]), _bits(b[0]))
+                assert torch.equal(bits(a[lead + i - rows.start]), bits(b[0]))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -576,18 +570,18 @@ def test_triton_log_prob_backward_one_hot_entry(device):
     plain = backward(logits)
     padded = torch.zeros(rows, vocab + 40, dtype=logits.dtype, device=device)[:, :vocab]
     padded.copy_(logits)
-    assert torch.equal(_bits(backward(padded)), _bits(plain))
+    assert torch.equal(bits(backward(padded)), bits(plain))
 
     guard = 64
     storage = torch.full((rows * vocab + guard,), 7.0, dtype=logits.dtype, device=device)
     in_place = storage[: rows * vocab].view(rows, vocab)
     in_place.copy_(logits)
     backward(in_place, out=in_place)
-    assert torch.equal(_bits(in_place), _bits(plain))
+    assert torch.equal(bits(in_place), bits(plain))
     assert bool((storage[rows * vocab:] == 7.0).all()), "a one-hot store left its row"
 
     no_one_hot = backward(logits, tokens=torch.tensor([5, 6, 7, -1], device=device))
-    assert torch.equal(_bits(plain[3]), _bits(no_one_hot[3]))
+    assert torch.equal(bits(plain[3]), bits(no_one_hot[3]))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
@@ -651,7 +645,7 @@ def test_masking_nan_and_empty_rows(backend_device):
                 _assert_row_matches_oracle(logits[3:4], tokens[3:4], outputs)
         else:
             for a, b in zip((logprobs, result, grad), clean):
-                assert torch.equal(_bits(a[3:4]), _bits(b))
+                assert torch.equal(bits(a[3:4]), bits(b))
 
 
 def test_masking_with_the_most_negative_float(backend_device):
