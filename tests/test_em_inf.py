@@ -210,33 +210,41 @@ def test_em_inf_properties(backend_device, optimizer):
     check()
 
 
+def exit_threshold(logits, early_exit, steps, **options):
+    """A threshold between the entropies (float64 oracle) after steps - 1 and steps: of row 0
+    in row mode (the other rows may exit elsewhere), summed over the rows in batch mode."""
+    def exit_entropy(k):
+        z = reference.em_inf_adjust_ref(logits.double(), steps=k, threshold=-math.inf,
+                                        early_exit=early_exit, **options)
+        h = entropy64(z)
+        return h.sum() if early_exit == "batch" else h[0]
+
+    return float(exit_entropy(steps - 1) + exit_entropy(steps)) / 2
+
+
+def assert_stopped_after(out, logits, backend, early_exit, steps, **options):
+    """``out`` (run with exit_threshold's threshold) is the result of exactly ``steps`` steps:
+    for every row in batch mode, for row 0 in row mode."""
+    ran = em_kernels.em_inf_adjust(logits, steps=steps, threshold=-math.inf,
+                                   early_exit=early_exit, backend=backend, **options)
+    rows = slice(None) if early_exit == "batch" else slice(0, 1)
+    assert torch.equal(out[rows], ran[rows])
+
+
 @pytest.mark.parametrize("early_exit", ["row", "batch"])
 def test_em_inf_exits_mid_way(backend_device, early_exit):
     """A threshold between the entropies after 2 and 3 steps stops every row (or the batch)
     after exactly 3 steps: the result is that of steps=3, not steps=5 or 2."""
     backend, device = backend_device
     logits = (torch.randn(3, 1100, generator=torch.Generator().manual_seed(5)) * 2).to(device)
-
-    def summed_entropy(steps):
-        z = reference.em_inf_adjust_ref(logits.double(), steps=steps, threshold=-math.inf,
-                                        early_exit=early_exit)
-        h = entropy64(z)
-        return h.sum() if early_exit == "batch" else h
-
-    after2, after3 = summed_entropy(2), summed_entropy(3)
-    threshold = float(((after2 + after3) / 2).min() if early_exit == "batch" else 0.0)
-    if early_exit == "row":  # one threshold for all rows: rows exit after different steps
-        threshold = float((after2[0] + after3[0]) / 2)
+    threshold = exit_threshold(logits, early_exit, 3)
     out = em_kernels.em_inf_adjust(logits, threshold=threshold, early_exit=early_exit,
                                    backend=backend)
     oracle = reference.em_inf_adjust_ref(logits.double(), threshold=threshold,
                                          early_exit=early_exit)
     baseline = plain_pytorch_baseline(logits, oracle, threshold=threshold, early_exit=early_exit)
     assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
-    three = em_kernels.em_inf_adjust(logits, steps=3, threshold=-math.inf,
-                                     early_exit=early_exit, backend=backend)
-    rows = slice(None) if early_exit == "batch" else slice(0, 1)
-    assert torch.equal(out[rows], three[rows])
+    assert_stopped_after(out, logits, backend, early_exit, 3)
 
 
 def test_em_inf_edges(backend_device):
@@ -454,6 +462,53 @@ def test_bad_numbers_fail_clearly_under_dynamic_compile():
             adjust(logits, bad)
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_more_steps_than_a_history_block(backend_device, early_exit):
+    """steps beyond 16, the Triton kernel's smallest history block (the row scalars of every
+    earlier pass, replayed per element): pass 17 on must still read them all. Small rows, so
+    that the interpreter's 21 passes stay cheap."""
+    backend, device = backend_device
+    logits = (torch.randn(2, 50, generator=torch.Generator().manual_seed(13)) * 3).to(device)
+    options = dict(steps=20, threshold=-math.inf, kl_weight=0.05, early_exit=early_exit)
+    out = em_kernels.em_inf_adjust(logits, backend=backend, **options)
+    oracle = reference.em_inf_adjust_ref(logits.double(), **options)
+    baseline = plain_pytorch_baseline(logits, oracle, **options)
+    assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
+
+
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_triton_em_inf_many_chunks_and_rows(backend_device, monkeypatch, early_exit):
+    """The Triton launcher's loops that real shapes reach only on a GPU or never: the chunk
+    partials of a row merged over several MERGE_BLOCK windows (more than 1024 chunks, V > 2M at
+    the real sizes; here 8 chunks of 8 entries, windows of 4) and the batch-entropy kernel's
+    sweep over more than BATCH_ROWS_BLOCK rows (16; here 5 rows in blocks of 2). A skipped or
+    repeated window changes the row statistics, hence the result (against the oracle); a skipped
+    or repeated row block changes the summed entropy, hence the batch-mode exit step."""
+    backend, device = backend_device
+    if backend != "triton":
+        pytest.skip("the Triton launcher's block sizes")
+    from em_kernels.triton import em_inf as triton_em_inf
+
+    monkeypatch.setattr(triton_em_inf, "BLOCK", 8)
+    monkeypatch.setattr(triton_em_inf, "MAX_MERGE_BLOCK", 4)
+    monkeypatch.setattr(triton_em_inf, "BATCH_ROWS_BLOCK", 2)
+    generator = torch.Generator().manual_seed(12)
+    logits = torch.randn(5, 60, generator=generator) * 2
+    logits[::2] *= 3.0  # rows of different entropies
+    logits = logits.to(device)
+    options = dict(steps=3, kl_weight=0.5, early_exit=early_exit, threshold=-math.inf)
+    out = em_kernels.em_inf_adjust(logits, backend=backend, **options)
+    oracle = reference.em_inf_adjust_ref(logits.double(), **options)
+    baseline = plain_pytorch_baseline(logits, oracle, **options)
+    assert_matches_oracle(out, oracle, baseline, floor_for(logits), "em_inf_adjust")
+    # The exit decision reads the same statistics: a threshold between the entropies after 1
+    # and 2 steps stops after exactly 2.
+    options = dict(kl_weight=0.5, early_exit=early_exit)
+    threshold = exit_threshold(logits, steps=2, **options)
+    out = em_kernels.em_inf_adjust(logits, threshold=threshold, backend=backend, **options)
+    assert_stopped_after(out, logits, backend, steps=2, **options)
+
+
 # ------------------------------------------------------------------- GPU only: real vocabularies
 
 GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.cuda) for b in ("triton", "cuda")]
@@ -568,6 +623,7 @@ def test_auto_picks_cuda_for_few_rows_and_triton_for_many(monkeypatch):
         assert choose(0, 8, 151936) == "triton"
         assert choose(0, 64, 151936) == "triton"
         assert choose(0, 264, 2048) == "cuda" and choose(0, 529, 2048) == "triton"
+        assert choose(0, 528, 2048) == "cuda"  # exactly 4 segments per SM still fit
         status["triton"] = "not installed"
         choose.cache_clear()
         assert choose(0, 64, 151936) == "cuda"

@@ -150,6 +150,24 @@ def test_strided_rows_and_edges(device):
     assert bool(torch.isfinite(out[[0, 3, 4, 5]]).all())
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_cpu_strided_rows_over_several_groups(early_exit):
+    """Row mode runs the rows in groups (about 4 MiB of optimiser state each: 2 rows at
+    V = 151936 on one thread), each group reading its rows at row0 * row_stride: strided rows
+    spread over several groups give the bits of their contiguous copy (a group that stepped by
+    V instead of the row stride would read the rows in between)."""
+    base = random_logits(10, QWEN_VOCAB, 2.0, torch.bfloat16, "cpu", seed=9)
+    strided = base[::2]  # 5 rows: 3 groups of at most 2 in row mode
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        got = em_inf(strided, threshold=-math.inf, early_exit=early_exit)
+        want = em_inf(strided.contiguous(), threshold=-math.inf, early_exit=early_exit)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_op_rejects_bad_arguments(device):
     logits = torch.randn(2, 10, device=device)

@@ -144,6 +144,22 @@ def test_processors_pass_their_options_on(cls, options, op):
     assert not torch.equal(expected, op(scores))
 
 
+@pytest.mark.parametrize("cls, op_name", [(EMInfLogitsProcessor, "em_inf_adjust"),
+                                          (AdaptiveTemperatureLogitsProcessor,
+                                           "adaptive_temperature")])
+def test_processors_pass_their_backend_on(cls, op_name, monkeypatch):
+    """The processor's backend reaches the op (not "auto"): a user who picks "torch" (the
+    float64-capable oracle) or "triton" gets it."""
+    processor = cls(backend="torch")  # its constructor probes the op with backend="torch"
+    calls = []
+    op = getattr(em_kernels, op_name)
+    monkeypatch.setattr(em_kernels, op_name,
+                        lambda scores, **kwargs: calls.append(kwargs["backend"]) or op(
+                            scores, **kwargs))
+    processor(None, torch.randn(2, 30, generator=torch.Generator().manual_seed(6)))
+    assert calls == ["torch"]
+
+
 def test_scores_keep_their_dtype():
     scores = torch.randn(2, 30, dtype=torch.bfloat16)
     for processor in (EMInfLogitsProcessor(), AdaptiveTemperatureLogitsProcessor()):
@@ -194,6 +210,20 @@ def test_em_inf_processors_take_int_temperatures(model):
         "EMInfLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper"]
     assert processors[1].temperature == 2.0
     generate(model, prompts(2), processors, do_sample=True, **NEUTRAL_SAMPLING)
+
+
+def test_em_inf_processors_zero_top_k_and_min_tokens_to_keep():
+    """top_k=0 means no top-k (transformers' warper refuses 0); min_tokens_to_keep reaches both
+    warpers: a row with one dominant token keeps that many under top-1 and under top-p 0.5."""
+    processors = em_inf_processors(temperature=1.0, top_k=0, top_p=1.0)
+    assert [type(p).__name__ for p in processors] == ["EMInfLogitsProcessor"]
+    scores = torch.tensor([[9.0, 1.0, 0.5, 0.0, -1.0]])
+    for options in (dict(top_k=1), dict(top_p=0.5)):
+        processors = em_inf_processors(AdaptiveTemperatureLogitsProcessor(delta=10.0),
+                                       min_tokens_to_keep=3, **options)
+        assert len(processors) == 2
+        kept = torch.isfinite(processors(None, scores.clone()))
+        assert int(kept.sum()) == 3, options
 
 
 def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
