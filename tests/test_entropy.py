@@ -748,7 +748,7 @@ def _confident_rows(temperature: float, generator: torch.Generator) -> torch.Ten
 
 # 1.0000522e-4: a T whose float 1 / T is off by 0.8 of its ulp, so that m / T rounded through
 # floats lands an ulp away from m for the upper half of a binade (the rows' maxima here).
-@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.0000522e-4])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 1.0000522e-4, 1.000835e-4])
 def test_confident_rows_have_relatively_exact_gradients(backend_device, temperature):
     """On confident rows with large |lse| (`_confident_rows`), each row's gradient matches
     float64 relative to that row's own largest entry: that of H alone, and that of H + 0.25 log p
@@ -801,6 +801,25 @@ def test_huge_temperatures_keep_far_entries(backend_device, temperature):
     # spacings (2^-149) on top of the relative bound.
     bound = 1e-3 * exact.grad.abs().amax(-1, keepdim=True) + 4 * 2.0**-149
     assert ((leaf.grad.cpu().double() - exact.grad).abs() <= bound).all(), (leaf.grad, exact.grad)
+
+
+def test_maxima_near_float32_max_below_the_centerless_temperature(backend_device):
+    """Row maxima at +-FLT_MAX with T = 1e35 (below CENTERLESS_TEMPERATURE, so the backward
+    centers on lse T): lse T = m + T ln s passes float32's range by T ln s ~ 1e35, and the
+    center must be clamped to +-FLT_MAX (softmax_stats.h, the Triton backward), not become
+    +-inf (z - c = -inf everywhere: a zero or NaN gradient). The rows are 0.4 nats apart per
+    entry, |lse| ~ 3.4e3: well inside the trusted range."""
+    backend, device = backend_device
+    temperature = 1e35
+    fmax = torch.finfo(torch.float32).max
+    steps = torch.arange(16, dtype=torch.float64) * 0.4 * temperature
+    logits = torch.stack([fmax - steps, -fmax + steps]).float()
+    leaf = logits.clone().to(device).requires_grad_()
+    em_kernels.entropy(leaf, temperature=temperature, backend=backend).sum().backward()
+    exact = logits.double().requires_grad_()
+    reference.entropy_ref(exact / temperature).sum().backward()
+    # The torch backend rounds z / T (~3.4e3) to float32 first: ~1e-4 of the row's size.
+    assert_row_relative(leaf.grad, exact.grad, 1e-3, "gradient at +-FLT_MAX")
 
 
 def test_float32_lse_where_float64_is_missing(monkeypatch):
@@ -876,6 +895,32 @@ def test_a_row_of_the_most_negative_float_has_no_distribution(backend_device):
         assert bool((grad[0] == 0).all()) and bool(grad[1].isfinite().all())
 
 
+def test_rows_without_a_distribution_ignore_their_upstream_gradient(backend_device):
+    """A padded row that is all -inf (or, on the kernels, all finfo.min) has NaN entropy and
+    log-prob, so a masked loss such as sum(mask * H^2) hands it a NaN upstream gradient
+    (0 * 2H = NaN) even though it is masked out. Its gradient is still exactly 0 (the row has no
+    distribution: the kernels take its upstream gradients as 0), and the other rows are
+    untouched. The torch backend sees a finfo.min row as uniform (finite H): only the -inf row
+    there."""
+    backend, device = backend_device
+    empty_rows = [0] if backend == "torch" else [0, 1]
+    for vocab in (300, 9000):
+        generator = torch.Generator().manual_seed(vocab)
+        logits = torch.randn(3, vocab, generator=generator)
+        logits[0] = float("-inf")
+        logits[1] = torch.finfo(torch.float32).min
+        logits = logits.to(device).requires_grad_()
+        tokens = torch.tensor([0, 1, 2], device=device)
+        mask = torch.tensor([0.0, 0.0, 1.0], device=device)
+        logprobs, result = em_kernels.logprobs_and_entropy(logits, tokens, temperature=0.7,
+                                                            backend=backend)
+        assert torch.isnan(result[empty_rows]).all() and torch.isnan(logprobs[empty_rows]).all()
+        (mask * (result**2 + logprobs**2)).sum().backward()
+        grad = logits.grad
+        assert bool((grad[empty_rows] == 0).all()), grad[empty_rows]
+        assert bool(grad[2].isfinite().all()) and bool((grad[2] != 0).any())
+
+
 def test_gradients_finite_at_extreme_scales(backend_device):
     backend, device = backend_device
     generator = torch.Generator().manual_seed(3)
@@ -930,6 +975,32 @@ def test_out_of_range_tokens_in_the_op(backend_device):
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(
         lse.cpu(), torch.logsumexp(logits.double() / 0.5, -1).cpu(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab", [40, 9000])
+def test_negative_token_ids_leave_other_rows_alone(backend_device, vocab):
+    """Negative ids (-1, or an ignore_index of -100 left in the labels: on CUDA no range check
+    runs) on rows after the first: each such row gets the -p / T term alone, and every other
+    row's gradient, in particular the entries just before the bad row (row r's id -1 would land
+    on row r - 1's last entry, -100 one hundred entries before row r's start, if the one-hot
+    store took the id for a column), is its own. V = 9000 spans two Triton tiles (chunk 0 is
+    where a truncating -1 // BLOCK lands)."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(6, vocab, generator=generator).to(device)
+    tokens = torch.tensor([5, vocab - 1, -1, -100, 3, -1], device=device)
+    entropy_, lse, logprobs = softmax_stats(logits, tokens, 0.5, backend)
+    outside = tokens < 0
+    assert torch.isnan(logprobs[outside]).all() and torch.isfinite(logprobs[~outside]).all()
+    ones = torch.ones(6, device=device)
+    with_lp = softmax_stats_backward(logits, tokens, entropy_, lse, ones, ones, 0.5, backend)
+    without = softmax_stats_backward(logits, tokens, entropy_, lse, ones, None, 0.5, backend)
+    p = torch.softmax(logits.double() / 0.5, -1).cpu()
+    onehot = torch.zeros_like(p)
+    inside = (~outside).cpu()
+    onehot[inside] = torch.nn.functional.one_hot(tokens.cpu()[inside], vocab).double()
+    torch.testing.assert_close((with_lp - without).double().cpu(), (onehot - p) / 0.5,
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("with_tokens", [False, True])
