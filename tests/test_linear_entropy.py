@@ -312,7 +312,7 @@ def test_strided_inputs(backend_device):
     hidden, weight, bias, tokens = random_problem(18, 40, 66, device)
     hidden_view = hidden[:, ::2]
     weight_view = weight[::2, ::2].T.contiguous().T
-    bias_view, tokens_view = bias[::2], tokens[::2] % 33
+    bias_view, tokens_view = bias[::2], (tokens % 33)[::2]
     hidden_view = hidden_view[::2]
     out = em_kernels.linear_entropy(hidden_view, weight_view, bias=bias_view, tokens=tokens_view,
                                     backend=backend)
@@ -320,6 +320,7 @@ def test_strided_inputs(backend_device):
         hidden_view.contiguous(), weight_view.contiguous(), bias=bias_view.contiguous(),
         tokens=tokens_view.contiguous(), backend=backend)
     assert not weight_view.is_contiguous() and not hidden_view.is_contiguous()
+    assert not bias_view.is_contiguous() and not tokens_view.is_contiguous()
     torch.testing.assert_close(out.entropy, expected.entropy)
     torch.testing.assert_close(out.logprobs, expected.logprobs)
 
@@ -430,6 +431,35 @@ def test_nan_poisons_only_its_row(backend_device):
     nan_rows = torch.isnan(out.entropy)
     assert nan_rows.tolist() == [i == 5 for i in range(20)]
     assert torch.isnan(out.logprobs).tolist() == [i == 5 for i in range(20)]
+
+
+def test_out_of_range_tokens_in_the_op(backend_device):
+    """The stats op itself (the path without a host sync: CUDA tensors, torch.compile) gives a
+    NaN log-prob (chosen logit) for an id outside [0, V), also for an int64 id whose low 32 bits
+    fall inside the vocabulary, and its backward adds no one-hot for it: that row's log-prob
+    gradient is lse's alone, -p / T (test_entropy's test of the same name, for the LM head).
+    The other rows are unaffected."""
+    backend, device = backend_device
+    hidden, weight, bias, _ = random_problem(4, 16, 40, device)
+    tokens = torch.tensor([-1, 5, 40, (1 << 32) + 3], device=device)
+    entropy, lse, chosen = ops.linear_entropy_stats(hidden, weight, bias, tokens, 0.5, 0.0,
+                                                    backend)
+    logprobs = chosen - lse
+    outside = [0, 2, 3]
+    assert bool(torch.isnan(logprobs[outside]).all()) and bool(torch.isfinite(logprobs[1]))
+    ones = torch.ones(4, device=device)
+    with_lp = ops.linear_entropy_backward(hidden, weight, bias, tokens, entropy, lse, ones,
+                                          -ones, ones, 0.5, 0.0, True, True, backend)
+    without = ops.linear_entropy_backward(hidden, weight, bias, None, entropy, lse, ones,
+                                          torch.zeros_like(ones), None, 0.5, 0.0, True, True,
+                                          backend)
+    # d_bias of the log-prob terms: sum over the rows of (onehot - p) / T, no one-hot outside
+    logits = (hidden.double() @ weight.double().T + bias.double()) / 0.5
+    p = torch.softmax(logits, -1)
+    onehot = torch.zeros_like(p)
+    onehot[1, 5] = 1.0
+    torch.testing.assert_close((with_lp[2] - without[2]).double(), ((onehot - p) / 0.5).sum(0),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_deterministic_and_batch_invariant(backend_device):

@@ -151,29 +151,57 @@ def test_token_weights_differentiate():
     torch.testing.assert_close(grads[-1], expected_grads[-1], rtol=1e-5, atol=1e-6)
 
 
-def test_small_token_weights_survive_fp16():
-    """dz carries token_weight x A: scaled by its bound before the rounding to fp16, 1e-4 x p
-    stays clear of fp16's subnormals (as linear_entropy_loss's weights do)."""
+# (token_weight, advantage scale, bound on the relative error): dz carries token_weight x A and
+# is scaled by their largest product (|A| + kl_weight) before its rounding to fp16, so small
+# weights or small advantages (rewards that barely differ) keep 1e-4 x p clear of fp16's
+# subnormals. Scaled by token_weight alone, advantages of 1e-4 leave d_hidden ~1% off, where the
+# scaled dz keeps it within fp16's own ~0.1%.
+@pytest.mark.parametrize("token_weight, advantage_scale, bound",
+                         [(1e-4, 1.0, 1e-2), (1.0, 1e-4, 3e-3)])
+def test_small_loss_weights_survive_fp16(token_weight, advantage_scale, bound):
     generator = torch.Generator().manual_seed(11)
     hidden = torch.randn(16, 32, generator=generator).half()
     weight = (torch.randn(2000, 32, generator=generator) / math.sqrt(32)).half()
     tokens = torch.randint(0, 2000, (16,), generator=generator)
-    advantages = torch.randn(16, generator=generator)
+    advantages = torch.randn(16, generator=generator) * advantage_scale
+    exact = [x.float().requires_grad_() for x in (hidden, weight)]
+    logprobs = em_kernels.linear_entropy(*exact, tokens=tokens, backend="torch").logprobs
+    (-(advantages * logprobs).sum() * token_weight).backward()
     for backend in ("torch", "cpu", "triton"):
         if not runnable(backend, "cpu"):
             continue
-        exact = [x.float().requires_grad_() for x in (hidden, weight)]
-        logprobs = em_kernels.linear_entropy(*exact, tokens=tokens, backend="torch").logprobs
-        (-(advantages * logprobs).sum() * 1e-4).backward()
         # A huge clip_high (the upper clip switched off) must not scale dz into underflow.
         for clip_range in (0.2, (0.2, 1e9)):
             ours = [x.clone().requires_grad_() for x in (hidden, weight)]
             em_kernels.linear_policy_loss(*ours, tokens=tokens, advantages=advantages,
-                                          token_weight=1e-4, clip_range=clip_range,
+                                          token_weight=token_weight, clip_range=clip_range,
                                           backend=backend).loss.backward()
             for got, want in zip(ours, exact):
                 error = float((got.grad.float() - want.grad).abs().max() / want.grad.abs().max())
-                assert error < 1e-2, (backend, clip_range, error)
+                assert error < bound, (backend, clip_range, error)
+
+
+def test_all_zero_row_weights_give_zero_gradients():
+    """A GRPO group whose rewards are all equal has zero advantages: with no KL and no entropy
+    term every row weight is 0, and so is the largest one that sets grad_scale; the loss and
+    every gradient are exactly 0, not 0 / 0 = NaN. The same for linear_entropy_loss with zero
+    row weights."""
+    problem = _problem(6, 8, 10, "cpu", torch.float32)
+    for backend in ("torch", "cpu", "triton"):
+        if not runnable(backend, "cpu"):
+            continue
+        for loss_fn, kwargs in ((em_kernels.linear_policy_loss,
+                                 dict(advantages=torch.zeros(6),
+                                      old_logprobs=torch.full((6,), -2.0))),
+                                (em_kernels.linear_entropy_loss,
+                                 dict(entropy_weight=0.0, logprob_weight=torch.zeros(6)))):
+            hidden, weight, bias = leaves(problem)
+            out = loss_fn(hidden, weight, bias=bias, tokens=problem["tokens"], backend=backend,
+                          **kwargs)
+            grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
+            assert float(out.loss) == 0.0, (backend, loss_fn.__name__)
+            for grad in grads:
+                assert bool((grad == 0).all()), (backend, loss_fn.__name__, grad)
 
 
 def test_nan_logprob_rows_stay_out_of_the_gradients():

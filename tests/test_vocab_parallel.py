@@ -35,6 +35,8 @@ def _problem(dtype):
     tokens = torch.randint(0, VOCAB, (ROWS,), generator=generator)
     tokens[tokens == 5] = 6
     tokens[tokens == 30] = 31
+    # the ids either side of each shard boundary (SPLIT, and 33 in the uneven-shard case)
+    tokens[:4] = torch.tensor([SPLIT - 1, SPLIT, 32, 33])
     grad_entropy = torch.randn(ROWS, generator=generator)
     grad_logprobs = torch.randn(ROWS, generator=generator)
     return hidden, weight, bias.to(dtype), tokens, grad_entropy, grad_logprobs
@@ -65,6 +67,7 @@ def _worker(rank, port, cases):
             _check_logits_case(rank, backend, dtype)
             _check_case(rank, backend, dtype)
             _check_loss_case(rank, backend, dtype)
+            _check_token_on_masked_shard(rank, backend, dtype)
             if dtype == torch.float32 and backend != "torch":  # torch: plain float32 PyTorch
                 _check_confident_rows(rank, backend)
     finally:
@@ -288,6 +291,35 @@ def _check_policy_loss(rank, backend, dtype, hidden, weight, bias, tokens, advan
         out.loss.backward()
         results.append((out.loss, out.logprobs, leaves[0].grad, leaves[1].grad))
     (full_loss, full_logprobs, full_hidden, full_weight), sharded = results
+    tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(
+        rtol=1e-5, atol=1e-5)
+    for got, want in zip(sharded, (full_loss, full_logprobs, full_hidden, full_weight[shard])):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def _check_token_on_masked_shard(rank, backend, dtype):
+    """Tokens whose ids lie in a shard with no finite logit (rank 1 masks its whole shard): their
+    log-prob is -inf, as unsharded, and not NaN, so that linear_policy_loss with old log-probs
+    gives those rows ratio 0 (a finite term): the sharded loss, log-probs and gradients are the
+    unsharded ones."""
+    hidden, weight, bias, tokens, _, advantages = _problem(dtype)
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    masked_bias = bias.clone()
+    masked_bias[SPLIT:] = float("-inf")
+    old = (torch.randn(ROWS, generator=torch.Generator().manual_seed(4)) * 0.5 - 3).to(
+        advantages.dtype)
+    results = []
+    for group, rows in ((None, slice(None)), (dist.group.WORLD, shard)):
+        leaves = [hidden.clone().requires_grad_(), weight[rows].clone().requires_grad_()]
+        out = em_kernels.linear_policy_loss(
+            *leaves, bias=masked_bias[rows], tokens=tokens, advantages=advantages,
+            old_logprobs=old, process_group=group, backend=backend)
+        out.loss.backward()
+        results.append((out.loss, out.logprobs, leaves[0].grad, leaves[1].grad))
+    (full_loss, full_logprobs, full_hidden, full_weight), sharded = results
+    on_masked = tokens >= SPLIT
+    assert bool(on_masked.any()) and bool(torch.isfinite(full_loss))
+    assert bool((full_logprobs[on_masked] == float("-inf")).all())
     tolerance = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(
         rtol=1e-5, atol=1e-5)
     for got, want in zip(sharded, (full_loss, full_logprobs, full_hidden, full_weight[shard])):
