@@ -510,3 +510,248 @@ def test_tuning_sweep_plumbing(capsys):
         assert len(rows) == 2 and sum(row["current"] for row in rows) == 1, op
         assert all(row["status"] == "ok" and row["ms"] > 0 for row in rows), rows
     assert "* the constants in the source now" in capsys.readouterr().out
+
+
+# ---- Every number of a cell, pinned exactly (a wrong median, count or ceiling once passed) ----
+
+
+def _scripted_clock(durations, reset_cost):
+    """A fake perf_counter, advanced by each step's scripted duration and by each reset()."""
+    now = [0.0]
+    calls = iter(durations)
+
+    def step():
+        now[0] += next(calls)
+
+    def reset():
+        now[0] += reset_cost
+
+    return (lambda: now[0]), step, reset
+
+
+def test_cpu_time_is_the_median_of_the_step_alone():
+    """Context.time_ms on CPU: the median of at least CPU_MIN_REPEATS timed calls of step()
+    (not their min or mean), with reset() outside the timed region."""
+    from bench import harness
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    # each call past the repeat budget: exactly CPU_MIN_REPEATS samples
+    durations = [1.0, 2.0, 9.0] + [0.5] * harness.CPU_MAX_REPEATS
+    clock, step, reset = _scripted_clock(durations, reset_cost=100.0)
+    with mock.patch.object(harness.time, "perf_counter", clock):
+        assert ctx.time_ms(step, reset) == pytest.approx(2000.0)
+
+
+def test_cell_numbers_follow_from_time_and_counts():
+    """measure()'s GB/s, TFLOP/s, ceiling and fraction: the op's counts over the timed median,
+    against the copy bandwidth (memory-bound op) or the matmul rate in the cell's own dtype
+    (compute-bound op); the memory-measuring call is not part of the time."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx.copy_gbps = 50.0
+    ctx._matmul_tflops = {torch.float32: 0.5, torch.bfloat16: 2.0}
+    with mock.patch.object(Context, "time_ms", lambda self, step, reset: (step(), 2.0)[1]):
+        op = OPS["entropy"]
+        case = make_case(ctx, op, {"N": 8, "V": 1000}, torch.bfloat16, seed=0)
+        eager = next(p for p in op.providers() if p.name == "eager")
+        cell = measure(ctx, case, eager, "fwd+bwd")
+        nbytes = 3 * 8 * 1000 * 2 + 3 * 4 * 8
+        assert cell["time_ms"] == 2.0 and cell["tflops"] is None
+        assert cell["gbps"] == pytest.approx(nbytes / 2e-3 / 1e9)
+        assert cell["ceiling"] == 50.0 and cell["frac_ceiling"] == pytest.approx(cell["gbps"] / 50)
+        op = OPS["linear_entropy"]
+        case = make_case(ctx, op, {"M": 8, "H": 16, "V": 300}, torch.bfloat16, seed=0)
+        matmul = next(p for p in op.providers() if p.name == "matmul")
+        cell = measure(ctx, case, matmul, "fwd")
+        assert cell["gbps"] is None
+        assert cell["tflops"] == pytest.approx(2 * 8 * 16 * 300 / 2e-3 / 1e12)
+        assert cell["ceiling"] == 2.0 and cell["frac_ceiling"] == pytest.approx(cell["tflops"] / 2)
+
+
+def test_ceilings_count_bytes_and_flops():
+    """The copy ceiling counts the bytes read and written; the matmul ceiling 2 n^3 FLOPs."""
+    with mock.patch.object(Context, "time_ms", lambda self, step, reset: 1.0):
+        ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+        assert ctx.copy_gbps == pytest.approx(2 * 2**26 / 1e-3 / 1e9)
+        assert ctx.matmul_tflops(torch.float32) == pytest.approx(2 * 1024**3 / 1e-3 / 1e12)
+
+
+@pytest.mark.parametrize("name, dims, dtype, expected", [
+    ("entropy", {"N": 8, "V": 1000}, torch.bfloat16,
+     {"fwd": 8000 * 2 + 32, "bwd": 2 * 8000 * 2 + 64, "fwd+bwd": 3 * 8000 * 2 + 96}),
+    ("entropy", {"N": 8, "V": 1000}, torch.float32,
+     {"fwd": 8000 * 4 + 32, "bwd": 2 * 8000 * 4 + 64, "fwd+bwd": 3 * 8000 * 4 + 96}),
+    ("logprobs_and_entropy", {"N": 8, "V": 1000}, torch.bfloat16,
+     {"fwd": 8000 * 2 + 128, "bwd": 2 * 8000 * 2 + 256, "fwd+bwd": 3 * 8000 * 2 + 384}),
+    ("em_inf_adjust", {"B": 2, "V": 1000}, torch.bfloat16, {"fwd": 2000 * (2 + 4)}),
+    ("adaptive_temperature", {"B": 2, "V": 1000}, torch.float32, {"fwd": 2000 * (4 + 4)}),
+])
+def test_traffic_counts(name, dims, dtype, expected):
+    """The least bytes each memory-bound op moves: the logits in their own dtype once per read
+    or gradient write, plus the O(N) statistics."""
+    for mode, nbytes in expected.items():
+        assert OPS[name].traffic(dims, dtype, mode) == (nbytes, None), mode
+
+
+@pytest.mark.parametrize("name", ["linear_entropy", "linear_policy_loss"])
+def test_lm_head_flop_counts(name):
+    """2 MHV forward, 4 MHV backward, 6 MHV both; no byte count (compute-bound)."""
+    dims = {"M": 8, "H": 16, "V": 300}
+    for mode, factor in (("fwd", 2), ("bwd", 4), ("fwd+bwd", 6)):
+        assert OPS[name].traffic(dims, torch.bfloat16, mode) == (None, factor * 8 * 16 * 300)
+
+
+def test_cpu_peak_memory_is_a_running_peak():
+    """Two 8 MiB tensors made and freed one after the other peak at 8 MiB, not 16; one kept
+    alive under another that is freed peaks at 16, and 8 stay held."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    numel = 2**21  # 8 MiB in fp32
+
+    def one_after_another():
+        for _ in range(2):
+            torch.ones(numel).sum()
+
+    def nested():
+        kept = torch.ones(numel)
+        torch.ones(numel).sum()
+        return kept
+
+    assert ctx.run_measuring_memory(one_after_another)[1] == pytest.approx(8, abs=0.1)
+    assert ctx.run_measuring_memory(nested)[1] == pytest.approx(16, abs=0.1)
+
+
+def test_upstream_gradients_are_not_the_providers_memory():
+    """fwd+bwd's first call makes the random upstream gradients: they stand for an input, so the
+    cell's peak leaves them out and equals that of a call given them (same provider name)."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    op = OPS["entropy"]
+    case = make_case(ctx, op, {"N": 64, "V": 16384}, torch.float32, seed=0)
+    # an output as large as the logits, so that its upstream gradient (4 MiB) shows
+    scaled = Provider("scaled", lambda c: lambda: (2 * c.inputs["logits"],), compares=False)
+    first = measure(ctx, case, scaled, "fwd+bwd")["peak_extra_mib"]
+    assert "scaled" in case.upstream_cache
+    again = measure(ctx, case, scaled, "fwd+bwd")["peak_extra_mib"]
+    assert first == pytest.approx(again, abs=0.5), (first, again)
+
+
+def test_bwd_mode_times_the_backward_alone():
+    """In bwd mode the forward runs once, outside the memory and timed calls."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    op = OPS["entropy"]
+    case = make_case(ctx, op, {"N": 8, "V": 1000}, torch.float32, seed=0)
+    calls = []
+
+    def build(c):
+        def forward():
+            calls.append(1)
+            return (2 * c.inputs["logits"],)
+        return forward
+
+    measure(ctx, case, Provider("counted", build, compares=False), "bwd")
+    assert len(calls) == 1
+
+
+def test_check_rows_spread_over_every_row():
+    """The oracle's rows span the batch, first and last row included, not its first rows."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    case = make_case(ctx, OPS["entropy"], {"N": 200, "V": 10}, torch.float32, seed=0)
+    rows = case.check_rows.tolist()
+    assert len(rows) == 64 and rows[0] == 0 and rows[-1] == 199 and rows == sorted(set(rows))
+
+
+def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):
+    """Every measured cell has its row in the markdown and the terminal table, in the plan's
+    order; an unavailable provider's cells are skipped with their reason, in the CSV and under
+    "Not measured"; the final CSV has each row's speedup over eager and the run's copy
+    bandwidth."""
+    rows = _run(tmp_path, "--providers", "eager,chunked,triton")
+    triton = [row for row in rows if row["provider"] == "triton"]
+    assert triton and all(row["status"] == "skipped" and "Triton" in row["reason"]
+                          for row in triton), triton
+    measured = [row for row in rows if row["status"] == "ok"]
+    assert len(measured) == 8
+    for row in measured:
+        assert float(row["copy_gbps"]) > 0, row
+        speedup = float(row["speedup_vs_eager"])
+        assert speedup == 1.0 if row["provider"] == "eager" else speedup > 0, row
+    # the CSV's order: per case (dtype), mode by mode, the providers in their order
+    assert [(r["mode"], r["provider"]) for r in rows[:6]] == [
+        (m, p) for m in ("fwd", "fwd+bwd") for p in ("eager", "chunked", "triton")]
+    markdown = (tmp_path / "results.md").read_text()
+    table = [line for line in markdown.splitlines() if line.startswith("| N8-V1000 ")]
+    assert len(table) == len(measured)
+    assert "## Not measured" in markdown and triton[0]["reason"] in markdown
+    out = capsys.readouterr().out
+    assert sum(line.startswith("entropy ") and "N8-V1000" in line
+               for line in out.splitlines()) == len(measured)
+
+
+def test_cell_reports_show_percent_and_largest_error():
+    from bench.report import _cells
+
+    row = dict(op="entropy", shape="N8-V1000", dtype="fp32", mode="fwd+bwd", provider="cpu",
+               time_ms=1.0, gbps=10.0, frac_ceiling=0.25, peak_extra_mib=1.0, err_out=1e-6,
+               err_grad=2e-3, check="ok", speedup_vs_eager=2.0)
+    cells = dict(zip(("ms", "GB/s", "TFLOP/s", "% ceil", "extra MiB", "max err", "check",
+                      "x eager"), _cells(row)[5:]))
+    assert cells["% ceil"] == "25%" and cells["max err"] == "2.0e-03"
+    assert cells["x eager"] == "2.00x" and cells["TFLOP/s"] == "-"
+
+
+def test_a_provider_skip_keeps_its_reason():
+    """A provider that raises Skip while building gives a skipped row with that reason."""
+    from bench.__main__ import _NoProgress
+    from bench.harness import Skip, run_cells
+
+    def refuse(case):
+        raise Skip("no such kernel at this shape")
+
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    rows = run_cells(ctx, [(OPS["entropy"], {"N": 8, "V": 100}, torch.float32, ["fwd"],
+                            [Provider("refuses", refuse)])], lambda row: None, _NoProgress())
+    assert [(row["status"], row["reason"]) for row in rows] == [
+        ("skipped", "no such kernel at this shape")]
+
+
+def test_resume_measures_cells_an_earlier_run_skipped(tmp_path):
+    """A sweep split over runs: a cell the earlier run skipped (its time budget spent) is
+    measured by the resumed run, not kept as done."""
+    _run(tmp_path / "first", "--providers", "eager", "--dtypes", "fp32")
+    path = tmp_path / "first" / "results.csv"
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, records = reader.fieldnames, list(reader)
+    skipped = next(r for r in records if r["mode"] == "fwd")
+    for name in ("check", "time_ms", "gbps", "frac_ceiling", "ceiling", "peak_extra_mib",
+                 "err_out", "rel_out", "speedup_vs_eager"):
+        skipped[name] = ""
+    skipped.update(status="skipped", reason="the run's time budget (--max-seconds) was spent")
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(records)
+    measured = []
+
+    def counting_measure(ctx, case, provider, mode, timed=True):
+        measured.append((provider.name, mode))
+        return measure(ctx, case, provider, mode, timed)
+
+    with mock.patch("bench.harness.measure", counting_measure):
+        rows = _run(tmp_path / "second", "--providers", "eager", "--dtypes", "fp32",
+                    "--resume", str(path))
+    assert measured == [("eager", "fwd")]
+    assert [row["status"] for row in rows] == ["ok", "ok"]
+
+
+def test_speedups_pair_by_commit_and_by_date():
+    """Same date, other commit, or same commit, other date: another run, no speedup."""
+    from bench.report import add_speedups
+
+    def row(provider, time_ms, commit, date):
+        return dict(op="entropy", shape="N8-V32000", dtype="bf16", mode="fwd",
+                    provider=provider, status="ok", time_ms=time_ms, commit=commit, date=date)
+
+    rows = [row("eager", 2.0, "abc", "d1"), row("cpu", 1.0, "def", "d1"),
+            row("cuda", 1.0, "abc", "d2")]
+    add_speedups(rows)
+    assert rows[0]["speedup_vs_eager"] == 1.0
+    assert "speedup_vs_eager" not in rows[1] and "speedup_vs_eager" not in rows[2]
