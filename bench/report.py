@@ -8,7 +8,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .harness import DTYPES, ERROR_FACTOR, parse_shape_label
+from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 
 # ceiling: what frac_ceiling divides by, measured in this run (the copy bandwidth in GB/s for the
 # memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for the LM-head ops).
@@ -225,9 +225,11 @@ def markdown(rows: list[dict], header: list[str],
         "scratch); max err is the largest "
         "absolute error of the outputs and input gradients against float64 on a subset of rows; "
         f"check is FAIL where that error exceeds the larger of {ERROR_FACTOR}x eager's on the "
-        "same cell and a few units in the last place of the largest reference value (ok: within "
-        "it; ref: eager, the baseline; unchecked: eager has no result there); x eager is eager's "
-        "time over this provider's.", ""]
+        "same cell and a few units in the last place of the largest reference value, or where "
+        "the normwise error (||value - float64|| / ||float64|| per output and per input "
+        f"gradient) exceeds the larger of {NORM_ERROR_FACTOR}x eager's and a few float32 ulps "
+        "(ok: within both; ref: eager, the baseline; unchecked: eager has no result there); "
+        "x eager is eager's time over this provider's.", ""]
     wrong = wrong_results(rows)
     if wrong:
         out += ["## Wrong results", "",
