@@ -171,7 +171,7 @@ def test_scoring_mode_turns_off_dropout_in_modules_that_keep_train_mode():
     layer = model[0]
     x = torch.ones(64, 64)
     with scoring_mode(model):
-        assert layer.training and not layer.inner.training
+        assert layer.training and not layer.inner.training and layer.inner.p == 0.0
         for _ in range(3):
             assert torch.equal(model(x), x)
     assert layer.training and layer.inner.training
@@ -370,3 +370,58 @@ def test_training_loop_says_what_a_prompt_batch_must_be():
     history = training_loop(step, [{"input_ids": ids, "attention_mask": ids}, (ids, ids),
                                    torch.stack([ids, ids])], None, "test", False, ("loss",))
     assert len(history) == 3 and len(steps) == 3
+
+
+def test_rollouts_are_sampled_at_the_given_temperature_in_eval_mode():
+    """temperature reaches generate(), and the model samples in eval mode (here it has
+    attention dropout and is in train mode): near 0 every sampled token is the eval-mode
+    network's argmax; at 1 the rollouts of a prompt differ. The model's mode comes back."""
+    from algos_support import full_logits
+
+    model = _tiny_llama_with_dropout(seed=5)
+    prompts, mask = _prompts(3, batch=2)
+    rollouts = {}
+    for temperature in (1e-4, 1.0):
+        torch.manual_seed(0)
+        rollouts[temperature] = sample_responses(
+            model, prompts, mask, num_samples=4, max_new_tokens=6, pad_token_id=PAD,
+            eos_token_id=None, temperature=temperature)
+    assert model.training and model.model.layers[0].self_attn.training
+    cold = rollouts[1e-4]
+    with torch.no_grad():
+        argmax = full_logits(model.eval(), cold.input_ids, cold.attention_mask)[:, :-1].argmax(-1)
+    predicts = cold.response_mask[:, 1:]
+    assert torch.equal(argmax[predicts], cold.input_ids[:, 1:][predicts])
+    assert len({tuple(row) for row in rollouts[1.0].input_ids.tolist()}) > 2
+
+
+def test_a_response_token_under_padding_is_refused():
+    """A response token that the attention mask marks as padding (its predictor attended) is
+    refused, not scored as if it were real."""
+    model = tiny_causal_lm(seed=0)
+    input_ids = torch.tensor([[4, 5, 6, 7, PAD]])
+    attention = torch.tensor([[1, 1, 1, 1, 0]])
+    response = torch.tensor([[0, 0, 1, 1, 1]], dtype=torch.bool)
+    with pytest.raises(ValueError, match="attention_mask masks out"):
+        em_ft_loss(model, input_ids, attention, response)
+    with pytest.raises(ValueError, match="attention_mask masks out"):
+        sequence_reward(model, input_ids, attention, response)
+
+
+def test_left_padding_does_not_move_learned_positions():
+    """Position ids count the real tokens (as generate() does): with learned absolute position
+    embeddings (GPT-2), where RoPE's shift invariance would hide a wrong offset, a left-padded
+    row scores as the same row unpadded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                       n_positions=64, pad_token_id=PAD, eos_token_id=EOS,
+                                       bos_token_id=EOS))
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    response = torch.tensor([[0, 0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    padded = torch.cat([torch.full((1, 3), PAD), tokens], 1)
+    padded_response = torch.cat([torch.zeros(1, 3, dtype=torch.bool), response], 1)
+    alone = sequence_reward(model, tokens, torch.ones_like(tokens), response)
+    in_batch = sequence_reward(model, padded, (padded != PAD).long(), padded_response)
+    torch.testing.assert_close(in_batch, alone, rtol=0, atol=1e-5)

@@ -49,12 +49,24 @@ def _wrap(model, mode, head_unit=False):
     return fully_shard(model, mesh=mesh)
 
 
+def _save_refusal(model, path: str) -> None:
+    """Save what em_ft_loss says of the model on one batch: its ValueError's text, or None."""
+    from algos_support import random_batch
+
+    from em_algos import em_ft_loss
+
+    try:
+        em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
+        refusal = None
+    except ValueError as error:
+        refusal = str(error)
+    torch.save({"refusal": refusal}, path)
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from algos_support import random_batch
-
-    from em_algos import EMFTTrainer, EMRLTrainer, em_ft_loss
+    from em_algos import EMFTTrainer, EMRLTrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -81,12 +93,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                        os.path.join(out_dir, f"{mode}-rank{rank}.pt"))
         if FSDP2_ON_CPU:
             model = _wrap(tiny_causal_lm(seed=0, family="llama"), "fsdp2", head_unit=True)
-            try:
-                em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
-                refusal = None
-            except ValueError as error:
-                refusal = str(error)
-            torch.save({"refusal": refusal}, os.path.join(out_dir, f"head-unit-rank{rank}.pt"))
+            _save_refusal(model, os.path.join(out_dir, f"head-unit-rank{rank}.pt"))
+        # A head whose logits only rank 1 sees transformed: every rank must refuse the model
+        # (the ranks agree on the verdict), not rank 0 go on into the next collective alone.
+        model = tiny_causal_lm(seed=1, family="llama")
+        if rank == 1:
+            model.get_output_embeddings().register_forward_hook(lambda m, a, out: out * 2)
+        _save_refusal(model, os.path.join(out_dir, f"head-check-rank{rank}.pt"))
         # Let go of the wrapped models (FSDP2's hold the group through their device mesh) and
         # wait for the other rank before the group goes. Without this, one worker in about 9
         # aborted after all its Python had run ("terminate called without an active
@@ -142,3 +155,10 @@ def test_an_lm_head_sharded_on_its_own_is_refused(results):
     for rank in range(WORLD_SIZE):
         refusal = _load(results, "head-unit", rank)["refusal"]
         assert refusal is not None and "shard the LM head with the root module" in refusal
+
+
+def test_the_ranks_agree_on_the_head_check(results):
+    """Rank 1's logits are twice its head's output, rank 0's are not: both refuse."""
+    for rank in range(WORLD_SIZE):
+        refusal = _load(results, "head-check", rank)["refusal"]
+        assert refusal is not None and "not its LM head applied" in refusal

@@ -260,3 +260,47 @@ def test_on_cuda(dtype):
     prompts, mask = _prompts(0)
     stats = trainer.step(prompts.cuda(), mask.cuda())
     assert all(torch.isfinite(p).all() for p in model.parameters()) and stats["loss"] > 0
+
+
+def test_trainer_step_is_the_documented_recipe():
+    """One EMFTTrainer step, replayed by hand on a copy of the model: num_samples rollouts per
+    prompt at the trainer's temperature, the user's reference model (not a copy of the policy)
+    for the KL, the token-normalised entropy + kl_coef k3 loss, its gradient clipped to
+    max_grad_norm, one SGD step; the logged kl is the same token mean of k3."""
+    import copy
+
+    from em_algos._common import k3_kl, response_token_stats, sample_responses
+    from em_algos.em_ft import _entropy_loss
+
+    model = tiny_causal_lm(seed=11, family="llama")
+    with torch.no_grad():  # logits far from uniform: the temperature changes the samples
+        model.lm_head.weight.mul_(10)
+    replica = copy.deepcopy(model)
+    reference = tiny_causal_lm(seed=12, family="llama")  # not the policy: the KL is not 0
+    options = dict(pad_token_id=PAD, eos_token_id=EOS, num_samples=2, max_new_tokens=6,
+                   temperature=0.7, kl_coef=0.5, reference_model=reference, normalize="token",
+                   max_grad_norm=0.05, progress=False)
+    prompts = _prompts(21, batch=3)
+    trainer = EMFTTrainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                          **options)
+    torch.manual_seed(0)
+    stats = trainer.step(*prompts)
+
+    torch.manual_seed(0)
+    rollout = sample_responses(replica.eval(), *prompts, num_samples=2, max_new_tokens=6,
+                               pad_token_id=PAD, eos_token_id=EOS, temperature=0.7)
+    batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    assert rollout.input_ids.shape[0] == 6
+    ref = response_token_stats(reference.eval(), *batch, with_logprobs=True)
+    out = _entropy_loss(replica, batch, "token", ref.logprobs, 0.5)
+    out.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(replica.parameters(), 0.05)
+    torch.optim.SGD(replica.parameters(), lr=0.5).step()
+    assert norm > 0.05  # the clip acts
+    kl = k3_kl(out.logprobs, ref.logprobs).mean()
+    assert float(kl) > 0
+    assert stats["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+    assert stats["response_tokens"] == out.entropy.numel()
+    for (name, ours), expected in zip(model.named_parameters(), replica.parameters()):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -206,6 +206,9 @@ def test_policy_loss_matches_full_logit_pytorch(entropy_coeff):
     expected.backward()
     assert 0 < float(clip_fraction) < 1
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # The logged statistics: the new policy's mean k3 and the fraction of clipped ratios.
+    torch.testing.assert_close(kl, (log_ratio.exp() - log_ratio - 1).mean().detach())
+    torch.testing.assert_close(clip_fraction, (ratio != clipped).float().mean())
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(fused[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
 
@@ -270,3 +273,61 @@ def test_rollouts_are_scored_by_the_distribution_that_sampled_them(llama):
         scored = response_token_stats(llama, rollout.input_ids, rollout.attention_mask,
                                       rollout.response_mask, with_logprobs=True)
     torch.testing.assert_close(scored.logprobs, sampled[response], rtol=0, atol=1e-5)
+
+
+def test_trainer_step_is_the_documented_recipe(tmp_path):
+    """One EMRLTrainer step, replayed by hand from the public pieces on a copy of the model:
+    rollouts at the trainer's temperature, old and reference log-probs at that temperature,
+    token rewards summed (reward / reward_reduce), GRPO advantages sliced per minibatch, two
+    PPO epochs over an uneven split (4 + 2 sequences), each a fresh gradient clipped to
+    max_grad_norm and one SGD step; the checkpoint is named after the finished step. Every
+    option the trainer takes must reach the update."""
+    import copy
+
+    from em_algos._common import response_token_stats, sample_responses
+
+    model = tiny_causal_lm(seed=11, family="llama")
+    with torch.no_grad():  # logits far from uniform: the temperature changes the samples
+        model.lm_head.weight.mul_(10)
+    replica = copy.deepcopy(model)
+    reference = tiny_causal_lm(seed=12, family="llama")  # not the policy: the KL is not 0
+    options = dict(pad_token_id=PAD, eos_token_id=[EOS, 7], reward="token", reward_reduce="sum",
+                   advantage="grpo", num_rollouts=3, max_new_tokens=6, temperature=0.7,
+                   clip_range=0.1, beta=0.2, reference_model=reference, ppo_epochs=2,
+                   minibatch_size=4, max_grad_norm=0.05, progress=False)
+    prompts = _prompts(21, batch=2)
+    trainer = EMRLTrainer(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+                          save_dir=tmp_path, save_every=1, **options)
+    torch.manual_seed(0)
+    stats = trainer.step(prompts["input_ids"], prompts["attention_mask"])
+
+    by_hand = EMRLTrainer(replica, optimizer=torch.optim.SGD(replica.parameters(), lr=0.5),
+                          **options)  # its _policy_loss only (tested on its own above)
+    torch.manual_seed(0)
+    rollout = sample_responses(replica, prompts["input_ids"], prompts["attention_mask"],
+                               num_samples=3, max_new_tokens=6, pad_token_id=PAD,
+                               eos_token_id=[EOS, 7], temperature=0.7)
+    batch = (rollout.input_ids, rollout.attention_mask, rollout.response_mask)
+    lengths = rollout.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # a sum and a mean give different GRPO advantages
+    old = response_token_stats(replica.eval(), *batch, with_logprobs=True, temperature=0.7)
+    ref = response_token_stats(reference.eval(), *batch, with_logprobs=True, temperature=0.7)
+    rewards = -old.per_sequence_sum(old.entropy)
+    advantages = grpo_advantages(rewards, 3)
+    norms = []
+    for _ in range(2):
+        for start in (0, 4):
+            rows = slice(start, start + 4)
+            selected = (old.sequence >= start) & (old.sequence < start + 4)
+            loss, _, _ = by_hand._policy_loss(tuple(t[rows] for t in batch),
+                                              old.logprobs[selected], ref.logprobs[selected],
+                                              advantages[rows])
+            replica.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(torch.nn.utils.clip_grad_norm_(replica.parameters(), 0.05))
+            by_hand.optimizer.step()
+    assert min(norms) > 0.05  # the clip acts on every step
+    assert stats["reward"] == pytest.approx(float(rewards.mean()), rel=1e-6)
+    assert trainer.global_step == 1 and [p.name for p in tmp_path.iterdir()] == ["step-1"]
+    for (name, ours), expected in zip(model.named_parameters(), replica.parameters()):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=name)
