@@ -5,6 +5,7 @@ of gpu_check.sh's exit status, and of the tuning sweep's plumbing (bench/tune.py
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gc
 import os
@@ -35,6 +36,34 @@ def _run(tmp_path, *extra):
     assert gc.get_freeze_count() == 0
     with (tmp_path / "results.csv").open() as handle:
         return list(csv.DictReader(handle))
+
+
+def _read_csv(path):
+    """(field names, rows) of a results CSV."""
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        return reader.fieldnames, list(reader)
+
+
+def _write_csv(path, fields, rows):
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@contextlib.contextmanager
+def _counting_cells():
+    """Yields the list of (provider, mode) of every cell measured inside the block."""
+    measured = []
+
+    def counting_measure(ctx, case, provider, mode, timed=True):
+        if timed:  # eager's untimed run for the other providers' checks is not a cell
+            measured.append((provider.name, mode))
+        return measure(ctx, case, provider, mode, timed)
+
+    with mock.patch("bench.harness.measure", counting_measure):
+        yield measured
 
 
 def test_outputs_and_error_column(tmp_path, capsys):
@@ -294,17 +323,11 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
     the CSV being rewritten works; a row cut short by a killed run is measured again; a CSV from
     another device or a file that is not em-bench's is refused before anything is measured."""
     first = _run(tmp_path / "first", "--providers", "eager")
-    measured = []
-
-    def counting_measure(ctx, case, provider, mode, timed=True):
-        if timed:  # eager's untimed run for the other providers' checks is not a cell
-            measured.append(provider.name)
-        return measure(ctx, case, provider, mode, timed)
-
     earlier = str(tmp_path / "first" / "results.csv")
-    with mock.patch("bench.harness.measure", counting_measure):
+    with _counting_cells() as measured:
         rows = _run(tmp_path / "second", "--resume", earlier)
-        assert "eager" not in measured and "chunked" in measured
+        providers = {provider for provider, _ in measured}
+        assert "eager" not in providers and "chunked" in providers
         assert len(rows) == 12
         assert {row["check"] for row in rows
                 if row["status"] == "ok" and row["provider"] != "eager"} == {"ok"}
@@ -315,7 +338,7 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         assert "4 cells resumed from" in (tmp_path / "second" / "results.md").read_text()
         measured.clear()
         again = _run(tmp_path / "second", "--resume", str(tmp_path / "second" / "results.csv"))
-        assert not {"eager", "chunked"} & set(measured) and len(again) == 12
+        assert not measured and len(again) == 12
         # A narrower run into the same file keeps the other cells; a cut last row is redone.
         second = tmp_path / "second" / "results.csv"
         header, *lines = second.read_text().splitlines(keepends=True)
@@ -324,24 +347,20 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         second.write_text(header + "".join(lines) + cut)
         measured.clear()
         narrow = _run(tmp_path / "second", "--resume", str(second), "--modes", "fwd")
-        assert measured == ["chunked"]
+        assert measured == [("chunked", "fwd")]
         # every cell of the plan, and the measured ones outside it
         assert len(narrow) == sum(row["mode"] == "fwd" or row["status"] == "ok" for row in again)
         assert {row["op"] for row in narrow} == {"entropy"}
         modes = [row["mode"] for row in narrow]  # this run's cells first, the others after
         assert modes == sorted(modes, key=lambda mode: mode != "fwd")
         # A cell of this run whose check failed is measured again.
-        with second.open(newline="") as handle:
-            records = list(csv.DictReader(handle))
+        fields, records = _read_csv(second)
         failed = next(r for r in records if r["provider"] == "chunked" and r["mode"] == "fwd")
         failed["check"] = "FAIL"
-        with second.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
+        _write_csv(second, fields, records)
         measured.clear()
         _run(tmp_path / "second", "--resume", str(second), "--modes", "fwd")
-        assert measured == ["chunked"]
+        assert measured == [("chunked", "fwd")]
     with open(earlier) as handle:
         text = handle.read()
     other = tmp_path / "other.csv"
@@ -362,26 +381,15 @@ def test_resume_leaves_out_rows_the_reports_cannot_use(tmp_path, capsys):
     its shape, or of an unknown op is left out with its line and reason, and its cell measured
     again; a file the csv module cannot parse is refused with exit 2, not a traceback."""
     _run(tmp_path / "first", "--providers", "eager", "--dtypes", "fp32")
-    with (tmp_path / "first" / "results.csv").open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields, rows = reader.fieldnames, list(reader)
+    fields, rows = _read_csv(tmp_path / "first" / "results.csv")
     assert [row["status"] for row in rows] == ["ok", "ok"]
     rows[0]["dim_V"] = ""
     rows[1]["dim_N"] = "9"
     rows.append({**rows[1], "op": "softmax", "dim_N": "8"})
     bad = tmp_path / "bad.csv"
-    with bad.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(bad, fields, rows)
     capsys.readouterr()
-    measured = []
-
-    def counting_measure(ctx, case, provider, mode, timed=True):
-        measured.append((provider.name, mode))
-        return measure(ctx, case, provider, mode, timed)
-
-    with mock.patch("bench.harness.measure", counting_measure):
+    with _counting_cells() as measured:
         rows = _run(tmp_path / "second", "--providers", "eager", "--dtypes", "fp32",
                     "--resume", str(bad))
     err = capsys.readouterr().err
@@ -717,25 +725,14 @@ def test_resume_measures_cells_an_earlier_run_skipped(tmp_path):
     measured by the resumed run, not kept as done."""
     _run(tmp_path / "first", "--providers", "eager", "--dtypes", "fp32")
     path = tmp_path / "first" / "results.csv"
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields, records = reader.fieldnames, list(reader)
+    fields, records = _read_csv(path)
     skipped = next(r for r in records if r["mode"] == "fwd")
     for name in ("check", "time_ms", "gbps", "frac_ceiling", "ceiling", "peak_extra_mib",
                  "err_out", "rel_out", "speedup_vs_eager"):
         skipped[name] = ""
     skipped.update(status="skipped", reason="the run's time budget (--max-seconds) was spent")
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        writer.writerows(records)
-    measured = []
-
-    def counting_measure(ctx, case, provider, mode, timed=True):
-        measured.append((provider.name, mode))
-        return measure(ctx, case, provider, mode, timed)
-
-    with mock.patch("bench.harness.measure", counting_measure):
+    _write_csv(path, fields, records)
+    with _counting_cells() as measured:
         rows = _run(tmp_path / "second", "--providers", "eager", "--dtypes", "fp32",
                     "--resume", str(path))
     assert measured == [("eager", "fwd")]
