@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 VOCAB = 23  # prime, so no vocabulary dimension is a tile multiple by accident
@@ -61,3 +63,18 @@ def per_token_reference(model, input_ids, attention_mask, response_mask, dtype=t
     entropy = -(logp.exp() * logp).sum(-1)
     logprob = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return entropy, logprob, response_mask[:, 1:].bool()
+
+
+def policy_replica_and_reference():
+    """(policy, its deep copy, a different reference model) for replaying a trainer step by
+    hand: the policy's logits are scaled far from uniform, so that a sampling temperature
+    changes the samples, and the reference differs, so that the KL is not 0."""
+    policy = tiny_causal_lm(seed=11, family="llama")
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(10)
+    return policy, copy.deepcopy(policy), tiny_causal_lm(seed=12, family="llama")
+
+
+def assert_same_weights(model, replica):
+    for (name, ours), expected in zip(model.named_parameters(), replica.parameters()):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=name)

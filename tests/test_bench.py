@@ -38,6 +38,11 @@ def _run(tmp_path, *extra):
         return list(csv.DictReader(handle))
 
 
+def _cpu_context():
+    """A run's context on CPU, as `em-bench --device cpu` builds it (it measures the ceilings)."""
+    return Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+
+
 def _read_csv(path):
     """(field names, rows) of a results CSV."""
     with path.open(newline="") as handle:
@@ -114,7 +119,7 @@ def test_exit_status_and_no_stale_plot(tmp_path):
 def test_wrong_provider_shows_in_error_column():
     from bench.ops.entropy import eager_entropy
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     case = make_case(ctx, OPS["entropy"], {"N": 8, "V": 257}, torch.float32, seed=0)
     off_by_one = Provider("wrong", lambda c: lambda: (eager_entropy(c.inputs["logits"])[0] + 1,))
     assert abs(measure(ctx, case, off_by_one, "fwd")["err_out"] - 1.0) < 1e-4
@@ -209,7 +214,7 @@ def test_a_wrong_weight_gradient_shows_in_error_column():
         def backward(ctx, grad):
             return 2 * grad
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     op = OPS["linear_entropy"]
     case = make_case(ctx, op, {"M": 16, "H": 32, "V": 3000}, torch.float32, seed=0)
     eager = next(p for p in op.providers() if p.name == "eager")
@@ -242,7 +247,7 @@ def test_a_slightly_wrong_gradient_fails_the_normwise_check(dtype):
             wrong = -grad[:, None] * log_p.exp() * (log_p + 0.98 * entropy[:, None])
             return wrong.to(dtype)
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     op = OPS["entropy"]
     case = make_case(ctx, op, {"N": 8, "V": 4096}, dtype, seed=0)
     eager = measure(ctx, case, Provider("eager", lambda c: lambda: eager_entropy(
@@ -279,7 +284,7 @@ def test_policy_loss_inputs_clip_on_both_sides():
     takes effect (a zero policy gradient), so that a provider without the clip fails."""
     from bench.ops.linear_policy_loss import CLIP_RANGE, eager_logprobs
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     case = make_case(ctx, OPS["linear_policy_loss"], {"M": 80, "H": 32, "V": 3000},
                      torch.float32, seed=0)
     inputs = case.inputs
@@ -489,7 +494,7 @@ def test_cpu_peak_memory_sees_every_live_tensor():
     it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing
     each op's self memory in start order reported 31 MiB, d_weight alone, because autograd
     attributes frees to a parent op that starts before the allocations of its children."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     op = OPS["linear_entropy"]
     case = make_case(ctx, op, {"M": 64, "H": 256, "V": 32000}, torch.float32, seed=0)
     eager = next(p for p in op.providers() if p.name == "eager")
@@ -542,7 +547,7 @@ def test_cpu_time_is_the_median_of_the_step_alone():
     (not their min or mean), with reset() outside the timed region."""
     from bench import harness
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     # each call past the repeat budget: exactly CPU_MIN_REPEATS samples
     durations = [1.0, 2.0, 9.0] + [0.5] * harness.CPU_MAX_REPEATS
     clock, step, reset = _scripted_clock(durations, reset_cost=100.0)
@@ -554,7 +559,7 @@ def test_cell_numbers_follow_from_time_and_counts():
     """measure()'s GB/s, TFLOP/s, ceiling and fraction: the op's counts over the timed median,
     against the copy bandwidth (memory-bound op) or the matmul rate in the cell's own dtype
     (compute-bound op); the memory-measuring call is not part of the time."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     ctx.copy_gbps = 50.0
     ctx._matmul_tflops = {torch.float32: 0.5, torch.bfloat16: 2.0}
     with mock.patch.object(Context, "time_ms", lambda self, step, reset: (step(), 2.0)[1]):
@@ -578,7 +583,7 @@ def test_cell_numbers_follow_from_time_and_counts():
 def test_ceilings_count_bytes_and_flops():
     """The copy ceiling counts the bytes read and written; the matmul ceiling 2 n^3 FLOPs."""
     with mock.patch.object(Context, "time_ms", lambda self, step, reset: 1.0):
-        ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+        ctx = _cpu_context()
         assert ctx.copy_gbps == pytest.approx(2 * 2**26 / 1e-3 / 1e9)
         assert ctx.matmul_tflops(torch.float32) == pytest.approx(2 * 1024**3 / 1e-3 / 1e12)
 
@@ -611,7 +616,7 @@ def test_lm_head_flop_counts(name):
 def test_cpu_peak_memory_is_a_running_peak():
     """Two 8 MiB tensors made and freed one after the other peak at 8 MiB, not 16; one kept
     alive under another that is freed peaks at 16, and 8 stay held."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     numel = 2**21  # 8 MiB in fp32
 
     def one_after_another():
@@ -630,7 +635,7 @@ def test_cpu_peak_memory_is_a_running_peak():
 def test_upstream_gradients_are_not_the_providers_memory():
     """fwd+bwd's first call makes the random upstream gradients: they stand for an input, so the
     cell's peak leaves them out and equals that of a call given them (same provider name)."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     op = OPS["entropy"]
     case = make_case(ctx, op, {"N": 64, "V": 16384}, torch.float32, seed=0)
     # an output as large as the logits, so that its upstream gradient (4 MiB) shows
@@ -643,7 +648,7 @@ def test_upstream_gradients_are_not_the_providers_memory():
 
 def test_bwd_mode_times_the_backward_alone():
     """In bwd mode the forward runs once, outside the memory and timed calls."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     op = OPS["entropy"]
     case = make_case(ctx, op, {"N": 8, "V": 1000}, torch.float32, seed=0)
     calls = []
@@ -660,7 +665,7 @@ def test_bwd_mode_times_the_backward_alone():
 
 def test_check_rows_spread_over_every_row():
     """The oracle's rows span the batch, first and last row included, not its first rows."""
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     case = make_case(ctx, OPS["entropy"], {"N": 200, "V": 10}, torch.float32, seed=0)
     rows = case.check_rows.tolist()
     assert len(rows) == 64 and rows[0] == 0 and rows[-1] == 199 and rows == sorted(set(rows))
@@ -713,7 +718,7 @@ def test_a_provider_skip_keeps_its_reason():
     def refuse(case):
         raise Skip("no such kernel at this shape")
 
-    ctx = Context(torch.device("cpu"), full=False, requested_providers=None, deadline=None)
+    ctx = _cpu_context()
     rows = run_cells(ctx, [(OPS["entropy"], {"N": 8, "V": 100}, torch.float32, ["fwd"],
                             [Provider("refuses", refuse)])], lambda row: None, _NoProgress())
     assert [(row["status"], row["reason"]) for row in rows] == [

@@ -5,7 +5,8 @@ from unittest import mock
 
 import pytest
 import torch
-from algos_support import EOS, PAD, per_token_reference, random_batch, tiny_causal_lm
+from algos_support import (EOS, PAD, assert_same_weights, per_token_reference,
+                           policy_replica_and_reference, random_batch, tiny_causal_lm)
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_matches_oracle
@@ -267,16 +268,10 @@ def test_trainer_step_is_the_documented_recipe():
     prompt at the trainer's temperature, the user's reference model (not a copy of the policy)
     for the KL, the token-normalised entropy + kl_coef k3 loss, its gradient clipped to
     max_grad_norm, one SGD step; the logged kl is the same token mean of k3."""
-    import copy
-
     from em_algos._common import k3_kl, response_token_stats, sample_responses
     from em_algos.em_ft import _entropy_loss
 
-    model = tiny_causal_lm(seed=11, family="llama")
-    with torch.no_grad():  # logits far from uniform: the temperature changes the samples
-        model.lm_head.weight.mul_(10)
-    replica = copy.deepcopy(model)
-    reference = tiny_causal_lm(seed=12, family="llama")  # not the policy: the KL is not 0
+    model, replica, reference = policy_replica_and_reference()
     options = dict(pad_token_id=PAD, eos_token_id=EOS, num_samples=2, max_new_tokens=6,
                    temperature=0.7, kl_coef=0.5, reference_model=reference, normalize="token",
                    max_grad_norm=0.05, progress=False)
@@ -302,5 +297,4 @@ def test_trainer_step_is_the_documented_recipe():
     assert stats["kl"] == pytest.approx(float(kl), rel=1e-5)
     assert stats["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
     assert stats["response_tokens"] == out.entropy.numel()
-    for (name, ours), expected in zip(model.named_parameters(), replica.parameters()):
-        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(model, replica)

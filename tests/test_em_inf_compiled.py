@@ -9,6 +9,7 @@ CPU cases run natively in a few seconds; CUDA cases run only where a GPU is pres
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -114,6 +115,17 @@ def test_row_mode_is_batch_invariant_and_deterministic(device, dtype):
         assert torch.equal(out[row:row + 1], em_inf(logits[row:row + 1], threshold=1.0))
 
 
+@contextlib.contextmanager
+def threads(count: int):
+    """Run the block with torch's CPU kernels on ``count`` threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("early_exit", ["row", "batch"])
 def test_cpu_results_do_not_depend_on_the_thread_count(early_exit):
     """The CPU kernel spreads a row's chunks over the threads; every chunk is computed alike
@@ -121,14 +133,10 @@ def test_cpu_results_do_not_depend_on_the_thread_count(early_exit):
     (V = 20000: 5 chunks, rows 1 and 3: one group, and more rows than threads)."""
     for rows in (1, 3):
         logits = random_logits(rows, 20000, 3.0, torch.bfloat16, "cpu", seed=rows, masked=0.1)
-        previous = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with threads(1):
             one = em_inf(logits, threshold=-math.inf, early_exit=early_exit)
-            torch.set_num_threads(2)
+        with threads(2):
             two = em_inf(logits, threshold=-math.inf, early_exit=early_exit)
-        finally:
-            torch.set_num_threads(previous)
         assert torch.equal(one, two), rows
 
 
@@ -158,13 +166,9 @@ def test_cpu_strided_rows_over_several_groups(early_exit):
     V instead of the row stride would read the rows in between)."""
     base = random_logits(10, QWEN_VOCAB, 2.0, torch.bfloat16, "cpu", seed=9)
     strided = base[::2]  # 5 rows: 3 groups of at most 2 in row mode
-    previous = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads(1):
         got = em_inf(strided, threshold=-math.inf, early_exit=early_exit)
         want = em_inf(strided.contiguous(), threshold=-math.inf, early_exit=early_exit)
-    finally:
-        torch.set_num_threads(previous)
     assert torch.equal(got, want)
 
 

@@ -5,7 +5,8 @@ import math
 
 import pytest
 import torch
-from algos_support import EOS, PAD, per_token_reference, random_batch, tiny_causal_lm
+from algos_support import (EOS, PAD, assert_same_weights, per_token_reference,
+                           policy_replica_and_reference, random_batch, tiny_causal_lm)
 from hypothesis import given
 from hypothesis import strategies as st
 from oracle import assert_matches_oracle
@@ -282,15 +283,9 @@ def test_trainer_step_is_the_documented_recipe(tmp_path):
     PPO epochs over an uneven split (4 + 2 sequences), each a fresh gradient clipped to
     max_grad_norm and one SGD step; the checkpoint is named after the finished step. Every
     option the trainer takes must reach the update."""
-    import copy
-
     from em_algos._common import response_token_stats, sample_responses
 
-    model = tiny_causal_lm(seed=11, family="llama")
-    with torch.no_grad():  # logits far from uniform: the temperature changes the samples
-        model.lm_head.weight.mul_(10)
-    replica = copy.deepcopy(model)
-    reference = tiny_causal_lm(seed=12, family="llama")  # not the policy: the KL is not 0
+    model, replica, reference = policy_replica_and_reference()
     options = dict(pad_token_id=PAD, eos_token_id=[EOS, 7], reward="token", reward_reduce="sum",
                    advantage="grpo", num_rollouts=3, max_new_tokens=6, temperature=0.7,
                    clip_range=0.1, beta=0.2, reference_model=reference, ppo_epochs=2,
@@ -329,5 +324,4 @@ def test_trainer_step_is_the_documented_recipe(tmp_path):
     assert min(norms) > 0.05  # the clip acts on every step
     assert stats["reward"] == pytest.approx(float(rewards.mean()), rel=1e-6)
     assert trainer.global_step == 1 and [p.name for p in tmp_path.iterdir()] == ["step-1"]
-    for (name, ours), expected in zip(model.named_parameters(), replica.parameters()):
-        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert_same_weights(model, replica)
