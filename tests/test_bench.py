@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import gc
+import json
+import math
 import os
 import subprocess
+import types
 from pathlib import Path
 from unittest import mock
 
@@ -503,16 +506,23 @@ def test_cpu_peak_memory_sees_every_live_tensor():
     assert logits_mib + weight_mib <= peak_mib <= 8 * logits_mib + weight_mib, peak_mib
 
 
+def _tune_module():
+    """bench/tune.py, or a skip where Triton is not available (it imports the Triton kernels'
+    modules to sweep their constants)."""
+    if em_kernels.available_backends()["triton"] != "available":
+        pytest.skip(em_kernels.available_backends()["triton"])
+    from bench import tune
+
+    return tune
+
+
 def test_tuning_sweep_plumbing(capsys):
     """bench/tune.py on CPU (Triton's interpreter, tiny shapes): every candidate runs, matches the
     current constants' result, and the module constants are restored afterwards."""
-    if em_kernels.available_backends()["triton"] != "available":
-        pytest.skip(em_kernels.available_backends()["triton"])
+    tune = _tune_module()
     if triton_older_than((3, 6)):  # the sweep has TMA candidates
         pytest.skip("Triton 3.4-3.5's interpreter checks descriptor strides in elements, not bytes")
     from em_kernels.triton import entropy as triton_entropy
-
-    from bench import tune
 
     before = triton_entropy.MAX_BLOCK
     results = tune.main(["--device", "cpu", "--ops", "entropy", "linear_entropy",
@@ -523,6 +533,140 @@ def test_tuning_sweep_plumbing(capsys):
         assert len(rows) == 2 and sum(row["current"] for row in rows) == 1, op
         assert all(row["status"] == "ok" and row["ms"] > 0 for row in rows), rows
     assert "* the constants in the source now" in capsys.readouterr().out
+
+
+def _stand_in_case(values, module):
+    """A tuning case that needs no kernel: ``values`` times module.SCALE, their NaNs replaced by
+    module.FILL, both read when the case runs (as the launchers read their constants); and the
+    list of (device, SCALE, FILL is NaN) at each build."""
+    built = []
+
+    def build(device):
+        built.append((device, module.SCALE, math.isnan(module.FILL)))
+        base = torch.tensor(values)
+        return lambda: torch.where(base.isnan(), module.FILL, base * module.SCALE)
+
+    return build, built
+
+
+def _nan_to_none(value):
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def test_tuning_sweep_judges_and_reports_every_candidate(monkeypatch, tmp_path, capsys):
+    """tune.main's bookkeeping on a stand-in module (no kernels, milliseconds): a candidate is in
+    place while it is checked and timed, and gone before the next case is built; it is compared
+    with the current constants' result of the same case (the largest difference, and the NaN
+    positions), and a wrong or failing one is not timed; the first row is the current setting;
+    only the ops asked for run, on the device asked for; the JSON holds every row (NaN as
+    null); the summary lists each case fastest first, untimed rows last, the current one
+    starred. On a GPU lease a slip in any of these picks the wrong constants from a run that
+    looked fine."""
+    tune = _tune_module()
+    module = types.SimpleNamespace(SCALE=1.0, FILL=math.nan)
+    close = 1.0 + 2**-12  # within the tolerance; every difference below is exact
+    candidates = [dict(SCALE=1.0, FILL=math.nan), dict(SCALE=close, FILL=math.nan),
+                  dict(SCALE="x", FILL=math.nan), dict(SCALE=2.0, FILL=math.nan),
+                  dict(SCALE=1.0, FILL=0.0)]
+    with_nan, with_nan_built = _stand_in_case([1.0, 2.0, math.nan], module)
+    finite, finite_built = _stand_in_case([0.5, 0.25], module)
+    sweep = tune.Sweep(module, candidates, [("a", with_nan), ("b", finite)], 1e-3)
+    swept_on = []
+
+    def fake_sweeps(device):
+        swept_on.append(device)
+        return {"entropy": sweep, "em_inf": sweep, "linear_entropy": sweep}
+
+    monkeypatch.setattr(tune, "sweeps", fake_sweeps)
+    timings = {(1.0, True): 3.0, (close, True): 1.0, (1.0, False): 2.0}
+    timed = []
+
+    def fake_time_ms(run, device):
+        key = (module.SCALE, math.isnan(module.FILL))
+        timed.append((device, *key))
+        return timings[key]
+
+    monkeypatch.setattr(tune, "time_ms", fake_time_ms)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda, the default
+    out = tmp_path / "tune.json"
+    results = tune.main(["--ops", "em_inf", "entropy", "--json", str(out)])
+
+    cuda = torch.device("cuda")
+    assert swept_on == [cuda]  # the headline shapes, not the interpreter's
+    assert (module.SCALE, math.isnan(module.FILL)) == (1.0, True)
+    assert with_nan_built == finite_built == [(cuda, 1.0, True)] * 2  # once per op
+    assert timed == [(cuda, 1.0, True), (cuda, close, True),
+                     (cuda, 1.0, True), (cuda, close, True), (cuda, 1.0, False)] * 2
+    expected = [  # case, current, ms, difference, status (its start)
+        ("a", True, 3.0, 0.0, "ok"), ("a", False, 1.0, 2**-11, "ok"),
+        ("a", False, None, None, "error: TypeError: "),
+        ("a", False, None, 2.0, "wrong (max difference 2.00e+00)"),
+        ("a", False, None, 0.0, "wrong (max difference 0.00e+00)"),  # fills in a NaN
+        ("b", True, 3.0, 0.0, "ok"), ("b", False, 1.0, 2**-13, "ok"),
+        ("b", False, None, None, "error: TypeError: "),
+        ("b", False, None, 0.5, "wrong (max difference 5.00e-01)"),
+        ("b", False, 2.0, 0.0, "ok")]  # no NaN to fill in
+    assert list(results) == ["em_inf", "entropy"]
+    for rows in results.values():
+        assert len(rows) == len(expected)
+        assert [(row["case"], row["current"], _nan_to_none(row["ms"]),
+                 _nan_to_none(row["difference"]), row["status"][:len(status)])
+                for row, (*_, status) in zip(rows, expected)] == expected
+        assert [row["constants"] for row in rows] == [
+            {name: repr(value) for name, value in constants.items()}
+            for constants in candidates] * 2
+    assert json.loads(out.read_text()) == {
+        op: [{key: _nan_to_none(value) for key, value in row.items()} for row in rows]
+        for op, rows in results.items()}
+
+    rows = results["entropy"]
+    summary = capsys.readouterr().out.split("\n## entropy\n")[1].split("\n\n")[0]
+    assert summary.splitlines() == ["a:", *(tune._line(rows[i]) for i in (1, 0, 2, 3, 4)),
+                                    "b:", *(tune._line(rows[i]) for i in (6, 9, 5, 7, 8))]
+    assert [tune._line(row)[:3] for row in rows] == [" * ", *["   "] * 4] * 2
+
+
+def test_tuning_cases_run_the_paths_they_sweep():
+    """Each case of the CPU sweeps (the GPU's are built by the same functions) runs the path its
+    constants steer: on the Triton backend; "fwd+bwd" exactly in the backward sweeps, whose
+    cases return d_hidden over its largest entry (so the sweep's tolerance is relative); a
+    "logprobs" case hands the op its tokens; EM-INF's case takes its steps (no early exit). A
+    case on another path would time candidates that change nothing there: a lease spent on a
+    tie."""
+    tune = _tune_module()
+    ops = ("entropy", "linear_entropy", "linear_entropy_loss", "em_inf_adjust")
+    cpu = torch.device("cpu")
+    for sweep_name, sweep in tune.sweeps(cpu).items():
+        backward = sweep_name in ("linear_entropy_bwd", "linear_entropy_bwd_chunk",
+                                  "linear_entropy_loss")
+        for case, build in sweep.cases:
+            assert ("fwd+bwd" in case) == backward, (sweep_name, case)
+            with contextlib.ExitStack() as stack:
+                spies = {op: stack.enter_context(mock.patch.object(
+                    em_kernels, op, wraps=getattr(em_kernels, op))) for op in ops}
+                result = build(cpu)()
+            (op, spy), = [(op, spy) for op, spy in spies.items() if spy.called]
+            args, kwargs = spy.call_args
+            assert kwargs["backend"] == "triton", case
+            if backward:
+                assert result.shape == args[0].shape, case
+                assert float(result.abs().amax()) == 1.0, case
+            if "logprobs" in case:
+                assert kwargs["tokens"] is not None, case
+            if op == "em_inf_adjust":
+                assert bool((em_kernels.entropy(result) < em_kernels.entropy(args[0])).all())
+
+
+def test_tuning_time_on_a_gpu_is_do_bench_median():
+    """On a GPU each candidate's time is triton.testing.do_bench's median of the run itself
+    (the median is what DESIGN.md and the module doc promise; a mean lets one stall pick the
+    constants). Checked with do_bench stood in for, so it runs without a GPU."""
+    tune = _tune_module()
+    run = mock.Mock()
+    with mock.patch("triton.testing.do_bench", return_value=0.25) as do_bench:
+        assert tune.time_ms(run, torch.device("cuda")) == 0.25
+    assert do_bench.call_args.args == (run,)
+    assert do_bench.call_args.kwargs["return_mode"] == "median"
 
 
 # ---- Every number of a cell, pinned exactly (a wrong median, count or ceiling once passed) ----

@@ -226,27 +226,133 @@ def test_em_inf_processors_zero_top_k_and_min_tokens_to_keep():
         assert int(kept.sum()) == 3, options
 
 
-def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys):
+def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys, monkeypatch):
     """bench/decode.py end to end on a tiny model: every provider timed in generate() and, but
-    plain, alone per call; the JSON holds both."""
+    plain, alone per call; the JSON holds both. Each timing is the real call with its seconds
+    then replaced by scripted ones, so that every number can be pinned: one warm-up per
+    provider, then --repeats rounds in which who goes first rotates; each provider timed with
+    its own processors, on --prompt tokens making --new-tokens tokens and on --vocab fp32
+    scores --calls times; the processors run on every token and call; ms/token is the median
+    round over the new tokens (warm-up left out), per call in ms, the overheads over plain as
+    printed; the JSON is the result."""
     import json
 
-    from bench.decode import main
+    from bench import decode
 
+    generate_seconds = {"plain": [50.0, 0.030, 0.012, 0.020],  # warm-up, then the 3 rounds
+                        "em-inf": [50.0, 0.060, 0.033, 0.036],
+                        "released": [50.0, 0.090, 0.120, 0.300]}
+    call_seconds = {"em-inf": 0.0004, "released": 0.002}
+    kinds = {(): "plain", (EMInfLogitsProcessor,): "em-inf",
+             (decode.ReleasedEMInfProcessor,): "released"}
+    generated, timed_alone = [], []
+    real_generate, real_call = decode.time_generate, decode.time_processor_call
+
+    def scripted_generate(model, input_ids, processors, new_tokens, device):
+        real_generate(model, input_ids, processors, new_tokens, device)
+        name = kinds[tuple(type(p) for p in processors)]
+        generated.append((name, tuple(input_ids.shape), new_tokens))
+        return generate_seconds[name][sum(run[0] == name for run in generated) - 1]
+
+    def scripted_call(processors, input_ids, scores, calls, device):
+        real_call(processors, input_ids, scores, calls, device)
+        name = kinds[tuple(type(p) for p in processors)]
+        timed_alone.append((name, tuple(scores.shape), scores.dtype, calls))
+        return call_seconds[name]
+
+    processor_calls = {"em-inf": 0, "released": 0}
+
+    def count_calls(name, cls):  # generate() reads __call__'s signature: (input_ids, scores)
+        call = cls.__call__
+
+        def counted(self, input_ids, scores):
+            processor_calls[name] += 1
+            return call(self, input_ids, scores)
+        monkeypatch.setattr(cls, "__call__", counted)
+
+    count_calls("em-inf", EMInfLogitsProcessor)
+    count_calls("released", decode.ReleasedEMInfProcessor)
+    monkeypatch.setattr(decode, "time_generate", scripted_generate)
+    monkeypatch.setattr(decode, "time_processor_call", scripted_call)
     out = tmp_path / "decode.json"
-    result = main(["--vocab", "300", "--prompt", "4", "--new-tokens", "3", "--repeats", "2",
-                   "--calls", "3", "--backend", "auto",
-                   "--json", str(out)])
+    result = decode.main(["--vocab", "300", "--prompt", "4", "--new-tokens", "3", "--repeats",
+                          "3", "--calls", "3", "--backend", "auto", "--json", str(out)])
     assert set(result["ms_per_token"]) == {"plain", "em-inf", "released"}
     assert set(result["ms_per_call"]) == {"em-inf", "released"}
-    assert all(ms > 0 for ms in [*result["ms_per_token"].values(), *result["ms_per_call"].values()])
-    assert json.loads(out.read_text())["ms_per_call"] == result["ms_per_call"]
+    order = ["plain", "em-inf", "released"]
+    rounds = [order[(start + i) % 3] for start in range(3) for i in range(3)]
+    assert generated == [(name, (1, 4), 3) for name in order + rounds]
+    assert timed_alone == [(name, (1, 300), torch.float32, 3) for name in ("em-inf", "released")]
+    assert processor_calls == {"em-inf": 4 * 3 + 3 + 3, "released": 4 * 3 + 3 + 3}
+    assert result["ms_per_token"] == pytest.approx(
+        {"plain": 20.0 / 3, "em-inf": 36.0 / 3, "released": 120.0 / 3})
+    assert result["ms_per_call"] == pytest.approx({"em-inf": 0.4, "released": 2.0})
+    assert (result["vocab"], result["batch"], result["prompt"], result["new_tokens"]) == (
+        300, 1, 4, 3)
+    assert json.loads(out.read_text()) == result
     # The backend that ran, not only the one asked for: "auto" on CPU tensors is the C++ kernel.
     ran = "cpu" if em_kernels.available_backends()["cpu"] == "available" else "torch"
     assert (result["backend"], result["backend_asked"]) == (ran, "auto")
     printed = capsys.readouterr().out
-    assert "us/call" in printed and f"em-inf backend {ran} (asked: auto)" in printed
+    assert f"em-inf backend {ran} (asked: auto)" in printed
+    assert "(+80.0% over plain);  alone    400.0 us/call = 6.00% of plain's token" in printed
+    assert "(+500.0% over plain);  alone   2000.0 us/call = 30.00% of plain's token" in printed
+    monkeypatch.undo()
     for bad in (["--prompt", "0"], ["--new-tokens", "-1"], ["--calls", "0"]):
         with pytest.raises(SystemExit):
-            main(bad)
+            decode.main(bad)
         assert "must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        decode.main(["--vocab", "300", "--providers", "plain,bogus"])
+    assert "unknown providers ['bogus']" in capsys.readouterr().err
+
+
+def test_decode_benchmark_runs_em_inf_as_asked(monkeypatch):
+    """--backend, --providers and --batch are obeyed, and em-inf runs the anchors' setting on
+    the fp32 (batch, vocab) scores generate() hands it: 5 steps, lr 0.1, KL weight 0.001,
+    threshold -inf (no row exits early, so every step is paid for)."""
+    from bench.decode import main
+
+    calls = []
+    op = em_kernels.em_inf_adjust
+    monkeypatch.setattr(em_kernels, "em_inf_adjust", lambda scores, **kwargs: calls.append(
+        (scores.shape, scores.dtype, kwargs)) or op(scores, **kwargs))
+    result = main(["--vocab", "50", "--batch", "2", "--prompt", "3", "--new-tokens", "1",
+                   "--repeats", "1", "--calls", "1", "--providers", "em-inf",
+                   "--backend", "torch"])
+    assert set(result["ms_per_token"]) == set(result["ms_per_call"]) == {"em-inf"}
+    assert (result["backend"], result["backend_asked"]) == ("torch", "torch")
+    options = dict(backend="torch", steps=5, lr=0.1, kl_weight=0.001, threshold=-math.inf,
+                   early_exit="row", optimizer="adam")
+    assert calls[0][2] == options  # the constructor's probe
+    # two generate() runs of one token, then 3 warm-up calls and 1 timed
+    assert calls[1:] == [((2, 50), torch.float32, options)] * (2 + 4)
+
+
+def test_decode_benchmark_released_processor_is_em_inf():
+    """The "released" provider (the paper's loop: torch.optim.Adam on an fp32 leaf, autograd)
+    does em-inf's work: at batch 1, the anchors' setting, its scores are em_inf_adjust's with 5
+    steps, lr 0.1, KL weight 0.001 and no early exit (against the float64 oracle). The scores
+    are near uniform, as a random model's, where the KL term is not lost in rounding."""
+    from bench.decode import ReleasedEMInfProcessor
+
+    scores = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(0))
+    expected = em_kernels.em_inf_adjust(scores.double(), steps=5, lr=0.1, kl_weight=0.001,
+                                        threshold=-math.inf, backend="torch")
+    adjusted = ReleasedEMInfProcessor()(None, scores.clone())
+    assert adjusted.dtype == torch.float32
+    torch.testing.assert_close(adjusted.double(), expected, rtol=0, atol=1e-4)
+
+
+def test_decode_benchmark_qwen7b_shapes():
+    """--qwen7b's model, built on the meta device (no memory, under a second): Qwen2.5-7B's
+    7,615,616,512 parameters (28 layers, hidden 3584, GQA 28/4, untied head) in bf16, no EOS
+    (every run makes its tokens), and the default dtype put back (else the per-call scores
+    would be bf16, not the fp32 that generate() hands the processors)."""
+    from bench.decode import qwen7b_model
+
+    model = qwen7b_model("meta")
+    assert torch.get_default_dtype() == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in model.parameters()) == 7_615_616_512
+    assert model.config.eos_token_id is None
