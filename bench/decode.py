@@ -157,6 +157,8 @@ def main(argv=None) -> dict:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.vocab < 3:  # prompt ids are drawn from [2, vocab): 0 is the pad id, 1 kept free
+        parser.error("--vocab must be >= 3")
 
     device = "cuda" if args.qwen7b else "cpu"
     if args.qwen7b and not torch.cuda.is_available():
@@ -211,7 +213,7 @@ def main(argv=None) -> dict:
     for name in chosen:
         line = f"  {name:9s} {ms_per_token[name]:8.3f} ms/token"
         if plain is not None and name != "plain":
-            line += f"  (+{100 * (ms_per_token[name] - plain) / plain:.1f}% over plain)"
+            line += f"  ({100 * (ms_per_token[name] - plain) / plain:+.1f}% over plain)"
         if name in ms_per_call:
             line += f";  alone {1e3 * ms_per_call[name]:8.1f} us/call"
             if plain is not None:
