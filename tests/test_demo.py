@@ -23,11 +23,17 @@ METHODS = ["pre-trained", "EM-INF", "adaptive temp.", "EM-FT", "EM-RL (sequence)
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """run_demo(TINY): its result, plot path and log; every evaluate() call's (model, prompts,
-    seed, processors), every _train() call's (method, model, history); the thread count
-    before and after (set to 3 first, so that the demo's 1 cannot pass for it)."""
+    seed, processors), every _train() call's (method, model, history), every prompt the task
+    sampled (pre-training's and the methods'); the thread count before and after (set to 3
+    first, so that the demo's 1 cannot pass for it)."""
     plot = tmp_path_factory.mktemp("demo") / "demo.png"
-    lines, evaluated, trained = [], [], []
-    evaluate, train = demo.evaluate, demo._train
+    lines, evaluated, trained, sampled = [], [], [], []
+    evaluate, train, sample = demo.evaluate, demo._train, demo.AdditionTask.sample
+
+    def recording_sample(task, count, generator):
+        prompts, answers = sample(task, count, generator)
+        sampled.append(prompts)
+        return prompts, answers
 
     def recording_evaluate(model, task, prompts, answers, *, seed, logits_processor=None):
         evaluated.append((model, prompts, seed, logits_processor))
@@ -43,13 +49,14 @@ def tiny_run(tmp_path_factory):
     torch.set_num_threads(3)
     try:
         with mock.patch.object(demo, "evaluate", recording_evaluate), \
-                mock.patch.object(demo, "_train", recording_train):
+                mock.patch.object(demo, "_train", recording_train), \
+                mock.patch.object(demo.AdditionTask, "sample", recording_sample):
             run = demo.run_demo(demo.TINY, plot_path=str(plot), log=lines.append)
         threads_after = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
     return types.SimpleNamespace(run=run, plot=plot, output="\n".join(lines),
-                                 evaluated=evaluated, trained=trained,
+                                 evaluated=evaluated, trained=trained, sampled=sampled,
                                  threads=(3, threads_after))
 
 
@@ -88,6 +95,40 @@ def test_every_method_is_evaluated_alike(tiny_run):
         assert evaluated_model is model and model is not base, method
         assert tiny_run.run["curves"][method] == [step["entropy"] for step in history]
     assert tiny_run.threads[1] == tiny_run.threads[0]
+
+
+def _rows(prompts: torch.Tensor) -> set[tuple[int, ...]]:
+    return {tuple(row) for row in prompts.tolist()}
+
+
+def test_nothing_trains_on_the_evaluation_problems(tiny_run):
+    """The table's accuracy is on held-out problems: no prompt that pre-training or a method's
+    unlabelled batches drew is among those evaluated (2-digit addition has 10,000 problems,
+    and the full run's pre-training alone draws 51,200)."""
+    (_, evaluated_prompts, *_), *_ = tiny_run.evaluated
+    config = demo.TINY
+    trained_on = torch.cat(tiny_run.sampled)
+    assert len(trained_on) >= config.pretrain_steps * config.pretrain_batch
+    assert not _rows(evaluated_prompts) & _rows(trained_on)
+
+
+def test_held_out_problems_never_come_back():
+    """hold_out(): its problems are never sampled again, whatever else is; holding out more
+    than half of all problems is refused, saying what to change, and holds out nothing."""
+    task = demo.AdditionTask(2)
+    held_prompts, held_answers = task.hold_out(600, torch.Generator().manual_seed(1))
+    assert held_prompts.shape == (600, task.prompt_length)
+    assert held_answers.shape == (600, task.answer_length)
+    assert len(task.held_out_ids) == len(_rows(held_prompts))
+    drawn, _ = task.sample(50_000, torch.Generator().manual_seed(2))
+    assert not _rows(held_prompts) & _rows(drawn)
+    # 50,000 draws over 10,000 problems: all but a few of the others come up
+    assert len(_rows(drawn)) > 0.99 * (task.problems - len(task.held_out_ids))
+
+    small = demo.AdditionTask(1)
+    with pytest.raises(ValueError, match="fewer evaluation prompts"):
+        small.hold_out(1000, torch.Generator().manual_seed(0))
+    assert len(small.held_out_ids) == 0
 
 
 def test_fixed_seed_gives_the_same_numbers(tiny_run):
