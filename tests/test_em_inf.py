@@ -9,6 +9,7 @@ those cases draw fewer examples and vocabularies of at most a few chunks.
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
@@ -159,23 +160,47 @@ def released_code_loop(logits: torch.Tensor, steps: int, lr: float, kl_weight: f
 @given(rows=st.integers(1, 4), vocab=st.sampled_from((2, 7, 50, 300)),
        scale=st.sampled_from((0.3, 1.0, 4.0)), steps=st.integers(1, 6),
        threshold=st.sampled_from((-math.inf, 0.5, 1.5, 3.0)),
-       kl_weight=st.sampled_from((0.001, 0.5)), seed=st.integers(0, 2**16))
+       kl_weight=st.sampled_from((0.001, 0.5)), seed=st.integers(0, 2**16),
+       leading=st.sampled_from(((), (2,))))
 def test_reference_is_the_released_loop(optimizer, rows, vocab, scale, steps, threshold,
-                                        kl_weight, seed):
+                                        kl_weight, seed, leading):
     """float64: early_exit="batch" is the released loop on the batch, early_exit="row" is the
-    released loop on each row alone."""
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed),
+    released loop on each row alone. Logits (..., V) are the batch of all their rows, as the
+    public docstring says: the released loop on them flattened (the KL averaged over every
+    row, not over the leading dim alone)."""
+    shape = (*leading, rows, vocab)
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(seed),
                          dtype=torch.float64) * scale
+    flat = logits.reshape(-1, vocab)
     options = dict(steps=steps, lr=0.1, kl_weight=kl_weight, threshold=threshold)
     batch = reference.em_inf_adjust_ref(logits, optimizer=optimizer, early_exit="batch",
                                         **options)
-    torch.testing.assert_close(batch, released_code_loop(logits, optimizer=optimizer, **options),
-                               rtol=1e-9, atol=1e-9)
+    expected = released_code_loop(flat, optimizer=optimizer, **options).reshape(shape)
+    torch.testing.assert_close(batch, expected, rtol=1e-9, atol=1e-9)
     per_row = reference.em_inf_adjust_ref(logits, optimizer=optimizer, early_exit="row",
                                           **options)
-    alone = torch.cat([released_code_loop(logits[i:i + 1], optimizer=optimizer, **options)
-                       for i in range(rows)])
-    torch.testing.assert_close(per_row, alone, rtol=1e-9, atol=1e-9)
+    alone = torch.cat([released_code_loop(flat[i:i + 1], optimizer=optimizer, **options)
+                       for i in range(flat.shape[0])])
+    torch.testing.assert_close(per_row, alone.reshape(shape), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("public, oracle", [
+    (em_kernels.em_inf_adjust, reference.em_inf_adjust_ref),
+    (em_kernels.adaptive_temperature, reference.adaptive_temperature_ref)])
+def test_reference_defaults_are_the_public_ones(public, oracle):
+    """Every option of the reference has the public function's default: users call the
+    reference directly as the torch backend, and tests that leave an option out on both sides
+    (test_em_inf_real_vocab_cuda) compare like with like only then. The public functions pass
+    every option on, so no comparison through them sees a changed default (a reference
+    defaulting to threshold 0.5 passed every test on CPU)."""
+    def defaults(fn):
+        return {name: parameter.default
+                for name, parameter in inspect.signature(fn).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+
+    expected = defaults(public)
+    got = defaults(oracle)
+    assert got == {name: expected[name] for name in got}
 
 
 def entropy64(logits: torch.Tensor) -> torch.Tensor:
@@ -348,6 +373,57 @@ def test_adaptive_temperature_properties(backend_device):
         assert bool((unchanged | converged | at_end.squeeze(-1)).all())
 
     check()
+
+
+def bisection_loop(row: torch.Tensor, alpha: float, delta: float, max_iters: int,
+                   tol: float) -> float:
+    """The paper's adaptive-temperature baseline on one float64 row, written out: lo, hi and tau
+    as Python floats, the entropy as the sum of entr(softmax(row / tau)); the tau it ends on."""
+    def entropy(tau):
+        return float(torch.special.entr(torch.softmax(row / tau, -1)).sum())
+
+    h0 = entropy(1.0)
+    if not h0 > delta:  # at or below delta (or NaN): left as it is
+        return 1.0
+    target = max(delta, alpha * h0)
+    lo, hi, tau = 0.01, 1.0, 1.0
+    for _ in range(max_iters):
+        mid = (lo + hi) / 2
+        if mid == tau:  # lo and hi have met: every further halving would redo this one
+            break
+        tau = mid
+        h = entropy(tau)
+        if abs(h - target) < tol:
+            break
+        if h > target:
+            hi = mid
+        else:
+            lo = mid
+    return tau
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(scales=st.lists(st.sampled_from((1e-3, 0.05, 0.3, 1.0, 4.0, 30.0)), min_size=1,
+                       max_size=4),
+       vocab=st.sampled_from((1, 2, 7, 50, 300)), alpha=st.sampled_from((0.0, 0.3, 0.5, 1.0)),
+       delta=st.sampled_from((0.0, 0.1, 1.0)), max_iters=st.sampled_from((0, 1, 3, 100)),
+       tol=st.sampled_from((1e-3, 0.01, 0.1)), seed=st.integers(0, 2**16))
+def test_adaptive_temperature_reference_is_the_bisection(scales, vocab, alpha, delta, max_iters,
+                                                         tol, seed):
+    """float64: every row of adaptive_temperature_ref is that row divided by the tau of the
+    bisection written out on the row alone (`bisection_loop`): the target, the rows left
+    unchanged, the interval's ends, the direction of each halving, the tolerance and the
+    number of halvings. Rows of different scales share a batch (some at or below delta, some
+    searching, some stopping early), and alpha and delta take the values where max(delta,
+    alpha * H) and the skip test change answer. The kernels are held to this reference."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(scales), vocab, generator=generator, dtype=torch.float64)
+    logits = logits * torch.tensor(scales, dtype=torch.float64)[:, None]
+    options = dict(alpha=alpha, delta=delta, max_iters=max_iters, tol=tol)
+    taus = torch.tensor([[bisection_loop(row, **options)] for row in logits],
+                        dtype=torch.float64)
+    torch.testing.assert_close(reference.adaptive_temperature_ref(logits, **options),
+                               logits / taus, rtol=1e-12, atol=0.0)
 
 
 # ------------------------------------------------------------------------ errors and the ops

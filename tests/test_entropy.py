@@ -339,6 +339,25 @@ def test_small_temperatures_match_oracle(backend_device, temperature, vocab):
                           grad_floor(logits, temperature, grad_entropy, grad_logprobs), "gradient")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_computes_16_bit_logits_in_float32(dtype):
+    """The reference in float32 is every test's plain-PyTorch yardstick: on 16-bit logits it
+    casts to float32 before anything, the division by T included, so its entropy and log-probs
+    are the float32 formula's on logits.float() / T (sum of entr(softmax), log_softmax at the
+    token). Dividing in the 16-bit dtype first would widen every tolerance here by that dtype's
+    rounding of z / T (~1e-3 nats at bf16), and no oracle comparison would notice."""
+    generator = torch.Generator().manual_seed(6)
+    logits = (torch.randn(4, 300, generator=generator) * 3).to(dtype)
+    tokens = torch.randint(0, 300, (4,), generator=generator)
+    z = logits.float() / 0.7
+    entropy = torch.special.entr(torch.softmax(z, -1)).sum(-1)
+    logprobs = torch.log_softmax(z, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(reference.entropy_ref(logits, 0.7), entropy)
+    ref_logprobs, ref_entropy = reference.logprobs_and_entropy_ref(logits, tokens, 0.7)
+    torch.testing.assert_close(ref_entropy, entropy)
+    torch.testing.assert_close(ref_logprobs, logprobs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Properties
 

@@ -277,6 +277,32 @@ def random_problem(rows, features, vocab, device, dtype=torch.float32, seed=0, s
             tokens.to(device))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_oracle_is_the_formula_written_out(dtype):
+    """linear_entropy_ref, the oracle of this file, against its formula written out: z = (h W^T
+    + b) / T formed in float64 (in float32 for 16-bit operands, cast before the matmul), the
+    token's log-prob log_softmax(z)[y], the entropy sum(entr(softmax(z))); with and without
+    bias and tokens. check_against_oracle cannot see an error of the oracle itself: its
+    yardstick (eager_fn) does not share it, so the error widens the tolerance by as much (an
+    oracle returning (logprobs, entropy) swapped passed test_matches_oracle)."""
+    hidden, weight, bias, tokens = random_problem(6, 8, 30, "cpu", dtype, seed=2, scale=2.0)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for with_bias in (False, True):
+        logits = hidden.to(wide) @ weight.to(wide).T + (bias.to(wide) if with_bias else 0.0)
+        z = logits / 0.7
+        for with_tokens in (False, True):
+            entropy, logprobs = reference.linear_entropy_ref(
+                hidden, weight, bias if with_bias else None, tokens if with_tokens else None,
+                temperature=0.7)
+            assert entropy.dtype == wide
+            torch.testing.assert_close(entropy, torch.special.entr(torch.softmax(z, -1)).sum(-1))
+            if with_tokens:
+                torch.testing.assert_close(
+                    logprobs, torch.log_softmax(z, -1).gather(-1, tokens[:, None]).squeeze(-1))
+            else:
+                assert logprobs is None
+
+
 def test_autocast_casts_operands_like_linear(backend_device):
     """Inside torch.autocast, fp32 hidden, weight and bias are cast to its dtype as nn.Linear's
     are, and the op runs with autocast off: the values are bitwise those of bf16 operands cast
