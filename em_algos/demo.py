@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="em-demo", description="EM-INF, EM-FT and EM-RL on a tiny model, on CPU.")
     parser.add_argument("--quick", action="store_true",
-                        help="fewer EM steps (24 instead of 60), the same pre-trained model and problems")
+                        help="fewer EM steps (24 instead of 60); the same pre-trained model "
+                             "and problems")
     parser.add_argument("--plot", default="em_demo.png", help="PNG path ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
