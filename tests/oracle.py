@@ -8,6 +8,16 @@ from __future__ import annotations
 import torch
 
 
+def written_out(z: torch.Tensor, tokens: torch.Tensor | None = None):
+    """(entropy, log-probs of ``tokens`` or None) of softmax(z) over the last dim, by the
+    textbook formulas (sum of entr(p), log_softmax at the token) in z's dtype: what the
+    reference's own tests hold it to, independent of its code."""
+    entropy = torch.special.entr(torch.softmax(z, -1)).sum(-1)
+    if tokens is None:
+        return entropy, None
+    return entropy, torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
 def max_abs_error(value: torch.Tensor, oracle: torch.Tensor) -> float:
     """Largest |value - oracle| over the entries where the oracle is finite (0 if none)."""
     value = value.detach().double().cpu()
