@@ -9,7 +9,11 @@ Conventions shared with the kernels (see DESIGN.md):
 - ``temperature`` T divides the logits first: every formula is on z / T;
 - an entry equal to -inf is masked: it has probability 0 and contributes exactly 0 to the
   entropy (the 0 * -inf products are guarded, in the forward and in the gradient);
-- a row that is all -inf has no distribution: its entropy is NaN; a NaN entry poisons its row.
+- a row that is all -inf has no distribution: its entropy (and log-prob) is NaN; a NaN entry
+  poisons its row;
+- gradients follow the same contract as every backend: exactly 0 at a -inf entry, even where
+  it is the chosen token (where calculus would give 1 / T), and exactly 0 over a row without
+  a distribution, whatever its upstream gradient (calculus gives NaN there).
 """
 
 from __future__ import annotations
@@ -46,21 +50,36 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return z if temperature == 1.0 else z / temperature
 
 
+def _split_off_empty_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z with every all -inf row replaced by zeros, which rows those were). The caller computes
+    on the replaced rows and sets their results to NaN with torch.where, so their forward is NaN
+    and no gradient reaches them (autograd through -inf - -inf would give NaN)."""
+    empty = torch.isneginf(z).all(-1)
+    return torch.where(empty.unsqueeze(-1), torch.zeros_like(z), z), empty
+
+
+def _nan_where(empty: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return torch.where(empty, torch.full_like(values, float("nan")), values)
+
+
 def entropy_ref(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """H = -sum_j p_j log p_j with p = softmax(logits / temperature) over the last dim."""
-    p, logp = _safe_log_softmax(_scaled(logits, temperature))
-    return -(p * logp).sum(-1)
+    z, empty = _split_off_empty_rows(_scaled(logits, temperature))
+    p, logp = _safe_log_softmax(z)
+    return _nan_where(empty, -(p * logp).sum(-1))
 
 
 def logprobs_and_entropy_ref(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(tokens), entropy) per row, p = softmax(logits / temperature)."""
-    z = _scaled(logits, temperature)
+    z, empty = _split_off_empty_rows(_scaled(logits, temperature))
     lse = torch.logsumexp(z, dim=-1)
     chosen = torch.gather(z, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    # A masked chosen token: log p = -inf, and no gradient to its -inf logit.
+    chosen = torch.where(torch.isneginf(chosen), chosen.detach(), chosen)
     p, logp = _safe_log_softmax(z)
-    return chosen - lse, -(p * logp).sum(-1)
+    return _nan_where(empty, chosen - lse), _nan_where(empty, -(p * logp).sum(-1))
 
 
 def linear_entropy_ref(

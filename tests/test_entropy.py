@@ -143,15 +143,6 @@ def grad_floor(logits: torch.Tensor, temperature: float, grad_entropy, grad_logp
     return delta / temperature * (g_h * (2 + math.log(vocab)) + g_l)
 
 
-def _chosen_finite(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Tokens moved to the row's argmax where they fall on a -inf logit (a -inf log-prob has
-    no useful gradient; the kernels give such an entry 0 by contract)."""
-    chosen = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    if logits.shape[-1] == 0 or chosen.numel() == 0:
-        return tokens
-    return torch.where(chosen == float("-inf"), logits.argmax(-1), tokens)
-
-
 # ----------------------------------------------------------------------------------------------
 # Closeness to the float64 oracle
 
@@ -230,8 +221,9 @@ def test_gradients_match_oracle(backend_device):
     @hypothesis_settings(slow, slow_examples=12)
     @given(case=cases(slow, device), with_tokens=st.booleans())
     def check(case: Case, with_tokens: bool):
-        logits, temperature = case.logits, case.temperature
-        tokens = _chosen_finite(logits, case.tokens)
+        # Tokens may fall on -inf logits and rows may be all -inf: the oracle gives 0 there, by
+        # the contract of every backend.
+        logits, temperature, tokens = case.logits, case.temperature, case.tokens
         generator = torch.Generator().manual_seed(logits.numel())
         grad_entropy = torch.randn(logits.shape[:-1], generator=generator).to(device)
         grad_logprobs = torch.randn(logits.shape[:-1], generator=generator).to(device)
@@ -241,11 +233,9 @@ def test_gradients_match_oracle(backend_device):
         assert actual.dtype == logits.dtype and actual.shape == logits.shape
         oracle = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs, torch.float64)
         baseline = _gradient(REFERENCE, case, tokens, grad_entropy, grad_logprobs)
-        # Only rows that have a distribution: an all -inf or NaN row has a NaN entropy.
-        rows = torch.isfinite(reference.entropy_ref(logits.double(), temperature))
         floor = grad_floor(logits, temperature, grad_entropy,
                            grad_entropy[:0] if grad_logprobs is None else grad_logprobs)
-        assert_matches_oracle(actual[rows], oracle[rows], baseline[rows], floor, "gradient")
+        assert_matches_oracle(actual, oracle, baseline, floor, "gradient")
 
     check()
 
@@ -354,6 +344,40 @@ def test_reference_computes_16_bit_logits_in_float32(dtype):
     ref_logprobs, ref_entropy = reference.logprobs_and_entropy_ref(logits, tokens, 0.7)
     torch.testing.assert_close(ref_entropy, entropy)
     torch.testing.assert_close(ref_logprobs, logprobs)
+
+
+def test_reference_gradient_keeps_the_masking_contract():
+    """The oracle's gradient obeys the contract every backend is tested to: 0 at a -inf logit
+    even where it is the chosen token (calculus: 1 / T), 0 over a row that is all -inf even
+    under a NaN upstream gradient (calculus: NaN), and the forward unchanged (NaN, -inf)
+    there. Elsewhere it is the closed form -gH p (log p + H) + gL (onehot - p), over T."""
+    generator = torch.Generator().manual_seed(9)
+    z = torch.randn(3, 7, generator=generator, dtype=torch.float64)
+    z[0] = float("-inf")
+    z[1, [2, 5]] = float("-inf")
+    tokens = torch.tensor([4, 2, 6])
+    grad_entropy = torch.tensor([float("nan"), 0.7, -1.3], dtype=torch.float64)
+    grad_logprobs = torch.tensor([float("nan"), 1.1, 0.4], dtype=torch.float64)
+    for with_tokens in (False, True):
+        logits = z.clone().requires_grad_()
+        if with_tokens:
+            logprobs, entropy = reference.logprobs_and_entropy_ref(logits, tokens, 0.5)
+            assert logprobs[0].isnan() and logprobs[1] == float("-inf")
+            loss = (entropy * grad_entropy).sum() + (logprobs * grad_logprobs).sum()
+        else:
+            entropy = reference.entropy_ref(logits, 0.5)
+            loss = (entropy * grad_entropy).sum()
+        assert entropy[0].isnan() and bool(entropy[1:].isfinite().all())
+        loss.backward()
+        p = torch.softmax(z[1:] / 0.5, -1)
+        safe_logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
+        expected = -grad_entropy[1:, None] * p * (safe_logp + entropy[1:, None].detach())
+        if with_tokens:
+            onehot = torch.nn.functional.one_hot(tokens[1:], 7).double()
+            onehot[0, 2] = 0.0  # the masked chosen token: no one-hot term
+            expected = expected + grad_logprobs[1:, None] * (onehot - p)
+        assert bool((logits.grad[0] == 0).all()) and bool((logits.grad[1, [2, 5]] == 0).all())
+        torch.testing.assert_close(logits.grad[1:], expected / 0.5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -946,7 +970,7 @@ def test_gradients_finite_at_extreme_scales(backend_device):
             base = (torch.randn(3, 2000, generator=generator) * scale).clamp(-6e4, 6e4)
             base[1, 100:] = float("-inf")
             logits = base.to(dtype).to(device)
-            tokens = _chosen_finite(logits, torch.tensor([1, 7, 1999], device=device))
+            tokens = torch.tensor([1, 7, 1999], device=device)
             logprobs, result, grad = _forward_and_gradient(backend, logits, tokens, 0.05)
             assert torch.isfinite(result).all() and torch.isfinite(logprobs).all()
             assert torch.isfinite(grad).all()

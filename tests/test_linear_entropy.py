@@ -76,17 +76,13 @@ def problems(draw, backend, device):
     hidden = randn(rows, features) * scale
     weight = randn(vocab, features) / math.sqrt(features)
     bias = None
-    finite_columns = torch.arange(vocab)
     if use_bias:
         bias = randn(vocab)
         mask = torch.rand(vocab, generator=generator) < masked
         mask[torch.randint(0, vocab, (1,), generator=generator)] = False  # keep one finite
         bias[mask] = float("-inf")
-        finite_columns = torch.nonzero(~mask).squeeze(-1)
-    tokens = None
-    if with_tokens:
-        pick = torch.randint(0, len(finite_columns), (rows,), generator=generator)
-        tokens = finite_columns[pick]
+    # A token may fall on a -inf column: log p = -inf and no gradient there (no one-hot term).
+    tokens = torch.randint(0, vocab, (rows,), generator=generator) if with_tokens else None
     upstream_entropy = randn(rows).float() if grads in ("entropy", "both") else None
     upstream_logprobs = randn(rows).float() if grads in ("logprobs", "both") else None
     return dict(hidden=hidden.to(dtype), weight=weight.to(dtype),
