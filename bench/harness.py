@@ -687,6 +687,7 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                 except torch.cuda.OutOfMemoryError:
                     case_skip = "out of GPU memory allocating the inputs"
             for mode, provider in cells:
+                cell_started = time.perf_counter()
                 row = {**base, "mode": mode, "provider": provider.name, "status": "ok",
                        "reason": ""}
                 progress.set_postfix_str(f"{op.name} {base['shape']} {base['dtype']} {mode} "
@@ -725,6 +726,7 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                         _release_memory(ctx)
                 if provider.name == BASELINE and row["status"] != "ok":  # no second try per cell
                     baselines[mode] = f"eager's own cell was {row['status']} ({row['reason']})"
+                row["cell_s"] = time.perf_counter() - cell_started
                 rows.append(row)
                 on_row(row)
                 progress.update(1)

@@ -17,10 +17,12 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
 # tol_out and tol_grad: the tolerances the verdict applied to the largest errors; rel_out and
 # rel_grad: the normwise errors ||value - oracle|| / ||oracle||, with tol_rel_out and
-# tol_rel_grad (absent from runs before 2026-11-28).
+# tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
+# took in all (warm-up and compiles, the oracle check, the timed repeats; eager's untimed
+# baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-29).
 MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
             "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
-            "tol_rel_grad")
+            "tol_rel_grad", "cell_s")
 DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
 CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "check", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
@@ -183,6 +185,21 @@ def not_measured(rows: list[dict]) -> list[str]:
             seen[(row["op"], row["provider"], row["status"], row["reason"])] += 1
     return [f"{op} / {provider}: {status} ({count} cell{'s' * (count > 1)}): {reason}"
             for (op, provider, status, reason), count in seen.items()]
+
+
+def time_spent(rows: list[dict]) -> str:
+    """Where a run's wall-clock time went: the summed cell_s per (op, provider), largest first,
+    with the number of cells; rows without cell_s (resumed from an older run) and pairs under
+    half a second in all (cells skipped before they started) left out."""
+    seconds, cells = defaultdict(float), defaultdict(int)
+    for row in rows:
+        if row.get("cell_s") is not None:
+            seconds[(row["op"], row["provider"])] += row["cell_s"]
+            cells[(row["op"], row["provider"])] += 1
+    ranked = sorted((key for key in seconds if seconds[key] >= 0.5), key=seconds.get,
+                    reverse=True)
+    return ", ".join(f"{op} / {provider} {seconds[(op, provider)]:.0f} s "
+                     f"({cells[(op, provider)]} cells)" for op, provider in ranked)
 
 
 def header_lines(info: dict, copy_gbps: float, matmul: dict) -> list[str]:

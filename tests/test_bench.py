@@ -827,7 +827,7 @@ def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):
     measured = [row for row in rows if row["status"] == "ok"]
     assert len(measured) == 8
     for row in measured:
-        assert float(row["copy_gbps"]) > 0, row
+        assert float(row["copy_gbps"]) > 0 and float(row["cell_s"]) > 0, row
         speedup = float(row["speedup_vs_eager"])
         assert speedup == 1.0 if row["provider"] == "eager" else speedup > 0, row
     # the CSV's order: per case (dtype), mode by mode, the providers in their order
@@ -840,6 +840,7 @@ def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sum(line.startswith("entropy ") and "N8-V1000" in line
                for line in out.splitlines()) == len(measured)
+    assert "\nTime spent: entropy / " in out
 
 
 def test_cell_reports_show_percent_and_largest_error():
@@ -852,6 +853,39 @@ def test_cell_reports_show_percent_and_largest_error():
                       "x eager"), _cells(row)[5:]))
     assert cells["% ceil"] == "25%" and cells["max err"] == "2.0e-03"
     assert cells["x eager"] == "2.00x" and cells["TFLOP/s"] == "-"
+
+
+def test_each_cell_records_the_seconds_it_took(monkeypatch):
+    """cell_s is each cell's wall-clock time in all (here a measurement that takes 0.2 s, and a
+    skip that takes none), and the run's "Time spent" line sums it per op and provider, largest
+    first, leaving out rows without it and pairs under half a second."""
+    import time as clock
+
+    from bench import harness
+    from bench.__main__ import _NoProgress
+    from bench.report import time_spent
+
+    def slow_measure(ctx, case, provider, mode, timed=True):
+        clock.sleep(0.2)
+        return {"time_ms": 1.0}
+
+    monkeypatch.setattr(harness, "measure", slow_measure)
+    never = Provider("never", lambda case: None, unavailable=lambda ctx: "not here")
+    slow = Provider("slow", lambda case: None, compares=False)
+    rows = harness.run_cells(_cpu_context(), [(OPS["entropy"], {"N": 8, "V": 100}, torch.float32,
+                                               ["fwd", "fwd+bwd"], [never, slow])],
+                             lambda row: None, _NoProgress())
+    seconds = {(row["mode"], row["provider"]): row["cell_s"] for row in rows}
+    assert all(0.2 <= seconds[(mode, "slow")] < 1.0 for mode in ("fwd", "fwd+bwd")), seconds
+    assert all(seconds[(mode, "never")] < 0.05 for mode in ("fwd", "fwd+bwd")), seconds
+
+    def row(op, provider, cell_s=None):
+        return dict(op=op, provider=provider, **({} if cell_s is None else {"cell_s": cell_s}))
+
+    assert time_spent([row("entropy", "eager", 2.0), row("entropy", "compile", 7.0),
+                       row("entropy", "eager", 2.5), row("entropy", "cce", 0.1),
+                       row("linear_entropy", "eager"), row("entropy", "compile", 1.0)]) == (
+        "entropy / compile 8 s (2 cells), entropy / eager 4 s (2 cells)")
 
 
 def test_a_provider_skip_keeps_its_reason():
