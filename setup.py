@@ -5,7 +5,9 @@
   sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST says otherwise. It only has to compile and link
   here: it runs where there is a GPU.
 - EM_KERNELS_NO_CUDA=1 skips the CUDA part on purpose. EM_KERNELS_REQUIRE_CUDA=1 makes a
-  missing nvcc or CPU-only torch an error instead of a CPU-only build.
+  missing nvcc, a CPU-only torch or an nvcc of another major CUDA version than torch's (which
+  torch refuses to build with: torch 2.8's CUDA 12.8 beside a CUDA 13 toolkit) an error instead
+  of a CPU-only build. Without the CUDA part, GPUs run the Triton kernels.
 - A compiler error fails the install: it never installs silently without the extension.
 
 nvcc on some machines is a wrapper script in a bin folder of its own, from which torch guesses
@@ -61,6 +63,17 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _nvcc_version(cuda_home: str) -> str | None:
+    """The CUDA release of CUDA_HOME's nvcc ("13.0"), or None if it cannot tell."""
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", out)
+    return None if match is None else f"{match.group(1)}.{match.group(2)}"
+
+
 def _want_cuda() -> bool:
     if _env_flag("EM_KERNELS_NO_CUDA"):
         return False
@@ -69,6 +82,12 @@ def _want_cuda() -> bool:
         problems.append("torch is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         problems.append("nvcc was not found (set CUDA_HOME)")
+    elif torch.version.cuda is not None:
+        nvcc = _nvcc_version(cpp_extension.CUDA_HOME)
+        if nvcc is not None and nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:
+            problems.append(f"the nvcc at {cpp_extension.CUDA_HOME} is CUDA {nvcc} and torch was "
+                            f"built with CUDA {torch.version.cuda} (torch builds extensions only "
+                            "with the same major version: point CUDA_HOME at such a toolkit)")
     if problems:
         if _env_flag("EM_KERNELS_REQUIRE_CUDA"):
             raise RuntimeError("EM_KERNELS_REQUIRE_CUDA=1 but " + " and ".join(problems))

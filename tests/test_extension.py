@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -213,6 +214,48 @@ def test_extension_shares_torchs_cpp_runtime(extension):
         assert (ctypes.cast(getattr(ours, symbol), ctypes.c_void_p).value
                 == ctypes.cast(getattr(c10, symbol), ctypes.c_void_p).value), (
             f"em_kernels._C defines its own {symbol}: it was linked with a static libstdc++")
+
+
+# setup.py run as if torch had been built with CUDA sys.argv[2]; setup() only prints whether
+# the extension it was given has the CUDA part.
+_SETUP_WITH_TORCH_CUDA = r"""
+import runpy, sys
+import setuptools, torch
+torch.version.cuda = sys.argv[2]
+setuptools.setup = lambda **kwargs: print("CUDA part:", [
+    any(source.endswith(".cu") for source in extension.sources)
+    for extension in kwargs["ext_modules"]])
+runpy.run_path(SETUP, run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on the PATH")
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch builds no CUDA part")
+def test_setup_builds_the_cpu_part_when_nvcc_is_another_major_cuda_version():
+    """torch refuses to build a CUDA extension with an nvcc of another major CUDA version than
+    its own (torch 2.8's CUDA 12.8 beside this machine's CUDA 13 toolkit failed the whole
+    install): setup.py then builds the CPU part and says why, or with EM_KERNELS_REQUIRE_CUDA=1
+    stops with that reason. The same major version keeps the CUDA part."""
+    setup_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.py")
+    script = _SETUP_WITH_TORCH_CUDA.replace("SETUP", repr(setup_py))
+    own_major = torch.version.cuda.split(".")[0]
+    other = f"{int(own_major) - 1}.8"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EM_KERNELS_NO_CUDA", "EM_KERNELS_REQUIRE_CUDA")}
+
+    def run(cuda, **extra):
+        return subprocess.run([sys.executable, "-c", script, "setup.py", cuda],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    same = run(f"{own_major}.0")
+    assert same.returncode == 0 and "CUDA part: [True]" in same.stdout, same
+    mismatched = run(other)
+    assert mismatched.returncode == 0, mismatched.stderr
+    assert "CUDA part: [False]" in mismatched.stdout
+    assert "building the CPU part only" in mismatched.stdout
+    assert f"torch was built with CUDA {other}" in mismatched.stdout
+    required = run(other, EM_KERNELS_REQUIRE_CUDA="1")
+    assert required.returncode != 0 and f"torch was built with CUDA {other}" in required.stderr
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
