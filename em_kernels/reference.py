@@ -53,9 +53,10 @@ def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 def _split_off_empty_rows(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(z with every all -inf row replaced by zeros, which rows those were). The caller computes
     on the replaced rows and sets their results to NaN with torch.where, so their forward is NaN
-    and no gradient reaches them (autograd through -inf - -inf would give NaN)."""
+    and no gradient reaches them (autograd through -inf - -inf would give NaN). A row of V = 0
+    entries counts as all -inf: no distribution, NaN."""
     empty = torch.isneginf(z).all(-1)
-    return torch.where(empty.unsqueeze(-1), torch.zeros_like(z), z), empty
+    return z.masked_fill(empty.unsqueeze(-1), 0.0), empty
 
 
 def _nan_where(empty: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

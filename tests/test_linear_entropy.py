@@ -388,6 +388,13 @@ def test_masked_token_and_all_masked_row(backend_device):
     (out.entropy.nan_to_num(0.0).sum() + out.logprobs.nan_to_num(0.0).sum()).backward()
     for leaf in (*leaves, everything_masked):
         assert bool((leaf.grad == 0).all()), leaf.grad
+    # A masked loss hands such rows NaN upstream gradients (0 * 2 H = NaN): still no gradient.
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight)]
+    out = em_kernels.linear_entropy(*leaves, bias=everything_masked, tokens=tokens,
+                                    backend=backend)
+    ((out.entropy**2 + out.logprobs**2) * 0.0).sum().backward()
+    for leaf in leaves:
+        assert bool((leaf.grad == 0).all()), leaf.grad
 
 
 def test_maxima_whose_difference_overflows(backend_device):

@@ -269,10 +269,16 @@ def chunked_backward(hidden, weight, bias, tokens, entropy, lse, grad_entropy, g
         grad_bias.zero_()
     else:
         # A row with no distribution (every logit -inf: lse -inf, entropy NaN) gets dz = 0, as
-        # every masked entry does and as the entropy ops give it: with lse and entropy taken as 0
-        # its p_j = exp(-inf - 0) = 0 multiplies finite numbers only (else -inf - -inf = NaN,
-        # which the shared gradient matmuls would spread to every row's d_weight).
+        # every masked entry does and as the entropy ops give it: with lse, entropy and its
+        # upstream gradients taken as 0 its p_j = exp(-inf - 0) = 0 multiplies finite numbers
+        # only (else -inf - -inf = NaN, or the NaN upstream gradient a masked loss such as
+        # sum(mask * H^2) hands such a row, which the shared gradient matmuls would spread to
+        # every row's d_weight).
         no_distribution = lse == float("-inf")
+        grad_entropy = grad_entropy.masked_fill(no_distribution, 0.0)
+        grad_lse = grad_lse.masked_fill(no_distribution, 0.0)
+        if grad_chosen is not None:
+            grad_chosen = grad_chosen.masked_fill(no_distribution, 0.0)
         # The float64 lse as center + offset in the stats dtype: z - center - offset is log p
         # exact near the row max, where a float32 lse would round it to an ulp of |lse|.
         lse_center, lse_offset = split_lse(lse.masked_fill(no_distribution, 0.0), stats_dtype)
