@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nWRONG RESULTS (check FAIL: the error exceeds the tolerance):\n  "
               + "\n  ".join(wrong))
     this_run = [row for row in rows if cell_key(row) not in resumed]
-    print("\nTime spent: " + (report.time_spent(this_run) or "no cells"))
+    print("\nTime spent: " + report.time_spent(this_run, time.monotonic() - started))
     written = ["results.csv", "results.md"] + (["bandwidth.png"] if plotted else [])
     print(f"\n{len(rows)} cells in {time.monotonic() - started:.0f} s; wrote "
           + ", ".join(f"{args.out}/{name}" for name in written))

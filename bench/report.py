@@ -19,7 +19,7 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # rel_grad: the normwise errors ||value - oracle|| / ||oracle||, with tol_rel_out and
 # tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
 # took in all (warm-up and compiles, the oracle check, the timed repeats; eager's untimed
-# baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-29).
+# baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-28).
 MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
             "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
             "tol_rel_grad", "cell_s")
@@ -183,23 +183,31 @@ def not_measured(rows: list[dict]) -> list[str]:
     for row in rows:
         if row["status"] != "ok":
             seen[(row["op"], row["provider"], row["status"], row["reason"])] += 1
-    return [f"{op} / {provider}: {status} ({count} cell{'s' * (count > 1)}): {reason}"
+    return [f"{op} / {provider}: {status} ({_cells_count(count)}): {reason}"
             for (op, provider, status, reason), count in seen.items()]
 
 
-def time_spent(rows: list[dict]) -> str:
-    """Where a run's wall-clock time went: the summed cell_s per (op, provider), largest first,
-    with the number of cells; rows without cell_s (resumed from an older run) and pairs under
-    half a second in all (cells skipped before they started) left out."""
+def time_spent(rows: list[dict], wall_seconds: float) -> str:
+    """Where a run's wall-clock time went: the seconds its cells took in all against the run's
+    wall_seconds (the rest: building inputs, collecting memory between cases, measuring the
+    ceilings), then cell_s summed per (op, provider), largest first, with the number of cells.
+    Skipped cells and rows without cell_s (resumed from an older run) are left out. A case's
+    float64 oracle is computed once for fwd and once for the backward modes, each in the first
+    cell that checks errors (usually eager's), and counts there."""
     seconds, cells = defaultdict(float), defaultdict(int)
     for row in rows:
-        if row.get("cell_s") is not None:
+        if row["status"] != "skipped" and row.get("cell_s") is not None:
             seconds[(row["op"], row["provider"])] += row["cell_s"]
             cells[(row["op"], row["provider"])] += 1
-    ranked = sorted((key for key in seconds if seconds[key] >= 0.5), key=seconds.get,
-                    reverse=True)
-    return ", ".join(f"{op} / {provider} {seconds[(op, provider)]:.0f} s "
-                     f"({cells[(op, provider)]} cells)" for op, provider in ranked)
+    ranked = sorted(seconds, key=seconds.get, reverse=True)
+    return (f"{sum(seconds.values()):.1f} s in {_cells_count(sum(cells.values()))} of "
+            f"{wall_seconds:.1f} s" + "".join(
+                f"; {op} / {provider} {seconds[(op, provider)]:.1f} s "
+                f"({_cells_count(cells[(op, provider)])})" for op, provider in ranked))
+
+
+def _cells_count(count: int) -> str:
+    return f"{count} cell{'s' * (count != 1)}"
 
 
 def header_lines(info: dict, copy_gbps: float, matmul: dict) -> list[str]:

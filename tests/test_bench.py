@@ -840,7 +840,8 @@ def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):
     out = capsys.readouterr().out
     assert sum(line.startswith("entropy ") and "N8-V1000" in line
                for line in out.splitlines()) == len(measured)
-    assert "\nTime spent: entropy / " in out
+    spent = next(line for line in out.splitlines() if line.startswith("Time spent: "))
+    assert f" in {len(measured)} cells of " in spent and "; entropy / eager " in spent, spent
 
 
 def test_cell_reports_show_percent_and_largest_error():
@@ -857,8 +858,9 @@ def test_cell_reports_show_percent_and_largest_error():
 
 def test_each_cell_records_the_seconds_it_took(monkeypatch):
     """cell_s is each cell's wall-clock time in all (here a measurement that takes 0.2 s, and a
-    skip that takes none), and the run's "Time spent" line sums it per op and provider, largest
-    first, leaving out rows without it and pairs under half a second."""
+    skip that takes none), and the run's "Time spent" line sums it, in all against the run's
+    wall time and per op and provider, largest first, leaving out skipped cells and rows
+    without it."""
     import time as clock
 
     from bench import harness
@@ -879,13 +881,16 @@ def test_each_cell_records_the_seconds_it_took(monkeypatch):
     assert all(0.2 <= seconds[(mode, "slow")] < 1.0 for mode in ("fwd", "fwd+bwd")), seconds
     assert all(seconds[(mode, "never")] < 0.05 for mode in ("fwd", "fwd+bwd")), seconds
 
-    def row(op, provider, cell_s=None):
-        return dict(op=op, provider=provider, **({} if cell_s is None else {"cell_s": cell_s}))
+    def row(op, provider, cell_s=None, status="ok"):
+        return dict(op=op, provider=provider, status=status,
+                    **({} if cell_s is None else {"cell_s": cell_s}))
 
     assert time_spent([row("entropy", "eager", 2.0), row("entropy", "compile", 7.0),
-                       row("entropy", "eager", 2.5), row("entropy", "cce", 0.1),
-                       row("linear_entropy", "eager"), row("entropy", "compile", 1.0)]) == (
-        "entropy / compile 8 s (2 cells), entropy / eager 4 s (2 cells)")
+                       row("entropy", "eager", 2.5), row("entropy", "cce", 0.01, "skipped"),
+                       row("linear_entropy", "eager"), row("entropy", "compile", 1.0),
+                       row("entropy", "cpu", 0.04, "error")], 20.0) == (
+        "12.5 s in 5 cells of 20.0 s; entropy / compile 8.0 s (2 cells); "
+        "entropy / eager 4.5 s (2 cells); entropy / cpu 0.0 s (1 cell)")
 
 
 def test_a_provider_skip_keeps_its_reason():
