@@ -1,13 +1,14 @@
 """Builds the compiled extension em_kernels._C with torch's cpp_extension and ninja.
 
 - The CPU part (csrc/ops.cpp, csrc/cpu/*.cpp) is always built.
-- The CUDA part (csrc/cuda/*.cu) is built wherever a CUDA build of torch and nvcc exist, for
-  sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST says otherwise. It only has to compile and link
-  here: it runs where there is a GPU.
+- The CUDA part (csrc/cuda/*.cu) is built wherever a CUDA build of torch and an nvcc of the
+  same major CUDA version exist, for sm_80 and sm_90a unless TORCH_CUDA_ARCH_LIST says
+  otherwise. It only has to compile and link here: it runs where there is a GPU.
 - EM_KERNELS_NO_CUDA=1 skips the CUDA part on purpose. EM_KERNELS_REQUIRE_CUDA=1 makes a
   missing nvcc, a CPU-only torch or an nvcc of another major CUDA version than torch's (which
   torch refuses to build with: torch 2.8's CUDA 12.8 beside a CUDA 13 toolkit) an error instead
-  of a CPU-only build. Without the CUDA part, GPUs run the Triton kernels.
+  of a CPU-only build, which prints the reason (`pip install -v` shows it). Without the CUDA
+  part, GPUs run the Triton kernels.
 - A compiler error fails the install: it never installs silently without the extension.
 
 nvcc on some machines is a wrapper script in a bin folder of its own, from which torch guesses
@@ -82,6 +83,9 @@ def _want_cuda() -> bool:
         problems.append("torch is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         problems.append("nvcc was not found (set CUDA_HOME)")
+    elif not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+        problems.append(f"there is no nvcc at {cpp_extension.CUDA_HOME}/bin (point CUDA_HOME at "
+                        "a CUDA toolkit)")
     elif torch.version.cuda is not None:
         nvcc = _nvcc_version(cpp_extension.CUDA_HOME)
         if nvcc is not None and nvcc.split(".")[0] != torch.version.cuda.split(".")[0]:

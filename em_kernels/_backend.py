@@ -80,8 +80,9 @@ def _extension_status() -> tuple[str, str]:
     cpu = "available" if has_kernel("em_C::softmax_stats_fwd", "CPU") else (
         "the compiled extension has no CPU kernels")
     if not has_kernel("em_C::softmax_stats_fwd", "CUDA"):
-        cuda = ("the compiled extension was built without its CUDA part "
-                "(no nvcc or a CPU build of torch at build time, or EM_KERNELS_NO_CUDA=1)")
+        cuda = ("the compiled extension was built without its CUDA part (at build time no "
+                "nvcc, one of another major CUDA version than torch's, a CPU build of torch, or "
+                "EM_KERNELS_NO_CUDA=1; `pip install -v` prints which)")
     elif not torch.cuda.is_available():
         cuda = "no CUDA device"
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -216,12 +215,12 @@ def test_extension_shares_torchs_cpp_runtime(extension):
             f"em_kernels._C defines its own {symbol}: it was linked with a static libstdc++")
 
 
-# setup.py run as if torch had been built with CUDA sys.argv[2]; setup() only prints whether
+# setup.py run as if torch had been built with CUDA sys.argv[1]; setup() only prints whether
 # the extension it was given has the CUDA part.
 _SETUP_WITH_TORCH_CUDA = r"""
 import runpy, sys
 import setuptools, torch
-torch.version.cuda = sys.argv[2]
+torch.version.cuda = sys.argv[1]
 setuptools.setup = lambda **kwargs: print("CUDA part:", [
     any(source.endswith(".cu") for source in extension.sources)
     for extension in kwargs["ext_modules"]])
@@ -229,33 +228,42 @@ runpy.run_path(SETUP, run_name="__main__")
 """
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on the PATH")
-@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch builds no CUDA part")
-def test_setup_builds_the_cpu_part_when_nvcc_is_another_major_cuda_version():
+def test_setup_leaves_out_the_cuda_part_without_a_matching_nvcc(tmp_path):
     """torch refuses to build a CUDA extension with an nvcc of another major CUDA version than
     its own (torch 2.8's CUDA 12.8 beside this machine's CUDA 13 toolkit failed the whole
-    install): setup.py then builds the CPU part and says why, or with EM_KERNELS_REQUIRE_CUDA=1
-    stops with that reason. The same major version keeps the CUDA part."""
+    install), and fails on a CUDA_HOME without nvcc: setup.py then builds the CPU part and says
+    why, or with EM_KERNELS_REQUIRE_CUDA=1 stops with that reason. An nvcc of the same major
+    version keeps the CUDA part. The toolkit is a fake: a CUDA_HOME whose bin/nvcc prints a
+    release."""
+    toolkit = tmp_path / "cuda-12.8"
+    (toolkit / "bin").mkdir(parents=True)
+    nvcc = toolkit / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.8, V12.8.93'\n")
+    nvcc.chmod(0o755)
     setup_py = os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.py")
     script = _SETUP_WITH_TORCH_CUDA.replace("SETUP", repr(setup_py))
-    own_major = torch.version.cuda.split(".")[0]
-    other = f"{int(own_major) - 1}.8"
     env = {k: v for k, v in os.environ.items()
-           if k not in ("EM_KERNELS_NO_CUDA", "EM_KERNELS_REQUIRE_CUDA")}
+           if k not in ("EM_KERNELS_NO_CUDA", "EM_KERNELS_REQUIRE_CUDA", "CUDA_PATH")}
 
-    def run(cuda, **extra):
-        return subprocess.run([sys.executable, "-c", script, "setup.py", cuda],
-                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+    def run(torch_cuda, cuda_home=toolkit, **extra):
+        return subprocess.run([sys.executable, "-c", script, torch_cuda],
+                              env={**env, "CUDA_HOME": str(cuda_home), **extra},
+                              capture_output=True, text=True, timeout=300)
 
-    same = run(f"{own_major}.0")
+    same = run("12.4")  # a minor difference torch builds with
     assert same.returncode == 0 and "CUDA part: [True]" in same.stdout, same
-    mismatched = run(other)
-    assert mismatched.returncode == 0, mismatched.stderr
-    assert "CUDA part: [False]" in mismatched.stdout
-    assert "building the CPU part only" in mismatched.stdout
-    assert f"torch was built with CUDA {other}" in mismatched.stdout
-    required = run(other, EM_KERNELS_REQUIRE_CUDA="1")
-    assert required.returncode != 0 and f"torch was built with CUDA {other}" in required.stderr
+    mismatch = f"the nvcc at {toolkit} is CUDA 12.8 and torch was built with CUDA 13.0"
+    other = run("13.0")
+    assert other.returncode == 0, other.stderr
+    assert "CUDA part: [False]" in other.stdout and mismatch in other.stdout, other.stdout
+    assert "building the CPU part only" in other.stdout
+    required = run("13.0", EM_KERNELS_REQUIRE_CUDA="1")
+    assert required.returncode != 0 and mismatch in required.stderr
+    empty = tmp_path / "not-a-toolkit"
+    empty.mkdir()
+    missing = run("12.4", cuda_home=empty)
+    assert "CUDA part: [False]" in missing.stdout, missing
+    assert f"there is no nvcc at {empty}/bin" in missing.stdout
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
