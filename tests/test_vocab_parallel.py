@@ -6,6 +6,7 @@ with grad_filter_eps."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -76,6 +77,12 @@ def _worker(rank, port, cases):
             _check_token_on_masked_shard(rank, backend, dtype)
             if dtype == torch.float32 and backend != "torch":  # torch: plain float32 PyTorch
                 _check_confident_rows(rank, backend)
+        # Before torch 2.8, gloo's group destructor held the GIL while it joined its worker
+        # threads (pytorch#154976), and a worker still releasing the last all-reduce's tensor
+        # needs the GIL: destroy_process_group hung for good (once here, torch 2.7.1, 2026-11-28).
+        # Collected garbage and a barrier let the workers finish first.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
