@@ -83,7 +83,8 @@ def _want_cuda() -> bool:
         problems.append("torch is a CPU-only build")
     if cpp_extension.CUDA_HOME is None:
         problems.append("nvcc was not found (set CUDA_HOME)")
-    elif not os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
+    elif not any(os.path.isfile(os.path.join(cpp_extension.CUDA_HOME, "bin", name))
+                 for name in ("nvcc", "nvcc.exe")):
         problems.append(f"there is no nvcc at {cpp_extension.CUDA_HOME}/bin (point CUDA_HOME at "
                         "a CUDA toolkit)")
     elif torch.version.cuda is not None:
