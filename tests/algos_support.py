@@ -11,14 +11,16 @@ VOCAB = 23  # prime, so no vocabulary dimension is a tile multiple by accident
 PAD, EOS = 0, 1
 
 
-def tiny_causal_lm(seed: int = 0, family: str = "qwen2", hidden: int = 32):
+def tiny_causal_lm(seed: int = 0, family: str = "qwen2", hidden: int = 32,
+                   max_positions: int = 64):
     """A 2-layer Qwen2 (tied embeddings) or Llama (untied) with random weights, in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS)
+                  max_position_embeddings=max_positions, pad_token_id=PAD,
+                  eos_token_id=EOS)
     if family == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
     else:

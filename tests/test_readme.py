@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from algos_support import EOS, PAD, VOCAB, random_batch
+from algos_support import random_batch, tiny_causal_lm
+
+import em_kernels
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,17 +25,6 @@ def readme_example(anchor: str) -> str:
     return match.group(1)
 
 
-def tiny_llama(max_positions: int = 64):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_positions, pad_token_id=PAD,
-                         eos_token_id=EOS)
-    return LlamaForCausalLM(config)
-
-
 def test_ops_example(capsys):
     exec(readme_example("## The ops (`em_kernels`)"), {})
     assert "'cpu': 'available'" in capsys.readouterr().out
@@ -43,14 +34,14 @@ def test_custom_training_loop():
     """Each of the three steps runs after the one before it (none reuses a freed graph) and
     moves the weights."""
     pytest.importorskip("transformers")
-    model = tiny_llama().train()
+    model = tiny_causal_lm(family="llama")
     ids, mask, response_mask = random_batch(torch.Generator().manual_seed(0), 3, 5, 6)
     response_mask[0, 5] = True  # at least one response token
     ids[0, 5], mask[0, 5] = 2, 1
     rows = int(response_mask[:, 1:].sum())
     generator = torch.Generator().manual_seed(1)
     namespace = dict(
-        em_kernels=__import__("em_kernels"), model=model, ids=ids, mask=mask,
+        em_kernels=em_kernels, model=model, ids=ids, mask=mask,
         response_mask=response_mask, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         adv=torch.randn(rows, generator=generator),
         old_lp=-torch.rand(rows, generator=generator) - 2.0,
@@ -63,7 +54,7 @@ def test_custom_training_loop():
 
 def test_em_inf_in_generate():
     pytest.importorskip("transformers")
-    model = tiny_llama(max_positions=512).eval()
+    model = tiny_causal_lm(family="llama", max_positions=512).eval()
     prompt = torch.tensor([[2, 5, 7, 11]])
     namespace = dict(model=model, inputs=dict(input_ids=prompt,
                                               attention_mask=torch.ones_like(prompt)))
