@@ -971,8 +971,14 @@ def test_cuda_graph_capture_of_forward_and_backward(op):
             torch.bfloat16) for scale in (0.5, 2.0)])
 
 
-def test_opcheck():
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_opcheck(transposed):
+    """Also with transposed (non-contiguous) operands, as a head stored (H, V) and passed as
+    W.T gives: the gradients come back contiguous, and the fake kernel must say so (else a
+    compiled backward fails on its stride assertion)."""
     hidden, weight, bias, tokens = random_problem(7, 16, 20, "cpu")
+    if transposed:
+        hidden, weight = hidden.T.contiguous().T, weight.T.contiguous().T
     for backend in ("torch", "triton"):
         if not runnable(backend, "cpu"):
             continue

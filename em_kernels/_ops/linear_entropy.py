@@ -406,10 +406,12 @@ def linear_entropy_backward(
 @linear_entropy_backward.register_fake
 def _(hidden, weight, bias, tokens, entropy, lse, grad_entropy, grad_lse, grad_chosen,
       temperature, grad_filter_eps, need_grad_hidden, need_grad_weight, backend):
+    # Contiguous, as chunked_backward returns them, whatever the operands' strides (empty_like
+    # would copy a transposed operand's).
     return (
-        torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(_EMPTY),
-        torch.empty_like(weight) if need_grad_weight else weight.new_empty(_EMPTY),
-        torch.empty_like(bias) if bias is not None else hidden.new_empty(_EMPTY),
+        hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(_EMPTY),
+        weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(_EMPTY),
+        bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(_EMPTY),
     )
 
 
