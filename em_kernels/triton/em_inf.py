@@ -62,7 +62,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from . import cdiv, next_power_of_2
+from . import cdiv, launches_on_tensor_device, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU op
 # Shifts (nats) between two parts' maxima are floored here where they multiply a sum: e^-100 is
@@ -279,6 +279,7 @@ def _block_for(vocab: int) -> int:
     return min(BLOCK, max(16, next_power_of_2(vocab)))
 
 
+@launches_on_tensor_device
 def em_inf_adjust_fwd(logits: torch.Tensor, steps: int, lr: float, kl_weight: float,
                       threshold: float, adam: bool, batch_exit: bool) -> torch.Tensor:
     """EM-INF on [N, V] logits (last dim contiguous, any row stride) -> fp32 [N, V]."""
@@ -366,6 +367,7 @@ def _adaptive_temperature_fwd_kernel(logits_ptr, out_ptr, V, row_stride, alpha, 
         tl.store(out_ptr + row * V + cols, z / tau, mask=cols < V)
 
 
+@launches_on_tensor_device
 def adaptive_temperature_fwd(logits: torch.Tensor, alpha: float, delta: float, max_iters: int,
                              tol: float) -> torch.Tensor:
     """Adaptive temperature on [N, V] logits (last dim contiguous) -> fp32 [N, V]."""

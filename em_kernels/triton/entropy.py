@@ -35,7 +35,6 @@ of the argmax by ~0.01 nats, at T <= 1e-10 to +-inf. So row maxima are kept in l
 
 from __future__ import annotations
 
-import contextlib
 import math
 import struct
 
@@ -43,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, next_power_of_2
+from . import cdiv, launches_on_tensor_device, next_power_of_2
 
 LOG2E: tl.constexpr = tl.constexpr(math.log2(math.e))
 LN2: tl.constexpr = tl.constexpr(math.log(2.0))
@@ -408,13 +407,7 @@ def _check_layout(logits: torch.Tensor) -> None:
             f"{logits.stride()}")
 
 
-def _on_device(tensor: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    if tensor.device.type == "cuda":
-        return torch.cuda.device(tensor.device)
-    return contextlib.nullcontext()
-
-
+@launches_on_tensor_device
 def softmax_stats_fwd(
     logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -436,33 +429,33 @@ def softmax_stats_fwd(
     scale2 = math.log2(math.e) / temperature
     inv_temperature = _float32_pair(1.0 / temperature)
     stride_row = logits.stride(0)
-    with _on_device(logits):
-        if num_chunks == 1:
-            _softmax_stats_fwd_kernel[(rows,)](
-                logits, tokens_arg, entropy, entropy, entropy, entropy, lse, logprobs,
-                rows, vocab, 1, stride_row, scale2, *inv_temperature,
-                HAS_TOKENS=has_tokens, SINGLE_CHUNK=True, BLOCK=block,
-                num_warps=_tile_warps(block))
-            return entropy, lse, logprobs
-        programs = _grid_size(rows, num_chunks)
-        partial_max, partial_total, partial_weighted = torch.empty(
-            (3, programs), dtype=torch.float32, device=logits.device).unbind(0)
-        _softmax_stats_fwd_kernel[(programs,)](
-            logits, tokens_arg, partial_max, partial_total, partial_weighted,
-            entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
-            HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
+    if num_chunks == 1:
+        _softmax_stats_fwd_kernel[(rows,)](
+            logits, tokens_arg, entropy, entropy, entropy, entropy, lse, logprobs,
+            rows, vocab, 1, stride_row, scale2, *inv_temperature,
+            HAS_TOKENS=has_tokens, SINGLE_CHUNK=True, BLOCK=block,
             num_warps=_tile_warps(block))
-        block_chunks = next_power_of_2(num_chunks)
-        block_rows = max(1, MERGE_TILE // block_chunks)
-        _softmax_stats_merge_kernel[(cdiv(rows, block_rows),)](
-            partial_max, partial_total, partial_weighted,
-            logits, tokens_arg, entropy, lse, logprobs,
-            rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
-            HAS_TOKENS=has_tokens, BLOCK_ROWS=block_rows, BLOCK_CHUNKS=block_chunks,
-            num_warps=MERGE_WARPS)
+        return entropy, lse, logprobs
+    programs = _grid_size(rows, num_chunks)
+    partial_max, partial_total, partial_weighted = torch.empty(
+        (3, programs), dtype=torch.float32, device=logits.device).unbind(0)
+    _softmax_stats_fwd_kernel[(programs,)](
+        logits, tokens_arg, partial_max, partial_total, partial_weighted,
+        entropy, lse, logprobs, rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
+        HAS_TOKENS=has_tokens, SINGLE_CHUNK=False, BLOCK=block,
+        num_warps=_tile_warps(block))
+    block_chunks = next_power_of_2(num_chunks)
+    block_rows = max(1, MERGE_TILE // block_chunks)
+    _softmax_stats_merge_kernel[(cdiv(rows, block_rows),)](
+        partial_max, partial_total, partial_weighted,
+        logits, tokens_arg, entropy, lse, logprobs,
+        rows, vocab, num_chunks, stride_row, scale2, *inv_temperature,
+        HAS_TOKENS=has_tokens, BLOCK_ROWS=block_rows, BLOCK_CHUNKS=block_chunks,
+        num_warps=MERGE_WARPS)
     return entropy, lse, logprobs
 
 
+@launches_on_tensor_device
 def softmax_stats_bwd(
     logits: torch.Tensor,
     tokens: torch.Tensor | None,
@@ -500,13 +493,12 @@ def softmax_stats_bwd(
     grad_entropy = grad_entropy.contiguous()
     tokens_arg = tokens.contiguous() if has_logprob_grad else grad_entropy  # unread then
     grad_logprobs_arg = grad_logprobs.contiguous() if has_logprob_grad else grad_entropy
-    with _on_device(logits):
-        _softmax_stats_bwd_kernel[(programs,)](
-            logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
-            grad_logprobs_arg, grad_logits,
-            vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
-            *_float32_pair(1.0 / temperature), *_center_temperature(temperature),
-            HAS_LOGPROB_GRAD=has_logprob_grad,
-            ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
-            BLOCK=block, num_warps=_tile_warps(block))
+    _softmax_stats_bwd_kernel[(programs,)](
+        logits, tokens_arg, entropy.contiguous(), lse.contiguous(), grad_entropy,
+        grad_logprobs_arg, grad_logits,
+        vocab, num_chunks, logits.stride(0), math.log2(math.e) / temperature,
+        *_float32_pair(1.0 / temperature), *_center_temperature(temperature),
+        HAS_LOGPROB_GRAD=has_logprob_grad,
+        ROUND_TO_BF16=logits.dtype == torch.bfloat16 and logits.device.type == "cpu",
+        BLOCK=block, num_warps=_tile_warps(block))
     return grad_logits

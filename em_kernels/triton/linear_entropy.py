@@ -66,7 +66,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import cdiv
+from . import cdiv, launches_on_tensor_device
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 # -127 ln 2: a shift z - m (nats) below it has exp(z - m) < 2^-127, which tl.exp2 flushes to 0 on
@@ -340,6 +340,7 @@ def _linear_entropy_dz_kernel(
                  dz.to(dz_ptr.dtype.element_ty), mask=inside)
 
 
+@launches_on_tensor_device
 def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, lse_center,
                       lse_offset, grad_entropy, grad_lse, grad_chosen, temperature,
                       grad_filter_eps, segment, dz, kept):
@@ -377,6 +378,7 @@ def linear_entropy_dz(hidden, weight_chunk, bias, vocab_start, tokens, entropy, 
     )
 
 
+@launches_on_tensor_device
 def linear_entropy_fwd(hidden, weight, bias, tokens, temperature):
     """Per-split row statistics, fp32 [4, num_splits, N]: (max, sum exp, sum exp * (z - max),
     chosen logit or 0), merged by the caller. hidden [N, H], weight [V, H], bias [V] or None,
