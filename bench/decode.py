@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
                    for name in chosen if providers[name]}
 
     # What "auto" (or the requested backend) runs at this batch and vocabulary.
-    backend = em_inf_backend(scores, args.backend)
+    backend = em_inf_backend(scores, args.backend, STEPS)
     device_name = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     try:
         import triton

@@ -21,6 +21,12 @@ _OPTIMIZERS = ("adam", "sgd")
 # The compiled kernels' bound on steps and max_iters (em/em_inf_checks.h), checked here for every
 # backend.
 MAX_STEPS = 2**30
+# The Triton kernel's bound on steps (em_kernels/triton/em_inf.py): its pass t replays t updates,
+# so a call costs steps^2 / 2 updates per entry (2000x the work of 5 steps at 256), and each
+# program holds the row's history as four vectors of next_power_of_2(steps) floats (8 registers
+# a thread each at 256 with 4 warps; Triton caps a vector at 2^20 entries). The CUDA and CPU
+# kernels are linear in steps.
+TRITON_MAX_STEPS = 256
 _EARLY_EXITS = ("row", "batch")
 
 
@@ -69,18 +75,27 @@ _ON_CHIP_SEGMENT = 2048
 _ON_CHIP_SEGMENTS_PER_SM = 4
 
 
-def em_inf_backend(logits: torch.Tensor, backend: str = "auto") -> str:
+def em_inf_backend(logits: torch.Tensor, backend: str = "auto", steps: int = 5) -> str:
     """The backend that em_inf_adjust runs for ``logits`` ((..., V), read for its device and
-    shape only) when asked for ``backend``: "auto" on CUDA picks by batch size (see above).
-    Raises BackendUnavailableError where an explicit backend cannot run."""
+    shape only) and ``steps`` when asked for ``backend``: "auto" on CUDA picks by batch size
+    (see above), and takes the CUDA kernel for more steps than the Triton one takes
+    (TRITON_MAX_STEPS). Raises BackendUnavailableError where an explicit
+    backend cannot run, ValueError where Triton would get too many steps."""
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
         device_index = logits.device.index
         if device_index is None:
             device_index = torch.cuda.current_device()
         vocab = int(logits.shape[-1])
         rows = logits.numel() // vocab if vocab else 0
-        backend = _em_inf_cuda_backend(device_index, rows, vocab)
-    return _resolve(backend, logits.device, "em_inf_adjust")
+        backend = ("cuda" if steps > TRITON_MAX_STEPS
+                   else _em_inf_cuda_backend(device_index, rows, vocab))
+    resolved = _resolve(backend, logits.device, "em_inf_adjust")
+    if resolved == "triton" and steps > TRITON_MAX_STEPS:
+        raise ValueError(
+            f"steps={steps}: the Triton EM-INF kernel takes at most {TRITON_MAX_STEPS} steps (it "
+            "replays every earlier step in each pass, so its cost grows as steps^2); pass "
+            'backend="cuda" (CUDA tensors, with the compiled extension) or "cpu" for more')
+    return resolved
 
 
 @torch.compiler.assume_constant_result
@@ -163,7 +178,7 @@ def em_inf_adjust(
     # detached, the output never requires grad, on every backend and under torch.compile.
     logits = logits.detach()
     rows = _checks.as_rows(logits)
-    backend = em_inf_backend(rows, backend)
+    backend = em_inf_backend(rows, backend, steps)
     run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
     adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
                    early_exit == "batch", backend)

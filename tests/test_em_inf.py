@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from conftest import assert_cuda_graph_replays_eager
+from conftest import assert_cuda_graph_replays_eager, runnable
 from oracle import assert_matches_oracle, max_abs_error, written_out
 from sm90 import run_lowering_script
 
@@ -451,6 +451,24 @@ BAD_TEMPERATURE = [
 def test_em_inf_bad_arguments(kwargs, error):
     with pytest.raises(error):
         em_kernels.em_inf_adjust(torch.randn(2, 10), **kwargs)
+
+
+def test_triton_refuses_more_steps_than_it_replays():
+    """The Triton kernel replays every earlier step in each pass (its cost grows as steps^2, and
+    its history vectors as steps): past TRITON_MAX_STEPS it says so and names the backends that
+    take more, instead of failing inside Triton; the linear CPU kernel takes them."""
+    from em_kernels.em_inf import TRITON_MAX_STEPS
+
+    logits = torch.randn(2, 10)
+    if runnable("triton", "cpu"):
+        with pytest.raises(ValueError, match=f"at most {TRITON_MAX_STEPS} steps.*backend=\"cuda\""):
+            em_kernels.em_inf_adjust(logits, steps=TRITON_MAX_STEPS + 1, backend="triton")
+    if runnable("cpu", "cpu"):
+        steps = TRITON_MAX_STEPS + 1
+        torch.testing.assert_close(
+            em_kernels.em_inf_adjust(logits, steps=steps, threshold=-math.inf, backend="cpu"),
+            reference.em_inf_adjust_ref(logits, steps=steps, threshold=-math.inf),
+            rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kwargs,error", BAD_TEMPERATURE)
