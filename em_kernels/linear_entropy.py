@@ -148,9 +148,11 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
         hidden, weight, bias, local_tokens, tokens_valid, entropy, lse = ctx.saved_tensors
         grad_lse = grad_chosen = None
         if local_tokens is not None and grad_logprobs is not None:
+            # log p = chosen - lse, and an id outside the vocabulary (unchecked where checking
+            # would sync) has no chosen logit: its row keeps the -p term, as unsharded.
             grad_chosen = torch.where(
                 tokens_valid, grad_logprobs, torch.zeros_like(grad_logprobs))
-            grad_lse = -grad_chosen
+            grad_lse = -grad_logprobs
         grad_hidden, grad_weight, grad_bias = backward_from_row_grads(
             hidden, weight, bias, local_tokens, entropy, lse, grad_entropy, grad_lse,
             grad_chosen, ctx.temperature, ctx.grad_filter_eps,

@@ -75,6 +75,7 @@ def _worker(rank, port, cases):
             _check_case(rank, backend, dtype)
             _check_loss_case(rank, backend, dtype)
             _check_token_on_masked_shard(rank, backend, dtype)
+            _check_unchecked_token_outside_vocabulary(rank, backend, dtype)
             if dtype == torch.float32 and backend != "torch":  # torch: plain float32 PyTorch
                 _check_confident_rows(rank, backend)
         # Before torch 2.8, gloo's group destructor held the GIL while it joined its worker
@@ -190,6 +191,44 @@ def _check_case(rank, backend, dtype):
         assert f"[0, {VOCAB})" in str(error)
     else:
         raise AssertionError("an id outside the global vocabulary was accepted")
+
+
+def _check_unchecked_token_outside_vocabulary(rank, backend, dtype):
+    """Where the range check would cost a device sync (CUDA, torch.compile) an id outside the
+    vocabulary is not refused: its log-prob is NaN, and its row's gradient keeps the log-prob's
+    -p term with no one-hot, sharded as unsharded (the check is switched off here to get
+    there on CPU)."""
+    hidden, weight, bias, tokens, grad_entropy, grad_logprobs = _problem(dtype)
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    tokens = tokens.clone()
+    tokens[[4, 7]] = torch.tensor([VOCAB + 3, -2])
+    logits = (hidden.double() @ weight.double().T + bias.double()).to(dtype)
+    check_token_range = em_kernels._checks.check_token_range
+    em_kernels._checks.check_token_range = lambda tokens, vocab: None
+    try:
+        full = _run(hidden, weight, bias, tokens, grad_entropy, grad_logprobs, backend, None,
+                    True)
+        sharded = _run(hidden, weight[shard], bias[shard], tokens, grad_entropy, grad_logprobs,
+                       backend, dist.group.WORLD, True)
+        full_logits = _logit_stats(logits, tokens, grad_entropy, grad_logprobs, backend, None)
+        sharded_logits = _logit_stats(logits[:, shard], tokens, grad_entropy, grad_logprobs,
+                                      backend, dist.group.WORLD)
+    finally:
+        em_kernels._checks.check_token_range = check_token_range
+    tolerance = _tolerance(dtype)
+    for out in (full[0], sharded[0]):
+        assert bool(out.logprobs[[4, 7]].isnan().all())
+        assert bool(out.logprobs.isnan().sum() == 2)
+    torch.testing.assert_close(sharded[0].logprobs, full[0].logprobs, equal_nan=True,
+                               rtol=1e-5, atol=1e-5)
+    for sharded_grad, full_grad in zip(sharded[1:], (full[1], full[2][shard], full[3][shard])):
+        torch.testing.assert_close(sharded_grad, full_grad, **tolerance)
+    assert bool(sharded_logits[1][[4, 7]].isnan().all())
+    torch.testing.assert_close(sharded_logits[2], full_logits[2][:, shard], **tolerance)
+    # and the rows' -p term is there: without it, d/dlogits of those rows would be the
+    # entropy's alone
+    entropy_only = _logit_stats(logits, None, grad_entropy, grad_logprobs, backend, None)[2]
+    assert not torch.allclose(full_logits[2][[4, 7]], entropy_only[[4, 7]])
 
 
 def _loss(hidden, weight, bias, tokens, entropy_weight, logprob_weight, backend, group):
