@@ -181,26 +181,55 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
                         "em_algos needs a causal LM with get_output_embeddings()")
+    # The fused ops apply weight and bias themselves, so a head that computes anything else (a
+    # LoRA adapter on lm_head, a quantized linear) would be scored and trained as its weight
+    # alone: right while the adapter is zero, when check_head_reproduces_logits looks, and
+    # silently wrong after.
+    extra = [name for name, _ in head.named_parameters() if name not in ("weight", "bias")]
+    if type(head).forward is not nn.Linear.forward or extra:
+        raise TypeError(
+            f"the LM head is a {type(head).__name__}"
+            + (f" with parameters {extra}" if extra else "")
+            + ", not a plain nn.Linear: the fused ops compute hidden @ weight^T + bias "
+            "themselves, so they cannot apply an adapter or a quantized weight; leave the LM "
+            "head out of LoRA's target modules (train it fully or freeze it)")
     return head
 
 
 # LM heads that check_head_reproduces_logits has accepted (weakly held: a head that is freed
-# leaves the set).
+# leaves the set): on this rank, and with every rank agreeing (in a collective call).
 _verified_heads: weakref.WeakSet = weakref.WeakSet()
+_verified_heads_on_every_rank: weakref.WeakSet = weakref.WeakSet()
 # Rows compared by that check: a transformation of the logits shows in any row.
 _HEAD_CHECK_ROWS = 4
 
 
+def runs_collectives(model: nn.Module) -> bool:
+    """Whether calling ``model`` is a collective step of a process group: a DDP wrapper, or a
+    model with FSDP2 (fully_shard) units, under an initialised group of several ranks. Then every
+    rank calls it in step, and em_algos may add collectives of its own; a plain module (a rank-0
+    evaluation of model.module, say) may be called on one rank alone."""
+    if not is_distributed():
+        return False
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return True
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in unwrap_model(model).modules())
+
+
 def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
-                                 logits_last: torch.Tensor) -> None:
+                                 logits_last: torch.Tensor, collective: bool) -> None:
     """After the model's forward: refuse a head whose weight is still sharded (a DTensor), and,
     the first time a head is seen, a model whose logits are not head(hidden), by comparing the
     model's own logits at the last position with the head applied to the hidden states there,
     on a few rows. The tolerance, 2% of a row's largest |logit|, is far above what another GEMM
     order or TF32 changes, and below any scaling of the logits that models use (Granite divides
-    by 4-16, FalconH1 multiplies by a learnt factor, ...). Under torch.distributed the ranks
-    agree on the verdict (one all-reduce), so that none goes on into a collective alone. Costs,
-    once per head: a (4, H) x (H, V) matmul and one host sync."""
+    by 4-16, FalconH1 multiplies by a learnt factor, ...). When ``collective`` (the model's call
+    is a collective step, `runs_collectives`) the ranks agree on the verdict (one all-reduce),
+    so that none goes on into the next collective alone; a head that this rank verified in a
+    local call is checked again then, so every rank takes part. Costs, once per head (and
+    once more collectively): a (4, H) x (H, V) matmul and one host sync."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(head.weight, DTensor):
@@ -210,7 +239,7 @@ def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
                          "em_algos reads the full weight then: shard the LM head with the root "
                          "module (fully_shard on the decoder layers and on the root only) and "
                          "keep the root's default resharding")
-    if head in _verified_heads:
+    if head in (_verified_heads_on_every_rank if collective else _verified_heads):
         return
     with torch.no_grad():
         rows = slice(0, _HEAD_CHECK_ROWS)
@@ -218,13 +247,15 @@ def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,
                                         getattr(head, "bias", None)).float()
         tolerance = 0.02 * expected.abs().amax(-1, keepdim=True)
         mismatch = ((logits_last[rows].float() - expected).abs() > tolerance).any().int()
-        if is_distributed():
+        if collective:
             dist.all_reduce(mismatch, op=dist.ReduceOp.MAX)
     if bool(mismatch):
         raise ValueError("the model's logits are not its LM head applied to its final hidden "
                          "states (it scales, caps or otherwise transforms them), which "
                          "the fused ops assume; em_algos cannot score this model")
     _verified_heads.add(head)
+    if collective:
+        _verified_heads_on_every_rank.add(head)
 
 
 def input_vocab_size(model: nn.Module) -> int | None:
@@ -349,7 +380,8 @@ def response_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     check_sequence_batch(input_ids, attention_mask, response_mask,
                          vocab_size=input_vocab_size(model))
     hidden, last_logits = _final_hidden_states(model, input_ids, attention_mask)
-    check_head_reproduces_logits(head, hidden[:, -1].detach(), last_logits.detach())
+    check_head_reproduces_logits(head, hidden[:, -1].detach(), last_logits.detach(),
+                                 collective=runs_collectives(model))
     predicting = response_mask[:, 1:].bool()
     return ResponseRows(hidden[:, :-1][predicting], input_ids[:, 1:][predicting],
                         predicting.nonzero()[:, 0], head, input_ids.shape[0])

@@ -39,6 +39,43 @@ def test_a_head_that_does_not_reproduce_the_logits_is_refused(factor, refused):
         em_ft_loss(model, *batch)
 
 
+class _LoraHead(torch.nn.Linear):
+    """A LoRA adapter on the LM head, as PEFT builds one: weight + B A, B zero at the start."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__(base.in_features, base.out_features, bias=False)
+        self.weight = base.weight
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, base.in_features))
+        self.lora_b = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, hidden):
+        return super().forward(hidden) + hidden @ self.lora_a.T @ self.lora_b.T
+
+
+class _ScaledHead(torch.nn.Linear):
+    def forward(self, hidden):
+        return 2 * super().forward(hidden)
+
+
+@pytest.mark.parametrize("head_type", [_LoraHead, _ScaledHead])
+def test_a_head_that_is_not_a_plain_linear_is_refused(head_type):
+    """The fused ops apply weight and bias themselves. A LoRA head matches its weight while B is
+    zero, so the logit check alone would pass it and then score and train the weight alone as B
+    moves; any head that is not nn.Linear's forward on weight and bias is refused up front."""
+    model = tiny_causal_lm(seed=1, family="llama")
+    base = model.get_output_embeddings()
+    if head_type is _LoraHead:
+        head = _LoraHead(base)
+    else:
+        head = _ScaledHead(base.in_features, base.out_features, bias=False)
+        head.weight = base.weight
+    model.set_output_embeddings(head)
+    batch = random_batch(torch.Generator().manual_seed(0), 2, 3, 4)
+    for score in (em_ft_loss, sequence_reward):
+        with pytest.raises(TypeError, match="not a plain nn.Linear"):
+            score(model, *batch)
+
+
 @pytest.mark.parametrize("attribute", ["logits_scaling", "lm_head_multiplier",
                                        "final_logit_softcapping"])
 def test_configs_that_transform_logits_are_refused(attribute):

@@ -49,14 +49,15 @@ def _wrap(model, mode, head_unit=False):
     return fully_shard(model, mesh=mesh)
 
 
-def _save_refusal(model, path: str) -> None:
-    """Save what em_ft_loss says of the model on one batch: its ValueError's text, or None."""
+def _save_refusal(model, path: str, score=None) -> None:
+    """Save what ``score`` (em_ft_loss by default) says of the model on one batch: its
+    ValueError's text, or None."""
     from algos_support import random_batch
 
     from em_algos import em_ft_loss
 
     try:
-        em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
+        (score or em_ft_loss)(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
         refusal = None
     except ValueError as error:
         refusal = str(error)
@@ -94,12 +95,25 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         if FSDP2_ON_CPU:
             model = _wrap(tiny_causal_lm(seed=0, family="llama"), "fsdp2", head_unit=True)
             _save_refusal(model, os.path.join(out_dir, f"head-unit-rank{rank}.pt"))
-        # A head whose logits only rank 1 sees transformed: every rank must refuse the model
-        # (the ranks agree on the verdict), not rank 0 go on into the next collective alone.
+        # A head whose logits only rank 1 sees transformed, in a DDP model (its calls are
+        # collective steps): every rank must refuse the model (the ranks agree on the verdict),
+        # not rank 0 go on into the next collective alone.
         model = tiny_causal_lm(seed=1, family="llama")
         if rank == 1:
             model.get_output_embeddings().register_forward_hook(lambda m, a, out: out * 2)
-        _save_refusal(model, os.path.join(out_dir, f"head-check-rank{rank}.pt"))
+        _save_refusal(torch.nn.parallel.DistributedDataParallel(model),
+                      os.path.join(out_dir, f"head-check-rank{rank}.pt"))
+        # Rank 0 alone scores the plain model (an evaluation on the main process): a local
+        # call, which must not wait for rank 1 in a collective. Then both ranks score it through
+        # DDP: rank 0, which has checked this head before, must still join the check's
+        # all-reduce (else rank 1's pairs with DDP's next collective, or hangs).
+        from em_algos import sequence_reward
+
+        model = tiny_causal_lm(seed=2, family="llama")
+        if rank == 0:
+            _save_refusal(model, os.path.join(out_dir, "rank0-alone.pt"), sequence_reward)
+        _save_refusal(torch.nn.parallel.DistributedDataParallel(model),
+                      os.path.join(out_dir, f"after-rank0-alone-rank{rank}.pt"), sequence_reward)
         # Let go of the wrapped models (FSDP2's hold the group through their device mesh) and
         # wait for the other rank before the group goes. Without this, one worker in about 9
         # aborted after all its Python had run ("terminate called without an active
@@ -162,3 +176,11 @@ def test_the_ranks_agree_on_the_head_check(results):
     for rank in range(WORLD_SIZE):
         refusal = _load(results, "head-check", rank)["refusal"]
         assert refusal is not None and "not its LM head applied" in refusal
+
+
+def test_one_rank_may_score_alone(results):
+    """A plain model scored on rank 0 alone, then the DDP model on both ranks: neither call
+    hangs in the head check's all-reduce (the worker would time out), and both score."""
+    assert torch.load(results / "rank0-alone.pt")["refusal"] is None
+    for rank in range(WORLD_SIZE):
+        assert _load(results, "after-rank0-alone", rank)["refusal"] is None
