@@ -24,8 +24,10 @@ MAX_STEPS = 2**30
 # The Triton kernel's bound on steps (em_kernels/triton/em_inf.py): its pass t replays t updates,
 # so a call costs steps^2 / 2 updates per entry (2000x the work of 5 steps at 256), and each
 # program holds the row's history as four vectors of next_power_of_2(steps) floats (8 registers
-# a thread each at 256 with 4 warps; Triton caps a vector at 2^20 entries). The CUDA and CPU
-# kernels are linear in steps.
+# a thread each at 256 with 4 warps; Triton caps a vector at 2^20 entries). The CUDA kernel keeps
+# its history in memory, so it takes any count: linear in steps while the batch fits on chip
+# (below), and replaying as Triton does beyond. The CPU kernel is linear in steps. The paper
+# runs 3-5 steps.
 TRITON_MAX_STEPS = 256
 _EARLY_EXITS = ("row", "batch")
 
@@ -94,7 +96,8 @@ def em_inf_backend(logits: torch.Tensor, backend: str = "auto", steps: int = 5) 
         raise ValueError(
             f"steps={steps}: the Triton EM-INF kernel takes at most {TRITON_MAX_STEPS} steps (it "
             "replays every earlier step in each pass, so its cost grows as steps^2); pass "
-            'backend="cuda" (CUDA tensors, with the compiled extension) or "cpu" for more')
+            'backend="cuda" (CUDA tensors, with the compiled extension; it replays too once '
+            'the batch outgrows the chip) or "cpu" for more')
     return resolved
 
 
@@ -160,7 +163,10 @@ def em_inf_adjust(
         early_exit: "row": every row is its own problem and stops on its own entropy (a row's
             result does not depend on the batch). "batch": the released code exactly, one loss
             over the rows of (..., V) flattened: the entropies summed, the KLs averaged
-            ("batchmean"), every row stopping when the summed entropy is below threshold.
+            ("batchmean"), every row stopping when the summed entropy is below threshold. So
+            there, as in the released code, a row with NaN or no finite logit (a padding row)
+            makes the sum NaN: no row exits early, and it counts in the KL's mean. Drop such
+            rows first, or use "row".
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:
