@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import os
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -320,21 +321,30 @@ class ResponseTokens:
     entropy: (N) float32, of the distribution that predicted the token.
     logprobs: (N) float32 log-probability of the token, or None when not asked for.
     sequence: (N) int64, the sequence (batch row) the token belongs to.
-    batch_size: B, for per-sequence reductions.
+    predicting: (B, T - 1) bool, the positions whose distributions these are (N of them).
     """
 
     entropy: torch.Tensor
     logprobs: torch.Tensor | None
     sequence: torch.Tensor
-    batch_size: int
+    predicting: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.predicting.shape[0]
 
     def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
-        """(N) per-token values -> (B) sums per sequence (0 for a sequence with no tokens)."""
-        sums = torch.zeros(self.batch_size, dtype=values.dtype, device=values.device)
-        return sums.index_add(0, self.sequence, values)
+        """(N) per-token values -> (B) sums per sequence (0 for a sequence with no tokens).
+
+        Each value is placed at its position of a zero (B, T - 1) tensor and the rows are summed:
+        a fixed order, so identical responses get bitwise equal sums on every run (index_add
+        sums with atomics on CUDA, whose order varies: rewards one ulp apart, which GRPO's
+        division by a zero spread would blow up into an advantage)."""
+        placed = torch.zeros(self.predicting.shape, dtype=values.dtype, device=values.device)
+        return placed.masked_scatter(self.predicting, values).sum(-1)
 
     def tokens_per_sequence(self) -> torch.Tensor:
-        return self.per_sequence_sum(torch.ones_like(self.entropy))
+        return self.predicting.sum(-1, dtype=self.entropy.dtype)
 
     def per_sequence_mean(self, values: torch.Tensor) -> torch.Tensor:
         """(B) means per sequence; 0 for a sequence with no response tokens."""
@@ -349,14 +359,18 @@ class ResponseRows:
     tokens: (N) int64, the response tokens, in row-major order of the (B, T) batch.
     sequence: (N) int64, the sequence (batch row) each token belongs to.
     head: the LM head (an nn.Linear-like module with weight (V, H) and maybe a bias).
-    batch_size: B.
+    predicting: (B, T - 1) bool, the positions that predicted the tokens.
     """
 
     hidden: torch.Tensor
     tokens: torch.Tensor
     sequence: torch.Tensor
     head: nn.Module
-    batch_size: int
+    predicting: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.predicting.shape[0]
 
     @property
     def head_bias(self) -> torch.Tensor | None:
@@ -384,7 +398,7 @@ def response_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
                                  collective=runs_collectives(model))
     predicting = response_mask[:, 1:].bool()
     return ResponseRows(hidden[:, :-1][predicting], input_ids[:, 1:][predicting],
-                        predicting.nonzero()[:, 0], head, input_ids.shape[0])
+                        predicting.nonzero()[:, 0], head, predicting)
 
 
 def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
@@ -401,7 +415,7 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
             rows.hidden, rows.head.weight, bias=rows.head_bias,
             tokens=rows.tokens if with_logprobs else None, entropy_weight=0.0,
             temperature=temperature)
-    return ResponseTokens(result.entropy, result.logprobs, rows.sequence, rows.batch_size)
+    return ResponseTokens(result.entropy, result.logprobs, rows.sequence, rows.predicting)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -543,10 +557,21 @@ def trainer_optimizer(model: nn.Module, optimizer, lr: float,
                       weight_decay: float) -> torch.optim.Optimizer:
     """``optimizer`` if given (anything with step() and zero_grad(), such as a
     torch.optim.Optimizer or a wrapper of one; checked before any rollout is spent on it), else
-    AdamW(lr, weight_decay) over the model's trainable parameters."""
+    AdamW(lr, weight_decay) over the model's trainable parameters, with a warning when some of
+    them are 16-bit: AdamW then updates them in place in their dtype, and a step of ~lr (1e-6,
+    verl's and the paper's) is far below bf16's spacing at a weight's size (~1e-4 at 0.02), so
+    most weights round back to where they were and the model barely trains."""
     if optimizer is None:
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                 weight_decay=weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        low_precision = sorted({str(p.dtype) for p in trainable
+                                if p.dtype in (torch.bfloat16, torch.float16)})
+        if low_precision:
+            warnings.warn(
+                f"the default AdamW will update {'/'.join(low_precision)} parameters in place, "
+                f"where steps of lr={lr:g} mostly round away: load the model in float32 (and "
+                "compute in bf16 with torch.autocast, or FSDP2's MixedPrecisionPolicy), or "
+                "pass an optimizer that keeps float32 master weights", stacklevel=3)
+        return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
     if not all(callable(getattr(optimizer, name, None)) for name in ("step", "zero_grad")):
         raise TypeError(f"optimizer must be an optimizer over the model's parameters, with step() "
                         f"and zero_grad() (a torch.optim.Optimizer or a wrapper of one), or None "
