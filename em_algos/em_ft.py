@@ -51,11 +51,13 @@ def _divisor(normalize: str, batch_size: int, token_count: int) -> int:
 
 
 def _entropy_loss(model: nn.Module, batch, normalize: str, reference_logprobs=None,
-                  kl_coef: float = 0.0) -> em_kernels.LinearEntropyLoss:
+                  kl_coef: float = 0.0, num_items: int | None = None
+                  ) -> em_kernels.LinearEntropyLoss:
     """The loss, gradients in its forward: linear_entropy_loss without a KL term; with one,
-    linear_policy_loss with zero advantages, which leaves the entropy plus kl_coef times k3."""
+    linear_policy_loss with zero advantages, which leaves the entropy plus kl_coef times k3.
+    num_items, when given, replaces the batch's own divisor (`_divisor`)."""
     rows = response_rows(model, *batch)
-    weight = 1.0 / _divisor(normalize, rows.batch_size, rows.hidden.shape[0])
+    weight = 1.0 / (num_items or _divisor(normalize, rows.batch_size, rows.hidden.shape[0]))
     if reference_logprobs is None:
         return em_kernels.linear_entropy_loss(rows.hidden, rows.head.weight, bias=rows.head_bias,
                                               entropy_weight=weight)
@@ -66,7 +68,8 @@ def _entropy_loss(model: nn.Module, batch, normalize: str, reference_logprobs=No
 
 
 def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               response_mask: torch.Tensor, *, normalize: str = "sequence") -> torch.Tensor:
+               response_mask: torch.Tensor, *, normalize: str = "sequence",
+               num_items: int | None = None) -> torch.Tensor:
     """The token-level entropy of the responses, differentiable w.r.t. the model.
 
     Args:
@@ -77,6 +80,12 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
             is that of the distribution that predicted it (position t - 1).
         normalize: "sequence" (sum over a response's tokens, mean over the B sequences; the
             paper's Eq. 2) or "token" (mean over all response tokens of the batch).
+        num_items: what to divide the summed entropy by in place of this batch's own count (B
+            sequences, or its response tokens): with gradient accumulation, the count over all
+            the micro-batches of one optimiser step (on this rank: DDP and FSDP average the
+            ranks' gradients), so that the accumulated loss is the whole batch's mean. A token
+            mean of micro-batch means would weight a short micro-batch's tokens more. None:
+            this batch's count.
 
     Returns:
         A float32 scalar. An empty response contributes 0. Its gradients are computed in the
@@ -87,7 +96,10 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     other train-mode randomness) applies. EMFTTrainer calls it in `scoring_mode`.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
-    return _entropy_loss(model, (input_ids, attention_mask, response_mask), normalize).loss
+    if num_items is not None:
+        check_positive("num_items", num_items, integer=True)
+    return _entropy_loss(model, (input_ids, attention_mask, response_mask), normalize,
+                         num_items=num_items).loss
 
 
 class EMFTTrainer:

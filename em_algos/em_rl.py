@@ -220,13 +220,17 @@ class EMRLTrainer:
     def _policy_loss(self, batch, old_logprobs, ref_logprobs, advantages):
         """PPO-clip + beta * k3 - entropy_coeff * H over the response tokens of one minibatch,
         token-mean, from `em_kernels.linear_policy_loss` (gradients in its forward: three
-        matmuls on the LM head). Returns the loss, and the mean k3 and clip fraction for the
-        log."""
+        matmuls on the LM head). Returns the loss, and for the log the mean k3 and the clip
+        fraction: the fraction of tokens whose clipped term is the one the loss takes (its
+        surrogate -A clip(rho) above -A rho), as verl's pg_clipfrac and TRL's clip ratio count
+        it; a ratio outside the range on the side where the min keeps it unclipped does not
+        count."""
         rows = response_rows(self.model, *batch)
         count = max(rows.hidden.shape[0], 1)
+        token_advantages = advantages[rows.sequence]
         out = em_kernels.linear_policy_loss(
             rows.hidden, rows.head.weight, bias=rows.head_bias, tokens=rows.tokens,
-            advantages=advantages[rows.sequence], old_logprobs=old_logprobs,
+            advantages=token_advantages, old_logprobs=old_logprobs,
             ref_logprobs=ref_logprobs, clip_range=self.clip_range,
             kl_weight=self.beta if ref_logprobs is not None else 0.0, token_weight=1.0 / count,
             entropy_weight=-self.entropy_coeff / count if self.entropy_coeff else None,
@@ -235,7 +239,8 @@ class EMRLTrainer:
         clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
         kl = (k3_kl(out.logprobs, ref_logprobs) if ref_logprobs is not None
               else torch.zeros_like(ratio))
-        clip_fraction = ((ratio - clipped).abs() > 0).float().sum() / count
+        clipping = -token_advantages * clipped > -token_advantages * ratio
+        clip_fraction = clipping.float().sum() / count
         return out.loss, kl.sum() / count, clip_fraction
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:

@@ -116,10 +116,37 @@ def test_missing_response_mask_empty_batch_and_unknown_ids_raise(qwen):
         em_ft_loss(qwen, ids - ids - 1, att, resp)
 
 
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_accumulated_micro_batches_with_num_items_give_the_whole_batch(normalize):
+    """Gradient accumulation: two micro-batches of unequal sizes and token counts, each divided
+    by the whole batch's count (num_items), add up to the whole batch's loss and gradient."""
+    model = tiny_causal_lm(seed=1, family="llama")
+    inputs = random_batch(torch.Generator().manual_seed(13), 5, 4, 6)
+    inputs[2][0, 4:] = True  # a long first response, so the two halves' token counts differ
+    inputs[1][0, 4:] = True
+    whole = em_ft_loss(model, *inputs, normalize=normalize)
+    whole.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    halves = [tuple(tensor[rows] for tensor in inputs) for rows in (slice(0, 2), slice(2, 5))]
+    count = 5 if normalize == "sequence" else int(inputs[2][:, 1:].sum())
+    accumulated = 0.0
+    for half in halves:
+        loss = em_ft_loss(model, *half, normalize=normalize, num_items=count)
+        loss.backward()
+        accumulated += loss.detach()
+    torch.testing.assert_close(accumulated, whole.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_bad_normalize_raises(qwen):
     inputs = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
     with pytest.raises(ValueError, match="normalize"):
         em_ft_loss(qwen, *inputs, normalize="batch")
+    for bad, error in ((0, ValueError), (2.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="num_items"):
+            em_ft_loss(qwen, *inputs, num_items=bad)
 
 
 def _prompts(seed, batch=8, length=4):
