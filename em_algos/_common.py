@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
+import math
 import os
 import warnings
 import weakref
@@ -690,14 +691,21 @@ def scoring_mode(model: nn.Module):
 
 
 def clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                  max_grad_norm: float | None) -> torch.Tensor:
-    """backward, clip the global gradient norm (DTensor-aware under FSDP2), one optimiser step."""
+                  max_grad_norm: float | None) -> float:
+    """backward, the global gradient norm (DTensor-aware under FSDP2; clipped to max_grad_norm
+    unless None), then one optimiser step, skipped when the norm is not finite (an inf or NaN
+    gradient would corrupt the weights and the optimiser's moments for good; every rank sees
+    the same reduced norm, so all skip together). Returns the norm before clipping."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parameters = [p for p in model.parameters() if p.grad is not None]
-    if max_grad_norm is not None and parameters:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    if not parameters:
+        optimizer.step()
+        return 0.0
+    limit = math.inf if max_grad_norm is None else max_grad_norm
+    norm = float(torch.nn.utils.clip_grad_norm_(parameters, limit))
+    if math.isfinite(norm):
+        optimizer.step()
     else:
-        norm = torch.zeros(())
-    optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return norm

@@ -175,7 +175,8 @@ class EMFTTrainer:
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
         """Sample, then one optimiser step, in `scoring_mode`. Returns loss, mean token entropy,
-        kl, grad_norm."""
+        kl, and grad_norm, the gradient norm before clipping (the step is skipped when it is
+        not finite)."""
         with scoring_mode(self.model):
             return self._step(prompt_ids, prompt_mask)
 
@@ -200,7 +201,7 @@ class EMFTTrainer:
         save_if_due(self.model, self.save_dir, self.save_every, self.global_step)
         return {"loss": float(loss.detach()), "kl": float(kl.detach()),
                 "entropy": float(entropy.mean()) if entropy.numel() else 0.0,
-                "grad_norm": float(grad_norm), "response_tokens": entropy.numel()}
+                "grad_norm": grad_norm, "response_tokens": entropy.numel()}
 
     def train(self, prompt_batches, num_steps: int | None = None) -> list[dict[str, float]]:
         """One step per batch of prompts (dicts with input_ids and attention_mask, or pairs),

@@ -20,6 +20,8 @@ four.
 
 from __future__ import annotations
 
+import math
+
 import os
 
 import torch
@@ -65,29 +67,34 @@ def _rewards_from(tokens, kind: str, reduce: str) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
+                    response_mask: torch.Tensor, *, reduce: str = "mean",
+                    temperature: float = 1.0) -> torch.Tensor:
     """Trajectory-level confidence of each response: its token log-probs' mean (reduce="mean",
     the released code) or sum (reduce="sum", the paper's Eq. 3). (B) float32, no gradient; an
     empty response gets 0. Batch layout as in em_ft_loss. The model is scored in `scoring_mode`
     (no dropout or other train-mode randomness: the same batch always gets the same rewards),
-    its modules' modes restored after."""
+    its modules' modes restored after. ``temperature``: the distribution softmax(logits / T)
+    that is scored (EMRLTrainer scores its rewards at its sampling temperature)."""
     check_choice("reduce", reduce, REDUCTIONS)
+    check_positive("temperature", temperature)
     with scoring_mode(model):
         tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
-                                      with_logprobs=True)
+                                      with_logprobs=True, temperature=temperature)
     return _rewards_from(tokens, "sequence", reduce)
 
 
 @torch.no_grad()
 def token_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 response_mask: torch.Tensor, *, reduce: str = "mean") -> torch.Tensor:
+                 response_mask: torch.Tensor, *, reduce: str = "mean",
+                 temperature: float = 1.0) -> torch.Tensor:
     """Minus the token entropy of each response: its mean (reduce="mean") or sum (reduce="sum",
     the paper's Eq. 4). (B) float32, no gradient; an empty response gets 0. Scored in
-    `scoring_mode`, as sequence_reward."""
+    `scoring_mode`, at ``temperature``, as sequence_reward."""
     check_choice("reduce", reduce, REDUCTIONS)
+    check_positive("temperature", temperature)
     with scoring_mode(model):
         tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
-                                      with_logprobs=False)
+                                      with_logprobs=False, temperature=temperature)
     return _rewards_from(tokens, "token", reduce)
 
 
@@ -245,7 +252,9 @@ class EMRLTrainer:
 
     def step(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> dict[str, float]:
         """Roll out, score, then the PPO updates, in `scoring_mode` (the first update's ratio is
-        then exactly 1). Returns mean reward, loss, kl, entropy, ..."""
+        then exactly 1). Returns mean reward, loss, kl, entropy, clip fraction, the largest
+        gradient norm (before clipping) of the step's updates, and how many updates were skipped
+        for a gradient norm that was not finite."""
         with scoring_mode(self.model):
             return self._step(prompt_ids, prompt_mask)
 
@@ -270,7 +279,7 @@ class EMRLTrainer:
 
         size = rollout.input_ids.shape[0]
         minibatch = self.minibatch_size or size
-        losses, kls, clip_fractions = [], [], []
+        losses, kls, clip_fractions, grad_norms = [], [], [], []
         for _ in range(self.ppo_epochs):
             for start in range(0, size, minibatch):
                 rows = slice(start, start + minibatch)
@@ -279,7 +288,8 @@ class EMRLTrainer:
                     tuple(tensor[rows] for tensor in batch), old.logprobs[selected],
                     None if reference is None else reference.logprobs[selected],
                     advantages[rows])
-                clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm)
+                grad_norms.append(
+                    clip_and_step(self.model, self.optimizer, loss, self.max_grad_norm))
                 losses.append(loss.detach())
                 kls.append(kl)
                 clip_fractions.append(clip_fraction)
@@ -288,6 +298,8 @@ class EMRLTrainer:
         entropy = old.entropy
         return {"loss": float(torch.stack(losses).mean()), "kl": float(torch.stack(kls).mean()),
                 "clip_fraction": float(torch.stack(clip_fractions).mean()),
+                "grad_norm": max(grad_norms),
+                "skipped_updates": sum(not math.isfinite(norm) for norm in grad_norms),
                 "reward": float(rewards.mean()),
                 "entropy": float(entropy.mean()) if entropy.numel() else 0.0,
                 "response_tokens": entropy.numel()}

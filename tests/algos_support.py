@@ -57,10 +57,12 @@ def full_logits(model, input_ids, attention_mask, dtype=torch.float64):
     return logits
 
 
-def per_token_reference(model, input_ids, attention_mask, response_mask, dtype=torch.float64):
-    """(entropy, logprob) of every position's prediction of the next token, (B, T - 1) each, and
-    the (B, T - 1) mask of those that predict a response token."""
-    logits = full_logits(model, input_ids, attention_mask, dtype)[:, :-1]
+def per_token_reference(model, input_ids, attention_mask, response_mask, dtype=torch.float64,
+                        temperature=1.0):
+    """(entropy, logprob) of every position's prediction of the next token under
+    softmax(logits / temperature), (B, T - 1) each, and the (B, T - 1) mask of those that
+    predict a response token."""
+    logits = full_logits(model, input_ids, attention_mask, dtype)[:, :-1] / temperature
     logp = torch.log_softmax(logits, -1)
     entropy = -(logp.exp() * logp).sum(-1)
     logprob = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)

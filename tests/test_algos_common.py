@@ -8,6 +8,7 @@ a user's reference model's), gradient checkpointing kept, every module's mode re
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -497,3 +498,26 @@ def test_the_default_optimizer_warns_on_16_bit_parameters(trainer_type, recwarn)
     assert not [w for w in recwarn if "round away" in str(w.message)]
     with pytest.warns(UserWarning, match=r"torch.bfloat16 parameters in place.*round away"):
         trainer_type(model, **common)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5])
+def test_clip_and_step_reports_the_norm_and_skips_a_non_finite_one(max_grad_norm):
+    """The norm before clipping is reported with or without clipping; a NaN or inf gradient
+    leaves the weights (and the optimiser's state) as they were instead of poisoning them."""
+    from em_algos._common import clip_and_step
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    inputs = torch.tensor([[3.0, -4.0, 0.0]])
+    before = [p.detach().clone() for p in model.parameters()]
+    norm = clip_and_step(model, optimizer, model(inputs).sum(), max_grad_norm)
+    # d/dweight: a row [3, -4, 0] per output (norm 5 each); d/dbias: [1, 1]
+    assert norm == pytest.approx(math.sqrt(2 * 25 + 2), rel=1e-6)
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for bad in (math.nan, math.inf):
+        before = [p.detach().clone() for p in model.parameters()]
+        state = copy.deepcopy(optimizer.state_dict())
+        norm = clip_and_step(model, optimizer, model(inputs).sum() * bad, max_grad_norm)
+        assert not math.isfinite(norm)
+        assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert str(optimizer.state_dict()) == str(state)

@@ -26,8 +26,9 @@ def llama():
     return tiny_causal_lm(seed=0, family="llama")
 
 
-def reference_rewards(model, batch, kind, reduce, dtype):
-    entropy, logprob, predicts_response = per_token_reference(model, *batch, dtype=dtype)
+def reference_rewards(model, batch, kind, reduce, dtype, temperature=1.0):
+    entropy, logprob, predicts_response = per_token_reference(model, *batch, dtype=dtype,
+                                                              temperature=temperature)
     values = logprob if kind == "sequence" else -entropy
     sums = (values * predicts_response).sum(-1)
     if reduce == "sum":
@@ -37,16 +38,17 @@ def reference_rewards(model, batch, kind, reduce, dtype):
 
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 5), prompt=st.integers(1, 5),
        response=st.integers(0, 6), kind=st.sampled_from(["sequence", "token"]),
-       reduce=st.sampled_from(["mean", "sum"]))
-def test_rewards_match_full_logit_reference(llama, seed, batch, prompt, response, kind, reduce):
+       reduce=st.sampled_from(["mean", "sum"]), temperature=st.sampled_from([1.0, 0.6]))
+def test_rewards_match_full_logit_reference(llama, seed, batch, prompt, response, kind, reduce,
+                                            temperature):
     inputs = random_batch(torch.Generator().manual_seed(seed), batch, prompt, response)
     reward_fn = sequence_reward if kind == "sequence" else token_reward
-    rewards = reward_fn(llama, *inputs, reduce=reduce)
+    rewards = reward_fn(llama, *inputs, reduce=reduce, temperature=temperature)
     assert rewards.shape == (batch,) and rewards.dtype == torch.float32
     assert not rewards.requires_grad
     with torch.no_grad():
-        oracle = reference_rewards(llama, inputs, kind, reduce, torch.float64)
-        baseline = reference_rewards(llama, inputs, kind, reduce, torch.float32)
+        oracle = reference_rewards(llama, inputs, kind, reduce, torch.float64, temperature)
+        baseline = reference_rewards(llama, inputs, kind, reduce, torch.float32, temperature)
     # A few fp32 ulps of the reward itself, as in test_em_ft: summed over a response it reaches
     # ~19 (ulp 1.9e-6), and a summation order other than plain PyTorch's may round it one ulp
     # away (seed 32000, batch 1, prompt 1, response 6, token sum: 2.0e-6, 2026-11-28).
