@@ -1,5 +1,5 @@
 """Argument checks shared by the public functions (errors a user can act on, no host syncs), and
-the one input normalisation they share, `as_rows`.
+the input normalisations they share, `as_rows` and `RowLayout`.
 
 Every check here reads only metadata (dtype, shape, device), except `check_token_range`, which
 reads token values on CPU tensors only (where it costs no device sync; never on meta, fake or
@@ -181,3 +181,113 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
     if rows.stride(-1) != 1 and rows.shape[-1] != 1:
         rows = rows.contiguous()
     return rows
+
+
+# RowLayout reads a few rows more than asked rather than copy the logits: at most this fraction
+# of the rows asked for (logits[:, :-1] of a (B, T, V) batch reads B - 1 more, 1/(T-1) of them;
+# a superset 25% larger still moves fewer bytes than the copy's read and write).
+MAX_EXTRA_ROWS = 0.25
+
+
+class RowLayout:
+    """logits (..., V) as the 2-D rows (M, V) the kernels take, without a copy where a few more
+    rows allow it.
+
+    When the leading dims do not merge into one row stride, reshape copies every row: the whole
+    (N, V) logits (2.5 GB in bf16 at 8192 x 151936), a read and a write before the op's own read,
+    and kept alive until the backward, which needs the rows. That is the common case of
+    `logits[:, :-1]` (the positions that predict a next token) or a response slice
+    `logits[:, -R - 1:-1]` of a (B, T, V) batch. There, the rows the view selects lie on a
+    lattice: every leading stride is a multiple of the smallest one, s, and the view is a subset
+    of the M rows start + m * s, m in [0, M) (all of them, in another order, for transposed
+    leading dims). The kernels then run on those M rows, a strided
+    view of the same memory (each row's result depends on its row alone, so the extra rows cost
+    their read and nothing else), and `results` picks the N asked for. Used when the view's rows
+    do not overlap (s >= V, lattice positions distinct) and M - N <= MAX_EXTRA_ROWS * N; else
+    `as_rows`, as before.
+
+    Eager tensors only (not under torch.compile, vmap, or on fake or meta tensors): there the
+    plain reshape stays, and the compiler sees what it always did. The backward hands the
+    logits the (M, V) gradient as a strided view of the N rows they own (`_LatticeRows`): no
+    copy of ours (torch's generic as_strided backward would add one, and a zeroed buffer of the
+    logits' extent), so the copy the reshape cost in the forward is simply gone, and with it
+    the second copy of the logits that the forward held until the backward.
+    """
+
+    def __init__(self, logits: torch.Tensor):
+        self.leading = logits.shape[:-1]
+        self.count = math.prod(self.leading)
+        lattice = _row_lattice(logits) if _eager_tensor(logits) else None
+        if lattice is None:
+            self.rows, self.lattice_strides = as_rows(logits), None
+        else:
+            total, row_stride, self.lattice_strides = lattice
+            self.rows = _LatticeRows.apply(logits, total, row_stride, self.lattice_strides)
+
+    def results(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-row result of the kernels, (M,), as the leading shape (...)."""
+        if self.lattice_strides is None:
+            return values.reshape(self.leading)
+        return values.as_strided(self.leading, self.lattice_strides).contiguous()
+
+    def row_values(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row inputs of the leading shape (tokens) as the kernels' (M,) rows (zeros on the
+        rows that only fill the lattice)."""
+        if self.lattice_strides is None:
+            return values.reshape(self.rows.shape[0]).contiguous()
+        placed = values.new_zeros(self.rows.shape[0])
+        placed.as_strided(self.leading, self.lattice_strides).copy_(values)
+        return placed
+
+
+class _LatticeRows(torch.autograd.Function):
+    """logits (..., V) -> the (M, V) rows of stride s that hold them (RowLayout), as a view. The
+    gradient of those rows, (M, V), goes back as the strided view of its rows that the logits
+    own (row m at m * V): no copy."""
+
+    @staticmethod
+    def forward(ctx, logits, total, row_stride, lattice_strides):
+        ctx.shape, ctx.lattice_strides = logits.shape, lattice_strides
+        return logits.as_strided((total, logits.shape[-1]), (row_stride, 1))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        grad_rows = grad_rows.contiguous()
+        vocab = ctx.shape[-1]
+        strides = [step * vocab for step in ctx.lattice_strides] + [1]
+        return grad_rows.as_strided(ctx.shape, strides, grad_rows.storage_offset()), None, None, None
+
+
+def _eager_tensor(tensor: torch.Tensor) -> bool:
+    return (not torch.compiler.is_compiling() and tensor.device.type in ("cpu", "cuda")
+            and not isinstance(tensor, torch._subclasses.FakeTensor)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def _row_lattice(logits: torch.Tensor) -> tuple[int, int, list[int]] | None:
+    """(M, s, the leading dims' strides in rows of s) when the leading dims do not merge into
+    one row stride (reshape would copy) but logits' rows are N of the M rows start + m * s
+    (RowLayout), with M <= (1 + MAX_EXTRA_ROWS) N (M = N: the rows in another order, as
+    transposed leading dims give them); else None."""
+    vocab = logits.shape[-1]
+    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
+            if size > 1]
+    if len(dims) < 2 or logits.stride(-1) != 1 or vocab < 1:
+        return None
+    if all(outer_stride == inner_stride * inner_size
+           for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):
+        return None  # the leading dims merge into one row stride: a plain view
+    row_stride = min(stride for _, stride in dims)
+    if row_stride < vocab or any(stride % row_stride for _, stride in dims):
+        return None
+    span = 0  # the lattice positions are distinct when each step passes all smaller dims' span
+    for step, size in sorted((stride // row_stride, size) for size, stride in dims):
+        if step <= span:
+            return None
+        span += (size - 1) * step
+    total, count = span + 1, math.prod(size for size, _ in dims)
+    if total - count > MAX_EXTRA_ROWS * count:
+        return None
+    steps = [stride // row_stride if size > 1 else 0
+             for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])]
+    return total, row_stride, steps

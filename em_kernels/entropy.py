@@ -116,9 +116,9 @@ def entropy(
     backend = resolve_backend(backend, logits.device)
     if process_group is not None:
         return _vocab_parallel_stats(logits, None, temperature, backend, process_group)[0]
-    rows = _checks.as_rows(logits)
-    result, _, _ = softmax_stats(rows, None, temperature, backend)
-    return result.reshape(logits.shape[:-1])
+    layout = _checks.RowLayout(logits)
+    result, _, _ = softmax_stats(layout.rows, None, temperature, backend)
+    return layout.results(result)
 
 
 def logprobs_and_entropy(
@@ -161,8 +161,7 @@ def logprobs_and_entropy(
                                                    process_group)
         return logprobs, entropy_
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
-    rows = _checks.as_rows(logits)
+    layout = _checks.RowLayout(logits)
     result, _, logprobs = softmax_stats(
-        rows, tokens.reshape(rows.shape[0]).contiguous(), temperature, backend)
-    leading = logits.shape[:-1]
-    return logprobs.reshape(leading), result.reshape(leading)
+        layout.rows, layout.row_values(tokens), temperature, backend)
+    return layout.results(logprobs), layout.results(result)

@@ -24,7 +24,7 @@ from oracle import assert_matches_oracle, assert_row_relative, written_out
 from sm90 import run_lowering_script
 
 import em_kernels
-from em_kernels import reference
+from em_kernels import _checks, reference
 from em_kernels._checks import MAX_TEMPERATURE
 from em_kernels._ops.entropy import softmax_stats, softmax_stats_backward
 
@@ -90,8 +90,8 @@ def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
     if rows >= 4 and rows % 2 == 0 and draw(st.booleans()):
         leading = (2, rows // 2) if rows % 4 else (2, 2, rows // 4)
     layout = draw(st.sampled_from(["contiguous", "padded_rows", "every_other_row",
-                                   "transposed_leading", "strided_vocab"]))
-    if layout == "transposed_leading" and len(leading) < 2:
+                                   "transposed_leading", "strided_vocab", "shifted_positions"]))
+    if layout in ("transposed_leading", "shifted_positions") and len(leading) < 2:
         layout = "contiguous"
     scale = draw(st.sampled_from(SCALES))
     inf_fraction = draw(st.sampled_from([0.0, 0.0, 0.1, 0.5, 0.95]))
@@ -109,6 +109,9 @@ def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
         view = lambda t: t.transpose(0, 1)  # noqa: E731
     elif layout == "strided_vocab":
         base_shape, view = leading + (vocab, 2), lambda t: t[..., 0]
+    elif layout == "shifted_positions":  # logits[:, :-1], the positions that predict a token
+        base_shape = (leading[0], leading[1] + 1) + leading[2:] + (vocab,)
+        view = lambda t: t[:, :-1]  # noqa: E731
     else:
         base_shape, view = leading + (vocab,), lambda t: t
     values = torch.randn(base_shape, generator=generator, dtype=torch.float64) * scale
@@ -578,6 +581,52 @@ def test_batch_invariance(backend_device, vocab, dtype):
                 continue
             for a, b in zip(together, single):
                 assert torch.equal(bits(a[lead + i - rows.start]), bits(b[0]))
+
+
+@pytest.mark.parametrize("view, lattice", [
+    (lambda t: t[:, :-1], True),        # the positions that predict a next token
+    (lambda t: t[:, 2:-1], True),       # a response slice
+    (lambda t: t[1:, :-1, :], True),
+    (lambda t: t.transpose(0, 1), True),  # every row, in another order
+    (lambda t: t[:, :2], False),        # 2 rows of every 20: a superset 7x larger, copied
+    (lambda t: t[:, ::3], False),       # strides 20 and 3 rows: no one lattice, copied
+])
+def test_sliced_positions_run_on_the_logits_memory(backend_device, view, lattice):
+    """logits[:, :-1] of a (B, T, V) batch has no single row stride, so reshape would copy all
+    of it; the ops run on the B T - 1 rows of stride V that hold it instead (RowLayout), and
+    give the contiguous copy's results and gradient (bitwise on the kernels, which are
+    batch-invariant); a view whose superset would be too large is still copied."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(5)
+    base = (torch.randn(3, 20, 70, generator=generator) * 4).to(torch.bfloat16).to(device)
+    base[0, 3, :40] = float("-inf")
+    logits = view(base)
+    layout = _checks.RowLayout(logits)
+    shares_memory = layout.rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert shares_memory == lattice
+    tokens = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=generator)
+    tokens = tokens.to(device)
+    upstream = [torch.randn(logits.shape[:-1], generator=generator).to(device) for _ in "ab"]
+    results = []
+    for leaf in (base.clone().requires_grad_(), logits.contiguous().requires_grad_()):
+        rows = view(leaf) if leaf.shape == base.shape else leaf
+        logprobs, entropy = em_kernels.logprobs_and_entropy(rows, tokens, backend=backend)
+        alone = em_kernels.entropy(rows, backend=backend)
+        (grad,) = torch.autograd.grad((logprobs * upstream[0] + entropy * upstream[1]).sum(),
+                                      leaf)
+        assert logprobs.is_contiguous() and entropy.is_contiguous() and alone.is_contiguous()
+        results.append((logprobs, entropy, alone, view(grad) if leaf.shape == base.shape
+                        else grad))
+        if leaf.shape == base.shape:  # nothing outside the view gets a gradient
+            untouched = torch.ones_like(grad, dtype=torch.bool)
+            view(untouched).fill_(False)
+            assert not grad[untouched].any()
+    for ours, copied in zip(*results):
+        assert ours.shape == copied.shape
+        if backend == "torch":
+            torch.testing.assert_close(ours, copied, equal_nan=True)
+        else:
+            assert torch.equal(bits(ours), bits(copied))
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
