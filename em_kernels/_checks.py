@@ -270,9 +270,11 @@ def _row_lattice(logits: torch.Tensor) -> tuple[int, int, list[int]] | None:
     (RowLayout), with M <= (1 + MAX_EXTRA_ROWS) N (M = N: the rows in another order, as
     transposed leading dims give them); else None."""
     vocab = logits.shape[-1]
+    if logits.numel() == 0:
+        return None
     dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
             if size > 1]
-    if len(dims) < 2 or logits.stride(-1) != 1 or vocab < 1:
+    if len(dims) < 2 or logits.stride(-1) != 1:
         return None
     if all(outer_stride == inner_stride * inner_size
            for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):

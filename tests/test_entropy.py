@@ -629,6 +629,19 @@ def test_sliced_positions_run_on_the_logits_memory(backend_device, view, lattice
             assert torch.equal(bits(ours), bits(copied))
 
 
+def test_sliced_positions_of_an_empty_batch(backend_device):
+    """A slice with a zero-size leading dim has no rows to read (the lattice of its other dims
+    would reach past its storage): empty results of the view's shape."""
+    backend, device = backend_device
+    for logits in (torch.randn(0, 4, 6, 8)[:, :, :-1], torch.randn(2, 4, 6, 8)[2:, :, :-1],
+                   torch.randn(3, 0, 6, 8)[:, :, :-1]):
+        logits = logits.to(device)
+        tokens = torch.zeros(logits.shape[:-1], dtype=torch.long, device=device)
+        logprobs, entropy = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+        assert logprobs.shape == entropy.shape == logits.shape[:-1]
+        assert em_kernels.entropy(logits, backend=backend).shape == logits.shape[:-1]
+
+
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_triton_log_prob_backward_one_hot_entry(device):
     """The Triton backward writes a row's one-hot entry as a scalar store after its tile's
