@@ -80,18 +80,22 @@ _ON_CHIP_SEGMENTS_PER_SM = 4
 def em_inf_backend(logits: torch.Tensor, backend: str = "auto", steps: int = 5) -> str:
     """The backend that em_inf_adjust runs for ``logits`` ((..., V), read for its device and
     shape only) and ``steps`` when asked for ``backend``: "auto" on CUDA picks by batch size
-    (see above), and takes the CUDA kernel for more steps than the Triton one takes
-    (TRITON_MAX_STEPS). Raises BackendUnavailableError where an explicit
-    backend cannot run, ValueError where Triton would get too many steps."""
+    (see above), and for more steps than the Triton kernel takes (TRITON_MAX_STEPS) the CUDA
+    kernel, or "torch" where the extension has none. Raises BackendUnavailableError where an
+    explicit backend cannot run, ValueError where an explicit "triton" would get too many
+    steps."""
+    chosen = backend
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel("em_inf_adjust"):
         device_index = logits.device.index
         if device_index is None:
             device_index = torch.cuda.current_device()
         vocab = int(logits.shape[-1])
         rows = logits.numel() // vocab if vocab else 0
-        backend = ("cuda" if steps > TRITON_MAX_STEPS
-                   else _em_inf_cuda_backend(device_index, rows, vocab))
-    resolved = _resolve(backend, logits.device, "em_inf_adjust")
+        chosen = ("cuda" if steps > TRITON_MAX_STEPS
+                  else _em_inf_cuda_backend(device_index, rows, vocab))
+    resolved = _resolve(chosen, logits.device, "em_inf_adjust")
+    if resolved == "triton" and steps > TRITON_MAX_STEPS and backend == "auto":
+        return "torch"  # no compiled CUDA kernel here: plain PyTorch takes any count
     if resolved == "triton" and steps > TRITON_MAX_STEPS:
         raise ValueError(
             f"steps={steps}: the Triton EM-INF kernel takes at most {TRITON_MAX_STEPS} steps (it "

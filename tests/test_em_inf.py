@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import pytest
 import torch
@@ -457,12 +458,20 @@ def test_triton_refuses_more_steps_than_it_replays():
     """The Triton kernel replays every earlier step in each pass (its cost grows as steps^2, and
     its history vectors as steps): past TRITON_MAX_STEPS it says so and names the backends that
     take more, instead of failing inside Triton; the linear CPU kernel takes them."""
+    from em_kernels import em_inf as em_inf_module
     from em_kernels.em_inf import TRITON_MAX_STEPS
 
     logits = torch.randn(2, 10)
     if runnable("triton", "cpu"):
         with pytest.raises(ValueError, match=f"at most {TRITON_MAX_STEPS} steps.*backend=\"cuda\""):
             em_kernels.em_inf_adjust(logits, steps=TRITON_MAX_STEPS + 1, backend="triton")
+    # "auto" that would land on Triton (CUDA tensors without the compiled kernel; stood in for
+    # here) takes plain PyTorch for such counts instead of raising.
+    with mock.patch.object(em_inf_module, "_resolve", lambda *args: "triton"):
+        assert em_inf_module.em_inf_backend(logits, "auto", TRITON_MAX_STEPS + 1) == "torch"
+        assert em_inf_module.em_inf_backend(logits, "auto", TRITON_MAX_STEPS) == "triton"
+        with pytest.raises(ValueError, match="at most"):
+            em_inf_module.em_inf_backend(logits, "triton", TRITON_MAX_STEPS + 1)
     if runnable("cpu", "cpu"):
         steps = TRITON_MAX_STEPS + 1
         torch.testing.assert_close(
