@@ -187,15 +187,36 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
     # LoRA adapter on lm_head, a quantized linear) would be scored and trained as its weight
     # alone: right while the adapter is zero, when check_head_reproduces_logits looks, and
     # silently wrong after.
-    extra = [name for name, _ in head.named_parameters() if name not in ("weight", "bias")]
-    if type(head).forward is not nn.Linear.forward or extra:
+    linear = _modules_to_save_copy(head)
+    extra = [name for name, _ in linear.named_parameters() if name not in ("weight", "bias")]
+    if type(linear).forward is not nn.Linear.forward or extra:
         raise TypeError(
-            f"the LM head is a {type(head).__name__}"
+            f"the LM head is a {type(linear).__name__}"
             + (f" with parameters {extra}" if extra else "")
             + ", not a plain nn.Linear: the fused ops compute hidden @ weight^T + bias "
             "themselves, so they cannot apply an adapter or a quantized weight; leave the LM "
-            "head out of LoRA's target modules (train it fully or freeze it)")
-    return head
+            "head out of LoRA's target modules (freeze it, or train it fully: with PEFT, "
+            "modules_to_save=[\"lm_head\"])")
+    return linear
+
+
+def _modules_to_save_copy(head: nn.Module) -> nn.Module:
+    """The module that computes the logits: ``head`` itself, or for PEFT's modules_to_save
+    wrapper (a trainable copy of the head per adapter beside the frozen original, which its
+    forward and weight pass through to) the copy of the one active adapter, or the original
+    when adapters are disabled. Several active adapters are refused (ambiguous)."""
+    copies = getattr(head, "modules_to_save", None)
+    original = getattr(head, "original_module", None)
+    if not (isinstance(copies, nn.ModuleDict) and isinstance(original, nn.Module)):
+        return head
+    active = getattr(head, "active_adapters", None) or getattr(head, "active_adapter", None)
+    active = [active] if isinstance(active, str) else list(active or [])
+    if getattr(head, "disable_adapters", False) or not any(name in copies for name in active):
+        return original
+    if len(active) != 1:
+        raise TypeError(f"the LM head's modules_to_save wrapper has several active adapters "
+                        f"{active}: em_algos scores one head; activate one adapter")
+    return copies[active[0]]
 
 
 # LM heads that check_head_reproduces_logits has accepted (weakly held: a head that is freed
@@ -213,11 +234,15 @@ def runs_collectives(model: nn.Module) -> bool:
     evaluation of model.module, say) may be called on one rank alone."""
     if not is_distributed():
         return False
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return True
+    while True:  # through torch.compile's wrappers, to a DDP one if there is one
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            return True
+        if not hasattr(model, "_orig_mod"):
+            break
+        model = model._orig_mod
     from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(module, FSDPModule) for module in unwrap_model(model).modules())
+    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def check_head_reproduces_logits(head: nn.Module, hidden_last: torch.Tensor,

@@ -298,7 +298,7 @@ class EMRLTrainer:
         entropy = old.entropy
         return {"loss": float(torch.stack(losses).mean()), "kl": float(torch.stack(kls).mean()),
                 "clip_fraction": float(torch.stack(clip_fractions).mean()),
-                "grad_norm": max(grad_norms),
+                "grad_norm": max(grad_norms, key=lambda norm: (math.isnan(norm), norm)),
                 "skipped_updates": sum(not math.isfinite(norm) for norm in grad_norms),
                 "reward": float(rewards.mean()),
                 "entropy": float(entropy.mean()) if entropy.numel() else 0.0,

@@ -77,6 +77,52 @@ def test_a_head_that_is_not_a_plain_linear_is_refused(head_type):
             score(model, *batch)
 
 
+class _ModulesToSaveHead(torch.nn.Module):
+    """What PEFT's modules_to_save=["lm_head"] puts in the head's place: the frozen original and
+    a trainable copy per adapter, forward and weight passing through to the active copy."""
+
+    def __init__(self, original: torch.nn.Linear):
+        super().__init__()
+        self.original_module = original.requires_grad_(False)
+        self.modules_to_save = torch.nn.ModuleDict({"default": copy.deepcopy(original)})
+        self.modules_to_save["default"].requires_grad_(True)
+        self.active_adapters = ["default"]
+        self.disable_adapters = False
+
+    @property
+    def weight(self):
+        return self.modules_to_save["default"].weight
+
+    def forward(self, hidden):
+        return self.modules_to_save["default"](hidden)
+
+
+def test_a_head_trained_through_peft_modules_to_save_is_its_active_copy():
+    """PEFT's wrapper of a fully trained head is not an nn.Linear, but computes the logits with
+    one (the active adapter's copy): that copy is scored and gets the gradient, the frozen
+    original none; with several active adapters the head is ambiguous and refused."""
+    model = tiny_causal_lm(seed=1, family="llama")
+    model.config.tie_word_embeddings = False
+    wrapper = _ModulesToSaveHead(copy.deepcopy(model.get_output_embeddings()))
+    model.set_output_embeddings(wrapper)
+    with torch.no_grad():
+        wrapper.modules_to_save["default"].weight.mul_(1.5)  # trained away from the original
+    batch = random_batch(torch.Generator().manual_seed(0), 2, 3, 4)
+    em_ft_loss(model, *batch).backward()
+    assert wrapper.modules_to_save["default"].weight.grad is not None
+    assert wrapper.original_module.weight.grad is None
+    with torch.no_grad():
+        expected = em_ft_loss(model, *batch)
+        plain = tiny_causal_lm(seed=1, family="llama")
+        plain.config.tie_word_embeddings = False
+        plain.set_output_embeddings(copy.deepcopy(wrapper.modules_to_save["default"]))
+        torch.testing.assert_close(expected, em_ft_loss(plain, *batch))
+    wrapper.active_adapters = ["default", "other"]
+    wrapper.modules_to_save["other"] = copy.deepcopy(wrapper.original_module)
+    with pytest.raises(TypeError, match="several active adapters"):
+        em_ft_loss(model, *batch)
+
+
 @pytest.mark.parametrize("attribute", ["logits_scaling", "lm_head_multiplier",
                                        "final_logit_softcapping"])
 def test_configs_that_transform_logits_are_refused(attribute):

@@ -108,12 +108,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # DDP: rank 0, which has checked this head before, must still join the check's
         # all-reduce (else rank 1's pairs with DDP's next collective, or hangs).
         from em_algos import sequence_reward
+        from em_algos._common import runs_collectives
 
         model = tiny_causal_lm(seed=2, family="llama")
         if rank == 0:
             _save_refusal(model, os.path.join(out_dir, "rank0-alone.pt"), sequence_reward)
-        _save_refusal(torch.nn.parallel.DistributedDataParallel(model),
-                      os.path.join(out_dir, f"after-rank0-alone-rank{rank}.pt"), sequence_reward)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        _save_refusal(wrapped, os.path.join(out_dir, f"after-rank0-alone-rank{rank}.pt"),
+                      sequence_reward)
+        # Which calls are collective steps: DDP, also under torch.compile (built lazily: no
+        # compile runs here); FSDP2 units; not the plain module inside.
+        collective = {"plain": runs_collectives(model), "ddp": runs_collectives(wrapped),
+                      "compiled ddp": runs_collectives(torch.compile(wrapped))}
+        if FSDP2_ON_CPU:
+            collective["fsdp2"] = runs_collectives(
+                _wrap(tiny_causal_lm(seed=3, family="llama"), "fsdp2"))
+        torch.save(collective, os.path.join(out_dir, f"collective-rank{rank}.pt"))
+        del wrapped
         # Let go of the wrapped models (FSDP2's hold the group through their device mesh) and
         # wait for the other rank before the group goes. Without this, one worker in about 9
         # aborted after all its Python had run ("terminate called without an active
@@ -176,6 +187,13 @@ def test_the_ranks_agree_on_the_head_check(results):
     for rank in range(WORLD_SIZE):
         refusal = _load(results, "head-check", rank)["refusal"]
         assert refusal is not None and "not its LM head applied" in refusal
+
+
+def test_collective_calls_are_recognised_through_wrappers(results):
+    for rank in range(WORLD_SIZE):
+        collective = _load(results, "collective", rank)
+        assert collective.pop("plain") is False
+        assert all(collective.values()), collective
 
 
 def test_one_rank_may_score_alone(results):
