@@ -174,11 +174,13 @@ timeout "$PROBE_SECONDS" "$PY" -c "import pytest_timeout" 2>/dev/null \
 step tests 270 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' -k cuda \
     -p no:cacheprovider tests/
 
-# 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936]. torch.compile
-#    runs in its own step (step 6): its compilations must not starve our kernels' cells.
-HEADLINE=(--ops entropy logprobs_and_entropy --shapes N8192-V151936 --dtypes bf16
-          --modes fwd fwd+bwd)
-bench headline 60 "${HEADLINE[@]}" --providers triton cuda eager chunked
+# 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936], and the same
+#    8192 rows as an RL trainer passes them, logits[:, :-1] of [8, 1025, 151936] (read in place
+#    since f9d27b7: +8 cells, ~10 s). torch.compile runs in its own step (step 6): its
+#    compilations must not starve our kernels' cells.
+HEADLINE=(--ops entropy logprobs_and_entropy logprobs_and_entropy_shifted
+          --shapes N8192-V151936 B8-T1024-V151936 --dtypes bf16 --modes fwd fwd+bwd)
+bench headline 75 "${HEADLINE[@]}" --providers triton cuda eager chunked
 # 4. The fused LM head at the issue's two shapes (H 3584 and H 896), every provider but
 #    torch.compile (its compiles would take the step's budget; bench_full has it), with
 #    linear_entropy_loss on both entropy backends (8 cells more: +25 s).

@@ -739,6 +739,8 @@ def test_ceilings_count_bytes_and_flops():
      {"fwd": 8000 * 4 + 32, "bwd": 2 * 8000 * 4 + 64, "fwd+bwd": 3 * 8000 * 4 + 96}),
     ("logprobs_and_entropy", {"N": 8, "V": 1000}, torch.bfloat16,
      {"fwd": 8000 * 2 + 128, "bwd": 2 * 8000 * 2 + 256, "fwd+bwd": 3 * 8000 * 2 + 384}),
+    ("logprobs_and_entropy_shifted", {"B": 2, "T": 4, "V": 1000}, torch.bfloat16,
+     {"fwd": 8000 * 2 + 128, "bwd": 2 * 8000 * 2 + 256, "fwd+bwd": 3 * 8000 * 2 + 384}),
     ("em_inf_adjust", {"B": 2, "V": 1000}, torch.bfloat16, {"fwd": 2000 * (2 + 4)}),
     ("adaptive_temperature", {"B": 2, "V": 1000}, torch.float32, {"fwd": 2000 * (4 + 4)}),
 ])
@@ -747,6 +749,21 @@ def test_traffic_counts(name, dims, dtype, expected):
     or gradient write, plus the O(N) statistics."""
     for mode, nbytes in expected.items():
         assert OPS[name].traffic(dims, dtype, mode) == (nbytes, None), mode
+
+
+def test_shifted_positions_are_measured_and_checked(tmp_path):
+    """logprobs_and_entropy on logits[:, :-1] of a (B, T + 1, V) batch: eager and the cpu
+    backend measured, each checked against the float64 oracle of the view (whole sequences,
+    the gradient w.r.t. the whole batch, zero at the last position)."""
+    rows = _run(tmp_path, "--ops", "logprobs_and_entropy_shifted", "--shapes", "B2-T5-V300",
+                "--providers", "eager", "cpu")
+    cpu_runs = em_kernels.available_backends()["cpu"] == "available"
+    measured = [row for row in rows if row["status"] == "ok"]
+    assert len(measured) == (8 if cpu_runs else 4), rows
+    for row in measured:
+        assert row["check"] == ("ref" if row["provider"] == "eager" else "ok"), row
+        if row["mode"] != "fwd":
+            assert 0 <= float(row["err_grad"]) < 1e-2, row
 
 
 @pytest.mark.parametrize("name", ["linear_entropy", "linear_policy_loss"])

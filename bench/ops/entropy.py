@@ -174,6 +174,84 @@ class LogprobsAndEntropyBench(_LogitsOpBench):
                 Provider("chunked", chunked_), *em_providers(ours), *_PEERS]
 
 
+def eager_shifted_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RL trainer's call: the positions that predict a next token, logits[:, :-1]."""
+    return eager_logprobs_and_entropy(logits[:, :-1], tokens)
+
+
+class ShiftedLogprobsAndEntropyBench(OpBench):
+    """logprobs_and_entropy as an RL trainer calls it: on logits[:, :-1] of a (B, T + 1, V) batch
+    with tokens (B, T), a view whose rows have no single stride. eager and compile take the view
+    as trainers write it; em-kernels reads it in place (RowLayout) where reshape would copy it.
+    The least traffic is logprobs_and_entropy's on the N = B T rows used; the backward's gradient
+    is the whole batch's (B, T + 1, V), written by torch's slice backward for every provider."""
+
+    name = "logprobs_and_entropy_shifted"
+    dims = ("B", "T", "V")
+    grad_inputs = ("logits",)
+    # Whole sequences are checked (the outputs' dim 0 is B): two of them, 2048 rows at T 1024.
+    oracle_rows = 2
+
+    def shapes(self, device_type, full):
+        if full:
+            return [{"B": 8, "T": 1024, "V": v} for v in VOCABS]
+        if device_type == "cuda":  # the headline's 8192 rows
+            return [{"B": 8, "T": 1024, "V": 151936}]
+        return [{"B": 2, "T": 32, "V": 151936}]  # the quick CPU run's 64 rows
+
+    def dtypes(self, device_type, full):
+        if full:
+            return [torch.float32, torch.bfloat16]
+        return [torch.bfloat16] if device_type == "cuda" else [torch.float32]
+
+    def input_numel(self, dims):
+        return dims["B"] * (dims["T"] + 1) * dims["V"]
+
+    def make_inputs(self, dims, dtype, device, generator):
+        batch, positions, vocab = dims["B"], dims["T"], dims["V"]
+        logits = random_logits(batch * (positions + 1), vocab, dtype, device, generator)
+        tokens = torch.randint(0, vocab, (batch, positions), device=device, generator=generator)
+        return {"logits": logits.view(batch, positions + 1, vocab), "tokens": tokens}
+
+    def traffic(self, dims, dtype, mode):
+        rows = {"N": dims["B"] * dims["T"], "V": dims["V"]}
+        return LogprobsAndEntropyBench().traffic(rows, dtype, mode)
+
+    def oracle(self, case, upstream):
+        logits = case.inputs["logits"].detach().index_select(0, case.check_rows).double()
+        tokens = case.inputs["tokens"].index_select(0, case.check_rows)
+        logits.requires_grad_(upstream is not None)
+        outs = reference.logprobs_and_entropy_ref(logits[:, :-1], tokens)
+        grads = {}
+        if upstream is not None:
+            torch.autograd.backward(
+                outs, [u.index_select(0, case.check_rows).double() for u in upstream])
+            grads["logits"] = logits.grad
+        return [out.detach() for out in outs], grads
+
+    def providers(self):
+        import em_kernels
+
+        def eager(case):
+            return lambda: eager_shifted_logprobs_and_entropy(case.inputs["logits"],
+                                                              case.inputs["tokens"])
+
+        def compile_(case):
+            fn = compiled(eager_shifted_logprobs_and_entropy)
+            return lambda: fn(case.inputs["logits"], case.inputs["tokens"])
+
+        def ours(case, backend):
+            return lambda: em_kernels.logprobs_and_entropy(
+                case.inputs["logits"][:, :-1], case.inputs["tokens"], backend=backend)
+
+        return [Provider("eager", eager), Provider("compile", compile_,
+                                                   unavailable=compile_unavailable),
+                Provider("chunked", never_built, unavailable=not_offered(
+                    "the chunked form splits flattened rows, which a view of sliced positions "
+                    "has only as a copy: see logprobs_and_entropy")),
+                *em_providers(ours), *_PEERS]
+
+
 _PEERS = [
     Provider("liger", never_built, unavailable=not_offered(
         "Liger-Kernel has no entropy op on logits (it fuses the LM head: see linear_entropy)")),
