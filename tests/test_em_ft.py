@@ -241,7 +241,8 @@ def test_full_logits_are_never_formed(qwen):
 
 def test_loss_takes_its_gradients_from_the_forward(qwen):
     """em_ft_loss is linear_entropy_loss's weighted sum (three matmuls), never linear_entropy
-    (whose backward recomputes the logits); with a KL term the trainer needs the latter."""
+    (whose backward recomputes the logits); with a KL term the trainer runs linear_policy_loss,
+    also three matmuls."""
     inputs = random_batch(torch.Generator().manual_seed(23), 3, 4, 5)
     expected = em_ft_loss(qwen, *inputs)
     with mock.patch("em_kernels.linear_entropy", side_effect=AssertionError("not this op")):

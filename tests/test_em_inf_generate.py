@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessor
 
 import em_kernels
 from em_algos.em_inf import (
@@ -75,6 +75,47 @@ def test_greedy_follows_adjusted_logits(model, early_exit):
         assert bool((h_adjusted <= h_raw + 1e-6).all())
         lowered += int((h_adjusted < h_raw - 1e-3).sum())
     assert lowered > 0, "EM-INF never lowered an entropy: the test model is too peaked"
+
+
+class _FinishRowZero(LogitsProcessor):
+    """Leaves row 0 only EOS at the second step, so that it finishes while the others go on."""
+
+    def __init__(self):
+        self.step = 0
+
+    def __call__(self, input_ids, scores):
+        self.step += 1
+        if self.step == 2:
+            scores = scores.clone()
+            scores[0] = -math.inf
+            scores[0, EOS] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_a_finished_row_does_not_disturb_the_others(model, early_exit):
+    """generate() keeps scoring a row after its EOS (then pads it): EM-INF runs on every row at
+    every step, the finished one included, and each step's scores are em_inf_adjust of what it
+    was given, as in a batch where no row finishes."""
+    finish = _FinishRowZero()
+    processor = EMInfLogitsProcessor(threshold=1.0, early_exit=early_exit)
+    with torch.no_grad():
+        out = model.generate(
+            prompts(3), attention_mask=torch.ones(3, 5, dtype=torch.long),
+            logits_processor=[finish, processor], max_new_tokens=NEW_TOKENS, do_sample=False,
+            pad_token_id=PAD, eos_token_id=EOS, output_scores=True, output_logits=True,
+            return_dict_in_generate=True)
+    new_tokens = out.sequences[:, -NEW_TOKENS:]
+    assert new_tokens[0, 1] == EOS and bool((new_tokens[0, 2:] == PAD).all())
+    assert new_tokens.shape == (3, NEW_TOKENS)
+    for step, (raw, processed) in enumerate(zip(out.logits, out.scores)):
+        given = raw.clone()
+        if step == 1:
+            given[0] = -math.inf
+            given[0, EOS] = 0.0
+        expected = em_kernels.em_inf_adjust(given, threshold=1.0, early_exit=early_exit)
+        assert torch.equal(processed, expected), step
+        assert bool(torch.isfinite(processed[1:]).any(-1).all())
 
 
 def test_sampling_order_and_entropy(model):
