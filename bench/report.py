@@ -23,7 +23,9 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
             "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
             "tol_rel_grad", "cell_s")
-DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_V")
+# One per dim any op declares (tests/test_bench.py checks): a dim without a column would be
+# dropped from the CSV, and --resume would then refuse every row of that op.
+DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_T", "dim_V")
 CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "check", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
                "date", "copy_gbps")

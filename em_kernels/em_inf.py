@@ -100,8 +100,9 @@ def em_inf_backend(logits: torch.Tensor, backend: str = "auto", steps: int = 5) 
         raise ValueError(
             f"steps={steps}: the Triton EM-INF kernel takes at most {TRITON_MAX_STEPS} steps (it "
             "replays every earlier step in each pass, so its cost grows as steps^2); pass "
-            'backend="cuda" (CUDA tensors, with the compiled extension; it replays too once '
-            'the batch outgrows the chip) or "cpu" for more')
+            'backend="auto", which picks a backend that takes them, "cuda" (CUDA tensors, with '
+            'the compiled extension; it replays too once the batch outgrows the chip), "cpu" or '
+            '"torch"')
     return resolved
 
 

@@ -73,13 +73,14 @@ def entropy(
 
     Args:
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"), any
-            leading shape and strides; a slice of positions such as logits[:, :-1] is read in
-            place, not copied (`_checks.RowLayout`), and kept for the backward: write into the
-            tensor it slices only after the backward. Entries equal to -inf are masked
-            (probability 0). So,
-            in the compiled backends, is a finite entry whose logit * log2(e) / T overflows
-            float32 to -inf (finfo.min used as a mask): a row made only of such entries gives
-            NaN like an all -inf row, where the "torch" backend sees a uniform row.
+            leading shape and strides. Outside torch.compile and vocab-parallel mode, a slice
+            of positions such as logits[:, :-1] whose rows are at least 80% of the rows they
+            span is read in place, not copied (`_checks.RowLayout`), and kept for the backward:
+            write into the tensor it slices only after the backward. Entries equal to -inf are
+            masked (probability 0). So, in the compiled backends, is a finite entry whose
+            logit * log2(e) / T overflows float32 to -inf (finfo.min used as a mask): a row
+            made only of such entries gives NaN like an all -inf row, where the "torch" backend
+            sees a uniform row.
         temperature: finite positive number in [~4.2e-39, ~8.5e37] (the range float32 can
             scale by); every formula is on logits / temperature.
         process_group: a torch.distributed group for vocab-parallel logits (as a tensor-parallel

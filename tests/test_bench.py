@@ -751,6 +751,12 @@ def test_traffic_counts(name, dims, dtype, expected):
         assert OPS[name].traffic(dims, dtype, mode) == (nbytes, None), mode
 
 
+def test_every_dim_has_a_csv_column():
+    from bench.report import DIM_COLUMNS
+
+    assert {f"dim_{dim}" for op in OPS.values() for dim in op.dims} <= set(DIM_COLUMNS)
+
+
 def test_shifted_positions_are_measured_and_checked(tmp_path):
     """logprobs_and_entropy on logits[:, :-1] of a (B, T + 1, V) batch: eager and the cpu
     backend measured, each checked against the float64 oracle of the view (whole sequences,
@@ -762,8 +768,15 @@ def test_shifted_positions_are_measured_and_checked(tmp_path):
     assert len(measured) == (8 if cpu_runs else 4), rows
     for row in measured:
         assert row["check"] == ("ref" if row["provider"] == "eager" else "ok"), row
+        assert (row["dim_B"], row["dim_T"], row["dim_V"]) == ("2", "5", "300")
         if row["mode"] != "fwd":
             assert 0 <= float(row["err_grad"]) < 1e-2, row
+    # and its rows resume: none is measured again
+    with _counting_cells() as again:
+        _run(tmp_path / "resumed", "--ops", "logprobs_and_entropy_shifted", "--shapes",
+             "B2-T5-V300", "--providers", "eager", "cpu", "--resume",
+             str(tmp_path / "results.csv"))
+    assert not again
 
 
 @pytest.mark.parametrize("name", ["linear_entropy", "linear_policy_loss"])

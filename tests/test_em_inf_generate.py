@@ -93,10 +93,11 @@ class _FinishRowZero(LogitsProcessor):
 
 
 @pytest.mark.parametrize("early_exit", ["row", "batch"])
-def test_a_finished_row_does_not_disturb_the_others(model, early_exit):
+def test_em_inf_keeps_running_on_a_finished_row(model, early_exit):
     """generate() keeps scoring a row after its EOS (then pads it): EM-INF runs on every row at
-    every step, the finished one included, and each step's scores are em_inf_adjust of what it
-    was given, as in a batch where no row finishes."""
+    every step, the finished one included (its one-hot step too: only EOS is finite), and each
+    step's scores are em_inf_adjust of the batch it was given. In batch mode the finished row
+    counts in the summed entropy and the KL's mean, as in the released code."""
     finish = _FinishRowZero()
     processor = EMInfLogitsProcessor(threshold=1.0, early_exit=early_exit)
     with torch.no_grad():

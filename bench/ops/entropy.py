@@ -183,8 +183,9 @@ class ShiftedLogprobsAndEntropyBench(OpBench):
     """logprobs_and_entropy as an RL trainer calls it: on logits[:, :-1] of a (B, T + 1, V) batch
     with tokens (B, T), a view whose rows have no single stride. eager and compile take the view
     as trainers write it; em-kernels reads it in place (RowLayout) where reshape would copy it.
-    The least traffic is logprobs_and_entropy's on the N = B T rows used; the backward's gradient
-    is the whole batch's (B, T + 1, V), written by torch's slice backward for every provider."""
+    The least traffic counted is logprobs_and_entropy's on the N = B T rows used. The backward's
+    gradient is the whole batch's (B, T + 1, V), whose B rows of zeros (1 / T more to write)
+    torch's slice backward writes for every provider, outside the count."""
 
     name = "logprobs_and_entropy_shifted"
     dims = ("B", "T", "V")
