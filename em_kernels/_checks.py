@@ -200,11 +200,11 @@ class RowLayout:
     `logits[:, -R - 1:-1]` of a (B, T, V) batch. There, the rows the view selects lie on a
     lattice: every leading stride is a multiple of the smallest one, s, and the view is a subset
     of the M rows start + m * s, m in [0, M) (all of them, in another order, for transposed
-    leading dims). The kernels then run on those M rows, a strided
-    view of the same memory (each row's result depends on its row alone, so the extra rows cost
-    their read and nothing else), and `results` picks the N asked for. Used when the view's rows
-    do not overlap (s >= V, lattice positions distinct) and M - N <= MAX_EXTRA_ROWS * N; else
-    `as_rows`, as before.
+    leading dims). The kernels then run on those M rows, a strided view of the same memory
+    (each row's result depends on its row alone, so the extra rows cost their read and nothing
+    else), and `results` picks the N asked for. Used when the view's rows do not overlap
+    (s >= V, lattice positions distinct) and M - N <= MAX_EXTRA_ROWS * N; else `as_rows`, as
+    before.
 
     Eager tensors only (not under torch.compile, vmap, or on fake or meta tensors): there the
     plain reshape stays, and the compiler sees what it always did. The backward hands the
@@ -216,7 +216,6 @@ class RowLayout:
 
     def __init__(self, logits: torch.Tensor):
         self.leading = logits.shape[:-1]
-        self.count = math.prod(self.leading)
         lattice = _row_lattice(logits) if _eager_tensor(logits) else None
         if lattice is None:
             self.rows, self.lattice_strides = as_rows(logits), None
@@ -255,7 +254,8 @@ class _LatticeRows(torch.autograd.Function):
         grad_rows = grad_rows.contiguous()
         vocab = ctx.shape[-1]
         strides = [step * vocab for step in ctx.lattice_strides] + [1]
-        return grad_rows.as_strided(ctx.shape, strides, grad_rows.storage_offset()), None, None, None
+        grad = grad_rows.as_strided(ctx.shape, strides, grad_rows.storage_offset())
+        return grad, None, None, None
 
 
 def _eager_tensor(tensor: torch.Tensor) -> bool:

@@ -21,7 +21,8 @@ TRITON_DIR = Path(em_kernels.__file__).parent / "triton"
 
 
 def _launches_a_kernel(function: ast.FunctionDef) -> bool:
-    """Whether the function's body holds a Triton launch: a call of a subscript, kernel[grid](...)."""
+    """Whether the function's body holds a Triton launch: a call of a subscript,
+    kernel[grid](...)."""
     return any(isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
                for node in ast.walk(function))
 
