@@ -179,7 +179,7 @@ def eager_shifted_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, to
     return eager_logprobs_and_entropy(logits[:, :-1], tokens)
 
 
-class ShiftedLogprobsAndEntropyBench(OpBench):
+class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
     """logprobs_and_entropy as an RL trainer calls it: on logits[:, :-1] of a (B, T + 1, V) batch
     with tokens (B, T), a view whose rows have no single stride. eager and compile take the view
     as trainers write it; em-kernels reads it in place (RowLayout) where reshape would copy it.
@@ -189,7 +189,7 @@ class ShiftedLogprobsAndEntropyBench(OpBench):
 
     name = "logprobs_and_entropy_shifted"
     dims = ("B", "T", "V")
-    grad_inputs = ("logits",)
+    with_tokens = True
     # Whole sequences are checked (the outputs' dim 0 is B): two of them, 2048 rows at T 1024.
     oracle_rows = 2
 
@@ -201,9 +201,9 @@ class ShiftedLogprobsAndEntropyBench(OpBench):
         return [{"B": 2, "T": 32, "V": 151936}]  # the quick CPU run's 64 rows
 
     def dtypes(self, device_type, full):
-        if full:
-            return [torch.float32, torch.bfloat16]
-        return [torch.bfloat16] if device_type == "cuda" else [torch.float32]
+        if device_type == "cpu" and not full:
+            return [torch.float32]
+        return super().dtypes(device_type, full)
 
     def input_numel(self, dims):
         return dims["B"] * (dims["T"] + 1) * dims["V"]
@@ -215,20 +215,10 @@ class ShiftedLogprobsAndEntropyBench(OpBench):
         return {"logits": logits.view(batch, positions + 1, vocab), "tokens": tokens}
 
     def traffic(self, dims, dtype, mode):
-        rows = {"N": dims["B"] * dims["T"], "V": dims["V"]}
-        return LogprobsAndEntropyBench().traffic(rows, dtype, mode)
+        return super().traffic({"N": dims["B"] * dims["T"], "V": dims["V"]}, dtype, mode)
 
-    def oracle(self, case, upstream):
-        logits = case.inputs["logits"].detach().index_select(0, case.check_rows).double()
-        tokens = case.inputs["tokens"].index_select(0, case.check_rows)
-        logits.requires_grad_(upstream is not None)
-        outs = reference.logprobs_and_entropy_ref(logits[:, :-1], tokens)
-        grads = {}
-        if upstream is not None:
-            torch.autograd.backward(
-                outs, [u.index_select(0, case.check_rows).double() for u in upstream])
-            grads["logits"] = logits.grad
-        return [out.detach() for out in outs], grads
+    def _reference(self, logits, tokens):  # the checked sequences, (b, T + 1, V)
+        return reference.logprobs_and_entropy_ref(logits[:, :-1], tokens)
 
     def providers(self):
         import em_kernels
