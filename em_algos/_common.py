@@ -51,6 +51,8 @@ from em_kernels import _checks
 # ----------------------------------------------------------------------------- argument checks
 
 check_choice = _checks.check_choice
+# A sampling or scoring temperature: positive, and in the range the kernels scale by in float32.
+check_temperature = _checks.check_temperature
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):

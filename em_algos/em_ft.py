@@ -26,6 +26,7 @@ import em_kernels
 from ._common import (
     check_choice,
     check_positive,
+    check_temperature,
     check_token_ids,
     clip_and_step,
     frozen_copy,
@@ -146,7 +147,7 @@ class EMFTTrainer:
                  progress: bool = True):
         check_positive("num_samples", num_samples, integer=True)
         check_positive("max_new_tokens", max_new_tokens, integer=True)
-        check_positive("temperature", temperature)
+        check_temperature(temperature)
         check_positive("lr", lr)
         check_positive("kl_coef", kl_coef, allow_zero=True)
         check_positive("save_every", save_every, integer=True, allow_zero=True)

@@ -32,6 +32,7 @@ import em_kernels
 from ._common import (
     check_choice,
     check_positive,
+    check_temperature,
     check_token_ids,
     clip_and_step,
     frozen_copy,
@@ -76,7 +77,7 @@ def sequence_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     its modules' modes restored after. ``temperature``: the distribution softmax(logits / T)
     that is scored (EMRLTrainer scores its rewards at its sampling temperature)."""
     check_choice("reduce", reduce, REDUCTIONS)
-    check_positive("temperature", temperature)
+    check_temperature(temperature)
     with scoring_mode(model):
         tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
                                       with_logprobs=True, temperature=temperature)
@@ -91,7 +92,7 @@ def token_reward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     the paper's Eq. 4). (B) float32, no gradient; an empty response gets 0. Scored in
     `scoring_mode`, at ``temperature``, as sequence_reward."""
     check_choice("reduce", reduce, REDUCTIONS)
-    check_positive("temperature", temperature)
+    check_temperature(temperature)
     with scoring_mode(model):
         tokens = response_token_stats(model, input_ids, attention_mask, response_mask,
                                       with_logprobs=False, temperature=temperature)
@@ -190,7 +191,7 @@ class EMRLTrainer:
             raise ValueError(f"num_rollouts must be >= 2 (advantages compare the responses to one "
                              f"prompt), got {num_rollouts}")
         check_positive("max_new_tokens", max_new_tokens, integer=True)
-        check_positive("temperature", temperature)
+        check_temperature(temperature)
         check_positive("clip_range", clip_range)
         check_positive("beta", beta, allow_zero=True)
         check_positive("entropy_coeff", entropy_coeff, allow_zero=True)

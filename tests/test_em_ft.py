@@ -217,6 +217,7 @@ def test_kl_loss_matches_full_logit_pytorch(normalize):
     (dict(normalize="mean"), ValueError), (dict(save_every=5), ValueError),
     (dict(max_new_tokens=2.5), TypeError), (dict(kl_coef=-0.1), ValueError),
     (dict(temperature=float("inf")), ValueError), (dict(lr=float("nan")), ValueError),
+    (dict(temperature=1e-40), ValueError),  # logits / T would overflow inside generate()
     (dict(optimizer="adam"), TypeError),
 ])
 def test_trainer_bad_arguments_raise(qwen, options, error):

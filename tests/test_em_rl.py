@@ -242,6 +242,7 @@ def test_first_update_is_on_policy_with_zero_kl(dtype):
     (dict(minibatch_size=0), ValueError), (dict(ppo_epochs=1.5), TypeError),
     (dict(entropy_coeff=-0.001), ValueError),
     (dict(temperature=float("inf")), ValueError), (dict(clip_range=float("inf")), ValueError),
+    (dict(temperature=1e-40), ValueError),  # logits / T would overflow inside generate()
     (dict(optimizer="adam"), TypeError),
 ])
 def test_trainer_bad_arguments_raise(llama, options, error):
