@@ -94,9 +94,9 @@ def em_inf_backend(logits: torch.Tensor, backend: str = "auto", steps: int = 5) 
         chosen = ("cuda" if steps > TRITON_MAX_STEPS
                   else _em_inf_cuda_backend(device_index, rows, vocab))
     resolved = _resolve(chosen, logits.device, "em_inf_adjust")
-    if resolved == "triton" and steps > TRITON_MAX_STEPS and backend == "auto":
-        return "torch"  # no compiled CUDA kernel here: plain PyTorch takes any count
     if resolved == "triton" and steps > TRITON_MAX_STEPS:
+        if backend == "auto":
+            return "torch"  # no compiled CUDA kernel here: plain PyTorch takes any count
         raise ValueError(
             f"steps={steps}: the Triton EM-INF kernel takes at most {TRITON_MAX_STEPS} steps (it "
             "replays every earlier step in each pass, so its cost grows as steps^2); pass "
