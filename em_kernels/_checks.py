@@ -229,13 +229,19 @@ class RowLayout:
             return values.reshape(self.leading)
         return values.as_strided(self.leading, self.lattice_strides).contiguous()
 
-    def row_values(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-row inputs of the leading shape (tokens) as the kernels' (M,) rows (zeros on the
-        rows that only fill the lattice)."""
+    def picked(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-row result of the kernels, (M,), as the (N,) rows asked for, in the order of
+        the leading dims (the order of tokens.reshape(-1))."""
+        return self.results(values).reshape(-1)
+
+    def row_values(self, values: torch.Tensor, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-row values of the leading shape, or flattened to (N,) (tokens, merged
+        statistics), as the kernels' (M,) rows: ``fill``'s rows (an (M,) tensor), else zeros,
+        on the rows that only fill the lattice."""
         if self.lattice_strides is None:
             return values.reshape(self.rows.shape[0]).contiguous()
-        placed = values.new_zeros(self.rows.shape[0])
-        placed.as_strided(self.leading, self.lattice_strides).copy_(values)
+        placed = values.new_zeros(self.rows.shape[0]) if fill is None else fill.clone()
+        placed.as_strided(self.leading, self.lattice_strides).copy_(values.reshape(self.leading))
         return placed
 
 

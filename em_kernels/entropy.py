@@ -16,28 +16,41 @@ class _VocabParallelSoftmaxStats(torch.autograd.Function):
     chosen logit) into the full-vocabulary ones (em_kernels/_vocab_parallel.py); the backward
     runs the entropy backward on this shard with the full-vocabulary (entropy, lse), so each
     rank gets exactly its slice of the unsharded gradient (a row whose token another rank owns
-    gets the log-prob's -p term and no one-hot, the kernels' rule for an id outside the row)."""
+    gets the log-prob's -p term and no one-hot, the kernels' rule for an id outside the row).
+
+    The kernels run on the layout's M rows (`_checks.RowLayout`: a sliced batch is read in
+    place), and the N rows asked for are picked out before the merge, so every rank all-reduces
+    the same N rows whatever the layout of its logits. The backward runs on the M rows with the
+    merged statistics on those N and this shard's own on the rows that only fill the lattice
+    (whose gradient the layout drops)."""
 
     @staticmethod
-    def forward(ctx, rows, local_tokens, owned, tokens_valid, temperature, backend, shard):
+    def forward(ctx, rows, layout, local_tokens, owned, tokens_valid, temperature, backend,
+                shard):
         local_entropy, local_lse, local_logprobs = softmax_stats(
             rows, local_tokens, temperature, backend)
         if local_tokens is None:  # logprobs: the empty placeholder
-            entropy, lse, _ = shard.merge(local_entropy, local_lse, None, None)
+            entropy, lse, _ = shard.merge(layout.picked(local_entropy), layout.picked(local_lse),
+                                          None, None)
             logprobs = local_logprobs
         else:
             entropy, lse, logprobs = shard.merge_logprobs(
-                local_entropy, local_lse, local_logprobs, owned, tokens_valid)
-        ctx.save_for_backward(rows, local_tokens, entropy, lse)
-        ctx.temperature, ctx.backend = temperature, backend
+                layout.picked(local_entropy), layout.picked(local_lse),
+                layout.picked(local_logprobs), owned, tokens_valid)
+        ctx.save_for_backward(rows, local_tokens, layout.row_values(entropy, local_entropy),
+                              layout.row_values(lse, local_lse))
+        ctx.layout, ctx.temperature, ctx.backend = layout, temperature, backend
         return entropy, logprobs
 
     @staticmethod
     def backward(ctx, grad_entropy, grad_logprobs):
         rows, local_tokens, entropy, lse = ctx.saved_tensors
+        grad_entropy, grad_logprobs = (
+            None if grad is None or grad.numel() == 0 else ctx.layout.row_values(grad)
+            for grad in (grad_entropy, grad_logprobs))
         grad_rows = backward_from_stats(rows, local_tokens, entropy, lse, grad_entropy,
                                         grad_logprobs, ctx.temperature, ctx.backend)
-        return grad_rows, None, None, None, None, None, None
+        return grad_rows, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -51,13 +64,15 @@ def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
             "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
             "transforms: flatten the batch into the logits' leading dims instead")
     shard = VocabShard.of(process_group, logits.shape[-1], logits.device)
+    layout = _checks.RowLayout(logits)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
         local_tokens, owned, tokens_valid = shard.local_ids(
             tokens.reshape(tokens.numel()).contiguous())
+        local_tokens = layout.row_values(local_tokens)
     entropy, logprobs = _VocabParallelSoftmaxStats.apply(
-        _checks.as_rows(logits), local_tokens, owned, tokens_valid, temperature, backend, shard)
+        layout.rows, layout, local_tokens, owned, tokens_valid, temperature, backend, shard)
     leading = logits.shape[:-1]
     return entropy.reshape(leading), None if tokens is None else logprobs.reshape(leading)
 
@@ -73,14 +88,14 @@ def entropy(
 
     Args:
         logits: (..., V) float32, bfloat16 or float16 (float64 with backend="torch"), any
-            leading shape and strides. Outside torch.compile and vocab-parallel mode, a slice
-            of positions such as logits[:, :-1] whose rows are at least 80% of the rows they
-            span is read in place, not copied (`_checks.RowLayout`), and kept for the backward:
-            write into the tensor it slices only after the backward. Entries equal to -inf are
-            masked (probability 0). So, in the compiled backends, is a finite entry whose
-            logit * log2(e) / T overflows float32 to -inf (finfo.min used as a mask): a row
-            made only of such entries gives NaN like an all -inf row, where the "torch" backend
-            sees a uniform row.
+            leading shape and strides. Run eagerly (outside torch.compile, and always in
+            vocab-parallel mode), a slice of positions such as logits[:, :-1] whose rows are at
+            least 80% of the rows they span is read in place, not copied (`_checks.RowLayout`),
+            and kept for the backward: write into the tensor it slices only after the backward.
+            Entries equal to -inf are masked (probability 0). So, in the compiled backends, is
+            a finite entry whose logit * log2(e) / T overflows float32 to -inf (finfo.min used
+            as a mask): a row made only of such entries gives NaN like an all -inf row, where
+            the "torch" backend sees a uniform row.
         temperature: finite positive number in [~4.2e-39, ~8.5e37] (the range float32 can
             scale by); every formula is on logits / temperature.
         process_group: a torch.distributed group for vocab-parallel logits (as a tensor-parallel

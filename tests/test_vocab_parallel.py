@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import em_kernels
+from em_kernels import _checks
 from em_kernels._ops import linear_entropy_loss as loss_ops
 
 from conftest import COLLECTIVE_TIMEOUT, free_port
@@ -130,6 +131,7 @@ def _check_logits_case(rank, backend, dtype):
         else:
             torch.testing.assert_close(sharded[1], full[1], equal_nan=True, **stats_tolerance)
         torch.testing.assert_close(sharded[2], full[2][..., shard], **grad_tolerance)
+    _check_sliced_positions(rank, backend, dtype)
     if backend == "torch" and dtype == torch.float32:
         _check_logits_compiled(rank, logits, tokens, grad_entropy, grad_logprobs)
     try:
@@ -139,6 +141,57 @@ def _check_logits_case(rank, backend, dtype):
         assert f"[0, {VOCAB})" in str(error)
     else:
         raise AssertionError("an id outside the global vocabulary was accepted")
+
+
+def _check_sliced_positions(rank, backend, dtype):
+    """logits[:, :-1] of a vocab-sharded (B, T, V_r) batch, the RL shift, is read in place
+    (`_checks.RowLayout`: the kernels run on the B T - 1 rows that hold it, and the rows asked
+    for are picked out before the merge). The ranks lay their shards out differently (rank 0's
+    a slice of positions-major full logits, rank 1's a batch-major copy), so they read
+    different row counts, yet all-reduce the same rows: the unsharded results, and each rank
+    its slice of the gradient with nothing outside the view."""
+    batch, positions = 3, 6
+    generator = torch.Generator().manual_seed(11)
+    full = (torch.randn(batch, positions, VOCAB, generator=generator) * 3).to(dtype)
+    full[0, 2, :] = float("-inf")  # a row without a distribution, inside the view
+    full[1, 1, SPLIT:] = float("-inf")  # a row that rank 1's shard masks whole
+    tokens = torch.randint(0, VOCAB, (batch, positions - 1), generator=generator)
+    tokens[1, 1] = 4
+    upstream = [torch.randn(batch, positions - 1, generator=generator) for _ in "ab"]
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    if rank == 0:  # positions-major, the full vocabulary: the lattice is the 15 rows asked for
+        base = full.transpose(0, 1).contiguous().requires_grad_()
+        batch_major = base.transpose(0, 1)
+    else:  # batch-major, its shard alone: 17 rows, 2 of them the last positions
+        base = full[..., shard].contiguous().requires_grad_()
+        batch_major = base
+    logits = batch_major[..., :SPLIT][:, :-1] if rank == 0 else batch_major[:, :-1]
+    assert _checks.RowLayout(logits).lattice_strides is not None, "the view would be copied"
+    reference = full[:, :-1].contiguous().requires_grad_()
+    for group, rows in ((dist.group.WORLD, logits), (None, reference)):
+        saved = []  # what the ops keep for the backward: the logits' own memory, no copy
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            logprobs, entropy = em_kernels.logprobs_and_entropy(
+                rows, tokens, temperature=0.9, process_group=group, backend=backend)
+            alone = em_kernels.entropy(rows, temperature=0.9, process_group=group,
+                                       backend=backend)
+        kept = [t for t in saved if t.dim() == 2]
+        assert len(kept) == 2 and all(
+            t.untyped_storage().data_ptr() == rows.untyped_storage().data_ptr() for t in kept)
+        loss = (logprobs * upstream[0]).nan_to_num() + entropy.nan_to_num() * upstream[1]
+        loss.sum().backward()
+        if group is not None:
+            sharded = logprobs, entropy, alone
+    for ours, exact in zip(sharded, (logprobs, entropy, alone)):
+        assert ours.shape == exact.shape == tokens.shape
+        torch.testing.assert_close(ours, exact, equal_nan=True, rtol=1e-5, atol=1e-5)
+    grad = base.grad.transpose(0, 1) if rank == 0 else base.grad
+    own = grad[..., :SPLIT] if rank == 0 else grad
+    torch.testing.assert_close(own[:, :-1], reference.grad[..., shard], **_tolerance(dtype))
+    assert not own[:, -1].any(), "a row outside the view got a gradient"
+    if rank == 0:
+        assert not grad[..., SPLIT:].any(), "another rank's shard got a gradient"
 
 
 def _check_logits_compiled(rank, logits, tokens, grad_entropy, grad_logprobs):
