@@ -16,7 +16,8 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
 # tol_out and tol_grad: the tolerances the verdict applied to the largest errors; rel_out and
-# rel_grad: the normwise errors ||value - oracle|| / ||oracle||, with tol_rel_out and
+# rel_grad: the normwise errors ||value - oracle|| / ||oracle|| (a loss's: over the magnitude of
+# its terms, harness.Summed; that and the floor's sqrt(K) since 2026-11-28), with tol_rel_out and
 # tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
 # took in all (warm-up and compiles, the oracle check, the timed repeats; eager's untimed
 # baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-28).
@@ -254,7 +255,8 @@ def markdown(rows: list[dict], header: list[str],
         f"check is FAIL where that error exceeds the larger of {ERROR_FACTOR}x eager's on the "
         "same cell and a few units in the last place of the largest reference value, or where "
         "the normwise error (||value - float64|| / ||float64|| per output and per input "
-        f"gradient) exceeds the larger of {NORM_ERROR_FACTOR}x eager's and a few float32 ulps "
+        f"gradient) exceeds the larger of {NORM_ERROR_FACTOR}x eager's and what any float32 "
+        "summation order may cost, sqrt(K) + 4 float32 ulps for sums of K terms "
         "(ok: within both; ref: eager, the baseline; unchecked: eager has no result there); "
         "x eager is eager's time over this provider's.", ""]
     wrong = wrong_results(rows)

@@ -261,6 +261,53 @@ def test_a_slightly_wrong_gradient_fails_the_normwise_check(dtype):
     assert verdict["check"] == "FAIL" and "normwise rel_grad" in verdict["reason"], verdict
 
 
+def test_a_correct_provider_that_sums_in_another_order_passes():
+    """torch.compile's fp32 entropy, correct, sums V 32000 terms in another order than eager,
+    whose cascaded CPU sum is sometimes 5x more accurate: the normwise floor for sums of V terms
+    (NORM_ERROR_FACTOR) passes it on every seed; 3x eager's error alone failed it on 2 of 3."""
+    ctx = Context(torch.device("cpu"), full=False, requested_providers=["eager", "compile"],
+                  deadline=None)
+    op = OPS["entropy"]
+    providers = {provider.name: provider for provider in op.providers()}
+    for seed in range(3):
+        case = make_case(ctx, op, {"N": 8, "V": 32000}, torch.float32, seed=seed)
+        eager = measure(ctx, case, providers["eager"], "fwd", timed=False)
+        compiled = measure(ctx, case, providers["compile"], "fwd", timed=False)
+        assert check_errors(compiled, eager)["check"] == "ok", (seed, compiled, eager)
+
+
+@pytest.mark.skipif(em_kernels.available_backends()["cpu"] != "available",
+                    reason="the compiled extension is not built")
+def test_the_policy_loss_of_a_correct_provider_passes_on_every_seed():
+    """linear_policy_loss's loss is a small mean of terms of size ~1 with the advantages' signs:
+    its normwise error is taken against the terms' magnitudes (`Summed`), so the cpu backend,
+    correct, passes on every seed (against the loss itself it failed on 4 of 40)."""
+    ctx = _cpu_context()
+    op = OPS["linear_policy_loss"]
+    providers = {provider.name: provider for provider in op.providers()}
+    for seed in range(40):
+        case = make_case(ctx, op, {"M": 16, "H": 32, "V": 3000}, torch.float32, seed=seed)
+        eager = measure(ctx, case, providers["eager"], "fwd", timed=False)
+        ours = measure(ctx, case, providers["cpu"], "fwd", timed=False)
+        assert check_errors(ours, eager)["check"] == "ok", (seed, ours, eager)
+
+
+def test_case_inputs_do_not_depend_on_the_other_cells(tmp_path):
+    """A case's seed comes from its op, shape and dtype, not from its place in the plan: the
+    same cell measured alone and beside others sees the same inputs (the same errors)."""
+    def errors(directory, *shapes):
+        code = main(["--ops", "entropy", "--shapes", *shapes, "--providers", "eager",
+                     "--modes", "fwd", "--dtypes", "fp32", "--device", "cpu",
+                     "--out", str(directory)])
+        assert code == 0
+        _, rows = _read_csv(directory / "results.csv")
+        return {row["shape"]: row["rel_out"] for row in rows}
+
+    alone = errors(tmp_path / "alone", "N8-V1000")
+    beside = errors(tmp_path / "beside", "N4-V1000", "N8-V1000")
+    assert alone["N8-V1000"] == beside["N8-V1000"] and beside["N4-V1000"] != alone["N8-V1000"]
+
+
 def _policy_loss_run(tmp_path, providers, *modes):
     """em-bench on linear_policy_loss at a tiny CPU shape with more rows than the oracle checks;
     (exit status, {(mode, provider): CSV row})."""

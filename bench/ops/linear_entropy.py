@@ -101,6 +101,11 @@ class LinearEntropyBench(OpBench):
     def eager_numel(self, dims):
         return max(self.input_numel(dims), dims["M"] * dims["V"])  # eager's [M, V] logits
 
+    def summed_terms(self, dims):
+        # the logits are H-term dot products, the statistics V-term sums, a d(weight) row an
+        # M-term sum
+        return dims["V"] + dims["H"] + dims["M"]
+
     def traffic(self, dims, dtype, mode):
         mhv = dims["M"] * dims["H"] * dims["V"]
         return None, {"fwd": 2 * mhv, "bwd": 4 * mhv, "fwd+bwd": 6 * mhv}[mode]

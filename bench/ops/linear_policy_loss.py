@@ -40,7 +40,11 @@ Why not the loss alone: one number's error against eager's one number on the sam
 over 64 rows is steady. The price is one tolerance for both outputs, set by the log-probs: in
 fp32 (~1e-5) a dropped clip or KL term fails on the loss itself; in bf16 (~0.07 on CPU: the
 logits are bf16) a dropped clip fails only on the gradients, in fwd+bwd, and a dropped KL term
-(about 1% of the gradient here) not at all.
+(about 1% of the gradient here) not at all. The loss's normwise error is taken relative to the
+mean of its terms' magnitudes (`Summed`), not to the loss: the terms' signs follow the
+advantages', so the loss is a small mean of terms of size ~1, and a float32 sum's rounding is
+relative to the terms (against the loss itself, the cpu provider failed 3x eager's normwise
+error on 1 seed in 10 at M 16-64, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 
 from em_kernels._ops.linear_entropy_loss import K3_MAX_LOG_RATIO
 
-from ..harness import Provider
+from ..harness import Provider, Summed
 from .common import (chunk_rows, chunked, compile_unavailable, compiled, em_providers,
                      package_unavailable)
 from .linear_entropy import (Float64Rows, LinearEntropyBench, float64_logit_chunks,
@@ -70,15 +74,20 @@ def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
-def policy_loss(logprobs, advantages, old_logprobs, ref_logprobs) -> torch.Tensor:
-    """linear_policy_loss's loss on given log-probs, as RL trainers write it: the token mean of
+def policy_terms(logprobs, advantages, old_logprobs, ref_logprobs) -> torch.Tensor:
+    """linear_policy_loss's per-token terms on given log-probs, as RL trainers write them:
     -min(rho A, clip(rho) A) + KL_WEIGHT k3, the k3 log ratio clamped as the op (and verl's
     low_var_kl) clamps it."""
     low, high = CLIP_RANGE
     ratio = torch.exp(logprobs - old_logprobs)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - low, 1 + high) * advantages)
     log_ratio = (ref_logprobs - logprobs).clamp(-K3_MAX_LOG_RATIO, K3_MAX_LOG_RATIO)
-    return (KL_WEIGHT * (log_ratio.exp() - log_ratio - 1) - surrogate).mean()
+    return KL_WEIGHT * (log_ratio.exp() - log_ratio - 1) - surrogate
+
+
+def policy_loss(*arguments) -> torch.Tensor:
+    """The loss: the token mean of `policy_terms`."""
+    return policy_terms(*arguments).mean()
 
 
 def eager_logprobs(hidden, tokens, weight) -> tuple[torch.Tensor]:
@@ -132,8 +141,12 @@ class LinearPolicyLossBench(LinearEntropyBench):
         check = case.check_rows
         rows = float64_rows(case.inputs["hidden"], weight)
         logprobs = _float64_logprobs(rows, weight, tokens).requires_grad_(upstream is not None)
-        loss = policy_loss(logprobs, *(case.inputs[name].double() for name in ROW_CONSTANTS))
-        outs = [loss.detach().expand(check.numel()), logprobs.detach().index_select(0, check)]
+        terms = policy_terms(logprobs, *(case.inputs[name].double() for name in ROW_CONSTANTS))
+        loss = terms.mean()
+        # The terms' signs follow the advantages': the loss is a small sum of terms of size ~1.
+        summed = Summed(loss.detach().expand(check.numel()),
+                        terms.detach().abs().mean().expand(check.numel()))
+        outs = [summed, logprobs.detach().index_select(0, check)]
         if upstream is None:
             return outs, {}
         # _LossAndLogprobs sums the repeated loss's upstream gradient into the loss's.
