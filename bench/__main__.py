@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     _check_shape_dims(parser, args)
+    if args.max_seconds is not None and args.max_seconds != args.max_seconds:
+        parser.error("--max-seconds must be a number of seconds (0: no limit), got nan")
     return args
 
 
@@ -118,6 +120,20 @@ def select_shapes(op, shape_dims: list[dict] | None, device_type: str, full: boo
         elif set(dims) < set(op.dims):
             chosen += [d for d in declared if all(d[k] == v for k, v in dims.items())]
     return list({tuple(d.items()): d for d in chosen}.values())
+
+
+def unmatched_shapes(args, device_type: str) -> list[str]:
+    """The --shapes entries that name only some of an op's dims (N64, V151936) and select none
+    of the shapes the selected ops declare on this device: a typo, or a shape that only --full
+    (or another device) declares."""
+    selected = [op for name, op in OPS.items() if args.ops is None or name in args.ops]
+    unmatched = []
+    for label, dims in zip(args.shapes or (), args.shape_dims or ()):
+        partial = [op for op in selected if set(dims) < set(op.dims)]
+        if partial and not any(select_shapes(op, [dims], device_type, args.full)
+                               for op in partial):
+            unmatched.append(label)
+    return unmatched
 
 
 def build_plan(args, device_type: str) -> list[tuple]:
@@ -179,6 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("em-bench: --device cuda, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    unmatched = unmatched_shapes(args, args.device)
+    if unmatched:
+        print(f"em-bench: --shapes {' '.join(unmatched)} selects none of the shapes the selected "
+              f"ops declare on {args.device}" + ("" if args.full else " (--full declares more)")
+              + "; see them with --list, or name every dim (N64-V32000) for any shape",
+              file=sys.stderr)
         return 2
     plan = build_plan(args, args.device)
     order = {cell: index for index, cell in enumerate(planned_cells(plan))}

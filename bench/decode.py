@@ -24,7 +24,10 @@ Reported, two ways:
 - per call: each processor alone on (batch, vocab) fp32 scores (what generate() hands the
   processors), synchronised after every call, median over --calls calls: its full cost per token
   (host and device, nothing overlapped), and that cost over plain's ms per token, an upper bound
-  on the processor's share of a token that does not drown in the end-to-end spread.
+  on the processor's share of a token that does not drown in the end-to-end spread. With em-inf,
+  also the op alone (em_kernels.em_inf_adjust on the same scores, "em_inf_adjust" in
+  ms_per_call): the per-call figure of issue 6's goal, which em-bench's GPU-only cells cannot
+  give (their L2 flush hides a call's host cost).
 
 Sampling is on (do_sample=True, temperature 1, no top-k/top-p). The models have no EOS token, so
 every run makes the same number of tokens and no entry is masked to -inf (which the released code
@@ -42,6 +45,7 @@ import time
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+import em_kernels
 from em_algos.em_inf import NEUTRAL_SAMPLING, EMInfLogitsProcessor
 from em_kernels.em_inf import em_inf_backend
 
@@ -72,6 +76,19 @@ class ReleasedEMInfProcessor(LogitsProcessor):
                 loss.backward()
                 optimizer.step()
         return z.detach().to(scores.dtype)
+
+
+class EMInfAdjustAlone:
+    """em_kernels.em_inf_adjust with the processor's settings, called as a processor: the op's
+    own cost per call, without the processor's Python."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __call__(self, input_ids, scores):
+        return em_kernels.em_inf_adjust(scores, steps=STEPS, lr=LR, kl_weight=KL_WEIGHT,
+                                        threshold=-math.inf, optimizer="adam",
+                                        early_exit="row", backend=self.backend)
 
 
 def tiny_model(vocab: int, device: str):
@@ -191,9 +208,12 @@ def main(argv=None) -> dict:
     ms_per_token = {name: 1e3 * statistics.median(s) / new_tokens for name, s in samples.items()}
     scores = 3.0 * torch.randn(args.batch, vocab, device=device,
                                generator=torch.Generator(device).manual_seed(1))
-    ms_per_call = {name: 1e3 * time_processor_call(providers[name], input_ids, scores,
-                                                   args.calls, device)
-                   for name in chosen if providers[name]}
+    alone = {name: providers[name] for name in chosen if providers[name]}
+    if "em-inf" in alone:
+        alone["em_inf_adjust"] = [EMInfAdjustAlone(args.backend)]
+    ms_per_call = {name: 1e3 * time_processor_call(processors, input_ids, scores, args.calls,
+                                                   device)
+                   for name, processors in alone.items()}
 
     # What "auto" (or the requested backend) runs at this batch and vocabulary.
     backend = em_inf_backend(scores, args.backend, STEPS)
@@ -219,6 +239,9 @@ def main(argv=None) -> dict:
             if plain is not None:
                 line += f" = {100 * ms_per_call[name] / plain:.2f}% of plain's token"
         print(line)
+    if "em_inf_adjust" in ms_per_call:
+        print(f"  em_inf_adjust alone (the op, without the processor): "
+              f"{1e3 * ms_per_call['em_inf_adjust']:8.1f} us/call")
     result = {"device": device_name, "torch": torch.__version__, "triton": triton_version,
               "commit": git_commit(), "qwen7b": args.qwen7b, "vocab": vocab, "batch": args.batch,
               "prompt": prompt, "new_tokens": new_tokens, "backend": backend,

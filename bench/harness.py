@@ -339,21 +339,13 @@ class Context:
     def time_ms(self, step: Callable[[], Any], reset: Callable[[], None]) -> float:
         """Median milliseconds of step(); reset() runs before each call, untimed where possible."""
         if self.is_cuda:
-            import triton.testing
-
             # Clearing gradients inside the timed call costs microseconds of Python, as
             # do_bench's own grad_to_none would.
             def timed():
                 reset()
                 step()
 
-            samples = triton.testing.do_bench(
-                timed, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, return_mode="all")
-            if len(samples) < GPU_MIN_REPEATS:  # warm already: no warm-up the second time
-                samples = triton.testing.do_bench(
-                    timed, warmup=0, rep=1.2 * GPU_MIN_REPEATS * statistics.median(samples),
-                    return_mode="all")
-            return float(statistics.median(samples))
+            return cuda_median_ms(timed)
         samples: list[float] = []
         spent = 0.0
         while len(samples) < CPU_MIN_REPEATS or (
@@ -423,6 +415,20 @@ class Context:
 
 # ----------------------------------------------------------------------------------------------
 # One cell
+
+
+def cuda_median_ms(run: Callable[[], Any]) -> float:
+    """Median CUDA-event milliseconds of run() over at least GPU_MIN_REPEATS calls
+    (triton.testing.do_bench: warm-up, an L2 flush before each call)."""
+    import triton.testing
+
+    samples = triton.testing.do_bench(
+        run, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, return_mode="all")
+    if len(samples) < GPU_MIN_REPEATS:  # warm already: no warm-up the second time
+        samples = triton.testing.do_bench(
+            run, warmup=0, rep=1.2 * GPU_MIN_REPEATS * statistics.median(samples),
+            return_mode="all")
+    return float(statistics.median(samples))
 
 
 def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtype,

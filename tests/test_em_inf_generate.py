@@ -285,9 +285,10 @@ def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys, monke
                         "em-inf": [50.0, 0.060, 0.033, 0.036],
                         # faster than plain: the overhead is printed with its sign
                         "released": [50.0, 0.009, 0.012, 0.015]}
-    call_seconds = {"em-inf": 0.0004, "released": 0.002}
+    call_seconds = {"em-inf": 0.0004, "released": 0.002, "em_inf_adjust": 0.00025}
     kinds = {(): "plain", (EMInfLogitsProcessor,): "em-inf",
-             (decode.ReleasedEMInfProcessor,): "released"}
+             (decode.ReleasedEMInfProcessor,): "released",
+             (decode.EMInfAdjustAlone,): "em_inf_adjust"}
     generated, timed_alone = [], []
     real_generate, real_call = decode.time_generate, decode.time_processor_call
 
@@ -321,15 +322,17 @@ def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys, monke
     result = decode.main(["--vocab", "300", "--prompt", "4", "--new-tokens", "3", "--repeats",
                           "3", "--calls", "3", "--backend", "auto", "--json", str(out)])
     assert set(result["ms_per_token"]) == {"plain", "em-inf", "released"}
-    assert set(result["ms_per_call"]) == {"em-inf", "released"}
+    assert set(result["ms_per_call"]) == {"em-inf", "released", "em_inf_adjust"}
     order = ["plain", "em-inf", "released"]
     rounds = [order[(start + i) % 3] for start in range(3) for i in range(3)]
     assert generated == [(name, (1, 4), 3) for name in order + rounds]
-    assert timed_alone == [(name, (1, 300), torch.float32, 3) for name in ("em-inf", "released")]
+    assert timed_alone == [(name, (1, 300), torch.float32, 3)
+                           for name in ("em-inf", "released", "em_inf_adjust")]
     assert processor_calls == {"em-inf": 4 * 3 + 3 + 3, "released": 4 * 3 + 3 + 3}
     assert result["ms_per_token"] == pytest.approx(
         {"plain": 20.0 / 3, "em-inf": 36.0 / 3, "released": 12.0 / 3})
-    assert result["ms_per_call"] == pytest.approx({"em-inf": 0.4, "released": 2.0})
+    assert result["ms_per_call"] == pytest.approx(
+        {"em-inf": 0.4, "released": 2.0, "em_inf_adjust": 0.25})
     assert (result["vocab"], result["batch"], result["prompt"], result["new_tokens"]) == (
         300, 1, 4, 3)
     assert json.loads(out.read_text()) == result
@@ -340,6 +343,7 @@ def test_decode_benchmark_runs_and_reports_both_measures(tmp_path, capsys, monke
     assert f"em-inf backend {ran} (asked: auto)" in printed
     assert "(+80.0% over plain);  alone    400.0 us/call = 6.00% of plain's token" in printed
     assert "(-40.0% over plain);  alone   2000.0 us/call = 30.00% of plain's token" in printed
+    assert "em_inf_adjust alone (the op, without the processor):    250.0 us/call" in printed
     monkeypatch.undo()
     for bad, message in ((["--prompt", "0"], "--prompt must be >= 1"),
                          (["--new-tokens", "-1"], "--new-tokens must be >= 1"),
@@ -366,13 +370,15 @@ def test_decode_benchmark_runs_em_inf_as_asked(monkeypatch):
     result = main(["--vocab", "50", "--batch", "2", "--prompt", "3", "--new-tokens", "1",
                    "--repeats", "1", "--calls", "1", "--providers", "em-inf",
                    "--backend", "torch"])
-    assert set(result["ms_per_token"]) == set(result["ms_per_call"]) == {"em-inf"}
+    assert set(result["ms_per_token"]) == {"em-inf"}
+    assert set(result["ms_per_call"]) == {"em-inf", "em_inf_adjust"}
     assert (result["backend"], result["backend_asked"]) == ("torch", "torch")
     options = dict(backend="torch", steps=5, lr=0.1, kl_weight=0.001, threshold=-math.inf,
                    early_exit="row", optimizer="adam")
     assert calls[0][2] == options  # the constructor's probe
-    # two generate() runs of one token, then 3 warm-up calls and 1 timed
-    assert calls[1:] == [((2, 50), torch.float32, options)] * (2 + 4)
+    # two generate() runs of one token, then 3 warm-up calls and 1 timed of the processor and
+    # as many of the op alone
+    assert calls[1:] == [((2, 50), torch.float32, options)] * (2 + 4 + 4)
 
 
 def test_decode_benchmark_released_processor_is_em_inf():
