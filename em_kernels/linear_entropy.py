@@ -203,11 +203,10 @@ def linear_entropy(
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
             unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
             all-gather of the shard sizes (not read on the host: no sync on CUDA) and two
-            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward.
-            torch.compile traced it with fullgraph=True, forward and backward, in a check by
-            hand (torch 2.14, 2 gloo processes, same results as eager), but torch then warns of
-            an unwaited collective at exit, which now and then ended in an abort: not part of
-            the tests.
+            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs
+            eagerly, also inside torch.compile (a graph break, as the other ops' vocab-parallel
+            modes): traced, torch warned of an unwaited collective at exit, which now and then
+            ended in an abort (torch 2.14, 2 gloo processes).
         backend: "auto" (Triton on CUDA tensors, chunked PyTorch elsewhere), "triton" (CUDA
             tensors; CPU tensors under TRITON_INTERPRET=1), "cuda" (CUDA tensors, run by the
             Triton kernels: there is no separate CUDA C++ kernel for this op; raises
@@ -261,7 +260,16 @@ def linear_entropy(
     if tokens is not None:  # the range once the whole vocabulary is known
         _checks.check_tokens(tokens, hidden.shape[:1], None, hidden.device,
                              rows_of="hidden states")
-    shard = VocabShard.of(process_group, local_vocab, hidden.device)
+    return _vocab_parallel_linear_entropy(hidden, weight, bias, tokens, temperature,
+                                          grad_filter_eps, implementation, process_group)
+
+
+@torch.compiler.disable
+def _vocab_parallel_linear_entropy(hidden, weight, bias, tokens, temperature, grad_filter_eps,
+                                   implementation, process_group) -> LinearEntropyOutput:
+    """linear_entropy over this rank's vocabulary shard, always eager (a graph break under
+    torch.compile: the collectives stay out of the graph)."""
+    shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)

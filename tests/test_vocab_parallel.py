@@ -236,6 +236,8 @@ def _check_case(rank, backend, dtype):
         _check_maxima_apart(shard, backend)
     if backend == "torch" and dtype == torch.float32:
         _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logprobs)
+        _check_linear_entropy_compiled(rank, hidden, weight, bias, tokens, grad_entropy,
+                                       grad_logprobs)
     # Out-of-range global ids are caught on CPU, on every rank.
     try:
         em_kernels.linear_entropy(hidden, weight[shard], tokens=tokens + VOCAB,
@@ -439,6 +441,27 @@ def _check_loss_compiled(rank, hidden, weight, bias, tokens, entropy_weight, log
         return 2.0 * out.loss
 
     _assert_compiles_like_eager(loss_of, hidden, weight[shard])
+
+
+def _check_linear_entropy_compiled(rank, hidden, weight, bias, tokens, grad_entropy,
+                                   grad_logprobs):
+    """Inside torch.compile vocab-parallel linear_entropy runs eagerly too (a graph break, no
+    traced collective), with the eager gradients; fullgraph=True says so rather than trace
+    the collectives."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+
+    def loss_of(hidden, weight):
+        out = em_kernels.linear_entropy(hidden, weight, bias=bias[shard], tokens=tokens,
+                                        process_group=dist.group.WORLD, backend="torch")
+        return (out.entropy * grad_entropy).sum() + (out.logprobs * grad_logprobs).sum()
+
+    _assert_compiles_like_eager(loss_of, hidden, weight[shard])
+    try:
+        torch.compile(loss_of, fullgraph=True)(hidden, weight[shard])
+    except Exception as error:  # Dynamo's Unsupported, whose module moved between versions
+        assert "disable" in str(error), error
+    else:
+        raise AssertionError("fullgraph=True traced the vocab-parallel collectives")
 
 
 def _assert_compiles_like_eager(loss_of, *inputs):
