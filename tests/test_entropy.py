@@ -124,8 +124,8 @@ def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
 
 def stats_floor(logits: torch.Tensor, temperature: float) -> float:
     """Absolute floor for entropy and log-probs: a few float32 ulps of the largest |z / T| and
-    of |lse| <= max |z / T| + log V (the kernels carry z / T and lse in float32; a log-prob is
-    their difference)."""
+    of |lse| <= max |z / T| + log V (the kernels carry z / T in float32 and round a log-prob,
+    the difference of z / T and lse, to float32; the "torch" backend keeps lse in float32)."""
     finite = logits.double()[torch.isfinite(logits)] / temperature
     largest = float(finite.abs().max()) if finite.numel() else 0.0
     return 4 * EPS32 * (1.0 + largest + math.log(logits.shape[-1]))
@@ -449,9 +449,10 @@ def test_one_hot_row_gives_zero(backend_device, vocab):
 
 
 def test_shift_invariance(backend_device):
-    """H(z + c) == H(z): z on a 2^-8 grid in [-16, 16] and integer c, so z + c is exact in
-    float32. The kernels scale by log2(e) / T before subtracting the row max (one FMA; the
-    interpreter rounds the product), so they may differ by a few float32 ulps of c."""
+    """H(z + c) == H(z), bitwise: z on a 2^-8 grid in [-16, 16] and integer c, so z + c is
+    exact in float32, and every backend subtracts the row max before it scales ((z - m) k, also
+    in the merges of partial maxima) and forms H from differences alone; scaling first (an FMA,
+    z k - m k) would leave rounding of size c's ulp."""
     backend, device = backend_device
     slow = is_slow(backend, device)
 
@@ -462,9 +463,7 @@ def test_shift_invariance(backend_device):
         generator = torch.Generator().manual_seed(seed)
         z = torch.randint(-4096, 4096, (rows, vocab), generator=generator) / 256.0
         z = z.to(device)
-        torch.testing.assert_close(
-            _entropy(backend, z + shift), _entropy(backend, z), rtol=1e-5,
-            atol=1e-5 + 8 * EPS32 * abs(shift))
+        assert torch.equal(bits(_entropy(backend, z + shift)), bits(_entropy(backend, z)))
 
     check()
 
@@ -627,6 +626,30 @@ def test_sliced_positions_run_on_the_logits_memory(backend_device, view, lattice
             torch.testing.assert_close(ours, copied, equal_nan=True)
         else:
             assert torch.equal(bits(ours), bits(copied))
+
+
+@pytest.mark.parametrize("view", [lambda t: t, lambda t: t[:, :-1]], ids=["batch", "shifted"])
+def test_the_backward_keeps_the_logits_and_per_row_statistics_only(backend_device, view):
+    """The memory contract: what the ops keep for the backward is the logits themselves (not a
+    copy, for a shifted slice too) and per-row vectors; nothing else of the logits' size."""
+    backend, device = backend_device
+    vocab = 70
+    base = torch.randn(3, 9, vocab, device=device, requires_grad=True)
+    logits = view(base)
+    tokens = torch.randint(0, vocab, logits.shape[:-1], device=device)
+    calls = {"entropy": lambda: em_kernels.entropy(logits, backend=backend),
+             "logprobs_and_entropy": lambda: em_kernels.logprobs_and_entropy(
+                 logits, tokens, backend=backend)}
+    for name, call in calls.items():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            call()
+        own = [t for t in saved
+               if t.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()]
+        rest = [tuple(t.shape) for t in saved if t.numel() > base.numel() // vocab
+                and t.untyped_storage().data_ptr() != base.untyped_storage().data_ptr()]
+        assert own and not rest, (name, [tuple(t.shape) for t in own], rest)
 
 
 def test_sliced_positions_of_an_empty_batch(backend_device):
