@@ -60,7 +60,7 @@ def problems(draw, backend, device):
     features = draw(st.integers(1, max_h))
     vocab = draw(st.one_of(st.integers(1, max_v), st.sampled_from([1, 2, 16, 17, 31, 32, 33])))
     vocab = min(vocab, max_v)
-    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     scale = draw(st.sampled_from([0.05, 0.5, 3.0]))
     masked = draw(st.sampled_from([0.0, 0.0, 0.3])) if vocab > 1 else 0.0
     use_bias = draw(st.booleans()) or masked > 0
@@ -322,6 +322,51 @@ def test_autocast_casts_operands_like_linear(backend_device):
     assert torch.equal(under_autocast.logprobs, by_hand.logprobs)
     for got, want in zip(autocast_grads, by_hand_grads):
         assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_vmap_batched_gradients_and_no_double_backward(backend_device):
+    """torch.vmap over hidden states (and tokens) with a shared head runs one call on the
+    flattened rows (no per-sample fallback: its warning is an error here), over a batched head
+    one per sample, also with no samples; is_grads_batched gives each upstream gradient's own
+    backward; differentiating a gradient raises a clear error."""
+    import warnings
+
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(9)
+    hidden = torch.randn(2, 5, 8, generator=generator).to(device)
+    weight = torch.randn(30, 8, generator=generator).to(device)
+    heads = torch.randn(2, 30, 8, generator=generator).to(device)
+    bias = torch.randn(30, generator=generator).to(device)
+    tokens = torch.randint(0, 30, (2, 5), generator=generator).to(device)
+
+    def op(x, w, t=None):
+        return em_kernels.linear_entropy(x, w, bias=bias, tokens=t, backend=backend)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared = torch.vmap(lambda x, t: op(x, weight, t))(hidden, tokens)
+        batched = torch.vmap(lambda x, w: op(x, w).entropy)(hidden, heads)
+        empty = torch.vmap(lambda x, w: op(x, w).entropy)(hidden[:0], heads[:0])
+    for b in range(2):
+        alone = op(hidden[b], weight, tokens[b])
+        torch.testing.assert_close(shared.entropy[b], alone.entropy)
+        torch.testing.assert_close(shared.logprobs[b], alone.logprobs)
+        torch.testing.assert_close(batched[b], op(hidden[b], heads[b]).entropy)
+    assert empty.shape == (0, 5)
+
+    leaves = [hidden[0].clone().requires_grad_(), weight.clone().requires_grad_()]
+    out = op(*leaves, tokens[0])
+    upstream = torch.randn(3, 5, generator=generator).to(device)
+    rows = torch.autograd.grad(out.entropy + 0.5 * out.logprobs, leaves, upstream,
+                               retain_graph=True, is_grads_batched=True)
+    for k in range(3):
+        expected = torch.autograd.grad(out.entropy + 0.5 * out.logprobs, leaves, upstream[k],
+                                       retain_graph=True)
+        for got, want in zip(rows, expected):
+            torch.testing.assert_close(got[k], want)
+    (grad_hidden,) = torch.autograd.grad(out.entropy.sum(), leaves[0], create_graph=True)
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        grad_hidden.sum().backward()
 
 
 def test_strided_inputs(backend_device):

@@ -44,7 +44,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from . import ADDMM_HAS_FLOAT32_OUT_DTYPE, autocast_off, mm_to_float32, refuse_double_backward
+from . import (ADDMM_HAS_FLOAT32_OUT_DTYPE, autocast_off, batch_first, mm_to_float32,
+               refuse_double_backward)
 from .entropy import lse_dtype, split_lse
 
 # One block of logits in the chunked torch path: 512 rows x 8192 vocab entries (16 MiB in fp32).
@@ -460,3 +461,40 @@ def _backward(ctx, grad_entropy, grad_lse, grad_chosen):
 torch.library.register_autograd(
     "em_kernels::linear_entropy_stats", _backward, setup_context=_setup_context)
 refuse_double_backward("em_kernels::linear_entropy_backward", "linear_entropy")
+
+
+def _linear_entropy_stats_vmap(info, in_dims, hidden, weight, bias, tokens, temperature,
+                               grad_filter_eps, backend):
+    """torch.vmap of the forward. Over hidden states (and tokens) with one shared head, the
+    common case: one call on the flattened (B N, H) rows, which reads the head once where
+    torch's per-sample fallback would read it B times. A batched head (or bias): one call per
+    sample."""
+    size = info.batch_size
+    hidden = batch_first(hidden, in_dims[0], size)
+    tokens = batch_first(tokens, in_dims[3], size)
+    samples, rows = hidden.shape[:2]
+    if in_dims[1] is None and in_dims[2] is None:
+        entropy, lse, chosen = linear_entropy_stats(
+            hidden.reshape(samples * rows, hidden.shape[-1]),
+            weight, bias, None if tokens is None else tokens.reshape(samples * rows),
+            temperature, grad_filter_eps, backend)
+        entropy, lse = entropy.reshape(samples, rows), lse.reshape(samples, rows)
+        if tokens is None:  # chosen is the empty placeholder, the same for every sample
+            return (entropy, lse, chosen), (0, 0, None)
+        return (entropy, lse, chosen.reshape(samples, rows)), (0, 0, 0)
+    weight = batch_first(weight, in_dims[1], size)
+    bias = batch_first(bias, in_dims[2], size)
+    dtype = _stats_dtype(hidden.dtype)
+    entropy = hidden.new_empty((samples, rows), dtype=dtype)
+    lse = hidden.new_empty((samples, rows), dtype=lse_dtype(hidden.device))
+    chosen = hidden.new_empty((samples, rows) if tokens is not None else _EMPTY, dtype=dtype)
+    for b in range(samples):
+        entropy[b], lse[b], chosen_b = linear_entropy_stats(
+            hidden[b], weight[b], None if bias is None else bias[b],
+            None if tokens is None else tokens[b], temperature, grad_filter_eps, backend)
+        if tokens is not None:
+            chosen[b] = chosen_b
+    return (entropy, lse, chosen), (0, 0, 0 if tokens is not None else None)
+
+
+torch.library.register_vmap("em_kernels::linear_entropy_stats", _linear_entropy_stats_vmap)
