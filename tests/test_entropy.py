@@ -12,7 +12,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -299,6 +303,53 @@ def test_offsets_past_2_31(backend_device):
     ones = torch.ones(3, device=device)
     assert_matches_oracle(logits.grad[checked], leaf.grad, baseline_leaf.grad,
                           grad_floor(picked, 1.0, ones, ones), "gradient")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("check", ["0", "1"])
+def test_cuda_token_check_is_eager_only_when_asked(check):
+    """On CUDA tensors an id outside [0, V) gives a NaN log-prob without a host sync, unless
+    EM_KERNELS_CHECK_TOKENS=1 was set before the import: then a ValueError (a fresh process,
+    since the variable is read at import)."""
+    script = (
+        "import torch, em_kernels\n"
+        "logits = torch.randn(2, 50, device='cuda')\n"
+        "tokens = torch.tensor([1, 50], device='cuda')\n"
+        "try:\n"
+        "    logprobs, _ = em_kernels.logprobs_and_entropy(logits, tokens)\n"
+        "    print('nan' if bool(logprobs[1].isnan()) and bool(logprobs[0].isfinite()) "
+        "else 'wrong')\n"
+        "except ValueError as error:\n"
+        "    print('refused' if '[0, 50)' in str(error) else 'wrong')\n")
+    env = {**os.environ, "EM_KERNELS_CHECK_TOKENS": check}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == ("refused" if check == "1" else "nan"), done.stderr
+
+
+def test_row_offsets_past_2_31_on_the_cpu_kernels():
+    """The C++ kernels index rows with 64-bit offsets: two rows 2^31 + 64 elements apart (a
+    view of a 4.3 GB bf16 buffer that is never touched but at those rows: no memory is
+    committed for the rest) give the results and gradients of the same rows side by side, for
+    the entropy ops, em_inf_adjust and adaptive_temperature."""
+    if em_kernels.available_backends()["cpu"] != "available":
+        pytest.skip(em_kernels.available_backends()["cpu"])
+    vocab, stride = 1000, 2**31 + 64
+    buffer = torch.empty(stride + vocab, dtype=torch.bfloat16)
+    far = buffer.as_strided((2, vocab), (stride, 1))
+    far.copy_(3 * torch.randn(2, vocab, generator=torch.Generator().manual_seed(8)))
+    near = far.clone()
+    tokens = torch.tensor([3, vocab - 1])
+    results = []
+    for rows in (far, near):
+        leaf = rows.detach().requires_grad_()
+        logprobs, entropy = em_kernels.logprobs_and_entropy(leaf, tokens, backend="cpu")
+        (entropy.sum() + 0.5 * logprobs.sum()).backward()
+        results.append((logprobs, entropy, leaf.grad,
+                        em_kernels.em_inf_adjust(rows, backend="cpu"),
+                        em_kernels.adaptive_temperature(rows, backend="cpu")))
+    for got, want in zip(*results):
+        assert torch.equal(bits(got), bits(want))
 
 
 @pytest.mark.parametrize("vocab", [5, 4097])
