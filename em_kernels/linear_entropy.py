@@ -234,8 +234,9 @@ def linear_entropy(
         other rows (batch invariance); the chunked PyTorch path leaves that to the BLAS, which may
         round a row's logits differently at another batch size. Extra memory: O(N) statistics plus a
         fixed tile workspace in the forward; the backward (deterministic: a dz pass and BLAS matmuls
-        over vocab chunks, no atomics) adds a chunk workspace of at most 128 MiB and an fp32 (N, H)
-        d_hidden accumulator.
+        over vocab chunks, no atomics) adds a chunk workspace of at most 128 MiB (a chunk keeps
+        at least 256 vocab columns, so past N = 262144 rows in 16-bit, 131072 in fp32, it is N x
+        256 entries) and an fp32 (N, H) d_hidden accumulator.
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(
