@@ -533,8 +533,9 @@ def _check_filtered(shard, hidden, weight, bias, tokens, grad_entropy, grad_logp
 def test_vocab_parallel_matches_unsharded():
     """One spawn (process start-up dominates) runs every case of both ops: the "torch" backend
     in fp32, bf16 and float64, the C++ kernels in fp32 and bf16 (linear_entropy_loss's
-    statistics; linear_entropy runs chunked torch there), and the Triton kernels (interpreter
-    here, GPU where present) in fp32."""
+    statistics; linear_entropy runs chunked torch there), and the Triton kernels in fp32 under
+    the interpreter, on CPU tensors. Never on CUDA tensors: gloo has no CUDA all_gather (the
+    shard sizes') and NCCL wants a GPU per rank, which no machine here has."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     cases = [("torch", torch.float32), ("torch", torch.bfloat16), ("torch", torch.float64)]
