@@ -123,17 +123,13 @@ def select_shapes(op, shape_dims: list[dict] | None, device_type: str, full: boo
 
 
 def unmatched_shapes(args, device_type: str) -> list[str]:
-    """The --shapes entries that name only some of an op's dims (N64, V151936) and select none
-    of the shapes the selected ops declare on this device: a typo, or a shape that only --full
-    (or another device) declares."""
+    """The --shapes entries that select no shape of any selected op on this device: one naming
+    only some of an op's dims (N4096, V99999) that none of its declared shapes has (a typo, or a
+    shape only --full or another device declares). An entry naming all of an op's dims always
+    selects that shape."""
     selected = [op for name, op in OPS.items() if args.ops is None or name in args.ops]
-    unmatched = []
-    for label, dims in zip(args.shapes or (), args.shape_dims or ()):
-        partial = [op for op in selected if set(dims) < set(op.dims)]
-        if partial and not any(select_shapes(op, [dims], device_type, args.full)
-                               for op in partial):
-            unmatched.append(label)
-    return unmatched
+    return [label for label, dims in zip(args.shapes or (), args.shape_dims or ())
+            if not any(select_shapes(op, [dims], device_type, args.full) for op in selected)]
 
 
 def build_plan(args, device_type: str) -> list[tuple]:

@@ -58,7 +58,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-import typing
 import zlib
 from typing import Any
 
@@ -120,9 +119,11 @@ BASELINE = "eager"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class Summed(typing.NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Summed:
     """An oracle output that sums terms which may cancel (a loss): its value, and the same sum of
-    the terms' absolute values, which a float32 sum's rounding error is relative to."""
+    the terms' absolute values, which a float32 sum's rounding error is relative to. (Not a
+    tuple: a gradient oracle's tuple means (rows, gradient).)"""
 
     value: torch.Tensor
     magnitude: torch.Tensor
@@ -452,7 +453,8 @@ def _tensor_errors(value: torch.Tensor, oracle: torch.Tensor | Summed,
     eps = torch.finfo(value.dtype).eps
     rel_floor = ((NORM_FLOOR_ULPS + math.sqrt(summed_terms)) * torch.finfo(torch.float32).eps
                  + 0.5 * eps)
-    oracle, scale = oracle if isinstance(oracle, Summed) else (oracle, oracle)
+    oracle, scale = ((oracle.value, oracle.magnitude) if isinstance(oracle, Summed)
+                     else (oracle, oracle))
     value = value.detach().double()
     finite = torch.isfinite(oracle)
     if not bool(finite.any()):

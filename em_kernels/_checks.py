@@ -7,6 +7,7 @@ vmapped tensors)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -189,9 +190,10 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
 MAX_EXTRA_ROWS = 0.25
 
 
+@dataclasses.dataclass(frozen=True)
 class RowLayout:
-    """logits (..., V) as the 2-D rows (M, V) the kernels take, without a copy where a few more
-    rows allow it.
+    """Where the rows of logits (..., V) lie among the 2-D rows (M, V) the kernels take, which
+    `RowLayout.rows_of` forms without a copy where a few more rows allow it.
 
     When the leading dims do not merge into one row stride, reshape copies every row: the whole
     (N, V) logits (2.5 GB in bf16 at 8192 x 151936), a read and a write before the op's own read,
@@ -212,16 +214,25 @@ class RowLayout:
     copy of ours (torch's generic as_strided backward would add one, and a zeroed buffer of the
     logits' extent), so the copy the reshape cost in the forward is simply gone, and with it
     the second copy of the logits that the forward held until the backward.
+
+    The layout holds no tensor, so an autograd context may keep it without keeping the logits
+    alive outside save_for_backward (where activation offloading and checkpointing see them).
     """
 
-    def __init__(self, logits: torch.Tensor):
-        self.leading = logits.shape[:-1]
+    leading: torch.Size  # the logits' leading shape, N rows in all
+    total: int  # M, the rows the kernels run on
+    lattice_strides: tuple[int, ...] | None  # the leading dims' strides in rows; None: as_rows
+
+    @classmethod
+    def rows_of(cls, logits: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
+        """(the (M, V) rows the kernels run on, their layout)."""
         lattice = _row_lattice(logits) if _eager_tensor(logits) else None
         if lattice is None:
-            self.rows, self.lattice_strides = as_rows(logits), None
-        else:
-            total, row_stride, self.lattice_strides = lattice
-            self.rows = _LatticeRows.apply(logits, total, row_stride, self.lattice_strides)
+            rows = as_rows(logits)
+            return rows, cls(logits.shape[:-1], rows.shape[0], None)
+        total, row_stride, lattice_strides = lattice
+        rows = _LatticeRows.apply(logits, total, row_stride, lattice_strides)
+        return rows, cls(logits.shape[:-1], total, lattice_strides)
 
     def results(self, values: torch.Tensor) -> torch.Tensor:
         """A per-row result of the kernels, (M,), as the leading shape (...)."""
@@ -239,8 +250,8 @@ class RowLayout:
         statistics), as the kernels' (M,) rows: ``fill``'s rows (an (M,) tensor), else zeros,
         on the rows that only fill the lattice."""
         if self.lattice_strides is None:
-            return values.reshape(self.rows.shape[0]).contiguous()
-        placed = values.new_zeros(self.rows.shape[0]) if fill is None else fill.clone()
+            return values.reshape(self.total).contiguous()
+        placed = values.new_zeros(self.total) if fill is None else fill.clone()
         placed.as_strided(self.leading, self.lattice_strides).copy_(values.reshape(self.leading))
         return placed
 
@@ -270,7 +281,7 @@ def _eager_tensor(tensor: torch.Tensor) -> bool:
             and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
 
 
-def _row_lattice(logits: torch.Tensor) -> tuple[int, int, list[int]] | None:
+def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:
     """(M, s, the leading dims' strides in rows of s) when the leading dims do not merge into
     one row stride (reshape would copy) but logits' rows are N of the M rows start + m * s
     (RowLayout), with M <= (1 + MAX_EXTRA_ROWS) N (M = N: the rows in another order, as
@@ -296,6 +307,6 @@ def _row_lattice(logits: torch.Tensor) -> tuple[int, int, list[int]] | None:
     total, count = span + 1, math.prod(size for size, _ in dims)
     if total - count > MAX_EXTRA_ROWS * count:
         return None
-    steps = [stride // row_stride if size > 1 else 0
-             for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])]
+    steps = tuple(stride // row_stride if size > 1 else 0
+                  for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]))
     return total, row_stride, steps

@@ -64,7 +64,7 @@ def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
             "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
             "transforms: flatten the batch into the logits' leading dims instead")
     shard = VocabShard.of(process_group, logits.shape[-1], logits.device)
-    layout = _checks.RowLayout(logits)
+    rows, layout = _checks.RowLayout.rows_of(logits)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
@@ -72,7 +72,7 @@ def _vocab_parallel_stats(logits, tokens, temperature, backend, process_group):
             tokens.reshape(tokens.numel()).contiguous())
         local_tokens = layout.row_values(local_tokens)
     entropy, logprobs = _VocabParallelSoftmaxStats.apply(
-        layout.rows, layout, local_tokens, owned, tokens_valid, temperature, backend, shard)
+        rows, layout, local_tokens, owned, tokens_valid, temperature, backend, shard)
     leading = logits.shape[:-1]
     return entropy.reshape(leading), None if tokens is None else logprobs.reshape(leading)
 
@@ -135,8 +135,8 @@ def entropy(
     backend = resolve_backend(backend, logits.device)
     if process_group is not None:
         return _vocab_parallel_stats(logits, None, temperature, backend, process_group)[0]
-    layout = _checks.RowLayout(logits)
-    result, _, _ = softmax_stats(layout.rows, None, temperature, backend)
+    rows, layout = _checks.RowLayout.rows_of(logits)
+    result, _, _ = softmax_stats(rows, None, temperature, backend)
     return layout.results(result)
 
 
@@ -180,7 +180,6 @@ def logprobs_and_entropy(
                                                    process_group)
         return logprobs, entropy_
     _checks.check_tokens(tokens, logits.shape[:-1], logits.shape[-1], logits.device)
-    layout = _checks.RowLayout(logits)
-    result, _, logprobs = softmax_stats(
-        layout.rows, layout.row_values(tokens), temperature, backend)
+    rows, layout = _checks.RowLayout.rows_of(logits)
+    result, _, logprobs = softmax_stats(rows, layout.row_values(tokens), temperature, backend)
     return layout.results(logprobs), layout.results(result)

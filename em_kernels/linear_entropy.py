@@ -234,9 +234,12 @@ def linear_entropy(
         other rows (batch invariance); the chunked PyTorch path leaves that to the BLAS, which may
         round a row's logits differently at another batch size. Extra memory: O(N) statistics plus a
         fixed tile workspace in the forward; the backward (deterministic: a dz pass and BLAS matmuls
-        over vocab chunks, no atomics) adds a chunk workspace of at most 128 MiB (a chunk keeps
-        at least 256 vocab columns, so past N = 262144 rows in 16-bit, 131072 in fp32, it is N x
-        256 entries) and an fp32 (N, H) d_hidden accumulator.
+        over vocab chunks, no atomics) adds a chunk workspace of at most 128 MiB and an fp32
+        (N, H) d_hidden accumulator. A chunk keeps at least 256 vocab columns, so past
+        128 MiB / (256 x bytes per entry) rows the workspace is N x 256 entries: past 262144
+        rows with 16-bit CUDA inputs on Triton (2 bytes an entry), 87381 on the "torch"
+        backend there (6: an fp32 logits buffer too), 131072 elsewhere (4; CPU runs 16-bit
+        inputs in fp32). Gradient filtering adds up to about one more chunk (gathered rows).
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(

@@ -510,6 +510,9 @@ def test_a_partial_shape_that_selects_nothing_is_reported(tmp_path, capsys):
     assert "--shapes V99999 N4096 selects none" in error and "--full declares more" in error
     assert main([*argv, "--shapes", "V151936"]) == 0
     assert main([*argv, "--full", "--shapes", "N4096"]) == 0
+    # B-V names every dim of the decode ops, some of logprobs_and_entropy_shifted's (B-T-V)
+    assert main(["--device", "cpu", "--out", str(tmp_path), "--list", "--shapes",
+                 "B1-V151936"]) == 0
 
 
 def test_logprobs_traffic_counts_int64_tokens():

@@ -651,9 +651,9 @@ def test_sliced_positions_run_on_the_logits_memory(backend_device, view, lattice
     base = (torch.randn(3, 20, 70, generator=generator) * 4).to(torch.bfloat16).to(device)
     base[0, 3, :40] = float("-inf")
     logits = view(base)
-    layout = _checks.RowLayout(logits)
-    shares_memory = layout.rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
-    assert shares_memory == lattice
+    rows, layout = _checks.RowLayout.rows_of(logits)
+    shares_memory = rows.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    assert shares_memory == lattice == (layout.lattice_strides is not None)
     tokens = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=generator)
     tokens = tokens.to(device)
     upstream = [torch.randn(logits.shape[:-1], generator=generator).to(device) for _ in "ab"]

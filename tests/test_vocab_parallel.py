@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -132,6 +133,7 @@ def _check_logits_case(rank, backend, dtype):
             torch.testing.assert_close(sharded[1], full[1], equal_nan=True, **stats_tolerance)
         torch.testing.assert_close(sharded[2], full[2][..., shard], **grad_tolerance)
     _check_sliced_positions(rank, backend, dtype)
+    _check_offloaded_logits_are_freed(backend, dtype)
     if backend == "torch" and dtype == torch.float32:
         _check_logits_compiled(rank, logits, tokens, grad_entropy, grad_logprobs)
     try:
@@ -166,7 +168,8 @@ def _check_sliced_positions(rank, backend, dtype):
         base = full[..., shard].contiguous().requires_grad_()
         batch_major = base
     logits = batch_major[..., :SPLIT][:, :-1] if rank == 0 else batch_major[:, :-1]
-    assert _checks.RowLayout(logits).lattice_strides is not None, "the view would be copied"
+    _, layout = _checks.RowLayout.rows_of(logits)
+    assert layout.lattice_strides is not None, "the view would be copied"
     reference = full[:, :-1].contiguous().requires_grad_()
     for group, rows in ((dist.group.WORLD, logits), (None, reference)):
         saved = []  # what the ops keep for the backward: the logits' own memory, no copy
@@ -192,6 +195,24 @@ def _check_sliced_positions(rank, backend, dtype):
     assert not own[:, -1].any(), "a row outside the view got a gradient"
     if rank == 0:
         assert not grad[..., SPLIT:].any(), "another rank's shard got a gradient"
+
+
+def _check_offloaded_logits_are_freed(backend, dtype):
+    """With saved-tensor hooks that offload what the op saves (as activation offloading does),
+    nothing else keeps the logits alive until the backward: the autograd context holds the
+    row layout's metadata, not its rows."""
+    shard_vocab = SPLIT if dist.get_rank() == 0 else VOCAB - SPLIT
+    leaf = torch.randn(2, 5, shard_vocab).to(dtype).requires_grad_()
+    logits = leaf * 1.0  # not a leaf: only what the op keeps can hold it
+    alive = weakref.ref(logits)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        entropy = em_kernels.entropy(logits[:, :-1], process_group=dist.group.WORLD,
+                                     backend=backend)
+    del logits
+    gc.collect()
+    assert alive() is None, "the vocab-parallel op kept the logits outside its saved tensors"
+    entropy.sum().backward()
+    assert bool(torch.isfinite(leaf.grad).all())
 
 
 def _check_logits_compiled(rank, logits, tokens, grad_entropy, grad_logprobs):

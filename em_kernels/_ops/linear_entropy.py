@@ -370,7 +370,8 @@ def linear_entropy_stats(
 
 
 @linear_entropy_stats.register_fake
-def _(hidden, weight, bias, tokens, temperature, grad_filter_eps, backend):
+def _stats_like(hidden, weight, bias, tokens, temperature, grad_filter_eps, backend):
+    """The forward's outputs, uninitialised (the fake kernel; also the vmap rule's buffers)."""
     rows = hidden.shape[0]
     dtype = _stats_dtype(hidden.dtype)
     return (
@@ -484,10 +485,12 @@ def _linear_entropy_stats_vmap(info, in_dims, hidden, weight, bias, tokens, temp
         return (entropy, lse, chosen.reshape(samples, rows)), (0, 0, 0)
     weight = batch_first(weight, in_dims[1], size)
     bias = batch_first(bias, in_dims[2], size)
-    dtype = _stats_dtype(hidden.dtype)
-    entropy = hidden.new_empty((samples, rows), dtype=dtype)
-    lse = hidden.new_empty((samples, rows), dtype=lse_dtype(hidden.device))
-    chosen = hidden.new_empty((samples, rows) if tokens is not None else _EMPTY, dtype=dtype)
+    entropy, lse, chosen = _stats_like(
+        hidden.reshape(samples * rows, hidden.shape[-1]), None, None,
+        None if tokens is None else tokens.reshape(samples * rows), None, None, None)
+    entropy, lse = entropy.view(samples, rows), lse.view(samples, rows)
+    if tokens is not None:
+        chosen = chosen.view(samples, rows)
     for b in range(samples):
         entropy[b], lse[b], chosen_b = linear_entropy_stats(
             hidden[b], weight[b], None if bias is None else bias[b],
