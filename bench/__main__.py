@@ -88,10 +88,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _selected_ops(args) -> list:
+    """The op modules --ops selects (all without it)."""
+    return [op for name, op in OPS.items() if args.ops is None or name in args.ops]
+
+
 def _check_shape_dims(parser, args) -> None:
     """Every --shapes entry must fit at least one selected op: a dim no op has, or a mix of
     dims no single op has, is a typo that would otherwise drop the entry (or the dim) silently."""
-    selected = [op for name, op in OPS.items() if args.ops is None or name in args.ops]
+    selected = _selected_ops(args)
     valid = "; ".join(f"{op.name} {'-'.join(op.dims)}" for op in selected)
     for label, dims in zip(args.shapes or (), args.shape_dims or ()):
         unknown = sorted(set(dims) - {dim for op in selected for dim in op.dims})
@@ -127,7 +132,7 @@ def unmatched_shapes(args, device_type: str) -> list[str]:
     only some of an op's dims (N4096, V99999) that none of its declared shapes has (a typo, or a
     shape only --full or another device declares). An entry naming all of an op's dims always
     selects that shape."""
-    selected = [op for name, op in OPS.items() if args.ops is None or name in args.ops]
+    selected = _selected_ops(args)
     return [label for label, dims in zip(args.shapes or (), args.shape_dims or ())
             if not any(select_shapes(op, [dims], device_type, args.full) for op in selected)]
 
@@ -136,9 +141,7 @@ def build_plan(args, device_type: str) -> list[tuple]:
     """[(op, dims, dtype, modes, providers)], smallest inputs first, so that a run cut short by
     --max-seconds has measured as many cases, and of as many ops, as it could."""
     plan = []
-    for name, op in OPS.items():
-        if args.ops is not None and name not in args.ops:
-            continue
+    for op in _selected_ops(args):
         modes = (op.default_modes(device_type, args.full) if args.modes is None
                  else [m for m in op.modes if m in args.modes])
         providers = [p for p in op.providers()
