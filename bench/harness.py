@@ -56,9 +56,9 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-import zlib
 from typing import Any
 
 import torch
