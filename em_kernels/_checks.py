@@ -209,7 +209,8 @@ class RowLayout:
     before.
 
     Eager tensors only (not under torch.compile, vmap, or on fake or meta tensors): there the
-    plain reshape stays, and the compiler sees what it always did. The backward hands the
+    plain reshape stays, and the compiler sees what it always did; nor under anomaly
+    detection (`_may_read_more`). The backward hands the
     logits the (M, V) gradient as a strided view of the N rows they own (`_LatticeRows`): no
     copy of ours (torch's generic as_strided backward would add one, and a zeroed buffer of the
     logits' extent), so the copy the reshape cost in the forward is simply gone, and with it
@@ -226,7 +227,7 @@ class RowLayout:
     @classmethod
     def rows_of(cls, logits: torch.Tensor) -> tuple[torch.Tensor, RowLayout]:
         """(the (M, V) rows the kernels run on, their layout)."""
-        lattice = _row_lattice(logits) if _eager_tensor(logits) else None
+        lattice = _row_lattice(logits) if _may_read_more(logits) else None
         if lattice is None:
             rows = as_rows(logits)
             return rows, cls(logits.shape[:-1], rows.shape[0], None)
@@ -275,10 +276,14 @@ class _LatticeRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _eager_tensor(tensor: torch.Tensor) -> bool:
-    return (not torch.compiler.is_compiling() and tensor.device.type in ("cpu", "cuda")
-            and not isinstance(tensor, torch._subclasses.FakeTensor)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+def _may_read_more(logits: torch.Tensor) -> bool:
+    """Whether RowLayout may run the kernels on rows besides those asked for: eager tensors
+    only, and not under anomaly detection, which flags a NaN in any backward output, where
+    those rows' gradients (NaN from a NaN row, say) appear before they are dropped."""
+    return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
+            and not isinstance(logits, torch._subclasses.FakeTensor)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
+            and not torch.is_anomaly_enabled())
 
 
 def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:

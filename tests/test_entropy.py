@@ -703,6 +703,27 @@ def test_the_backward_keeps_the_logits_and_per_row_statistics_only(backend_devic
         assert own and not rest, (name, [tuple(t.shape) for t in own], rest)
 
 
+def test_sliced_positions_under_anomaly_detection(backend_device):
+    """torch.autograd.detect_anomaly flags a NaN in any backward output, so there a slice is
+    not read in place: RowLayout's lattice would also read the rows between the sequences, and
+    a NaN there would show in the backward op's output before its rows are dropped. The results
+    and gradient of a copy, without the mode's error."""
+    backend, device = backend_device
+    values = torch.randn(2, 9, 30).to(device)
+    values[:, -1] = float("nan")
+    tokens = torch.zeros(2, 8, dtype=torch.long, device=device)
+    results = []
+    for anomaly in (True, False):
+        leaf = values.clone().requires_grad_()
+        logits = leaf[:, :-1] if anomaly else leaf[:, :-1].contiguous()
+        with torch.autograd.set_detect_anomaly(anomaly):
+            logprobs, entropy = em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)
+            (entropy.sum() + logprobs.sum()).backward()
+        results.append((logprobs, entropy, leaf.grad))
+    for mine, exact in zip(*results):
+        torch.testing.assert_close(mine, exact, rtol=0, atol=0)
+
+
 def test_sliced_positions_of_an_empty_batch(backend_device):
     """A slice with a zero-size leading dim has no rows to read (the lattice of its other dims
     would reach past its storage): empty results of the view's shape."""
