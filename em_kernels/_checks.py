@@ -185,9 +185,22 @@ def as_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 # RowLayout reads a few rows more than asked rather than copy the logits: at most this fraction
-# of the rows asked for (logits[:, :-1] of a (B, T, V) batch reads B - 1 more, 1/(T-1) of them;
-# a superset 25% larger still moves fewer bytes than the copy's read and write).
+# of the rows asked for (logits[:, :-1] of a (B, T, V) batch reads B - 1 more, 1/(T-1) of them,
+# or B more with shift=1; a superset 25% larger still moves fewer bytes than the copy's read and
+# write).
 MAX_EXTRA_ROWS = 0.25
+
+
+def check_shift(shift, logits: torch.Tensor) -> int:
+    """shift: a Python int >= 0, at most the logits' positions (their dim -2) when positive."""
+    shift = check_int("shift", shift, 0)
+    if shift and logits.dim() < 2:
+        raise ValueError("shift needs logits of shape (..., T, V), positions along dim -2; got "
+                         f"shape {tuple(logits.shape)}")
+    if shift > (logits.shape[-2] if shift else 0):
+        raise ValueError(f"shift={shift} is more than the logits' {logits.shape[-2]} positions "
+                         "(dim -2)")
+    return shift
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,21 +219,29 @@ class RowLayout:
     (each row's result depends on its row alone, so the extra rows cost their read and nothing
     else), and `results` picks the N asked for. Used when the view's rows do not overlap
     (s >= V, lattice positions distinct) and M - N <= MAX_EXTRA_ROWS * N; else `as_rows`, as
-    before.
+    before. The backward hands the logits the (M, V) gradient as a strided view of the N rows
+    they own (`_LatticeRows`): no copy of ours (torch's generic as_strided backward would add
+    one), so the copy the reshape cost in the forward is gone, and with it the second copy of
+    the logits that the forward held until the backward.
+
+    The slice's own backward still runs after it: torch's slice backward zeroes a tensor of the
+    full logits' size and copies the slice's gradient into it (at the headline shape 2.5 GB
+    written twice and read once, about the traffic of the whole entropy backward, with both
+    gradients alive at once). `rows_of_shifted` (the ops' ``shift``) avoids it: given the full
+    (..., T, V) logits, whose leading dims merge into one row stride as a model's output does,
+    the kernels run on all their M rows, the layout picks the positions t < T - shift, and the
+    backward hands the logits themselves the (M, V) gradient with the last positions zeroed
+    (`_ShiftedRows`): written once.
 
     Eager tensors only (not under torch.compile, vmap, or on fake or meta tensors): there the
-    plain reshape stays, and the compiler sees what it always did; nor under anomaly
-    detection (`_may_read_more`). The backward hands the
-    logits the (M, V) gradient as a strided view of the N rows they own (`_LatticeRows`): no
-    copy of ours (torch's generic as_strided backward would add one, and a zeroed buffer of the
-    logits' extent), so the copy the reshape cost in the forward is simply gone, and with it
-    the second copy of the logits that the forward held until the backward.
+    plain reshape (and slice) stays, and the compiler sees what it always did; nor under
+    anomaly detection (`_may_read_more`).
 
     The layout holds no tensor, so an autograd context may keep it without keeping the logits
     alive outside save_for_backward (where activation offloading and checkpointing see them).
     """
 
-    leading: torch.Size  # the logits' leading shape, N rows in all
+    leading: torch.Size  # the leading shape of the rows asked for, N rows in all
     total: int  # M, the rows the kernels run on
     lattice_strides: tuple[int, ...] | None  # the leading dims' strides in rows; None: as_rows
 
@@ -234,6 +255,25 @@ class RowLayout:
         total, row_stride, lattice_strides = lattice
         rows = _LatticeRows.apply(logits, total, row_stride, lattice_strides)
         return rows, cls(logits.shape[:-1], total, lattice_strides)
+
+    @classmethod
+    def rows_of_shifted(cls, logits: torch.Tensor, shift: int) -> tuple[torch.Tensor, RowLayout]:
+        """The rows of logits[..., :T - shift, :] (the positions whose token ``shift`` on is
+        known; ``shift`` checked by `check_shift`) and their layout, with the full logits'
+        gradient written by the backward where their rows have one stride (see above); else
+        `rows_of` on that slice."""
+        positions = logits.shape[-2] - shift if shift else 0
+        row_stride = _single_row_stride(logits) if shift and _may_read_more(logits) else None
+        leading = logits.shape[:-2] + (positions,) if shift else logits.shape[:-1]
+        total, count = math.prod(logits.shape[:-1]), math.prod(leading)
+        if row_stride is None or count == 0 or total - count > MAX_EXTRA_ROWS * count:
+            return cls.rows_of(logits[..., :positions, :] if shift else logits)
+        lattice_strides, rows_per_step = [], 1
+        for size in reversed(logits.shape[:-1]):  # the strides of a contiguous (..., T) in rows
+            lattice_strides.insert(0, rows_per_step if size > 1 else 0)
+            rows_per_step *= size
+        rows = _ShiftedRows.apply(logits, total, row_stride, shift)
+        return rows, cls(leading, total, tuple(lattice_strides))
 
     def results(self, values: torch.Tensor) -> torch.Tensor:
         """A per-row result of the kernels, (M,), as the leading shape (...)."""
@@ -276,6 +316,27 @@ class _LatticeRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+class _ShiftedRows(torch.autograd.Function):
+    """logits (..., T, V), leading dims of one row stride s -> all their M rows, (M, V), as a
+    view (RowLayout.rows_of_shifted). Their gradient goes back whole, as the logits' shape, with
+    the last ``shift`` positions zeroed in place (whatever the kernels computed there, NaN
+    included): M / T * shift * V stores, where slicing first would have torch zero all M V
+    entries and copy the rest into them. The gradient it zeroes is the backward op's fresh
+    output, which autograd hands to this node alone (a post-hook on that op's node would see it
+    change)."""
+
+    @staticmethod
+    def forward(ctx, logits, total, row_stride, shift):
+        ctx.shape, ctx.shift = logits.shape, shift
+        return logits.as_strided((total, logits.shape[-1]), (row_stride, 1))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        grad = grad_rows.contiguous().view(ctx.shape)
+        grad[..., grad.shape[-2] - ctx.shift:, :].zero_()
+        return grad, None, None, None
+
+
 def _may_read_more(logits: torch.Tensor) -> bool:
     """Whether RowLayout may run the kernels on rows besides those asked for: eager tensors
     only, and not under anomaly detection, which flags a NaN in any backward output, where
@@ -284,6 +345,22 @@ def _may_read_more(logits: torch.Tensor) -> bool:
             and not isinstance(logits, torch._subclasses.FakeTensor)
             and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
             and not torch.is_anomaly_enabled())
+
+
+def _single_row_stride(logits: torch.Tensor) -> int | None:
+    """The one stride s >= V of logits' rows when their leading dims merge into it (rows m * s,
+    as reshape would view them) and the last dim is contiguous; else None."""
+    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
+            if size > 1]
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        return None
+    if not dims:
+        return logits.shape[-1]
+    if any(outer_stride != inner_stride * inner_size
+           for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):
+        return None
+    row_stride = dims[-1][1]
+    return row_stride if row_stride >= logits.shape[-1] else None
 
 
 def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:

@@ -853,9 +853,11 @@ def test_every_dim_has_a_csv_column():
 
 
 def test_shifted_positions_are_measured_and_checked(tmp_path):
-    """logprobs_and_entropy on logits[:, :-1] of a (B, T + 1, V) batch: eager and the cpu
-    backend measured, each checked against the float64 oracle of the view (whole sequences,
-    the gradient w.r.t. the whole batch, zero at the last position)."""
+    """logprobs_and_entropy on the positions of a (B, T + 1, V) batch that predict a token:
+    eager on logits[:, :-1], the cpu backend on the whole batch with shift=1, each checked
+    against the float64 oracle of the view (whole sequences, the gradient w.r.t. the whole
+    batch, zero at the last position); the cpu backend's forward+backward holds the batch's
+    gradient alone (slicing first would add the slice's gradient, before torch copies it)."""
     rows = _run(tmp_path, "--ops", "logprobs_and_entropy_shifted", "--shapes", "B2-T5-V300",
                 "--providers", "eager", "cpu")
     cpu_runs = em_kernels.available_backends()["cpu"] == "available"
@@ -866,6 +868,9 @@ def test_shifted_positions_are_measured_and_checked(tmp_path):
         assert (row["dim_B"], row["dim_T"], row["dim_V"]) == ("2", "5", "300")
         if row["mode"] != "fwd":
             assert 0 <= float(row["err_grad"]) < 1e-2, row
+        if row["mode"] == "fwd+bwd" and row["provider"] == "cpu":
+            gradient_mib = 2 * 6 * 300 * {"fp32": 4, "bf16": 2}[row["dtype"]] / 2**20
+            assert float(row["peak_extra_mib"]) < 1.2 * gradient_mib, row
     # and its rows resume: none is measured again
     with _counting_cells() as again:
         _run(tmp_path / "resumed", "--ops", "logprobs_and_entropy_shifted", "--shapes",

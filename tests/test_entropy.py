@@ -23,6 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import assert_cuda_graph_replays_eager, bits, skip_unless_runnable
 from oracle import assert_matches_oracle, assert_row_relative, written_out
 from sm90 import run_lowering_script
@@ -703,6 +704,158 @@ def test_the_backward_keeps_the_logits_and_per_row_statistics_only(backend_devic
         assert own and not rest, (name, [tuple(t.shape) for t in own], rest)
 
 
+class _AtenOps(TorchDispatchMode):
+    """The names of the ops dispatched while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _shifted_and_sliced(backend, logits, tokens, shift, upstream):
+    """[(logprobs, entropy, entropy alone, d loss / d logits, the backward's ops)] of the ops
+    with ``shift`` on logits (..., T, V) and tokens (..., T), then of the ops on the slice
+    logits[..., :-shift, :] and tokens[..., shift:], for loss = upstream . (logprobs, entropy
+    + entropy alone), NaN terms dropped."""
+    runs = []
+    for sliced in (False, True):
+        leaf = logits.detach().clone().requires_grad_()
+        activation = leaf * 1.0  # a model's output: not a leaf
+        if sliced:
+            logprobs, entropy = em_kernels.logprobs_and_entropy(
+                activation[..., :-shift, :], tokens[..., shift:], backend=backend)
+            alone = em_kernels.entropy(activation[..., :-shift, :], backend=backend)
+        else:
+            logprobs, entropy = em_kernels.logprobs_and_entropy(activation, tokens, shift=shift,
+                                                                backend=backend)
+            alone = em_kernels.entropy(activation, shift=shift, backend=backend)
+        loss = (logprobs * upstream[0] + (entropy + alone) * upstream[1]).nan_to_num().sum()
+        with _AtenOps() as ops:
+            (grad,) = torch.autograd.grad(loss, leaf)
+        runs.append((logprobs, entropy, alone, grad, ops.names))
+    return runs
+
+
+_SHIFTABLE = {  # (B, T, V) logits whose rows have one stride, as a model's output has
+    "batch": lambda t: t,
+    "one_sequence": lambda t: t[0],
+    "padded_rows": lambda t: torch.nn.functional.pad(t, (0, 6))[..., :t.shape[-1]],
+}
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+@pytest.mark.parametrize("layout", list(_SHIFTABLE))
+def test_shift_hands_the_logits_their_whole_gradient(backend_device, layout, shift):
+    """shift=k on logits (..., T, V) is logits[..., :-k, :] with tokens[..., k:] (bitwise on
+    the kernels), but the ops run on all T positions and their backward writes the logits'
+    gradient whole (`RowLayout.rows_of_shifted`): torch's slice backward (a zeroed tensor of
+    the logits' size and a copy into it) never runs, and the last k positions get exactly 0,
+    whatever they hold (NaN here)."""
+    backend, device = backend_device
+    vocab, positions = 70, 20
+    generator = torch.Generator().manual_seed(9)
+    values = (torch.randn(3, positions, vocab, generator=generator) * 4).to(device)
+    values[:, positions - shift:] = float("nan")  # the positions with no next token
+    values[0, 5, :30] = float("-inf")
+    logits = _SHIFTABLE[layout](values)
+    tokens = torch.randint(0, vocab, logits.shape[:-1], generator=generator).to(device)
+    upstream = [torch.randn(tokens[..., shift:].shape, generator=generator).to(device)
+                for _ in "ab"]
+    ours, sliced = _shifted_and_sliced(backend, logits, tokens, shift, upstream)
+    backwards = [name for name in ours[-1] if name.startswith("aten.") and "_backward" in name]
+    assert not backwards and "aten.zero_.default" in ours[-1], ours[-1]
+    assert any("slice_backward" in name for name in sliced[-1])
+    grad = ours[3]
+    assert grad.shape == logits.shape and not grad[..., positions - shift:, :].any()
+    for mine, exact in zip(ours[:3] + (grad[..., :-shift, :],), sliced[:3] + (
+            sliced[3][..., :-shift, :],)):
+        assert mine.shape == exact.shape
+        if backend == "torch":
+            torch.testing.assert_close(mine, exact, equal_nan=True)
+        else:
+            assert torch.equal(bits(mine), bits(exact))
+
+
+@pytest.mark.parametrize("case, rows_read", [("transposed", 33), ("short", 11), ("zero", 36)])
+def test_shift_where_the_whole_gradient_is_not_written(backend_device, case, rows_read):
+    """Logits whose leading dims have no one row stride (positions-major, seen batch-first) or
+    too few positions for the extra rows (T - shift < 0.8 T): the ops run on the slice as if it
+    were passed (read in place, on RowLayout's lattice of 33 or 11 rows); shift=0 is no shift.
+    Same results and gradient."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(12)
+    positions, shift = (4, 1) if case == "short" else (12, 0 if case == "zero" else 1)
+    if case == "transposed":
+        logits = torch.randn(positions, 3, 50, generator=generator).to(device).transpose(0, 1)
+    else:
+        logits = torch.randn(3, positions, 50, generator=generator).to(device)
+    tokens = torch.randint(0, 50, logits.shape[:-1], generator=generator).to(device)
+    assert _checks.RowLayout.rows_of_shifted(logits, shift)[1].total == rows_read
+    if shift == 0:
+        for mine, exact in zip(
+                em_kernels.logprobs_and_entropy(logits, tokens, shift=0, backend=backend),
+                em_kernels.logprobs_and_entropy(logits, tokens, backend=backend)):
+            torch.testing.assert_close(mine, exact, rtol=0, atol=0)
+        return
+    upstream = [torch.randn(tokens[..., shift:].shape, generator=generator).to(device)
+                for _ in "ab"]
+    ours, sliced = _shifted_and_sliced(backend, logits, tokens, shift, upstream)
+    for mine, exact in zip(ours[:4], sliced[:4]):
+        torch.testing.assert_close(mine, exact, rtol=0, atol=0)
+
+
+def test_shift_under_anomaly_detection_reads_the_slice(backend_device):
+    """torch.autograd.detect_anomaly flags a NaN in any backward output, so there shift reads
+    the rows asked for alone, as a slice does (a copy): the last positions' NaN logits, which
+    the whole-gradient path would read and then zero, are never read."""
+    backend, device = backend_device
+    logits = torch.randn(2, 9, 30).to(device)
+    logits[:, -1] = float("nan")
+    tokens = torch.zeros(2, 9, dtype=torch.long, device=device)
+    upstream = [torch.ones(2, 8, device=device)] * 2
+    with torch.autograd.detect_anomaly():
+        ours, sliced = _shifted_and_sliced(backend, logits, tokens, 1, upstream)
+    assert any("slice_backward" in name for name in ours[-1])
+    for mine, exact in zip(ours[:4], sliced[:4]):
+        torch.testing.assert_close(mine, exact, rtol=0, atol=0)
+
+
+def test_shift_under_vmap_compile_and_batched_gradients(backend_device):
+    """Where the ops trace (torch.vmap, torch.compile) shift is the slice; without gradients
+    the rows are read as with them; and the backward that writes the whole gradient takes a
+    batch of upstream gradients (is_grads_batched)."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 3, 11, 40, generator=generator).to(device)
+    tokens = torch.randint(0, 40, (2, 3, 11), generator=generator).to(device)
+    expected = em_kernels.logprobs_and_entropy(logits[..., :-1, :], tokens[..., 1:],
+                                               backend=backend)
+    mapped = torch.vmap(lambda z, t: em_kernels.logprobs_and_entropy(
+        z, t, shift=1, backend=backend))(logits, tokens)
+    compiled = torch.compile(lambda z, t: em_kernels.logprobs_and_entropy(
+        z, t, shift=1, backend=backend), backend="eager", fullgraph=True)(logits, tokens)
+    with torch.no_grad():
+        plain = em_kernels.logprobs_and_entropy(logits, tokens, shift=1, backend=backend)
+    for result in (mapped, compiled, plain):
+        for mine, exact in zip(result, expected):
+            torch.testing.assert_close(mine, exact, rtol=0, atol=0)
+    leaf = logits[0].clone().requires_grad_()
+    logprobs, entropy = em_kernels.logprobs_and_entropy(leaf, tokens[0], shift=1,
+                                                        backend=backend)
+    upstream = torch.randn(4, 3, 10, generator=generator).to(device)
+    (batched,) = torch.autograd.grad(entropy + 0.5 * logprobs, leaf, upstream,
+                                     retain_graph=True, is_grads_batched=True)
+    for k in range(4):
+        (one,) = torch.autograd.grad(entropy + 0.5 * logprobs, leaf, upstream[k],
+                                     retain_graph=True)
+        torch.testing.assert_close(batched[k], one, rtol=0, atol=0)
+        assert not one[:, -1].any()
+
+
 def test_sliced_positions_under_anomaly_detection(backend_device):
     """torch.autograd.detect_anomaly flags a NaN in any backward output, so there a slice is
     not read in place: RowLayout's lattice would also read the rows between the sequences, and
@@ -1296,6 +1449,35 @@ def test_bad_tokens(backend):
                 em_kernels.logprobs_and_entropy(logits, bad, backend=backend,
                                                 process_group=object())
             assert message in str(info.value), str(info.value)
+
+
+def test_bad_shift():
+    """shift: an int in [0, T] on logits with a positions dim; with a shift, tokens are the
+    logits' own positions' ids, and the scored ids alone are refused with a message that says
+    so."""
+    logits, tokens = torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)
+    cases_ = [
+        (dict(shift=-1), ValueError, "shift must be >= 0, got -1"),
+        (dict(shift=1.0), TypeError, "shift must be a Python int, got float"),
+        (dict(shift=True), TypeError, "shift must be a Python int, got bool"),
+        (dict(shift=4), ValueError, "shift=4 is more than the logits' 3 positions"),
+        (dict(logits=torch.randn(10), shift=1), ValueError, "shift needs logits of shape"),
+        (dict(tokens=tokens[:, 1:], shift=1), ValueError,
+         "tokens are the ids of all the logits' positions, of shape (2, 3)"),
+        (dict(tokens=tokens[:, 2:], shift=1), ValueError, "leading shape (2, 3)"),
+    ]
+    for arguments, error, message in cases_:
+        calls = [lambda group, given=arguments: em_kernels.logprobs_and_entropy(
+            **{"logits": logits, "tokens": tokens, **given}, backend="torch",
+            process_group=group)]
+        if "tokens" not in arguments:
+            calls.append(lambda group, given=arguments: em_kernels.entropy(
+                **{"logits": logits, **given}, backend="torch", process_group=group))
+        for call, group in itertools.product(calls, (None, object())):
+            with pytest.raises(error) as info:  # vocab-parallel: before any collective
+                call(group)
+            assert message in str(info.value), str(info.value)
+    assert em_kernels.entropy(logits, shift=3, backend="torch").shape == (2, 0)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf"), -float("inf")])

@@ -1,6 +1,7 @@
 """The README's Python examples run as written (on CPU), so the README stays true: the ops'
-example, the custom training loop (each of its three steps on a tiny random model) and EM-INF
-in generate(). The verl and TRL snippets edit other projects' methods and are not run here."""
+example, the custom training loop (each of its three steps on a tiny random model), the causal
+LM's shifted logits and EM-INF in generate(). The verl and TRL snippets edit other projects'
+methods and are not run here."""
 
 from __future__ import annotations
 
@@ -50,6 +51,23 @@ def test_custom_training_loop():
     exec(readme_example("### In a custom training loop"), namespace)
     assert torch.isfinite(namespace["out"].loss)
     assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_shifted_logits_example():
+    """The causal LM's logits with shift=1: (B, T - 1) results, those of logits[:, :-1] with
+    ids[:, 1:], and a gradient that reaches the model."""
+    pytest.importorskip("transformers")
+    model = tiny_causal_lm(family="llama")
+    ids, mask, _ = random_batch(torch.Generator().manual_seed(2), 3, 5, 6)
+    namespace = dict(em_kernels=em_kernels, model=model, ids=ids, mask=mask)
+    exec(readme_example("### Replacing verl's or TRL's entropy from logits"), namespace)
+    log_probs, entropy, logits = (namespace[name] for name in ("log_probs", "entropy", "logits"))
+    assert log_probs.shape == entropy.shape == (ids.shape[0], ids.shape[1] - 1)
+    for mine, sliced in zip((log_probs, entropy), em_kernels.logprobs_and_entropy(
+            logits[:, :-1], ids[:, 1:])):
+        torch.testing.assert_close(mine, sliced, rtol=0, atol=0)
+    (entropy.sum() - log_probs.sum()).backward()
+    assert model.lm_head.weight.grad is not None
 
 
 def test_em_inf_in_generate():

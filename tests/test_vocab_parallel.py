@@ -195,6 +195,23 @@ def _check_sliced_positions(rank, backend, dtype):
     assert not own[:, -1].any(), "a row outside the view got a gradient"
     if rank == 0:
         assert not grad[..., SPLIT:].any(), "another rank's shard got a gradient"
+    # shift=1 on the whole shard (the input ids for tokens): the kernels run on all 18 rows, the
+    # same results, and the backward writes the shard's gradient whole, its last positions 0.
+    whole = full[..., shard].contiguous().requires_grad_()
+    assert _checks.RowLayout.rows_of_shifted(whole, 1)[1].total == batch * positions
+    input_ids = torch.cat([torch.zeros_like(tokens[:, :1]), tokens], 1)
+    logprobs, entropy = em_kernels.logprobs_and_entropy(
+        whole, input_ids, temperature=0.9, shift=1, process_group=dist.group.WORLD,
+        backend=backend)
+    alone = em_kernels.entropy(whole, temperature=0.9, shift=1, process_group=dist.group.WORLD,
+                               backend=backend)
+    for ours, exact in zip((logprobs, entropy, alone), sharded):
+        torch.testing.assert_close(ours, exact, equal_nan=True, rtol=0, atol=0)
+    loss = (logprobs * upstream[0]).nan_to_num() + entropy.nan_to_num() * upstream[1]
+    loss.sum().backward()
+    torch.testing.assert_close(whole.grad[:, :-1], reference.grad[..., shard],
+                               **_tolerance(dtype))
+    assert not whole.grad[:, -1].any(), "a position with no next token got a gradient"
 
 
 def _check_offloaded_logits_are_freed(backend, dtype):

@@ -180,12 +180,13 @@ def eager_shifted_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, to
 
 
 class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
-    """logprobs_and_entropy as an RL trainer calls it: on logits[:, :-1] of a (B, T + 1, V) batch
-    with tokens (B, T), a view whose rows have no single stride. eager and compile take the view
-    as trainers write it; em-kernels reads it in place (RowLayout) where reshape would copy it.
-    The least traffic counted is logprobs_and_entropy's on the N = B T rows used. The backward's
-    gradient is the whole batch's (B, T + 1, V), whose B rows of zeros (1 / T more to write)
-    torch's slice backward writes for every provider, outside the count."""
+    """logprobs_and_entropy as an RL trainer calls it: on the positions of a (B, T + 1, V) batch
+    that predict a next token. eager and compile take logits[:, :-1] with tokens (B, T), as
+    trainers write it (the backward's gradient then goes through torch's slice backward: a
+    zeroed (B, T + 1, V) tensor and a copy into it); em-kernels takes the whole batch with its
+    input ids (B, T + 1) and shift=1, which writes the batch's gradient directly. The least
+    traffic counted is logprobs_and_entropy's on the N = B T rows used; the gradient's B rows
+    of zeros (1 / T more to write) are outside the count."""
 
     name = "logprobs_and_entropy_shifted"
     dims = ("B", "T", "V")
@@ -211,8 +212,10 @@ class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
     def make_inputs(self, dims, dtype, device, generator):
         batch, positions, vocab = dims["B"], dims["T"], dims["V"]
         logits = random_logits(batch * (positions + 1), vocab, dtype, device, generator)
-        tokens = torch.randint(0, vocab, (batch, positions), device=device, generator=generator)
-        return {"logits": logits.view(batch, positions + 1, vocab), "tokens": tokens}
+        input_ids = torch.randint(0, vocab, (batch, positions + 1), device=device,
+                                  generator=generator)
+        return {"logits": logits.view(batch, positions + 1, vocab), "input_ids": input_ids,
+                "tokens": input_ids[:, 1:]}
 
     def traffic(self, dims, dtype, mode):
         return super().traffic({"N": dims["B"] * dims["T"], "V": dims["V"]}, dtype, mode)
@@ -233,7 +236,7 @@ class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
 
         def ours(case, backend):
             return lambda: em_kernels.logprobs_and_entropy(
-                case.inputs["logits"][:, :-1], case.inputs["tokens"], backend=backend)
+                case.inputs["logits"], case.inputs["input_ids"], shift=1, backend=backend)
 
         return [Provider("eager", eager), Provider("compile", compile_,
                                                    unavailable=compile_unavailable),
