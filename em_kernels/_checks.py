@@ -337,14 +337,20 @@ class _ShiftedRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+def eager_tensor(tensor: torch.Tensor) -> bool:
+    """Not tracing (torch.compile), and a real CPU or CUDA tensor: not fake, meta or vmapped
+    (the ops' vmap rules unwrap those). There the public functions may call an op's body
+    directly rather than through the dispatcher."""
+    return (not torch.compiler.is_compiling() and tensor.device.type in ("cpu", "cuda")
+            and not isinstance(tensor, torch._subclasses.FakeTensor)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
 def _may_read_more(logits: torch.Tensor) -> bool:
     """Whether RowLayout may run the kernels on rows besides those asked for: eager tensors
     only, and not under anomaly detection, which flags a NaN in any backward output, where
     those rows' gradients (NaN from a NaN row, say) appear before they are dropped."""
-    return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
-            and not isinstance(logits, torch._subclasses.FakeTensor)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(logits)
-            and not torch.is_anomaly_enabled())
+    return eager_tensor(logits) and not torch.is_anomaly_enabled()
 
 
 def _single_row_stride(logits: torch.Tensor) -> int | None:

@@ -131,14 +131,6 @@ def _has_cuda_kernel_cached(op_name: str) -> bool:
             and torch._C._dispatch_has_kernel_for_dispatch_key(f"em_C::{op_name}", "CUDA"))
 
 
-def _eager(logits: torch.Tensor) -> bool:
-    """Call the op's body directly: not tracing, and a real tensor (not fake, meta or vmapped:
-    the op's vmap rule unwraps those)."""
-    return (not torch.compiler.is_compiling() and logits.device.type in ("cpu", "cuda")
-            and not isinstance(logits, torch._subclasses.FakeTensor)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(logits))
-
-
 def em_inf_adjust(
     logits: torch.Tensor,
     *,
@@ -190,7 +182,7 @@ def em_inf_adjust(
     logits = logits.detach()
     rows = _checks.as_rows(logits)
     backend = em_inf_backend(rows, backend, steps)
-    run = em_inf_adjust_impl if _eager(logits) else em_inf_adjust_op
+    run = em_inf_adjust_impl if _checks.eager_tensor(logits) else em_inf_adjust_op
     adjusted = run(rows, steps, lr, kl_weight, threshold, optimizer == "adam",
                    early_exit == "batch", backend)
     return adjusted.reshape(logits.shape)
@@ -238,6 +230,6 @@ def adaptive_temperature(
     backend = _resolve(backend, logits.device, "adaptive_temperature")
     logits = logits.detach()  # no autograd, as em_inf_adjust
     rows = _checks.as_rows(logits)
-    run = adaptive_temperature_impl if _eager(logits) else adaptive_temperature_op
+    run = adaptive_temperature_impl if _checks.eager_tensor(logits) else adaptive_temperature_op
     scaled = run(rows, alpha, delta, max_iters, tol, backend)
     return scaled.reshape(logits.shape)

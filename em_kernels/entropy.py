@@ -6,8 +6,16 @@ import torch
 
 from . import _checks
 from ._backend import resolve_backend
-from ._ops.entropy import backward_from_stats, softmax_stats
+from ._ops.entropy import backward_from_stats, softmax_stats, softmax_stats_impl
 from ._vocab_parallel import VocabShard
+
+
+def _softmax_stats(rows, tokens, temperature, backend):
+    """The softmax_stats op, or its body without the dispatcher where nothing is traced or
+    differentiated (inference, decode-time calls)."""
+    if _checks.eager_tensor(rows) and not (torch.is_grad_enabled() and rows.requires_grad):
+        return softmax_stats_impl(rows, tokens, temperature, backend)
+    return softmax_stats(rows, tokens, temperature, backend)
 
 
 class _VocabParallelSoftmaxStats(torch.autograd.Function):
@@ -153,7 +161,7 @@ def entropy(
         return _vocab_parallel_stats(logits, None, temperature, shift, backend,
                                      process_group)[0]
     rows, layout = _checks.RowLayout.rows_of_shifted(logits, shift)
-    result, _, _ = softmax_stats(rows, None, temperature, backend)
+    result, _, _ = _softmax_stats(rows, None, temperature, backend)
     return layout.results(result)
 
 
@@ -213,5 +221,5 @@ def logprobs_and_entropy(
         return logprobs, entropy_
     _checks.check_token_range(tokens, logits.shape[-1])
     rows, layout = _checks.RowLayout.rows_of_shifted(logits, shift)
-    result, _, logprobs = softmax_stats(rows, layout.row_values(tokens), temperature, backend)
+    result, _, logprobs = _softmax_stats(rows, layout.row_values(tokens), temperature, backend)
     return layout.results(logprobs), layout.results(result)

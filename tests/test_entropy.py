@@ -877,6 +877,29 @@ def test_sliced_positions_under_anomaly_detection(backend_device):
         torch.testing.assert_close(mine, exact, rtol=0, atol=0)
 
 
+def test_calls_without_gradients_skip_the_dispatcher(backend_device):
+    """Eager calls that differentiate nothing (inference, decode-time entropies) run the
+    forward op's body directly, skipping the custom-op dispatch (tens of microseconds of Python
+    per call); calls with gradients go through the op and its autograd. Same results."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(14)
+    logits = torch.randn(3, 50, generator=generator).to(device)
+    tokens = torch.randint(0, 50, (3,), generator=generator).to(device)
+    results = []
+    for requires_grad, grad_mode in ((True, True), (False, True), (True, False)):
+        leaf = logits.clone().requires_grad_(requires_grad)
+        with torch.set_grad_enabled(grad_mode), _AtenOps() as ops:
+            logprobs, entropy = em_kernels.logprobs_and_entropy(leaf, tokens, backend=backend)
+            alone = em_kernels.entropy(leaf, backend=backend)
+        dispatched = [name for name in ops.names if name.startswith("em_kernels.softmax_stats")]
+        assert len(dispatched) == (2 if requires_grad and grad_mode else 0), dispatched
+        assert entropy.requires_grad == alone.requires_grad == (requires_grad and grad_mode)
+        results.append([t.detach() for t in (logprobs, entropy, alone)])
+    for differentiated, plain in itertools.product(results[:1], results[1:]):
+        for a, b in zip(differentiated, plain):
+            assert torch.equal(bits(a), bits(b))
+
+
 def test_sliced_positions_of_an_empty_batch(backend_device):
     """A slice with a zero-size leading dim has no rows to read (the lattice of its other dims
     would reach past its storage): empty results of the view's shape."""

@@ -16,7 +16,10 @@ per row; the backward recomputes p from the logits and those two numbers:
     dlp/dz_j =  (1/T) (onehot(y)_j - p_j)     (no one-hot for an id outside [0, V))
 
 Both ops take 2-D logits whose last dim is contiguous (stride 1) and any row stride; the public
-functions in em_kernels/entropy.py reshape and validate. ``backend`` is already resolved (never
+functions in em_kernels/entropy.py reshape and validate. The forward's body is also a plain
+function, `softmax_stats_impl`, which they call directly in eager mode when nothing is to be
+differentiated (the custom-op dispatch costs tens of microseconds of Python per call, as much
+as the op itself at decode sizes). ``backend`` is already resolved (never
 "auto") and picks the implementation: em_kernels.triton.entropy, the compiled extension
 (torch.ops.em_C, CPU and CUDA), or the float32 reference.
 """
@@ -107,11 +110,19 @@ def _bwd_impl(backend: str):
     return _torch_bwd
 
 
+def softmax_stats_impl(
+    logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward op's body; eager callers on real tensors that need no gradient may call it
+    directly (see em_kernels/entropy.py)."""
+    return _fwd_impl(backend)(logits, tokens, temperature)
+
+
 @torch.library.custom_op("em_kernels::softmax_stats", mutates_args=())
 def softmax_stats(
     logits: torch.Tensor, tokens: torch.Tensor | None, temperature: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_impl(backend)(logits, tokens, temperature)
+    return softmax_stats_impl(logits, tokens, temperature, backend)
 
 
 @softmax_stats.register_fake
