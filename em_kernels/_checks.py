@@ -8,6 +8,7 @@ vmapped tensors)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -197,7 +198,7 @@ def check_shift(shift, logits: torch.Tensor) -> int:
     if shift and logits.dim() < 2:
         raise ValueError("shift needs logits of shape (..., T, V), positions along dim -2; got "
                          f"shape {tuple(logits.shape)}")
-    if shift > (logits.shape[-2] if shift else 0):
+    if shift and shift > logits.shape[-2]:
         raise ValueError(f"shift={shift} is more than the logits' {logits.shape[-2]} positions "
                          "(dim -2)")
     return shift
@@ -230,8 +231,8 @@ class RowLayout:
     gradients alive at once). `rows_of_shifted` (the ops' ``shift``) avoids it: given the full
     (..., T, V) logits, whose leading dims merge into one row stride as a model's output does,
     the kernels run on all their M rows, the layout picks the positions t < T - shift, and the
-    backward hands the logits themselves the (M, V) gradient with the last positions zeroed
-    (`_ShiftedRows`): written once.
+    backward hands the logits themselves the (M, V) gradient, a plain view's, with the last
+    positions zeroed by a hook on the rows (`_zero_last_positions`): written once.
 
     Eager tensors only (not under torch.compile, vmap, or on fake or meta tensors): there the
     plain reshape (and slice) stays, and the compiler sees what it always did; nor under
@@ -262,17 +263,21 @@ class RowLayout:
         known; ``shift`` checked by `check_shift`) and their layout, with the full logits'
         gradient written by the backward where their rows have one stride (see above); else
         `rows_of` on that slice."""
-        positions = logits.shape[-2] - shift if shift else 0
-        row_stride = _single_row_stride(logits) if shift and _may_read_more(logits) else None
-        leading = logits.shape[:-2] + (positions,) if shift else logits.shape[:-1]
+        if not shift:
+            return cls.rows_of(logits)
+        positions = logits.shape[-2] - shift
+        leading = logits.shape[:-2] + (positions,)
         total, count = math.prod(logits.shape[:-1]), math.prod(leading)
-        if row_stride is None or count == 0 or total - count > MAX_EXTRA_ROWS * count:
-            return cls.rows_of(logits[..., :positions, :] if shift else logits)
+        if (count == 0 or total - count > MAX_EXTRA_ROWS * count or not _may_read_more(logits)
+                or not _rows_have_one_stride(logits)):
+            return cls.rows_of(logits[..., :positions, :])
         lattice_strides, rows_per_step = [], 1
         for size in reversed(logits.shape[:-1]):  # the strides of a contiguous (..., T) in rows
             lattice_strides.insert(0, rows_per_step if size > 1 else 0)
             rows_per_step *= size
-        rows = _ShiftedRows.apply(logits, total, row_stride, shift)
+        rows = logits.view(total, logits.shape[-1])  # the leading dims have one row stride
+        if rows.requires_grad:
+            rows.register_hook(functools.partial(_zero_last_positions, logits.shape, shift))
         return rows, cls(leading, total, tuple(lattice_strides))
 
     def results(self, values: torch.Tensor) -> torch.Tensor:
@@ -316,25 +321,15 @@ class _LatticeRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-class _ShiftedRows(torch.autograd.Function):
-    """logits (..., T, V), leading dims of one row stride s -> all their M rows, (M, V), as a
-    view (RowLayout.rows_of_shifted). Their gradient goes back whole, as the logits' shape, with
-    the last ``shift`` positions zeroed in place (whatever the kernels computed there, NaN
-    included): M / T * shift * V stores, where slicing first would have torch zero all M V
-    entries and copy the rest into them. The gradient it zeroes is the backward op's fresh
-    output, which autograd hands to this node alone (a post-hook on that op's node would see it
-    change)."""
-
-    @staticmethod
-    def forward(ctx, logits, total, row_stride, shift):
-        ctx.shape, ctx.shift = logits.shape, shift
-        return logits.as_strided((total, logits.shape[-1]), (row_stride, 1))
-
-    @staticmethod
-    def backward(ctx, grad_rows):
-        grad = grad_rows.contiguous().view(ctx.shape)
-        grad[..., grad.shape[-2] - ctx.shift:, :].zero_()
-        return grad, None, None, None
+def _zero_last_positions(shape: torch.Size, shift: int, grad_rows: torch.Tensor) -> torch.Tensor:
+    """The gradient of the (M, V) rows of logits ``shape`` (..., T, V) with the last ``shift``
+    positions zeroed (whatever the kernels computed there, NaN included): M / T * shift * V
+    stores, where slicing first would have torch zero all M V entries and copy the rest into
+    them (RowLayout.rows_of_shifted). In place: a hook on the rows, whose gradient is the
+    backward op's fresh output, which autograd hands to them alone."""
+    grad = grad_rows.contiguous().view(shape)
+    grad[..., shape[-2] - shift:, :].zero_()
+    return grad.view(grad_rows.shape)
 
 
 def eager_tensor(tensor: torch.Tensor) -> bool:
@@ -353,20 +348,17 @@ def _may_read_more(logits: torch.Tensor) -> bool:
     return eager_tensor(logits) and not torch.is_anomaly_enabled()
 
 
-def _single_row_stride(logits: torch.Tensor) -> int | None:
-    """The one stride s >= V of logits' rows when their leading dims merge into it (rows m * s,
-    as reshape would view them) and the last dim is contiguous; else None."""
+def _rows_have_one_stride(logits: torch.Tensor) -> bool:
+    """Whether logits' leading dims merge into one row stride s >= V (rows m * s, as reshape
+    views them: a model's output) with a contiguous last dim."""
     dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
             if size > 1]
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        return None
-    if not dims:
-        return logits.shape[-1]
+        return False
     if any(outer_stride != inner_stride * inner_size
            for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):
-        return None
-    row_stride = dims[-1][1]
-    return row_stride if row_stride >= logits.shape[-1] else None
+        return False
+    return not dims or dims[-1][1] >= logits.shape[-1]
 
 
 def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:

@@ -120,7 +120,12 @@ def entropy(
             backward (a zeroed tensor of the logits' size, and a copy into it): one gradient
             written once (at 8 x 1025 x 151936 in bf16, 7.5 GB less traffic and 2.5 GB less
             at the peak). Run eagerly, and not under anomaly detection; under torch.compile or
-            vmap it is the slice.
+            vmap it is the slice. Rows are sequences: with a packed batch (sequences laid end
+            to end in one row, as verl's remove-padding path has them) shift would score across
+            their boundaries; roll the ids there instead, and never pass rolled ids with a
+            shift. Anomaly detection turned on for the backward alone raises on a NaN or inf
+            logit in the last positions, which this path reads (a slice read in place has the
+            same with the rows between its sequences): turn it on around the forward too.
         process_group: a torch.distributed group for vocab-parallel logits (as a tensor-parallel
             LM head gives them): each rank passes its contiguous slice of the vocabulary, rank r
             the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
@@ -207,12 +212,11 @@ def logprobs_and_entropy(
     _checks.check_autograd_mode(logits, "logprobs_and_entropy")
     shift = _checks.check_shift(shift, logits)
     backend = resolve_backend(backend, logits.device)
-    if (shift and isinstance(tokens, torch.Tensor)
-            and tokens.shape == logits.shape[:-2] + (logits.shape[-2] - shift,)):
+    if shift and isinstance(tokens, torch.Tensor) and tokens.shape != logits.shape[:-1]:
         raise ValueError(
             f"with shift={shift}, tokens are the ids of all the logits' positions, of shape "
             f"{tuple(logits.shape[:-1])} (the input ids, of which tokens[..., {shift}:] are "
-            f"scored), got {tuple(tokens.shape)}, the scored ones alone")
+            f"scored), got {tuple(tokens.shape)}")
     _checks.check_tokens(tokens, logits.shape[:-1], None, logits.device)
     tokens = tokens[..., shift:] if shift else tokens
     if process_group is not None:  # the range checked once the whole vocabulary is known

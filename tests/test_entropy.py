@@ -824,6 +824,20 @@ def test_shift_under_anomaly_detection_reads_the_slice(backend_device):
         torch.testing.assert_close(mine, exact, rtol=0, atol=0)
 
 
+def test_shift_keeps_the_logits_for_the_backward(backend_device):
+    """With shift the ops keep the logits themselves for the backward (a view of their rows),
+    so writing into them before it raises torch's own error, as without a shift."""
+    backend, device = backend_device
+    for shift in (0, 1):
+        leaf = torch.randn(2, 9, 30, device=device, requires_grad=True)
+        logits = leaf * 1.0
+        entropy = em_kernels.entropy(logits, shift=shift, backend=backend)
+        with torch.no_grad():
+            logits.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            entropy.sum().backward()
+
+
 def test_shift_under_vmap_compile_and_batched_gradients(backend_device):
     """Where the ops trace (torch.vmap, torch.compile) shift is the slice; without gradients
     the rows are read as with them; and the backward that writes the whole gradient takes a
@@ -1487,7 +1501,9 @@ def test_bad_shift():
         (dict(logits=torch.randn(10), shift=1), ValueError, "shift needs logits of shape"),
         (dict(tokens=tokens[:, 1:], shift=1), ValueError,
          "tokens are the ids of all the logits' positions, of shape (2, 3)"),
-        (dict(tokens=tokens[:, 2:], shift=1), ValueError, "leading shape (2, 3)"),
+        (dict(tokens=tokens[:, 2:], shift=2), ValueError,
+         "with shift=2, tokens are the ids of all the logits' positions, of shape (2, 3)"),
+        (dict(tokens=tokens.reshape(6), shift=1), ValueError, "got (6,)"),
     ]
     for arguments, error, message in cases_:
         calls = [lambda group, given=arguments: em_kernels.logprobs_and_entropy(
