@@ -348,17 +348,24 @@ def _may_read_more(logits: torch.Tensor) -> bool:
     return eager_tensor(logits) and not torch.is_anomaly_enabled()
 
 
+def _leading_dims(logits: torch.Tensor) -> tuple[list[tuple[int, int]], bool]:
+    """The (size, stride) of logits' leading dims of size > 1, outermost first, and whether
+    they merge into one row stride (each stride the next one's times its size: a plain view
+    under reshape)."""
+    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
+            if size > 1]
+    merge = all(outer_stride == inner_stride * inner_size
+                for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]))
+    return dims, merge
+
+
 def _rows_have_one_stride(logits: torch.Tensor) -> bool:
     """Whether logits' leading dims merge into one row stride s >= V (rows m * s, as reshape
     views them: a model's output) with a contiguous last dim."""
-    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
-            if size > 1]
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         return False
-    if any(outer_stride != inner_stride * inner_size
-           for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):
-        return False
-    return not dims or dims[-1][1] >= logits.shape[-1]
+    dims, merge = _leading_dims(logits)
+    return merge and (not dims or dims[-1][1] >= logits.shape[-1])
 
 
 def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | None:
@@ -369,13 +376,9 @@ def _row_lattice(logits: torch.Tensor) -> tuple[int, int, tuple[int, ...]] | Non
     vocab = logits.shape[-1]
     if logits.numel() == 0:
         return None
-    dims = [(size, stride) for size, stride in zip(logits.shape[:-1], logits.stride()[:-1])
-            if size > 1]
-    if len(dims) < 2 or logits.stride(-1) != 1:
+    dims, merge = _leading_dims(logits)
+    if len(dims) < 2 or logits.stride(-1) != 1 or merge:  # merged: reshape gives a plain view
         return None
-    if all(outer_stride == inner_stride * inner_size
-           for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:])):
-        return None  # the leading dims merge into one row stride: a plain view
     row_stride = min(stride for _, stride in dims)
     if row_stride < vocab or any(stride % row_stride for _, stride in dims):
         return None
