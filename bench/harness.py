@@ -22,9 +22,12 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
    of the copy ceiling, and their fraction does not count passes. On CPU nothing is flushed:
    a cell that fits in cache (N 1, or N 64 in bf16) runs cache-warm against a DRAM copy
    ceiling, and that ceiling moves by 2x between runs on a shared machine;
-5. compares the outputs (and in the backward modes the input gradients) with the op's float64
-   oracle, on an evenly spaced subset of rows when the full oracle would be too big (every op
-   here is row-wise, so a row's result does not depend on the other rows), and gives every
+5. compares the outputs, every row of them, with the op's float64 oracle (computed a chunk of
+   rows at a time), and in the backward modes the input gradients on an evenly spaced subset of
+   rows when the whole float64 gradient would be too big (every op here is row-wise, so a row's
+   gradient does not depend on the other rows; d(weight) of the LM-head ops sums over every row
+   and has an oracle of its own); a provider must return exactly the op's outputs, in their
+   shapes, or its cell is an error. It gives every
    provider but eager a verdict (`check_errors`): its largest error and its normwise error
    must each stay within what eager, the fp32-upcast PyTorch every trainer runs, achieves on
    the same cell. A fast wrong result is a "FAIL" cell, which makes em-bench exit 1.
@@ -69,8 +72,13 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
-# Rows of the float64 oracle: enough to catch a wrong block or tile anywhere, cheap at V = 262144.
-ORACLE_ROWS = 64
+# Rows whose input gradients are compared with the float64 oracle: enough to catch a wrong block
+# or tile anywhere, cheap at V = 262144 (every row of a [16384, 262144] gradient would be 32 GiB
+# in float64). Outputs are compared on every row.
+GRAD_ROWS = 64
+# Bytes of float64 input per chunk of rows of the output oracle (`row_chunks`): the reference
+# holds a few temporaries of that size, so its peak stays near 1 GiB whatever the shape.
+ORACLE_CHUNK_BYTES = 2**28
 # CPU timing: at least this many timed repeats, at most CPU_MAX_REPEATS, and no more repeats than
 # fit in CPU_REPEAT_BUDGET_S; a median of 3 is already robust to one preempted run on a shared box.
 CPU_MIN_REPEATS = 3
@@ -142,7 +150,7 @@ class Case:
     dtype: torch.dtype
     device: torch.device
     inputs: dict[str, torch.Tensor]
-    check_rows: torch.Tensor  # indices (along dim 0 of the outputs) compared with the oracle
+    grad_rows: torch.Tensor  # indices (along dim 0 of the inputs) whose gradients are compared
     seed: int
     oracle_cache: dict = dataclasses.field(default_factory=dict)
     upstream_cache: dict = dataclasses.field(default_factory=dict)  # provider -> upstream grads
@@ -150,6 +158,12 @@ class Case:
     @property
     def label(self) -> str:
         return shape_label(self.dims)
+
+    def cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """make(), computed once per case (oracle parts that several modes share)."""
+        if key not in self.oracle_cache:
+            self.oracle_cache[key] = make()
+        return self.oracle_cache[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +192,7 @@ class OpBench:
     modes: tuple[str, ...] = MODES
     bound: str = "memory"  # "memory": GB/s vs copy bandwidth; "compute": TFLOP/s vs matmul
     grad_inputs: tuple[str, ...] = ()  # inputs that require grad in the backward modes
-    oracle_rows: int | None = ORACLE_ROWS  # None: compare every row
+    grad_rows: int | None = GRAD_ROWS  # rows whose gradients are compared; None: every row
     # What a provider's name stands for in this op, where a reader could take it for something
     # else; printed under the op's table.
     provider_notes: dict[str, str] = {}
@@ -216,12 +230,14 @@ class OpBench:
         error floor (NORM_ERROR_FACTOR): the vocabulary by default."""
         return dims["V"]
 
-    def oracle(self, case: Case, upstream: Sequence[torch.Tensor] | None):
-        """float64 (outputs on case.check_rows, each a tensor or a `Summed`, {input name:
-        gradient on case.check_rows, or (indices, gradient on those indices of the input's dim
-        0)}).
+    def output_oracle(self, case: Case) -> list[torch.Tensor | Summed]:
+        """The outputs in float64, every row, each a tensor or a `Summed`, in the providers'
+        order and shapes."""
+        raise NotImplementedError
 
-        upstream holds the upstream gradients of the full outputs (None in fwd mode)."""
+    def grad_oracle(self, case: Case, upstream: Sequence[torch.Tensor]) -> dict:
+        """{input name: its gradient in float64 on case.grad_rows, or (indices, gradient on
+        those indices of the input's dim 0)}, for upstream gradients of the full outputs."""
         raise NotImplementedError
 
     def providers(self) -> list[Provider]:
@@ -437,11 +453,20 @@ def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtyp
     generator = torch.Generator(ctx.device).manual_seed(seed)
     inputs = op.make_inputs(dims, dtype, ctx.device, generator)
     rows = next(iter(inputs.values())).shape[0]
-    if op.oracle_rows is None or rows <= op.oracle_rows:
-        check_rows = torch.arange(rows, device=ctx.device)
+    if op.grad_rows is None or rows <= op.grad_rows:
+        grad_rows = torch.arange(rows, device=ctx.device)
     else:
-        check_rows = torch.linspace(0, rows - 1, op.oracle_rows, device=ctx.device).round().long()
-    return Case(op, dims, dtype, ctx.device, inputs, check_rows, seed)
+        grad_rows = torch.linspace(0, rows - 1, op.grad_rows, device=ctx.device).round().long()
+    return Case(op, dims, dtype, ctx.device, inputs, grad_rows, seed)
+
+
+def row_chunks(tensor: torch.Tensor):
+    """Slices of dim 0 of tensor, each at most ORACLE_CHUNK_BYTES in float64 (at least one row
+    each)."""
+    row_bytes = 8 * max(1, tensor[:1].numel())
+    step = max(1, ORACLE_CHUNK_BYTES // row_bytes)
+    for start in range(0, tensor.shape[0], step):
+        yield slice(start, start + step)
 
 
 def _tensor_errors(value: torch.Tensor, oracle: torch.Tensor | Summed,
@@ -473,18 +498,26 @@ def _errors(case: Case, mode: str, result: Sequence[torch.Tensor],
     """err_out and rel_out (and in the backward modes err_grad and rel_grad): the largest and
     the largest normwise error of the outputs (of the input gradients) against the op's float64
     oracle, over those tensors; floor_out, rel_floor_out (floor_grad, rel_floor_grad): the
-    largest floors of those tensors (check_errors uses eager's)."""
-    oracle_key = mode != "fwd"
-    if oracle_key not in case.oracle_cache:
-        case.oracle_cache[oracle_key] = case.op.oracle(case, upstream)
-    outs64, grads64 = case.oracle_cache[oracle_key]
+    largest floors of those tensors (check_errors uses eager's). ValueError when the provider
+    returned other outputs than the op's (fewer, more, or of other shapes): no verdict could
+    see what is missing."""
+    outs64 = case.cached("outputs", lambda: case.op.output_oracle(case))
+    if len(result) != len(outs64):
+        raise ValueError(f"the provider returned {len(result)} output(s), "
+                         f"{case.op.name} has {len(outs64)}")
+    for index, (out, ref) in enumerate(zip(result, outs64)):
+        expected = (ref.value if isinstance(ref, Summed) else ref).shape
+        if out.shape != expected:
+            raise ValueError(f"the provider's output {index} has shape {tuple(out.shape)}, "
+                             f"{case.op.name}'s is {tuple(expected)}")
     terms = case.op.summed_terms(case.dims)
-    found = {"out": [_tensor_errors(out.index_select(0, case.check_rows), ref, terms)
-                     for out, ref in zip(result, outs64)]}
+    found = {"out": [_tensor_errors(out, ref, terms) for out, ref in zip(result, outs64)]}
     if mode != "fwd":
+        # Every provider gets the same upstream gradients (upstream_like: seeded, one shape).
+        grads64 = case.cached("gradients", lambda: case.op.grad_oracle(case, upstream))
         found["grad"] = []
         for name, ref in grads64.items():
-            rows, ref = ref if isinstance(ref, tuple) else (case.check_rows, ref)
+            rows, ref = ref if isinstance(ref, tuple) else (case.grad_rows, ref)
             found["grad"].append(
                 _tensor_errors(case.inputs[name].grad.index_select(0, rows), ref, terms))
     fields = {}

@@ -937,12 +937,62 @@ def test_bwd_mode_times_the_backward_alone():
     assert len(calls) == 1
 
 
-def test_check_rows_spread_over_every_row():
-    """The oracle's rows span the batch, first and last row included, not its first rows."""
+def test_grad_rows_spread_over_every_row():
+    """The rows whose gradients are checked span the batch, first and last row included, not
+    its first rows."""
     ctx = _cpu_context()
     case = make_case(ctx, OPS["entropy"], {"N": 200, "V": 10}, torch.float32, seed=0)
-    rows = case.check_rows.tolist()
+    rows = case.grad_rows.tolist()
     assert len(rows) == 64 and rows[0] == 0 and rows[-1] == 199 and rows == sorted(set(rows))
+
+
+def test_outputs_are_checked_on_every_row():
+    """A result wrong on one row only, between the rows whose gradients are checked, fails; the
+    float64 oracle of the outputs runs in chunks of rows (here of 3 rows) and still covers
+    every one."""
+    from bench import harness
+    from bench.ops.entropy import eager_entropy
+
+    ctx = _cpu_context()
+    case = make_case(ctx, OPS["entropy"], {"N": 256, "V": 100}, torch.float32, seed=0)
+    assert 1 not in case.grad_rows.tolist()
+
+    def one_wrong_row(c):
+        def forward():
+            (entropy,) = eager_entropy(c.inputs["logits"])
+            return (entropy + torch.nn.functional.one_hot(torch.tensor(1), 256),)
+        return forward
+
+    with mock.patch.object(harness, "ORACLE_CHUNK_BYTES", 3 * 100 * 8):
+        chunks = list(harness.row_chunks(case.inputs["logits"]))
+        errors = measure(ctx, case, Provider("wrong", one_wrong_row), "fwd")
+    assert len(chunks) == 86 and chunks[-1] == slice(255, 258)
+    assert abs(errors["err_out"] - 1.0) < 1e-4, errors
+
+
+@pytest.mark.parametrize("returned", ["fewer", "more", "reshaped"])
+def test_a_provider_must_return_the_ops_outputs(returned, tmp_path):
+    """A provider that drops an output (or adds one, or returns one in another shape) is an
+    error cell with the reason, not an "ok" verdict on the outputs it did return."""
+    original = em_kernels.logprobs_and_entropy
+
+    def patched(logits, tokens, **kwargs):
+        logprobs, entropy = original(logits, tokens, **kwargs)
+        if kwargs.get("backend") != "cpu":
+            return logprobs, entropy
+        return {"fewer": (logprobs,), "more": (logprobs, entropy, entropy),
+                "reshaped": (logprobs, entropy[None])}[returned]
+
+    with mock.patch.object(em_kernels, "logprobs_and_entropy", patched):
+        code = main(["--ops", "logprobs_and_entropy", "--shapes", "N8-V1000", "--providers",
+                     "eager,cpu", "--modes", "fwd", "--dtypes", "fp32", "--device", "cpu",
+                     "--out", str(tmp_path)])
+    assert code == 1
+    with (tmp_path / "results.csv").open() as handle:
+        cpu = next(row for row in csv.DictReader(handle) if row["provider"] == "cpu")
+    expected = {"fewer": "returned 1 output(s), logprobs_and_entropy has 2",
+                "more": "returned 3 output(s)", "reshaped": "output 1 has shape (1, 8)"}
+    assert cpu["status"] == "error" and expected[returned] in cpu["reason"], cpu
 
 
 def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):

@@ -19,7 +19,7 @@ import torch
 
 from em_kernels import reference
 
-from ..harness import OpBench, Provider
+from ..harness import OpBench, Provider, row_chunks
 from .common import (chunked, compile_unavailable, compiled, em_providers, not_offered,
                      never_built)
 
@@ -91,19 +91,23 @@ class _LogitsOpBench(OpBench):
     def _reference(self, logits, tokens):
         raise NotImplementedError
 
-    def oracle(self, case, upstream):
-        logits = case.inputs["logits"].detach().index_select(0, case.check_rows).double()
+    def _rows(self, case, rows):
+        """The float64 logits and tokens of these rows (a slice or indices of dim 0)."""
         tokens = case.inputs.get("tokens")
-        if tokens is not None:
-            tokens = tokens.index_select(0, case.check_rows)
-        logits.requires_grad_(upstream is not None)
-        outs = self._reference(logits, tokens)
-        grads = {}
-        if upstream is not None:
-            torch.autograd.backward(
-                outs, [u.index_select(0, case.check_rows).double() for u in upstream])
-            grads["logits"] = logits.grad
-        return [out.detach() for out in outs], grads
+        return (case.inputs["logits"].detach()[rows].double(),
+                None if tokens is None else tokens[rows])
+
+    def output_oracle(self, case):
+        parts = [[out.detach() for out in self._reference(*self._rows(case, rows))]
+                 for rows in row_chunks(case.inputs["logits"])]
+        return [torch.cat(outs) for outs in zip(*parts)]
+
+    def grad_oracle(self, case, upstream):
+        logits, tokens = self._rows(case, case.grad_rows)
+        logits.requires_grad_()
+        torch.autograd.backward(self._reference(logits, tokens),
+                                [u.index_select(0, case.grad_rows).double() for u in upstream])
+        return {"logits": logits.grad}
 
 
 class EntropyBench(_LogitsOpBench):
@@ -191,8 +195,9 @@ class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
     name = "logprobs_and_entropy_shifted"
     dims = ("B", "T", "V")
     with_tokens = True
-    # Whole sequences are checked (the outputs' dim 0 is B): two of them, 2048 rows at T 1024.
-    oracle_rows = 2
+    # Gradients of whole sequences are checked (the outputs' dim 0 is B): two of them, 2048
+    # rows at T 1024.
+    grad_rows = 2
 
     def shapes(self, device_type, full):
         if full:
@@ -220,7 +225,7 @@ class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
     def traffic(self, dims, dtype, mode):
         return super().traffic({"N": dims["B"] * dims["T"], "V": dims["V"]}, dtype, mode)
 
-    def _reference(self, logits, tokens):  # the checked sequences, (b, T + 1, V)
+    def _reference(self, logits, tokens):  # whole sequences, (b, T + 1, V)
         return reference.logprobs_and_entropy_ref(logits[:, :-1], tokens)
 
     def providers(self):

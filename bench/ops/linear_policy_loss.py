@@ -26,9 +26,8 @@ in fp32 with these clip range, KL weight and log-prob noise, its loss was within
 linear_policy_loss's (backend "cpu") and its d(hidden) and d(weight) within 1.1e-8 and 1.5e-7.
 
 Error: every provider that compares shows the harness two row outputs (`_LossAndLogprobs`): the
-loss repeated on every row, and the rows' log-probs. Against float64: the loss (over every row)
-and the log-probs on a subset of rows, and in the backward modes d(hidden) on those rows and
-d(weight) on vocabulary rows spread over the vocabulary plus those rows' tokens (where the
+loss repeated on every row, and the rows' log-probs. Against float64: the loss and every row's
+log-prob, and in the backward modes d(hidden) on a subset of rows and d(weight) on vocabulary rows spread over the vocabulary plus those rows' tokens (where the
 one-hot part of the logits' gradient lands). The upstream gradient the harness gives the
 repeated loss is summed into the loss's, as for any repeat, so the gradients compared are the
 loss's times that sum, the oracle's as every provider's. The oracle takes every row's log-prob
@@ -37,7 +36,7 @@ over the whole M x H x V matmul, in vocabulary chunks.
 
 Why not the loss alone: one number's error against eager's one number on the same cell is luck
 (the cpu provider, correct, failed on 11 of 200 seeds at M 64 in fp32), while the largest error
-over 64 rows is steady. The price is one tolerance for both outputs, set by the log-probs: in
+over the rows is steady. The price is one tolerance for both outputs, set by the log-probs: in
 fp32 (~1e-5) a dropped clip or KL term fails on the loss itself; in bf16 (~0.07 on CPU: the
 logits are bf16) a dropped clip fails only on the gradients, in fwd+bwd, and a dropped KL term
 (about 1% of the gradient here) not at all. The loss's normwise error is taken relative to the
@@ -56,8 +55,9 @@ from em_kernels._ops.linear_entropy_loss import K3_MAX_LOG_RATIO
 from ..harness import Provider, Summed
 from .common import (chunk_rows, chunked, compile_unavailable, compiled, em_providers,
                      package_unavailable)
-from .linear_entropy import (Float64Rows, LinearEntropyBench, float64_logit_chunks,
-                             float64_rows, lm_head_matmul, spread_rows, weight_grad_rows)
+from .linear_entropy import (Float64Rows, LinearEntropyBench, case_float64_rows,
+                             float64_logit_chunks, float64_rows, lm_head_matmul, spread_rows,
+                             weight_grad_rows)
 
 # DAPO's asymmetric clip range (eps_low, eps_high): exercises both of the op's bounds.
 CLIP_RANGE = (0.2, 0.28)
@@ -135,29 +135,37 @@ class LinearPolicyLossBench(LinearEntropyBench):
         return {**inputs, "tokens": tokens, "advantages": advantages,
                 "old_logprobs": near_logprobs(), "ref_logprobs": near_logprobs()}
 
-    def oracle(self, case, upstream):
+    def _case_logprobs(self, case):
+        """Every row's log-prob in float64 (computed once per case)."""
+        return case.cached("logprobs", lambda: _float64_logprobs(
+            case_float64_rows(case), case.inputs["weight"].detach(), case.inputs["tokens"]))
+
+    def _terms(self, logprobs, case):
+        return policy_terms(logprobs, *(case.inputs[name].double() for name in ROW_CONSTANTS))
+
+    def output_oracle(self, case):
+        logprobs = self._case_logprobs(case)
+        terms = self._terms(logprobs, case)
+        rows = logprobs.shape[0]
+        # The terms' signs follow the advantages': the loss is a small sum of terms of size ~1.
+        return [Summed(terms.mean().expand(rows), terms.abs().mean().expand(rows)), logprobs]
+
+    def grad_oracle(self, case, upstream):
         weight = case.inputs["weight"].detach()
         tokens = case.inputs["tokens"]
-        check = case.check_rows
-        rows = float64_rows(case.inputs["hidden"], weight)
-        logprobs = _float64_logprobs(rows, weight, tokens).requires_grad_(upstream is not None)
-        terms = policy_terms(logprobs, *(case.inputs[name].double() for name in ROW_CONSTANTS))
-        loss = terms.mean()
-        # The terms' signs follow the advantages': the loss is a small sum of terms of size ~1.
-        summed = Summed(loss.detach().expand(check.numel()),
-                        terms.detach().abs().mean().expand(check.numel()))
-        outs = [summed, logprobs.detach().index_select(0, check)]
-        if upstream is None:
-            return outs, {}
+        check = case.grad_rows
+        logprobs = self._case_logprobs(case).clone().requires_grad_()
         # _LossAndLogprobs sums the repeated loss's upstream gradient into the loss's.
-        (grad_logprob,) = torch.autograd.grad(loss, logprobs, upstream[0].double().sum())
+        (grad_logprob,) = torch.autograd.grad(self._terms(logprobs, case).mean(), logprobs,
+                                              upstream[0].double().sum())
+        rows = case_float64_rows(case)
         hidden = rows.hidden.index_select(0, check).requires_grad_()
         check_tokens = tokens.index_select(0, check)
         logits = torch.cat(list(float64_logit_chunks(hidden, weight)), -1)
         chosen_logprobs(logits, check_tokens).backward(grad_logprob.index_select(0, check))
         vocab_rows = torch.unique(torch.cat(
             [spread_rows(weight.shape[0], check.numel(), weight.device), check_tokens]))
-        return outs, {"hidden": hidden.grad, "weight": weight_grad_rows(
+        return {"hidden": hidden.grad, "weight": weight_grad_rows(
             rows, weight, vocab_rows, grad_logprob=grad_logprob, tokens=tokens)}
 
     def providers(self):
