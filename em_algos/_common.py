@@ -173,14 +173,17 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
         raise TypeError("FSDP1 (FullyShardedDataParallel) wrappers hide the LM head's weight; "
                         "shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead")
     inner = unwrap_model(model)
-    config = getattr(inner, "config", None)
-    # The configs that scale or cap logits (Gemma 2, Cohere, Granite, FalconH1, ...); others are
-    # caught by check_head_reproduces_logits.
-    for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
-                      "logits_scaling", "lm_head_multiplier"):
-        if getattr(config, attribute, None) not in (None, 1, 1.0):
-            raise ValueError(f"the model's config sets {attribute}: its logits are not a plain "
-                             "linear function of the hidden states, which the fused ops assume")
+    # The configs that scale or cap logits (Gemma 2, Cohere, Granite, FalconH1, ...), also where
+    # a multimodal wrapper nests them (PaliGemma 2's Gemma 2 text_config caps at 30); others
+    # are caught by check_head_reproduces_logits, which runs once per head and whose tolerance
+    # a cap of 30 passes while the logits are below ~7.
+    for where, config in _configs_of(getattr(inner, "config", None)):
+        for attribute in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale",
+                          "logits_scaling", "lm_head_multiplier"):
+            if getattr(config, attribute, None) not in (None, 1, 1.0):
+                raise ValueError(
+                    f"the model's {where} sets {attribute}: its logits are not a plain linear "
+                    "function of the hidden states, which the fused ops assume")
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(inner).__name__} has no linear output embedding (LM head): "
@@ -200,6 +203,18 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
             "head out of LoRA's target modules (freeze it, or train it fully: with PEFT, "
             "modules_to_save=[\"lm_head\"])")
     return linear
+
+
+def _configs_of(config, where: str = "config"):
+    """(name, config) for a Hugging Face config and every config nested in it (text_config,
+    vision_config, ...), depth first; nothing for None."""
+    if config is None:
+        return
+    yield where, config
+    for name, value in vars(config).items():
+        if value is not config and type(value).__name__.endswith("Config") and hasattr(
+                value, "to_dict"):
+            yield from _configs_of(value, f"{where}.{name}")
 
 
 def _modules_to_save_copy(head: nn.Module) -> nn.Module:
@@ -654,28 +669,46 @@ def _prompt_pair(batch, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         "(input_ids, attention_mask) pair; pass a list of batches, not one batch")
 
 
+def _is_dropout_rate(name: str, value) -> bool:
+    """A float attribute that Hugging Face code reads as a dropout or layer-drop probability:
+    attention_dropout, hidden_dropout, dropout, resid_pdrop, layerdrop, ..."""
+    return (isinstance(value, float) and value != 0.0
+            and ("dropout" in name or name.endswith("pdrop") or name == "layerdrop"))
+
+
 @contextlib.contextmanager
 def dropout_off(model: nn.Module):
     """Every dropout probability set to 0 for the duration and restored after: nn.Dropout's p,
-    and the float attention_dropout / dropout / layerdrop attributes that Hugging Face modules
-    read in train mode (OPT's decoder layers drop out in their own forward, its decoder skips
-    layers). The modules stay in their mode. Within `scoring_mode`, this is what turns dropout
-    off in the modules that keep train mode for gradient checkpointing."""
+    the float dropout-rate attributes (`_is_dropout_rate`) of the modules, which Hugging Face
+    modules read in train mode (OPT's decoder layers drop out in their own forward with their
+    `dropout`, its decoder skips layers with `layerdrop`, Doge's layers read `hidden_dropout`),
+    and those of the modules' configs and the configs nested in them (Falcon's layers read
+    config.hidden_dropout and config.attention_dropout in every forward). The modules stay in
+    their mode. Within `scoring_mode`, this is what turns dropout off in the modules that keep
+    train mode for gradient checkpointing."""
     saved = []
+
+    def zero_rates(owner) -> None:
+        for name, value in list(vars(owner).items()):
+            if _is_dropout_rate(name, value):
+                saved.append((owner, name, value))
+                setattr(owner, name, 0.0)
+
+    configs = {}
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             saved.append((module, "p", module.p))
             module.p = 0.0
-        for name in ("attention_dropout", "dropout", "layerdrop"):
-            value = module.__dict__.get(name)
-            if isinstance(value, float):
-                saved.append((module, name, value))
-                setattr(module, name, 0.0)
+        zero_rates(module)
+        for _, config in _configs_of(module.__dict__.get("config")):
+            configs[id(config)] = config
+    for config in configs.values():
+        zero_rates(config)
     try:
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
 
 
 @contextlib.contextmanager

@@ -132,6 +132,18 @@ def test_configs_that_transform_logits_are_refused(attribute):
         em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
 
 
+def test_a_cap_in_a_nested_text_config_is_refused():
+    """Multimodal wrappers (PaliGemma 2, Gemma 3) keep the text model's config, soft cap
+    included, in config.text_config: refused too, with where it was found. The check of the
+    head's logits alone would pass a cap of 30 while the logits are small, once per head."""
+    from transformers import LlamaConfig
+
+    model = tiny_causal_lm(seed=1)
+    model.config.text_config = LlamaConfig(final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match=r"config\.text_config sets final_logit_softcapping"):
+        em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
+
+
 def test_rollouts_ignore_the_models_generation_config():
     """Hub checkpoints carry generation settings (EOS ids, repetition_penalty, min_p, ...) that
     generate() would apply to every field our config leaves None. Here the model's config would
@@ -260,6 +272,27 @@ def test_scoring_mode_turns_off_dropout_in_modules_that_keep_train_mode():
             assert torch.equal(model(x), x)
     assert layer.training and layer.inner.training
     assert layer.dropout == 0.5 and layer.inner.p == 0.5
+
+
+def test_dropout_rates_read_from_the_config_are_off_under_checkpointing():
+    """Falcon's decoder layers read config.hidden_dropout and config.attention_dropout in
+    every forward, and keep train mode under gradient checkpointing: scoring twice must still
+    give the same numbers, and the config's rates come back after."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        hidden_dropout=0.3, attention_dropout=0.3, new_decoder_architecture=False,
+        parallel_attn=False, pad_token_id=PAD, eos_token_id=EOS)).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = random_batch(torch.Generator().manual_seed(0), 3, 3, 5)
+    first, second = sequence_reward(model, *batch), sequence_reward(model, *batch)
+    assert torch.equal(first, second)
+    assert model.config.hidden_dropout == 0.3 and model.config.attention_dropout == 0.3
+    with dropout_off(model):
+        assert model.config.hidden_dropout == 0.0
+        assert model.transformer.h[0].config.attention_dropout == 0.0
 
 
 def _tiny_llama_with_dropout(seed: int = 0, dropout: float = 0.5):
