@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     # that --resume and --out may name the same file without losing any), except that a cell of
     # this run whose result failed its check is measured again (the kernel may be fixed now).
     planned = frozenset(order)
-    resumed = {cell_key(row): row for row in earlier if row["status"] == "ok" and not (
-        row.get("check") == "FAIL" and cell_key(row) in planned)}
+    resumed = {cell_key(row): {**row, "resumed": True} for row in earlier
+               if row["status"] == "ok" and not (
+                   row.get("check") == "FAIL" and cell_key(row) in planned)}
     done = frozenset(resumed) & planned
     csv_log = report.CsvLog(args.out / "results.csv", info)
     rows = list(resumed.values())
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     report.add_speedups(rows)
     csv_log.rewrite(rows)
     matmul = ctx.matmul_ceilings()
-    header = report.header_lines(ctx.info, ctx.copy_gbps, matmul)
+    header = report.header_lines(ctx.info, ctx.copy_gbps, matmul, ctx.load_warning())
     if resumed:
         commits = sorted({row["commit"] for row in resumed.values()})
         header.append(f"{len(resumed)} cells resumed from {args.resume}, measured on this device "

@@ -10,9 +10,11 @@ A cell is (op, shape, dtype, mode, provider). For each cell the harness
    on CUDA `torch.cuda.max_memory_allocated()` minus the allocation before the call; on CPU the
    peak of the running sum of the allocations and frees that torch's profiler records, in time
    order. In the backward modes this includes the input gradients themselves;
-3. times it: on CUDA the median of `triton.testing.do_bench` (CUDA events, warm-up, and an L2
-   flush before every call, so even inputs that fit in L2 are read from HBM, which is what
-   rotating inputs achieves); on CPU the median of wall-clock repeats after the warm-up call;
+3. times it: on CUDA the median of `cuda_timing`'s samples (CUDA events, warm-up, an L2 flush
+   before every call, so even inputs that fit in L2 are read from HBM, which is what rotating
+   inputs achieves, and a hold of the GPU that keeps the host's part of the call out of the
+   sample), with the host time of one call beside it; on CPU the median of wall-clock repeats
+   after the warm-up call; both with the spread (interquartile range over median);
 4. reports bytes / time and FLOPs / time from the op's counts of the least traffic and work the
    computation needs (not what the provider happens to move), and the fraction of the device's
    ceiling measured at the start of the same run: the copy bandwidth for memory-bound ops, the
@@ -84,13 +86,27 @@ ORACLE_CHUNK_BYTES = 2**28
 CPU_MIN_REPEATS = 3
 CPU_MAX_REPEATS = 15
 CPU_REPEAT_BUDGET_S = 0.6
-# CUDA timing (do_bench): milliseconds of warm-up and of timed repeats (do_bench's defaults),
-# and the fewest timed calls a median is taken of: do_bench fits rep / (its estimate) calls in
-# GPU_REPEAT_MS, a single one for a cell over 50 ms (eager fwd+bwd, the matmul floor of
-# linear_entropy), so slow cells are timed again for at least GPU_MIN_REPEATS calls.
+# CUDA timing (`cuda_timing`): milliseconds of warm-up and of timed repeats (do_bench's
+# defaults), and the fewest and most timed calls a median is taken of: at least 10 even for a
+# 58 ms cell (eager fwd+bwd, the matmul floor of linear_entropy), at most 200, plenty for a median
+# and a bound on a decode-size cell, whose repeats each cost the hold below.
 GPU_WARMUP_MS = 25
 GPU_REPEAT_MS = 100
 GPU_MIN_REPEATS = 10
+GPU_MAX_REPEATS = 200
+# The hold before each timed call keeps the GPU busy while the host prepares the call, so that the
+# start event fires after the call's kernels are queued: HOLD_FACTOR x the call's median host time
+# plus HOLD_MARGIN_MS (the host's jitter), at most HOLD_MAX_MS (a 20 ms host call is a provider
+# with host syncs, which no hold can hide).
+HOLD_FACTOR = 2.0
+HOLD_MARGIN_MS = 0.05
+HOLD_MAX_MS = 20.0
+# Calls whose host time, each from an idle GPU, gives host_ms and the hold: a median of 5 is
+# robust to one garbage collection.
+HOST_SAMPLES = 5
+# Bytes zeroed before each timed call to evict the inputs from L2 (50-60 MB on an H100 / H200),
+# as do_bench's 256 MB buffer does.
+L2_FLUSH_BYTES = 2**28
 # The correctness verdict (check_errors). The baseline is eager, the fp32-upcast PyTorch every
 # trainer runs: a provider's error may be up to ERROR_FACTOR times eager's on the same cell. Not
 # 1 or 2: correct fp32 algorithms that merely sum in another order land up to 4x apart at the
@@ -288,6 +304,13 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average, or None where the system has none."""
+    with contextlib.suppress(OSError, AttributeError):
+        return os.getloadavg()[0]
+    return None
+
+
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -318,6 +341,27 @@ def _quiet_stderr():
             os.close(saved)
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """One cell's time: ms, the median of the timed calls (on CUDA the GPU time between two
+    events, host excluded); spread, the interquartile range of those calls over their median;
+    host_ms (CUDA only), the median host time of one call (Python, dispatch, launches), which
+    is what a call costs when it exceeds ms, as at decode sizes."""
+
+    ms: float
+    spread: float
+    host_ms: float | None = None
+
+
+def _timing(samples_ms: list[float], host_ms: float | None = None) -> Timing:
+    median = statistics.median(samples_ms)
+    if len(samples_ms) >= 2:
+        low, _, high = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    else:
+        low = high = median
+    return Timing(median, (high - low) / median if median > 0 else 0.0, host_ms)
+
+
 class Context:
     """Device, versions and ceilings of one run, and how each cell is timed there."""
 
@@ -340,8 +384,23 @@ class Context:
             "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         }
+        self.load_at_start = _load_average()
         self.copy_gbps = self._copy_bandwidth()
         self._matmul_tflops: dict[torch.dtype, float] = {}
+
+    def load_warning(self) -> str | None:
+        """On CPU, a warning when other processes shared the cores at the start or now (the
+        1-minute load average against the threads torch runs): the cells' times are then off by
+        far more than their spread, and their ratios with them."""
+        if self.is_cuda:
+            return None
+        threads = torch.get_num_threads()
+        loads = [load for load in (self.load_at_start, _load_average()) if load is not None]
+        if not loads or max(loads) < threads:
+            return None
+        return (f"WARNING: the 1-minute load average was {loads[0]:.1f} at the start and "
+                f"{loads[-1]:.1f} at the end, for {threads} threads: other processes shared the "
+                "cores, so these CPU times (and ratios) may be off by several times")
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
@@ -353,8 +412,8 @@ class Context:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
-    def time_ms(self, step: Callable[[], Any], reset: Callable[[], None]) -> float:
-        """Median milliseconds of step(); reset() runs before each call, untimed where possible."""
+    def time(self, step: Callable[[], Any], reset: Callable[[], None]) -> Timing:
+        """The Timing of step(); reset() runs before each call, untimed where possible."""
         if self.is_cuda:
             # Clearing gradients inside the timed call costs microseconds of Python, as
             # do_bench's own grad_to_none would.
@@ -362,7 +421,7 @@ class Context:
                 reset()
                 step()
 
-            return cuda_median_ms(timed)
+            return cuda_timing(timed)
         samples: list[float] = []
         spent = 0.0
         while len(samples) < CPU_MIN_REPEATS or (
@@ -372,9 +431,9 @@ class Context:
             start = time.perf_counter()
             step()
             elapsed = time.perf_counter() - start
-            samples.append(elapsed)
+            samples.append(1e3 * elapsed)
             spent += elapsed
-        return 1e3 * statistics.median(samples)
+        return _timing(samples)
 
     def run_measuring_memory(self, step: Callable[[], Any]) -> tuple[Any, float | None]:
         """(step()'s result, peak extra MiB allocated during the call)."""
@@ -409,7 +468,7 @@ class Context:
         numel = (2**30 if self.is_cuda else 2**26) // 4
         src = torch.rand(numel, device=self.device)
         dst = torch.empty_like(src)
-        ms = self.time_ms(lambda: dst.copy_(src), lambda: None)
+        ms = self.time(lambda: dst.copy_(src), lambda: None).ms
         del src, dst
         return 2 * numel * 4 / (ms * 1e-3) / 1e9
 
@@ -425,7 +484,7 @@ class Context:
             gen = torch.Generator(self.device).manual_seed(0)
             a = torch.randn(size, size, device=self.device, dtype=dtype, generator=gen)
             b = torch.randn(size, size, device=self.device, dtype=dtype, generator=gen)
-            ms = self.time_ms(lambda: a @ b, lambda: None)
+            ms = self.time(lambda: a @ b, lambda: None).ms
             self._matmul_tflops[dtype] = 2 * size**3 / (ms * 1e-3) / 1e12
         return self._matmul_tflops[dtype]
 
@@ -434,18 +493,100 @@ class Context:
 # One cell
 
 
-def cuda_median_ms(run: Callable[[], Any]) -> float:
-    """Median CUDA-event milliseconds of run() over at least GPU_MIN_REPEATS calls
-    (triton.testing.do_bench: warm-up, an L2 flush before each call)."""
-    import triton.testing
+class CudaTimeline:
+    """The CUDA calls that `cuda_timing` makes, in one place (the tests stand a simulated GPU in
+    for it): events, a synchronize, the L2 flush, and a hold of the GPU for a given time
+    (torch.cuda._sleep, a kernel that spins for a number of clock cycles, calibrated here)."""
 
-    samples = triton.testing.do_bench(
-        run, warmup=GPU_WARMUP_MS, rep=GPU_REPEAT_MS, return_mode="all")
-    if len(samples) < GPU_MIN_REPEATS:  # warm already: no warm-up the second time
-        samples = triton.testing.do_bench(
-            run, warmup=0, rep=1.2 * GPU_MIN_REPEATS * statistics.median(samples),
-            return_mode="all")
-    return float(statistics.median(samples))
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+        cycles = 1_000_000
+        for _ in range(2):  # the first call loads the kernel
+            start, end = self.event(), self.event()
+            start.record()
+            torch.cuda._sleep(cycles)
+            end.record()
+            self.synchronize()
+        self._cycles_per_ms = cycles / max(self.elapsed_ms(start, end), 1e-3)
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def flush_l2(self) -> None:
+        self._flush.zero_()
+
+    def hold(self, ms: float) -> None:
+        torch.cuda._sleep(max(1, int(ms * self._cycles_per_ms)))
+
+
+_timelines: dict[int, CudaTimeline] = {}
+
+
+def _timeline() -> CudaTimeline:
+    index = torch.cuda.current_device()
+    if index not in _timelines:
+        _timelines[index] = CudaTimeline(torch.device("cuda", index))
+    return _timelines[index]
+
+
+def cuda_timing(run: Callable[[], Any], timeline: CudaTimeline | None = None) -> Timing:
+    """The Timing of run() on the current GPU: the median of GPU_MIN_REPEATS to GPU_MAX_REPEATS
+    calls (as many as fit in GPU_REPEAT_MS by a first estimate) after GPU_WARMUP_MS of warm-up,
+    each timed by CUDA events after an L2 flush, so even inputs that fit in L2 are read from
+    HBM, as rotating inputs would be.
+
+    do_bench records the start event and then calls run(): when the host part of a call (Python,
+    dispatch, Triton's launcher: ~0.1 ms) outlasts the flush (~0.08 ms), the GPU idles between
+    the event and the first kernel, and the sample holds part of the host time, more or less
+    from run to run (0.10 against 0.25 ms for one Triton cell at [1, 151936] in two H200 runs of
+    the same commit). Here a hold (HOLD_FACTOR x the call's host time) is queued on the GPU
+    before the start event, so the host has queued the call's kernels before the event fires,
+    and a sample is GPU time alone. The host time of a call (host_ms) is the median of
+    HOST_SAMPLES calls each made with the GPU idle, so that a full launch queue (a GPU-bound
+    cell's) cannot stretch it."""
+    timeline = timeline or _timeline()
+
+    def host_ms_of_call() -> float:
+        start = time.perf_counter()
+        run()
+        return 1e3 * (time.perf_counter() - start)
+
+    run()  # compiles, autotunes, allocates
+    timeline.synchronize()
+    start, end = timeline.event(), timeline.event()
+    start.record()
+    for _ in range(5):
+        timeline.flush_l2()
+        run()
+    end.record()
+    timeline.synchronize()
+    estimate_ms = max(timeline.elapsed_ms(start, end) / 5, 1e-3)
+    for _ in range(min(GPU_MAX_REPEATS, int(GPU_WARMUP_MS / estimate_ms))):
+        run()
+    host_samples = []
+    for _ in range(HOST_SAMPLES):
+        timeline.synchronize()
+        host_samples.append(host_ms_of_call())
+    timeline.synchronize()
+    host_ms = statistics.median(host_samples)
+    hold_ms = min(HOLD_FACTOR * host_ms + HOLD_MARGIN_MS, HOLD_MAX_MS)
+    repeats = max(GPU_MIN_REPEATS, min(GPU_MAX_REPEATS, int(GPU_REPEAT_MS / estimate_ms)))
+    events = [(timeline.event(), timeline.event()) for _ in range(repeats)]
+    for start, end in events:
+        timeline.flush_l2()
+        timeline.hold(hold_ms)
+        start.record()
+        run()
+        end.record()
+    timeline.synchronize()
+    return _timing([timeline.elapsed_ms(start, end) for start, end in events], host_ms)
 
 
 def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtype,
@@ -636,7 +777,8 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
     ctx.synchronize()
     errors = _errors(case, mode, result, upstream) if provider.compares else {}
     del result
-    ms = ctx.time_ms(step, lambda: _clear_grads(case))
+    timing = ctx.time(step, lambda: _clear_grads(case))
+    ms = timing.ms
     _clear_grads(case)
     del outs, step
     nbytes, flops = case.op.traffic(case.dims, case.dtype, mode)
@@ -648,8 +790,9 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
     else:
         ceiling = ctx.copy_gbps
         fraction = gbps / ceiling if gbps else None
-    return {"time_ms": ms, "gbps": gbps, "tflops": tflops, "frac_ceiling": fraction,
-            "ceiling": ceiling, "peak_extra_mib": peak_mib, **errors}
+    return {"time_ms": ms, "spread": timing.spread, "host_ms": timing.host_ms, "gbps": gbps,
+            "tflops": tflops, "frac_ceiling": fraction, "ceiling": ceiling,
+            "peak_extra_mib": peak_mib, **errors}
 
 
 def _release_memory(ctx: Context) -> None:

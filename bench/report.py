@@ -10,8 +10,12 @@ from pathlib import Path
 
 from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 
-# ceiling: what frac_ceiling divides by, measured in this run (the copy bandwidth in GB/s for the
-# memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for the LM-head ops).
+# time_ms: the median of the timed calls (on CUDA, GPU time between two events); spread: their
+# interquartile range over that median; host_ms (CUDA): the host time of one call, what a call
+# costs where it exceeds time_ms (both absent before 2026-11-29, whose CUDA times came from
+# do_bench and held part of the host time where it exceeded ~0.08 ms: harness.cuda_timing).
+# ceiling: what frac_ceiling divides by, measured in the cell's run (the copy bandwidth in GB/s
+# for the memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for the LM-head ops).
 # check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
 # exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
@@ -21,7 +25,7 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
 # took in all (warm-up and compiles, the oracle check, the timed repeats; eager's untimed
 # baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-28).
-MEASURED = ("time_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
+MEASURED = ("time_ms", "spread", "host_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
             "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
             "tol_rel_grad", "cell_s")
 # One per dim any op declares (tests/test_bench.py checks): a dim without a column would be
@@ -30,8 +34,10 @@ DIM_COLUMNS = ("dim_N", "dim_M", "dim_H", "dim_B", "dim_T", "dim_V")
 CSV_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "status", "check", "reason", *MEASURED,
                "speedup_vs_eager", *DIM_COLUMNS, "device", "torch", "triton", "python", "commit",
                "date", "copy_gbps")
-TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "GB/s", "TFLOP/s", "% ceil",
-                 "extra MiB", "max err", "check", "x eager")
+TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "spread", "host ms", "GB/s",
+                 "TFLOP/s", "% ceil", "extra MiB", "max err", "check", "x eager")
+# Marks a row resumed from an earlier run's CSV in the tables (explained under them).
+RESUMED_MARK = " *"
 
 
 class CsvLog:
@@ -166,8 +172,10 @@ def _fmt(value, kind: str) -> str:
 
 def _cells(row: dict) -> list[str]:
     errors = [e for e in (row.get("err_out"), row.get("err_grad")) if e is not None]
-    return [row["op"], row["shape"], row["dtype"], row["mode"], row["provider"],
-            _fmt(row.get("time_ms"), "num"), _fmt(row.get("gbps"), "num"),
+    provider = row["provider"] + (RESUMED_MARK if row.get("resumed") else "")
+    return [row["op"], row["shape"], row["dtype"], row["mode"], provider,
+            _fmt(row.get("time_ms"), "num"), _fmt(row.get("spread"), "pct"),
+            _fmt(row.get("host_ms"), "num"), _fmt(row.get("gbps"), "num"),
             _fmt(row.get("tflops"), "num"), _fmt(row.get("frac_ceiling"), "pct"),
             _fmt(row.get("peak_extra_mib"), "num"), _fmt(max(errors) if errors else None, "err"),
             row.get("check") or "-", _fmt(row.get("speedup_vs_eager"), "x")]
@@ -195,8 +203,8 @@ def time_spent(rows: list[dict], wall_seconds: float) -> str:
     wall_seconds (the rest: building inputs, collecting memory between cases, measuring the
     ceilings), then cell_s summed per (op, provider), largest first, with the number of cells.
     Skipped cells and rows without cell_s (resumed from an older run) are left out. A case's
-    float64 oracle is computed once for fwd and once for the backward modes, each in the first
-    cell that checks errors (usually eager's), and counts there."""
+    float64 oracle of the outputs and that of the gradients are each computed once, in the
+    first cell that checks them (usually eager's), and count there."""
     seconds, cells = defaultdict(float), defaultdict(int)
     for row in rows:
         if row["status"] != "skipped" and row.get("cell_s") is not None:
@@ -213,11 +221,15 @@ def _cells_count(count: int) -> str:
     return f"{count} cell{'s' * (count != 1)}"
 
 
-def header_lines(info: dict, copy_gbps: float, matmul: dict) -> list[str]:
-    lines = [f"device: {info['device']}",
-             f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, "
-             f"commit {info['commit']}, {info['date']}",
-             f"copy bandwidth measured in this run: {copy_gbps:.0f} GB/s"]
+def header_lines(info: dict, copy_gbps: float, matmul: dict,
+                 warning: str | None = None) -> list[str]:
+    """The report's first lines: a warning on how far to trust it (`Context.load_warning`),
+    then where and when it ran and the ceilings it measured."""
+    lines = ([warning] if warning else []) + [
+        f"device: {info['device']}",
+        f"torch {info['torch']}, triton {info['triton']}, python {info['python']}, "
+        f"commit {info['commit']}, {info['date']}",
+        f"copy bandwidth measured in this run: {copy_gbps:.0f} GB/s"]
     if matmul:
         lines.append("matmul ceiling measured in this run: " + ", ".join(
             f"{name} {tflops:.3g} TFLOP/s" for name, tflops in matmul.items()))
@@ -245,20 +257,27 @@ def markdown(rows: list[dict], header: list[str],
     (provider_notes[op][provider]) of the providers in them, then what was not measured."""
     out = ["# em-bench results", ""] + [f"- {line}" for line in header] + [
         "",
-        "Time is the median; GB/s and TFLOP/s count the least traffic and work the op needs; "
+        "ms is the median of the timed calls (on a GPU, GPU time between two CUDA events, the "
+        "host's part of the call held out), spread their interquartile range over it, host ms "
+        "(GPU) the host time of one call (Python, dispatch, launches), which is what a call "
+        "costs where it exceeds ms; GB/s and TFLOP/s count the least traffic and work the op "
+        "needs; "
         "% ceil is the fraction of the copy bandwidth (memory-bound ops) or of the matmul rate in "
-        "the same dtype (the LM-head ops) measured in this run; extra MiB is the peak memory "
+        "the same dtype (the LM-head ops) measured in the cell's run; extra MiB is the peak memory "
         "allocated during the call above what was allocated before it (the input gradients "
         "included; on CPU only what torch's allocator hands out, not the C++ kernels' own "
-        "scratch); max err is the largest "
-        "absolute error of the outputs and input gradients against float64 on a subset of rows; "
+        "scratch); max err is the largest absolute error against float64 of the outputs, every "
+        "row, and of the input gradients, on a subset of rows; "
         f"check is FAIL where that error exceeds the larger of {ERROR_FACTOR}x eager's on the "
         "same cell and a few units in the last place of the largest reference value, or where "
         "the normwise error (||value - float64|| / ||float64|| per output and per input "
         f"gradient) exceeds the larger of {NORM_ERROR_FACTOR}x eager's and what any float32 "
         "summation order may cost, sqrt(K) + 4 float32 ulps for sums of K terms "
         "(ok: within both; ref: eager, the baseline; unchecked: eager has no result there); "
-        "x eager is eager's time over this provider's.", ""]
+        "x eager is eager's time over this provider's."
+        + (f" Rows marked{RESUMED_MARK} were resumed from an earlier run's CSV, which gives "
+           "their commit, date and ceilings." if any(r.get("resumed") for r in rows) else ""),
+        ""]
     wrong = wrong_results(rows)
     if wrong:
         out += ["## Wrong results", "",
@@ -320,9 +339,9 @@ def plot(rows: list[dict], path: Path, copy_gbps: float, matmul: dict) -> bool:
             if series:
                 ax.plot(*zip(*series), marker="o", label=provider)
         ceiling = matmul_by_dtype.get(dtype) if compute else copy_gbps
-        if ceiling:
+        if ceiling:  # resumed points were measured against their own run's ceiling
             ax.axhline(ceiling, color="grey", linestyle="--",
-                       label="matmul ceiling" if compute else "copy bandwidth")
+                       label=f"{'matmul ceiling' if compute else 'copy bandwidth'} (this run)")
         ax.set_xscale("log")
         ax.set_xlabel("V")
         ax.set_ylabel("TFLOP/s" if compute else "GB/s")

@@ -9,7 +9,8 @@ they are.
 A candidate is a set of module constants that the launchers read at call time: the sweep sets
 them, runs the op (Triton compiles one variant per candidate), checks the result against the
 current constants' (the same math in another reduction order: a close match, else the candidate
-is marked wrong) and times it with triton.testing.do_bench (median), then restores the module.
+is marked wrong) and times it as em-bench does (harness.cuda_timing: the median GPU time), then
+restores the module.
 Shapes are the issues' headline cells. Needs a CUDA device; `--device cpu` runs the same
 plumbing on tiny shapes under TRITON_INTERPRET=1 (a test, not a measurement).
 """
@@ -34,7 +35,7 @@ from em_kernels.triton import em_inf as triton_em_inf
 from em_kernels.triton import entropy as triton_entropy
 from em_kernels.triton import linear_entropy as triton_linear_entropy
 
-from .harness import cuda_median_ms
+from .harness import cuda_timing
 
 TileConfig = triton_linear_entropy.TileConfig
 
@@ -239,7 +240,7 @@ def patched(module, constants: dict):
 
 def time_ms(run: Callable[[], object], device: torch.device) -> float:
     if device.type == "cuda":  # as em-bench times: at least 10 calls even for a 58 ms case
-        return cuda_median_ms(run)
+        return cuda_timing(run).ms
     samples = []
     for _ in range(3):
         start = time.perf_counter()

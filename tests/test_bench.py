@@ -22,8 +22,8 @@ from conftest import triton_older_than
 
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
-from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, check_errors,
-                           make_case, measure)
+from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, Timing,
+                           check_errors, make_case, measure)
 from bench.ops import OPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -390,7 +390,11 @@ def test_resume_measures_only_the_missing_cells(tmp_path, capsys):
         for before, after in zip(first, eager_rows):
             assert {k: before[k] for k in ("shape", "dtype", "mode", "time_ms", "date")} == {
                 k: after[k] for k in ("shape", "dtype", "mode", "time_ms", "date")}
-        assert "4 cells resumed from" in (tmp_path / "second" / "results.md").read_text()
+        markdown = (tmp_path / "second" / "results.md").read_text()
+        assert "4 cells resumed from" in markdown and "Rows marked * were resumed" in markdown
+        marked = [line for line in markdown.splitlines() if line.startswith("| N")]
+        assert sum("| eager * |" in line for line in marked) == 4
+        assert sum("| chunked |" in line for line in marked) == 4
         measured.clear()
         again = _run(tmp_path / "second", "--resume", str(tmp_path / "second" / "results.csv"))
         assert not measured and len(again) == 12
@@ -743,25 +747,110 @@ def test_tuning_cases_run_the_paths_they_sweep():
                 assert bool((em_kernels.entropy(result) < em_kernels.entropy(args[0])).all())
 
 
-def test_tuning_time_on_a_gpu_is_do_bench_median_of_ten_calls_at_least():
-    """On a GPU each candidate's time is the median of triton.testing.do_bench's samples of the
-    run itself (the median is what DESIGN.md and the module doc promise; a mean lets one stall
-    pick the constants), over at least GPU_MIN_REPEATS calls as em-bench times: a 58 ms case,
-    of which do_bench fits one call in its 100 ms, is timed again. Checked with do_bench stood
-    in for, so it runs without a GPU."""
-    from bench.harness import GPU_MIN_REPEATS
+class _SimulatedGpu:
+    """A CUDA stream and the host's clock in simulated milliseconds, standing in for
+    harness.CudaTimeline: work queued at host time t starts when the stream is free, but not
+    before t; an event's time is when the stream reaches it. run() spends host_ms on the host,
+    then queues a kernel of kernel_ms."""
+
+    def __init__(self, host_ms: float, kernel_ms: float, flush_ms: float = 0.08):
+        self.host = self.free_at = 0.0
+        self.host_ms, self.kernel_ms, self.flush_ms = host_ms, kernel_ms, flush_ms
+        self.holds = 0
+
+    def _queue(self, ms: float) -> None:
+        self.free_at = max(self.free_at, self.host) + ms
+
+    def run(self) -> None:
+        self.host += self.host_ms
+        self._queue(self.kernel_ms)
+
+    def event(self):
+        gpu = self
+
+        class Event:
+            def record(self):
+                gpu._queue(0.0)
+                self.at = gpu.free_at
+
+        return Event()
+
+    def elapsed_ms(self, start, end) -> float:
+        return end.at - start.at
+
+    def synchronize(self) -> None:
+        self.host = max(self.host, self.free_at)
+
+    def flush_l2(self) -> None:
+        self._queue(self.flush_ms)
+
+    def hold(self, ms: float) -> None:
+        self._queue(ms)
+        self.holds += 1
+
+    def perf_counter(self) -> float:
+        return self.host / 1e3
+
+
+def test_a_cpu_run_on_shared_cores_says_so():
+    """On CPU, a load average at or above torch's threads at the start or the end puts a warning
+    first in the report's header; an idle machine gets none, and a GPU run never does."""
+    from bench import harness
+    from bench.report import header_lines
+
+    threads = torch.get_num_threads()
+    with mock.patch.object(harness, "_load_average", return_value=0.0):
+        ctx = _cpu_context()
+        assert ctx.load_warning() is None
+    with mock.patch.object(harness, "_load_average", return_value=threads + 0.5):
+        warning = ctx.load_warning()
+    assert warning.startswith("WARNING: the 1-minute load average was 0.0 at the start and "
+                              f"{threads + 0.5:.1f} at the end")
+    assert header_lines(ctx.info, 1.0, {}, warning)[0] == warning
+    ctx.is_cuda = True
+    with mock.patch.object(harness, "_load_average", return_value=99.0):
+        assert ctx.load_warning() is None
+
+
+@pytest.mark.parametrize("host_ms, kernel_ms", [(0.1, 0.01), (0.1, 58.0), (0.02, 0.5)])
+def test_gpu_time_keeps_the_hosts_part_of_the_call_out(host_ms, kernel_ms):
+    """cuda_timing on a simulated GPU: the median sample is the kernel's time alone, and host_ms
+    the host's time per call, whether the call is host-bound (a Triton launch at decode size,
+    0.1 ms of host time against a 0.01 ms kernel) or GPU-bound; a 58 ms cell still gets
+    GPU_MIN_REPEATS timed calls. Without the hold (do_bench's order), the host-bound samples
+    hold part of the host time: 2-3x the kernel's here, as in two H200 runs of the same cell."""
+    from bench import harness
+
+    gpu = _SimulatedGpu(host_ms, kernel_ms)
+    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter):
+        timing = harness.cuda_timing(gpu.run, gpu)
+    assert timing.ms == pytest.approx(kernel_ms) and timing.spread == pytest.approx(0, abs=1e-9)
+    assert timing.host_ms == pytest.approx(host_ms)
+    # one hold a timed call: at least GPU_MIN_REPEATS, as many as fit in GPU_REPEAT_MS
+    assert gpu.holds == max(harness.GPU_MIN_REPEATS, min(harness.GPU_MAX_REPEATS, int(
+        harness.GPU_REPEAT_MS / max(host_ms, gpu.flush_ms + kernel_ms))))
+
+    gpu = _SimulatedGpu(host_ms, kernel_ms)
+    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter), \
+            mock.patch.multiple(harness, HOLD_FACTOR=0.0, HOLD_MARGIN_MS=0.0):
+        unheld = harness.cuda_timing(gpu.run, gpu).ms
+    if host_ms > gpu.flush_ms + kernel_ms:  # host-bound
+        assert unheld > 1.9 * kernel_ms
+    else:
+        assert unheld == pytest.approx(kernel_ms)
+
+
+def test_tuning_time_on_a_gpu_is_em_benchs():
+    """bench.tune times a candidate on a GPU as em-bench times a cell: the median of
+    cuda_timing (the median DESIGN.md and the module doc promise; a mean lets one stall pick the
+    constants). Checked with cuda_timing stood in for, so it runs without a GPU."""
+    from bench.harness import Timing
 
     tune = _tune_module()
     run = mock.Mock()
-    with mock.patch("triton.testing.do_bench", return_value=[0.3, 0.25, 0.2] * 5) as do_bench:
+    with mock.patch.object(tune, "cuda_timing", return_value=Timing(0.25, 0.1, 0.02)) as timing:
         assert tune.time_ms(run, torch.device("cuda")) == 0.25
-    assert do_bench.call_count == 1 and do_bench.call_args.args == (run,)
-    assert do_bench.call_args.kwargs["return_mode"] == "all"
-    slow = [[58.0], [59.0, 57.0, 58.5] * 4]
-    with mock.patch("triton.testing.do_bench", side_effect=slow) as do_bench:
-        assert tune.time_ms(run, torch.device("cuda")) == 58.5
-    again = do_bench.call_args_list[1].kwargs
-    assert again["warmup"] == 0 and again["rep"] >= GPU_MIN_REPEATS * 58.0
+    assert timing.call_args.args == (run,)
 
 
 # ---- Every number of a cell, pinned exactly (a wrong median, count or ceiling once passed) ----
@@ -782,8 +871,9 @@ def _scripted_clock(durations, reset_cost):
 
 
 def test_cpu_time_is_the_median_of_the_step_alone():
-    """Context.time_ms on CPU: the median of at least CPU_MIN_REPEATS timed calls of step()
-    (not their min or mean), with reset() outside the timed region."""
+    """Context.time on CPU: the median of at least CPU_MIN_REPEATS timed calls of step()
+    (not their min or mean), with reset() outside the timed region, and their spread, the
+    interquartile range over the median (quartiles 1.5 and 5.5 s of 1, 2 and 9 s)."""
     from bench import harness
 
     ctx = _cpu_context()
@@ -791,7 +881,9 @@ def test_cpu_time_is_the_median_of_the_step_alone():
     durations = [1.0, 2.0, 9.0] + [0.5] * harness.CPU_MAX_REPEATS
     clock, step, reset = _scripted_clock(durations, reset_cost=100.0)
     with mock.patch.object(harness.time, "perf_counter", clock):
-        assert ctx.time_ms(step, reset) == pytest.approx(2000.0)
+        timing = ctx.time(step, reset)
+    assert timing.ms == pytest.approx(2000.0) and timing.spread == pytest.approx(2.0)
+    assert timing.host_ms is None
 
 
 def test_cell_numbers_follow_from_time_and_counts():
@@ -801,13 +893,14 @@ def test_cell_numbers_follow_from_time_and_counts():
     ctx = _cpu_context()
     ctx.copy_gbps = 50.0
     ctx._matmul_tflops = {torch.float32: 0.5, torch.bfloat16: 2.0}
-    with mock.patch.object(Context, "time_ms", lambda self, step, reset: (step(), 2.0)[1]):
+    with mock.patch.object(Context, "time",
+                           lambda self, step, reset: (step(), Timing(2.0, 0.1))[1]):
         op = OPS["entropy"]
         case = make_case(ctx, op, {"N": 8, "V": 1000}, torch.bfloat16, seed=0)
         eager = next(p for p in op.providers() if p.name == "eager")
         cell = measure(ctx, case, eager, "fwd+bwd")
         nbytes = 3 * 8 * 1000 * 2 + 3 * 4 * 8
-        assert cell["time_ms"] == 2.0 and cell["tflops"] is None
+        assert cell["time_ms"] == 2.0 and cell["tflops"] is None and cell["spread"] == 0.1
         assert cell["gbps"] == pytest.approx(nbytes / 2e-3 / 1e9)
         assert cell["ceiling"] == 50.0 and cell["frac_ceiling"] == pytest.approx(cell["gbps"] / 50)
         op = OPS["linear_entropy"]
@@ -821,7 +914,7 @@ def test_cell_numbers_follow_from_time_and_counts():
 
 def test_ceilings_count_bytes_and_flops():
     """The copy ceiling counts the bytes read and written; the matmul ceiling 2 n^3 FLOPs."""
-    with mock.patch.object(Context, "time_ms", lambda self, step, reset: 1.0):
+    with mock.patch.object(Context, "time", lambda self, step, reset: Timing(1.0, 0.0)):
         ctx = _cpu_context()
         assert ctx.copy_gbps == pytest.approx(2 * 2**26 / 1e-3 / 1e9)
         assert ctx.matmul_tflops(torch.float32) == pytest.approx(2 * 1024**3 / 1e-3 / 1e12)
@@ -1025,15 +1118,18 @@ def test_reports_keep_every_cell_reason_and_speedup(tmp_path, capsys):
 
 
 def test_cell_reports_show_percent_and_largest_error():
-    from bench.report import _cells
+    from bench.report import TABLE_COLUMNS, _cells
 
     row = dict(op="entropy", shape="N8-V1000", dtype="fp32", mode="fwd+bwd", provider="cpu",
                time_ms=1.0, gbps=10.0, frac_ceiling=0.25, peak_extra_mib=1.0, err_out=1e-6,
                err_grad=2e-3, check="ok", speedup_vs_eager=2.0)
-    cells = dict(zip(("ms", "GB/s", "TFLOP/s", "% ceil", "extra MiB", "max err", "check",
-                      "x eager"), _cells(row)[5:]))
+    cells = dict(zip(TABLE_COLUMNS, _cells(row)))
     assert cells["% ceil"] == "25%" and cells["max err"] == "2.0e-03"
     assert cells["x eager"] == "2.00x" and cells["TFLOP/s"] == "-"
+    assert cells["spread"] == "-" and cells["host ms"] == "-" and cells["provider"] == "cpu"
+    cells = dict(zip(TABLE_COLUMNS, _cells({**row, "spread": 0.031, "host_ms": 0.1,
+                                            "resumed": True})))
+    assert cells["spread"] == "3%" and cells["host ms"] == "0.1" and cells["provider"] == "cpu *"
 
 
 def test_each_cell_records_the_seconds_it_took(monkeypatch):

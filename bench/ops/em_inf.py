@@ -12,11 +12,11 @@ summed over rows, so at B > 1 it computes what early_exit="row" does, and at B =
 released code), and em-kernels' backends. For adaptive_temperature, eager is the reference's
 batched fp32 bisection.
 
-On CUDA these cells time the GPU alone: do_bench queues its L2 flush (a 256 MB memset, ~80 us)
-before each call's start event without waiting for it, so a call's host cost shorter than that
-(argument checks, dispatch, launches) overlaps the flush and does not show. At B 1 that host cost
-is most of a call (RESULTS.md: 35 us of kernel in an 84 us call). bench/decode.py times the
-processor per call with a sync after each, host included: the number for a decode step.
+On CUDA a cell's time is the GPU's alone (harness.cuda_timing holds the host's part of the call
+out) and host_ms the host's per call (argument checks, dispatch, launches): at B 1 the host is
+most of a call (RESULTS.md: 35 us of kernel in an 84 us call), so a call costs about the larger
+of the two. bench/decode.py times the processor per call with a sync after each, host included:
+the number for a decode step.
 """
 
 from __future__ import annotations
