@@ -140,6 +140,8 @@ NORM_ERROR_FACTOR = 3
 NORM_FLOOR_ULPS = 4
 # The provider whose error sets the other providers' tolerance.
 BASELINE = "eager"
+# The key of _errors' per-tensor errors, which check_errors reads and no report shows.
+PER_TENSOR = "per_tensor"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -613,7 +615,8 @@ def row_chunks(tensor: torch.Tensor):
 def _tensor_errors(value: torch.Tensor, oracle: torch.Tensor | Summed,
                    summed_terms: int) -> dict[str, float]:
     """Where the oracle is finite: err, the largest |value - oracle| (inf if value is not finite
-    there), and floor, ERROR_FLOOR_ULPS ulps of the largest |oracle| in value's dtype; rel, the
+    there), and floor, ERROR_FLOOR_ULPS ulps in value's dtype of the largest |oracle| (of the
+    largest magnitude for a `Summed` oracle, as its rounding errors are); rel, the
     normwise ||value - oracle|| / ||oracle|| (||magnitude|| for a `Summed` oracle; inf likewise;
     0 / 0 is 0), and rel_floor for sums of summed_terms terms (see NORM_ERROR_FACTOR)."""
     eps = torch.finfo(value.dtype).eps
@@ -625,7 +628,7 @@ def _tensor_errors(value: torch.Tensor, oracle: torch.Tensor | Summed,
     finite = torch.isfinite(oracle)
     if not bool(finite.any()):
         return {"err": 0.0, "floor": 0.0, "rel": 0.0, "rel_floor": rel_floor}
-    floor = ERROR_FLOOR_ULPS * eps * float(oracle[finite].abs().max())
+    floor = ERROR_FLOOR_ULPS * eps * float(scale[finite].abs().max())
     diff = value[finite] - oracle[finite]
     if not bool(torch.isfinite(diff).all()):
         return {"err": math.inf, "floor": floor, "rel": math.inf, "rel_floor": rel_floor}
@@ -639,7 +642,8 @@ def _errors(case: Case, mode: str, result: Sequence[torch.Tensor],
     """err_out and rel_out (and in the backward modes err_grad and rel_grad): the largest and
     the largest normwise error of the outputs (of the input gradients) against the op's float64
     oracle, over those tensors; floor_out, rel_floor_out (floor_grad, rel_floor_grad): the
-    largest floors of those tensors (check_errors uses eager's). ValueError when the provider
+    largest floors of those tensors (check_errors uses eager's); and under PER_TENSOR each
+    tensor's own, {"out": [...], "grad": [...]}, for the verdict. ValueError when the provider
     returned other outputs than the op's (fewer, more, or of other shapes): no verdict could
     see what is missing."""
     outs64 = case.cached("outputs", lambda: case.op.output_oracle(case))
@@ -661,45 +665,70 @@ def _errors(case: Case, mode: str, result: Sequence[torch.Tensor],
             rows, ref = ref if isinstance(ref, tuple) else (case.grad_rows, ref)
             found["grad"].append(
                 _tensor_errors(case.inputs[name].grad.index_select(0, rows), ref, terms))
-    fields = {}
+    fields = {PER_TENSOR: found}
     for quantity, per_tensor in found.items():
         for field in ("err", "floor", "rel", "rel_floor"):
             fields[f"{field}_{quantity}"] = max(errors[field] for errors in per_tensor)
     return fields
 
 
+def _tensor_pairs(errors: dict, baseline: dict, quantity: str) -> list[tuple[str, dict, dict]]:
+    """(label, this provider's errors, eager's errors and floors) per tensor of the quantity
+    ("out" or "grad"), each as _tensor_errors gives them: tensor by tensor where both have
+    PER_TENSOR lists of one length, else the maxima over the tensors (a baseline read back from
+    a CSV has only those)."""
+    mine, base = errors.get(PER_TENSOR, {}).get(quantity), baseline.get(PER_TENSOR, {}).get(
+        quantity)
+    if mine is not None and base is not None and len(mine) == len(base):
+        if len(mine) == 1:
+            return [(quantity, mine[0], base[0])]
+        return [(f"{quantity}[{index}]", m, b) for index, (m, b) in enumerate(zip(mine, base))]
+
+    def maxima(fields):
+        return {field: fields.get(f"{field}_{quantity}")
+                for field in ("err", "floor", "rel", "rel_floor")}
+
+    return [(quantity, maxima(errors), maxima(baseline))]
+
+
 def check_errors(errors: dict, baseline: dict | str) -> dict:
-    """The verdict on a provider's errors (err_out, err_grad; rel_out, rel_grad) given eager's
-    on the same cell (with its floors) or why eager has none: check "ok" or "FAIL" with the
-    tolerances applied, tol_out and tol_grad = max(ERROR_FACTOR x eager's error, eager's floor)
-    and tol_rel_out and tol_rel_grad = max(NORM_ERROR_FACTOR x eager's normwise error, its
-    floor), and for a FAIL the reason; or check "unchecked" and why. A non-finite error always
-    fails. (A baseline without normwise errors, from an older run, skips that verdict.)"""
+    """The verdict on a provider's errors given eager's on the same cell (with its floors) or why
+    eager has none, output by output and input gradient by input gradient (`_tensor_pairs`):
+    each tensor's largest error within max(ERROR_FACTOR x eager's on that tensor, eager's floor
+    there) and its normwise error within max(NORM_ERROR_FACTOR x eager's, its floor), so that
+    one output's larger errors (the log-probs') do not widen another's (the entropy's) tolerance.
+    Returns check "ok" or "FAIL" with the tolerances of the tensor nearest to (or furthest past)
+    its tolerance, tol_out and tol_grad, tol_rel_out and tol_rel_grad, and for a FAIL the
+    reason; or check "unchecked" and why. A non-finite error always fails. (A baseline without
+    normwise errors, from an older run, skips that verdict.)"""
     if isinstance(baseline, str):
         return {"check": "unchecked", "reason": f"not checked: {baseline}"}
     fields = {"check": "ok"}
     failures = []
     for quantity in ("out", "grad"):
-        error = errors.get(f"err_{quantity}")
-        if error is None:
+        if errors.get(f"err_{quantity}") is None:
             continue
-        base = baseline[f"err_{quantity}"]
-        if not math.isfinite(base):
+        pairs = _tensor_pairs(errors, baseline, quantity)
+        if not all(math.isfinite(base["err"]) for _, _, base in pairs):
             return {"check": "unchecked",
                     "reason": f"not checked: eager's {quantity} is not finite on this cell"}
-        tolerance = max(ERROR_FACTOR * base, baseline[f"floor_{quantity}"])
-        fields[f"tol_{quantity}"] = tolerance
-        if not error <= tolerance:  # NaN fails too
-            failures.append(f"err_{quantity} {error:.1e} > tolerance {tolerance:.1e} "
-                            f"(eager's {base:.1e})")
-        relative, base_relative = errors.get(f"rel_{quantity}"), baseline.get(f"rel_{quantity}")
-        if relative is None or base_relative is None:
-            continue
-        tolerance = max(NORM_ERROR_FACTOR * base_relative, baseline[f"rel_floor_{quantity}"])
-        fields[f"tol_rel_{quantity}"] = tolerance
-        if not relative <= tolerance:
-            failures.append(f"normwise rel_{quantity} {relative:.1e} > tolerance "
-                            f"{tolerance:.1e} (eager's {base_relative:.1e})")
+        for kind, factor, floor, name, prefix in (
+                ("err", ERROR_FACTOR, "floor", "tol", ""),
+                ("rel", NORM_ERROR_FACTOR, "rel_floor", "tol_rel", "normwise ")):
+            binding = None  # (error / tolerance, tolerance) of the tensor nearest its tolerance
+            for label, mine, base in pairs:
+                error, base_error = mine.get(kind), base.get(kind)
+                if error is None or base_error is None:
+                    continue
+                tolerance = max(factor * base_error, base.get(floor) or 0.0)
+                ratio = error / tolerance if tolerance > 0 and error == error else math.inf
+                if binding is None or ratio > binding[0]:
+                    binding = (ratio, tolerance)
+                if not error <= tolerance:  # NaN fails too
+                    failures.append(f"{prefix}{kind}_{label} {error:.1e} > tolerance "
+                                    f"{tolerance:.1e} (eager's {base_error:.1e})")
+            if binding is not None:
+                fields[f"{name}_{quantity}"] = binding[1]
     if failures:
         fields.update(check="FAIL", reason="wrong result: " + "; ".join(failures))
     return fields
@@ -920,14 +949,15 @@ def run_cells(ctx: Context, plan: list[tuple[OpBench, dict, torch.dtype, list[st
                     try:
                         fields = measure(ctx, case, provider, mode)
                         floors = {k: fields.pop(k) for k in (
-                            "floor_out", "floor_grad", "rel_floor_out", "rel_floor_grad")
-                            if k in fields}
+                            "floor_out", "floor_grad", "rel_floor_out", "rel_floor_grad",
+                            PER_TENSOR) if k in fields}
                         row.update(fields)
                         if provider.name == BASELINE:
                             baselines[mode] = {**fields, **floors}
                             row["check"] = "ref"
                         elif provider.compares:
-                            row.update(check_errors(fields, _baseline(ctx, case, mode, baselines)))
+                            row.update(check_errors({**fields, **floors},
+                                                    _baseline(ctx, case, mode, baselines)))
                     except Skip as exc:
                         row.update(status="skipped", reason=str(exc))
                     except BackendUnavailableError as exc:

@@ -19,7 +19,8 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
 # exceeded which tolerance), "ref" (eager, the baseline), "unchecked" (the reason says why), or
 # empty for a provider with nothing to compare (a bare matmul, a peer's cross-entropy);
-# tol_out and tol_grad: the tolerances the verdict applied to the largest errors; rel_out and
+# tol_out and tol_grad: the tolerances the verdict applied to the largest errors (per tensor
+# since 2026-11-29: those of the tensor nearest to, or furthest past, its own); rel_out and
 # rel_grad: the normwise errors ||value - oracle|| / ||oracle|| (a loss's: over the magnitude of
 # its terms, harness.Summed; that and the floor's sqrt(K) since 2026-11-28), with tol_rel_out and
 # tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
@@ -265,13 +266,15 @@ def markdown(rows: list[dict], header: list[str],
         "% ceil is the fraction of the copy bandwidth (memory-bound ops) or of the matmul rate in "
         "the same dtype (the LM-head ops) measured in the cell's run; extra MiB is the peak memory "
         "allocated during the call above what was allocated before it (the input gradients "
-        "included; on CPU only what torch's allocator hands out, not the C++ kernels' own "
-        "scratch); max err is the largest absolute error against float64 of the outputs, every "
-        "row, and of the input gradients, on a subset of rows; "
-        f"check is FAIL where that error exceeds the larger of {ERROR_FACTOR}x eager's on the "
-        "same cell and a few units in the last place of the largest reference value, or where "
-        "the normwise error (||value - float64|| / ||float64|| per output and per input "
-        f"gradient) exceeds the larger of {NORM_ERROR_FACTOR}x eager's and what any float32 "
+        "included; in bwd the backward alone, what the forward saved being allocated before it; "
+        "on CPU only what torch's allocator hands out, not the C++ kernels' own scratch); max "
+        "err is the largest absolute error against float64 of the outputs, every row, and of "
+        "the input gradients, on a subset of rows; "
+        "check is FAIL where an output's or input gradient's largest error exceeds the larger of "
+        f"{ERROR_FACTOR}x eager's on the same tensor of the same cell and a few units in the last "
+        "place of its largest reference value, or where its normwise error "
+        "(||value - float64|| / ||float64||) "
+        f"exceeds the larger of {NORM_ERROR_FACTOR}x eager's and what any float32 "
         "summation order may cost, sqrt(K) + 4 float32 ulps for sums of K terms "
         "(ok: within both; ref: eager, the baseline; unchecked: eager has no result there); "
         "x eager is eager's time over this provider's."

@@ -261,6 +261,31 @@ def test_a_slightly_wrong_gradient_fails_the_normwise_check(dtype):
     assert verdict["check"] == "FAIL" and "normwise rel_grad" in verdict["reason"], verdict
 
 
+def test_each_output_is_held_to_eagers_error_on_that_output():
+    """At V 151936 eager's entropy is ~1e-4 off (a long float32 sum) while its log-probs are
+    ~1e-6 off: log-probs 1e-4 off are wrong, though within ten times eager's largest error over
+    both outputs, which set the tolerance of both before (and 1e-4 / 12 is under the normwise
+    floor)."""
+    ctx = _cpu_context()
+    op = OPS["logprobs_and_entropy"]
+    case = make_case(ctx, op, {"N": 16, "V": 151936}, torch.float32, seed=0)
+    providers = {provider.name: provider for provider in op.providers()}
+    eager = measure(ctx, case, providers["eager"], "fwd", timed=False)
+    original = em_kernels.logprobs_and_entropy
+
+    def shifted_logprobs(c):
+        def forward():
+            logprobs, entropy = original(c.inputs["logits"], c.inputs["tokens"], backend="cpu")
+            return logprobs + 1e-4, entropy
+        return forward
+
+    ours = measure(ctx, case, Provider("cpu", shifted_logprobs), "fwd", timed=False)
+    assert ours["err_out"] < ERROR_FACTOR * eager["err_out"]  # the maxima alone would pass it
+    verdict = check_errors(ours, eager)
+    assert verdict["check"] == "FAIL" and "err_out[0]" in verdict["reason"], verdict
+    assert "out[1]" not in verdict["reason"]
+
+
 def test_a_correct_provider_that_sums_in_another_order_passes():
     """torch.compile's fp32 entropy, correct, sums V 32000 terms in another order than eager,
     whose cascaded CPU sum is sometimes 5x more accurate: the normwise floor for sums of V terms
