@@ -205,16 +205,17 @@ def _check_supported_head(model: nn.Module) -> nn.Module:
     return linear
 
 
-def _configs_of(config, where: str = "config"):
+def _configs_of(config, where: str = "config", seen: set[int] | None = None):
     """(name, config) for a Hugging Face config and every config nested in it (text_config,
-    vision_config, ...), depth first; nothing for None."""
-    if config is None:
+    vision_config, ...), depth first, each once; nothing for None."""
+    seen = set() if seen is None else seen
+    if config is None or id(config) in seen:
         return
+    seen.add(id(config))
     yield where, config
     for name, value in vars(config).items():
-        if value is not config and type(value).__name__.endswith("Config") and hasattr(
-                value, "to_dict"):
-            yield from _configs_of(value, f"{where}.{name}")
+        if type(value).__name__.endswith("Config") and hasattr(value, "to_dict"):
+            yield from _configs_of(value, f"{where}.{name}", seen)
 
 
 def _modules_to_save_copy(head: nn.Module) -> nn.Module:
