@@ -15,7 +15,7 @@
 #
 # A rerun on the same machine can pick steps, for example after a timed-out step:
 #   GPU_CHECK_STEPS="bench_headline_compile decode bench_sweep" bench/gpu_check.sh
-# Steps: build tests bench_headline bench_linear bench_policy bench_decode_ops
+# Steps: build timing tests bench_headline bench_linear bench_policy bench_decode_ops
 # bench_headline_compile decode bench_sweep, and only when named: tune (bench/tune.py) and
 # bench_full (the whole --full sweep).
 # PYTHON overrides the interpreter (default python3).
@@ -162,6 +162,11 @@ step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA
     "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 probe "$PY" -c "import em_kernels, json
 print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"
+# 1b. em-bench's GPU timing (harness.cuda_timing, new on 2026-11-29 and tested only against a
+#     simulated GPU before): its hold, and a host-heavy call timed as its kernel alone (~10 s).
+#     If it fails, the benchmark steps still run, but read their times with its log.
+step timing 60 "$PY" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_bench.py \
+    -k test_cuda_timing_on_a_real_gpu
 
 # 2. The GPU tests (313 ids at 29c60f5; 261 took 105 s in run C, ~110 s in run E): every test
 #    whose id names cuda (the CPU ones ran in CI), on 8 workers when pytest-xdist is installed

@@ -102,8 +102,16 @@ HOLD_FACTOR = 2.0
 HOLD_MARGIN_MS = 0.05
 HOLD_MAX_MS = 20.0
 # Calls whose host time, each from an idle GPU, gives host_ms and the hold: a median of 5 is
-# robust to one garbage collection.
+# robust to one garbage collection (one call for calls over 1 ms, where the hold is cheap
+# against the call and a late start is caught below).
 HOST_SAMPLES = 5
+# Cycles of the hold's calibration spin: ~10 ms at an H100 / H200's ~2 GHz, long enough for
+# launch gaps to be noise.
+CALIBRATION_CYCLES = 20_000_000
+# The fraction of samples that may start late (cuda_timing) before the repeats run again with
+# LATE_RETRY_FACTOR times the hold, and past which a cell's time is marked host-inclusive.
+LATE_LIMIT = 0.1
+LATE_RETRY_FACTOR = 4.0
 # Bytes zeroed before each timed call to evict the inputs from L2 (50-60 MB on an H100 / H200),
 # as do_bench's 256 MB buffer does.
 L2_FLUSH_BYTES = 2**28
@@ -348,20 +356,23 @@ class Timing:
     """One cell's time: ms, the median of the timed calls (on CUDA the GPU time between two
     events, host excluded); spread, the interquartile range of those calls over their median;
     host_ms (CUDA only), the median host time of one call (Python, dispatch, launches), which
-    is what a call costs when it exceeds ms, as at decode sizes."""
+    is what a call costs when it exceeds ms, as at decode sizes; late (CUDA only), the fraction
+    of samples that hold host time all the same (`cuda_timing`)."""
 
     ms: float
     spread: float
     host_ms: float | None = None
+    late: float | None = None
 
 
-def _timing(samples_ms: list[float], host_ms: float | None = None) -> Timing:
+def _timing(samples_ms: list[float], host_ms: float | None = None,
+            late: float | None = None) -> Timing:
     median = statistics.median(samples_ms)
     if len(samples_ms) >= 2:
         low, _, high = statistics.quantiles(samples_ms, n=4, method="inclusive")
     else:
         low = high = median
-    return Timing(median, (high - low) / median if median > 0 else 0.0, host_ms)
+    return Timing(median, (high - low) / median if median > 0 else 0.0, host_ms, late)
 
 
 class Context:
@@ -414,8 +425,10 @@ class Context:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
 
-    def time(self, step: Callable[[], Any], reset: Callable[[], None]) -> Timing:
-        """The Timing of step(); reset() runs before each call, untimed where possible."""
+    def time(self, step: Callable[[], Any], reset: Callable[[], None],
+             warmed_up: bool = False) -> Timing:
+        """The Timing of step(); reset() runs before each call, untimed where possible;
+        warmed_up: step() has run already (compiled, autotuned, allocated)."""
         if self.is_cuda:
             # Clearing gradients inside the timed call costs microseconds of Python, as
             # do_bench's own grad_to_none would.
@@ -423,7 +436,7 @@ class Context:
                 reset()
                 step()
 
-            return cuda_timing(timed)
+            return cuda_timing(timed, self.device, warmed_up=warmed_up)
         samples: list[float] = []
         spent = 0.0
         while len(samples) < CPU_MIN_REPEATS or (
@@ -498,25 +511,43 @@ class Context:
 class CudaTimeline:
     """The CUDA calls that `cuda_timing` makes, in one place (the tests stand a simulated GPU in
     for it): events, a synchronize, the L2 flush, and a hold of the GPU for a given time
-    (torch.cuda._sleep, a kernel that spins for a number of clock cycles, calibrated here)."""
+    (torch.cuda._sleep, a one-thread kernel that spins for a number of SM clock cycles).
+
+    The cycles per millisecond are calibrated by events over CALIBRATION_CYCLES, the largest
+    of three spins after a first that loads the kernel, and at least the device's clock rate
+    where torch reports it: an SM clock below boost while calibrating would make every later
+    hold short (a 3x lower clock let 1 ms of host time into a 0.05 ms sample, in simulation),
+    while a count too high only makes holds longer."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
-        cycles = 1_000_000
-        for _ in range(2):  # the first call loads the kernel
-            start, end = self.event(), self.event()
-            start.record()
-            torch.cuda._sleep(cycles)
-            end.record()
-            self.synchronize()
-        self._cycles_per_ms = cycles / max(self.elapsed_ms(start, end), 1e-3)
+        with torch.cuda.device(device):
+            self._flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+            rates = []
+            for _ in range(4):
+                start, end = self.event(), self.event()
+                start.record()
+                torch.cuda._sleep(CALIBRATION_CYCLES)
+                end.record()
+                self.synchronize()
+                rates.append(CALIBRATION_CYCLES / max(self.elapsed_ms(start, end), 1e-3))
+        clock_khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0
+        self.cycles_per_ms = max(max(rates[1:]), float(clock_khz))
+
+    def on_device(self):
+        """A context in which the current device is the timeline's (events, the hold and the
+        timed call's kernels then share its current stream)."""
+        return torch.cuda.device(self.device)
 
     def event(self):
         return torch.cuda.Event(enable_timing=True)
 
     def elapsed_ms(self, start, end) -> float:
         return start.elapsed_time(end)
+
+    def reached(self, event) -> bool:
+        """Whether the GPU has passed the event already."""
+        return event.query()
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
@@ -525,24 +556,26 @@ class CudaTimeline:
         self._flush.zero_()
 
     def hold(self, ms: float) -> None:
-        torch.cuda._sleep(max(1, int(ms * self._cycles_per_ms)))
+        torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms)))
 
 
 _timelines: dict[int, CudaTimeline] = {}
 
 
-def _timeline() -> CudaTimeline:
-    index = torch.cuda.current_device()
+def _timeline(device: torch.device) -> CudaTimeline:
+    index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _timelines:
         _timelines[index] = CudaTimeline(torch.device("cuda", index))
     return _timelines[index]
 
 
-def cuda_timing(run: Callable[[], Any], timeline: CudaTimeline | None = None) -> Timing:
-    """The Timing of run() on the current GPU: the median of GPU_MIN_REPEATS to GPU_MAX_REPEATS
-    calls (as many as fit in GPU_REPEAT_MS by a first estimate) after GPU_WARMUP_MS of warm-up,
-    each timed by CUDA events after an L2 flush, so even inputs that fit in L2 are read from
-    HBM, as rotating inputs would be.
+def cuda_timing(run: Callable[[], Any], device: torch.device | None = None, *,
+                warmed_up: bool = False, timeline: CudaTimeline | None = None) -> Timing:
+    """The Timing of run() on a GPU (device, default the current one): the median of
+    GPU_MIN_REPEATS to GPU_MAX_REPEATS calls (as many as fit in GPU_REPEAT_MS by a first
+    estimate) after GPU_WARMUP_MS of warm-up (and a first call unless warmed_up), each timed by
+    CUDA events after an L2 flush, so even inputs that fit in L2 are read from HBM, as rotating
+    inputs would be.
 
     do_bench records the start event and then calls run(): when the host part of a call (Python,
     dispatch, Triton's launcher: ~0.1 ms) outlasts the flush (~0.08 ms), the GPU idles between
@@ -551,16 +584,29 @@ def cuda_timing(run: Callable[[], Any], timeline: CudaTimeline | None = None) ->
     the same commit). Here a hold (HOLD_FACTOR x the call's host time) is queued on the GPU
     before the start event, so the host has queued the call's kernels before the event fires,
     and a sample is GPU time alone. The host time of a call (host_ms) is the median of
-    HOST_SAMPLES calls each made with the GPU idle, so that a full launch queue (a GPU-bound
-    cell's) cannot stretch it."""
-    timeline = timeline or _timeline()
+    HOST_SAMPLES calls each made with the GPU idle (one for calls over 1 ms), so that a full
+    launch queue (a GPU-bound cell's) cannot stretch it.
 
+    A sample whose start event the GPU had passed before run() returned holds host time after
+    all: the hold was too short, or run() waits for the GPU (a `.item()`, a host-side check).
+    If more than LATE_LIMIT of the samples are so, the repeats run again with LATE_RETRY_FACTOR
+    times the hold; the Timing's `late` is the fraction left, and above LATE_LIMIT the time is
+    host-inclusive (the reports mark it)."""
+    timeline = timeline or _timeline(device if device is not None else torch.device("cuda"))
+    with timeline.on_device():
+        return _timed_on(timeline, run, warmed_up)
+
+
+def _timed_on(timeline: CudaTimeline, run: Callable[[], Any], warmed_up: bool) -> Timing:
+    """cuda_timing's loop, on the timeline's device."""
     def host_ms_of_call() -> float:
+        timeline.synchronize()
         start = time.perf_counter()
         run()
         return 1e3 * (time.perf_counter() - start)
 
-    run()  # compiles, autotunes, allocates
+    if not warmed_up:
+        run()  # compiles, autotunes, allocates
     timeline.synchronize()
     start, end = timeline.event(), timeline.event()
     start.record()
@@ -572,23 +618,27 @@ def cuda_timing(run: Callable[[], Any], timeline: CudaTimeline | None = None) ->
     estimate_ms = max(timeline.elapsed_ms(start, end) / 5, 1e-3)
     for _ in range(min(GPU_MAX_REPEATS, int(GPU_WARMUP_MS / estimate_ms))):
         run()
-    host_samples = []
-    for _ in range(HOST_SAMPLES):
-        timeline.synchronize()
-        host_samples.append(host_ms_of_call())
-    timeline.synchronize()
-    host_ms = statistics.median(host_samples)
-    hold_ms = min(HOLD_FACTOR * host_ms + HOLD_MARGIN_MS, HOLD_MAX_MS)
+    host_ms = statistics.median(
+        [host_ms_of_call() for _ in range(HOST_SAMPLES if estimate_ms < 1.0 else 1)])
     repeats = max(GPU_MIN_REPEATS, min(GPU_MAX_REPEATS, int(GPU_REPEAT_MS / estimate_ms)))
-    events = [(timeline.event(), timeline.event()) for _ in range(repeats)]
-    for start, end in events:
-        timeline.flush_l2()
-        timeline.hold(hold_ms)
-        start.record()
-        run()
-        end.record()
-    timeline.synchronize()
-    return _timing([timeline.elapsed_ms(start, end) for start, end in events], host_ms)
+    hold_ms = min(HOLD_FACTOR * host_ms + HOLD_MARGIN_MS, HOLD_MAX_MS)
+    for attempt in range(2):
+        events = [(timeline.event(), timeline.event()) for _ in range(repeats)]
+        late = 0
+        timeline.synchronize()
+        for start, end in events:
+            timeline.flush_l2()
+            timeline.hold(hold_ms)
+            start.record()
+            run()
+            late += timeline.reached(start)
+            end.record()
+        timeline.synchronize()
+        if late <= LATE_LIMIT * repeats or attempt == 1:
+            break
+        hold_ms = min(LATE_RETRY_FACTOR * hold_ms, HOLD_MAX_MS)
+    return _timing([timeline.elapsed_ms(start, end) for start, end in events], host_ms,
+                   late / repeats)
 
 
 def make_case(ctx: Context, op: OpBench, dims: dict[str, int], dtype: torch.dtype,
@@ -806,7 +856,7 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
     ctx.synchronize()
     errors = _errors(case, mode, result, upstream) if provider.compares else {}
     del result
-    timing = ctx.time(step, lambda: _clear_grads(case))
+    timing = ctx.time(step, lambda: _clear_grads(case), warmed_up=True)
     ms = timing.ms
     _clear_grads(case)
     del outs, step
@@ -819,7 +869,8 @@ def measure(ctx: Context, case: Case, provider: Provider, mode: str, timed: bool
     else:
         ceiling = ctx.copy_gbps
         fraction = gbps / ceiling if gbps else None
-    return {"time_ms": ms, "spread": timing.spread, "host_ms": timing.host_ms, "gbps": gbps,
+    return {"time_ms": ms, "spread": timing.spread, "host_ms": timing.host_ms,
+            "late": timing.late, "gbps": gbps,
             "tflops": tflops, "frac_ceiling": fraction, "ceiling": ceiling,
             "peak_extra_mib": peak_mib, **errors}
 

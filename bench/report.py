@@ -8,12 +8,14 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
+from .harness import DTYPES, ERROR_FACTOR, LATE_LIMIT, NORM_ERROR_FACTOR, parse_shape_label
 
 # time_ms: the median of the timed calls (on CUDA, GPU time between two events); spread: their
 # interquartile range over that median; host_ms (CUDA): the host time of one call, what a call
-# costs where it exceeds time_ms (both absent before 2026-11-29, whose CUDA times came from
-# do_bench and held part of the host time where it exceeded ~0.08 ms: harness.cuda_timing).
+# costs where it exceeds time_ms; late (CUDA): the fraction of samples that hold host time all
+# the same (a call that waits for the GPU; above LATE_LIMIT the tables mark the time "h"). All
+# three are absent before 2026-11-29, whose CUDA times came from do_bench and held part of the
+# host time where it exceeded ~0.08 ms (harness.cuda_timing).
 # ceiling: what frac_ceiling divides by, measured in the cell's run (the copy bandwidth in GB/s
 # for the memory-bound ops, the matmul rate in the cell's dtype in TFLOP/s for the LM-head ops).
 # check: the correctness verdict (harness.check_errors): "ok", "FAIL" (the reason says which error
@@ -26,7 +28,7 @@ from .harness import DTYPES, ERROR_FACTOR, NORM_ERROR_FACTOR, parse_shape_label
 # tol_rel_grad (absent from runs before 2026-11-28). cell_s: the wall-clock seconds the cell
 # took in all (warm-up and compiles, the oracle check, the timed repeats; eager's untimed
 # baseline when this cell ran it), to see where a sweep's time goes (absent before 2026-11-28).
-MEASURED = ("time_ms", "spread", "host_ms", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
+MEASURED = ("time_ms", "spread", "host_ms", "late", "gbps", "tflops", "frac_ceiling", "ceiling", "peak_extra_mib", "err_out",
             "err_grad", "tol_out", "tol_grad", "rel_out", "rel_grad", "tol_rel_out",
             "tol_rel_grad", "cell_s")
 # One per dim any op declares (tests/test_bench.py checks): a dim without a column would be
@@ -39,6 +41,8 @@ TABLE_COLUMNS = ("op", "shape", "dtype", "mode", "provider", "ms", "spread", "ho
                  "TFLOP/s", "% ceil", "extra MiB", "max err", "check", "x eager")
 # Marks a row resumed from an earlier run's CSV in the tables (explained under them).
 RESUMED_MARK = " *"
+# Marks a GPU time that holds host time (`_host_inclusive`).
+HOST_INCLUSIVE_MARK = " h"
 
 
 class CsvLog:
@@ -171,11 +175,17 @@ def _fmt(value, kind: str) -> str:
     return f"{value:.3g}"
 
 
+def _host_inclusive(row: dict) -> bool:
+    """Whether the row's GPU time holds host time (more than LATE_LIMIT of its samples late)."""
+    return (row.get("late") or 0.0) > LATE_LIMIT
+
+
 def _cells(row: dict) -> list[str]:
     errors = [e for e in (row.get("err_out"), row.get("err_grad")) if e is not None]
     provider = row["provider"] + (RESUMED_MARK if row.get("resumed") else "")
-    return [row["op"], row["shape"], row["dtype"], row["mode"], provider,
-            _fmt(row.get("time_ms"), "num"), _fmt(row.get("spread"), "pct"),
+    ms = _fmt(row.get("time_ms"), "num") + (HOST_INCLUSIVE_MARK if _host_inclusive(row) else "")
+    return [row["op"], row["shape"], row["dtype"], row["mode"], provider, ms,
+            _fmt(row.get("spread"), "pct"),
             _fmt(row.get("host_ms"), "num"), _fmt(row.get("gbps"), "num"),
             _fmt(row.get("tflops"), "num"), _fmt(row.get("frac_ceiling"), "pct"),
             _fmt(row.get("peak_extra_mib"), "num"), _fmt(max(errors) if errors else None, "err"),
@@ -278,6 +288,9 @@ def markdown(rows: list[dict], header: list[str],
         "summation order may cost, sqrt(K) + 4 float32 ulps for sums of K terms "
         "(ok: within both; ref: eager, the baseline; unchecked: eager has no result there); "
         "x eager is eager's time over this provider's."
+        + (f" Times marked{HOST_INCLUSIVE_MARK} hold host time: the call waits for the GPU (a "
+           "host sync, such as eager EM-INF's per-step check) or its host part outlasted the "
+           "hold; compare them with care." if any(_host_inclusive(r) for r in rows) else "")
         + (f" Rows marked{RESUMED_MARK} were resumed from an earlier run's CSV, which gives "
            "their commit, date and ceilings." if any(r.get("resumed") for r in rows) else ""),
         ""]
