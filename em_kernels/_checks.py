@@ -125,14 +125,26 @@ MIN_TEMPERATURE = math.log2(math.e) / FLOAT32_MAX
 MAX_TEMPERATURE = 1.0 / float(torch.finfo(torch.float32).tiny)
 
 
+def _three_digits_inward(bound: float, upper: bool) -> str:
+    """The bound to three significant digits, rounded into the range it bounds (down for an
+    upper bound), so that the number a message names is itself allowed."""
+    rounded = float(f"{bound:.3g}")
+    if (rounded > bound) if upper else (rounded < bound):
+        step = 10.0 ** (math.floor(math.log10(bound)) - 2)
+        rounded = rounded - step if upper else rounded + step
+    return f"{rounded:.2e}"
+
+
 def check_temperature(temperature) -> float:
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(f"temperature must be >= {MIN_TEMPERATURE:.3g} (below it log2(e) / T "
-                         f"overflows float32), got {temperature}")
+        raise ValueError(
+            f"temperature must be >= {_three_digits_inward(MIN_TEMPERATURE, upper=False)} (below "
+            f"it log2(e) / T overflows float32), got {temperature}")
     if temperature > MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be <= {MAX_TEMPERATURE:.3g} (above it 1 / T is not a "
-                         f"normal float32), got {temperature}")
+        raise ValueError(
+            f"temperature must be <= {_three_digits_inward(MAX_TEMPERATURE, upper=True)} (above "
+            f"it 1 / T is not a normal float32), got {temperature}")
     return temperature
 
 

@@ -4,7 +4,7 @@ Readable before fast. Every function works with autograd, on CPU and GPU, and in
 float64 logits to get the float64 oracle). Inputs of lower precision are computed in float32, as
 RL trainers do today, so the "torch" backend matches what users replace.
 
-Conventions shared with the kernels (see DESIGN.md):
+Conventions shared with the kernels:
 - every reduction is over the last dim (the vocabulary, V entries);
 - ``temperature`` T divides the logits first: every formula is on z / T;
 - an entry equal to -inf is masked: it has probability 0 and contributes exactly 0 to the

@@ -1,4 +1,4 @@
-"""The tolerance rule of every kernel test (DESIGN.md): a kernel's error against the float64
+"""The tolerance rule of every kernel test: a kernel's error against the float64
 oracle may be at most twice the error of plain PyTorch doing the same computation (in float32,
 the precision the kernels promise), plus a small absolute floor. NaNs must be where the oracle
 has them."""

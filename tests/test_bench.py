@@ -947,7 +947,7 @@ def test_cuda_timing_on_a_real_gpu():
 
 def test_tuning_time_on_a_gpu_is_em_benchs():
     """bench.tune times a candidate on a GPU as em-bench times a cell: the median of
-    cuda_timing (the median DESIGN.md and the module doc promise; a mean lets one stall pick the
+    cuda_timing (the median the module doc promises; a mean lets one stall pick the
     constants). Checked with cuda_timing stood in for, so it runs without a GPU."""
     from bench.harness import Timing
 

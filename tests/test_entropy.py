@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -82,7 +83,8 @@ def _finite_max(dtype: torch.dtype) -> float:
 
 @st.composite
 def cases(draw, slow: bool, device: str, dtypes=DTYPES) -> Case:
-    """Shapes, dtypes, scales, -inf fractions, strides and temperatures as DESIGN.md lists."""
+    """Shapes, dtypes, scales, -inf fractions, strides and temperatures: the ranges every kernel
+    must hold in."""
     dtype = draw(st.sampled_from(dtypes))
     vocab_kind = draw(st.sampled_from(["boundary", "small"] + ([] if slow else ["real"])))
     vocab = draw({"boundary": st.sampled_from(BOUNDARY_VOCABS), "small": st.integers(1, 300),
@@ -1532,6 +1534,17 @@ def test_temperatures_the_kernels_cannot_scale_by(temperature):
     is a ValueError, not an OverflowError."""
     for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
         assert isinstance(error, ValueError) and "temperature must be" in str(error), error
+
+
+@pytest.mark.parametrize("temperature", [1e-39, 8.51e37])
+def test_the_temperature_bound_a_message_names_is_allowed(temperature):
+    """The message names its bound rounded into the range (8.50e+37, not 8.51e+37, which is
+    past the bound of ~8.507e37), so the user can pass the number it names."""
+    for error in _both(torch.randn(2, 5), temperature=temperature, backend="torch"):
+        bound = float(re.search(r"must be [<>]= (\S+) ", str(error)).group(1))
+        assert em_kernels.entropy(torch.randn(2, 5), temperature=bound).isfinite().all()
+        assert str(error).startswith(f"temperature must be {'>=' if temperature < 1 else '<='} "
+                                     f"{'4.24e-39' if temperature < 1 else '8.50e+37'} ")
 
 
 @pytest.mark.parametrize("mode", ["jvp", "forward_ad", "func.grad"])

@@ -1,6 +1,6 @@
 """Triton kernels of EM-INF (`em_inf_adjust`) and of the adaptive-temperature baseline.
 
-EM-INF, per row (the released code's semantics, DESIGN.md): z_0 = logits in fp32,
+EM-INF, per row (the released code's semantics): z_0 = logits in fp32,
 p0 = softmax(z_0); for k = 0 .. steps-1: lse_k, H_k = stats of z_k; stop if H_k < threshold
 (row mode) or sum_rows H_k < threshold (batch mode); else one Adam (or SGD) step
 

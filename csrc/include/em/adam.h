@@ -1,6 +1,6 @@
 // The optimiser step of EM-INF, framework-free, for host and device code.
 //
-// EM-INF (DESIGN.md) runs a fresh optimiser on an fp32 copy of each row of logits. Per element j
+// EM-INF runs a fresh optimiser on an fp32 copy of each row of logits. Per element j
 // at step t (1-based), with gradient g:
 //   Adam (torch.optim.Adam's defaults, bias-corrected):
 //     m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2,
