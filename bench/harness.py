@@ -515,9 +515,9 @@ class CudaTimeline:
 
     The cycles per millisecond are calibrated by events over CALIBRATION_CYCLES, the largest
     of three spins after a first that loads the kernel, and at least the device's clock rate
-    where torch reports it: an SM clock below boost while calibrating would make every later
-    hold short (a 3x lower clock let 1 ms of host time into a 0.05 ms sample, in simulation),
-    while a count too high only makes holds longer."""
+    where torch reports a plausible one (at most 4x the measured rate): an SM clock below boost
+    while calibrating would make every later hold short (a 3x lower clock let 1 ms of host time
+    into a 0.05 ms sample, in simulation), while a count too high only makes holds longer."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -531,8 +531,11 @@ class CudaTimeline:
                 end.record()
                 self.synchronize()
                 rates.append(CALIBRATION_CYCLES / max(self.elapsed_ms(start, end), 1e-3))
-        clock_khz = getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0
-        self.cycles_per_ms = max(max(rates[1:]), float(clock_khz))
+        measured = max(rates[1:])
+        # The reported clock in kHz is cycles per ms; a value outside 0.1-10 GHz is not that.
+        clock_khz = float(getattr(torch.cuda.get_device_properties(device), "clock_rate", 0) or 0)
+        clock = clock_khz if 1e5 <= clock_khz <= 1e7 else 0.0
+        self.cycles_per_ms = min(max(measured, clock), 4 * measured)
 
     def on_device(self):
         """A context in which the current device is the timeline's (events, the hold and the
@@ -725,8 +728,8 @@ def _errors(case: Case, mode: str, result: Sequence[torch.Tensor],
 def _tensor_pairs(errors: dict, baseline: dict, quantity: str) -> list[tuple[str, dict, dict]]:
     """(label, this provider's errors, eager's errors and floors) per tensor of the quantity
     ("out" or "grad"), each as _tensor_errors gives them: tensor by tensor where both have
-    PER_TENSOR lists of one length, else the maxima over the tensors (a baseline read back from
-    a CSV has only those)."""
+    PER_TENSOR lists of one length, else the maxima over the tensors (errors given without
+    PER_TENSOR)."""
     mine, base = errors.get(PER_TENSOR, {}).get(quantity), baseline.get(PER_TENSOR, {}).get(
         quantity)
     if mine is not None and base is not None and len(mine) == len(base):
