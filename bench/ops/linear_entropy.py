@@ -65,7 +65,10 @@ class LinearEntropyBench(OpBench):
                        "in bf16 per row chunk, gradients in the forward (three matmuls)",
         "cuda-loss": "linear_entropy_loss with the CUDA entropy kernels",
         "cpu-loss": "linear_entropy_loss with the C++ entropy kernels",
-        "liger": "Liger-Kernel's fused linear cross-entropy: cross-entropy, not entropy",
+        "liger": "Liger-Kernel's fused linear cross-entropy: cross-entropy, not entropy; its "
+                 "gradients come from its forward (recent versions skip them where nothing "
+                 "requires grad, as in the fwd row; older ones compute them there too), and it "
+                 "syncs once per call (the count of tokens to average over)",
         "cce": "Cut Cross-Entropy: cross-entropy, not entropy, with its default gradient "
                'filtering (filter_eps="auto"; our backward is exact unless asked)',
     }
