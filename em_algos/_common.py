@@ -56,7 +56,8 @@ check_temperature = _checks.check_temperature
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
-    """A Python int (integer=True) or number, > 0 (>= 0 with allow_zero) and finite."""
+    """An int (integer=True) or number, Python's or a NumPy scalar, > 0 (>= 0 with allow_zero)
+    and finite; returned as a Python int or float, which the caller keeps."""
     if integer:
         return _checks.check_int(name, value, 0 if allow_zero else 1)
     return _checks.check_number(name, value, low=0.0, low_open=not allow_zero)
@@ -631,7 +632,7 @@ def training_loop(step, prompt_batches, num_steps: int | None, description: str,
     from tqdm.auto import tqdm
 
     if num_steps is not None:
-        check_positive("num_steps", num_steps, integer=True, allow_zero=True)
+        num_steps = check_positive("num_steps", num_steps, integer=True, allow_zero=True)
     if isinstance(prompt_batches, (list, tuple)):  # a sequence: every batch checked up front,
         for index, batch in enumerate(prompt_batches[:num_steps]):  # before any rollout
             _prompt_pair(batch, index)

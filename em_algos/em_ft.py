@@ -98,7 +98,7 @@ def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.
     """
     check_choice("normalize", normalize, NORMALIZATIONS)
     if num_items is not None:
-        check_positive("num_items", num_items, integer=True)
+        num_items = check_positive("num_items", num_items, integer=True)
     return _entropy_loss(model, (input_ids, attention_mask, response_mask), normalize,
                          num_items=num_items).loss
 
@@ -145,14 +145,14 @@ class EMFTTrainer:
                  normalize: str = "sequence", optimizer: torch.optim.Optimizer | None = None,
                  save_dir: str | os.PathLike | None = None, save_every: int = 0,
                  progress: bool = True):
-        check_positive("num_samples", num_samples, integer=True)
-        check_positive("max_new_tokens", max_new_tokens, integer=True)
-        check_temperature(temperature)
-        check_positive("lr", lr)
-        check_positive("kl_coef", kl_coef, allow_zero=True)
-        check_positive("save_every", save_every, integer=True, allow_zero=True)
+        num_samples = check_positive("num_samples", num_samples, integer=True)
+        max_new_tokens = check_positive("max_new_tokens", max_new_tokens, integer=True)
+        temperature = check_temperature(temperature)
+        lr = check_positive("lr", lr)
+        kl_coef = check_positive("kl_coef", kl_coef, allow_zero=True)
+        save_every = check_positive("save_every", save_every, integer=True, allow_zero=True)
         if max_grad_norm is not None:
-            check_positive("max_grad_norm", max_grad_norm)
+            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         check_choice("normalize", normalize, NORMALIZATIONS)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")

@@ -140,10 +140,10 @@ def em_inf_processors(
                         f"EMInfLogitsProcessor()), got {type(adjust).__name__}")
     temperature = _checks.check_number("temperature", temperature, low=0.0, low_open=True)
     if top_k is not None:
-        _checks.check_int("top_k", top_k, 0)
+        top_k = _checks.check_int("top_k", top_k, 0)
     if top_p is not None:
         top_p = _checks.check_number("top_p", top_p, low=0.0, high=1.0)
-    _checks.check_int("min_tokens_to_keep", min_tokens_to_keep, 1)
+    min_tokens_to_keep = _checks.check_int("min_tokens_to_keep", min_tokens_to_keep, 1)
     processors = LogitsProcessorList([adjust])
     if temperature != 1.0:
         processors.append(TemperatureLogitsWarper(temperature))

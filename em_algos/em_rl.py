@@ -105,7 +105,7 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
                          f"{getattr(rewards, 'shape', type(rewards).__name__)}")
     if not rewards.dtype.is_floating_point:
         raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
-    check_positive("group_size", group_size, integer=True)
+    group_size = check_positive("group_size", group_size, integer=True)
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 (the baseline needs other responses to the "
                          f"same prompt), got {group_size}")
@@ -126,7 +126,7 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: (r - group mean) / (group std + eps), with the unbiased std (as verl); eps is a
     finite number > 0 (a group of equal rewards then gets advantages 0, not 0 / 0)."""
-    check_positive("eps", eps)
+    eps = check_positive("eps", eps)
     groups = _grouped(rewards, group_size)
     centred = groups - groups.mean(-1, keepdim=True)
     return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)
@@ -186,22 +186,22 @@ class EMRLTrainer:
         check_choice("reward", reward, REWARDS)
         check_choice("reward_reduce", reward_reduce, REDUCTIONS)
         check_choice("advantage", advantage, ADVANTAGES)
-        check_positive("num_rollouts", num_rollouts, integer=True)
+        num_rollouts = check_positive("num_rollouts", num_rollouts, integer=True)
         if num_rollouts < 2:
             raise ValueError(f"num_rollouts must be >= 2 (advantages compare the responses to one "
                              f"prompt), got {num_rollouts}")
-        check_positive("max_new_tokens", max_new_tokens, integer=True)
-        check_temperature(temperature)
-        check_positive("clip_range", clip_range)
-        check_positive("beta", beta, allow_zero=True)
-        check_positive("entropy_coeff", entropy_coeff, allow_zero=True)
-        check_positive("ppo_epochs", ppo_epochs, integer=True)
+        max_new_tokens = check_positive("max_new_tokens", max_new_tokens, integer=True)
+        temperature = check_temperature(temperature)
+        clip_range = check_positive("clip_range", clip_range)
+        beta = check_positive("beta", beta, allow_zero=True)
+        entropy_coeff = check_positive("entropy_coeff", entropy_coeff, allow_zero=True)
+        ppo_epochs = check_positive("ppo_epochs", ppo_epochs, integer=True)
         if minibatch_size is not None:
-            check_positive("minibatch_size", minibatch_size, integer=True)
-        check_positive("lr", lr)
-        check_positive("save_every", save_every, integer=True, allow_zero=True)
+            minibatch_size = check_positive("minibatch_size", minibatch_size, integer=True)
+        lr = check_positive("lr", lr)
+        save_every = check_positive("save_every", save_every, integer=True, allow_zero=True)
         if max_grad_norm is not None:
-            check_positive("max_grad_norm", max_grad_norm)
+            max_grad_norm = check_positive("max_grad_norm", max_grad_norm)
         if save_every and save_dir is None:
             raise ValueError("save_every is set but save_dir is None: say where to save")
         vocab_size = input_vocab_size(model)

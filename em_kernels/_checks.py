@@ -61,8 +61,7 @@ def check_number(name: str, value, *, low: float | None = None, high: float | No
     """A Python int or float (not bool), or a NumPy one (np.float32(0.7) from a config), never
     NaN, finite unless allow_inf, within [low, high] ((low, high] with low_open; either bound
     may be None); returned as a float."""
-    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
-        value = value.item()  # a NumPy scalar as the Python number it holds (bool stays bool)
+    value = _numpy_scalar_as_python(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
     try:
@@ -95,10 +94,20 @@ def _describe_range(low, high, low_open: bool, allow_inf: bool) -> str:
             f"{'inf' if high is None else high}]")
 
 
+def _numpy_scalar_as_python(value):
+    """A NumPy scalar (np.int64(1) from an array, np.float32(0.7) from a config) as the Python
+    number it holds (np.bool_ as a bool); anything else as it is."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
+
+
 def check_int(name: str, value, minimum: int, maximum: int | None = None) -> int:
-    """A Python int (not bool) in [minimum, maximum] (no upper bound when maximum is None)."""
+    """An int (not bool), Python's or a NumPy scalar, in [minimum, maximum] (no upper bound when
+    maximum is None); returned as a Python int."""
+    value = _numpy_scalar_as_python(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum or (maximum is not None and value > maximum):
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {bound}, got {value}")
@@ -205,7 +214,7 @@ MAX_EXTRA_ROWS = 0.25
 
 
 def check_shift(shift, logits: torch.Tensor) -> int:
-    """shift: a Python int >= 0, at most the logits' positions (their dim -2) when positive."""
+    """shift: an int >= 0, at most the logits' positions (their dim -2) when positive."""
     shift = check_int("shift", shift, 0)
     if shift and logits.dim() < 2:
         raise ValueError("shift needs logits of shape (..., T, V), positions along dim -2; got "

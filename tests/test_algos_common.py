@@ -132,6 +132,23 @@ def test_configs_that_transform_logits_are_refused(attribute):
         em_ft_loss(model, *random_batch(torch.Generator().manual_seed(0), 2, 3, 4))
 
 
+def test_numpy_scalar_arguments_become_python_numbers():
+    """Arguments from a NumPy sweep (np.int64 rollouts, np.float32 rates) are checked and kept
+    as the Python numbers they hold, so that nothing downstream (generate(), the optimiser)
+    sees a NumPy scalar."""
+    np = pytest.importorskip("numpy")
+    trainer = EMRLTrainer(tiny_causal_lm(seed=1), pad_token_id=PAD, eos_token_id=EOS,
+                          num_rollouts=np.int64(2), max_new_tokens=np.int32(3),
+                          temperature=np.float32(0.5), beta=np.float64(0.0),
+                          lr=np.float32(1e-3), progress=False)
+    for name, kind in (("num_rollouts", int), ("max_new_tokens", int), ("temperature", float),
+                       ("beta", float)):
+        assert type(getattr(trainer, name)) is kind, name
+    with pytest.raises(TypeError, match="num_rollouts must be an int, got bool"):
+        EMRLTrainer(tiny_causal_lm(seed=1), pad_token_id=PAD, eos_token_id=EOS,
+                    num_rollouts=np.bool_(True), progress=False)
+
+
 def test_a_cap_in_a_nested_text_config_is_refused():
     """Multimodal wrappers (PaliGemma 2, Gemma 3) keep the text model's config, soft cap
     included, in config.text_config: refused too, with where it was found. The check of the

@@ -1497,8 +1497,8 @@ def test_bad_shift():
     logits, tokens = torch.randn(2, 3, 10), torch.zeros(2, 3, dtype=torch.long)
     cases_ = [
         (dict(shift=-1), ValueError, "shift must be >= 0, got -1"),
-        (dict(shift=1.0), TypeError, "shift must be a Python int, got float"),
-        (dict(shift=True), TypeError, "shift must be a Python int, got bool"),
+        (dict(shift=1.0), TypeError, "shift must be an int, got float"),
+        (dict(shift=True), TypeError, "shift must be an int, got bool"),
         (dict(shift=4), ValueError, "shift=4 is more than the logits' 3 positions"),
         (dict(logits=torch.randn(10), shift=1), ValueError, "shift needs logits of shape"),
         (dict(tokens=tokens[:, 1:], shift=1), ValueError,
@@ -1661,6 +1661,16 @@ def test_integer_temperature_is_accepted():
     logits = torch.randn(2, 5)
     torch.testing.assert_close(em_kernels.entropy(logits, temperature=2, backend="torch"),
                                em_kernels.entropy(logits, temperature=2.0, backend="torch"))
+
+
+def test_numpy_integer_shift_is_accepted():
+    """A shift computed with NumPy (np.int64) counts as the int it holds; np.bool_ does not."""
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(2, 6, 5)
+    torch.testing.assert_close(em_kernels.entropy(logits, shift=np.int64(1), backend="torch"),
+                               em_kernels.entropy(logits, shift=1, backend="torch"))
+    for error in _both(logits, shift=np.bool_(True), backend="torch"):
+        assert isinstance(error, TypeError) and "shift must be an int, got bool" in str(error)
 
 
 def test_numpy_scalar_temperatures_are_accepted():
