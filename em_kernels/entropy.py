@@ -130,8 +130,12 @@ def entropy(
             LM head gives them): each rank passes its contiguous slice of the vocabulary, rank r
             the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
             and every rank gets the full-vocabulary entropy; the gradient is this rank's slice
-            of the unsharded one. Upstream gradients must be the same on every rank (a
-            replicated loss). Costs an all-gather of the slice sizes (not read on the host:
+            of the unsharded one. Every rank must pass the same rows (N, their leading shape,
+            shift), temperature, token ids and upstream gradients (a replicated loss): none of
+            that is compared across the ranks (that would cost a host sync), so a mismatch
+            gives wrong results on every rank, or an error or hang in the collectives; and an
+            argument that fails its checks on one rank raises there while the others wait in
+            the first collective. Costs an all-gather of the slice sizes (not read on the host:
             no sync on CUDA) and two all-reduces of N-vectors; runs eagerly, also inside
             torch.compile (a graph break).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).

@@ -201,7 +201,14 @@ def linear_entropy(
             zero gradient.
         process_group: a torch.distributed group for vocab-parallel mode (see `weight`); every
             rank gets the full-vocabulary entropy and log-probs, the gradients equal the
-            unsharded ones (d_hidden is all-reduced; d_weight/d_bias are the shard's). Costs an
+            unsharded ones (d_hidden is all-reduced, each rank's part rounded to hidden's dtype
+            first, so in 16 bits it is off by up to ~1.5 ulp more than unsharded, growing with
+            the ranks; d_weight/d_bias are the shard's). Every rank must pass the same hidden
+            (shape, dtype and requires_grad: the backward's all-reduce runs where a gradient is
+            needed), tokens and temperature: none of that is compared across the ranks, so a
+            mismatch gives wrong results, or an error or hang in the collectives; and an
+            argument that fails its checks on one rank raises there while the others wait in
+            the first collective. Costs an
             all-gather of the shard sizes (not read on the host: no sync on CUDA) and two
             N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs
             eagerly, also inside torch.compile (a graph break, as the other ops' vocab-parallel

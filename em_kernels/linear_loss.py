@@ -81,8 +81,11 @@ def linear_entropy_loss(
             `linear_entropy`: weight and bias are this rank's contiguous shard, tokens global
             ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
             gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
-            and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights
-            and requires_grad flags. Costs an all-gather of the shard sizes, read on the host
+            and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights,
+            temperature and requires_grad flags: none is compared across the ranks (a mismatch
+            gives wrong results, or an error or hang in the collectives), and an argument that
+            fails its checks on one rank raises there while the others wait in the first
+            collective. Costs an all-gather of the shard sizes, read on the host
             to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
             chunk-sized row vectors per row chunk and one of d_hidden (N x H).
             Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
