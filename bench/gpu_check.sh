@@ -229,7 +229,7 @@ fi
 # 10. Only when named in GPU_CHECK_STEPS (it wants a run of its own): the whole `em-bench --full`
 #    sweep, every op, shape, dtype, mode and provider, for as long as the budget lasts (the
 #    cells it could not start are listed in its report), e.g.
-#    GPU_CHECK_STEPS="build bench_full" GPU_CHECK_SECONDS=560 bench/gpu_check.sh
+#    GPU_CHECK_STEPS="build timing bench_full" GPU_CHECK_SECONDS=560 bench/gpu_check.sh
 #    It takes longer than one lease: GPU_CHECK_RESUME=CSV (an earlier run's bench.csv of this
 #    step, on the same device kind, e.g. committed as bench/sweeps/h200-full.csv) keeps that
 #    run's measured cells and measures the rest; its bench.csv then replaces CSV.
