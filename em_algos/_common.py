@@ -696,15 +696,14 @@ def dropout_off(model: nn.Module):
                 saved.append((owner, name, value))
                 setattr(owner, name, 0.0)
 
-    configs = {}
+    configs, seen = [], set()  # the modules share their configs: each is walked once
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             saved.append((module, "p", module.p))
             module.p = 0.0
         zero_rates(module)
-        for _, config in _configs_of(module.__dict__.get("config")):
-            configs[id(config)] = config
-    for config in configs.values():
+        configs += [config for _, config in _configs_of(module.__dict__.get("config"), seen=seen)]
+    for config in configs:
         zero_rates(config)
     try:
         yield
