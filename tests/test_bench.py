@@ -827,6 +827,13 @@ class _SimulatedGpu:
     def perf_counter(self) -> float:
         return self.host / 1e3
 
+    def timing(self):
+        """harness.cuda_timing of run() on this GPU, the host's clock its own."""
+        from bench import harness
+
+        with mock.patch.object(harness.time, "perf_counter", self.perf_counter):
+            return harness.cuda_timing(self.run, timeline=self)
+
 
 def test_a_cpu_run_on_shared_cores_says_so():
     """On CPU, a load average at or above torch's threads at the start or the end puts a warning
@@ -858,8 +865,7 @@ def test_gpu_time_keeps_the_hosts_part_of_the_call_out(host_ms, kernel_ms):
     from bench import harness
 
     gpu = _SimulatedGpu(host_ms, kernel_ms)
-    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter):
-        timing = harness.cuda_timing(gpu.run, timeline=gpu)
+    timing = gpu.timing()
     assert timing.ms == pytest.approx(kernel_ms) and timing.spread == pytest.approx(0, abs=1e-9)
     assert timing.host_ms == pytest.approx(host_ms) and timing.late == 0
     # one hold a timed call: at least GPU_MIN_REPEATS, as many as fit in GPU_REPEAT_MS
@@ -867,9 +873,8 @@ def test_gpu_time_keeps_the_hosts_part_of_the_call_out(host_ms, kernel_ms):
         harness.GPU_REPEAT_MS / max(host_ms, gpu.flush_ms + kernel_ms))))
 
     gpu = _SimulatedGpu(host_ms, kernel_ms)
-    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter), \
-            mock.patch.multiple(harness, HOLD_FACTOR=0.0, HOLD_MARGIN_MS=0.0):
-        unheld = harness.cuda_timing(gpu.run, timeline=gpu)
+    with mock.patch.multiple(harness, HOLD_FACTOR=0.0, HOLD_MARGIN_MS=0.0):
+        unheld = gpu.timing()
     if host_ms > gpu.flush_ms + kernel_ms:  # host-bound: the samples hold host time, and say so
         assert unheld.ms > 1.9 * kernel_ms and unheld.late == 1
     else:
@@ -886,16 +891,14 @@ def test_gpu_time_catches_a_short_hold_and_a_host_sync():
     from bench.report import _cells
 
     gpu = _SimulatedGpu(1.0, 0.05, hold_shortfall=3.0)
-    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter):
-        timing = harness.cuda_timing(gpu.run, timeline=gpu)
+    timing = gpu.timing()
     first, second = sorted(set(gpu.asked))  # timed twice, with a 4x hold the second time
     assert second == pytest.approx(harness.LATE_RETRY_FACTOR * first)
     assert gpu.asked.count(first) == gpu.asked.count(second) >= harness.GPU_MIN_REPEATS
     assert timing.ms == pytest.approx(0.05) and timing.late == 0
 
     gpu = _SimulatedGpu(0.02, 0.05, syncs=True)
-    with mock.patch.object(harness.time, "perf_counter", gpu.perf_counter):
-        timing = harness.cuda_timing(gpu.run, timeline=gpu)
+    timing = gpu.timing()
     assert timing.late == 1
     row = dict(op="em_inf_adjust", shape="B1-V1000", dtype="fp32", mode="fwd", provider="eager",
                time_ms=timing.ms, late=timing.late)
