@@ -14,11 +14,28 @@ all-reduce of N-vectors:
 computed in lse's dtype (float64 but on MPS: csrc/include/em/softmax_stats.h says why); entropy
 and chosen come back in their own dtypes.
 
-Upstream gradients and row weights are assumed to be the same on every rank (a replicated loss).
+Every rank must call the same op with the same arguments apart from its shard. The all-gather
+of the shard sizes carries a descriptor of each rank's call (`RankCall`: the op, the row count
+and shapes, dtype, temperature, whether tokens are given and a checksum of them, the flags that
+decide which collectives run), so a mismatch is found before any collective whose size or count
+it changes. Where the host reads the gathered descriptors (CPU tensors; CUDA with
+EM_KERNELS_CHECK_RANKS=1, one sync; the fused losses, which read the shard sizes anyway) every
+rank raises the same ValueError there, none is left waiting in a collective. Elsewhere (CUDA,
+where reading would sync) the ranks compare them on the device, and a mismatch makes every
+result and gradient NaN instead of a wrong number; a mismatch in the row count or the
+collectives run (rows, tokens given, needs grad) then still fails or hangs in the collectives,
+as without the check.
+
+Upstream gradients, hidden states and row weights are assumed to be the same on every rank (a
+replicated loss) and not compared: a checksum of floats would refuse values that agree to
+rounding but not bitwise, and would cost a read of N x H.
 """
 
 from __future__ import annotations
 
+import os
+import struct
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -34,32 +51,158 @@ def _require_distributed():
     return dist
 
 
+# EM_KERNELS_CHECK_RANKS=1 compares the ranks' calls on the host on CUDA too (one sync per call).
+_CHECK_CUDA_RANKS = os.environ.get("EM_KERNELS_CHECK_RANKS", "0") == "1"
+
+# The ops with a vocab-parallel mode, by their code in the descriptor.
+OPS = ("entropy", "logprobs_and_entropy", "linear_entropy", "linear_entropy_loss",
+       "linear_policy_loss")
+# Descriptor slots for a call's arguments: the most any op in OPS compares (linear_policy_loss's
+# 11), so that every rank gathers the same length whatever op it called.
+_ARGUMENT_SLOTS = 11
+# The descriptor's value for an unused slot, and the token checksum's without tokens.
+_ABSENT = -(2 ** 63)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _encoded(value) -> int:
+    """An argument as one int64, equal across ranks exactly when the arguments are."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):  # its bits: equal exactly when the floats are (NaN aside)
+        return struct.unpack("<q", struct.pack("<d", value))[0]
+    if isinstance(value, torch.dtype):
+        return _DTYPES.index(value)  # the dtypes the ops take
+    if isinstance(value, tuple):  # a shape (torch.Size too): equal shapes, equal checksums
+        return zlib.crc32(repr(tuple(value)).encode())
+    raise TypeError(f"no descriptor code for a {type(value).__name__}")
+
+
+def _decoded(code: int, like):
+    """`_encoded`'s inverse for a value of ``like``'s type, to print (not for a shape: only its
+    checksum travels)."""
+    if isinstance(like, bool):
+        return bool(code)
+    if isinstance(like, int):
+        return code
+    if isinstance(like, float):
+        return struct.unpack("<d", struct.pack("<q", code))[0]
+    return _DTYPES[code]
+
+
+def _token_checksum(tokens: torch.Tensor) -> torch.Tensor:
+    """An order-sensitive int64 checksum of the ids, on their device (no sync): sum_i (i + 1)
+    tokens[i], wrapping."""
+    weights = torch.arange(1, tokens.numel() + 1, device=tokens.device)
+    return (tokens.reshape(-1).to(torch.int64) * weights).sum().reshape(1)
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """What every rank of a vocab-parallel call must agree on: the op and its arguments, by name
+    (an int, bool, float, dtype or shape each; the same names for the same op), and the
+    tokens (compared by checksum) where the op takes them."""
+
+    op: str
+    arguments: tuple[tuple[str, object], ...]
+    tokens: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.op not in OPS or len(self.arguments) > _ARGUMENT_SLOTS:
+            raise AssertionError(f"RankCall of {self.op} with {len(self.arguments)} arguments")
+
+    def descriptor(self, local_vocab: int, device: torch.device) -> torch.Tensor:
+        """[local_vocab, op, arguments..., token checksum] as int64 on ``device``. Built on the
+        host and copied from pinned memory, asynchronously (a copy of pageable memory, as
+        torch.tensor(list, device="cuda") makes, waits for the stream)."""
+        codes = [local_vocab, OPS.index(self.op)] + [
+            _encoded(value) for _, value in self.arguments]
+        codes += [_ABSENT] * (_ARGUMENT_SLOTS - len(self.arguments))
+        host = torch.tensor(codes, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        fields = host.to(device, non_blocking=True)
+        checksum = (torch.full((1,), _ABSENT, dtype=torch.int64, device=device)
+                    if self.tokens is None else _token_checksum(self.tokens))
+        return torch.cat([fields, checksum])
+
+    def disagreement(self, gathered: list[list[int]]) -> str | None:
+        """What the ranks' descriptors (host lists, one per rank) disagree on, or None."""
+        ops = [OPS[row[1]] if 0 <= row[1] < len(OPS) else f"op #{row[1]}" for row in gathered]
+        if len(set(ops)) > 1:
+            return "the op called: " + ", ".join(
+                f"rank {rank} {op}" for rank, op in enumerate(ops))
+        differences = []
+        for slot, (name, value) in enumerate(self.arguments, start=2):
+            codes = [row[slot] for row in gathered]
+            if len(set(codes)) == 1:
+                continue
+            if isinstance(value, tuple):
+                differences.append(f"{name} (this rank's: {tuple(value)})")
+            else:
+                differences.append(f"{name} (" + ", ".join(
+                    f"rank {rank}: {_decoded(code, value)}"
+                    for rank, code in enumerate(codes)) + ")")
+        checksums = [row[-1] for row in gathered]
+        if len(set(checksums)) > 1 and _ABSENT in checksums:
+            differences.append("tokens given (" + ", ".join(
+                f"rank {rank}: {checksum != _ABSENT}"
+                for rank, checksum in enumerate(checksums)) + ")")
+        elif len(set(checksums)) > 1:
+            differences.append("tokens (their checksums differ)")
+        return "; ".join(differences) or None
+
+
+def _compared_on_host(device: torch.device) -> bool:
+    """Whether the ranks' descriptors are read on the host (no device to sync with, or asked)."""
+    return device.type != "cuda" or _CHECK_CUDA_RANKS
+
+
 @dataclass(frozen=True)
 class VocabShard:
     """This rank's place in the vocabulary: ids [start, start + local) of ``total``, from the
     shard sizes of every rank (``sizes``, on the tensors' device). start and total stay 0-d
     tensors there, so that nothing here reads the device: only `widest` (the largest shard, which
-    fixes chunk sizes that must agree on every rank) and an eager token-range check (on CPU
-    tensors, or with EM_KERNELS_CHECK_TOKENS=1) read the sizes on the host."""
+    fixes chunk sizes that must agree on every rank), an eager token-range check (on CPU
+    tensors, or with EM_KERNELS_CHECK_TOKENS=1) and the comparison of the ranks' calls (see the
+    module docstring) read them on the host. ``disagree`` is None where the calls were compared
+    on the host, else a 0-d bool on the device: true makes `merge`'s results NaN."""
 
     group: object
     local: int
     sizes: torch.Tensor
     start: torch.Tensor
     total: torch.Tensor
+    disagree: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, group, local_vocab: int, device: torch.device) -> VocabShard:
-        """One all-gather of the shard sizes (asynchronous on CUDA: no host sync)."""
+    def of(cls, group, local_vocab: int, device: torch.device, call: RankCall, *,
+           check_on_host: bool = False) -> VocabShard:
+        """One all-gather of every rank's shard size and `RankCall` descriptor (asynchronous on
+        CUDA: no host sync unless the calls are compared on the host there, which
+        ``check_on_host`` asks for where the caller syncs anyway). Raises ValueError, on every
+        rank alike, where the calls are compared on the host and disagree."""
         dist = _require_distributed()
-        # torch.full, not torch.tensor: a host-to-device copy of a Python list waits for the
-        # stream on CUDA, a fill does not.
-        size = torch.full((1,), local_vocab, dtype=torch.int64, device=device)
-        gathered = [torch.empty_like(size) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(gathered, size, group=group)
-        sizes = torch.cat(gathered)
+        descriptor = call.descriptor(local_vocab, device)
+        gathered = [torch.empty_like(descriptor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, descriptor, group=group)
+        gathered = torch.stack(gathered)
+        disagree = None
+        if check_on_host or _compared_on_host(device):
+            difference = call.disagreement(gathered.tolist())
+            if difference is not None:
+                raise ValueError(
+                    f"vocab-parallel {call.op}: the ranks of the process group disagree on "
+                    f"{difference}. Every rank must make the same call with the same arguments "
+                    "but for its own shard of the vocabulary (weight and bias, or the logits' "
+                    "last dim).")
+        else:
+            disagree = (gathered[:, 1:] != gathered[:1, 1:]).any()
+        sizes = gathered[:, 0]
         rank = dist.get_rank(group)
-        return cls(group, local_vocab, sizes, sizes[:rank].sum(), sizes.sum())
+        return cls(group, local_vocab, sizes, sizes[:rank].sum(), sizes.sum(), disagree)
 
     @property
     def widest(self) -> int:
@@ -94,8 +237,12 @@ class VocabShard:
         sums = torch.stack(sums)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
         log_total = torch.log(sums[0])
-        return ((sums[1] / sums[0] + log_total).to(local_entropy.dtype), safe_max + log_total,
-                sums[2].to(local_chosen.dtype) if local_chosen is not None else None)
+        results = ((sums[1] / sums[0] + log_total).to(local_entropy.dtype), safe_max + log_total,
+                   sums[2].to(local_chosen.dtype) if local_chosen is not None else None)
+        if self.disagree is None:
+            return results
+        return tuple(None if result is None else result.masked_fill(self.disagree, float("nan"))
+                     for result in results)
 
     def merge_logprobs(self, local_entropy, local_lse, local_logprobs, owned, valid):
         """`merge` for the kernels that give shard log-probs (log p_r = chosen - lse_r) rather

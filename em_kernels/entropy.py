@@ -7,7 +7,7 @@ import torch
 from . import _checks
 from ._backend import resolve_backend
 from ._ops.entropy import backward_from_stats, softmax_stats, softmax_stats_impl
-from ._vocab_parallel import VocabShard
+from ._vocab_parallel import RankCall, VocabShard
 
 
 def _softmax_stats(rows, tokens, temperature, backend):
@@ -72,7 +72,10 @@ def _vocab_parallel_stats(logits, tokens, temperature, shift, backend, process_g
         raise NotImplementedError(
             "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
             "transforms: flatten the batch into the logits' leading dims instead")
-    shard = VocabShard.of(process_group, logits.shape[-1], logits.device)
+    call = RankCall("entropy" if tokens is None else "logprobs_and_entropy", (
+        ("the logits' shape but the vocabulary", tuple(logits.shape[:-1])), ("shift", shift),
+        ("dtype", logits.dtype), ("temperature", temperature)), tokens)
+    shard = VocabShard.of(process_group, logits.shape[-1], logits.device, call)
     rows, layout = _checks.RowLayout.rows_of_shifted(logits, shift)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
@@ -130,14 +133,18 @@ def entropy(
             LM head gives them): each rank passes its contiguous slice of the vocabulary, rank r
             the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
             and every rank gets the full-vocabulary entropy; the gradient is this rank's slice
-            of the unsharded one. Every rank must pass the same rows (N, their leading shape,
-            shift), temperature, token ids and upstream gradients (a replicated loss): none of
-            that is compared across the ranks (that would cost a host sync), so a mismatch
-            gives wrong results on every rank, or an error or hang in the collectives; and an
-            argument that fails its checks on one rank raises there while the others wait in
-            the first collective. Costs an all-gather of the slice sizes (not read on the host:
-            no sync on CUDA) and two all-reduces of N-vectors; runs eagerly, also inside
-            torch.compile (a graph break).
+            of the unsharded one. Every rank must pass the same rows (their leading shape,
+            shift), dtype, temperature, token ids and upstream gradients (a replicated loss).
+            The ranks compare their calls but for the upstream gradients (the op, shapes,
+            dtype, temperature, a checksum of the ids: em_kernels/_vocab_parallel.py): on CPU
+            tensors, or on CUDA with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch
+            raises the same ValueError on every rank; on CUDA otherwise it makes every result
+            and gradient NaN, except a mismatch in the rows or in whether tokens are given,
+            which fails or hangs in the collectives. An argument that fails its own checks on
+            one rank raises there while the others wait in the first collective. Costs an
+            all-gather of the slice sizes and calls (not read on the host: no sync on CUDA) and
+            two all-reduces of N-vectors; runs eagerly, also inside torch.compile (a graph
+            break).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:

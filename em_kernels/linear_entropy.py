@@ -13,7 +13,7 @@ from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
 from ._ops import autocast_available, autocast_off
 from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
-from ._vocab_parallel import VocabShard
+from ._vocab_parallel import RankCall, VocabShard
 
 
 class LinearEntropyOutput(NamedTuple):
@@ -204,13 +204,17 @@ def linear_entropy(
             unsharded ones (d_hidden is all-reduced, each rank's part rounded to hidden's dtype
             first, so in 16 bits it is off by up to ~1.5 ulp more than unsharded, growing with
             the ranks; d_weight/d_bias are the shard's). Every rank must pass the same hidden
-            (shape, dtype and requires_grad: the backward's all-reduce runs where a gradient is
-            needed), tokens and temperature: none of that is compared across the ranks, so a
-            mismatch gives wrong results, or an error or hang in the collectives; and an
-            argument that fails its checks on one rank raises there while the others wait in
-            the first collective. Costs an
-            all-gather of the shard sizes (not read on the host: no sync on CUDA) and two
-            N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs
+            (values, shape, dtype and requires_grad: the backward's all-reduce runs where a
+            gradient is needed), tokens, temperature, grad_filter_eps and upstream gradients.
+            The ranks compare all of it but the values of hidden and of the upstream gradients
+            (tokens by a checksum: em_kernels/_vocab_parallel.py): on CPU tensors, or on CUDA
+            with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch raises the same
+            ValueError on every rank; on CUDA otherwise it makes every result and gradient NaN,
+            except a mismatch in the rows, in whether tokens are given or in requires_grad,
+            which fails or hangs in the collectives. An argument that fails its own checks on
+            one rank raises there while the others wait in the first collective. Costs an
+            all-gather of the shard sizes and calls (not read on the host: no sync on CUDA) and
+            two N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs
             eagerly, also inside torch.compile (a graph break, as the other ops' vocab-parallel
             modes): traced, torch warned of an unwaited collective at exit, which now and then
             ended in an abort (torch 2.14, 2 gloo processes).
@@ -280,7 +284,12 @@ def _vocab_parallel_linear_entropy(hidden, weight, bias, tokens, temperature, gr
                                    implementation, process_group) -> LinearEntropyOutput:
     """linear_entropy over this rank's vocabulary shard, always eager (a graph break under
     torch.compile: the collectives stay out of the graph)."""
-    shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
+    call = RankCall("linear_entropy", (
+        ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
+        ("bias given", bias is not None), ("temperature", temperature),
+        ("grad_filter_eps", grad_filter_eps),
+        ("hidden needs grad", torch.is_grad_enabled() and hidden.requires_grad)), tokens)
+    shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)

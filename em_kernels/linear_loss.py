@@ -13,7 +13,7 @@ from . import _checks, reference
 from ._backend import resolve_backend
 from ._ops import DYNAMO_TRACES_IS_BATCHEDTENSOR
 from ._ops import linear_entropy_loss as loss_ops
-from ._vocab_parallel import VocabShard
+from ._vocab_parallel import RankCall, VocabShard
 from .linear_entropy import _check_matrices, autocast_like_linear
 
 
@@ -82,10 +82,11 @@ def linear_entropy_loss(
             ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
             gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
             and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights,
-            temperature and requires_grad flags: none is compared across the ranks (a mismatch
-            gives wrong results, or an error or hang in the collectives), and an argument that
-            fails its checks on one rank raises there while the others wait in the first
-            collective. Costs an all-gather of the shard sizes, read on the host
+            temperature and requires_grad flags. The ranks compare all of it but the values of
+            hidden and of the row weights (tokens by a checksum: em_kernels/_vocab_parallel.py)
+            and raise the same ValueError on every rank where they differ; an argument that
+            fails its own checks on one rank raises there while the others wait in the first
+            collective. Costs an all-gather of the shard sizes and calls, read on the host
             to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
             chunk-sized row vectors per row chunk and one of d_hidden (N x H).
             Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
@@ -266,24 +267,35 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
                     for name in ("advantages", "old_logprobs", "ref_logprobs")),
                   policy.clip_low, policy.clip_high, policy.kl_weight)
     grad_mode = torch.is_grad_enabled()
+    need_grad_hidden = grad_mode and hidden.requires_grad
     arguments = (hidden, weight, bias, tokens, entropy_weight, logprob_weight, *policy,
-                 temperature, grad_mode and hidden.requires_grad,
+                 temperature, need_grad_hidden,
                  grad_mode and weight.requires_grad,
                  grad_mode and bias is not None and bias.requires_grad, implementation)
     if process_group is None:
         loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(*arguments, None)
     else:
-        loss, entropy, logprobs = _vocab_parallel_loss(process_group, *arguments)
+        advantages, old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight = policy
+        call = RankCall(op, (
+            ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
+            ("bias given", bias is not None), ("temperature", temperature),
+            ("hidden needs grad", need_grad_hidden),
+            ("old_logprobs given", old_logprobs is not None),
+            ("ref_logprobs given", ref_logprobs is not None),
+            ("clip_low", clip_low), ("clip_high", clip_high), ("kl_weight", kl_weight)), tokens)
+        loss, entropy, logprobs = _vocab_parallel_loss(process_group, call, *arguments)
     return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)
 
 
 @torch.compiler.disable
-def _vocab_parallel_loss(process_group, hidden, weight, bias, tokens, *arguments):
+def _vocab_parallel_loss(process_group, call, hidden, weight, bias, tokens, *arguments):
     """Either fused loss on a vocabulary shard, always eager: inductor would trace the
     all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
     into a functional collective whose result the backward does not see (a wrong loss and
     gradients, torch 2.14: tests/test_vocab_parallel.py), so Dynamo breaks the graph here."""
-    shard = VocabShard.of(process_group, weight.shape[0], hidden.device)
+    # The host reads the shard sizes anyway (the row chunks): the calls are compared there too.
+    shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call,
+                          check_on_host=True)
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
     return loss_ops.LinearEntropyLossFunction.apply(hidden, weight, bias, tokens, *arguments,

@@ -582,3 +582,101 @@ def test_vocab_parallel_matches_unsharded():
     if em_kernels.available_backends()["triton"] == "available" and not torch.cuda.is_available():
         cases.append(("triton", torch.float32))
     mp.spawn(_worker, args=(free_port(), cases), nprocs=WORLD_SIZE, join=True)
+
+
+def _disagreeing_calls(rank):
+    """(what the error names, the call) pairs in which rank 1 differs from rank 0 in one way."""
+    hidden, weight, bias, tokens, _, _ = _problem(torch.float32)
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    weight, bias = weight[shard], bias[shard]
+    other = rank == 1
+    world = dist.group.WORLD
+
+    def linear(rows=ROWS, temperature=0.9, use_tokens=True, token_shift=0, needs_grad=True,
+               grad_filter_eps=None):
+        row_hidden = hidden[:rows].clone().requires_grad_(needs_grad)
+        out = em_kernels.linear_entropy(
+            row_hidden, weight, bias=bias,
+            tokens=(tokens[:rows] + token_shift) % VOCAB if use_tokens else None,
+            temperature=temperature, process_group=world, backend="torch",
+            grad_filter_eps=grad_filter_eps)
+        return out.entropy.sum() + (out.logprobs.sum() if use_tokens else 0)
+
+    logits = hidden @ weight.T + bias
+
+    def on_logits(with_tokens=True, shift=0, dtype=torch.float32):
+        rows = logits.reshape(1, ROWS, -1).to(dtype)
+        if with_tokens:
+            return em_kernels.logprobs_and_entropy(
+                rows, tokens.reshape(1, ROWS), shift=shift, process_group=world,
+                backend="torch")[1].sum()
+        return em_kernels.entropy(rows, shift=shift, process_group=world, backend="torch").sum()
+
+    def policy(clip_high=0.28):
+        return em_kernels.linear_policy_loss(
+            hidden, weight, bias=bias, tokens=tokens, advantages=torch.ones(ROWS),
+            clip_range=(0.2, clip_high), process_group=world, backend="torch").loss
+
+    return [
+        (r"rows \(rank 0: 13, rank 1: 12\)", lambda: linear(rows=ROWS - other)),
+        (r"temperature \(rank 0: 0.9, rank 1: 1.5\)",
+         lambda: linear(temperature=1.5 if other else 0.9)),
+        (r"tokens given \(rank 0: True, rank 1: False\)", lambda: linear(use_tokens=not other)),
+        (r"tokens \(their checksums differ\)", lambda: linear(token_shift=int(other))),
+        (r"hidden needs grad \(rank 0: True, rank 1: False\)",
+         lambda: linear(needs_grad=not other)),
+        (r"grad_filter_eps \(rank 0: 0.0, rank 1: 0.001\)",
+         lambda: linear(grad_filter_eps=1e-3 if other else None)),
+        (r"the op called: rank 0 logprobs_and_entropy, rank 1 entropy",
+         lambda: on_logits(with_tokens=not other)),
+        (r"shift \(rank 0: 0, rank 1: 1\)", lambda: on_logits(shift=int(other))),
+        (r"dtype \(rank 0: torch.float32, rank 1: torch.bfloat16\)",
+         lambda: on_logits(dtype=torch.bfloat16 if other else torch.float32)),
+        (r"clip_high \(rank 0: 0.28, rank 1: 0.3\)", lambda: policy(0.3 if other else 0.28)),
+    ]
+
+
+def _disagreement_worker(rank, port):
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+        timeout=COLLECTIVE_TIMEOUT)
+    try:
+        torch.set_num_threads(1)
+        hidden, weight, bias, tokens, _, _ = _problem(torch.float32)
+        shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+        for reason, call in _disagreeing_calls(rank):
+            with pytest.raises(ValueError, match="the ranks of the process group disagree on "
+                                                 + reason):
+                call()
+            # Every rank raised at the same collective: the group is still in step.
+            out = em_kernels.linear_entropy(hidden, weight[shard], bias=bias[shard],
+                                            tokens=tokens, process_group=dist.group.WORLD)
+            assert bool(torch.isfinite(out.entropy).all())
+        # Where the calls are compared on the device (CUDA, without a host sync), a mismatch
+        # that leaves the collectives' sizes alone makes every result and gradient NaN.
+        from em_kernels import _vocab_parallel
+        _vocab_parallel._compared_on_host = lambda device: False
+        for temperature, token_shift in ((0.9 + 0.6 * rank, 0), (0.9, rank)):
+            leaf_hidden = hidden.clone().requires_grad_()
+            leaf_weight = weight[shard].clone().requires_grad_()
+            out = em_kernels.linear_entropy(
+                leaf_hidden, leaf_weight, bias=bias[shard], tokens=(tokens + token_shift) % VOCAB,
+                temperature=temperature, process_group=dist.group.WORLD, backend="torch")
+            (out.entropy.sum() + out.logprobs.sum()).backward()
+            for value in (out.entropy, out.logprobs, leaf_hidden.grad, leaf_weight.grad):
+                assert bool(torch.isnan(value).all())
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_vocab_parallel_ranks_that_disagree():
+    """A call whose arguments differ across the ranks (rows, temperature, tokens, the flags that
+    decide the collectives, the op itself) raises the same ValueError on every rank, naming what
+    differs, and leaves the group in step; compared on the device instead (CUDA), it gives NaN
+    results and gradients rather than wrong numbers."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_disagreement_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)
