@@ -267,36 +267,37 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
                     for name in ("advantages", "old_logprobs", "ref_logprobs")),
                   policy.clip_low, policy.clip_high, policy.kl_weight)
     grad_mode = torch.is_grad_enabled()
-    need_grad_hidden = grad_mode and hidden.requires_grad
     arguments = (hidden, weight, bias, tokens, entropy_weight, logprob_weight, *policy,
-                 temperature, need_grad_hidden,
+                 temperature, grad_mode and hidden.requires_grad,
                  grad_mode and weight.requires_grad,
                  grad_mode and bias is not None and bias.requires_grad, implementation)
     if process_group is None:
         loss, entropy, logprobs = loss_ops.LinearEntropyLossFunction.apply(*arguments, None)
     else:
-        advantages, old_logprobs, ref_logprobs, clip_low, clip_high, kl_weight = policy
-        call = RankCall(op, (
-            ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
-            ("bias given", bias is not None), ("temperature", temperature),
-            ("hidden needs grad", need_grad_hidden),
-            ("old_logprobs given", old_logprobs is not None),
-            ("ref_logprobs given", ref_logprobs is not None),
-            ("clip_low", clip_low), ("clip_high", clip_high), ("kl_weight", kl_weight)), tokens)
-        loss, entropy, logprobs = _vocab_parallel_loss(process_group, call, *arguments)
+        loss, entropy, logprobs = _vocab_parallel_loss(process_group, op, *arguments)
     return LinearEntropyLoss(loss, entropy, None if tokens is None else logprobs)
 
 
 @torch.compiler.disable
-def _vocab_parallel_loss(process_group, call, hidden, weight, bias, tokens, *arguments):
+def _vocab_parallel_loss(process_group, op, hidden, weight, bias, tokens, entropy_weight,
+                         logprob_weight, advantages, old_logprobs, ref_logprobs, clip_low,
+                         clip_high, kl_weight, temperature, need_grad_hidden, *arguments):
     """Either fused loss on a vocabulary shard, always eager: inductor would trace the
     all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
     into a functional collective whose result the backward does not see (a wrong loss and
     gradients, torch 2.14: tests/test_vocab_parallel.py), so Dynamo breaks the graph here."""
+    call = RankCall(op, (
+        ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
+        ("bias given", bias is not None), ("temperature", temperature),
+        ("hidden needs grad", need_grad_hidden), ("old_logprobs given", old_logprobs is not None),
+        ("ref_logprobs given", ref_logprobs is not None), ("clip_low", clip_low),
+        ("clip_high", clip_high), ("kl_weight", kl_weight)), tokens)
     # The host reads the shard sizes anyway (the row chunks): the calls are compared there too.
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call,
                           check_on_host=True)
     if tokens is not None:
         _checks.check_token_range(tokens, shard.total)
-    return loss_ops.LinearEntropyLossFunction.apply(hidden, weight, bias, tokens, *arguments,
-                                                    shard)
+    return loss_ops.LinearEntropyLossFunction.apply(
+        hidden, weight, bias, tokens, entropy_weight, logprob_weight, advantages, old_logprobs,
+        ref_logprobs, clip_low, clip_high, kl_weight, temperature, need_grad_hidden, *arguments,
+        shard)
