@@ -24,7 +24,11 @@ rank raises the same ValueError there, none is left waiting in a collective. Els
 where reading would sync) the ranks compare them on the device, and a mismatch makes every
 result and gradient NaN instead of a wrong number; a mismatch in the row count or the
 collectives run (rows, tokens given, needs grad) then still fails or hangs in the collectives,
-as without the check.
+as without the check. A rank that raises while another compares on the device leaves that one
+waiting in its next collective: set EM_KERNELS_CHECK_RANKS alike on every rank. What decides
+the collectives but is legitimately per rank stays out of them: the fused losses cut their row
+chunks for two logit buffers in vocab-parallel mode, whatever the rank's backend and which of
+its shard's inputs need gradients.
 
 Upstream gradients, hidden states and row weights are assumed to be the same on every rank (a
 replicated loss) and not compared: a checksum of floats would refuse values that agree to
@@ -58,8 +62,8 @@ _CHECK_CUDA_RANKS = os.environ.get("EM_KERNELS_CHECK_RANKS", "0") == "1"
 OPS = ("entropy", "logprobs_and_entropy", "linear_entropy", "linear_entropy_loss",
        "linear_policy_loss")
 # Descriptor slots for a call's arguments: the most any op in OPS compares (linear_policy_loss's
-# 11), so that every rank gathers the same length whatever op it called.
-_ARGUMENT_SLOTS = 11
+# 10), so that every rank gathers the same length whatever op it called.
+_ARGUMENT_SLOTS = 10
 # The descriptor's value for an unused slot, and the token checksum's without tokens.
 _ABSENT = -(2 ** 63)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -71,8 +75,8 @@ def _encoded(value) -> int:
         return int(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, float):  # its bits: equal exactly when the floats are (NaN aside)
-        return struct.unpack("<q", struct.pack("<d", value))[0]
+    if isinstance(value, float):  # its bits (-0.0 as 0.0): equal exactly when the floats are
+        return struct.unpack("<q", struct.pack("<d", value + 0.0))[0]
     if isinstance(value, torch.dtype):
         return _DTYPES.index(value)  # the dtypes the ops take
     if isinstance(value, tuple):  # a shape (torch.Size too): equal shapes, equal checksums
@@ -92,10 +96,15 @@ def _decoded(code: int, like):
     return _DTYPES[code]
 
 
+# The token checksum's position weights: (i + 1) times this odd 64-bit constant (2^64 / the golden
+# ratio, as a signed int64), wrapping, so that small edits at nearby positions do not cancel.
+_POSITION_MIXER = 0x9E3779B97F4A7C15 - 2 ** 64
+
+
 def _token_checksum(tokens: torch.Tensor) -> torch.Tensor:
-    """An order-sensitive int64 checksum of the ids, on their device (no sync): sum_i (i + 1)
-    tokens[i], wrapping."""
-    weights = torch.arange(1, tokens.numel() + 1, device=tokens.device)
+    """An order-sensitive int64 checksum of the ids, on their device (no sync): sum_i w_i
+    tokens[i] with w_i = (i + 1) * _POSITION_MIXER, wrapping."""
+    weights = torch.arange(1, tokens.numel() + 1, device=tokens.device) * _POSITION_MIXER
     return (tokens.reshape(-1).to(torch.int64) * weights).sum().reshape(1)
 
 
@@ -120,10 +129,15 @@ class RankCall:
         codes = [local_vocab, OPS.index(self.op)] + [
             _encoded(value) for _, value in self.arguments]
         codes += [_ABSENT] * (_ARGUMENT_SLOTS - len(self.arguments))
-        host = torch.tensor(codes, dtype=torch.int64)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        fields = host.to(device, non_blocking=True)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A CUDA graph would read the pinned buffer at every replay, after it is freed:
+            # fills, which the graph records with their values.
+            fields = torch.cat([torch.full((1,), code, dtype=torch.int64, device=device)
+                                for code in codes])
+        else:
+            host = torch.tensor(codes, dtype=torch.int64)
+            fields = (host.pin_memory() if device.type == "cuda" else host).to(
+                device, non_blocking=True)
         checksum = (torch.full((1,), _ABSENT, dtype=torch.int64, device=device)
                     if self.tokens is None else _token_checksum(self.tokens))
         return torch.cat([fields, checksum])
@@ -156,7 +170,8 @@ class RankCall:
 
 
 def _compared_on_host(device: torch.device) -> bool:
-    """Whether the ranks' descriptors are read on the host (no device to sync with, or asked)."""
+    """Whether the ranks' descriptors are read on the host: on every device but CUDA (CPU
+    tensors, as gloo takes them), and on CUDA when asked."""
     return device.type != "cuda" or _CHECK_CUDA_RANKS
 
 

@@ -286,7 +286,7 @@ def _vocab_parallel_linear_entropy(hidden, weight, bias, tokens, temperature, gr
     torch.compile: the collectives stay out of the graph)."""
     call = RankCall("linear_entropy", (
         ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
-        ("bias given", bias is not None), ("temperature", temperature),
+        ("temperature", temperature),
         ("grad_filter_eps", grad_filter_eps),
         ("hidden needs grad", torch.is_grad_enabled() and hidden.requires_grad)), tokens)
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call)

@@ -81,10 +81,11 @@ def linear_entropy_loss(
             `linear_entropy`: weight and bias are this rank's contiguous shard, tokens global
             ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
             gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
-            and d_bias the shard's). Every rank must pass the same hidden, tokens, row weights,
-            temperature and requires_grad flags. The ranks compare all of it but the values of
-            hidden and of the row weights (tokens by a checksum: em_kernels/_vocab_parallel.py)
-            and raise the same ValueError on every rank where they differ; an argument that
+            and d_bias the shard's). Every rank must pass the same hidden (and its
+            requires_grad), tokens, row weights, temperature and policy settings. The ranks
+            compare all of it but the values of hidden and of the row weights (tokens by a
+            checksum: em_kernels/_vocab_parallel.py) and raise the same ValueError on every
+            rank where they differ; an argument that
             fails its own checks on one rank raises there while the others wait in the first
             collective. Costs an all-gather of the shard sizes and calls, read on the host
             to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
@@ -288,7 +289,7 @@ def _vocab_parallel_loss(process_group, op, hidden, weight, bias, tokens, entrop
     gradients, torch 2.14: tests/test_vocab_parallel.py), so Dynamo breaks the graph here."""
     call = RankCall(op, (
         ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
-        ("bias given", bias is not None), ("temperature", temperature),
+        ("temperature", temperature),
         ("hidden needs grad", need_grad_hidden), ("old_logprobs given", old_logprobs is not None),
         ("ref_logprobs given", ref_logprobs is not None), ("clip_low", clip_low),
         ("clip_high", clip_high), ("kl_weight", kl_weight)), tokens)

@@ -636,6 +636,41 @@ def _disagreeing_calls(rank):
     ]
 
 
+def _check_what_may_differ(rank, hidden, weight, bias, tokens):
+    """What the ranks may legitimately differ in runs and matches the unsharded results: a bias
+    on one shard only, 0.0 against -0.0, and whether a shard's head needs gradients where that
+    changes a rank's own row-chunk sizing (made small here, so that it would)."""
+    shard = slice(0, SPLIT) if rank == 0 else slice(SPLIT, VOCAB)
+    world = dist.group.WORLD
+    head_bias = bias.clone()
+    head_bias[:SPLIT] = 0.0  # rank 0's shard has no bias: it passes none
+    full = em_kernels.linear_entropy(hidden, weight, bias=head_bias, tokens=tokens,
+                                     backend="torch")
+    sharded = em_kernels.linear_entropy(hidden, weight[shard],
+                                        bias=None if rank == 0 else head_bias[shard],
+                                        tokens=tokens, process_group=world, backend="torch")
+    torch.testing.assert_close(sharded.entropy, full.entropy)
+    torch.testing.assert_close(sharded.logprobs, full.logprobs)
+    policy = [em_kernels.linear_policy_loss(
+        hidden, head, bias=head_bias, tokens=tokens, advantages=torch.ones(ROWS),
+        clip_range=-0.0 if rank else 0.0, process_group=group, backend="torch").loss
+        for head, head_bias, group in ((weight, bias, None),
+                                       (weight[shard], bias[shard], world))]
+    torch.testing.assert_close(policy[1], policy[0])
+    saved = loss_ops.LOSS_CHUNK_BYTES
+    loss_ops.LOSS_CHUNK_BYTES = 3 * SPLIT * hidden.element_size() * 2  # 3-row chunks
+    try:
+        head = weight[shard].clone().requires_grad_(rank == 0)
+        loss = em_kernels.linear_entropy_loss(hidden, head, bias=bias[shard], tokens=tokens,
+                                              entropy_weight=1.0, process_group=world,
+                                              backend="torch").loss
+        full_loss = em_kernels.linear_entropy_loss(hidden, weight, bias=bias, tokens=tokens,
+                                                   entropy_weight=1.0, backend="torch").loss
+        torch.testing.assert_close(loss, full_loss)
+    finally:
+        loss_ops.LOSS_CHUNK_BYTES = saved
+
+
 def _disagreement_worker(rank, port):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
@@ -652,6 +687,7 @@ def _disagreement_worker(rank, port):
             out = em_kernels.linear_entropy(hidden, weight[shard], bias=bias[shard],
                                             tokens=tokens, process_group=dist.group.WORLD)
             assert bool(torch.isfinite(out.entropy).all())
+        _check_what_may_differ(rank, hidden, weight, bias, tokens)
         # Where the calls are compared on the device (CUDA, without a host sync), a mismatch
         # that leaves the collectives' sizes alone makes every result and gradient NaN.
         from em_kernels import _vocab_parallel
@@ -676,7 +712,8 @@ def test_vocab_parallel_ranks_that_disagree():
     """A call whose arguments differ across the ranks (rows, temperature, tokens, the flags that
     decide the collectives, the op itself) raises the same ValueError on every rank, naming what
     differs, and leaves the group in step; compared on the device instead (CUDA), it gives NaN
-    results and gradients rather than wrong numbers."""
+    results and gradients rather than wrong numbers. What is the ranks' own (a bias on one
+    shard, whether a shard needs gradients) is not refused."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     mp.spawn(_disagreement_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)

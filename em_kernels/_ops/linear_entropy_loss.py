@@ -219,7 +219,10 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     in_place = backend == "triton"  # the Triton backward may overwrite the logits it reads
     buffers = 1 if in_place or not any_grad else 2
-    # Every rank must cut the same row chunks (each chunk's merge is a collective).
+    if shard is not None:
+        # Every rank must cut the same row chunks (each chunk's merge is a collective), whatever
+        # its backend and which of its inputs need gradients: size them for two buffers.
+        buffers = 2
     chunk = loss_chunk_rows(rows, vocab if shard is None else shard.widest,
                             hidden.element_size() * buffers)
     logits_buffer = hidden.new_empty((min(chunk, rows) * vocab,))
