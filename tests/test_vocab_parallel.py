@@ -2,7 +2,8 @@
 contiguous vocabulary shard of the logits (entropy, logprobs_and_entropy) or of the LM head
 (linear_entropy, linear_entropy_loss, linear_policy_loss), must reproduce the unsharded
 entropies, log-probs, losses and gradients, and linear_entropy stay within the filtering bound
-with grad_filter_eps."""
+with grad_filter_eps; ranks whose calls differ get the same error. On a GPU, one NCCL rank runs
+the CUDA path."""
 
 from __future__ import annotations
 
@@ -717,3 +718,69 @@ def test_vocab_parallel_ranks_that_disagree():
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     mp.spawn(_disagreement_worker, args=(free_port(),), nprocs=WORLD_SIZE, join=True)
+
+
+def _one_cuda_rank_worker(rank, port):
+    """Vocab-parallel calls on CUDA tensors in a group of one rank: results and gradients as
+    unsharded, no host sync on the paths that claim none, and the host comparison of the calls
+    (EM_KERNELS_CHECK_RANKS=1, the fused losses) running there too."""
+    from em_kernels import _vocab_parallel
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=1, timeout=COLLECTIVE_TIMEOUT)
+    try:
+        hidden, weight, bias, tokens, grad_entropy, grad_logprobs = (
+            tensor.to(device) for tensor in _problem(torch.float32))
+        logits = hidden @ weight.T + bias
+
+        def linear(group):
+            leaf_hidden, leaf_weight = (x.clone().requires_grad_() for x in (hidden, weight))
+            out = em_kernels.linear_entropy(leaf_hidden, leaf_weight, bias=bias, tokens=tokens,
+                                            temperature=0.9, process_group=group)
+            ((out.entropy * grad_entropy).sum() + (out.logprobs * grad_logprobs).sum()).backward()
+            return out.entropy, out.logprobs, leaf_hidden.grad, leaf_weight.grad
+
+        def on_logits(group):
+            leaf = logits.clone().requires_grad_()
+            logprobs, entropy = em_kernels.logprobs_and_entropy(
+                leaf, tokens, temperature=0.9, process_group=group)
+            ((entropy * grad_entropy).sum() + (logprobs * grad_logprobs).sum()).backward()
+            return entropy, logprobs, leaf.grad
+
+        def loss(group):
+            leaf_hidden = hidden.clone().requires_grad_()
+            out = em_kernels.linear_entropy_loss(
+                leaf_hidden, weight, bias=bias, tokens=tokens, entropy_weight=grad_entropy,
+                logprob_weight=grad_logprobs, temperature=0.9, process_group=group)
+            out.loss.backward()
+            return out.loss, out.entropy, out.logprobs, leaf_hidden.grad
+
+        for call, syncs in ((linear, False), (on_logits, False), (loss, True)):
+            expected = call(None)
+            call(dist.group.WORLD)  # the communicator, pinned memory and kernels set up
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("default" if syncs else "error")
+            try:
+                got = call(dist.group.WORLD)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            for value, reference in zip(got, expected, strict=True):
+                torch.testing.assert_close(value, reference)
+        _vocab_parallel._CHECK_CUDA_RANKS = True
+        for value, reference in zip(linear(dist.group.WORLD), linear(None), strict=True):
+            torch.testing.assert_close(value, reference)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_vocab_parallel_on_one_cuda_rank():
+    """The vocab-parallel CUDA path (the calls' descriptor from pinned memory, compared on the
+    device; NCCL), in the one-rank group a one-GPU machine can make: NCCL wants a GPU per rank,
+    so a mismatch across ranks is tested on CPU only (test_vocab_parallel_ranks_that_disagree).
+    Not marked distributed: bench/gpu_check.sh runs it with the GPU tests."""
+    if not dist.is_available() or not dist.is_nccl_available():
+        pytest.skip("torch.distributed with NCCL is not available")
+    mp.spawn(_one_cuda_rank_worker, args=(free_port(),), nprocs=1, join=True)
