@@ -22,9 +22,9 @@ it changes. Where the host reads the gathered descriptors (CPU tensors; CUDA wit
 EM_KERNELS_CHECK_RANKS=1, one sync; the fused losses, which read the shard sizes anyway) every
 rank raises the same ValueError there, none is left waiting in a collective. Elsewhere (CUDA,
 where reading would sync) the ranks compare them on the device, and a mismatch makes every
-result and gradient NaN instead of a wrong number; a mismatch in the row count or the
-collectives run (rows, tokens given, needs grad) then still fails or hangs in the collectives,
-as without the check. A rank that raises while another compares on the device leaves that one
+result and gradient NaN instead of a wrong number; a mismatch in what sizes the collectives or
+decides which run (rows, hidden's requires_grad) then still fails or hangs in them, as without
+the check. A rank that raises while another compares on the device leaves that one
 waiting in its next collective: set EM_KERNELS_CHECK_RANKS alike on every rank. What decides
 the collectives but is legitimately per rank stays out of them: the fused losses cut their row
 chunks for two logit buffers in vocab-parallel mode, whatever the rank's backend and which of
@@ -246,10 +246,11 @@ class VocabShard:
         gap = (local_lse - safe_max).clamp_min(SHIFT_FLOOR)
         shard_weight = torch.where(empty_shard, zero, torch.exp(gap))
         entropy_part = torch.where(empty_shard, zero, shard_weight * (local_entropy - gap))
-        sums = [shard_weight, entropy_part]
-        if local_chosen is not None:
-            sums.append(torch.where(owned, local_chosen.to(local_lse.dtype), zero))
-        sums = torch.stack(sums)
+        # The chosen row even without tokens (zeros): ranks that disagree on giving tokens, where
+        # the calls are compared on the device, still all-reduce the same size (and get NaN).
+        chosen_part = (zero if local_chosen is None
+                       else torch.where(owned, local_chosen.to(local_lse.dtype), zero))
+        sums = torch.stack([shard_weight, entropy_part, chosen_part])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group)
         log_total = torch.log(sums[0])
         results = ((sums[1] / sums[0] + log_total).to(local_entropy.dtype), safe_max + log_total,

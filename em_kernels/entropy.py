@@ -139,8 +139,8 @@ def entropy(
             dtype, temperature, a checksum of the ids: em_kernels/_vocab_parallel.py): on CPU
             tensors, or on CUDA with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch
             raises the same ValueError on every rank; on CUDA otherwise it makes every result
-            and gradient NaN, except a mismatch in the rows or in whether tokens are given,
-            which fails or hangs in the collectives. An argument that fails its own checks on
+            and gradient NaN, except a mismatch in the rows, which fails or hangs in the
+            collectives. An argument that fails its own checks on
             one rank raises there while the others wait in the first collective. Costs an
             all-gather of the slice sizes and calls (not read on the host: no sync on CUDA) and
             two all-reduces of N-vectors; runs eagerly, also inside torch.compile (a graph

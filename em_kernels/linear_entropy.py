@@ -210,8 +210,8 @@ def linear_entropy(
             (tokens by a checksum: em_kernels/_vocab_parallel.py): on CPU tensors, or on CUDA
             with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch raises the same
             ValueError on every rank; on CUDA otherwise it makes every result and gradient NaN,
-            except a mismatch in the rows, in whether tokens are given or in requires_grad,
-            which fails or hangs in the collectives. An argument that fails its own checks on
+            except a mismatch in the rows or in hidden's requires_grad, which fails or hangs in
+            the collectives. An argument that fails its own checks on
             one rank raises there while the others wait in the first collective. Costs an
             all-gather of the shard sizes and calls (not read on the host: no sync on CUDA) and
             two N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs

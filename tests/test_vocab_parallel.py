@@ -702,6 +702,11 @@ def _disagreement_worker(rank, port):
             (out.entropy.sum() + out.logprobs.sum()).backward()
             for value in (out.entropy, out.logprobs, leaf_hidden.grad, leaf_weight.grad):
                 assert bool(torch.isnan(value).all())
+        # tokens on one rank only: the same all-reduce sizes all the same
+        out = em_kernels.linear_entropy(hidden, weight[shard], bias=bias[shard],
+                                        tokens=tokens if rank == 0 else None,
+                                        process_group=dist.group.WORLD, backend="torch")
+        assert bool(torch.isnan(out.entropy).all())
         gc.collect()
         dist.barrier()
     finally:
