@@ -354,12 +354,14 @@ def _zero_last_positions(shape: torch.Size, shift: int, grad_rows: torch.Tensor)
 
 
 def eager_tensor(tensor: torch.Tensor) -> bool:
-    """Not tracing (torch.compile), and a real CPU or CUDA tensor: not fake, meta or vmapped
-    (the ops' vmap rules unwrap those). There the public functions may call an op's body
-    directly rather than through the dispatcher."""
+    """Not tracing (torch.compile), no torch.func transform active (vmap, grad: their rules
+    unwrap the ops' other arguments too, and autograd.Functions need setup_context there), and
+    a real CPU or CUDA tensor: not fake, meta or vmapped. There the public functions may call an
+    op's body directly rather than through the dispatcher."""
     return (not torch.compiler.is_compiling() and tensor.device.type in ("cpu", "cuda")
             and not isinstance(tensor, torch._subclasses.FakeTensor)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+            and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
+            and torch._C._functorch.peek_interpreter_stack() is None)
 
 
 def _may_read_more(logits: torch.Tensor) -> bool:

@@ -47,11 +47,18 @@ import torch
 from ._ops.linear_entropy import SHIFT_FLOOR
 
 
-def _require_distributed():
+def _require_distributed(group=None):
+    """torch.distributed, initialised, and ``group`` (where given) one of its process groups."""
     import torch.distributed as dist
 
-    if not dist.is_available() or not dist.is_initialized():
+    if not dist.is_available():
+        raise ValueError("process_group is given but this build of torch has no "
+                         "torch.distributed")
+    if not dist.is_initialized():
         raise ValueError("process_group is given but torch.distributed is not initialised")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError("process_group must be a torch.distributed ProcessGroup (such as "
+                        f"dist.group.WORLD or one from dist.new_group), got {type(group).__name__}")
     return dist
 
 
@@ -199,7 +206,10 @@ class VocabShard:
         CUDA: no host sync unless the calls are compared on the host there, which
         ``check_on_host`` asks for where the caller syncs anyway). Raises ValueError, on every
         rank alike, where the calls are compared on the host and disagree."""
-        dist = _require_distributed()
+        dist = _require_distributed(group)
+        if device.type == "meta":
+            raise NotImplementedError("vocab-parallel mode needs real tensors (its collectives "
+                                      "exchange values), not meta tensors")
         descriptor = call.descriptor(local_vocab, device)
         gathered = [torch.empty_like(descriptor) for _ in range(dist.get_world_size(group))]
         dist.all_gather(gathered, descriptor, group=group)

@@ -218,9 +218,9 @@ def adaptive_temperature(
         float32 tensor shaped like ``logits`` (float64 for float64 logits): logits / tau.
     """
     alpha = _checks.check_number("alpha", alpha, low=0.0, high=1.0)
-    delta = _checks.check_number("delta", delta, low=0.0)
+    delta = _checks.check_number("delta", delta, low=0.0, high=_checks.FLOAT32_MAX)
     max_iters = _checks.check_int("max_iters", max_iters, 0, MAX_STEPS)
-    tol = _checks.check_number("tol", tol, low=0.0, low_open=True)
+    tol = _checks.check_number("tol", tol, low=0.0, low_open=True, high=_checks.FLOAT32_MAX)
     _checks.check_logits(logits, backend)
     if backend == "auto" and logits.device.type == "cuda" and _has_cuda_kernel(
             "adaptive_temperature"):

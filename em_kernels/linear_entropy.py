@@ -254,7 +254,8 @@ def linear_entropy(
     """
     temperature = _checks.check_temperature(temperature)
     grad_filter_eps = 0.0 if grad_filter_eps is None else _checks.check_number(
-        "grad_filter_eps (None: off)", grad_filter_eps, low=0.0, low_open=True)
+        "grad_filter_eps (None: off)", grad_filter_eps, low=0.0, low_open=True,
+        high=_checks.FLOAT32_MAX)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto")
     implementation = _resolve(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":

@@ -33,7 +33,9 @@ def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
     rows = hidden.shape[0]
     dtype = reference.compute_dtype(hidden.dtype)
     if not isinstance(value, torch.Tensor):
-        value = _checks.check_number(f"{name} (a number, a tensor (N,) or None)", value)
+        largest = float(torch.finfo(dtype).max)  # what a row weight of dtype holds
+        value = _checks.check_number(f"{name} (a number, a tensor (N,) or None)", value,
+                                     low=-largest, high=largest)
         return torch.full((rows,), value, dtype=dtype, device=hidden.device)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
@@ -214,9 +216,10 @@ def linear_policy_loss(
         clip_low, clip_high = clip_range
     else:
         clip_low = clip_high = clip_range
-    clip_low = _checks.check_number(name, clip_low, low=0.0)
-    clip_high = _checks.check_number(name, clip_high, low=0.0)
-    kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0)
+    # Bounded by the largest float32: the clip bounds and kl_weight meet float32 tensors.
+    clip_low = _checks.check_number(name, clip_low, low=0.0, high=_checks.FLOAT32_MAX)
+    clip_high = _checks.check_number(name, clip_high, low=0.0, high=_checks.FLOAT32_MAX)
+    kl_weight = _checks.check_number("kl_weight", kl_weight, low=0.0, high=_checks.FLOAT32_MAX)
     if kl_weight > 0 and ref_logprobs is None:
         raise ValueError("kl_weight > 0 needs ref_logprobs, the tokens' log-probs under the "
                          "reference policy")
@@ -234,14 +237,21 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
     """The checks and the call shared by both losses (policy None: the plain weighted sum)."""
     temperature = _checks.check_temperature(temperature)
     _check_matrices(hidden, weight, bias, backend if isinstance(backend, str) else "auto", op=op)
-    operands = (hidden, weight, bias, entropy_weight, logprob_weight, *(policy or ()))
-    # (Eagerly only before torch 2.8, whose dynamo cannot trace is_batchedtensor.)
-    if (DYNAMO_TRACES_IS_BATCHEDTENSOR or not torch.compiler.is_compiling()) and any(
+    # Eagerly, any torch.func transform (vmap over any argument or none of them, grad): the
+    # loss's autograd.Function has no rule for them. Traced, a vmapped operand (Dynamo traces
+    # is_batchedtensor from torch 2.8).
+    if not torch.compiler.is_compiling():
+        transformed = torch._C._functorch.peek_interpreter_stack() is not None
+    else:
+        operands = (hidden, weight, bias, tokens, entropy_weight, logprob_weight,
+                    *(policy or ()))
+        transformed = DYNAMO_TRACES_IS_BATCHEDTENSOR and any(
             isinstance(operand, torch.Tensor) and torch._C._functorch.is_batchedtensor(operand)
-            for operand in operands):
+            for operand in operands)
+    if transformed:
         raise NotImplementedError(
-            f"{op} does not run under torch.vmap: its rows are a batch already (flatten the "
-            "vmapped dim into N), or use linear_entropy")
+            f"{op} does not run under torch.vmap or the other torch.func transforms: its rows "
+            "are a batch already (flatten the vmapped dim into N), or use linear_entropy")
     implementation = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":
         raise TypeError('float64 inputs run only with backend="torch"')

@@ -445,6 +445,7 @@ BAD_TEMPERATURE = [
     (dict(tol=0.0), ValueError), (dict(tol=-1.0), ValueError), (dict(max_iters=-1), ValueError),
     (dict(max_iters=3.5), TypeError), (dict(max_iters=2**30 + 1), ValueError),
     (dict(max_iters=2**64), ValueError), (dict(backend=3), TypeError),
+    (dict(delta=1e39), ValueError), (dict(tol=1e39), ValueError),  # beyond float32
 ]
 
 

@@ -872,6 +872,29 @@ def test_shift_under_vmap_compile_and_batched_gradients(backend_device):
         assert not one[:, -1].any()
 
 
+def test_vmap_over_other_arguments_than_the_logits(backend_device):
+    """Under torch.vmap the ops take the dispatcher and the plain slice even where the logits
+    are not batched: over the tokens alone (with a shift, and on Triton, which reads raw
+    pointers), or over nothing the op takes. Each sample as alone."""
+    backend, device = backend_device
+    generator = torch.Generator().manual_seed(17)
+    logits = torch.randn(2, 5, 13, generator=generator).to(device)
+    tokens = torch.randint(0, 13, (3, 2, 5), generator=generator).to(device)
+    for shift in (0, 1):
+        mapped = torch.vmap(lambda t: em_kernels.logprobs_and_entropy(
+            logits, t, shift=shift, backend=backend))(tokens)
+        for k in range(tokens.shape[0]):
+            alone = em_kernels.logprobs_and_entropy(logits, tokens[k], shift=shift,
+                                                    backend=backend)
+            for mine, exact in zip(mapped, alone, strict=True):
+                torch.testing.assert_close(mine[k], exact, rtol=0, atol=0)
+    scales = torch.tensor([1.0, -2.0], device=device)
+    mapped = torch.vmap(lambda s: em_kernels.entropy(logits[:, :-1], backend=backend) * s)(
+        scales)
+    alone = em_kernels.entropy(logits[:, :-1], backend=backend)
+    torch.testing.assert_close(mapped, torch.stack([alone, -2 * alone]), rtol=0, atol=0)
+
+
 def test_sliced_positions_under_anomaly_detection(backend_device):
     """torch.autograd.detect_anomaly flags a NaN in any backward output, so there a slice is
     not read in place: RowLayout's lattice would also read the rows between the sequences, and

@@ -375,6 +375,7 @@ def _bad_inputs():
         (dict(entropy_weight=torch.ones(4, device="meta")), ValueError, "is on meta"),
         (dict(entropy_weight=True), TypeError, "entropy_weight"),
         (dict(entropy_weight=float("nan")), ValueError, "entropy_weight"),
+        (dict(entropy_weight=1e300), ValueError, "entropy_weight"),  # beyond float32
         (dict(logprob_weight="1"), TypeError, "logprob_weight"),
         (dict(tokens=tokens + 10), ValueError, r"outside \[0, 10\)"),
         (dict(weight=weight.T.contiguous()), ValueError, "H must match"),
@@ -569,6 +570,13 @@ def test_is_grads_batched_and_vmap():
     batch = hidden.detach()[None].expand(2, -1, -1)
     with pytest.raises(NotImplementedError, match="torch.vmap"):
         torch.vmap(loss)(batch)
+    # vmapped over the tokens alone, or over nothing the loss takes
+    tokens = torch.randint(0, 9, (2, 5))
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda t: em_kernels.linear_entropy_loss(
+            hidden.detach(), weight, tokens=t, logprob_weight=1.0).loss)(tokens)
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda s: loss(hidden.detach()) * s)(torch.ones(2))
     if DYNAMO_TRACES_IS_BATCHEDTENSOR:  # also when torch.compile traces the vmapped call
         torch._dynamo.reset()
         with pytest.raises(NotImplementedError, match="torch.vmap"):

@@ -273,6 +273,9 @@ def _bad_inputs():
         (dict(clip_range=-0.1), ValueError, "clip_range"),
         (dict(clip_range=(0.1, 0.2, 0.3)), ValueError, "3 entries"),
         (dict(clip_range="0.2"), TypeError, "clip_range"),
+        # beyond float32 (the clip bounds, kl_weight and row weights meet float32 tensors)
+        (dict(clip_range=1e39), ValueError, "clip_range"),
+        (dict(advantages=1e39), ValueError, "advantages"),
         (dict(advantages=torch.ones(3)), ValueError, r"advantages must have shape \(N,\)"),
         (dict(advantages=torch.ones(rows, requires_grad=True)), ValueError, "pass it detached"),
         (dict(old_logprobs=torch.ones(rows, dtype=torch.long)), TypeError, "floating-point"),

@@ -689,6 +689,13 @@ def _disagreement_worker(rank, port):
                                             tokens=tokens, process_group=dist.group.WORLD)
             assert bool(torch.isfinite(out.entropy).all())
         _check_what_may_differ(rank, hidden, weight, bias, tokens)
+        # Refused on every rank before any collective: not a group, meta tensors.
+        for group in ("world", 1):
+            with pytest.raises(TypeError, match="must be a torch.distributed ProcessGroup"):
+                em_kernels.linear_entropy(hidden, weight[shard], process_group=group)
+        with pytest.raises(NotImplementedError, match="not meta tensors"):
+            em_kernels.entropy(torch.empty(ROWS, 5, device="meta"),
+                               process_group=dist.group.WORLD, backend="torch")
         # Where the calls are compared on the device (CUDA, without a host sync), a mismatch
         # that leaves the collectives' sizes alone makes every result and gradient NaN.
         from em_kernels import _vocab_parallel
