@@ -57,16 +57,18 @@ check_temperature = _checks.check_temperature
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
     """An int (integer=True) or number, Python's or a NumPy scalar, > 0 (>= 0 with allow_zero)
-    and finite; returned as a Python int or float, which the caller keeps."""
+    and at most the largest float32 (the losses and kernels take their settings in float32);
+    returned as a Python int or float, which the caller keeps."""
     if integer:
         return _checks.check_int(name, value, 0 if allow_zero else 1)
-    return _checks.check_number(name, value, low=0.0, low_open=not allow_zero)
+    return _checks.check_number(name, value, low=0.0, low_open=not allow_zero,
+                                high=_checks.FLOAT32_MAX)
 
 
 def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
                          vocab_size: int | None = None, prompts: bool = False) -> None:
-    """Shapes, dtypes and devices of a non-empty (B, T) batch; token ids in [0, vocab_size) when
-    it is given; response tokens must be attended and cannot be the first token (nothing
+    """Shapes, dtypes and devices of a non-empty (B, T) batch; integer masks of 0s and 1s only;
+    token ids in [0, vocab_size) when it is given; response tokens must be attended and cannot be the first token (nothing
     predicts it). With ``prompts``, the batch is one of prompts to generate from, which must be
     left-padded with at least one real token per row: generate() appends after the last column,
     so a right-padded prompt would be continued from its padding (and its response would be
@@ -92,10 +94,14 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
             raise TypeError(f"{name} must be bool or an integer 0/1 tensor, got {mask.dtype}")
         if mask.device != input_ids.device:
             raise ValueError(f"{name} is on {mask.device} but input_ids are on {input_ids.device}")
-    if vocab_size is None and response_mask is None and not prompts:
+    # Only a bool mask says what it masks by its dtype: an integer one must hold 0 and 1 alone
+    # (a 2 would pass .bool() and count twice in the position ids' cumsum).
+    integer_masks = [name for name, mask in masks.items() if mask.dtype != torch.bool]
+    if vocab_size is None and response_mask is None and not prompts and not integer_masks:
         return
     attended = attention_mask.bool()
-    checks = [input_ids.min(), input_ids.max()]
+    checks = [input_ids.min(), input_ids.max()] + [
+        ((masks[name] != 0) & (masks[name] != 1)).any() for name in integer_masks]
     if prompts:
         checks += [(attended[:, :-1] & ~attended[:, 1:]).any(), ~attended[:, -1].all()]
     if response_mask is not None:
@@ -103,6 +109,11 @@ def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
         checks += [response[:, :1].any(), (response & ~attended).any(),
                    (response[:, 1:] & ~attended[:, :-1]).any()]
     low, high, *flags = torch.stack([check.long() for check in checks]).tolist()
+    for name in integer_masks:
+        not_binary, *flags = flags
+        if not_binary:
+            raise ValueError(f"{name} holds values other than 0 and 1: pass a bool mask or an "
+                             "integer one of 0s and 1s")
     if vocab_size is not None and (low < 0 or high >= vocab_size):
         raise ValueError(f"input_ids holds token id {low if low < 0 else high}, outside the "
                          f"model's vocabulary [0, {vocab_size}) (its input embedding's size)")
@@ -421,6 +432,12 @@ class ResponseRows:
     def head_bias(self) -> torch.Tensor | None:
         return getattr(self.head, "bias", None)
 
+    @property
+    def backend(self) -> str:
+        """The em_kernels backend for these rows: "auto", or "torch" for a float64 model (the
+        only one that runs float64)."""
+        return "torch" if self.hidden.dtype == torch.float64 else "auto"
+
 
 def response_rows(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   response_mask: torch.Tensor) -> ResponseRows:
@@ -459,7 +476,7 @@ def response_token_stats(model: nn.Module, input_ids: torch.Tensor,
         result = em_kernels.linear_entropy_loss(
             rows.hidden, rows.head.weight, bias=rows.head_bias,
             tokens=rows.tokens if with_logprobs else None, entropy_weight=0.0,
-            temperature=temperature)
+            temperature=temperature, backend=rows.backend)
     return ResponseTokens(result.entropy, result.logprobs, rows.sequence, rows.predicting)
 
 
@@ -607,6 +624,7 @@ def trainer_optimizer(model: nn.Module, optimizer, lr: float,
     verl's and the paper's) is far below bf16's spacing at a weight's size (~1e-4 at 0.02), so
     most weights round back to where they were and the model barely trains."""
     if optimizer is None:
+        weight_decay = check_positive("weight_decay", weight_decay, allow_zero=True)
         trainable = [p for p in model.parameters() if p.requires_grad]
         low_precision = sorted({str(p.dtype) for p in trainable
                                 if p.dtype in (torch.bfloat16, torch.float16)})

@@ -61,11 +61,11 @@ def _entropy_loss(model: nn.Module, batch, normalize: str, reference_logprobs=No
     weight = 1.0 / (num_items or _divisor(normalize, rows.batch_size, rows.hidden.shape[0]))
     if reference_logprobs is None:
         return em_kernels.linear_entropy_loss(rows.hidden, rows.head.weight, bias=rows.head_bias,
-                                              entropy_weight=weight)
+                                              entropy_weight=weight, backend=rows.backend)
     return em_kernels.linear_policy_loss(
         rows.hidden, rows.head.weight, bias=rows.head_bias, tokens=rows.tokens, advantages=0.0,
         ref_logprobs=reference_logprobs, kl_weight=kl_coef, token_weight=weight,
-        entropy_weight=weight)
+        entropy_weight=weight, backend=rows.backend)
 
 
 def em_ft_loss(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

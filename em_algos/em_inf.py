@@ -39,6 +39,7 @@ from transformers import (
 
 import em_kernels
 from em_kernels import _checks
+from em_kernels import em_inf as em_inf_ops
 
 __all__ = [
     "AdaptiveTemperatureLogitsProcessor",
@@ -53,9 +54,25 @@ _BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 NEUTRAL_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
-# A 1 x 2 CPU row on which the constructors run the op once with backend="torch", so that bad
-# options raise when the processor is built rather than at the first generated token.
+# A 1 x 2 CPU row on which the constructors run the op once with backend="torch" (and at most
+# one step or iteration: the counts are checked in full, not run), so that bad options raise when
+# the processor is built rather than at the first generated token.
 _PROBE = torch.zeros(1, 2)
+
+
+def _checked_backend(backend, steps: int | None = None) -> str:
+    """``backend``, refused where it cannot run in this process at all (not built, no GPU, no
+    Triton), or where Triton would get more EM-INF steps than it takes; which device the scores
+    are on shows only at the first token."""
+    backend = _checks.check_choice("backend", backend, _BACKENDS)
+    status = "available" if backend == "auto" else em_kernels.available_backends()[backend]
+    if status != "available":
+        raise em_kernels.BackendUnavailableError(f'backend="{backend}" is unavailable: {status}')
+    if backend == "triton" and steps is not None and steps > em_inf_ops.TRITON_MAX_STEPS:
+        raise ValueError(f"steps={steps}: the Triton EM-INF kernel takes at most "
+                         f"{em_inf_ops.TRITON_MAX_STEPS} steps; pass backend='auto', which "
+                         "picks one that takes them")
+    return backend
 
 
 class EMInfLogitsProcessor(LogitsProcessor):
@@ -72,10 +89,12 @@ class EMInfLogitsProcessor(LogitsProcessor):
     def __init__(self, steps: int = 5, lr: float = 0.1, kl_weight: float = 0.001,
                  threshold: float = 0.3, early_exit: str = "row", optimizer: str = "adam",
                  backend: str = "auto"):
+        steps = _checks.check_int("steps", steps, 0, em_inf_ops.MAX_STEPS)
         self.options = dict(steps=steps, lr=lr, kl_weight=kl_weight, threshold=threshold,
                             early_exit=early_exit, optimizer=optimizer)
-        em_kernels.em_inf_adjust(_PROBE, backend="torch", **self.options)
-        self.backend = _checks.check_choice("backend", backend, _BACKENDS)
+        em_kernels.em_inf_adjust(_PROBE, backend="torch",
+                                 **{**self.options, "steps": min(steps, 1)})
+        self.backend = _checked_backend(backend, steps)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         adjusted = em_kernels.em_inf_adjust(scores, backend=self.backend, **self.options)
@@ -95,9 +114,11 @@ class AdaptiveTemperatureLogitsProcessor(LogitsProcessor):
 
     def __init__(self, alpha: float = 0.5, delta: float = 0.1, max_iters: int = 100,
                  tol: float = 0.01, backend: str = "auto"):
+        max_iters = _checks.check_int("max_iters", max_iters, 0, em_inf_ops.MAX_STEPS)
         self.options = dict(alpha=alpha, delta=delta, max_iters=max_iters, tol=tol)
-        em_kernels.adaptive_temperature(_PROBE, backend="torch", **self.options)
-        self.backend = _checks.check_choice("backend", backend, _BACKENDS)
+        em_kernels.adaptive_temperature(_PROBE, backend="torch",
+                                        **{**self.options, "max_iters": min(max_iters, 1)})
+        self.backend = _checked_backend(backend)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scaled = em_kernels.adaptive_temperature(scores, backend=self.backend, **self.options)
@@ -138,7 +159,7 @@ def em_inf_processors(
     elif not isinstance(adjust, LogitsProcessor):
         raise TypeError("adjust must be None or a transformers LogitsProcessor (e.g. "
                         f"EMInfLogitsProcessor()), got {type(adjust).__name__}")
-    temperature = _checks.check_number("temperature", temperature, low=0.0, low_open=True)
+    temperature = _checks.check_temperature(temperature)
     if top_k is not None:
         top_k = _checks.check_int("top_k", top_k, 0)
     if top_p is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import em_kernels
+from em_kernels import _checks
 
 from ._common import (
     check_choice,
@@ -105,10 +106,11 @@ def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
                          f"{getattr(rewards, 'shape', type(rewards).__name__)}")
     if not rewards.dtype.is_floating_point:
         raise TypeError(f"rewards must be a float tensor, got {rewards.dtype}")
-    group_size = check_positive("group_size", group_size, integer=True)
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (the baseline needs other responses to the "
-                         f"same prompt), got {group_size}")
+    try:
+        group_size = _checks.check_int("group_size", group_size, 2)
+    except ValueError as error:
+        raise ValueError(f"{error} (the baseline needs other responses to the same "
+                         "prompt)") from None
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards are not a whole number of groups of "
                          f"{group_size}; the responses to one prompt must be consecutive")
@@ -128,6 +130,9 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     finite number > 0 (a group of equal rewards then gets advantages 0, not 0 / 0)."""
     eps = check_positive("eps", eps)
     groups = _grouped(rewards, group_size)
+    if torch.tensor(eps, dtype=rewards.dtype) == 0:
+        raise ValueError(f"eps {eps} rounds to 0 in the rewards' {rewards.dtype}, where a group "
+                         "of equal rewards would get 0 / 0: pass a larger one")
     centred = groups - groups.mean(-1, keepdim=True)
     return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)
 
@@ -242,7 +247,7 @@ class EMRLTrainer:
             ref_logprobs=ref_logprobs, clip_range=self.clip_range,
             kl_weight=self.beta if ref_logprobs is not None else 0.0, token_weight=1.0 / count,
             entropy_weight=-self.entropy_coeff / count if self.entropy_coeff else None,
-            temperature=self.temperature)
+            temperature=self.temperature, backend=rows.backend)
         ratio = (out.logprobs - old_logprobs).exp()
         clipped = ratio.clamp(1 - self.clip_range, 1 + self.clip_range)
         kl = (k3_kl(out.logprobs, ref_logprobs) if ref_logprobs is not None

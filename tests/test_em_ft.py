@@ -92,6 +92,9 @@ def test_loss_is_between_zero_and_log_vocab_per_token(qwen):
     (lambda ids, att, resp: (ids[0], att[0], resp[0]), ValueError),
     (lambda ids, att, resp: (ids, att, torch.ones_like(resp)), ValueError),  # first token
     (lambda ids, att, resp: (ids, torch.zeros_like(att), resp), ValueError),  # unattended
+    # integer masks of other values than 0 and 1 (a 2 would count twice in the position ids)
+    (lambda ids, att, resp: (ids, att * 2, resp), ValueError),
+    (lambda ids, att, resp: (ids, att, resp.long() * 2), ValueError),
 ])
 def test_bad_batches_raise(qwen, change, error):
     inputs = random_batch(torch.Generator().manual_seed(11), 2, 3, 4)
@@ -218,7 +221,8 @@ def test_kl_loss_matches_full_logit_pytorch(normalize):
     (dict(max_new_tokens=2.5), TypeError), (dict(kl_coef=-0.1), ValueError),
     (dict(temperature=float("inf")), ValueError), (dict(lr=float("nan")), ValueError),
     (dict(temperature=1e-40), ValueError),  # logits / T would overflow inside generate()
-    (dict(optimizer="adam"), TypeError),
+    (dict(optimizer="adam"), TypeError), (dict(weight_decay="0.01"), TypeError),
+    (dict(lr=1e300), ValueError),  # beyond float32: it would fail inside the first step
 ])
 def test_trainer_bad_arguments_raise(qwen, options, error):
     with pytest.raises(error):
@@ -251,6 +255,20 @@ def test_loss_takes_its_gradients_from_the_forward(qwen):
         loss.backward()
     qwen.zero_grad(set_to_none=True)
     torch.testing.assert_close(loss, expected)
+
+
+def test_float64_model():
+    """A float64 model runs the fused loss on the "torch" backend, the one that takes float64
+    (em_algos has no backend argument): the float64 oracle's loss, and its gradients."""
+    model = tiny_causal_lm(seed=6, family="llama").to(torch.float64)
+    inputs = random_batch(torch.Generator().manual_seed(19), 3, 4, 5)
+    loss = em_ft_loss(model, *inputs, normalize="token")
+    fused = torch.autograd.grad(loss, list(model.parameters()))
+    oracle = reference_loss(model, inputs, "token", torch.float64)
+    expected = torch.autograd.grad(oracle, list(model.parameters()))
+    torch.testing.assert_close(loss, oracle, rtol=1e-10, atol=1e-12)
+    for got, want in zip(fused, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-12)
 
 
 def test_bfloat16_model():

@@ -7,6 +7,7 @@ generation treats every row on its own."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -218,10 +219,30 @@ def test_scores_keep_their_dtype():
     (AdaptiveTemperatureLogitsProcessor, dict(alpha=2.0), ValueError),
     (AdaptiveTemperatureLogitsProcessor, dict(tol=0.0), ValueError),
     (AdaptiveTemperatureLogitsProcessor, dict(max_iters=1.5), TypeError),
+    (AdaptiveTemperatureLogitsProcessor, dict(delta=1e39), ValueError),  # beyond float32
+    (EMInfLogitsProcessor, dict(steps=2**31), ValueError),
 ])
 def test_bad_options_fail_at_construction(cls, kwargs, error):
     with pytest.raises(error):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [EMInfLogitsProcessor, AdaptiveTemperatureLogitsProcessor])
+def test_backends_that_cannot_run_fail_at_construction(cls):
+    """An explicit backend that cannot run in this process, and Triton with more EM-INF steps
+    than it takes, raise when the processor is built; large step counts are checked, not run
+    (the probe takes one step)."""
+    for backend, status in em_kernels.available_backends().items():
+        if status != "available":
+            with pytest.raises(em_kernels.BackendUnavailableError, match=status[:20]):
+                cls(backend=backend)
+    if cls is EMInfLogitsProcessor:
+        if em_kernels.available_backends()["triton"] == "available":
+            with pytest.raises(ValueError, match="at most"):
+                cls(steps=300, backend="triton")
+        started = time.perf_counter()
+        cls(steps=10**7, lr=0.0)
+        assert time.perf_counter() - started < 5  # ~23 minutes if the probe ran them
 
 
 @pytest.mark.parametrize("adjust", ["x", torch.nn.Identity(), EMInfLogitsProcessor])
@@ -236,6 +257,7 @@ def test_adjust_that_is_not_a_logits_processor_raises(adjust):
     (dict(top_k=True), TypeError), (dict(top_k=2.5), TypeError), (dict(top_k=-3), ValueError),
     (dict(temperature=0), ValueError), (dict(temperature=float("inf")), ValueError),
     (dict(temperature="0.7"), TypeError), (dict(top_k=3, min_tokens_to_keep=0), ValueError),
+    (dict(temperature=1e-300), ValueError),  # scores / T overflow float32
 ])
 def test_em_inf_processors_bad_options_raise(kwargs, error):
     """Each error names the bad option (the last one given): a top_p above 1 would otherwise
@@ -375,7 +397,7 @@ def test_decode_benchmark_runs_em_inf_as_asked(monkeypatch):
     assert (result["backend"], result["backend_asked"]) == ("torch", "torch")
     options = dict(backend="torch", steps=5, lr=0.1, kl_weight=0.001, threshold=-math.inf,
                    early_exit="row", optimizer="adam")
-    assert calls[0][2] == options  # the constructor's probe
+    assert calls[0][2] == {**options, "steps": 1}  # the constructor's probe: one step
     # two generate() runs of one token, then 3 warm-up calls and 1 timed of the processor and
     # as many of the op alone
     assert calls[1:] == [((2, 50), torch.float32, options)] * (2 + 4 + 4)

@@ -122,7 +122,7 @@ def test_advantages_of_equal_rewards_are_zero():
     (torch.zeros(6, dtype=torch.int64), 3, TypeError),
 ])
 def test_advantages_bad_input_raises(fn, rewards, group_size, error):
-    with pytest.raises(error):
+    with pytest.raises(error, match=">= 2" if group_size in (0, 1) else ""):
         fn(rewards, group_size)
 
 
@@ -133,6 +133,17 @@ def test_advantages_bad_input_raises(fn, rewards, group_size, error):
 def test_grpo_bad_eps_raises(eps, error):
     with pytest.raises(error, match="eps"):
         grpo_advantages(torch.zeros(6), 3, eps=eps)
+
+
+def test_grpo_eps_that_rounds_to_zero_raises():
+    """An eps that rounds to 0 in the rewards' dtype would give equal rewards 0 / 0 = NaN; a
+    subnormal one still works."""
+    with pytest.raises(ValueError, match="rounds to 0"):
+        grpo_advantages(torch.ones(4), 2, eps=1e-300)
+    with pytest.raises(ValueError, match="rounds to 0"):
+        grpo_advantages(torch.ones(4, dtype=torch.float16), 2, eps=1e-8)
+    assert torch.equal(grpo_advantages(torch.ones(4, dtype=torch.float16), 2, eps=1e-7),
+                       torch.zeros(4, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("fn", [sequence_reward, token_reward])
@@ -244,6 +255,8 @@ def test_first_update_is_on_policy_with_zero_kl(dtype):
     (dict(temperature=float("inf")), ValueError), (dict(clip_range=float("inf")), ValueError),
     (dict(temperature=1e-40), ValueError),  # logits / T would overflow inside generate()
     (dict(optimizer="adam"), TypeError),
+    # beyond float32: each would fail only inside the first step, after its rollouts
+    (dict(entropy_coeff=1e300), ValueError), (dict(clip_range=1e300), ValueError),
 ])
 def test_trainer_bad_arguments_raise(llama, options, error):
     with pytest.raises(error):
