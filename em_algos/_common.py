@@ -11,15 +11,15 @@ Conventions (the same for every public function of em_algos):
 - The distribution that predicted token t sits at position t - 1: the response tokens' entropies
   and log-probs are read from the hidden states at the positions one to the left of the mask.
 - Only those positions go through the LM head, inside the fused ops of em_kernels
-  (`linear_entropy_loss` for EM-FT's loss and for scoring, `linear_policy_loss` for EM-RL's
-  policy loss and EM-FT's KL term): the (B, T, V) logits are never formed. The model runs with
-  ``logits_to_keep=1``, a hook on its decoder keeps the final (normed) hidden states; the LM
-  head's weight and bias come from ``get_output_embeddings()``. Under FSDP2 that weight is read after the root module's forward,
-  when fully_shard leaves the root's parameters (the LM head among them) unsharded until the
-  backward; an LM head sharded as its own unit is refused with a ValueError. The first call
-  with each LM head checks that the model's own logits at the last position are the head applied
-  to the hidden state there, so a model that scales or caps its logits is refused rather than
-  scored wrongly.
+  (`linear_entropy_loss` for EM-FT's loss and for scoring, `linear_policy_loss` for EM-RL's policy
+  loss and EM-FT's KL term): the (B, T, V) logits are never formed. The model runs with
+  ``logits_to_keep=1``, a hook on its decoder keeps the final (normed) hidden states; the LM head's
+  weight and bias come from ``get_output_embeddings()``. Under FSDP2 that weight is read after the
+  root module's forward, when fully_shard leaves the root's parameters (the LM head among them)
+  unsharded until the backward; an LM head sharded as its own unit is refused with a ValueError. The
+  first call with each LM head checks that the model's own logits at the last position are the head
+  applied to the hidden state there, so a model that scales or caps its logits is refused rather
+  than scored wrongly.
 - Sampling is pure: the model's ``generation_config`` (a Hub repetition_penalty, min_p, EOS ...)
   is set aside while the rollouts are generated.
 - Rollouts are sampled in eval mode, and the trainers, the rewards and the reference model score
@@ -56,9 +56,9 @@ check_temperature = _checks.check_temperature
 
 
 def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
-    """An int (integer=True) or number, Python's or a NumPy scalar, > 0 (>= 0 with allow_zero)
-    and at most the largest float32 (the losses and kernels take their settings in float32);
-    returned as a Python int or float, which the caller keeps."""
+    """An int (integer=True) or number, Python's or a NumPy scalar, > 0 (>= 0 with allow_zero);
+    a number also at most the largest float32 (the losses and kernels take their settings in
+    float32). Returned as a Python int or float, which the caller keeps."""
     if integer:
         return _checks.check_int(name, value, 0 if allow_zero else 1)
     return _checks.check_number(name, value, low=0.0, low_open=not allow_zero,
@@ -67,12 +67,13 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
 
 def check_sequence_batch(input_ids, attention_mask, response_mask=None, *,
                          vocab_size: int | None = None, prompts: bool = False) -> None:
-    """Shapes, dtypes and devices of a non-empty (B, T) batch; integer masks of 0s and 1s only;
-    token ids in [0, vocab_size) when it is given; response tokens must be attended and cannot be the first token (nothing
-    predicts it). With ``prompts``, the batch is one of prompts to generate from, which must be
-    left-padded with at least one real token per row: generate() appends after the last column,
-    so a right-padded prompt would be continued from its padding (and its response would be
-    predicted by a masked-out position). The value checks cost one host sync."""
+    """Shapes, dtypes and devices of a non-empty (B, T) batch; integer masks of 0s and 1s
+    only; token ids in [0, vocab_size) when it is given; response tokens must be attended and
+    cannot be the first token (nothing predicts it). With ``prompts``, the batch is one of
+    prompts to generate from, which must be left-padded with at least one real token per row:
+    generate() appends after the last column, so a right-padded prompt would be continued from
+    its padding (and its response would be predicted by a masked-out position). The value
+    checks cost one host sync."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")

@@ -84,6 +84,9 @@ class EMInfLogitsProcessor(LogitsProcessor):
     `em_inf_processors(EMInfLogitsProcessor(steps=3, kl_weight=0.05), temperature=0.1)`.
     early_exit="row" (default) lets every sequence of a batch stop on its own entropy; "batch"
     reproduces the released code's batch-wide loss (the same at batch size 1, as it generates).
+    Bad options raise here, not at the first token: so does an explicit backend that cannot run
+    in this process (build the processor where it will run, not on a CPU-only driver for GPU
+    workers; "auto" is never refused).
     """
 
     def __init__(self, steps: int = 5, lr: float = 0.1, kl_weight: float = 0.001,

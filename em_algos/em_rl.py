@@ -130,9 +130,11 @@ def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -
     finite number > 0 (a group of equal rewards then gets advantages 0, not 0 / 0)."""
     eps = check_positive("eps", eps)
     groups = _grouped(rewards, group_size)
-    if torch.tensor(eps, dtype=rewards.dtype) == 0:
-        raise ValueError(f"eps {eps} rounds to 0 in the rewards' {rewards.dtype}, where a group "
-                         "of equal rewards would get 0 / 0: pass a larger one")
+    in_dtype = torch.tensor(eps, dtype=rewards.dtype)
+    if in_dtype == 0 or torch.isinf(in_dtype):
+        raise ValueError(f"eps {eps} rounds to {float(in_dtype)} in the rewards' {rewards.dtype}: "
+                         "pass one that dtype holds (0 gives a group of equal rewards 0 / 0, inf "
+                         "every advantage 0)")
     centred = groups - groups.mean(-1, keepdim=True)
     return (centred / (groups.std(-1, keepdim=True) + eps)).reshape(rewards.shape)
 

@@ -129,6 +129,16 @@ class RankCall:
         if self.op not in OPS or len(self.arguments) > _ARGUMENT_SLOTS:
             raise AssertionError(f"RankCall of {self.op} with {len(self.arguments)} arguments")
 
+    @classmethod
+    def on_head(cls, op: str, hidden: torch.Tensor, temperature: float, hidden_needs_grad: bool,
+                tokens: torch.Tensor | None, *settings: tuple[str, object]) -> RankCall:
+        """A call of an op on an LM-head shard: hidden's rows, size and dtype, the temperature,
+        whether hidden needs grad (which decides d_hidden's all-reduce), then the op's own
+        ``settings``."""
+        return cls(op, (("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]),
+                        ("dtype", hidden.dtype), ("temperature", temperature),
+                        ("hidden needs grad", hidden_needs_grad), *settings), tokens)
+
     def descriptor(self, local_vocab: int, device: torch.device) -> torch.Tensor:
         """[local_vocab, op, arguments..., token checksum] as int64 on ``device``. Built on the
         host and copied from pinned memory, asynchronously (a copy of pageable memory, as

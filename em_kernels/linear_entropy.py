@@ -285,11 +285,9 @@ def _vocab_parallel_linear_entropy(hidden, weight, bias, tokens, temperature, gr
                                    implementation, process_group) -> LinearEntropyOutput:
     """linear_entropy over this rank's vocabulary shard, always eager (a graph break under
     torch.compile: the collectives stay out of the graph)."""
-    call = RankCall("linear_entropy", (
-        ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
-        ("temperature", temperature),
-        ("grad_filter_eps", grad_filter_eps),
-        ("hidden needs grad", torch.is_grad_enabled() and hidden.requires_grad)), tokens)
+    call = RankCall.on_head("linear_entropy", hidden, temperature,
+                            torch.is_grad_enabled() and hidden.requires_grad, tokens,
+                            ("grad_filter_eps", grad_filter_eps))
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call)
     local_tokens = owned = tokens_valid = None
     if tokens is not None:

@@ -250,8 +250,9 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
             for operand in operands)
     if transformed:
         raise NotImplementedError(
-            f"{op} does not run under torch.vmap or the other torch.func transforms: its rows "
-            "are a batch already (flatten the vmapped dim into N), or use linear_entropy")
+            f"{op} does not run under torch.vmap or the other torch.func transforms (under "
+            "vmap: its rows are a batch already, so flatten the vmapped dim into N, or use "
+            "linear_entropy)")
     implementation = resolve_backend(backend, hidden.device)
     if hidden.dtype == torch.float64 and implementation != "torch":
         raise TypeError('float64 inputs run only with backend="torch"')
@@ -297,12 +298,11 @@ def _vocab_parallel_loss(process_group, op, hidden, weight, bias, tokens, entrop
     all-reduce of d_hidden, which runs in the autograd forward on a tensor kept for the backward,
     into a functional collective whose result the backward does not see (a wrong loss and
     gradients, torch 2.14: tests/test_vocab_parallel.py), so Dynamo breaks the graph here."""
-    call = RankCall(op, (
-        ("rows", hidden.shape[0]), ("hidden size", hidden.shape[1]), ("dtype", hidden.dtype),
-        ("temperature", temperature),
-        ("hidden needs grad", need_grad_hidden), ("old_logprobs given", old_logprobs is not None),
+    call = RankCall.on_head(
+        op, hidden, temperature, need_grad_hidden, tokens,
+        ("old_logprobs given", old_logprobs is not None),
         ("ref_logprobs given", ref_logprobs is not None), ("clip_low", clip_low),
-        ("clip_high", clip_high), ("kl_weight", kl_weight)), tokens)
+        ("clip_high", clip_high), ("kl_weight", kl_weight))
     # The host reads the shard sizes anyway (the row chunks): the calls are compared there too.
     shard = VocabShard.of(process_group, weight.shape[0], hidden.device, call,
                           check_on_host=True)

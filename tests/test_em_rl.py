@@ -135,13 +135,15 @@ def test_grpo_bad_eps_raises(eps, error):
         grpo_advantages(torch.zeros(6), 3, eps=eps)
 
 
-def test_grpo_eps_that_rounds_to_zero_raises():
-    """An eps that rounds to 0 in the rewards' dtype would give equal rewards 0 / 0 = NaN; a
-    subnormal one still works."""
-    with pytest.raises(ValueError, match="rounds to 0"):
+def test_grpo_eps_the_rewards_dtype_cannot_hold_raises():
+    """An eps that rounds to 0 in the rewards' dtype would give equal rewards 0 / 0 = NaN, one
+    that overflows it every advantage 0; a subnormal one still works."""
+    with pytest.raises(ValueError, match="rounds to 0.0"):
         grpo_advantages(torch.ones(4), 2, eps=1e-300)
-    with pytest.raises(ValueError, match="rounds to 0"):
+    with pytest.raises(ValueError, match="rounds to 0.0"):
         grpo_advantages(torch.ones(4, dtype=torch.float16), 2, eps=1e-8)
+    with pytest.raises(ValueError, match="rounds to inf"):  # every advantage would be 0
+        grpo_advantages(torch.arange(4.0, dtype=torch.float16), 2, eps=1e5)
     assert torch.equal(grpo_advantages(torch.ones(4, dtype=torch.float16), 2, eps=1e-7),
                        torch.zeros(4, dtype=torch.float16))
 
