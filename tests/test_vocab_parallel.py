@@ -788,6 +788,8 @@ def _one_cuda_rank_worker(rank, port):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+# A fresh process that may compile the Triton kernels itself: past gpu_check.sh's 60 s default.
+@pytest.mark.timeout(150)
 def test_vocab_parallel_on_one_cuda_rank():
     """The vocab-parallel CUDA path (the calls' descriptor from pinned memory, compared on the
     device; NCCL), in the one-rank group a one-GPU machine can make: NCCL wants a GPU per rank,
