@@ -14,21 +14,22 @@ all-reduce of N-vectors:
 computed in lse's dtype (float64 but on MPS: csrc/include/em/softmax_stats.h says why); entropy
 and chosen come back in their own dtypes.
 
-Every rank must call the same op with the same arguments apart from its shard. The all-gather
-of the shard sizes carries a descriptor of each rank's call (`RankCall`: the op, the row count
-and shapes, dtype, temperature, whether tokens are given and a checksum of them, the flags that
-decide which collectives run), so a mismatch is found before any collective whose size or count
-it changes. Where the host reads the gathered descriptors (CPU tensors; CUDA with
-EM_KERNELS_CHECK_RANKS=1, one sync; the fused losses, which read the shard sizes anyway) every
-rank raises the same ValueError there, none is left waiting in a collective. Elsewhere (CUDA,
-where reading would sync) the ranks compare them on the device, and a mismatch makes every
-result and gradient NaN instead of a wrong number; a mismatch in what sizes the collectives or
-decides which run (rows, hidden's requires_grad) then still fails or hangs in them, as without
-the check. A rank that raises while another compares on the device leaves that one
-waiting in its next collective: set EM_KERNELS_CHECK_RANKS alike on every rank. What decides
-the collectives but is legitimately per rank stays out of them: the fused losses cut their row
-chunks for two logit buffers in vocab-parallel mode, whatever the rank's backend and which of
-its shard's inputs need gradients.
+Every rank must call the same op with the same arguments apart from its shard. The all-gather of the
+shard sizes carries a descriptor of each rank's call (`RankCall`: the op, the row count and shapes,
+dtype, temperature, whether tokens are given and a checksum of them, the flags that decide which
+collectives run), so a mismatch is found before any collective whose size or count it changes. Where
+the host reads the gathered descriptors (CPU tensors; CUDA with EM_KERNELS_CHECK_RANKS=1, one sync;
+the fused losses, which read the shard sizes anyway) every rank raises the same ValueError there,
+none is left waiting in a collective. Elsewhere (CUDA, where reading would sync) the ranks compare
+them on the device, and a mismatch makes every result and gradient NaN instead of a wrong number; a
+mismatch in what sizes the collectives or decides which run (rows, hidden's requires_grad) then
+still fails or hangs in them, as without the check. A rank that raises while another compares on the
+device leaves that one waiting in its next collective: set EM_KERNELS_CHECK_RANKS alike on every
+rank. A rank whose own checks refuse its arguments still joins the all-gather, with a refusal
+(`shares_refusals`), so that the others raise too rather than wait in it. What decides the
+collectives but is legitimately per rank stays out of them: the fused losses cut their row chunks
+for two logit buffers in vocab-parallel mode, whatever the rank's backend and which of its shard's
+inputs need gradients.
 
 Upstream gradients, hidden states and row weights are assumed to be the same on every rank (a
 replicated loss) and not compared: a checksum of floats would refuse values that agree to
@@ -37,6 +38,8 @@ rounding but not bitwise, and would cost a read of N x H.
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import os
 import struct
 import zlib
@@ -73,6 +76,9 @@ OPS = ("entropy", "logprobs_and_entropy", "linear_entropy", "linear_entropy_loss
 _ARGUMENT_SLOTS = 10
 # The descriptor's value for an unused slot, and the token checksum's without tokens.
 _ABSENT = -(2 ** 63)
+# The op code of a rank that refused its own arguments (`shares_refusals`).
+_REFUSED = -1
+_DESCRIPTOR_LENGTH = 2 + _ARGUMENT_SLOTS + 1  # shard size, op, arguments, token checksum
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -186,6 +192,61 @@ class RankCall:
         return "; ".join(differences) or None
 
 
+# Whether the vocab-parallel call running in this context has made its all-gather (or runs
+# outside `shares_refusals`): an error before the gather is a refusal, one after it is not.
+_gathered = contextvars.ContextVar("em_kernels_vocab_parallel_gathered", default=True)
+
+
+def shares_refusals(op):
+    """Decorator of a public op whose keyword ``process_group`` runs vocab-parallel mode: where
+    the call raises on this rank before its all-gather (an argument its own checks refuse), the
+    rank still joins that gather, with a refusal, and re-raises its error. The other ranks,
+    which wait in the gather, then raise a ValueError that names the refusing rank where they
+    compare the calls on the host; where they compare on the device (CUDA) they go on and wait
+    in their next collective, as before. Eager only: under torch.compile the op runs as is."""
+    def decorate(public_op):
+        @functools.wraps(public_op)
+        def call(*args, **kwargs):
+            group = kwargs.get("process_group")
+            if group is None or torch.compiler.is_compiling():
+                return public_op(*args, **kwargs)
+            token = _gathered.set(False)
+            try:
+                return public_op(*args, **kwargs)
+            except Exception:
+                if not _gathered.get():
+                    _join_as_refused(group, args[0] if args else None)
+                raise
+            finally:
+                _gathered.reset(token)
+
+        return call
+
+    return decorate
+
+
+def _join_as_refused(group, data) -> None:
+    """This rank's part in the all-gather of a call it refused: a descriptor of the others'
+    length with the refusal code, on the device their descriptors are on (that of ``data``,
+    the logits or hidden states, where it is a CPU or CUDA tensor; else the group's backend's).
+    Nothing where there is no group to join (the refusal was about the group itself)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()
+            and isinstance(group, dist.ProcessGroup)):
+        return
+    if isinstance(data, torch.Tensor) and data.device.type in ("cpu", "cuda"):
+        device = data.device
+    elif "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    codes = [0, _REFUSED] + [_ABSENT] * (_DESCRIPTOR_LENGTH - 2)
+    refusal = torch.tensor(codes, dtype=torch.int64, device=device)
+    dist.all_gather([torch.empty_like(refusal) for _ in range(dist.get_world_size(group))],
+                    refusal, group=group)
+
+
 def _compared_on_host(device: torch.device) -> bool:
     """Whether the ranks' descriptors are read on the host: on every device but CUDA (CPU
     tensors, as gloo takes them), and on CUDA when asked."""
@@ -222,11 +283,19 @@ class VocabShard:
                                       "exchange values), not meta tensors")
         descriptor = call.descriptor(local_vocab, device)
         gathered = [torch.empty_like(descriptor) for _ in range(dist.get_world_size(group))]
+        _gathered.set(True)  # from here on an error is not a refusal: the gather is made
         dist.all_gather(gathered, descriptor, group=group)
         gathered = torch.stack(gathered)
         disagree = None
         if check_on_host or _compared_on_host(device):
-            difference = call.disagreement(gathered.tolist())
+            rows = gathered.tolist()
+            refused = [rank for rank, row in enumerate(rows) if row[1] == _REFUSED]
+            if refused:
+                raise ValueError(
+                    f"vocab-parallel {call.op}: rank {', '.join(map(str, refused))} of the "
+                    "process group refused its arguments (its own error says which), so no "
+                    "rank makes this call")
+            difference = call.disagreement(rows)
             if difference is not None:
                 raise ValueError(
                     f"vocab-parallel {call.op}: the ranks of the process group disagree on "

@@ -7,7 +7,7 @@ import torch
 from . import _checks
 from ._backend import resolve_backend
 from ._ops.entropy import backward_from_stats, softmax_stats, softmax_stats_impl
-from ._vocab_parallel import RankCall, VocabShard
+from ._vocab_parallel import RankCall, VocabShard, shares_refusals
 
 
 def _softmax_stats(rows, tokens, temperature, backend):
@@ -89,6 +89,7 @@ def _vocab_parallel_stats(logits, tokens, temperature, shift, backend, process_g
             None if tokens is None else logprobs.reshape(layout.leading))
 
 
+@shares_refusals("entropy")
 def entropy(
     logits: torch.Tensor,
     *,
@@ -133,18 +134,17 @@ def entropy(
             LM head gives them): each rank passes its contiguous slice of the vocabulary, rank r
             the entries after those of ranks 0..r-1 (slices may differ in size, none empty),
             and every rank gets the full-vocabulary entropy; the gradient is this rank's slice
-            of the unsharded one. Every rank must pass the same rows (their leading shape,
-            shift), dtype, temperature, token ids and upstream gradients (a replicated loss).
-            The ranks compare their calls but for the upstream gradients (the op, shapes,
-            dtype, temperature, a checksum of the ids: em_kernels/_vocab_parallel.py): on CPU
-            tensors, or on CUDA with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch
-            raises the same ValueError on every rank; on CUDA otherwise it makes every result
-            and gradient NaN, except a mismatch in the rows, which fails or hangs in the
-            collectives. An argument that fails its own checks on
-            one rank raises there while the others wait in the first collective. Costs an
-            all-gather of the slice sizes and calls (not read on the host: no sync on CUDA) and
-            two all-reduces of N-vectors; runs eagerly, also inside torch.compile (a graph
-            break).
+            of the unsharded one. Every rank must pass the same rows (their leading shape, shift),
+            dtype, temperature, token ids and upstream gradients (a replicated loss). The ranks
+            compare their calls but for the upstream gradients (the op, shapes, dtype, temperature,
+            a checksum of the ids: em_kernels/_vocab_parallel.py): on CPU tensors, or on CUDA with
+            EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch raises the same ValueError on every
+            rank; on CUDA otherwise it makes every result and gradient NaN, except a mismatch in the
+            rows, which fails or hangs in the collectives. An argument that fails its own checks on
+            one rank raises there, and the others raise an error that names that rank where they
+            compare on the host (elsewhere they wait in their next collective). Costs an all-gather
+            of the slice sizes and calls (not read on the host: no sync on CUDA) and two all-reduces
+            of N-vectors; runs eagerly, also inside torch.compile (a graph break).
         backend: "auto", "triton", "cuda", "cpu" or "torch" (see `available_backends()`).
 
     Returns:
@@ -181,6 +181,7 @@ def entropy(
     return layout.results(result)
 
 
+@shares_refusals("logprobs_and_entropy")
 def logprobs_and_entropy(
     logits: torch.Tensor,
     tokens: torch.Tensor,

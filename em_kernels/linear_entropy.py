@@ -13,7 +13,7 @@ from . import _checks
 from ._backend import BackendUnavailableError, available_backends, resolve_backend
 from ._ops import autocast_available, autocast_off
 from ._ops.linear_entropy import backward_from_row_grads, linear_entropy_stats
-from ._vocab_parallel import RankCall, VocabShard
+from ._vocab_parallel import RankCall, VocabShard, shares_refusals
 
 
 class LinearEntropyOutput(NamedTuple):
@@ -162,6 +162,7 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
+@shares_refusals("linear_entropy")
 @autocast_like_linear
 def linear_entropy(
     hidden: torch.Tensor,
@@ -204,20 +205,20 @@ def linear_entropy(
             unsharded ones (d_hidden is all-reduced, each rank's part rounded to hidden's dtype
             first, so in 16 bits it is off by up to ~1.5 ulp more than unsharded, growing with
             the ranks; d_weight/d_bias are the shard's). Every rank must pass the same hidden
-            (values, shape, dtype and requires_grad: the backward's all-reduce runs where a
-            gradient is needed), tokens, temperature, grad_filter_eps and upstream gradients.
-            The ranks compare all of it but the values of hidden and of the upstream gradients
-            (tokens by a checksum: em_kernels/_vocab_parallel.py): on CPU tensors, or on CUDA
-            with EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch raises the same
-            ValueError on every rank; on CUDA otherwise it makes every result and gradient NaN,
-            except a mismatch in the rows or in hidden's requires_grad, which fails or hangs in
-            the collectives. An argument that fails its own checks on
-            one rank raises there while the others wait in the first collective. Costs an
-            all-gather of the shard sizes and calls (not read on the host: no sync on CUDA) and
-            two N-vector all-reduces in the forward, one (N, H) all-reduce in the backward. Runs
-            eagerly, also inside torch.compile (a graph break, as the other ops' vocab-parallel
-            modes): traced, torch warned of an unwaited collective at exit, which now and then
-            ended in an abort (torch 2.14, 2 gloo processes).
+            (values, shape, dtype and requires_grad: the backward's all-reduce runs where a gradient
+            is needed), tokens, temperature, grad_filter_eps and upstream gradients. The ranks
+            compare all of it but the values of hidden and of the upstream gradients (tokens by a
+            checksum: em_kernels/_vocab_parallel.py): on CPU tensors, or on CUDA with
+            EM_KERNELS_CHECK_RANKS=1 (one host sync), a mismatch raises the same ValueError on every
+            rank; on CUDA otherwise it makes every result and gradient NaN, except a mismatch in the
+            rows or in hidden's requires_grad, which fails or hangs in the collectives. An argument
+            that fails its own checks on one rank raises there, and the others raise an error that
+            names that rank where they compare on the host (elsewhere they wait in their next
+            collective). Costs an all-gather of the shard sizes and calls (not read on the host: no
+            sync on CUDA) and two N-vector all-reduces in the forward, one (N, H) all-reduce in the
+            backward. Runs eagerly, also inside torch.compile (a graph break, as the other ops'
+            vocab-parallel modes): traced, torch warned of an unwaited collective at exit, which now
+            and then ended in an abort (torch 2.14, 2 gloo processes).
         backend: "auto" (Triton on CUDA tensors, chunked PyTorch elsewhere), "triton" (CUDA
             tensors; CPU tensors under TRITON_INTERPRET=1), "cuda" (CUDA tensors, run by the
             Triton kernels: there is no separate CUDA C++ kernel for this op; raises

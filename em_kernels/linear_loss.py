@@ -13,7 +13,7 @@ from . import _checks, reference
 from ._backend import resolve_backend
 from ._ops import DYNAMO_TRACES_IS_BATCHEDTENSOR
 from ._ops import linear_entropy_loss as loss_ops
-from ._vocab_parallel import RankCall, VocabShard
+from ._vocab_parallel import RankCall, VocabShard, shares_refusals
 from .linear_entropy import _check_matrices, autocast_like_linear
 
 
@@ -51,6 +51,7 @@ def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
     return value.to(dtype).contiguous()
 
 
+@shares_refusals("linear_entropy_loss")
 @autocast_like_linear
 def linear_entropy_loss(
     hidden: torch.Tensor,
@@ -83,15 +84,14 @@ def linear_entropy_loss(
             `linear_entropy`: weight and bias are this rank's contiguous shard, tokens global
             ids, and every rank gets the full-vocabulary loss, entropies and log-probs, and
             gradients equal to the unsharded ones (d_hidden summed across the ranks, d_weight
-            and d_bias the shard's). Every rank must pass the same hidden (and its
-            requires_grad), tokens, row weights, temperature and policy settings. The ranks
-            compare all of it but the values of hidden and of the row weights (tokens by a
-            checksum: em_kernels/_vocab_parallel.py) and raise the same ValueError on every
-            rank where they differ; an argument that
-            fails its own checks on one rank raises there while the others wait in the first
-            collective. Costs an all-gather of the shard sizes and calls, read on the host
-            to cut every rank's row chunks alike (one sync on CUDA), two all-reduces of
-            chunk-sized row vectors per row chunk and one of d_hidden (N x H).
+            and d_bias the shard's). Every rank must pass the same hidden (and its requires_grad),
+            tokens, row weights, temperature and policy settings. The ranks compare all of it but
+            the values of hidden and of the row weights (tokens by a checksum:
+            em_kernels/_vocab_parallel.py) and raise the same ValueError on every rank where they
+            differ; an argument that fails its own checks on one rank raises there, and the others
+            raise an error that names that rank. Costs an all-gather of the shard sizes and calls,
+            read on the host to cut every rank's row chunks alike (one sync on CUDA), two
+            all-reduces of chunk-sized row vectors per row chunk and one of d_hidden (N x H).
             Runs eagerly, also inside torch.compile (a graph break: see _vocab_parallel_loss;
             fullgraph=True raises there).
 
@@ -143,6 +143,7 @@ class _Policy(NamedTuple):
     kl_weight: float
 
 
+@shares_refusals("linear_policy_loss")
 @autocast_like_linear
 def linear_policy_loss(
     hidden: torch.Tensor,

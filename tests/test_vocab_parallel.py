@@ -672,6 +672,34 @@ def _check_what_may_differ(rank, hidden, weight, bias, tokens):
         loss_ops.LOSS_CHUNK_BYTES = saved
 
 
+def _check_refusals_are_shared(rank, hidden, weight, bias, tokens):
+    """An argument that only rank 1's own checks refuse: rank 1 raises its error, rank 0 one
+    that names rank 1, instead of waiting in the all-gather; then the group is still in step."""
+    world = dist.group.WORLD
+    logits = hidden @ weight.T + bias
+    refusals = [
+        ("temperature must be", lambda: em_kernels.linear_entropy(
+            hidden, weight, bias=bias, temperature=0.0 if rank else 1.0, process_group=world)),
+        ("shift must be", lambda: em_kernels.entropy(
+            logits[None], shift=-1 if rank else 0, process_group=world)),
+        ("tokens must be int64", lambda: em_kernels.logprobs_and_entropy(
+            logits, tokens.int() if rank else tokens, process_group=world)),
+        ("give entropy_weight", lambda: em_kernels.linear_entropy_loss(
+            hidden, weight, bias=bias, entropy_weight=None if rank else 1.0,
+            process_group=world)),
+        ("clip_range", lambda: em_kernels.linear_policy_loss(
+            hidden, weight, bias=bias, tokens=tokens, advantages=1.0,
+            clip_range=-1.0 if rank else 0.2, process_group=world)),
+    ]
+    for own_error, call in refusals:
+        with pytest.raises((TypeError, ValueError),
+                           match=own_error if rank else "rank 1 of the process group refused"):
+            call()
+        out = em_kernels.linear_entropy(hidden, weight, bias=bias, tokens=tokens,
+                                        process_group=world)
+        assert bool(torch.isfinite(out.entropy).all())
+
+
 def _disagreement_worker(rank, port):
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
@@ -689,6 +717,7 @@ def _disagreement_worker(rank, port):
                                             tokens=tokens, process_group=dist.group.WORLD)
             assert bool(torch.isfinite(out.entropy).all())
         _check_what_may_differ(rank, hidden, weight, bias, tokens)
+        _check_refusals_are_shared(rank, hidden, weight[shard], bias[shard], tokens)
         # Refused on every rank before any collective: not a group, meta tensors.
         for group in ("world", 1):
             with pytest.raises(TypeError, match="must be a torch.distributed ProcessGroup"):
