@@ -70,7 +70,7 @@ def _checked_backend(backend, steps: int | None = None) -> str:
         raise em_kernels.BackendUnavailableError(f'backend="{backend}" is unavailable: {status}')
     if backend == "triton" and steps is not None and steps > em_inf_ops.TRITON_MAX_STEPS:
         raise ValueError(f"steps={steps}: the Triton EM-INF kernel takes at most "
-                         f"{em_inf_ops.TRITON_MAX_STEPS} steps; pass backend='auto', which "
+                         f'{em_inf_ops.TRITON_MAX_STEPS} steps; pass backend="auto", which '
                          "picks one that takes them")
     return backend
 

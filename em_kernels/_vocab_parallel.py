@@ -197,32 +197,29 @@ class RankCall:
 _gathered = contextvars.ContextVar("em_kernels_vocab_parallel_gathered", default=True)
 
 
-def shares_refusals(op):
+def shares_refusals(public_op):
     """Decorator of a public op whose keyword ``process_group`` runs vocab-parallel mode: where
     the call raises on this rank before its all-gather (an argument its own checks refuse), the
     rank still joins that gather, with a refusal, and re-raises its error. The other ranks,
     which wait in the gather, then raise a ValueError that names the refusing rank where they
     compare the calls on the host; where they compare on the device (CUDA) they go on and wait
     in their next collective, as before. Eager only: under torch.compile the op runs as is."""
-    def decorate(public_op):
-        @functools.wraps(public_op)
-        def call(*args, **kwargs):
-            group = kwargs.get("process_group")
-            if group is None or torch.compiler.is_compiling():
-                return public_op(*args, **kwargs)
-            token = _gathered.set(False)
-            try:
-                return public_op(*args, **kwargs)
-            except Exception:
-                if not _gathered.get():
-                    _join_as_refused(group, args[0] if args else None)
-                raise
-            finally:
-                _gathered.reset(token)
+    @functools.wraps(public_op)
+    def call(*args, **kwargs):
+        group = kwargs.get("process_group")
+        if group is None or torch.compiler.is_compiling():
+            return public_op(*args, **kwargs)
+        token = _gathered.set(False)
+        try:
+            return public_op(*args, **kwargs)
+        except Exception:
+            if not _gathered.get():
+                _join_as_refused(group, args[0] if args else None)
+            raise
+        finally:
+            _gathered.reset(token)
 
-        return call
-
-    return decorate
+    return call
 
 
 def _join_as_refused(group, data) -> None:

@@ -89,7 +89,7 @@ def _vocab_parallel_stats(logits, tokens, temperature, shift, backend, process_g
             None if tokens is None else logprobs.reshape(layout.leading))
 
 
-@shares_refusals("entropy")
+@shares_refusals
 def entropy(
     logits: torch.Tensor,
     *,
@@ -181,7 +181,7 @@ def entropy(
     return layout.results(result)
 
 
-@shares_refusals("logprobs_and_entropy")
+@shares_refusals
 def logprobs_and_entropy(
     logits: torch.Tensor,
     tokens: torch.Tensor,

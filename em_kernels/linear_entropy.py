@@ -162,7 +162,7 @@ class _VocabParallelLinearEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-@shares_refusals("linear_entropy")
+@shares_refusals
 @autocast_like_linear
 def linear_entropy(
     hidden: torch.Tensor,

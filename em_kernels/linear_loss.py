@@ -51,7 +51,7 @@ def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
     return value.to(dtype).contiguous()
 
 
-@shares_refusals("linear_entropy_loss")
+@shares_refusals
 @autocast_like_linear
 def linear_entropy_loss(
     hidden: torch.Tensor,
@@ -143,7 +143,7 @@ class _Policy(NamedTuple):
     kl_weight: float
 
 
-@shares_refusals("linear_policy_loss")
+@shares_refusals
 @autocast_like_linear
 def linear_policy_loss(
     hidden: torch.Tensor,
