@@ -353,15 +353,21 @@ def _zero_last_positions(shape: torch.Size, shift: int, grad_rows: torch.Tensor)
     return grad.view(grad_rows.shape)
 
 
+def transform_active() -> bool:
+    """Whether a torch.func transform (vmap, grad, jvp, ...) is active, eagerly, over any of the
+    ops' arguments or none: autograd.Functions fail there (they need setup_context), and only
+    the dispatcher hands the ops' vmap rules their arguments."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def eager_tensor(tensor: torch.Tensor) -> bool:
-    """Not tracing (torch.compile), no torch.func transform active (vmap, grad: their rules
-    unwrap the ops' other arguments too, and autograd.Functions need setup_context there), and
-    a real CPU or CUDA tensor: not fake, meta or vmapped. There the public functions may call an
+    """Not tracing (torch.compile), no torch.func transform active (`transform_active`), and a
+    real CPU or CUDA tensor: not fake, meta or vmapped. There the public functions may call an
     op's body directly rather than through the dispatcher."""
     return (not torch.compiler.is_compiling() and tensor.device.type in ("cpu", "cuda")
             and not isinstance(tensor, torch._subclasses.FakeTensor)
             and not torch._C._functorch.is_functorch_wrapped_tensor(tensor)
-            and torch._C._functorch.peek_interpreter_stack() is None)
+            and not transform_active())
 
 
 def _may_read_more(logits: torch.Tensor) -> bool:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import _checks
 from ._ops.linear_entropy import SHIFT_FLOOR
 
 
@@ -274,6 +275,11 @@ class VocabShard:
         CUDA: no host sync unless the calls are compared on the host there, which
         ``check_on_host`` asks for where the caller syncs anyway). Raises ValueError, on every
         rank alike, where the calls are compared on the host and disagree."""
+        if _checks.transform_active():  # the ops' vocab-parallel autograd.Functions have no rule
+            raise NotImplementedError(
+                "vocab-parallel mode does not run under torch.vmap or the other torch.func "
+                "transforms: flatten the batch into the rows (the logits' leading dims, or "
+                "hidden's N) instead")
         dist = _require_distributed(group)
         if device.type == "meta":
             raise NotImplementedError("vocab-parallel mode needs real tensors (its collectives "

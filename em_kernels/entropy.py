@@ -67,11 +67,6 @@ def _vocab_parallel_stats(logits, tokens, temperature, shift, backend, process_g
     (all rows at shift 0; tokens: the scored ids, already shifted), shaped like those
     positions; always eager (a graph break under torch.compile: the merge's collectives stay
     out of the graph)."""
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(x) for x in (logits, tokens)
-           if x is not None):
-        raise NotImplementedError(
-            "the vocab-parallel entropy ops do not run under torch.vmap or torch.func "
-            "transforms: flatten the batch into the logits' leading dims instead")
     call = RankCall("entropy" if tokens is None else "logprobs_and_entropy", (
         ("the logits' shape but the vocabulary", tuple(logits.shape[:-1])), ("shift", shift),
         ("dtype", logits.dtype), ("temperature", temperature)), tokens)

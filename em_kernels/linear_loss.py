@@ -242,7 +242,7 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
     # loss's autograd.Function has no rule for them. Traced, a vmapped operand (Dynamo traces
     # is_batchedtensor from torch 2.8).
     if not torch.compiler.is_compiling():
-        transformed = torch._C._functorch.peek_interpreter_stack() is not None
+        transformed = _checks.transform_active()
     else:
         operands = (hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                     *(policy or ()))

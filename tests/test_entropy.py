@@ -1475,8 +1475,8 @@ def test_float64_runs_with_the_torch_backend():
 
 
 def test_vocab_parallel_refuses_vmap():
-    """Vocab-parallel mode under torch.vmap, over the logits or the tokens alone: a clear error
-    on every rank, before any collective."""
+    """Vocab-parallel mode under torch.vmap, over the logits, the tokens alone or nothing the op
+    takes, and linear_entropy's too: a clear error on every rank, before any collective."""
     logits = torch.randn(2, 3, 10)
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(NotImplementedError, match="torch.vmap"):
@@ -1484,6 +1484,13 @@ def test_vocab_parallel_refuses_vmap():
     with pytest.raises(NotImplementedError, match="torch.vmap"):
         torch.vmap(lambda t: em_kernels.logprobs_and_entropy(
             logits[0], t, process_group=object()))(tokens)
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda s: em_kernels.entropy(logits[0], process_group=object()) * s)(
+            torch.ones(2))
+    weight = torch.randn(10, 4)
+    with pytest.raises(NotImplementedError, match="torch.vmap"):
+        torch.vmap(lambda h: em_kernels.linear_entropy(h, weight, process_group=object()).entropy)(
+            torch.randn(2, 3, 4))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
