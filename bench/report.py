@@ -1,11 +1,13 @@
 """What em-bench writes: a CSV row per cell as it is measured, then a terminal table, a markdown
-summary and a PNG plot of achieved bandwidth (or TFLOP/s) against V, one line per provider."""
+summary and a PNG plot of achieved bandwidth (or TFLOP/s) against V (or per shape), one line per
+provider."""
 
 from __future__ import annotations
 
 import csv
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from .harness import DTYPES, ERROR_FACTOR, LATE_LIMIT, NORM_ERROR_FACTOR, parse_shape_label
@@ -319,9 +321,61 @@ def markdown(rows: list[dict], header: list[str],
     return "\n".join(out)
 
 
+# A panel plots against V where its widest shape family (the other dims fixed) has at least this
+# many values of V; fewer make no line (an LM-head sweep has one V per (M, H)), so such a panel
+# shows every shape instead, one tick each.
+PLOT_MIN_V_POINTS = 3
+
+
+@dataclass
+class Panel:
+    """One panel of the plot: ``series`` maps each provider to its (x, value) points, x being V,
+    or the shape's index in ``shapes`` where the panel is drawn per shape."""
+
+    op: str
+    mode: str
+    dtype: str
+    metric: str  # "tflops" (compute-bound ops) or "gbps"
+    where: str  # the fixed dims of a panel against V; "" for one drawn per shape
+    shapes: list[str] | None
+    series: dict[str, list[tuple[float, float]]]
+
+
+def plot_panels(rows: list[dict]) -> list[Panel]:
+    """What `plot` draws: one panel per (op, mode, dtype) of the measured rows. Against V at the
+    other dims with the most V points (the largest such shape on a tie), unless that family has
+    fewer than PLOT_MIN_V_POINTS values of V while the panel holds other shapes: then every shape,
+    in the order measured."""
+    measured = [r for r in rows if r["status"] == "ok"]
+    grouped: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for row in measured:
+        others = tuple((c, row[c]) for c in DIM_COLUMNS if c != "dim_V" and row.get(c) is not None)
+        grouped[(row["op"], row["mode"], row["dtype"])][others].append(row)
+    panels = []
+    for (op, mode, dtype), by_others in grouped.items():
+        def points(key):
+            return (len({r["dim_V"] for r in by_others[key]}), math.prod(v for _, v in key))
+
+        others = max(by_others, key=points)
+        per_shape = points(others)[0] < PLOT_MIN_V_POINTS and len(by_others) > 1
+        chosen = [r for key in by_others for r in by_others[key]] if per_shape else by_others[
+            others]
+        metric = "tflops" if any(r.get("tflops") for r in chosen) else "gbps"
+        shapes = list(dict.fromkeys(r["shape"] for r in chosen)) if per_shape else None
+        series = {}
+        for provider in dict.fromkeys(r["provider"] for r in chosen):
+            series[provider] = sorted(
+                (shapes.index(r["shape"]) if per_shape else r["dim_V"], r[metric])
+                for r in chosen if r["provider"] == provider and r.get(metric))
+        where = "" if per_shape else ", ".join(f"{c[4:]}={v}" for c, v in others)
+        panels.append(Panel(op, mode, dtype, metric, where, shapes,
+                            {name: line for name, line in series.items() if line}))
+    return panels
+
+
 def plot(rows: list[dict], path: Path, copy_gbps: float, matmul: dict) -> bool:
     """Achieved GB/s (TFLOP/s for compute-bound ops) against V, one line per provider, one panel
-    per (op, mode, dtype) at the other dims with the most V points. False if nothing to plot."""
+    per (op, mode, dtype) (`plot_panels`), with the run's ceiling. False if nothing to plot."""
     try:
         import matplotlib
     except ImportError:
@@ -330,39 +384,32 @@ def plot(rows: list[dict], path: Path, copy_gbps: float, matmul: dict) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    measured = [r for r in rows if r["status"] == "ok"]
-    panels: dict[tuple, dict[tuple, list[dict]]] = defaultdict(lambda: defaultdict(list))
-    for row in measured:
-        others = tuple((c, row[c]) for c in DIM_COLUMNS if c != "dim_V" and row.get(c) is not None)
-        panels[(row["op"], row["mode"], row["dtype"])][others].append(row)
+    panels = plot_panels(rows)
     if not panels:
         return False
     count = len(panels)
     cols = min(3, count)
     nrows = math.ceil(count / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
-    for ax, ((op, mode, dtype), by_others) in zip(axes.flat, panels.items()):
-        def points(key):
-            return (len({r["dim_V"] for r in by_others[key]}), math.prod(v for _, v in key))
-
-        others = max(by_others, key=points)
-        chosen = by_others[others]
-        compute = any(r.get("tflops") for r in chosen)
-        metric = "tflops" if compute else "gbps"
-        for provider in dict.fromkeys(r["provider"] for r in chosen):
-            series = sorted((r["dim_V"], r[metric]) for r in chosen
-                            if r["provider"] == provider and r.get(metric))
-            if series:
-                ax.plot(*zip(*series), marker="o", label=provider)
-        ceiling = matmul_by_dtype.get(dtype) if compute else copy_gbps
+    for ax, panel in zip(axes.flat, panels):
+        for provider, series in panel.series.items():
+            ax.plot(*zip(*series), marker="o", label=provider)
+        compute = panel.metric == "tflops"
+        ceiling = matmul_by_dtype.get(panel.dtype) if compute else copy_gbps
         if ceiling:  # resumed points were measured against their own run's ceiling
             ax.axhline(ceiling, color="grey", linestyle="--",
                        label=f"{'matmul ceiling' if compute else 'copy bandwidth'} (this run)")
-        ax.set_xscale("log")
-        ax.set_xlabel("V")
+        if panel.shapes is None:
+            ax.set_xscale("log")
+            ax.set_xlabel("V")
+            title = f"{panel.op} {panel.mode} {panel.dtype} ({panel.where})"
+        else:
+            ax.set_xticks(range(len(panel.shapes)), panel.shapes, rotation=30, ha="right",
+                          fontsize=7)
+            ax.set_xlabel("shape")
+            title = f"{panel.op} {panel.mode} {panel.dtype}"
         ax.set_ylabel("TFLOP/s" if compute else "GB/s")
-        where = ", ".join(f"{c[4:]}={v}" for c, v in others)
-        ax.set_title(f"{op} {mode} {dtype} ({where})", fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")

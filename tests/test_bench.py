@@ -23,7 +23,7 @@ from conftest import triton_older_than
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
 from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, Timing,
-                           check_errors, make_case, measure)
+                           check_errors, make_case, measure, parse_shape_label)
 from bench.ops import OPS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -486,6 +486,35 @@ def test_resume_leaves_out_rows_the_reports_cannot_use(tmp_path, capsys):
     code = main(["--ops", "entropy", "--shapes", "N8-V1000", "--providers", "eager",
                  "--device", "cpu", "--out", str(tmp_path / "third"), "--resume", str(unreadable)])
     assert code == 2 and "cannot resume from" in capsys.readouterr().err
+
+
+def test_plot_panels_draw_lm_head_sweeps_per_shape():
+    """A panel plots against V at the other dims with the most values of V (entropy's N x V
+    grid); a sweep whose shapes each have their own V (linear_entropy's (M, H) pairs) would give
+    a line of one or two points there, so its panel shows every shape, in the order measured."""
+    from bench.report import plot_panels
+
+    def row(op, shape, provider, value, metric):
+        dims = {f"dim_{name}": size for name, size in parse_shape_label(shape).items()}
+        return dict(op=op, shape=shape, dtype="bf16", mode="fwd", provider=provider,
+                    status="ok", **{metric: value}, **dims)
+
+    grid = [row("entropy", f"N{n}-V{v}", provider, n + v / 1e6, "gbps")
+            for n in (1, 4096) for v in (32000, 151936, 262144) for provider in ("eager", "triton")]
+    grid.append(row("entropy", "N16-V32000", "eager", 5.0, "gbps"))
+    heads = ["M8192-H3584-V152064", "M8192-H896-V151936", "M4096-H4096-V128256",
+             "M4096-H4096-V32000"]
+    sweep = [row("linear_entropy", shape, provider, 100.0 + index, "tflops")
+             for index, shape in enumerate(heads) for provider in ("matmul", "triton")]
+    sweep.append(dict(sweep[0], provider="liger", status="skipped"))
+    entropy, linear = plot_panels(grid + sweep)
+    assert (entropy.metric, entropy.where, entropy.shapes) == ("gbps", "N=4096", None)
+    assert entropy.series == {p: [(v, 4096 + v / 1e6) for v in (32000, 151936, 262144)]
+                              for p in ("eager", "triton")}
+    assert (linear.metric, linear.where, linear.shapes) == ("tflops", "", heads)
+    assert linear.series == {p: [(i, 100.0 + i) for i in range(4)] for p in ("matmul", "triton")}
+    (one_shape,) = plot_panels(sweep[:2])  # the quick CPU run's single shape: against V
+    assert (one_shape.where, one_shape.shapes) == ("M=8192, H=3584", None)
 
 
 def test_speedups_pair_rows_of_one_run_only():
