@@ -11,6 +11,10 @@
 # A tree copied without .git cannot name its commit: set EM_KERNELS_COMMIT (every step and every
 # benchmark row records it), e.g. EM_KERNELS_COMMIT=$(git rev-parse --short=12 HEAD) before copying.
 #
+# The build step takes a minute or more of the lease; bench/prebuild_for_gpu.sh makes the same
+# build on a machine without a GPU, into .gpu_prebuilt/, which this script then uses where it
+# fits this machine (step 1). Send .gpu_prebuilt along with the tree.
+#
 #   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else bench_out/gpu_check/
 #
 # A rerun on the same machine can pick steps, for example after a timed-out step:
@@ -156,10 +160,38 @@ EOF
 #    item), required: a machine without nvcc fails the step instead of building the CPU part
 #    only. Without ninja, torch compiles file by file (slow): logged. If the build fails, the run
 #    goes on with the Triton kernels.
+#    A build carried in .gpu_prebuilt/ (bench/prebuild_for_gpu.sh, made on a machine without a
+#    GPU) is used instead where its id (bench/prebuilt.py) is this machine's and it loads with
+#    its CUDA ops: copied beside the sources, which every later step imports through PYTHONPATH
+#    (nothing is installed). Otherwise, say why and build.
+use_prebuilt() {
+    [ -f .gpu_prebuilt/build-id ] || return 1
+    local want have
+    want="$(timeout "$PROBE_SECONDS" "$PY" -m bench.prebuilt)" || return 1
+    have="$(cat .gpu_prebuilt/build-id)"
+    if [ "$have" != "$want" ]; then
+        say "# .gpu_prebuilt is for: $have; this machine wants: $want: building instead"
+        return 1
+    fi
+    cp -f .gpu_prebuilt/_C*.so em_kernels/ || return 1
+    if PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" probe "$PY" -c "import sys, em_kernels
+sys.exit(em_kernels.available_backends()['cuda'] != 'available')"; then
+        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+        return 0
+    fi
+    say "# the extension in .gpu_prebuilt does not give the cuda backend here: building instead"
+    rm -f em_kernels/_C*.so
+    return 1
+}
 probe bash -c 'command -v nvcc && nvcc --version | tail -n 1
                "$0" -m ninja --version || echo "no ninja"' "$PY"
-step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a EM_KERNELS_REQUIRE_CUDA=1 \
-    "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+if [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" build "* ]] && use_prebuilt; then
+    say "== build: the prebuilt extension of .gpu_prebuilt ($(cat .gpu_prebuilt/build-id))"
+else
+    step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$("$PY" -m bench.prebuilt --archs)" \
+        EM_KERNELS_REQUIRE_CUDA=1 \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+fi
 probe "$PY" -c "import em_kernels, json
 print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"
 # 1b. em-bench's GPU timing (harness.cuda_timing, new on 2026-11-29 and tested only against a

@@ -636,6 +636,79 @@ printf 'op,shape\nentropy,N1-V2\n' > "$out/results.csv"
     assert (tmp_path / "out" / "bench.csv").read_text() == "op,shape\nentropy,N1-V2\n"
 
 
+@pytest.mark.parametrize("matching", [True, False])
+def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path, matching):
+    """gpu_check.sh's build step copies .gpu_prebuilt's extension beside the sources and puts
+    them on every later step's PYTHONPATH, without compiling, where the build id there is the
+    one bench/prebuilt.py gives for this interpreter and these sources; with another id it says
+    so and builds. (The stand-in interpreter answers bench.prebuilt with the real one and
+    'succeeds' at everything else, the CUDA probe of the copied extension included.)"""
+    import shutil
+    import sys
+
+    repo = tmp_path / "repo"
+    for part in ("csrc", "bench"):
+        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "setup.py", repo)
+    (repo / "em_kernels").mkdir()
+    prebuilt = repo / ".gpu_prebuilt"
+    prebuilt.mkdir()
+    (prebuilt / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"a stand-in library")
+    build_id = subprocess.run([sys.executable, "-m", "bench.prebuilt"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    (prebuilt / "build-id").write_text((build_id if matching else "sources 0 python x") + "\n")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/bin/bash
+case "$*" in "-m bench.prebuilt"*) exec {sys.executable} "$@";; -) cat > /dev/null;; esac
+echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
+           "GPU_CHECK_STEPS": "build timing", "EM_KERNELS_COMMIT": "test"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert done.returncode == 0, log
+    timing = [line for line in calls.read_text().splitlines() if "test_cuda_timing" in line]
+    assert len(timing) == 1
+    installs = "pip install --no-build-isolation" in calls.read_text()
+    copied = (repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so").exists()
+    if matching:
+        assert "== build: the prebuilt extension of .gpu_prebuilt" in log, log
+        assert copied and not installs
+        assert timing[0].startswith(f"PYTHONPATH={repo} ")
+    else:
+        assert "this machine wants: " + build_id + ": building instead" in log, log
+        assert "== build: rc=0" in log and installs and not copied
+        assert timing[0].startswith("PYTHONPATH= ")
+
+
+def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
+    """The id changes with any C++/CUDA source's content or name and with setup.py, not with
+    other files; it names this interpreter's extension suffix and the torch it would import."""
+    import shutil
+    import sysconfig
+
+    from bench import prebuilt
+
+    shutil.copytree(REPO / "csrc", tmp_path / "csrc")
+    shutil.copy(REPO / "setup.py", tmp_path)
+    monkeypatch.setattr(prebuilt, "REPO", tmp_path)
+    first = prebuilt.build_id()
+    assert sysconfig.get_config_var("EXT_SUFFIX") in first
+    assert f"torch {torch.__version__}@{torch.version.git_version[:12]} " in first
+    (tmp_path / "csrc" / "notes.txt").write_text("not a source")
+    assert prebuilt.build_id() == first
+    header = tmp_path / "csrc" / "include" / "em" / "common.h"
+    header.write_text(header.read_text() + "\n")
+    second = prebuilt.build_id()
+    assert second != first
+    header.rename(header.with_name("common2.h"))
+    assert prebuilt.build_id() not in (first, second)
+
+
 def test_cpu_peak_memory_sees_every_live_tensor():
     """Eager linear+entropy fwd+bwd at M 64, H 256, V 32000 (fp32) must hold dlogits [M, V] while
     it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing
