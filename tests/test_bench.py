@@ -709,6 +709,43 @@ def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
     assert prebuilt.build_id() not in (first, second)
 
 
+def test_peer_availability_says_why(monkeypatch):
+    """A peer is skipped with its reason: not installed, a release before the op it offers (the
+    installed version named), or a CPU run of a CUDA-only peer; torch stands in for an installed
+    package."""
+    import importlib.metadata
+
+    from bench.ops.common import package_unavailable
+
+    cpu, cuda = mock.Mock(is_cuda=False), mock.Mock(is_cuda=True)
+    assert package_unavailable("no_such_peer", "no-such-peer")(cuda) == (
+        "no-such-peer is not installed (pip install no-such-peer)")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.13.2")
+    assert package_unavailable("torch", "trl", since="1.14")(cuda) == (
+        "trl 1.13.2 predates the op (trl >= 1.14)")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.16.0")
+    assert package_unavailable("torch", "trl", since="1.14")(cuda) is None
+    assert package_unavailable("torch", "trl", since="1.14")(cpu) == "trl runs CUDA tensors only"
+    assert package_unavailable("torch", "trl", since="1.14", runs_cpu=True)(cpu) is None
+
+
+def test_trl_fused_lm_head_row_on_cpu(tmp_path):
+    """Where TRL >= 1.15 is installed (CI has none), its fused LM head runs on CPU tensors and
+    its entropy and gradients pass the same check as em-kernels' rows."""
+    pytest.importorskip("trl")
+    import importlib.metadata
+
+    version = importlib.metadata.version("trl")
+    if torch.torch_version.TorchVersion(version) < "1.15":
+        pytest.skip(f"trl {version} has no fused LM head")
+    assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
+                 "--out", str(tmp_path)]) == 0
+    _, rows = _read_csv(tmp_path / "results.csv")
+    checks = {(row["provider"], row["mode"]): row["check"] for row in rows}
+    assert checks == {("eager", "fwd"): "ref", ("eager", "fwd+bwd"): "ref",
+                      ("trl", "fwd"): "ok", ("trl", "fwd+bwd"): "ok"}, rows
+
+
 def test_cpu_peak_memory_sees_every_live_tensor():
     """Eager linear+entropy fwd+bwd at M 64, H 256, V 32000 (fp32) must hold dlogits [M, V] while
     it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing

@@ -1,10 +1,12 @@
 """The README's Python examples run as written (on CPU), so the README stays true: the ops'
 example, the custom training loop (each of its three steps on a tiny random model), the causal
-LM's shifted logits and EM-INF in generate(). The verl and TRL snippets edit other projects'
-methods and are not run here."""
+LM's shifted logits and EM-INF in generate(). The verl snippets edit other projects' methods
+and are not run here; the TRL one runs against TRL's own method where a TRL that it is for
+(<= 1.13) is installed (CI has none)."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -68,6 +70,53 @@ def test_shifted_logits_example():
         torch.testing.assert_close(mine, sliced, rtol=0, atol=0)
     (entropy.sum() - log_probs.sum()).backward()
     assert model.lm_head.weight.grad is not None
+
+
+def test_trl_override_matches_trls_own_method():
+    """The TRL override gives the log-probs and entropies of the method it replaces, in TRL's
+    own return convention (two values up to 1.6, three from 1.7), through TRL's forward
+    redirection, batch by batch; gradients reach the LM head. The trainer is built without its
+    constructor: the attributes set here are the ones the two methods read."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("trl")
+    import importlib.metadata
+
+    version = importlib.metadata.version("trl")
+    if torch.torch_version.TorchVersion(version) >= "1.14":
+        pytest.skip(f"the override is for TRL <= 1.13 (trl {version} has no "
+                    "_get_last_hidden_state)")
+    from accelerate import Accelerator
+    from trl.trainer.grpo_trainer import GRPOTrainer, _ForwardRedirection
+    namespace = dict(em_kernels=em_kernels, GRPOTrainer=GRPOTrainer, torch=torch)
+    text = README.read_text()
+    start = text.index("# TRL up to 1.13")  # the example's first line, to the block's end
+    exec(text[start:text.index("```", start)], namespace)
+    model = tiny_causal_lm(family="llama")
+
+    def trainer(cls):
+        made = object.__new__(cls)
+        made.accelerator = Accelerator(cpu=True)
+        made.model, made.temperature, made._step = model, 0.7, 0
+        made._forward_redirection = _ForwardRedirection()
+        made.model_kwarg_keys = set(inspect.signature(model.forward).parameters)
+        made._is_vlm = made.use_liger_kernel = made._entropy_bonus_enabled = False
+        return made
+
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded prompt
+    arguments = (model, ids, mask, 5)
+    ours = trainer(namespace["FusedEntropyGRPOTrainer"])._get_per_token_logps_and_entropies(
+        *arguments, batch_size=3, compute_entropy=True)
+    with torch.no_grad():
+        theirs = GRPOTrainer._get_per_token_logps_and_entropies(
+            trainer(GRPOTrainer), *arguments, batch_size=3, compute_entropy=True)
+    assert len(ours) == len(theirs) and ours[2:] == theirs[2:] == (None,) * (len(ours) - 2)
+    for mine, trls in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
+    (ours[0].sum() + ours[1].sum()).backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_em_inf_in_generate():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import math
 from collections.abc import Callable
@@ -70,11 +71,20 @@ def chunked(fn: Callable[..., tuple[torch.Tensor, ...]], rows_args: tuple[torch.
     return tuple(torch.cat(parts) for parts in zip(*pieces))
 
 
-def package_unavailable(module: str, what: str) -> Callable[[Context], str | None]:
+def package_unavailable(module: str, what: str, *, since: str | None = None,
+                        runs_cpu: bool = False) -> Callable[[Context], str | None]:
+    """Why a peer from package ``what`` (imported as ``module``) cannot run here, or None: not
+    installed, older than ``since`` (the release that brought the function benchmarked), or a
+    CPU run of a peer that runs CUDA tensors only (unless ``runs_cpu``)."""
+
     def unavailable(ctx: Context) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{what} is not installed (pip install {what})"
-        if not ctx.is_cuda:
+        if since is not None:
+            installed = importlib.metadata.version(what)
+            if torch.torch_version.TorchVersion(installed) < since:
+                return f"{what} {installed} predates the op ({what} >= {since})"
+        if not runs_cpu and not ctx.is_cuda:
             return f"{what} runs CUDA tensors only"
         return None
 

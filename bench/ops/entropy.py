@@ -9,8 +9,10 @@ No FLOP count: at 1 exp per element these ops are memory-bound on every device h
 
 Providers: eager (what RL trainers write: fp32 upcast, logsumexp minus the sum of softmax times
 logits), compile (torch.compile of eager), chunked (eager over checkpointed row chunks, the
-verl / TRL memory-saving form), em-kernels' triton, cuda and cpu backends. Liger-Kernel and
-Cut Cross-Entropy offer no op on logits (they fuse the LM head; see linear_entropy).
+verl / TRL memory-saving form), em-kernels' triton, cuda and cpu backends, and, on CUDA where
+installed, TRL's Triton log-prob and entropy kernel (trl, since TRL 1.14: log-probs and entropy
+in one pass, so it has no entropy-only row). Liger-Kernel and Cut Cross-Entropy offer no op on
+logits (they fuse the LM head; see linear_entropy).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from em_kernels import reference
 
 from ..harness import OpBench, Provider, row_chunks
 from .common import (chunked, compile_unavailable, compiled, em_providers, not_offered,
-                     never_built)
+                     never_built, package_unavailable)
 
 # Logits ~ N(0, 3^2): about the spread of real LLM logits, so the entropy sits well below log V.
 LOGIT_SCALE = 3.0
@@ -134,7 +136,10 @@ class EntropyBench(_LogitsOpBench):
 
         return [Provider("eager", eager), Provider("compile", compile_,
                                                    unavailable=compile_unavailable),
-                Provider("chunked", chunked_), *em_providers(ours), *_PEERS]
+                Provider("chunked", chunked_), *em_providers(ours), *_PEERS,
+                Provider("trl", never_built, unavailable=not_offered(
+                    "TRL's kernel on logits gives log-probs and the entropy together: see "
+                    "logprobs_and_entropy"))]
 
 
 class LogprobsAndEntropyBench(_LogitsOpBench):
@@ -175,7 +180,8 @@ class LogprobsAndEntropyBench(_LogitsOpBench):
 
         return [Provider("eager", eager), Provider("compile", compile_,
                                                    unavailable=compile_unavailable),
-                Provider("chunked", chunked_), *em_providers(ours), *_PEERS]
+                Provider("chunked", chunked_), *em_providers(ours), *_PEERS,
+                _trl_provider(lambda case: (case.inputs["logits"], case.inputs["tokens"]))]
 
 
 def eager_shifted_logprobs_and_entropy(logits, tokens) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +254,22 @@ class ShiftedLogprobsAndEntropyBench(_LogitsOpBench):
                 Provider("chunked", never_built, unavailable=not_offered(
                     "the chunked form splits flattened rows, which a view of sliced positions "
                     "has only as a copy: see logprobs_and_entropy")),
-                *em_providers(ours), *_PEERS]
+                *em_providers(ours), *_PEERS,
+                # TRL reads the sliced positions in place (row strides), as em-kernels' shift=1
+                _trl_provider(lambda case: (case.inputs["logits"][:, :-1], case.inputs["tokens"]))]
+
+
+def _trl_provider(arguments) -> Provider:
+    """TRL's one-pass log-prob and entropy kernel on the (logits, tokens) that ``arguments``
+    picks from a case."""
+
+    def build(case):
+        from trl.kernels import selective_log_softmax_and_entropy
+
+        logits, tokens = arguments(case)
+        return lambda: selective_log_softmax_and_entropy(logits, tokens)
+
+    return Provider("trl", build, unavailable=package_unavailable("trl", "trl", since="1.14"))
 
 
 _PEERS = [

@@ -12,10 +12,11 @@ upstream gradient), eager (matmul, then eager entropy in fp32), compile (torch.c
 the strongest unfused baseline), chunked (eager over checkpointed row chunks, verl's fallback),
 em-kernels' backends, the same backends' linear_entropy_loss ("<backend>-loss": the loss
 sum_r u_r H_r with u the upstream gradient the others get, its gradients computed in the
-forward; no bwd row, as there is nothing left for its backward to do), and, when installed on
-CUDA,
-Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not
-entropy, so they show the speed of the nearest fused peer and have no error column.
+forward; no bwd row, as there is nothing left for its backward to do), and the peers when
+installed: TRL's fused LM head (trl, what its GRPO trainer runs since TRL 1.15: the same entropy,
+with the log-probs of random targets; also on CPU), and on CUDA Liger-Kernel's fused linear
+cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not entropy, so they show the
+speed of the nearest fused peer and have no error column.
 
 Error: the entropy of every row and, in the backward modes, d(hidden) on a subset of rows and
 d(weight) on a subset of vocabulary rows, against float64. Every row's lse and entropy come from
@@ -41,6 +42,9 @@ from .entropy import LOGIT_SCALE, eager_entropy, random_logits
 WEIGHT_SCALE_POWER = -0.5
 # Vocab rows per float64 matmul of the oracle: bounds its [V, H] float64 temporary.
 ORACLE_VOCAB_CHUNK = 16384
+# The vocab tile TRL's trainers hand its fused LM head (trl.trainer.utils'
+# _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.15 and 1.16), so that the trl row runs as GRPO does.
+TRL_VOCAB_CHUNK = 32768
 
 
 def lm_head_matmul(case):
@@ -71,6 +75,10 @@ class LinearEntropyBench(OpBench):
                  "syncs once per call (the count of tokens to average over)",
         "cce": "Cut Cross-Entropy: cross-entropy, not entropy, with its default gradient "
                'filtering (filter_eps="auto"; our backward is exact unless asked)',
+        "trl": "TRL's fused LM head (trl.kernels.ChunkedLogProbFunction, which GRPOTrainer "
+               "runs since TRL 1.15): logits by cuBLAS in tiles of 4096 tokens x 32768 vocab "
+               "entries, folded by a Triton kernel (torch ops on CPU), the backward recomputing "
+               "each tile; the entropy, with the log-probs of random targets",
     }
 
     def shapes(self, device_type, full):
@@ -171,6 +179,18 @@ class LinearEntropyBench(OpBench):
             return lambda: (linear_cross_entropy(
                 case.inputs["hidden"], case.inputs["weight"], targets),)
 
+        def trl(case):
+            from trl.kernels import ChunkedLogProbFunction
+
+            targets = _targets(case)
+
+            def run():
+                _, entropy, *_ = ChunkedLogProbFunction.apply(
+                    case.inputs["hidden"], case.inputs["weight"], None, targets, 1.0,
+                    TRL_VOCAB_CHUNK, None, 1.0, ("log_probs", "entropy"))
+                return (entropy,)
+            return run
+
         triton_, _, cpu = em_providers(ours)
         loss_providers = em_providers(ours_loss, "-loss", modes_not_offered={
             "bwd": "linear_entropy_loss computes its gradients in the forward: its fwd+bwd row "
@@ -190,6 +210,8 @@ class LinearEntropyBench(OpBench):
                                                "its fwd+bwd row is the comparable one"}),
             Provider("cce", cce, compares=False,
                      unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
+            Provider("trl", trl, unavailable=package_unavailable("trl", "trl", since="1.15",
+                                                                runs_cpu=True)),
         ]
 
 
