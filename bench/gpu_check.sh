@@ -217,15 +217,17 @@ step tests 270 "$PY" -m pytest -q -rfE --tb=short $WORKERS -m 'not distributed' 
 # 3. The headline cells: entropy and logprobs_and_entropy, bf16 [8192, 151936], and the same
 #    8192 rows as an RL trainer passes them, logits[:, :-1] of [8, 1025, 151936] (read in place
 #    since f9d27b7: +8 cells, ~10 s). torch.compile runs in its own step (step 6): its
-#    compilations must not starve our kernels' cells.
+#    compilations must not starve our kernels' cells. TRL's kernel on logits (trl, where TRL is
+#    installed, e.g. from carried wheels: 4 cells, an estimated 15 s) is the nearest peer.
 HEADLINE=(--ops entropy logprobs_and_entropy logprobs_and_entropy_shifted
           --shapes N8192-V151936 B8-T1024-V151936 --dtypes bf16 --modes fwd fwd+bwd)
-bench headline 75 "${HEADLINE[@]}" --providers triton cuda eager chunked
+bench headline 90 "${HEADLINE[@]}" --providers triton cuda eager chunked trl
 # 4. The fused LM head at the issue's two shapes (H 3584 and H 896), every provider but
 #    torch.compile (its compiles would take the step's budget; bench_full has it), with
-#    linear_entropy_loss on both entropy backends (8 cells more: +25 s).
-bench linear 95 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
-    --providers matmul eager chunked triton triton-loss cuda-loss liger cce
+#    linear_entropy_loss on both entropy backends (8 cells more: +25 s) and TRL's fused LM head
+#    where installed (4 cells, an estimated 25 s).
+bench linear 120 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
+    --providers matmul eager chunked triton triton-loss cuda-loss liger cce trl
 # 4b. The fused PPO/GRPO loss (linear_policy_loss) at the same shapes beside eager, chunked and
 #    Liger's fused linear GRPO loss: fwd+bwd only (the loss computes its gradients in the
 #    forward; 2 shapes x 6 providers, ~40 s with eager's two [M, V] passes).
