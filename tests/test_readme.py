@@ -1,8 +1,8 @@
 """The README's Python examples run as written (on CPU), so the README stays true: the ops'
 example, the custom training loop (each of its three steps on a tiny random model), the causal
 LM's shifted logits and EM-INF in generate(). The verl snippets edit other projects' methods
-and are not run here; the TRL one runs against TRL's own method where a TRL that it is for
-(<= 1.13) is installed (CI has none)."""
+and are not run here; the TRL ones run against TRL's own code where a TRL that they are for is
+installed (CI has none)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,26 @@ def readme_example(anchor: str) -> str:
     match = re.compile(r"```python\n(.*?)```", re.DOTALL).search(text, start)
     assert match is not None, f"no python example after {anchor!r}"
     return match.group(1)
+
+
+def _trl_version(low: str | None = None, high: str | None = None) -> str:
+    """The installed TRL's version, after skipping where TRL is absent or outside [low, high)."""
+    pytest.importorskip("trl")
+    import importlib.metadata
+
+    version = importlib.metadata.version("trl")
+    if low is not None and torch.torch_version.TorchVersion(version) < low:
+        pytest.skip(f"the example is for TRL >= {low}, not {version}")
+    if high is not None and torch.torch_version.TorchVersion(version) >= high:
+        pytest.skip(f"the example is for TRL < {high}, not {version}")
+    return version
+
+
+def _readme_block_from(first_line: str) -> str:
+    """The code of the README block that begins with ``first_line``, to its end."""
+    text = README.read_text()
+    start = text.index(first_line)
+    return text[start:text.index("```", start)]
 
 
 def test_ops_example(capsys):
@@ -78,19 +98,11 @@ def test_trl_override_matches_trls_own_method():
     redirection, batch by batch; gradients reach the LM head. The trainer is built without its
     constructor: the attributes set here are the ones the two methods read."""
     pytest.importorskip("transformers")
-    pytest.importorskip("trl")
-    import importlib.metadata
-
-    version = importlib.metadata.version("trl")
-    if torch.torch_version.TorchVersion(version) >= "1.14":
-        pytest.skip(f"the override is for TRL <= 1.13 (trl {version} has no "
-                    "_get_last_hidden_state)")
+    _trl_version(high="1.14")  # 1.14 dropped _get_last_hidden_state
     from accelerate import Accelerator
     from trl.trainer.grpo_trainer import GRPOTrainer, _ForwardRedirection
     namespace = dict(em_kernels=em_kernels, GRPOTrainer=GRPOTrainer, torch=torch)
-    text = README.read_text()
-    start = text.index("# TRL up to 1.13")  # the example's first line, to the block's end
-    exec(text[start:text.index("```", start)], namespace)
+    exec(_readme_block_from("# TRL up to 1.13"), namespace)
     model = tiny_causal_lm(family="llama")
 
     def trainer(cls):
@@ -117,6 +129,43 @@ def test_trl_override_matches_trls_own_method():
         torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
     (ours[0].sum() + ours[1].sum()).backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_trl_fused_lm_head_swap_matches_trls_own():
+    """With the README's swap, TRL's fused LM head (add_fused_lm_head, as GRPOTrainer sets it up)
+    gives the log-probs, entropies and head gradient of TRL's own kernel, at a temperature and
+    with a logit scale, and still hands what em-kernels does not offer (a softcapped model) to
+    TRL's own."""
+    pytest.importorskip("transformers")
+    _trl_version(low="1.15")
+    import trl.trainer.utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    original = trl.trainer.utils._ChunkedLogProbFunction
+    ids, mask, response = random_batch(torch.Generator().manual_seed(4), 3, 4, 5)
+    labels = ids.masked_fill(~response, -100)  # the responses are scored
+
+    def run(softcapping=None, logit_scale=None):
+        model = tiny_causal_lm(family="llama")
+        model.config.final_logit_softcapping = softcapping
+        model.config.logit_scale = logit_scale  # read by add_fused_lm_head (Cohere's)
+        add_fused_lm_head(model, temperature=0.7, outputs=("log_probs", "entropy"))
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+        return out.log_probs, out.entropy, model.lm_head.weight.grad
+
+    settings = [{}, {"logit_scale": 2.5}, {"softcapping": 5.0}]
+    theirs = [run(**setting) for setting in settings]
+    try:
+        exec(_readme_block_from("# TRL >= 1.15"), {"em_kernels": em_kernels})
+        assert trl.trainer.utils._ChunkedLogProbFunction is not original
+        ours = [run(**setting) for setting in settings]
+    finally:
+        trl.trainer.utils._ChunkedLogProbFunction = original
+    for mine, trls in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
+        torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
+    for mine, trls in zip(ours[2], theirs[2]):  # softcapped: TRL's own kernel, bit for bit
+        assert torch.equal(mine, trls)
 
 
 def test_em_inf_in_generate():
