@@ -719,33 +719,41 @@ def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
 
 def test_peer_availability_says_why(monkeypatch):
     """A peer is skipped with its reason: not installed, a release before the op it offers (the
-    installed version named), or a CPU run of a CUDA-only peer; torch stands in for an installed
-    package."""
+    installed version named), a CPU run of a CUDA-only peer (always, or before the release that
+    runs CPU tensors), or no version to compare; torch stands in for an installed package."""
     import importlib.metadata
 
     from bench.ops.common import package_unavailable
 
     cpu, cuda = mock.Mock(is_cuda=False), mock.Mock(is_cuda=True)
+    trl = package_unavailable("torch", "trl", since="1.14", cpu_since="1.16")
     assert package_unavailable("no_such_peer", "no-such-peer")(cuda) == (
         "no-such-peer is not installed (pip install no-such-peer)")
+    assert package_unavailable("torch", "trl")(cpu) == "trl runs CUDA tensors only"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.13.2")
-    assert package_unavailable("torch", "trl", since="1.14")(cuda) == (
-        "trl 1.13.2 predates the op (trl >= 1.14)")
+    assert trl(cuda) == "trl 1.13.2 predates the op (trl >= 1.14)"
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.15.0")
+    assert trl(cuda) is None
+    assert trl(cpu) == "trl 1.15.0 runs CUDA tensors only (CPU ones from trl 1.16)"
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "1.16.0")
-    assert package_unavailable("torch", "trl", since="1.14")(cuda) is None
-    assert package_unavailable("torch", "trl", since="1.14")(cpu) == "trl runs CUDA tensors only"
-    assert package_unavailable("torch", "trl", since="1.14", runs_cpu=True)(cpu) is None
+    assert trl(cpu) is None
+
+    def unknown(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", unknown)
+    assert "its version is unknown" in trl(cuda)
 
 
 def test_trl_fused_lm_head_row_on_cpu(tmp_path):
-    """Where TRL >= 1.15 is installed (CI has none), its fused LM head runs on CPU tensors and
-    its entropy and gradients pass the same check as em-kernels' rows."""
+    """Where a TRL whose fused LM head runs CPU tensors is installed (CI has none), its entropy
+    and gradients pass the same check as em-kernels' rows."""
     pytest.importorskip("trl")
-    import importlib.metadata
-
-    version = importlib.metadata.version("trl")
-    if torch.torch_version.TorchVersion(version) < "1.15":
-        pytest.skip(f"trl {version} has no fused LM head")
+    trl = next(provider for provider in OPS["linear_entropy"].providers()
+               if provider.name == "trl")
+    reason = trl.unavailable(_cpu_context())
+    if reason is not None:
+        pytest.skip(reason)
     assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
                  "--out", str(tmp_path)]) == 0
     _, rows = _read_csv(tmp_path / "results.csv")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from algos_support import random_batch, tiny_causal_lm
+from algos_support import EOS, PAD, random_batch, tiny_causal_lm
 
 import em_kernels
 
@@ -92,43 +92,61 @@ def test_shifted_logits_example():
     assert model.lm_head.weight.grad is not None
 
 
+def _grpo_trainer(cls, model, temperature=0.7):
+    """A GRPO trainer of class ``cls`` as TRL builds one (its constructor, on CPU) around
+    ``model``, with a word-level tokenizer over the model's vocabulary and a length reward."""
+    import tempfile
+
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import GRPOConfig
+
+    words = Tokenizer(models.WordLevel(
+        vocab={f"t{i}": i for i in range(model.config.vocab_size)}, unk_token="t3"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t3",
+                                        pad_token=f"t{PAD}", eos_token=f"t{EOS}")
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[],
+                      per_device_train_batch_size=4, num_generations=2, max_completion_length=4,
+                      max_steps=1, save_strategy="no", temperature=temperature)
+    return cls(model=model, args=args, processing_class=tokenizer,
+               reward_funcs=lambda completions, **_: [float(len(c)) for c in completions],
+               train_dataset=Dataset.from_dict({"prompt": ["t4 t5 t6", "t7 t8"] * 4}))
+
+
 def test_trl_override_matches_trls_own_method():
-    """The TRL override gives the log-probs and entropies of the method it replaces, in TRL's
-    own return convention (two values up to 1.6, three from 1.7), through TRL's forward
-    redirection, batch by batch; gradients reach the LM head. The trainer is built without its
-    constructor: the attributes set here are the ones the two methods read."""
+    """On a GRPO trainer built by TRL's own constructor, the TRL override gives the log-probs and
+    entropies of the method it replaces, in TRL's return convention (two values up to 1.6, three
+    from 1.7), batch by batch; gradients reach the LM head, and a training step runs with it."""
     pytest.importorskip("transformers")
     _trl_version(high="1.14")  # 1.14 dropped _get_last_hidden_state
-    from accelerate import Accelerator
-    from trl.trainer.grpo_trainer import GRPOTrainer, _ForwardRedirection
+    from trl import GRPOTrainer
+
     namespace = dict(em_kernels=em_kernels, GRPOTrainer=GRPOTrainer, torch=torch)
     exec(_readme_block_from("# TRL up to 1.13"), namespace)
     model = tiny_causal_lm(family="llama")
-
-    def trainer(cls):
-        made = object.__new__(cls)
-        made.accelerator = Accelerator(cpu=True)
-        made.model, made.temperature, made._step = model, 0.7, 0
-        made._forward_redirection = _ForwardRedirection()
-        made.model_kwarg_keys = set(inspect.signature(model.forward).parameters)
-        made._is_vlm = made.use_liger_kernel = made._entropy_bonus_enabled = False
-        return made
+    trainer = _grpo_trainer(namespace["FusedEntropyGRPOTrainer"], model)
 
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=generator)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded prompt
     arguments = (model, ids, mask, 5)
-    ours = trainer(namespace["FusedEntropyGRPOTrainer"])._get_per_token_logps_and_entropies(
-        *arguments, batch_size=3, compute_entropy=True)
+    ours = trainer._get_per_token_logps_and_entropies(*arguments, batch_size=3,
+                                                      compute_entropy=True)
     with torch.no_grad():
         theirs = GRPOTrainer._get_per_token_logps_and_entropies(
-            trainer(GRPOTrainer), *arguments, batch_size=3, compute_entropy=True)
+            trainer, *arguments, batch_size=3, compute_entropy=True)
     assert len(ours) == len(theirs) and ours[2:] == theirs[2:] == (None,) * (len(ours) - 2)
     for mine, trls in zip(ours[:2], theirs[:2]):
         torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
     (ours[0].sum() + ours[1].sum()).backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    before = model.lm_head.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(model.lm_head.weight, before)
 
 
 def test_trl_fused_lm_head_swap_matches_trls_own():
@@ -154,14 +172,27 @@ def test_trl_fused_lm_head_swap_matches_trls_own():
         (out.log_probs.sum() + out.entropy.sum()).backward()
         return out.log_probs, out.entropy, model.lm_head.weight.grad
 
+    calls = []
+
+    class CountingKernels:  # em_kernels, counting the swap's calls
+        @staticmethod
+        def linear_entropy(*args, **kwargs):
+            calls.append(kwargs["temperature"])
+            return em_kernels.linear_entropy(*args, **kwargs)
+
     settings = [{}, {"logit_scale": 2.5}, {"softcapping": 5.0}]
     theirs = [run(**setting) for setting in settings]
+    ours, ours_calls = [], []
     try:
-        exec(_readme_block_from("# TRL >= 1.15"), {"em_kernels": em_kernels})
-        assert trl.trainer.utils._ChunkedLogProbFunction is not original
-        ours = [run(**setting) for setting in settings]
+        exec(_readme_block_from("# TRL >= 1.15"), {"em_kernels": CountingKernels})
+        for setting in settings:
+            before = len(calls)
+            ours.append(run(**setting))
+            ours_calls.append(calls[before:])
     finally:
         trl.trainer.utils._ChunkedLogProbFunction = original
+    # one call per forward, at T / logit_scale; none for the softcapped model
+    assert ours_calls == [[0.7], [0.7 / 2.5], []]
     for mine, trls in zip(ours[0] + ours[1], theirs[0] + theirs[1]):
         torch.testing.assert_close(mine, trls, rtol=1e-5, atol=1e-5)
     for mine, trls in zip(ours[2], theirs[2]):  # softcapped: TRL's own kernel, bit for bit

@@ -72,20 +72,28 @@ def chunked(fn: Callable[..., tuple[torch.Tensor, ...]], rows_args: tuple[torch.
 
 
 def package_unavailable(module: str, what: str, *, since: str | None = None,
-                        runs_cpu: bool = False) -> Callable[[Context], str | None]:
+                        cpu_since: str | None = None) -> Callable[[Context], str | None]:
     """Why a peer from package ``what`` (imported as ``module``) cannot run here, or None: not
-    installed, older than ``since`` (the release that brought the function benchmarked), or a
-    CPU run of a peer that runs CUDA tensors only (unless ``runs_cpu``)."""
+    installed, older than ``since`` (the release that brought the function benchmarked), or, on a
+    CPU run, CUDA-only: always without ``cpu_since``, else before that release."""
 
     def unavailable(ctx: Context) -> str | None:
         if importlib.util.find_spec(module) is None:
             return f"{what} is not installed (pip install {what})"
-        if since is not None:
-            installed = importlib.metadata.version(what)
-            if torch.torch_version.TorchVersion(installed) < since:
-                return f"{what} {installed} predates the op ({what} >= {since})"
-        if not runs_cpu and not ctx.is_cuda:
+        on_cpu = not ctx.is_cuda
+        if on_cpu and cpu_since is None:
             return f"{what} runs CUDA tensors only"
+        floors = [floor for floor in (since, cpu_since if on_cpu else None) if floor is not None]
+        if not floors:
+            return None
+        try:
+            installed = torch.torch_version.TorchVersion(importlib.metadata.version(what))
+        except importlib.metadata.PackageNotFoundError:
+            return f"{what} is importable but has no package metadata, so its version is unknown"
+        if since is not None and installed < since:
+            return f"{what} {installed} predates the op ({what} >= {since})"
+        if on_cpu and installed < cpu_since:
+            return f"{what} {installed} runs CUDA tensors only (CPU ones from {what} {cpu_since})"
         return None
 
     return unavailable

@@ -13,10 +13,10 @@ the strongest unfused baseline), chunked (eager over checkpointed row chunks, ve
 em-kernels' backends, the same backends' linear_entropy_loss ("<backend>-loss": the loss
 sum_r u_r H_r with u the upstream gradient the others get, its gradients computed in the
 forward; no bwd row, as there is nothing left for its backward to do), and the peers when
-installed: TRL's fused LM head (trl, what its GRPO trainer runs since TRL 1.15: the same entropy,
-with the log-probs of random targets; also on CPU), and on CUDA Liger-Kernel's fused linear
-cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not entropy, so they show the
-speed of the nearest fused peer and have no error column.
+installed: TRL's fused LM head (trl, what its GRPO trainer runs since TRL 1.15: the same
+entropy, with the log-probs of random targets; on CPU from TRL 1.16), and on CUDA Liger-Kernel's
+fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not entropy, so
+they show the speed of the nearest fused peer and have no error column.
 
 Error: the entropy of every row and, in the backward modes, d(hidden) on a subset of rows and
 d(weight) on a subset of vocabulary rows, against float64. Every row's lse and entropy come from
@@ -77,8 +77,9 @@ class LinearEntropyBench(OpBench):
                'filtering (filter_eps="auto"; our backward is exact unless asked)',
         "trl": "TRL's fused LM head (trl.kernels.ChunkedLogProbFunction, which GRPOTrainer "
                "runs since TRL 1.15): logits by cuBLAS in tiles of 4096 tokens x 32768 vocab "
-               "entries, folded by a Triton kernel (torch ops on CPU), the backward recomputing "
-               "each tile; the entropy, with the log-probs of random targets",
+               "entries, folded by a Triton kernel (by torch ops on CPU, from TRL 1.16), the "
+               "backward recomputing each tile; the entropy, with the log-probs of random "
+               "targets",
     }
 
     def shapes(self, device_type, full):
@@ -211,7 +212,7 @@ class LinearEntropyBench(OpBench):
             Provider("cce", cce, compares=False,
                      unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
             Provider("trl", trl, unavailable=package_unavailable("trl", "trl", since="1.15",
-                                                                runs_cpu=True)),
+                                                                cpu_since="1.16")),
         ]
 
 
