@@ -43,6 +43,9 @@ cd "$REPO" || exit 1
 WORK="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+# Every step imports the tree from here: installed by the build step (editable, this folder) or
+# with a prebuilt extension copied into it (step 1), and in the subprocesses the tests start.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 BUDGET="${GPU_CHECK_SECONDS:-470}"
 START=$(date +%s)
 LOG="$OUT_DIR/run.log"
@@ -162,35 +165,42 @@ EOF
 #    goes on with the Triton kernels.
 #    A build carried in .gpu_prebuilt/ (bench/prebuild_for_gpu.sh, made on a machine without a
 #    GPU) is used instead where its id (bench/prebuilt.py) is this machine's and it loads with
-#    its CUDA ops: copied beside the sources, which every later step imports through PYTHONPATH
-#    (nothing is installed). Otherwise, say why and build.
+#    its CUDA ops: copied beside the sources (nothing is installed). Otherwise, say why and build.
 use_prebuilt() {
-    [ -f .gpu_prebuilt/build-id ] || return 1
+    [ -f .gpu_prebuilt/build-id ] || return 1  # none carried
     local want have
-    want="$(timeout "$PROBE_SECONDS" "$PY" -m bench.prebuilt)" || return 1
+    if ! want="$(timeout "$PROBE_SECONDS" "$PY" -m bench.prebuilt)"; then
+        say "# bench.prebuilt could not name this machine's build: building instead"
+        return 1
+    fi
     have="$(cat .gpu_prebuilt/build-id)"
     if [ "$have" != "$want" ]; then
         say "# .gpu_prebuilt is for: $have; this machine wants: $want: building instead"
         return 1
     fi
-    cp -f .gpu_prebuilt/_C*.so em_kernels/ || return 1
-    if PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" probe "$PY" -c "import sys, em_kernels
-sys.exit(em_kernels.available_backends()['cuda'] != 'available')"; then
-        export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-        return 0
+    if ! cp -f .gpu_prebuilt/_C*.so em_kernels/ 2>> "$LOG"; then
+        say "# could not copy .gpu_prebuilt's extension: building instead"
+        return 1
     fi
+    probe "$PY" -c "import sys, em_kernels
+sys.exit(em_kernels.available_backends()['cuda'] != 'available')" && return 0
     say "# the extension in .gpu_prebuilt does not give the cuda backend here: building instead"
-    rm -f em_kernels/_C*.so
     return 1
 }
 probe bash -c 'command -v nvcc && nvcc --version | tail -n 1
                "$0" -m ninja --version || echo "no ninja"' "$PY"
-if [[ -z "${GPU_CHECK_STEPS:-}" || " $GPU_CHECK_STEPS " == *" build "* ]] && use_prebuilt; then
+if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" build "* ]]; then
+    say "== build: not selected (GPU_CHECK_STEPS)"
+elif use_prebuilt; then
     say "== build: the prebuilt extension of .gpu_prebuilt ($(cat .gpu_prebuilt/build-id))"
 else
-    step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST="$("$PY" -m bench.prebuilt --archs)" \
-        EM_KERNELS_REQUIRE_CUDA=1 \
-        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    # Never an extension left in the tree by an earlier call on this machine (a prebuilt one,
+    # or another commit's): if this build fails, the later steps run without one.
+    rm -f em_kernels/_C*.so
+    ARCHS="$(timeout "$PROBE_SECONDS" "$PY" -m bench.prebuilt --archs)" \
+        || say "# bench.prebuilt --archs failed: building for setup.py's default architectures"
+    step build 200 env MAX_JOBS=16 ${ARCHS:+TORCH_CUDA_ARCH_LIST=$ARCHS} \
+        EM_KERNELS_REQUIRE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 probe "$PY" -c "import em_kernels, json
 print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"

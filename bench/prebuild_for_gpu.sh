@@ -25,12 +25,14 @@ trap 'rm -rf "$WORK"' EXIT
 # A copy of the tree as it would travel (tracked and untracked files git does not ignore): the
 # build writes build/ and the .so into the tree it builds, and this one stays as it is.
 mkdir "$WORK/src"
-git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
+# (--ignore-failed-read: a tracked file deleted in the working tree does not travel either)
+git ls-files -z --cached --others --exclude-standard \
+    | tar --null --ignore-failed-read -T - -cf - | tar -xf - -C "$WORK/src"
 ID="$("$PY" "$WORK/src/bench/prebuilt.py")"
 echo "building for: $ID"
 # The flags of gpu_check.sh's own build step.
-env TORCH_CUDA_ARCH_LIST="$("$PY" "$WORK/src/bench/prebuilt.py" --archs)" EM_KERNELS_REQUIRE_CUDA=1 \
-    MAX_JOBS="${MAX_JOBS:-2}" \
+env TORCH_CUDA_ARCH_LIST="$("$PY" "$WORK/src/bench/prebuilt.py" --archs)" \
+    EM_KERNELS_REQUIRE_CUDA=1 MAX_JOBS="${MAX_JOBS:-2}" \
     "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/wheel" "$WORK/src"
 (cd "$WORK/wheel" && "$PY" -m zipfile -e ./*.whl "$WORK/unpacked")
 LIBRARY="$(ls "$WORK"/unpacked/em_kernels/_C*.so)"

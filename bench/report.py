@@ -393,7 +393,9 @@ def plot(rows: list[dict], path: Path, copy_gbps: float, matmul: dict) -> bool:
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         for provider, series in panel.series.items():
-            ax.plot(*zip(*series), marker="o", label=provider)
+            # per shape, points only: a line between unrelated shapes would read as a trend
+            ax.plot(*zip(*series), marker="o", linestyle="-" if panel.shapes is None else "none",
+                    label=provider)
         compute = panel.metric == "tflops"
         ceiling = matmul_by_dtype.get(panel.dtype) if compute else copy_gbps
         if ceiling:  # resumed points were measured against their own run's ceiling

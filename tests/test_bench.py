@@ -644,13 +644,15 @@ printf 'op,shape\nentropy,N1-V2\n' > "$out/results.csv"
     assert (tmp_path / "out" / "bench.csv").read_text() == "op,shape\nentropy,N1-V2\n"
 
 
-@pytest.mark.parametrize("matching", [True, False])
-def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path, matching):
-    """gpu_check.sh's build step copies .gpu_prebuilt's extension beside the sources and puts
-    them on every later step's PYTHONPATH, without compiling, where the build id there is the
-    one bench/prebuilt.py gives for this interpreter and these sources; with another id it says
-    so and builds. (The stand-in interpreter answers bench.prebuilt with the real one and
-    'succeeds' at everything else, the CUDA probe of the copied extension included.)"""
+@pytest.mark.parametrize("case", ["its own id", "another id", "no cuda backend"])
+def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path, case):
+    """gpu_check.sh's build step copies .gpu_prebuilt's extension beside the sources, without
+    compiling, where the build id there is the one bench/prebuilt.py gives for this interpreter
+    and these sources and the copy gives the cuda backend; otherwise it says why and builds,
+    after removing any extension an earlier call left in the tree (a failed build must not run
+    a stale one). Every step imports the tree through PYTHONPATH. (The stand-in interpreter
+    answers bench.prebuilt with the real one and succeeds at everything else, the CUDA probe
+    of the copied extension too unless the case says otherwise.)"""
     import shutil
     import sys
 
@@ -659,17 +661,23 @@ def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path,
         shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "setup.py", repo)
     (repo / "em_kernels").mkdir()
+    library = repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
+    library.write_bytes(b"an earlier call's library")
     prebuilt = repo / ".gpu_prebuilt"
     prebuilt.mkdir()
-    (prebuilt / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"a stand-in library")
+    (prebuilt / library.name).write_bytes(b"the prebuilt library")
     build_id = subprocess.run([sys.executable, "-m", "bench.prebuilt"], cwd=repo, check=True,
                               capture_output=True, text=True).stdout.strip()
-    (prebuilt / "build-id").write_text((build_id if matching else "sources 0 python x") + "\n")
+    (prebuilt / "build-id").write_text(
+        ("sources 0 python x" if case == "another id" else build_id) + "\n")
     calls = tmp_path / "calls"
     fake = tmp_path / "fake_python"
+    # the probe of the copied extension: available_backends()['cuda'] in its code
+    fails = """*"['cuda']"*""" if case == "no cuda backend" else "no-such-call"
     fake.write_text(f"""#!/bin/bash
 case "$*" in "-m bench.prebuilt"*) exec {sys.executable} "$@";; -) cat > /dev/null;; esac
 echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
+case "$*" in {fails}) exit 1;; esac
 """)
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
@@ -680,22 +688,22 @@ echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
     log = (tmp_path / "out" / "run.log").read_text()
     assert done.returncode == 0, log
     timing = [line for line in calls.read_text().splitlines() if "test_cuda_timing" in line]
-    assert len(timing) == 1
+    assert len(timing) == 1 and timing[0].startswith(f"PYTHONPATH={repo} "), timing
     installs = "pip install --no-build-isolation" in calls.read_text()
-    copied = (repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so").exists()
-    if matching:
+    if case == "its own id":
         assert "== build: the prebuilt extension of .gpu_prebuilt" in log, log
-        assert copied and not installs
-        assert timing[0].startswith(f"PYTHONPATH={repo} ")
+        assert library.read_bytes() == b"the prebuilt library" and not installs
     else:
-        assert "this machine wants: " + build_id + ": building instead" in log, log
-        assert "== build: rc=0" in log and installs and not copied
-        assert timing[0].startswith("PYTHONPATH= ")
+        reason = ("this machine wants: " + build_id + ": building instead" if case == "another id"
+                  else "does not give the cuda backend here: building instead")
+        assert reason in log and "== build: rc=0" in log and installs, log
+        assert not library.exists()  # the stand-in pip builds nothing
 
 
 def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
-    """The id changes with any C++/CUDA source's content or name and with setup.py, not with
-    other files; it names this interpreter's extension suffix and the torch it would import."""
+    """The id changes with the content or name of any file under csrc/ and with setup.py, not
+    with other files; it names this interpreter's extension suffix and the torch it would
+    import (version, commit, CUDA release)."""
     import shutil
     import sysconfig
 
@@ -704,17 +712,22 @@ def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
     shutil.copytree(REPO / "csrc", tmp_path / "csrc")
     shutil.copy(REPO / "setup.py", tmp_path)
     monkeypatch.setattr(prebuilt, "REPO", tmp_path)
-    first = prebuilt.build_id()
-    assert sysconfig.get_config_var("EXT_SUFFIX") in first
-    assert f"torch {torch.__version__}@{torch.version.git_version[:12]} " in first
-    (tmp_path / "csrc" / "notes.txt").write_text("not a source")
-    assert prebuilt.build_id() == first
+    ids = [prebuilt.build_id()]
+    assert sysconfig.get_config_var("EXT_SUFFIX") in ids[0]
+    assert (f"torch {torch.__version__}@{torch.version.git_version[:12]} "
+            f"cuda {torch.version.cuda or 'none'} ") in ids[0]
+    (tmp_path / "README.md").write_text("not a source")
+    assert prebuilt.build_id() == ids[0]
     header = tmp_path / "csrc" / "include" / "em" / "common.h"
     header.write_text(header.read_text() + "\n")
-    second = prebuilt.build_id()
-    assert second != first
+    ids.append(prebuilt.build_id())
     header.rename(header.with_name("common2.h"))
-    assert prebuilt.build_id() not in (first, second)
+    ids.append(prebuilt.build_id())
+    (tmp_path / "csrc" / "flags.inl").write_text("// a new kind of file")
+    ids.append(prebuilt.build_id())
+    (tmp_path / "setup.py").write_text((tmp_path / "setup.py").read_text() + "\n")
+    ids.append(prebuilt.build_id())
+    assert len(set(ids)) == len(ids)
 
 
 def test_peer_availability_says_why(monkeypatch):
