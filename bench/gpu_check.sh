@@ -194,13 +194,13 @@ if [[ -n "${GPU_CHECK_STEPS:-}" && " $GPU_CHECK_STEPS " != *" build "* ]]; then
 elif use_prebuilt; then
     say "== build: the prebuilt extension of .gpu_prebuilt ($(cat .gpu_prebuilt/build-id))"
 else
-    # Never an extension left in the tree by an earlier call on this machine (a prebuilt one,
-    # or another commit's): if this build fails, the later steps run without one.
-    rm -f em_kernels/_C*.so
     ARCHS="$(timeout "$PROBE_SECONDS" "$PY" -m bench.prebuilt --archs)" \
         || say "# bench.prebuilt --archs failed: building for setup.py's default architectures"
-    step build 200 env MAX_JOBS=16 ${ARCHS:+TORCH_CUDA_ARCH_LIST=$ARCHS} \
-        EM_KERNELS_REQUIRE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    # The step first removes any extension an earlier call left in the tree (a prebuilt one, or
+    # another commit's): if the build fails, the later steps run without one, never a stale one.
+    step build 200 bash -c 'rm -f em_kernels/_C*.so && exec "$@"' fresh-build \
+        env MAX_JOBS=16 ${ARCHS:+TORCH_CUDA_ARCH_LIST=$ARCHS} EM_KERNELS_REQUIRE_CUDA=1 \
+        "$PY" -m pip install --no-build-isolation --no-deps -v -e .
 fi
 probe "$PY" -c "import em_kernels, json
 print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"

@@ -603,18 +603,36 @@ def test_cpu_cases_eager_cannot_hold_are_skipped():
         assert harness._case_fits(ctx, OPS["entropy"], logits, torch.bfloat16) is None
 
 
+def _gpu_check_tree(tmp_path) -> Path:
+    """A copy of what gpu_check.sh reads (bench/, csrc/, setup.py) and an empty em_kernels/: the
+    script works on the tree it sits in (its build step removes extensions there), so the tests
+    run it on a copy, never on this checkout."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    for part in ("csrc", "bench"):
+        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "setup.py", repo)
+    (repo / "em_kernels").mkdir()
+    return repo
+
+
 def test_gpu_check_fails_when_the_budget_leaves_steps_unrun(tmp_path):
     """gpu_check.sh with a stand-in interpreter (torch 'sees a GPU', every step succeeds at once)
     and a budget too small for any step: every step is listed as not run and the exit status is
-    1, not 0."""
+    1, not 0; an extension in the tree stays (the build step that would replace it never ran)."""
+    repo = _gpu_check_tree(tmp_path)
+    library = repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
+    library.write_bytes(b"a built library")
     fake = tmp_path / "fake_python"
     fake.write_text('#!/bin/bash\ncase "$*" in -) cat > /dev/null;; esac\nexit 0\n')
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "25",
            "EM_KERNELS_COMMIT": "test"}
     env.pop("GPU_CHECK_STEPS", None)
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=120)
+    assert library.exists()
     log = (tmp_path / "out" / "run.log").read_text()
     assert done.returncode == 1, log
     assert "# NOT RUN steps (the 25s budget was spent): build timing tests bench_headline" in log
@@ -637,7 +655,8 @@ printf 'op,shape\nentropy,N1-V2\n' > "$out/results.csv"
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
            "GPU_CHECK_STEPS": "bench_headline bench_linear", "EM_KERNELS_COMMIT": "test"}
-    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+    repo = _gpu_check_tree(tmp_path)
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=120)
     log = (tmp_path / "out" / "run.log").read_text()
     assert done.returncode == 1 and "FAILED steps: bench_headline" in log, log
@@ -653,14 +672,9 @@ def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path,
     a stale one). Every step imports the tree through PYTHONPATH. (The stand-in interpreter
     answers bench.prebuilt with the real one and succeeds at everything else, the CUDA probe
     of the copied extension too unless the case says otherwise.)"""
-    import shutil
     import sys
 
-    repo = tmp_path / "repo"
-    for part in ("csrc", "bench"):
-        shutil.copytree(REPO / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "setup.py", repo)
-    (repo / "em_kernels").mkdir()
+    repo = _gpu_check_tree(tmp_path)
     library = repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
     library.write_bytes(b"an earlier call's library")
     prebuilt = repo / ".gpu_prebuilt"

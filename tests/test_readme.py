@@ -153,9 +153,10 @@ def test_trl_fused_lm_head_swap_matches_trls_own():
     """With the README's swap, TRL's fused LM head (add_fused_lm_head, as GRPOTrainer sets it up)
     gives the log-probs, entropies and head gradient of TRL's own kernel, at a temperature and
     with a logit scale, and still hands what em-kernels does not offer (a softcapped model) to
-    TRL's own."""
+    TRL's own; a GRPO training step goes through it."""
     pytest.importorskip("transformers")
     _trl_version(low="1.15")
+    import trl
     import trl.trainer.utils
     from trl.trainer.utils import add_fused_lm_head
 
@@ -189,6 +190,9 @@ def test_trl_fused_lm_head_swap_matches_trls_own():
             before = len(calls)
             ours.append(run(**setting))
             ours_calls.append(calls[before:])
+        before = len(calls)
+        _grpo_trainer(trl.GRPOTrainer, tiny_causal_lm(family="llama")).train()
+        assert len(calls) > before  # a training step of TRL's GRPO goes through the swap
     finally:
         trl.trainer.utils._ChunkedLogProbFunction = original
     # one call per forward, at T / logit_scale; none for the softcapped model
