@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the compiled extension on this machine (no GPU needed) for the GPU machine's Python and
 # torch, into .gpu_prebuilt/ (git ignores it), so that gpu_check.sh's build step copies it there
-# instead of compiling for 2-3 minutes of the lease. Send it along with the run (the device
+# instead of compiling for a minute or more of the lease. Send it along with the run (the device
 # tool's carry: [".gpu_prebuilt"]). gpu_check.sh uses it only where its id (bench/prebuilt.py:
 # sources, Python, torch build, CUDA archs) is the machine's own and it loads with its CUDA ops;
 # otherwise it builds as before.
@@ -12,7 +12,7 @@
 # 2026-11 (Python 3.12, torch 2.11.0+cu130, which is also the default torch 2.11.0 wheel), a
 # Python 3.12 venv with `pip install torch==2.11.0 setuptools==81.* wheel ninja` does; nvcc of
 # torch's major CUDA version must be found (CUDA_HOME, else `nvcc --dryrun`, as setup.py does).
-# MAX_JOBS (default 2) sets the compile jobs. About 10 minutes on 2 cores.
+# MAX_JOBS (default 2) sets the compile jobs. 40 s on the 2-core development machine (2026-11-29).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
