@@ -6,7 +6,6 @@ installed (CI has none)."""
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
