@@ -358,8 +358,8 @@ def plot_panels(rows: list[dict]) -> list[Panel]:
 
         others = max(by_others, key=points)
         per_shape = points(others)[0] < PLOT_MIN_V_POINTS and len(by_others) > 1
-        chosen = [r for key in by_others for r in by_others[key]] if per_shape else by_others[
-            others]
+        chosen = ([r for group in by_others.values() for r in group] if per_shape
+                  else by_others[others])
         metric = "tflops" if any(r.get("tflops") for r in chosen) else "gbps"
         shapes = list(dict.fromkeys(r["shape"] for r in chosen)) if per_shape else None
         series = {}

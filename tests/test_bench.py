@@ -718,28 +718,26 @@ def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
     """The id changes with the content or name of any file under csrc/ and with setup.py, not
     with other files; it names this interpreter's extension suffix and the torch it would
     import (version, commit, CUDA release)."""
-    import shutil
     import sysconfig
 
     from bench import prebuilt
 
-    shutil.copytree(REPO / "csrc", tmp_path / "csrc")
-    shutil.copy(REPO / "setup.py", tmp_path)
-    monkeypatch.setattr(prebuilt, "REPO", tmp_path)
+    tree = _gpu_check_tree(tmp_path)
+    monkeypatch.setattr(prebuilt, "REPO", tree)
     ids = [prebuilt.build_id()]
     assert sysconfig.get_config_var("EXT_SUFFIX") in ids[0]
     assert (f"torch {torch.__version__}@{torch.version.git_version[:12]} "
             f"cuda {torch.version.cuda or 'none'} ") in ids[0]
-    (tmp_path / "README.md").write_text("not a source")
+    (tree / "README.md").write_text("not a source")
     assert prebuilt.build_id() == ids[0]
-    header = tmp_path / "csrc" / "include" / "em" / "common.h"
+    header = tree / "csrc" / "include" / "em" / "common.h"
     header.write_text(header.read_text() + "\n")
     ids.append(prebuilt.build_id())
     header.rename(header.with_name("common2.h"))
     ids.append(prebuilt.build_id())
-    (tmp_path / "csrc" / "flags.inl").write_text("// a new kind of file")
+    (tree / "csrc" / "flags.inl").write_text("// a new kind of file")
     ids.append(prebuilt.build_id())
-    (tmp_path / "setup.py").write_text((tmp_path / "setup.py").read_text() + "\n")
+    (tree / "setup.py").write_text((tree / "setup.py").read_text() + "\n")
     ids.append(prebuilt.build_id())
     assert len(set(ids)) == len(ids)
 

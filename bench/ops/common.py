@@ -83,8 +83,7 @@ def package_unavailable(module: str, what: str, *, since: str | None = None,
         on_cpu = not ctx.is_cuda
         if on_cpu and cpu_since is None:
             return f"{what} runs CUDA tensors only"
-        floors = [floor for floor in (since, cpu_since if on_cpu else None) if floor is not None]
-        if not floors:
+        if since is None and not on_cpu:  # no release to compare with
             return None
         try:
             installed = torch.torch_version.TorchVersion(importlib.metadata.version(what))
