@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="em-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"of: {', '.join(OPS)}")
     parser.add_argument("--providers", nargs="+", metavar="NAME",
-                        help="eager, compile, chunked, matmul, triton, cuda, cpu, liger, cce, trl")
+                        help="eager, compile, chunked, matmul, triton, cuda, cpu, liger, cce, "
+                             "trl, verl")
     parser.add_argument("--modes", nargs="+", metavar="MODE", help=f"of: {', '.join(MODES)}")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help="a full shape (N8192-V151936, M8192-H3584-V152064, B1-V151936) runs "

@@ -234,10 +234,11 @@ HEADLINE=(--ops entropy logprobs_and_entropy logprobs_and_entropy_shifted
 bench headline 90 "${HEADLINE[@]}" --providers triton cuda eager chunked trl
 # 4. The fused LM head at the two shapes (H 3584 and H 896), every provider but
 #    torch.compile (its compiles would take the step's budget; bench_full has it), with
-#    linear_entropy_loss on both entropy backends (8 cells more: +25 s) and TRL's fused LM head
-#    where installed (4 cells, an estimated 25 s).
-bench linear 120 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
-    --providers matmul eager chunked triton triton-loss cuda-loss liger cce trl
+#    linear_entropy_loss on both entropy backends (8 cells more: +25 s), and TRL's and verl's
+#    fused LM heads where installed (4 cells each, an estimated 25 s each; verl's kernel loads
+#    without verl's dependencies, so its wheel alone, installed --no-deps, is enough).
+bench linear 145 --ops linear_entropy --dtypes bf16 --modes fwd fwd+bwd \
+    --providers matmul eager chunked triton triton-loss cuda-loss liger cce trl verl
 # 4b. The fused PPO/GRPO loss (linear_policy_loss) at the same shapes beside eager, chunked and
 #    Liger's fused linear GRPO loss: fwd+bwd only (the loss computes its gradients in the
 #    forward; 2 shapes x 6 providers, ~40 s with eager's two [M, V] passes).

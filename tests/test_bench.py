@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import types
 from pathlib import Path
 from unittest import mock
@@ -22,7 +23,7 @@ from conftest import triton_older_than
 
 import em_kernels
 from bench.__main__ import main, parse_args, select_shapes
-from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, Timing,
+from bench.harness import (ERROR_FACTOR, NORM_ERROR_FACTOR, Context, Provider, Skip, Timing,
                            check_errors, make_case, measure, parse_shape_label)
 from bench.ops import OPS
 
@@ -787,6 +788,48 @@ def test_trl_fused_lm_head_row_on_cpu(tmp_path):
                       ("trl", "fwd"): "ok", ("trl", "fwd+bwd"): "ok"}, rows
 
 
+def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeypatch):
+    """verl's package inits import Ray and more that its kernel does not need: the loader runs
+    the kernel's modules without them (the kernel's lazy `from . import kernels` included), and
+    leaves no stand-in behind, so that `import verl` afterwards runs verl's own init. A fake
+    verl whose package inits raise stands in for the real one (CI has none)."""
+    from bench.ops.linear_entropy import VERL_FUSED_LM_HEAD, import_verl_fused_lm_head
+
+    fake = {"__init__.py": "raise ImportError('verl.__init__ needs Ray')",
+            "utils/__init__.py": "raise ImportError('verl.utils.__init__ needs omegaconf')",
+            "utils/device.py": "DEVICE = 'from verl.utils.device'",
+            "utils/kernel/__init__.py": "",
+            "utils/kernel/kernels.py": "from verl.utils.device import DEVICE",
+            "utils/kernel/linear_cross_entropy.py":
+                "def linear_cross_entropy():\n    from . import kernels\n    return kernels.DEVICE"}
+    for relative, text in fake.items():
+        (tmp_path / "verl" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "verl" / relative).write_text(text + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert not any(name.split(".")[0] == "verl" for name in sys.modules)
+    try:
+        linear_cross_entropy = import_verl_fused_lm_head()
+        assert linear_cross_entropy() == "from verl.utils.device"
+        assert "verl" not in sys.modules and "verl.utils" not in sys.modules
+        assert VERL_FUSED_LM_HEAD in sys.modules
+        assert import_verl_fused_lm_head() is linear_cross_entropy
+        with pytest.raises(ImportError, match="needs Ray"):
+            import verl  # noqa: F401
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
+            del sys.modules[name]
+
+
+def test_verl_row_skips_hidden_sizes_its_kernels_refuse():
+    """verl's kernels assert H % 128 == 0: such a cell is skipped with the reason, not an
+    error, before verl is imported."""
+    verl = next(provider for provider in OPS["linear_entropy"].providers()
+                if provider.name == "verl")
+    case = types.SimpleNamespace(dims={"M": 4, "H": 200, "V": 300})
+    with pytest.raises(Skip, match="multiple of 128"):
+        verl.build(case)
+
+
 def test_cpu_peak_memory_sees_every_live_tensor():
     """Eager linear+entropy fwd+bwd at M 64, H 256, V 32000 (fp32) must hold dlogits [M, V] while
     it forms d_weight [V, H] = dlogits^T hidden: the peak is at least their sum (39 MiB). Summing
@@ -1464,7 +1507,7 @@ def test_each_cell_records_the_seconds_it_took(monkeypatch):
 def test_a_provider_skip_keeps_its_reason():
     """A provider that raises Skip while building gives a skipped row with that reason."""
     from bench.__main__ import _NoProgress
-    from bench.harness import Skip, run_cells
+    from bench.harness import run_cells
 
     def refuse(case):
         raise Skip("no such kernel at this shape")

@@ -14,9 +14,11 @@ em-kernels' backends, the same backends' linear_entropy_loss ("<backend>-loss": 
 sum_r u_r H_r with u the upstream gradient the others get, its gradients computed in the
 forward; no bwd row, as there is nothing left for its backward to do), and the peers when
 installed: TRL's fused LM head (trl, what its GRPO trainer runs since TRL 1.15: the same
-entropy, with the log-probs of random targets; on CPU from TRL 1.16), and on CUDA Liger-Kernel's
-fused linear cross-entropy and Cut Cross-Entropy: they compute cross-entropy, not entropy, so
-they show the speed of the nearest fused peer and have no error column.
+entropy, with the log-probs of random targets; on CPU from TRL 1.16), on CUDA verl's (verl, what
+its actors run with use_fused_kernels and the triton backend: the same entropy and log-probs),
+and on CUDA Liger-Kernel's fused linear cross-entropy and Cut Cross-Entropy: they compute
+cross-entropy, not entropy, so they show the speed of the nearest fused peer and have no error
+column.
 
 Error: the entropy of every row and, in the backward modes, d(hidden) on a subset of rows and
 d(weight) on a subset of vocabulary rows, against float64. Every row's lse and entropy come from
@@ -27,13 +29,18 @@ over every row, so its oracle takes those lse and entropies.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from em_kernels import reference
 
-from ..harness import OpBench, Provider, upstream_like
+from ..harness import OpBench, Provider, Skip, upstream_like
 from .common import (chunked, compile_unavailable, compiled, em_providers, never_built,
                      not_offered, package_unavailable)
 from .entropy import LOGIT_SCALE, eager_entropy, random_logits
@@ -45,6 +52,11 @@ ORACLE_VOCAB_CHUNK = 16384
 # The vocab tile TRL's trainers hand its fused LM head (trl.trainer.utils'
 # _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.15 and 1.16), so that the trl row runs as GRPO does.
 TRL_VOCAB_CHUNK = 32768
+# The first verl release with a fused LM head (verl.utils.kernel); its signature, (hidden,
+# weight, labels, temperature, reduction, dist_process_group), is unchanged through 0.9.1.
+VERL_SINCE = "0.4.1"
+# verl's kernels assert that the hidden size is a multiple of 128 (their K tile).
+VERL_HIDDEN_MULTIPLE = 128
 
 
 def lm_head_matmul(case):
@@ -80,6 +92,12 @@ class LinearEntropyBench(OpBench):
                "entries, folded by a Triton kernel (by torch ops on CPU, from TRL 1.16), the "
                "backward recomputing each tile; the entropy, with the log-probs of random "
                "targets",
+        "verl": "verl's fused LM head (verl.utils.kernel.linear_cross_entropy, which its actors "
+                "run with use_fused_kernels and the triton backend): Triton matmul tiles with "
+                "the softmax statistics in the epilogue, merged per 1024-entry vocab split; "
+                "its backward (0.9.1) recomputes the logit gradient by Triton into [M, 9504] "
+                "vocab slices and multiplies those by cuBLAS; the entropy, with the log-probs of "
+                "random targets",
     }
 
     def shapes(self, device_type, full):
@@ -192,6 +210,18 @@ class LinearEntropyBench(OpBench):
                 return (entropy,)
             return run
 
+        def verl(case):
+            if case.dims["H"] % VERL_HIDDEN_MULTIPLE:
+                raise Skip(f"verl's fused LM head needs H a multiple of {VERL_HIDDEN_MULTIPLE}")
+            linear_cross_entropy = import_verl_fused_lm_head()
+            targets = _targets(case)
+
+            def run():
+                _, entropy = linear_cross_entropy(
+                    case.inputs["hidden"], case.inputs["weight"], targets, 1.0, "none")
+                return (entropy,)
+            return run
+
         triton_, _, cpu = em_providers(ours)
         loss_providers = em_providers(ours_loss, "-loss", modes_not_offered={
             "bwd": "linear_entropy_loss computes its gradients in the forward: its fwd+bwd row "
@@ -213,7 +243,41 @@ class LinearEntropyBench(OpBench):
                      unavailable=package_unavailable("cut_cross_entropy", "cut-cross-entropy")),
             Provider("trl", trl, unavailable=package_unavailable("trl", "trl", since="1.15",
                                                                 cpu_since="1.16")),
+            Provider("verl", verl, unavailable=package_unavailable("verl", "verl",
+                                                                  since=VERL_SINCE)),
         ]
+
+
+VERL_FUSED_LM_HEAD = "verl.utils.kernel.linear_cross_entropy"
+
+
+def import_verl_fused_lm_head():
+    """verl's fused LM head, `linear_cross_entropy(hidden, weight, labels, temperature,
+    reduction) -> (logprobs, entropy)`, imported without running the `__init__` of the
+    packages `verl` and `verl.utils`: those import Ray, tensordict, omegaconf and transformers
+    for the rest of verl, while the kernel needs torch, Triton and verl.utils.device. Bare
+    package modules stand in for the two while the kernel's modules load (its forward imports
+    `kernels` lazily, so that is loaded too), and are removed afterwards, so that a later
+    `import verl` runs verl's own."""
+    if VERL_FUSED_LM_HEAD in sys.modules:
+        return sys.modules[VERL_FUSED_LM_HEAD].linear_cross_entropy
+    spec = importlib.util.find_spec("verl")
+    if spec is None or spec.submodule_search_locations is None:
+        raise ImportError("verl is not installed (pip install verl)")
+    roots = [Path(location) for location in spec.submodule_search_locations]
+    stand_ins = []
+    for name, folders in (("verl", roots), ("verl.utils", [root / "utils" for root in roots])):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [str(folder) for folder in folders]
+            sys.modules[name] = package
+            stand_ins.append(name)
+    try:
+        importlib.import_module("verl.utils.kernel.kernels")
+        return importlib.import_module(VERL_FUSED_LM_HEAD).linear_cross_entropy
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
 
 
 class _LossSeenAsEntropy(torch.autograd.Function):
