@@ -1,12 +1,16 @@
 """The README's Python examples run as written (on CPU), so the README stays true: the ops'
 example, the custom training loop (each of its three steps on a tiny random model), the causal
-LM's shifted logits and EM-INF in generate(). The verl snippets edit other projects' methods
-and are not run here; the TRL ones run against TRL's own code where a TRL that they are for is
-installed (CI has none)."""
+LM's shifted logits and EM-INF in generate(). The verl snippets on logits edit verl's methods
+and are not run here; the swap of verl's fused LM head runs against a stand-in for verl's module
+(and its signature is compared with verl's where verl is installed); the TRL ones run against
+TRL's own code where a TRL that they are for is installed (CI has none)."""
 
 from __future__ import annotations
 
+import inspect
 import re
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,7 @@ import torch
 from algos_support import EOS, PAD, random_batch, tiny_causal_lm
 
 import em_kernels
+from em_kernels import reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -89,6 +94,80 @@ def test_shifted_logits_example():
         torch.testing.assert_close(mine, sliced, rtol=0, atol=0)
     (entropy.sum() - log_probs.sum()).backward()
     assert model.lm_head.weight.grad is not None
+
+
+VERL_LM_HEAD = "verl.utils.kernel.linear_cross_entropy"
+
+
+def _verl_lm_head_swap(monkeypatch) -> tuple[types.ModuleType, list]:
+    """The README's swap of verl's fused LM head, run on a stand-in for verl's module (CI has no
+    verl) whose own function records its calls: (that module, the calls)."""
+    calls = []
+    modules = {}
+    for name in ("verl", "verl.utils", "verl.utils.kernel", VERL_LM_HEAD):
+        modules[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, modules[name])
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(modules[parent], child, modules[name])
+    modules[VERL_LM_HEAD].linear_cross_entropy = lambda *args: calls.append(args) or "verl's"
+    exec(_readme_block_from("# verl's fused LM head"), {})
+    return modules[VERL_LM_HEAD], calls
+
+
+def test_verl_fused_lm_head_swap(monkeypatch):
+    """After the README's swap, verl's call (hidden (B, T, H), labels (B, T), a float
+    temperature, reduction "none") gets flat log-probs and entropies, and d(hidden) and
+    d(weight), matching float64; a reduction or a process group goes to verl's own function with
+    the arguments as given."""
+    lm_head, calls = _verl_lm_head_swap(monkeypatch)
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 5, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(40, 16, generator=generator).requires_grad_()
+    labels = torch.randint(0, 40, (2, 5), generator=generator)
+    log_probs, entropy = lm_head.linear_cross_entropy(hidden, weight, labels, 0.7, "none")
+    hidden64 = hidden.detach().double().requires_grad_()
+    weight64 = weight.detach().double().requires_grad_()
+    entropy64, log_probs64 = reference.linear_entropy_ref(
+        hidden64.reshape(-1, 16), weight64, tokens=labels.reshape(-1), temperature=0.7)
+    assert log_probs.shape == entropy.shape == (10,)
+    torch.testing.assert_close(log_probs.double(), log_probs64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), entropy64, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(2, 10, generator=generator)
+    (upstream[0] * log_probs + upstream[1] * entropy).sum().backward()
+    (upstream[0].double() * log_probs64 + upstream[1].double() * entropy64).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-5, atol=1e-5)
+    assert not calls
+    group = object()
+    assert lm_head.linear_cross_entropy(hidden, weight, labels, 0.7, "mean") == "verl's"
+    assert lm_head.linear_cross_entropy(hidden, weight, labels, 0.7, "none", group) == "verl's"
+    assert calls == [(hidden, weight, labels, 0.7, "mean", None),
+                     (hidden, weight, labels, 0.7, "none", group)]
+
+
+def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch):
+    """Where verl is installed (CI has none; em-bench's loader imports its kernel module without
+    verl's own dependencies), the swap's parameters are those of verl's function: names, order
+    and defaults."""
+    import importlib.util
+
+    if importlib.util.find_spec("verl") is None:
+        pytest.skip("verl is not installed")
+    from bench.ops.linear_entropy import import_verl_fused_lm_head
+
+    try:
+        import_verl_fused_lm_head()
+        verls = sys.modules[VERL_LM_HEAD].LinearCrossEntropy.forward
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
+            del sys.modules[name]
+    lm_head, _ = _verl_lm_head_swap(monkeypatch)
+    theirs = [(parameter.name, parameter.default)
+              for parameter in inspect.signature(verls).parameters.values()][1:]  # after ctx
+    ours = [(parameter.name, parameter.default)
+            for parameter in inspect.signature(lm_head.linear_cross_entropy).parameters.values()]
+    assert ours == theirs
 
 
 def _grpo_trainer(cls, model, temperature=0.7):
