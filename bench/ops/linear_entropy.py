@@ -55,7 +55,7 @@ TRL_VOCAB_CHUNK = 32768
 # The first verl release with a fused LM head (verl.utils.kernel); its signature, (hidden,
 # weight, labels, temperature, reduction, dist_process_group), is unchanged through 0.9.1.
 VERL_SINCE = "0.4.1"
-# verl's kernels assert that the hidden size is a multiple of 128 (their K tile).
+# verl's kernels assert that the hidden size is a multiple of 128 (forward and backward).
 VERL_HIDDEN_MULTIPLE = 128
 
 
@@ -93,8 +93,9 @@ class LinearEntropyBench(OpBench):
                "backward recomputing each tile; the entropy, with the log-probs of random "
                "targets",
         "verl": "verl's fused LM head (verl.utils.kernel.linear_cross_entropy, which its actors "
-                "run with use_fused_kernels and the triton backend): Triton matmul tiles with "
-                "the softmax statistics in the epilogue, merged per 1024-entry vocab split; "
+                "run with use_fused_kernels and the triton backend): Triton matmul tiles "
+                "updating the softmax statistics online per 1024-entry vocab split, merged by "
+                "a second kernel; "
                 "its backward (0.9.1) recomputes the logit gradient by Triton into [M, 9504] "
                 "vocab slices and multiplies those by cuBLAS; the entropy, with the log-probs of "
                 "random targets",
@@ -255,12 +256,15 @@ def import_verl_fused_lm_head():
     """verl's fused LM head, `linear_cross_entropy(hidden, weight, labels, temperature,
     reduction) -> (logprobs, entropy)`, imported without running the `__init__` of the
     packages `verl` and `verl.utils`: those import Ray, tensordict, omegaconf and transformers
-    for the rest of verl, while the kernel needs torch, Triton and verl.utils.device. Bare
-    package modules stand in for the two while the kernel's modules load (its forward imports
-    `kernels` lazily, so that is loaded too), and are removed afterwards, so that a later
-    `import verl` runs verl's own."""
+    for the rest of verl, while the kernel needs torch, Triton and verl.utils.device (which
+    imports packaging and verl.plugin in recent releases). Bare package modules stand in for
+    the two while the kernel's modules load (its forward imports `kernels` lazily, so that is
+    loaded too), and are removed afterwards: a later `import verl` runs verl's own init, though
+    the kernel modules stay as loaded here (reach them by import, not as attributes of
+    verl.utils). What is returned is the apply of verl's autograd Function, not the module's
+    attribute, which a swap such as the README's may have replaced."""
     if VERL_FUSED_LM_HEAD in sys.modules:
-        return sys.modules[VERL_FUSED_LM_HEAD].linear_cross_entropy
+        return sys.modules[VERL_FUSED_LM_HEAD].LinearCrossEntropy.apply
     spec = importlib.util.find_spec("verl")
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError("verl is not installed (pip install verl)")
@@ -274,7 +278,7 @@ def import_verl_fused_lm_head():
             stand_ins.append(name)
     try:
         importlib.import_module("verl.utils.kernel.kernels")
-        return importlib.import_module(VERL_FUSED_LM_HEAD).linear_cross_entropy
+        return importlib.import_module(VERL_FUSED_LM_HEAD).LinearCrossEntropy.apply
     finally:
         for name in stand_ins:
             del sys.modules[name]
