@@ -788,6 +788,30 @@ def test_trl_fused_lm_head_row_on_cpu(tmp_path):
                       ("trl", "fwd"): "ok", ("trl", "fwd+bwd"): "ok"}, rows
 
 
+def test_trl_fused_lm_head_row_without_trls_trainer_dependencies(tmp_path, monkeypatch):
+    """TRL's fused-head backward imports trl.trainer.utils, whose imports need datasets (the
+    lent GPU machine has none). With datasets unimportable, the trl row still runs forward and
+    backward and passes the check, through em-bench's stand-in for that module's null ZeRO-3
+    context."""
+    pytest.importorskip("trl")
+    trl = next(provider for provider in OPS["linear_entropy"].providers()
+               if provider.name == "trl")
+    reason = trl.unavailable(_cpu_context())
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises
+    monkeypatch.delitem(sys.modules, "trl.trainer.utils", raising=False)  # restored afterwards
+    try:
+        assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
+                     "--modes", "fwd+bwd", "--out", str(tmp_path)]) == 0
+        assert not hasattr(sys.modules["trl.trainer.utils"], "__file__")  # the stand-in ran
+    finally:
+        sys.modules.pop("trl.trainer.utils", None)
+    _, rows = _read_csv(tmp_path / "results.csv")
+    checks = {(row["provider"], row["mode"]): row["check"] for row in rows}
+    assert checks == {("eager", "fwd+bwd"): "ref", ("trl", "fwd+bwd"): "ok"}, rows
+
+
 def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeypatch):
     """verl's package inits import Ray and more that its kernel does not need: the loader runs
     the kernel's modules without them (the kernel's lazy `from . import kernels` included),

@@ -29,6 +29,7 @@ over every row, so its oracle takes those lse and entropies.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -200,12 +201,11 @@ class LinearEntropyBench(OpBench):
                 case.inputs["hidden"], case.inputs["weight"], targets),)
 
         def trl(case):
-            from trl.kernels import ChunkedLogProbFunction
-
+            trl_lm_head = import_trl_fused_lm_head()
             targets = _targets(case)
 
             def run():
-                _, entropy, *_ = ChunkedLogProbFunction.apply(
+                _, entropy, *_ = trl_lm_head.apply(
                     case.inputs["hidden"], case.inputs["weight"], None, targets, 1.0,
                     TRL_VOCAB_CHUNK, None, 1.0, ("log_probs", "entropy"))
                 return (entropy,)
@@ -249,6 +249,25 @@ class LinearEntropyBench(OpBench):
         ]
 
 
+def import_trl_fused_lm_head():
+    """TRL's fused LM head, trl.kernels.ChunkedLogProbFunction. Its backward imports
+    trl.trainer.utils at call time for one context manager, the one that gathers a DeepSpeed
+    ZeRO-3 head, and that module imports accelerate, pandas and datasets, which a machine
+    without TRL's trainers may lack (the lent GPU machine has no datasets). Where it does not
+    import, a stand-in module gives the null context that TRL's own gives outside ZeRO-3, so
+    that the backward runs as TRL's does without ZeRO-3."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    try:
+        importlib.import_module(TRL_TRAINER_UTILS)
+    except Exception:  # any failure in its dependencies' imports, not only ImportError
+        stand_in = types.ModuleType(TRL_TRAINER_UTILS)
+        stand_in.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules[TRL_TRAINER_UTILS] = stand_in
+    return ChunkedLogProbFunction
+
+
+TRL_TRAINER_UTILS = "trl.trainer.utils"
 VERL_FUSED_LM_HEAD = "verl.utils.kernel.linear_cross_entropy"
 
 
