@@ -13,7 +13,8 @@
 #
 # The build step takes a minute or more of the lease; bench/prebuild_for_gpu.sh makes the same
 # build on a machine without a GPU, into .gpu_prebuilt/, which this script then uses where it
-# fits this machine (step 1). Send .gpu_prebuilt along with the tree.
+# fits this machine (step 1). Send .gpu_prebuilt along with the tree, and peers' wheels in .whl/
+# (TRL, verl: installed for this run, without their dependencies).
 #
 #   bench/gpu_check.sh [OUT_DIR]        OUT_DIR defaults to $OUT, else bench_out/gpu_check/
 #
@@ -41,6 +42,7 @@ mkdir -p "$OUT_DIR" || exit 1
 OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$REPO" || exit 1
 WORK="$(mktemp -d)"
+PEERS="$WORK-peers"  # carried peers, installed after the build (outside logs.tar.gz)
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 # Every step imports the tree from here: installed by the build step (editable, this folder) or
@@ -142,7 +144,7 @@ probe() {  # probe COMMAND...: run it for at most PROBE_SECONDS, its output into
 }
 if ! probe "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     say "# FAILED: torch sees no CUDA device (or hung looking for one); nothing to check here"
-    rm -rf "$WORK"
+    rm -rf "$WORK" "$PEERS"
     exit 1
 fi
 probe nvidia-smi
@@ -204,6 +206,19 @@ else
 fi
 probe "$PY" -c "import em_kernels, json
 print('backends:', json.dumps(em_kernels.available_backends(), indent=1))"
+# Peers the machine lacks (TRL, verl), sent along as wheels in .whl/ (ignored by git): installed
+# without their dependencies into this run's own folder, ahead of the machine's packages, for
+# em-bench's trl and verl rows (bench/ops/linear_entropy.py loads verl's kernel without verl's
+# dependencies and stands in for the one context TRL's fused backward takes from its trainers').
+if compgen -G ".whl/*.whl" > /dev/null; then
+    if probe "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$PEERS" .whl/*.whl; then
+        export PYTHONPATH="$REPO:$PEERS${PYTHONPATH#"$REPO"}"
+        say "# peers from .whl:" .whl/*.whl
+    else
+        say "# the wheels in .whl did not install (above): their rows will say not installed"
+    fi
+fi
 # 1b. em-bench's GPU timing (harness.cuda_timing, new on 2026-11-29 and tested only against a
 #     simulated GPU before): its hold, and a host-heavy call timed as its kernel alone (~10 s).
 #     If it fails, the benchmark steps still run, but read their times with its log.
@@ -284,7 +299,7 @@ fi
 
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
-rm -rf "$WORK"
+rm -rf "$WORK" "$PEERS"
 [ -z "$FAILED" ] || say "# FAILED steps:$FAILED"
 [ -z "$NOT_RUN" ] || say "# NOT RUN steps (the ${BUDGET}s budget was spent):$NOT_RUN"
 if [ -n "$FAILED$NOT_RUN" ]; then

@@ -715,6 +715,41 @@ case "$*" in {fails}) exit 1;; esac
         assert not library.exists()  # the stand-in pip builds nothing
 
 
+@pytest.mark.parametrize("installs", [True, False])
+def test_gpu_check_installs_carried_peer_wheels(tmp_path, installs):
+    """Wheels carried in .whl/ (TRL, verl) are installed without dependencies into a folder of
+    the run, outside the results' logs.tar.gz, and put on every later step's PYTHONPATH after
+    the tree; where pip fails, run.log says so and the steps go on without them."""
+    repo = _gpu_check_tree(tmp_path)
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "peer-1.0-py3-none-any.whl").write_bytes(b"a wheel")
+    calls = tmp_path / "calls"
+    fake = tmp_path / "fake_python"
+    fake.write_text(f"""#!/bin/bash
+case "$*" in -) cat > /dev/null;; esac
+echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
+case "$*" in *"pip install -q --no-index --no-deps"*) exit {0 if installs else 1};; esac
+exit 0
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
+           "GPU_CHECK_STEPS": "timing", "EM_KERNELS_COMMIT": "test"}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "run.log").read_text()
+    assert done.returncode == 0, log
+    lines = calls.read_text().splitlines()
+    (pip,) = [line for line in lines if "pip install -q --no-index --no-deps" in line]
+    target = pip.split("--target ")[1].split()[0]
+    assert pip.endswith(".whl/peer-1.0-py3-none-any.whl") and target.endswith("-peers"), pip
+    (timing,) = [line for line in lines if "test_cuda_timing" in line]
+    expected = f"PYTHONPATH={repo}:{target} " if installs else f"PYTHONPATH={repo} "
+    assert timing.startswith(expected), timing
+    assert ("# peers from .whl: .whl/peer-1.0-py3-none-any.whl" in log) == installs, log
+    assert ("the wheels in .whl did not install" in log) != installs, log
+
+
 def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
     """The id changes with the content or name of any file under csrc/ and with setup.py, not
     with other files; it names this interpreter's extension suffix and the torch it would
