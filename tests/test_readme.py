@@ -1,9 +1,9 @@
 """The README's Python examples run as written (on CPU), so the README stays true: the ops'
 example, the custom training loop (each of its three steps on a tiny random model), the causal
 LM's shifted logits and EM-INF in generate(). The verl snippets on logits edit verl's methods
-and are not run here; the swap of verl's fused LM head runs against a stand-in for verl's module
-(and its signature is compared with verl's where verl is installed); the TRL ones run against
-TRL's own code where a TRL that they are for is installed (CI has none)."""
+and are not run here; the swap of verl's fused LM head runs against a stand-in for verl's module,
+and, where verl is installed, against verl's signature and inside verl's own model forward; the
+TRL ones run against TRL's own code where a TRL that they are for is installed (CI has none)."""
 
 from __future__ import annotations
 
@@ -168,6 +168,45 @@ def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch):
     ours = [(parameter.name, parameter.default)
             for parameter in inspect.signature(lm_head.linear_cross_entropy).parameters.values()]
     assert ours == theirs
+
+
+def test_verl_fused_lm_head_swap_in_verls_model_forward(monkeypatch):
+    """Where verl is installed (CI has none), verl's own model forward for fused kernels with
+    the triton backend (verl.models.transformers.dense_common.forward_with_triton_backend) runs
+    the README's swap on a tiny Llama: its log-probs and entropies are em-kernels' on the
+    model's logits over T with verl's rolled ids, and its backward reaches the LM head. Bare
+    stand-ins keep the package inits that need Ray and more from running."""
+    import importlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("verl")
+    if spec is None:
+        pytest.skip("verl is not installed")
+    pytest.importorskip("transformers")
+    root = Path(spec.submodule_search_locations[0])
+    for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
+        monkeypatch.delitem(sys.modules, name)  # restored after the test
+    for name in ("verl", "verl.utils", "verl.models.transformers"):
+        stand_in = types.ModuleType(name)
+        stand_in.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+        monkeypatch.setitem(sys.modules, name, stand_in)
+    try:
+        dense_common = importlib.import_module("verl.models.transformers.dense_common")
+        exec(_readme_block_from("# verl's fused LM head"), {})
+        model = tiny_causal_lm(family="llama")
+        ids, mask, _ = random_batch(torch.Generator().manual_seed(4), 3, 5, 6)
+        out = dense_common.forward_with_triton_backend(
+            model, input_ids=ids, attention_mask=mask, temperature=0.7, return_dict=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        log_probs, entropy = em_kernels.logprobs_and_entropy(
+            logits, torch.roll(ids, shifts=-1, dims=-1), temperature=0.7)
+        torch.testing.assert_close(out.log_probs, log_probs.reshape(-1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.entropy, entropy.reshape(-1), rtol=1e-5, atol=1e-5)
+        (out.entropy.sum() - out.log_probs.sum()).backward()
+        assert model.lm_head.weight.grad is not None
+    finally:
+        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
+            del sys.modules[name]
 
 
 def _grpo_trainer(cls, model, temperature=0.7):
