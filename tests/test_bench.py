@@ -618,6 +618,23 @@ def _gpu_check_tree(tmp_path) -> Path:
     return repo
 
 
+def _run_gpu_check(tmp_path, repo: Path, fake_python: str, **settings: str) -> tuple[int, str]:
+    """Run the tree's gpu_check.sh into tmp_path/out with the bash script `fake_python` as its
+    interpreter and the GPU_CHECK_* settings given (budget 300 s unless given; every step, and
+    no PYTHONPATH, unless given): (its exit status, its run.log)."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(fake_python)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
+           "EM_KERNELS_COMMIT": "test", **settings}
+    for name in ("GPU_CHECK_STEPS", "PYTHONPATH"):
+        if name not in settings:
+            env.pop(name, None)
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    return done.returncode, (tmp_path / "out" / "run.log").read_text()
+
+
 def test_gpu_check_fails_when_the_budget_leaves_steps_unrun(tmp_path):
     """gpu_check.sh with a stand-in interpreter (torch 'sees a GPU', every step succeeds at once)
     and a budget too small for any step: every step is listed as not run and the exit status is
@@ -625,17 +642,11 @@ def test_gpu_check_fails_when_the_budget_leaves_steps_unrun(tmp_path):
     repo = _gpu_check_tree(tmp_path)
     library = repo / "em_kernels" / "_C.cpython-312-x86_64-linux-gnu.so"
     library.write_bytes(b"a built library")
-    fake = tmp_path / "fake_python"
-    fake.write_text('#!/bin/bash\ncase "$*" in -) cat > /dev/null;; esac\nexit 0\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "25",
-           "EM_KERNELS_COMMIT": "test"}
-    env.pop("GPU_CHECK_STEPS", None)
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    returncode, log = _run_gpu_check(
+        tmp_path, repo, '#!/bin/bash\ncase "$*" in -) cat > /dev/null;; esac\nexit 0\n',
+        GPU_CHECK_SECONDS="25")
     assert library.exists()
-    log = (tmp_path / "out" / "run.log").read_text()
-    assert done.returncode == 1, log
+    assert returncode == 1, log
     assert "# NOT RUN steps (the 25s budget was spent): build timing tests bench_headline" in log
 
 
@@ -643,8 +654,7 @@ def test_gpu_check_skips_an_empty_results_csv(tmp_path):
     """em-bench creates an empty results.csv before it measures; a bench step that stops there
     (exit 2 on a bad --resume) must not leave gpu_check's bench.csv without its header, which
     the later steps' rows are appended under."""
-    fake = tmp_path / "fake_python"
-    fake.write_text("""#!/bin/bash
+    fake_python = """#!/bin/bash
 case "$*" in -) cat > /dev/null; exit 0;; esac
 out=""; prev=""
 for arg in "$@"; do [ "$prev" = "--out" ] && out=$arg; prev=$arg; done
@@ -652,15 +662,10 @@ for arg in "$@"; do [ "$prev" = "--out" ] && out=$arg; prev=$arg; done
 mkdir -p "$out"
 case "$out" in *bench_headline) : > "$out/results.csv"; exit 2;; esac
 printf 'op,shape\nentropy,N1-V2\n' > "$out/results.csv"
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
-           "GPU_CHECK_STEPS": "bench_headline bench_linear", "EM_KERNELS_COMMIT": "test"}
-    repo = _gpu_check_tree(tmp_path)
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    log = (tmp_path / "out" / "run.log").read_text()
-    assert done.returncode == 1 and "FAILED steps: bench_headline" in log, log
+"""
+    returncode, log = _run_gpu_check(tmp_path, _gpu_check_tree(tmp_path), fake_python,
+                                     GPU_CHECK_STEPS="bench_headline bench_linear")
+    assert returncode == 1 and "FAILED steps: bench_headline" in log, log
     assert (tmp_path / "out" / "bench.csv").read_text() == "op,shape\nentropy,N1-V2\n"
 
 
@@ -686,22 +691,14 @@ def test_gpu_check_uses_a_prebuilt_extension_only_for_its_own_build_id(tmp_path,
     (prebuilt / "build-id").write_text(
         ("sources 0 python x" if case == "another id" else build_id) + "\n")
     calls = tmp_path / "calls"
-    fake = tmp_path / "fake_python"
     # the probe of the copied extension: available_backends()['cuda'] in its code
     fails = """*"['cuda']"*""" if case == "no cuda backend" else "no-such-call"
-    fake.write_text(f"""#!/bin/bash
+    returncode, log = _run_gpu_check(tmp_path, repo, f"""#!/bin/bash
 case "$*" in "-m bench.prebuilt"*) exec {sys.executable} "$@";; -) cat > /dev/null;; esac
 echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
 case "$*" in {fails}) exit 1;; esac
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
-           "GPU_CHECK_STEPS": "build timing", "EM_KERNELS_COMMIT": "test"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    log = (tmp_path / "out" / "run.log").read_text()
-    assert done.returncode == 0, log
+""", GPU_CHECK_STEPS="build timing")
+    assert returncode == 0, log
     timing = [line for line in calls.read_text().splitlines() if "test_cuda_timing" in line]
     assert len(timing) == 1 and timing[0].startswith(f"PYTHONPATH={repo} "), timing
     installs = "pip install --no-build-isolation" in calls.read_text()
@@ -724,21 +721,13 @@ def test_gpu_check_installs_carried_peer_wheels(tmp_path, installs):
     (repo / ".whl").mkdir()
     (repo / ".whl" / "peer-1.0-py3-none-any.whl").write_bytes(b"a wheel")
     calls = tmp_path / "calls"
-    fake = tmp_path / "fake_python"
-    fake.write_text(f"""#!/bin/bash
+    returncode, log = _run_gpu_check(tmp_path, repo, f"""#!/bin/bash
 case "$*" in -) cat > /dev/null;; esac
 echo "PYTHONPATH=$PYTHONPATH $*" >> {calls}
 case "$*" in *"pip install -q --no-index --no-deps"*) exit {0 if installs else 1};; esac
 exit 0
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300",
-           "GPU_CHECK_STEPS": "timing", "EM_KERNELS_COMMIT": "test"}
-    env.pop("PYTHONPATH", None)
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    log = (tmp_path / "out" / "run.log").read_text()
-    assert done.returncode == 0, log
+""", GPU_CHECK_STEPS="timing")
+    assert returncode == 0, log
     lines = calls.read_text().splitlines()
     (pip,) = [line for line in lines if "pip install -q --no-index --no-deps" in line]
     target = pip.split("--target ")[1].split()[0]
@@ -806,45 +795,34 @@ def test_peer_availability_says_why(monkeypatch):
     assert "its version is unknown" in trl(cuda)
 
 
-def test_trl_fused_lm_head_row_on_cpu(tmp_path):
+@pytest.mark.parametrize("datasets", ["importable", "missing"])
+def test_trl_fused_lm_head_row_on_cpu(tmp_path, monkeypatch, datasets):
     """Where a TRL whose fused LM head runs CPU tensors is installed (CI has none), its entropy
-    and gradients pass the same check as em-kernels' rows."""
+    and gradients pass the same check as em-kernels' rows. Its backward imports
+    trl.trainer.utils, whose imports need datasets, for a null ZeRO-3 context alone: where
+    datasets is missing (as on the lent GPU machine), em-bench's stand-in for that context
+    keeps the row running."""
     pytest.importorskip("trl")
     trl = next(provider for provider in OPS["linear_entropy"].providers()
                if provider.name == "trl")
     reason = trl.unavailable(_cpu_context())
     if reason is not None:
         pytest.skip(reason)
-    assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
-                 "--out", str(tmp_path)]) == 0
+    missing = datasets == "missing"
+    if missing:
+        monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises
+        monkeypatch.delitem(sys.modules, "trl.trainer.utils", raising=False)  # restored later
+    try:
+        assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
+                     "--out", str(tmp_path)]) == 0
+        assert hasattr(sys.modules["trl.trainer.utils"], "__file__") != missing
+    finally:
+        if missing:
+            sys.modules.pop("trl.trainer.utils", None)  # the stand-in
     _, rows = _read_csv(tmp_path / "results.csv")
     checks = {(row["provider"], row["mode"]): row["check"] for row in rows}
     assert checks == {("eager", "fwd"): "ref", ("eager", "fwd+bwd"): "ref",
                       ("trl", "fwd"): "ok", ("trl", "fwd+bwd"): "ok"}, rows
-
-
-def test_trl_fused_lm_head_row_without_trls_trainer_dependencies(tmp_path, monkeypatch):
-    """TRL's fused-head backward imports trl.trainer.utils, whose imports need datasets (the
-    lent GPU machine has none). With datasets unimportable, the trl row still runs forward and
-    backward and passes the check, through em-bench's stand-in for that module's null ZeRO-3
-    context."""
-    pytest.importorskip("trl")
-    trl = next(provider for provider in OPS["linear_entropy"].providers()
-               if provider.name == "trl")
-    reason = trl.unavailable(_cpu_context())
-    if reason is not None:
-        pytest.skip(reason)
-    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises
-    monkeypatch.delitem(sys.modules, "trl.trainer.utils", raising=False)  # restored afterwards
-    try:
-        assert main(["--ops", "linear_entropy", "--providers", "eager", "trl", "--device", "cpu",
-                     "--modes", "fwd+bwd", "--out", str(tmp_path)]) == 0
-        assert not hasattr(sys.modules["trl.trainer.utils"], "__file__")  # the stand-in ran
-    finally:
-        sys.modules.pop("trl.trainer.utils", None)
-    _, rows = _read_csv(tmp_path / "results.csv")
-    checks = {(row["provider"], row["mode"]): row["check"] for row in rows}
-    assert checks == {("eager", "fwd+bwd"): "ref", ("trl", "fwd+bwd"): "ok"}, rows
 
 
 def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeypatch):
