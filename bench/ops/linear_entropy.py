@@ -53,6 +53,10 @@ ORACLE_VOCAB_CHUNK = 16384
 # The vocab tile TRL's trainers hand its fused LM head (trl.trainer.utils'
 # _CHUNKED_LOGPROB_CHUNK_SIZE in TRL 1.15 and 1.16), so that the trl row runs as GRPO does.
 TRL_VOCAB_CHUNK = 32768
+# The module TRL's fused-head backward takes its ZeRO-3 gather context from.
+TRL_TRAINER_UTILS = "trl.trainer.utils"
+# verl's fused LM head: its autograd Function and the module function that applies it.
+VERL_FUSED_LM_HEAD = "verl.utils.kernel.linear_cross_entropy"
 # The first verl release with a fused LM head (verl.utils.kernel); its signature, (hidden,
 # weight, labels, temperature, reduction, dist_process_group), is unchanged through 0.9.1.
 VERL_SINCE = "0.4.1"
@@ -96,10 +100,9 @@ class LinearEntropyBench(OpBench):
         "verl": "verl's fused LM head (verl.utils.kernel.linear_cross_entropy, which its actors "
                 "run with use_fused_kernels and the triton backend): Triton matmul tiles "
                 "updating the softmax statistics online per 1024-entry vocab split, merged by "
-                "a second kernel; "
-                "its backward (0.9.1) recomputes the logit gradient by Triton into [M, 9504] "
-                "vocab slices and multiplies those by cuBLAS; the entropy, with the log-probs of "
-                "random targets",
+                "a second kernel; its backward (0.9.1) recomputes the logit gradient by Triton "
+                "into [M, 9504] vocab slices and multiplies those by cuBLAS; the entropy, with "
+                "the log-probs of random targets",
     }
 
     def shapes(self, device_type, full):
@@ -265,10 +268,6 @@ def import_trl_fused_lm_head():
         stand_in.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
         sys.modules[TRL_TRAINER_UTILS] = stand_in
     return ChunkedLogProbFunction
-
-
-TRL_TRAINER_UTILS = "trl.trainer.utils"
-VERL_FUSED_LM_HEAD = "verl.utils.kernel.linear_cross_entropy"
 
 
 def import_verl_fused_lm_head():
