@@ -179,24 +179,21 @@ def test_verl_fused_lm_head_swap_in_verls_model_forward(monkeypatch):
     import importlib
     import importlib.util
 
-    spec = importlib.util.find_spec("verl")
-    if spec is None:
+    if importlib.util.find_spec("verl") is None:
         pytest.skip("verl is not installed")
     pytest.importorskip("transformers")
-    root = Path(spec.submodule_search_locations[0])
+    from bench.ops.linear_entropy import bare_verl_packages
+
     for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
         monkeypatch.delitem(sys.modules, name)  # restored after the test
-    for name in ("verl", "verl.utils", "verl.models.transformers"):
-        stand_in = types.ModuleType(name)
-        stand_in.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-        monkeypatch.setitem(sys.modules, name, stand_in)
     try:
-        dense_common = importlib.import_module("verl.models.transformers.dense_common")
-        exec(_readme_block_from("# verl's fused LM head"), {})
-        model = tiny_causal_lm(family="llama")
-        ids, mask, _ = random_batch(torch.Generator().manual_seed(4), 3, 5, 6)
-        out = dense_common.forward_with_triton_backend(
-            model, input_ids=ids, attention_mask=mask, temperature=0.7, return_dict=True)
+        with bare_verl_packages("verl", "verl.utils", "verl.models.transformers"):
+            dense_common = importlib.import_module("verl.models.transformers.dense_common")
+            exec(_readme_block_from("# verl's fused LM head"), {})
+            model = tiny_causal_lm(family="llama")
+            ids, mask, _ = random_batch(torch.Generator().manual_seed(4), 3, 5, 6)
+            out = dense_common.forward_with_triton_backend(
+                model, input_ids=ids, attention_mask=mask, temperature=0.7, return_dict=True)
         logits = model(input_ids=ids, attention_mask=mask).logits
         log_probs, entropy = em_kernels.logprobs_and_entropy(
             logits, torch.roll(ids, shifts=-1, dims=-1), temperature=0.7)

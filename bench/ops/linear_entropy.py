@@ -283,20 +283,27 @@ def import_verl_fused_lm_head():
     attribute, which a swap such as the README's may have replaced."""
     if VERL_FUSED_LM_HEAD in sys.modules:
         return sys.modules[VERL_FUSED_LM_HEAD].LinearCrossEntropy.apply
+    with bare_verl_packages("verl", "verl.utils"):
+        importlib.import_module("verl.utils.kernel.kernels")
+        return importlib.import_module(VERL_FUSED_LM_HEAD).LinearCrossEntropy.apply
+
+
+@contextlib.contextmanager
+def bare_verl_packages(*names: str):
+    """While the block runs, bare modules stand in for the installed verl's packages ``names``
+    (such as "verl.utils"; those not imported yet), so that their submodules import without
+    running the packages' `__init__`; they are removed afterwards."""
     spec = importlib.util.find_spec("verl")
     if spec is None or spec.submodule_search_locations is None:
         raise ImportError("verl is not installed (pip install verl)")
     roots = [Path(location) for location in spec.submodule_search_locations]
-    stand_ins = []
-    for name, folders in (("verl", roots), ("verl.utils", [root / "utils" for root in roots])):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [str(folder) for folder in folders]
-            sys.modules[name] = package
-            stand_ins.append(name)
+    stand_ins = [name for name in names if name not in sys.modules]
+    for name in stand_ins:
+        package = types.ModuleType(name)
+        package.__path__ = [str(root.joinpath(*name.split(".")[1:])) for root in roots]
+        sys.modules[name] = package
     try:
-        importlib.import_module("verl.utils.kernel.kernels")
-        return importlib.import_module(VERL_FUSED_LM_HEAD).LinearCrossEntropy.apply
+        yield
     finally:
         for name in stand_ins:
             del sys.modules[name]
