@@ -43,6 +43,8 @@ OUT_DIR="$(cd "$OUT_DIR" && pwd)"
 cd "$REPO" || exit 1
 WORK="$(mktemp -d)"
 PEERS="$WORK-peers"  # carried peers, installed after the build (outside logs.tar.gz)
+# Bash runs this on every exit, a TERM or INT included (not a KILL): no temporary folder is left.
+trap 'rm -rf "$WORK" "$PEERS"' EXIT
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 # Every step imports the tree from here: installed by the build step (editable, this folder) or
@@ -144,7 +146,6 @@ probe() {  # probe COMMAND...: run it for at most PROBE_SECONDS, its output into
 }
 if ! probe "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     say "# FAILED: torch sees no CUDA device (or hung looking for one); nothing to check here"
-    rm -rf "$WORK" "$PEERS"
     exit 1
 fi
 probe nvidia-smi
@@ -299,7 +300,6 @@ fi
 
 collect
 say "# done in $(( $(date +%s) - START ))s; files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
-rm -rf "$WORK" "$PEERS"
 [ -z "$FAILED" ] || say "# FAILED steps:$FAILED"
 [ -z "$NOT_RUN" ] || say "# NOT RUN steps (the ${BUDGET}s budget was spent):$NOT_RUN"
 if [ -n "$FAILED$NOT_RUN" ]; then

@@ -747,6 +747,47 @@ exit 0
     assert ("the wheels in .whl did not install" in log) != installs, log
 
 
+@pytest.mark.parametrize("how", ["no GPU", "stopped by TERM"])
+def test_gpu_check_leaves_no_temporary_folder(tmp_path, how):
+    """gpu_check.sh removes its work and peers folders however it ends: on its early exit where
+    torch sees no GPU, and when its process group is sent a TERM in the middle of a step (as a
+    lease's time limit may)."""
+    import signal
+    import time
+
+    repo = _gpu_check_tree(tmp_path)
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    fake = tmp_path / "fake_python"
+    started = tmp_path / "started"
+    # The CUDA probe fails ("no GPU") or succeeds; every step's command sleeps (TERM case).
+    fake.write_text(f"""#!/bin/bash
+case "$*" in -) cat > /dev/null; exit 0;; *is_available*) exit {1 if how == "no GPU" else 0};; esac
+touch {started}; sleep 60
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300", "TMPDIR": str(temporary),
+           "EM_KERNELS_COMMIT": "test", "GPU_CHECK_STEPS": "timing"}
+    env.pop("PYTHONPATH", None)
+    script = subprocess.Popen(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        if how == "stopped by TERM":
+            deadline = time.monotonic() + 60
+            while not started.exists() and script.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert started.exists(), (tmp_path / "out" / "run.log").read_text()
+            assert len(list(temporary.iterdir())) == 1  # the work folder, while the step runs
+            os.killpg(script.pid, signal.SIGTERM)
+        returncode = script.wait(timeout=60)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+    assert returncode != 0
+    assert list(temporary.iterdir()) == []
+
+
 def test_prebuilt_build_id_follows_the_sources_and_torch(tmp_path, monkeypatch):
     """The id changes with the content or name of any file under csrc/ and with setup.py, not
     with other files; it names this interpreter's extension suffix and the torch it would
