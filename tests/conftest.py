@@ -1,10 +1,11 @@
 """Shared test set-up: Triton's interpreter on machines without a GPU, hypothesis profiles, the
 list of backends each op test runs on, a free port for the gloo tests, bitwise comparison and
-CUDA-graph replay checks."""
+CUDA-graph replay checks, and a fixture that keeps verl's modules out of the other tests."""
 
 import datetime
 import os
 import socket
+import sys
 
 import torch
 
@@ -110,3 +111,18 @@ def assert_cuda_graph_replays_eager(step, static: torch.Tensor, fresh_inputs) ->
         graph.replay()
         for replayed, eager in zip(as_tuple(captured), as_tuple(step(fresh)), strict=True):
             assert torch.equal(bits(replayed), bits(eager))
+
+
+@pytest.fixture
+def without_verl_modules(monkeypatch):
+    """The test runs without verl's modules in sys.modules (em-bench's loader and the README's
+    verl swap load verl's kernel modules without its package inits): those it loads are removed
+    after it, and those there before are put back."""
+    def verl_modules():
+        return [name for name in sys.modules if name.split(".")[0] == "verl"]
+
+    for name in verl_modules():
+        monkeypatch.delitem(sys.modules, name)  # put back by monkeypatch's own teardown, after ours
+    yield
+    for name in verl_modules():
+        del sys.modules[name]

@@ -879,7 +879,8 @@ def test_trl_fused_lm_head_row_on_cpu(tmp_path, monkeypatch, datasets):
                       ("trl", "fwd"): "ok", ("trl", "fwd+bwd"): "ok"}, rows
 
 
-def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeypatch):
+def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeypatch,
+                                                               without_verl_modules):
     """verl's package inits import Ray and more that its kernel does not need: the loader runs
     the kernel's modules without them (the kernel's lazy `from . import kernels` included),
     returns verl's own autograd Function whatever a swap put in the module, and leaves no
@@ -903,19 +904,13 @@ def test_verl_fused_lm_head_imports_without_verls_package_init(tmp_path, monkeyp
         (tmp_path / "verl" / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "verl" / relative).write_text(text + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
-        monkeypatch.delitem(sys.modules, name)  # restored after the test
-    try:
-        linear_cross_entropy = import_verl_fused_lm_head()
-        assert linear_cross_entropy() == "from verl.utils.device"
-        assert "verl" not in sys.modules and "verl.utils" not in sys.modules
-        assert VERL_FUSED_LM_HEAD in sys.modules
-        assert import_verl_fused_lm_head() is linear_cross_entropy
-        with pytest.raises(ImportError, match="needs Ray"):
-            import verl  # noqa: F401
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
-            del sys.modules[name]
+    linear_cross_entropy = import_verl_fused_lm_head()
+    assert linear_cross_entropy() == "from verl.utils.device"
+    assert "verl" not in sys.modules and "verl.utils" not in sys.modules
+    assert VERL_FUSED_LM_HEAD in sys.modules
+    assert import_verl_fused_lm_head() is linear_cross_entropy
+    with pytest.raises(ImportError, match="needs Ray"):
+        import verl  # noqa: F401
 
 
 def test_verl_row_skips_hidden_sizes_its_kernels_refuse():

@@ -146,7 +146,7 @@ def test_verl_fused_lm_head_swap(monkeypatch):
                      (hidden, weight, labels, 0.7, "none", group)]
 
 
-def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch):
+def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch, without_verl_modules):
     """Where verl is installed (CI has none; em-bench's loader imports its kernel module without
     verl's own dependencies), the swap's parameters are those of verl's function: names, order
     and defaults."""
@@ -156,12 +156,8 @@ def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch):
         pytest.skip("verl is not installed")
     from bench.ops.linear_entropy import import_verl_fused_lm_head
 
-    try:
-        import_verl_fused_lm_head()
-        verls = sys.modules[VERL_LM_HEAD].LinearCrossEntropy.forward
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
-            del sys.modules[name]
+    import_verl_fused_lm_head()
+    verls = sys.modules[VERL_LM_HEAD].LinearCrossEntropy.forward
     lm_head, _ = _verl_lm_head_swap(monkeypatch)
     theirs = [(parameter.name, parameter.default)
               for parameter in inspect.signature(verls).parameters.values()][1:]  # after ctx
@@ -170,7 +166,7 @@ def test_verl_fused_lm_head_swap_takes_verls_signature(monkeypatch):
     assert ours == theirs
 
 
-def test_verl_fused_lm_head_swap_in_verls_model_forward(monkeypatch):
+def test_verl_fused_lm_head_swap_in_verls_model_forward(monkeypatch, without_verl_modules):
     """Where verl is installed (CI has none), verl's own model forward for fused kernels with
     the triton backend (verl.models.transformers.dense_common.forward_with_triton_backend) runs
     the README's swap on a tiny Llama: its log-probs and entropies are em-kernels' on the
@@ -184,26 +180,20 @@ def test_verl_fused_lm_head_swap_in_verls_model_forward(monkeypatch):
     pytest.importorskip("transformers")
     from bench.ops.linear_entropy import bare_verl_packages
 
-    for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
-        monkeypatch.delitem(sys.modules, name)  # restored after the test
-    try:
-        with bare_verl_packages("verl", "verl.utils", "verl.models.transformers"):
-            dense_common = importlib.import_module("verl.models.transformers.dense_common")
-            exec(_readme_block_from("# verl's fused LM head"), {})
-            model = tiny_causal_lm(family="llama")
-            ids, mask, _ = random_batch(torch.Generator().manual_seed(4), 3, 5, 6)
-            out = dense_common.forward_with_triton_backend(
-                model, input_ids=ids, attention_mask=mask, temperature=0.7, return_dict=True)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        log_probs, entropy = em_kernels.logprobs_and_entropy(
-            logits, torch.roll(ids, shifts=-1, dims=-1), temperature=0.7)
-        torch.testing.assert_close(out.log_probs, log_probs.reshape(-1), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(out.entropy, entropy.reshape(-1), rtol=1e-5, atol=1e-5)
-        (out.entropy.sum() - out.log_probs.sum()).backward()
-        assert model.lm_head.weight.grad is not None
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] == "verl"]:
-            del sys.modules[name]
+    with bare_verl_packages("verl", "verl.utils", "verl.models.transformers"):
+        dense_common = importlib.import_module("verl.models.transformers.dense_common")
+        exec(_readme_block_from("# verl's fused LM head"), {})
+        model = tiny_causal_lm(family="llama")
+        ids, mask, _ = random_batch(torch.Generator().manual_seed(4), 3, 5, 6)
+        out = dense_common.forward_with_triton_backend(
+            model, input_ids=ids, attention_mask=mask, temperature=0.7, return_dict=True)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    log_probs, entropy = em_kernels.logprobs_and_entropy(
+        logits, torch.roll(ids, shifts=-1, dims=-1), temperature=0.7)
+    torch.testing.assert_close(out.log_probs, log_probs.reshape(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.entropy, entropy.reshape(-1), rtol=1e-5, atol=1e-5)
+    (out.entropy.sum() - out.log_probs.sum()).backward()
+    assert model.lm_head.weight.grad is not None
 
 
 def _grpo_trainer(cls, model, temperature=0.7):
