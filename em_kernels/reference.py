@@ -165,7 +165,7 @@ def em_inf_adjust_ref(
             v = beta2 * v + (1 - beta2) * grad * grad
             m_hat = m / (1 - beta1**step)
             v_hat = v / (1 - beta2**step)
-            update = lr * m_hat / (v_hat.sqrt() + eps)
+            update = lr * (m_hat / (v_hat.sqrt() + eps))  # the kernels' order: no lr * |g| overflow
         z = torch.where(active, z - update, z)
     return z.reshape(shape)
 

@@ -12,9 +12,11 @@ rounded, and their sum errs by ~1e-7 where it should be ~0 on a near-uniform row
 step lr * g / (|g| + eps) turns that into an error of lr. (z - max) - mean_shift errs relative
 to |z - max| and |mean_shift| instead, and needs no log.
     m = 0.9 m + 0.1 g;  v = 0.999 v + 0.001 g^2
-    z_{k+1} = z_k - lr * (m / (1 - 0.9^(k+1))) / (sqrt(v / (1 - 0.999^(k+1))) + 1e-8)
+    z_{k+1} = z_k - lr * ((m / (1 - 0.9^(k+1))) / (sqrt(v / (1 - 0.999^(k+1))) + 1e-8))
 
 with kl = kl_weight (row mode) or kl_weight / N (batch mode: the released code's "batchmean").
+The quotient comes first, in every backend: it is O(1), so a step overflows only where lr nears
+float32's maximum, not where lr * |g| does.
 
 Design: recompute, don't store. Every step needs four numbers per row (max_k, log s_k,
 mean_shift_k and H_k = log s_k - mean_shift_k for the exit test; lse_k = max_k + log s_k is kept
@@ -167,7 +169,7 @@ def _em_inf_adjust_fwd_kernel(
     (6 more instructions per element and replayed step, ~17% of the replay loop on sm_90a). Both
     err by at most 2 ulp for divisors in [2^-126, 2^126]; Adam's divisor sqrt(v_hat) + 1e-8 lies
     in [1e-8, ~1e3] (|g| <= 1/e + log V + kl_weight). The .ftz flushes only a quotient below
-    2^-126, an update that cannot move z."""
+    2^-126 (|m| below ~1e-46), an update below lr * 2^-126."""
     pid = tl.program_id(0)
     row = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
@@ -244,9 +246,9 @@ def _em_inf_adjust_fwd_kernel(
                     inv_sqrt_bias2 = 1.0 / tl.sqrt(bias2)
                     denominator = tl.sqrt(v) * inv_sqrt_bias2 + 1e-8
                     if FAST_DIVIDE:  # see the kernel docstring
-                        z = z - libdevice.fast_dividef(step_size * m, denominator)
+                        z = z - step_size * libdevice.fast_dividef(m, denominator)
                     else:
-                        z = z - step_size * m / denominator
+                        z = z - step_size * (m / denominator)
                 else:
                     z = z - lr * g
     if WRITE_OUTPUT:

@@ -4,7 +4,9 @@
 // at step t (1-based), with gradient g:
 //   Adam (torch.optim.Adam's defaults, bias-corrected):
 //     m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2,
-//     z <- z - lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+//     z <- z - lr * ((m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps))
+//   (the quotient first: it is O(1) whatever the gradient's size, so the step overflows only
+//   where lr itself is near float32's maximum, not where lr * |g| is)
 //   SGD:
 //     z <- z - lr * g
 // The bias corrections depend only on t: `OptimizerSchedule` computes them once per step (in
@@ -66,7 +68,7 @@ EM_ADAM_INLINE T optimizer_update(const OptimizerStep& step, T grad, T& m, T& v,
   v = static_cast<float>(kAdamBeta2) * v + static_cast<float>(1.0 - kAdamBeta2) * grad * grad;
   const T m_hat = m * step.inv_bias_correction1;
   const T v_hat = v * step.inv_bias_correction2;
-  return step.lr * m_hat / (sqrt_fn(v_hat) + kAdamEps);
+  return step.lr * (m_hat / (sqrt_fn(v_hat) + kAdamEps));
 }
 
 struct ScalarSqrt {
@@ -91,7 +93,7 @@ __device__ __forceinline__ float optimizer_update_rn(const OptimizerStep& step, 
                 __fmul_rn(__fmul_rn(static_cast<float>(1.0 - kAdamBeta2), grad), grad));
   const float m_hat = __fmul_rn(m, step.inv_bias_correction1);
   const float v_hat = __fmul_rn(v, step.inv_bias_correction2);
-  return __fdiv_rn(__fmul_rn(step.lr, m_hat), __fadd_rn(__fsqrt_rn(v_hat), kAdamEps));
+  return __fmul_rn(step.lr, __fdiv_rn(m_hat, __fadd_rn(__fsqrt_rn(v_hat), kAdamEps)));
 }
 #endif
 
