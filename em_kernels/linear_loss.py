@@ -23,7 +23,7 @@ class LinearEntropyLoss(NamedTuple):
     logprobs: torch.Tensor | None
 
 
-def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entropy_loss",
+def _row_values(name: str, value, hidden: torch.Tensor, op: str = "linear_entropy_loss",
                 constant: bool = False) -> torch.Tensor | None:
     """None, a Python number for every row, or a float tensor (N,) on hidden's device; returned
     as a contiguous (N,) tensor of the statistics' dtype (differentiable if ``value`` is, unless
@@ -40,7 +40,7 @@ def _row_weight(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.shape != (rows,):
-        raise ValueError(f"{name} must have shape (N,) = ({rows},), one weight per row of hidden, "
+        raise ValueError(f"{name} must have shape (N,) = ({rows},), one value per row of hidden, "
                          f"got {tuple(value.shape)}")
     if value.device != hidden.device:
         raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
@@ -264,19 +264,19 @@ def _fused_loss(op, hidden, weight, bias, tokens, entropy_weight, logprob_weight
         tokens = tokens.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    entropy_weight = _row_weight("entropy_weight", entropy_weight, hidden, op)
+    entropy_weight = _row_values("entropy_weight", entropy_weight, hidden, op)
     if entropy_weight is None:
         entropy_weight = hidden.new_zeros(hidden.shape[:1],
                                           dtype=reference.compute_dtype(hidden.dtype))
     if policy is None:
-        logprob_weight = _row_weight("logprob_weight", logprob_weight, hidden, op)
+        logprob_weight = _row_values("logprob_weight", logprob_weight, hidden, op)
         policy = (None, None, None, 0.0, 0.0, 0.0)
     else:
         if logprob_weight is None:
             logprob_weight = 1.0 / max(hidden.shape[0], 1)  # the token mean
-        logprob_weight = _row_weight("token_weight", logprob_weight, hidden, op)
+        logprob_weight = _row_values("token_weight", logprob_weight, hidden, op)
         # (Not NamedTuple._replace, which dynamo cannot trace before torch 2.9.)
-        policy = (*(_row_weight(name, getattr(policy, name), hidden, op, constant=True)
+        policy = (*(_row_values(name, getattr(policy, name), hidden, op, constant=True)
                     for name in ("advantages", "old_logprobs", "ref_logprobs")),
                   policy.clip_low, policy.clip_high, policy.kl_weight)
     grad_mode = torch.is_grad_enabled()

@@ -204,6 +204,29 @@ def test_all_zero_row_weights_give_zero_gradients():
                 assert bool((grad == 0).all()), (backend, loss_fn.__name__, grad)
 
 
+def test_zero_advantages_with_a_far_larger_token_weight():
+    """With advantages 0 and no KL the policy term's gradient is 0, so its token_weight is left
+    out of grad_scale, which the entropy weight sets alone. A token_weight over float32's
+    maximum times that scale must still give the entropy term's gradients, not inf * 0 = NaN
+    in every row's dz."""
+    problem = _problem(4, 8, 16, "cpu", torch.float32)
+    for backend in ("torch", "cpu", "triton"):
+        if not runnable(backend, "cpu"):
+            continue
+        for token_weight, entropy_weight in ((1e9, 1e-30), (10.0, 2e-38)):
+            hidden, weight, bias = leaves(problem)
+            out = em_kernels.linear_policy_loss(
+                hidden, weight, bias=bias, tokens=problem["tokens"], advantages=0.0,
+                token_weight=token_weight, entropy_weight=entropy_weight, backend=backend)
+            grads = torch.autograd.grad(out.loss, (hidden, weight, bias))
+            exact = [x.detach().double().requires_grad_() for x in (hidden, weight, bias)]
+            entropy = em_kernels.linear_entropy(*exact[:2], bias=exact[2], backend="torch").entropy
+            wanted = torch.autograd.grad(entropy_weight * entropy.sum(), exact)
+            for got, want in zip(grads, wanted):
+                torch.testing.assert_close(got.double(), want, rtol=1e-4,
+                                           atol=1e-5 * float(want.abs().max()))
+
+
 def test_nan_logprob_rows_stay_out_of_the_gradients():
     """An id outside the vocabulary (unchecked on CUDA; the op is called directly here) makes
     the loss NaN, but its row adds nothing to the shared d_weight: the other rows' gradients

@@ -249,7 +249,8 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     grad_scale = _power_of_two_floor(largest)
     grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
     unit_entropy_weight = entropy_weight / grad_scale
-    unit_logprob_weight = logprob_weight / grad_scale if logprob_weight is not None else None
+    unit_logprob_weight = (logprob_weight / grad_scale
+                           if logprob_weight is not None and advantages is None else None)
     policy_loss = hidden.new_empty((rows,) if advantages is not None else _EMPTY_SHAPE,
                                    dtype=stats_dtype)
     for start in range(0, rows, chunk):
@@ -271,8 +272,6 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
         chunk_logprob_weight = None
         if has_tokens:
             logprobs[start:end] = chunk_logprobs
-        if logprob_weight is not None:
-            chunk_logprob_weight = unit_logprob_weight[start:end]
         if advantages is not None:
             rows_here = slice(start, end)
             chunk_policy_loss, policy_grad = policy_terms(
@@ -281,7 +280,11 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
                 None if ref_logprobs is None else ref_logprobs[rows_here],
                 clip_low, clip_high, kl_weight)
             policy_loss[rows_here] = chunk_policy_loss
-            chunk_logprob_weight = chunk_logprob_weight * policy_grad
+            # The weight times f' before the division: where f' is 0 (A = 0 and no KL) the
+            # weight is left out of grad_scale, and weight / grad_scale alone may overflow.
+            chunk_logprob_weight = logprob_weight[rows_here] * policy_grad / grad_scale
+        elif logprob_weight is not None:
+            chunk_logprob_weight = unit_logprob_weight[start:end]
         if not any_grad:
             continue
         row_grads = (chunk_logits, chunk_tokens, chunk_entropy, chunk_lse,
