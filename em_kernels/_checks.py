@@ -144,15 +144,21 @@ def _three_digits_inward(bound: float, upper: bool) -> str:
     return f"{rounded:.2e}"
 
 
+# Formatted once here: Dynamo fails on the format specs while tracing with a symbolic temperature
+# (torch.compile(dynamic=True)), which would hide the message behind an internal error.
+_MIN_TEMPERATURE_TEXT = _three_digits_inward(MIN_TEMPERATURE, upper=False)
+_MAX_TEMPERATURE_TEXT = _three_digits_inward(MAX_TEMPERATURE, upper=True)
+
+
 def check_temperature(temperature) -> float:
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     if temperature < MIN_TEMPERATURE:
         raise ValueError(
-            f"temperature must be >= {_three_digits_inward(MIN_TEMPERATURE, upper=False)} (below "
+            f"temperature must be >= {_MIN_TEMPERATURE_TEXT} (below "
             f"it log2(e) / T overflows float32), got {temperature}")
     if temperature > MAX_TEMPERATURE:
         raise ValueError(
-            f"temperature must be <= {_three_digits_inward(MAX_TEMPERATURE, upper=True)} (above "
+            f"temperature must be <= {_MAX_TEMPERATURE_TEXT} (above "
             f"it 1 / T is not a normal float32), got {temperature}")
     return temperature
 

@@ -85,6 +85,21 @@ def test_compile_fullgraph_dynamic(backend_device):
         torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature, message", [(1e-40, "temperature must be >= 4.24e-39"),
+                                                  (1e39, "temperature must be <= 8.50e\\+37")])
+def test_out_of_range_temperature_fails_clearly_under_dynamic_compile(temperature, message):
+    """With dynamic=True the temperature is symbolic from its second value on: a temperature
+    out of the kernels' range must get eager mode's message, not an internal Dynamo error
+    about formatting it."""
+    compiled = torch.compile(lambda z, t: em_kernels.entropy(z, temperature=t, backend="torch"),
+                             fullgraph=True, dynamic=True, backend="aot_eager")
+    logits = torch.randn(2, 9)
+    compiled(logits, 0.5)
+    compiled(logits, 0.7)  # the second value makes the temperature symbolic
+    with pytest.raises(Exception, match=message):
+        compiled(logits, temperature)
+
+
 def test_auto_backend_resolves_while_tracing():
     """backend="auto" is resolved once during tracing to the same choice as in eager mode."""
     logits = torch.randn(4, 33)
