@@ -106,7 +106,9 @@ def entropy(
             Entries equal to -inf are masked (probability 0). So, in the compiled backends, is
             a finite entry whose logit * log2(e) / T overflows float32 to -inf (finfo.min used
             as a mask): a row made only of such entries gives NaN like an all -inf row, where
-            the "torch" backend sees a uniform row.
+            the "torch" backend sees a uniform row. And so is a finite entry whose distance
+            below the row's max overflows float32 (finite logits ~3.4e38 apart), which drops
+            a probability that is not 0 only at T past ~3e36 (its log-prob becomes -inf).
         temperature: finite positive number in [~4.2e-39, ~8.5e37] (the range float32 can
             scale by); every formula is on logits / temperature.
         shift: an int >= 0: the rows asked for are the positions t < T - shift of logits
@@ -144,7 +146,8 @@ def entropy(
 
     Returns:
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
-        own row. Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
+        own row (its gradient is NaN, at its -inf entries too on the "cpu" and "cuda"
+        backends). Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
         at every -inf entry); the forward keeps 12 bytes per row (the entropy in float32, the
         logsumexp in float64; float32 on MPS, which lacks float64) and the backward recomputes
         the probabilities from them relative to the row max. On the compiled and Triton backends
