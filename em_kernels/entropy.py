@@ -146,9 +146,9 @@ def entropy(
 
     Returns:
         float32 tensor of shape (...). A row that is all -inf gives NaN; a NaN poisons only its
-        own row (its gradient is NaN, at its -inf entries too on the "cpu" and "cuda"
-        backends). Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0
-        at every -inf entry); the forward keeps 12 bytes per row (the entropy in float32, the
+        own row (its gradient is NaN, at its -inf entries too on the "cpu" and "cuda" backends).
+        Differentiable w.r.t. logits (the gradient has the logits' dtype, and is exactly 0 at
+        every -inf entry); the forward keeps 12 bytes per row (the entropy in float32, the
         logsumexp in float64; float32 on MPS, which lacks float64) and the backward recomputes
         the probabilities from them relative to the row max. On the compiled and Triton backends
         log p thus rounds relative to its own size and a confident row's gradient is exact to
@@ -157,9 +157,8 @@ def entropy(
         past ~1e12), where even the float64 no longer holds log p, gets a NaN gradient whatever
         its upstream gradient (at its -inf entries too, except on the "triton" backend), unless
         it is one-hot (entropy exactly 0, as a token forced by a huge logit): that one's
-        gradient is exact. The
-        compiled backends are deterministic and batch-invariant: a row's result has the same bits
-        whatever the other rows and the batch size.
+        gradient is exact. The compiled backends are deterministic and batch-invariant: a row's
+        result has the same bits whatever the other rows and the batch size.
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, float("-inf"), 3.0]])
