@@ -783,6 +783,23 @@ def test_em_inf_masked_with_float_min(backend_device, early_exit):
         assert torch.equal(out[~masked.to(device)], with_inf[~masked.to(device)])
 
 
+@pytest.mark.parametrize("early_exit", ["row", "batch"])
+def test_em_inf_logits_further_apart_than_float32_spans(backend_device, early_exit):
+    """Finite logits more than float32's maximum apart (finfo.min as a mask beside logits of
+    1e32, or +-2e38) make z - max overflow to -inf for a finite z: that entry's p is 0 and so
+    are its terms, where 0 * -inf once made the row NaN (in the gradient, and in the Triton
+    chunk statistics). The result is the float64 oracle's."""
+    backend, device = backend_device
+    lowest = torch.finfo(torch.float32).min
+    logits = torch.tensor([[lowest, 1e32, 1e32, 1e32, 1e32], [2e38, -2e38, 0.0, 1.0, -1.0],
+                           [lowest, 1.0, 2.0, 3.0, 0.5]])
+    options = dict(steps=5, kl_weight=0.1, threshold=0.3, early_exit=early_exit)
+    out = em_kernels.em_inf_adjust(logits.to(device), backend=backend, **options)
+    oracle = reference.em_inf_adjust_ref(logits.double(), **options)
+    assert bool(torch.isfinite(out).all()), out
+    torch.testing.assert_close(out.double().cpu(), oracle, rtol=1e-6, atol=1e-5)
+
+
 # ------------------------------------------- near-uniform rows: log p + H without cancellation
 
 def entropy_factor(logits: torch.Tensor, split: bool) -> torch.Tensor:

@@ -38,6 +38,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -220,7 +221,11 @@ EM_SIMD_INLINE float optimizer_chunk(float* z, float* m, float* v, float* p0, in
         vj = load_lanes(v, j, len, 0.0f);
       }
     }
-    const VecF log_p_plus_entropy = (zj - stats.max) - stats.mean_shift;
+    // z - max is -inf for a finite z ~3.4e38 below the max: floored at -FLT_MAX, such an entry
+    // (p = 0) adds 0 to its gradient instead of 0 * -inf = NaN. NaN stays NaN.
+    const VecF shift = zj - stats.max;
+    const VecF log_p_plus_entropy =
+        ((shift < -FLT_MAX) ? em::cpu::splat(-FLT_MAX) : shift) - stats.mean_shift;
     VecF grad = -p * log_p_plus_entropy + kl_scale * (p - p_initial);
     grad = (zj - zj == 0.0f) ? grad : em::cpu::splat(0.0f);  // 0 where z is +-inf or NaN
     const VecF updated = zj - em::optimizer_update(step, grad, mj, vj, VecSqrt{});

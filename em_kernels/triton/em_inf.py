@@ -70,6 +70,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): one MUFU o
 # Shifts (nats) between two parts' maxima are floored here where they multiply a sum: e^-100 is
 # below every float32, so the part's weight is 0 either way, and 0 * floor stays 0.
 SHIFT_FLOOR = tl.constexpr(-100.0)
+# _floored_shift's floor: z - m never below it, so that -inf comes only from a -inf logit.
+FLOAT32_MAX = tl.constexpr(torch.finfo(torch.float32).max)
 # Entries per program: ~75 programs per row at V ~150k. bench/tune.py (H200, 2026-11-27, V 151936,
 # 5 steps): batch 64 0.286 ms against 0.331 ms for 1024 (half the partials to merge per step),
 # batch 1 and 16 within 3% of 1024 in that sweep, though a later run timed batch 16 slower
@@ -101,11 +103,19 @@ def _combine(big_m, big_s, big_t, m, s, t):
 
 
 @triton.jit
+def _floored_shift(z, m):
+    """z - m, floored at -FLOAT32_MAX where a finite z ~3.4e38 below m makes it -inf: its p is 0
+    and its terms (p (z - m), and the gradient's) are 0, not 0 * -inf = NaN. NaN stays NaN."""
+    shift = z - m
+    return tl.where(shift < -FLOAT32_MAX, -FLOAT32_MAX, shift)
+
+
+@triton.jit
 def _tile_stats(z):
     """(max, sum e^(z-max), sum e^(z-max)(z-max)) of a 1-D fp32 tile; -inf entries add 0."""
     m = tl.max(z, 0)
     live = z != float("-inf")
-    d = tl.where(live, z - m, 0.0)
+    d = tl.where(live, _floored_shift(z, m), 0.0)
     e = tl.where(live, tl.exp2(d * LOG2E), 0.0)
     return m, tl.sum(e, 0), tl.sum(e * d, 0)
 
@@ -232,7 +242,8 @@ def _em_inf_adjust_fwd_kernel(
             going = going & ~(exit_k < threshold)
             if going:
                 p = tl.exp2(((z - max_k) - log_s_k) * LOG2E)
-                log_p_plus_h = (z - max_k) - shift_k  # log p + H_k without the cancellation
+                # log p + H_k without the cancellation
+                log_p_plus_h = _floored_shift(z, max_k) - shift_k
                 g = -p * log_p_plus_h + kl_weight * (p - p0)
                 g = tl.where(finite, g, 0.0)
                 if ADAM:
