@@ -20,10 +20,22 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CHECK_CUDA_TOKENS = os.environ.get("EM_KERNELS_CHECK_TOKENS", "0") == "1"
 
 
+def check_dense(tensor: torch.Tensor, name: str) -> None:
+    """A strided tensor: the kernels read strides, which sparse and nested tensors lack (torch
+    would fail inside the op with a message about reshape, strides or NestedTensorImpl)."""
+    if tensor.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested one: pad it "
+                        "first (torch.nested.to_padded_tensor)")
+    if tensor.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a {tensor.layout} one: "
+                        f"pass {name}.to_dense()")
+
+
 def check_float_tensor(tensor, backend: str, name: str) -> None:
-    """A tensor of a floating dtype the backend runs (float64 with backend="torch" only)."""
+    """A dense tensor of a floating dtype the backend runs (float64 with backend="torch" only)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    check_dense(tensor, name)
     allowed = FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if tensor.dtype not in allowed:
         hint = " (float64 runs only with backend=\"torch\")" if tensor.dtype == torch.float64 else ""
@@ -170,6 +182,7 @@ def check_tokens(tokens, leading_shape: torch.Size, vocab: int | None, device: t
     ``rows_of`` names the tensor whose rows they label in the messages."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    check_dense(tokens, "tokens")
     if tokens.dtype != torch.int64:
         raise TypeError(f"tokens must be int64 (torch.long), got {tokens.dtype}")
     if tokens.shape != leading_shape:

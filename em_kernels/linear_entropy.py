@@ -109,6 +109,7 @@ def _check_matrices(hidden, weight, bias, backend: str, op: str = "linear_entrop
         return
     if not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    _checks.check_dense(bias, "bias")
     if bias.shape != weight.shape[:1]:
         raise ValueError(
             f"bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")

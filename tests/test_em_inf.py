@@ -513,6 +513,8 @@ def test_bad_logits(fn):
         fn(torch.randn(2, 0))
     with pytest.raises(ValueError):
         fn(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dense"):
+        fn(torch.randn(2, 10).to_sparse())
     if not torch.cuda.is_available():
         with pytest.raises(em_kernels.BackendUnavailableError):
             fn(torch.randn(2, 10), backend="cuda")

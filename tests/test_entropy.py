@@ -1461,6 +1461,14 @@ def test_bad_logits(backend):
         assert isinstance(error, ValueError) and "0-d" in str(error)
     for error in _both(torch.zeros(3, 0), backend=backend):
         assert isinstance(error, ValueError) and "V = 0" in str(error)
+    for bad, hint in ((torch.eye(3, 4).to_sparse(), "logits.to_dense()"),
+                      (torch.eye(3, 4).to_sparse_csr(), "logits.to_dense()"),
+                      (torch.nested.nested_tensor([torch.zeros(4), torch.zeros(2)],
+                                                  layout=torch.jagged),
+                       "torch.nested.to_padded_tensor")):
+        for error in _both(bad, tokens=torch.zeros(3, dtype=torch.long), backend=backend):
+            assert isinstance(error, TypeError) and "dense (strided)" in str(error), error
+            assert hint in str(error), error
     if backend != "torch":
         for error in _both(torch.zeros(3, 4, dtype=torch.float64), backend=backend):
             assert isinstance(error, TypeError) and 'backend="torch"' in str(error)
@@ -1506,6 +1514,7 @@ def test_bad_tokens(backend):
         (tokens.reshape(6), ValueError, "leading shape (2, 3)"),
         (tokens[:, :2], ValueError, "leading shape (2, 3)"),
         (tokens.to("meta"), ValueError, "are on meta"),
+        (tokens.to_sparse(), TypeError, "tokens must be a dense (strided) tensor"),
         (tokens.clone().fill_(10), ValueError, "token id 10 is outside [0, 10)"),
         (tokens.clone().index_fill_(1, torch.tensor([1]), -3), ValueError, "token id -3"),
     ]

@@ -838,6 +838,9 @@ def _bad_inputs():
         (dict(bias=bias[:5]), ValueError, r"bias must have shape \(V,\)"),
         (dict(bias=bias.double()), TypeError, "cast bias"),
         (dict(bias=[0.0] * 10), TypeError, "bias must be a torch.Tensor"),
+        (dict(hidden=hidden.to_sparse()), TypeError, "hidden must be a dense"),
+        (dict(weight=weight.to_sparse_csr()), TypeError, "weight must be a dense"),
+        (dict(bias=bias.to_sparse()), TypeError, "bias must be a dense"),
         # Meta tensors: the device checks, runnable without a GPU.
         (dict(weight=weight.to("meta")), ValueError, "hidden is on cpu but weight is on meta"),
         (dict(bias=bias.to("meta")), ValueError, "bias is on meta but weight is on cpu"),
