@@ -165,13 +165,11 @@ _MAX_TEMPERATURE_TEXT = _three_digits_inward(MAX_TEMPERATURE, upper=True)
 def check_temperature(temperature) -> float:
     temperature = check_number("temperature", temperature, low=0.0, low_open=True)
     if temperature < MIN_TEMPERATURE:
-        raise ValueError(
-            f"temperature must be >= {_MIN_TEMPERATURE_TEXT} (below "
-            f"it log2(e) / T overflows float32), got {temperature}")
+        raise ValueError(f"temperature must be >= {_MIN_TEMPERATURE_TEXT} (below it "
+                         f"log2(e) / T overflows float32), got {temperature}")
     if temperature > MAX_TEMPERATURE:
-        raise ValueError(
-            f"temperature must be <= {_MAX_TEMPERATURE_TEXT} (above "
-            f"it 1 / T is not a normal float32), got {temperature}")
+        raise ValueError(f"temperature must be <= {_MAX_TEMPERATURE_TEXT} (above it 1 / T "
+                         f"is not a normal float32), got {temperature}")
     return temperature
 
 
