@@ -49,9 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="em-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", metavar="OP", help=f"of: {', '.join(OPS)}")
+    providers = dict.fromkeys(p.name for op in OPS.values() for p in op.providers())
     parser.add_argument("--providers", nargs="+", metavar="NAME",
-                        help="eager, compile, chunked, matmul, triton, cuda, cpu, liger, cce, "
-                             "trl, verl")
+                        help=f"of: {', '.join(providers)}")
     parser.add_argument("--modes", nargs="+", metavar="MODE", help=f"of: {', '.join(MODES)}")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help="a full shape (N8192-V151936, M8192-H3584-V152064, B1-V151936) runs "
@@ -77,8 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     _check_choices(parser, "--ops", args.ops, OPS)
     _check_choices(parser, "--modes", args.modes, MODES)
     _check_choices(parser, "--dtypes", args.dtypes, DTYPES)
-    known = {p.name for op in OPS.values() for p in op.providers()}
-    _check_choices(parser, "--providers", args.providers, sorted(known))
+    _check_choices(parser, "--providers", args.providers, list(providers))
     try:
         args.shape_dims = [parse_shape_label(s) for s in args.shapes] if args.shapes else None
     except ValueError as exc:

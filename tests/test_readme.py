@@ -227,8 +227,8 @@ def test_trl_override_matches_trls_own_method():
     _trl_version(high="1.14")  # 1.14 dropped _get_last_hidden_state
     from trl import GRPOTrainer
 
-    namespace = dict(em_kernels=em_kernels, GRPOTrainer=GRPOTrainer, torch=torch)
-    exec(_readme_block_from("# TRL up to 1.13"), namespace)
+    namespace = {}
+    exec(_readme_block_from("# TRL up to 1.13"), namespace)  # with its own imports
     model = tiny_causal_lm(family="llama")
     trainer = _grpo_trainer(namespace["FusedEntropyGRPOTrainer"], model)
 
@@ -253,7 +253,7 @@ def test_trl_override_matches_trls_own_method():
     assert not torch.equal(model.lm_head.weight, before)
 
 
-def test_trl_fused_lm_head_swap_matches_trls_own():
+def test_trl_fused_lm_head_swap_matches_trls_own(monkeypatch):
     """With the README's swap, TRL's fused LM head (add_fused_lm_head, as GRPOTrainer sets it up)
     gives the log-probs, entropies and head gradient of TRL's own kernel, at a temperature and
     with a logit scale, and still hands what em-kernels does not offer (a softcapped model) to
@@ -278,18 +278,18 @@ def test_trl_fused_lm_head_swap_matches_trls_own():
         return out.log_probs, out.entropy, model.lm_head.weight.grad
 
     calls = []
+    linear_entropy = em_kernels.linear_entropy
 
-    class CountingKernels:  # em_kernels, counting the swap's calls
-        @staticmethod
-        def linear_entropy(*args, **kwargs):
-            calls.append(kwargs["temperature"])
-            return em_kernels.linear_entropy(*args, **kwargs)
+    def counting_linear_entropy(*args, **kwargs):  # the swap's calls
+        calls.append(kwargs["temperature"])
+        return linear_entropy(*args, **kwargs)
 
     settings = [{}, {"logit_scale": 2.5}, {"softcapping": 5.0}]
     theirs = [run(**setting) for setting in settings]
     ours, ours_calls = [], []
     try:
-        exec(_readme_block_from("# TRL >= 1.15"), {"em_kernels": CountingKernels})
+        exec(_readme_block_from("# TRL >= 1.15"), {})  # with its own imports
+        monkeypatch.setattr(em_kernels, "linear_entropy", counting_linear_entropy)
         for setting in settings:
             before = len(calls)
             ours.append(run(**setting))
