@@ -37,6 +37,7 @@ def _row_values(name: str, value, hidden: torch.Tensor, op: str = "linear_entrop
         value = _checks.check_number(f"{name} (a number, a tensor (N,) or None)", value,
                                      low=-largest, high=largest)
         return torch.full((rows,), value, dtype=dtype, device=hidden.device)
+    _checks.check_dense(value, name)
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.shape != (rows,):

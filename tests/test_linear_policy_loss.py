@@ -302,6 +302,8 @@ def _bad_inputs():
         (dict(advantages=torch.ones(3)), ValueError, r"advantages must have shape \(N,\)"),
         (dict(advantages=torch.ones(rows, requires_grad=True)), ValueError, "pass it detached"),
         (dict(old_logprobs=torch.ones(rows, dtype=torch.long)), TypeError, "floating-point"),
+        (dict(advantages=torch.ones(rows).to_sparse()), TypeError, "advantages must be a dense"),
+        (dict(token_weight=torch.ones(rows).to_sparse()), TypeError, "token_weight must be a"),
         (dict(token_weight=float("nan")), ValueError, "token_weight"),
         (dict(temperature=0.0), ValueError, "finite positive"),
     ]

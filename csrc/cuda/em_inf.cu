@@ -296,7 +296,8 @@ __device__ __forceinline__ float em_inf_update(float z, float p0, const RowStats
   // z - max is -inf for a finite z ~3.4e38 below the max: floored at -FLT_MAX, such an entry
   // (p = 0) adds 0 to its gradient instead of 0 * -inf = NaN. NaN stays NaN.
   const float shift = __fsub_rn(z, stats.max);
-  const float log_p_plus_entropy = __fsub_rn(shift < -FLT_MAX ? -FLT_MAX : shift, stats.mean_shift);
+  const float log_p_plus_entropy =
+      __fsub_rn(shift < -FLT_MAX ? -FLT_MAX : shift, stats.mean_shift);
   const float grad =
       isfinite(z) ? __fmaf_rn(kl_scale, __fsub_rn(prob, p0),
                               __fmul_rn(-prob, log_p_plus_entropy))

@@ -179,8 +179,8 @@ def _em_inf_adjust_fwd_kernel(
     and a multiply) instead of `/`'s div.full.f32, which wraps them in range tests and rescales
     (6 more instructions per element and replayed step, ~17% of the replay loop on sm_90a). Both
     err by at most 2 ulp for divisors in [2^-126, 2^126]; Adam's divisor sqrt(v_hat) + 1e-8 lies
-    in [1e-8, ~1e3] (|g| <= 1/e + log V + kl_weight). The .ftz flushes only a quotient below
-    2^-126 (|m| below ~1e-46), an update below lr * 2^-126."""
+    in [1e-8, ~1e3] (|g| <= 1/e + log V + kl_weight). The .ftz flushes subnormal operands and
+    quotients to 0: an |m| below ~1.2e-38, an update below ~lr * 1e-30."""
     pid = tl.program_id(0)
     row = (pid // n_chunks).to(tl.int64)
     chunk = pid % n_chunks
@@ -243,8 +243,8 @@ def _em_inf_adjust_fwd_kernel(
             going = going & ~(exit_k < threshold)
             if going:
                 # As _floored_shift, by one max instruction in this hot loop: where z - max_k is
-                # NaN and the max drops it, z is NaN (g is set to 0 below) or the row's
-                # statistics are (so p is NaN): no NaN is lost.
+                # NaN and the max drops it, z is not finite (g is set to 0 below) or the row's
+                # statistics are NaN (so p is): no NaN is lost.
                 shifted = tl.maximum(z - max_k, -FLOAT32_MAX)
                 p = tl.exp2((shifted - log_s_k) * LOG2E)
                 log_p_plus_h = shifted - shift_k  # log p + H_k without the cancellation
