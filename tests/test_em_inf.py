@@ -314,10 +314,10 @@ def test_adam_step_does_not_overflow_through_lr_times_gradient(backend_device, l
     than those steps allow, where lr * m_hat formed first overflowed to NaN. (Not the float64
     oracle's values: with logits ~lr apart, float32 rounding decides the steps' signs.)"""
     backend, device = backend_device
+    steps = 3
     for seed in range(4):
         logits = torch.randn(2, 7, generator=torch.Generator().manual_seed(seed)).mul(2)
         logits[1, 3] = -math.inf
-        steps = 3
         out = em_kernels.em_inf_adjust(logits.to(device), steps=steps, lr=lr,
                                        kl_weight=kl_weight, threshold=-math.inf,
                                        backend=backend).cpu()
