@@ -618,10 +618,11 @@ def _gpu_check_tree(tmp_path) -> Path:
     return repo
 
 
-def _run_gpu_check(tmp_path, repo: Path, fake_python: str, **settings: str) -> tuple[int, str]:
-    """Run the tree's gpu_check.sh into tmp_path/out with the bash script `fake_python` as its
-    interpreter and the environment settings given (a budget of 300 s, every step and no
-    PYTHONPATH unless given): (its exit status, its run.log)."""
+def _gpu_check_call(tmp_path, repo: Path, fake_python: str,
+                    **settings: str) -> tuple[list[str], dict[str, str]]:
+    """(the command, its environment) that runs the tree's gpu_check.sh into tmp_path/out with
+    the bash script `fake_python` as its interpreter and the environment settings given (a
+    budget of 300 s, every step and no PYTHONPATH unless given)."""
     fake = tmp_path / "fake_python"
     fake.write_text(fake_python)
     fake.chmod(0o755)
@@ -630,8 +631,13 @@ def _run_gpu_check(tmp_path, repo: Path, fake_python: str, **settings: str) -> t
     for name in ("GPU_CHECK_STEPS", "PYTHONPATH"):
         if name not in settings:
             env.pop(name, None)
-    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return ["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")], env
+
+
+def _run_gpu_check(tmp_path, repo: Path, fake_python: str, **settings: str) -> tuple[int, str]:
+    """Run gpu_check.sh as `_gpu_check_call` says: (its exit status, its run.log)."""
+    command, env = _gpu_check_call(tmp_path, repo, fake_python, **settings)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     return done.returncode, (tmp_path / "out" / "run.log").read_text()
 
 
@@ -758,20 +764,14 @@ def test_gpu_check_leaves_no_temporary_folder(tmp_path, how):
     repo = _gpu_check_tree(tmp_path)
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    fake = tmp_path / "fake_python"
     started = tmp_path / "started"
     # The CUDA probe fails ("no GPU") or succeeds; every step's command sleeps (TERM case).
-    fake.write_text(f"""#!/bin/bash
+    command, env = _gpu_check_call(tmp_path, repo, f"""#!/bin/bash
 case "$*" in -) cat > /dev/null; exit 0;; *is_available*) exit {1 if how == "no GPU" else 0};; esac
 touch {started}; sleep 60
-""")
-    fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "GPU_CHECK_SECONDS": "300", "TMPDIR": str(temporary),
-           "EM_KERNELS_COMMIT": "test", "GPU_CHECK_STEPS": "timing"}
-    env.pop("PYTHONPATH", None)
-    script = subprocess.Popen(["bash", str(repo / "bench" / "gpu_check.sh"), str(tmp_path / "out")],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+""", GPU_CHECK_STEPS="timing", TMPDIR=str(temporary))
+    script = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         if how == "stopped by TERM":
             deadline = time.monotonic() + 60
