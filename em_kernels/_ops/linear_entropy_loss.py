@@ -249,8 +249,6 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
     grad_scale = _power_of_two_floor(largest)
     grad_scale = torch.where(grad_scale > 0, grad_scale, torch.ones_like(grad_scale))
     unit_entropy_weight = entropy_weight / grad_scale
-    unit_logprob_weight = (logprob_weight / grad_scale
-                           if logprob_weight is not None and advantages is None else None)
     policy_loss = hidden.new_empty((rows,) if advantages is not None else _EMPTY_SHAPE,
                                    dtype=stats_dtype)
     for start in range(0, rows, chunk):
@@ -284,7 +282,7 @@ def loss_and_grads(hidden, weight, bias, tokens, entropy_weight, logprob_weight,
             # weight is left out of grad_scale, and weight / grad_scale alone may overflow.
             chunk_logprob_weight = logprob_weight[rows_here] * policy_grad / grad_scale
         elif logprob_weight is not None:
-            chunk_logprob_weight = unit_logprob_weight[start:end]
+            chunk_logprob_weight = logprob_weight[start:end] / grad_scale
         if not any_grad:
             continue
         row_grads = (chunk_logits, chunk_tokens, chunk_entropy, chunk_lse,
